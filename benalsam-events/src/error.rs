@@ -1,0 +1,98 @@
+//! The library's error type.
+
+use std::fmt;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting has a value the library cannot use. `setting` names it as a user writes it
+    /// (an environment variable or a flag).
+    #[error("invalid setting {setting}: {reason}")]
+    Config {
+        /// The setting, e.g. `DATABASE_URL`.
+        setting: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+
+    /// A PostgreSQL call failed.
+    #[error("PostgreSQL: {context}: {}", PgDetail(.source))]
+    Postgres {
+        /// What the library was doing.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// A migration that was applied earlier no longer has the same SQL.
+    #[error(
+        "migration {version} ({name}) differs from the one applied to this database; \
+         migrations are immutable once applied: add a new one instead of editing it"
+    )]
+    MigrationChanged {
+        /// Version number of the migration.
+        version: i32,
+        /// File name of the migration.
+        name: &'static str,
+    },
+
+    /// The database has migrations this build does not know: it was migrated by a newer build.
+    #[error(
+        "database schema {schema} has migration {version}, which this build does not know; upgrade benalsam-events"
+    )]
+    UnknownMigration {
+        /// The schema that was migrated.
+        schema: String,
+        /// The unknown version.
+        version: i32,
+    },
+}
+
+impl Error {
+    /// Wraps a PostgreSQL error with what the library was doing.
+    pub(crate) fn postgres(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
+        Error::Postgres {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether trying the same operation again later may succeed: a lost connection does, a
+    /// bad setting or a changed migration never does.
+    pub fn can_be_retried(&self) -> bool {
+        match self {
+            Error::Postgres { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            Error::Config { .. }
+            | Error::MigrationChanged { .. }
+            | Error::UnknownMigration { .. } => false,
+        }
+    }
+}
+
+/// Shorthand for results of this library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Renders a tokio-postgres error with the server's message, code and detail: its own
+/// `Display` is only "db error".
+struct PgDetail<'a>(&'a tokio_postgres::Error);
+
+impl fmt::Display for PgDetail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(db) = self.0.as_db_error() {
+            write!(f, "{} (SQLSTATE {})", db.message(), db.code().code())?;
+            if let Some(detail) = db.detail() {
+                write!(f, "; {detail}")?;
+            }
+            return Ok(());
+        }
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

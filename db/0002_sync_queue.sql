@@ -1,0 +1,47 @@
+-- The outbox: one row per change, written in the application's transaction.
+--
+-- Columns of the original system are kept with their names and meaning so its
+-- monitoring SQL works unchanged; the rest is what a leased queue needs.
+--
+-- record_id is text: the key column rendered as text (uuid, bigint, or any
+-- type with a text form), so tables whose keys are not uuids fit too.
+CREATE TABLE elasticsearch_sync_queue (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name      text NOT NULL,
+    operation       text NOT NULL CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE')),
+    record_id       text NOT NULL,
+    change_data     jsonb NOT NULL,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'processing', 'sent', 'completed', 'failed')),
+    retry_count     integer NOT NULL DEFAULT 0,
+    error_message   text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- Set when the job reaches completed or failed.
+    processed_at    timestamptz,
+    last_retry_at   timestamptz,
+    -- W3C trace id (32 hex digits) of the writer, and its full traceparent.
+    trace_id        text,
+    traceparent     text,
+    -- Lease of the bridge that claimed the job; a lapsed lease makes it claimable again.
+    locked_until    timestamptz,
+    locked_by       text,
+    -- When a pending or failed job may next be claimed; NULL once retries are exhausted.
+    next_attempt_at timestamptz DEFAULT now(),
+    sent_at         timestamptz,
+    completed_at    timestamptz
+);
+
+-- Claiming only ever looks at live states, so these stay small however many
+-- completed rows accumulate.
+CREATE INDEX elasticsearch_sync_queue_claimable_idx
+    ON elasticsearch_sync_queue (next_attempt_at, id)
+    WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL;
+CREATE INDEX elasticsearch_sync_queue_leased_idx
+    ON elasticsearch_sync_queue (locked_until)
+    WHERE status = 'processing';
+CREATE INDEX elasticsearch_sync_queue_sent_idx
+    ON elasticsearch_sync_queue (sent_at)
+    WHERE status = 'sent';
+CREATE INDEX elasticsearch_sync_queue_completed_idx
+    ON elasticsearch_sync_queue (completed_at)
+    WHERE status = 'completed';
