@@ -8,14 +8,10 @@
 
 use clap::Args;
 
-use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, validate_schema};
-
-/// Default `DATABASE_URL`: the local stack's database.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam";
-/// Default `RABBITMQ_URL`: the local stack's broker with the architecture document's user.
-pub const DEFAULT_RABBITMQ_URL: &str = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f";
-/// Default `ELASTICSEARCH_URL`: the local stack's search node.
-pub const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
+use crate::config::{
+    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
+    SearchUrl, validate_schema,
+};
 
 /// PostgreSQL settings.
 #[derive(Debug, Clone, Args)]

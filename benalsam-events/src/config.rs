@@ -10,6 +10,13 @@ use std::str::FromStr;
 use crate::redact::redact_url;
 use crate::{Error, Result};
 
+/// Default `DATABASE_URL`: the database of the local stack (`scripts/stack`).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam";
+/// Default `RABBITMQ_URL`: the local stack's broker, with the architecture document's user.
+pub const DEFAULT_RABBITMQ_URL: &str = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f";
+/// Default `ELASTICSEARCH_URL`: the local stack's search node.
+pub const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
+
 macro_rules! service_url {
     ($(#[$doc:meta])* $name:ident, setting = $setting:literal, schemes = [$($scheme:literal),+], example = $example:literal) => {
         $(#[$doc])*
@@ -33,6 +40,16 @@ macro_rules! service_url {
             /// The parsed URL.
             pub fn url(&self) -> &url::Url {
                 &self.0
+            }
+
+            /// Reads the setting from its environment variable, or `default` when unset.
+            pub fn from_env_or(default: &str) -> Result<Self> {
+                std::env::var($setting)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .as_deref()
+                    .unwrap_or(default)
+                    .parse()
             }
         }
 
