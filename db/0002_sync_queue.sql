@@ -25,17 +25,20 @@ CREATE TABLE elasticsearch_sync_queue (
     -- Lease of the bridge that claimed the job; a lapsed lease makes it claimable again.
     locked_until    timestamptz,
     locked_by       text,
-    -- When a pending or failed job may next be claimed; NULL once retries are exhausted.
-    next_attempt_at timestamptz DEFAULT now(),
+    -- When a failed job may be claimed again; NULL once its attempts are used up.
+    next_attempt_at timestamptz,
     sent_at         timestamptz,
     completed_at    timestamptz
 );
 
--- Claiming only ever looks at live states, so these stay small however many
--- completed rows accumulate.
-CREATE INDEX elasticsearch_sync_queue_claimable_idx
-    ON elasticsearch_sync_queue (next_attempt_at, id)
-    WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL;
+-- Claiming, reclaiming and reporting only ever look at live states through these partial
+-- indexes, so they stay small and fast however many completed rows accumulate.
+CREATE INDEX elasticsearch_sync_queue_pending_idx
+    ON elasticsearch_sync_queue (id) INCLUDE (created_at)
+    WHERE status = 'pending';
+CREATE INDEX elasticsearch_sync_queue_retry_idx
+    ON elasticsearch_sync_queue (next_attempt_at)
+    WHERE status = 'failed' AND next_attempt_at IS NOT NULL;
 CREATE INDEX elasticsearch_sync_queue_leased_idx
     ON elasticsearch_sync_queue (locked_until)
     WHERE status = 'processing';

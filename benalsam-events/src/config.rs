@@ -121,23 +121,27 @@ service_url!(
 );
 
 /// Validates a PostgreSQL schema name used to place the tables (`BENALSAM_SCHEMA`).
-///
-/// Only plain lowercase identifiers are accepted so the name can be used in SQL without
-/// quoting surprises.
 pub fn validate_schema(schema: &str) -> Result<&str> {
-    let valid = !schema.is_empty()
-        && schema.len() <= 63
-        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && schema
+    validate_identifier("BENALSAM_SCHEMA", schema)
+}
+
+/// Validates a name that goes into SQL text (a schema, a NOTIFY channel): only plain
+/// lowercase identifiers are accepted, so no quoting can go wrong. `setting` names it in the
+/// error.
+pub fn validate_identifier<'a>(setting: &'static str, name: &'a str) -> Result<&'a str> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if valid {
-        Ok(schema)
+        Ok(name)
     } else {
         Err(Error::Config {
-            setting: "BENALSAM_SCHEMA",
+            setting,
             reason: format!(
-                "{schema:?} is not a plain lowercase identifier (a-z, 0-9, _; at most 63 bytes)"
+                "{name:?} is not a plain lowercase identifier (a-z, 0-9, _; at most 63 bytes)"
             ),
         })
     }

@@ -26,6 +26,15 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A queue row this build cannot read (the table was altered by hand).
+    #[error("job {id} in the queue table cannot be read: {reason}")]
+    InvalidJob {
+        /// The job's id.
+        id: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A migration that was applied earlier no longer has the same SQL.
     #[error(
         "migration {version} ({name}) differs from the one applied to this database; \
@@ -65,6 +74,7 @@ impl Error {
         match self {
             Error::Postgres { source, .. } => source.is_closed() || source.as_db_error().is_none(),
             Error::Config { .. }
+            | Error::InvalidJob { .. }
             | Error::MigrationChanged { .. }
             | Error::UnknownMigration { .. } => false,
         }

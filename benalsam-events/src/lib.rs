@@ -8,6 +8,13 @@
 //!
 //! # Layout
 //!
+//! * [`job`]: a [`Job`] (one recorded change) and its [`JobStatus`].
+//! * [`outbox`]: the queue table: claiming with a lease, and the batched moves between
+//!   states (sent, completed, failed with retry), retention.
+//! * [`job_stream`]: [`JobStream`], the outbox as a `Stream` of claimed batches, woken by
+//!   LISTEN/NOTIFY and by polling, surviving lost connections (`listener` holds the LISTEN
+//!   side).
+//! * [`backoff`]: exponential backoff with jitter.
 //! * [`migrate`]: the versioned SQL migrations of `db/` (listings, the queue, the trigger),
 //!   applied once each and recorded in a table.
 //! * [`config`]: validated connection settings whose `Display` never shows a password.
@@ -18,12 +25,20 @@
 //!
 //! The job stream, the publisher, the consumer and the health and metrics pieces build on these.
 
+pub mod backoff;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod job;
+pub mod job_stream;
+mod listener;
 pub mod migrate;
+pub mod outbox;
 pub mod postgres;
 pub mod redact;
 
 pub use error::{Error, Result};
+pub use job::{Job, JobStatus, Operation};
+pub use job_stream::{JobStream, JobStreamConfig, Wake};
+pub use outbox::{Failure, Outbox, OutboxConfig, RetryPolicy};

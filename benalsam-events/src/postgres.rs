@@ -10,7 +10,21 @@ use crate::{Error, Result};
 /// The connection task ends when the returned [`Client`] is dropped; an error on it is
 /// logged (the client's next call then fails with a closed-connection error).
 pub async fn connect(url: &DatabaseUrl) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+    connect_as(url, "benalsam-events").await
+}
+
+/// Like [`connect`], naming the connection in `pg_stat_activity.application_name` (unless
+/// the URL sets one), so an operator can tell the library's connections apart.
+pub async fn connect_as(url: &DatabaseUrl, application_name: &str) -> Result<Client> {
+    let mut config: tokio_postgres::Config = url
+        .expose()
+        .parse()
+        .map_err(|e| Error::postgres(format!("parsing {url}"), e))?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    let (client, connection) = config
+        .connect(NoTls)
         .await
         .map_err(|e| Error::postgres(format!("connecting to {url}"), e))?;
     tokio::spawn(async move {

@@ -33,3 +33,90 @@ pub fn unique_name(prefix: &str) -> String {
         .unwrap_or_default();
     format!("{prefix}_{}_{n}_{micros}", std::process::id())
 }
+
+/// A freshly migrated schema of its own, so a test sees only its own listings and jobs.
+pub struct TestSchema {
+    pub name: String,
+    pub client: tokio_postgres::Client,
+}
+
+impl TestSchema {
+    pub async fn new() -> Self {
+        let name = unique_name("t");
+        let mut client = benalsam_events::postgres::connect(&database_url())
+            .await
+            .expect("PostgreSQL answers (is the stack up? scripts/stack up)");
+        benalsam_events::migrate::migrate(&mut client, &name)
+            .await
+            .expect("migrations apply");
+        client
+            .batch_execute(&format!("SET search_path TO {name}"))
+            .await
+            .expect("search_path");
+        Self { name, client }
+    }
+
+    /// An outbox over this schema.
+    pub fn outbox(&self, config: benalsam_events::OutboxConfig) -> benalsam_events::Outbox {
+        benalsam_events::Outbox::new(
+            database_url(),
+            benalsam_events::OutboxConfig {
+                schema: self.name.clone(),
+                ..config
+            },
+        )
+        .expect("valid outbox config")
+    }
+
+    /// Inserts `n` listings in one statement (one transaction); returns their ids in order.
+    pub async fn insert_listings(&self, n: i64) -> Vec<String> {
+        self.client
+            .query(
+                "INSERT INTO listings (user_id, title, description, category, status)
+                 SELECT gen_random_uuid(), 'İlan ' || i, 'Açıklama ' || i, 'elektronik', 'active'
+                 FROM generate_series(1, $1::bigint) AS i
+                 RETURNING id::text",
+                &[&n],
+            )
+            .await
+            .expect("insert listings")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// The status of every job, by id.
+    pub async fn statuses(&self) -> Vec<(i64, String)> {
+        self.client
+            .query(
+                "SELECT id, status FROM elasticsearch_sync_queue ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("read statuses")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// Puts the listings trigger on its own NOTIFY channel, so notifications of other tests
+    /// (same database, same default channel) cannot reach this one.
+    pub async fn use_channel(&self, channel: &str) {
+        self.client
+            .batch_execute(&format!(
+                "DROP TRIGGER listings_sync_queue ON listings;
+                 CREATE TRIGGER listings_sync_queue
+                     AFTER INSERT OR UPDATE OR DELETE ON listings
+                     FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'channel={channel}');"
+            ))
+            .await
+            .expect("re-create trigger");
+    }
+
+    pub async fn drop(self) {
+        self.client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .await
+            .expect("drop schema");
+    }
+}

@@ -1,0 +1,188 @@
+//! Checks what the add_to_sync_queue() trigger records and notifies, against a real PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use support::{TestSchema, database_url, unique_name};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+async fn jobs(db: &TestSchema) -> Vec<(String, String, Value)> {
+    db.client
+        .query(
+            "SELECT operation, record_id, change_data FROM elasticsearch_sync_queue ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read jobs")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_real_change_is_a_job_and_nothing_else_is() {
+    let db = TestSchema::new().await;
+    let id = db.insert_listings(1).await.remove(0);
+    let q = |sql: &str| sql.replace("$ID", &format!("'{id}'"));
+
+    // A no-op update and an update of an ignored column only: nothing.
+    db.client
+        .batch_execute(&q(
+            "UPDATE listings SET title = title WHERE id = $ID;
+                           UPDATE listings SET view_count = view_count + 1 WHERE id = $ID;",
+        ))
+        .await
+        .expect("updates");
+    assert_eq!(jobs(&db).await.len(), 1, "only the insert so far");
+
+    // A content edit of an active listing: a job with old and new rows.
+    db.client
+        .batch_execute(&q(
+            "UPDATE listings SET description = 'Yeni açıklama' WHERE id = $ID",
+        ))
+        .await
+        .expect("edit");
+    // A delete: a job with the old row.
+    db.client
+        .batch_execute(&q("DELETE FROM listings WHERE id = $ID"))
+        .await
+        .expect("delete");
+
+    let all = jobs(&db).await;
+    assert_eq!(all.len(), 3, "{all:?}");
+    let (op, rec, data) = &all[0];
+    assert_eq!((op.as_str(), rec.as_str()), ("INSERT", id.as_str()));
+    assert_eq!(data["status"], "active");
+    let (op, rec, data) = &all[1];
+    assert_eq!((op.as_str(), rec.as_str()), ("UPDATE", id.as_str()));
+    assert_eq!(data["old"]["description"], "Açıklama 1");
+    assert_eq!(data["new"]["description"], "Yeni açıklama");
+    let (op, rec, data) = &all[2];
+    assert_eq!((op.as_str(), rec.as_str()), ("DELETE", id.as_str()));
+    assert_eq!(data["id"], id.as_str());
+    assert_eq!(data["description"], "Yeni açıklama");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn the_writers_trace_context_is_kept_with_the_job() {
+    let db = TestSchema::new().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    db.client
+        .batch_execute(&format!(
+            "BEGIN;
+             SET LOCAL benalsam.traceparent = '{parent}';
+             INSERT INTO listings (user_id, title, category) VALUES (gen_random_uuid(), 'x', 'y');
+             COMMIT;
+             BEGIN;
+             SET LOCAL benalsam.traceparent = 'not a traceparent';
+             INSERT INTO listings (user_id, title, category) VALUES (gen_random_uuid(), 'z', 'y');
+             COMMIT;"
+        ))
+        .await
+        .expect("writes");
+    let rows = db
+        .client
+        .query(
+            "SELECT trace_id, traceparent FROM elasticsearch_sync_queue ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read");
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(0).as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(rows[0].get::<_, Option<String>>(1).as_deref(), Some(parent));
+    assert_eq!(
+        rows[1].get::<_, Option<String>>(1),
+        None,
+        "a malformed value is dropped, the write goes through"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn keys_that_are_not_uuids_and_unknown_options() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE inventory_items (sku text PRIMARY KEY, qty int, scans int DEFAULT 0);
+             CREATE TRIGGER inventory_sync AFTER INSERT OR UPDATE OR DELETE ON inventory_items
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('key=sku', 'ignore=scans');
+             INSERT INTO inventory_items VALUES ('SKU-42', 3);
+             UPDATE inventory_items SET scans = 9;",
+        )
+        .await
+        .expect("second table");
+    let all = jobs(&db).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].1, "SKU-42");
+
+    db.client
+        .batch_execute(
+            "CREATE TABLE typo_items (id int PRIMARY KEY);
+             CREATE TRIGGER typo_sync AFTER INSERT ON typo_items
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignored=x');",
+        )
+        .await
+        .expect("trigger is created");
+    let err = db
+        .client
+        .batch_execute("INSERT INTO typo_items VALUES (1)")
+        .await
+        .expect_err("an unknown option fails loudly");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains("unknown option \"ignored=x\""),
+        "{message}"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_rows_in_one_transaction_give_a_thousand_jobs_and_one_notification() {
+    let db = TestSchema::new().await;
+    let channel = unique_name("ch");
+    db.use_channel(&channel).await;
+
+    let (listener, mut connection) = tokio_postgres::connect(database_url().expose(), NoTls)
+        .await
+        .expect("listener connects");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+
+    db.insert_listings(1000).await;
+    assert_eq!(jobs(&db).await.len(), 1000);
+
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("listener alive");
+    assert_eq!(first.channel(), channel);
+    assert_eq!(first.payload(), "", "notifications carry no data");
+    // Anything else would have been sent at the same commit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "at most one notification per transaction"
+    );
+    db.drop().await;
+}
