@@ -43,7 +43,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[&completed_rows],
         )
         .await?;
-    client.batch_execute("VACUUM ANALYZE elasticsearch_sync_queue").await?;
+    client
+        .batch_execute("VACUUM ANALYZE elasticsearch_sync_queue")
+        .await?;
     eprintln!(
         "setup: {completed_rows} completed rows in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -68,7 +70,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &[&jobs],
             )
             .await?;
-        client.batch_execute("ANALYZE elasticsearch_sync_queue").await?;
+        client
+            .batch_execute("ANALYZE elasticsearch_sync_queue")
+            .await?;
         let started = Instant::now();
         let mut done = 0usize;
         loop {

@@ -23,7 +23,28 @@
 //! * [`error`]: the library's error type.
 //! * `cli` (feature `cli`): the flags and environment variables the binaries share.
 //!
-//! The job stream, the publisher, the consumer and the health and metrics pieces build on these.
+//! The publisher, the consumer and the health and metrics pieces build on these.
+//!
+//! # Quick start: the outbox as a stream
+//!
+//! ```no_run
+//! use benalsam_events::{JobStream, JobStreamConfig, Outbox, OutboxConfig};
+//! use futures::StreamExt;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn run() -> Result<(), benalsam_events::Error> {
+//! let url = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam".parse()?;
+//! let outbox = Outbox::new(url, OutboxConfig::default())?;
+//! let shutdown = CancellationToken::new();
+//! let mut jobs = JobStream::new(outbox.clone(), JobStreamConfig::default(), shutdown.clone())?;
+//! while let Some(batch) = jobs.next().await {
+//!     let ids: Vec<i64> = batch.iter().map(|job| job.id).collect();
+//!     // ... deliver the batch somewhere, then record it:
+//!     outbox.mark_sent(&ids).await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backoff;
 #[cfg(feature = "cli")]
