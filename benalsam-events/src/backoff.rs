@@ -1,6 +1,11 @@
 //! Exponential backoff with jitter, for reconnects and retries.
 
+use std::future::Future;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
 
 /// Delays that double from `initial` up to `max`, each drawn from the upper half of its step
 /// ("equal jitter"): spread out enough that many clients do not retry in lockstep, never
@@ -43,6 +48,40 @@ impl Default for Backoff {
     /// 250 ms doubling to 30 s: for reconnecting to a service that went away.
     fn default() -> Self {
         Self::new(Duration::from_millis(250), Duration::from_secs(30))
+    }
+}
+
+/// Runs `op` until it succeeds, waiting out `backoff` between attempts while its error
+/// [can be retried](Error::can_be_retried); any other error is returned at once. Returns
+/// `Ok(None)` when `shutdown` is cancelled first. For start-up steps that should wait for a
+/// service rather than give up (migrations, declaring the topology).
+pub async fn retry<T, F, Fut>(
+    what: &str,
+    backoff: Backoff,
+    shutdown: &CancellationToken,
+    mut op: F,
+) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let error: Error = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            result = op() => match result {
+                Ok(value) => return Ok(Some(value)),
+                Err(error) if error.can_be_retried() => error,
+                Err(error) => return Err(error),
+            },
+        };
+        let delay = backoff.delay(attempt);
+        tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
     }
 }
 

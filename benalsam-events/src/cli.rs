@@ -84,3 +84,165 @@ pub fn init_logging() {
         )
         .init();
 }
+
+/// Parses a duration such as `500ms`, `1s`, `15m`, `1h 30m`.
+pub fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 1s or 15m ({e})"))
+}
+
+fn parse_channel(raw: &str) -> Result<String, String> {
+    crate::config::validate_identifier("BENALSAM_NOTIFY_CHANNEL", raw)
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
+}
+
+/// How the bridge claims and publishes jobs.
+#[derive(Debug, Clone, Args)]
+pub struct BridgeArgs {
+    /// Most jobs claimed (and published) per batch
+    #[arg(long, env = "BENALSAM_BATCH_SIZE", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+
+    /// Longest wait between claims without a notification
+    #[arg(long, env = "BENALSAM_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: std::time::Duration,
+
+    /// Poll only, no LISTEN (for PgBouncer in transaction mode, or write-heavy databases)
+    #[arg(long, env = "BENALSAM_POLL_ONLY")]
+    pub poll_only: bool,
+
+    /// NOTIFY channel of the trigger
+    #[arg(long, env = "BENALSAM_NOTIFY_CHANNEL", default_value = crate::job_stream::DEFAULT_CHANNEL,
+          value_parser = parse_channel)]
+    pub notify_channel: String,
+
+    /// How long a claim is exclusive; a dead bridge's jobs are claimable again after it
+    #[arg(long, env = "BENALSAM_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: std::time::Duration,
+
+    /// Attempts per job before it stays failed
+    #[arg(long, env = "BENALSAM_MAX_ATTEMPTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// Most messages published and not yet confirmed
+    #[arg(long, env = "BENALSAM_PUBLISH_WINDOW", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub publish_window: u32,
+
+    /// Send again jobs sent this long ago and never completed
+    #[arg(long, env = "BENALSAM_RESEND_AFTER", default_value = "15m", value_parser = parse_duration)]
+    pub resend_after: std::time::Duration,
+
+    /// Unhealthy when the oldest pending job is older than this
+    #[arg(long, env = "BENALSAM_MAX_PENDING_AGE", default_value = "60s", value_parser = parse_duration)]
+    pub max_pending_age: std::time::Duration,
+}
+
+impl BridgeArgs {
+    /// The outbox settings these flags make, in `schema`.
+    pub fn outbox_config(&self, schema: &str) -> crate::OutboxConfig {
+        crate::OutboxConfig {
+            schema: schema.to_owned(),
+            lease: self.lease,
+            retry: crate::RetryPolicy {
+                max_attempts: self.max_attempts,
+                ..crate::RetryPolicy::default()
+            },
+            worker_id: format!(
+                "benalsam-bridge pid {} on {}",
+                std::process::id(),
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned())
+            ),
+        }
+    }
+
+    /// The job stream settings these flags make.
+    pub fn job_stream_config(&self) -> crate::JobStreamConfig {
+        crate::JobStreamConfig {
+            batch_size: self.batch_size as usize,
+            poll_interval: self.poll_interval,
+            wake: if self.poll_only {
+                crate::Wake::PollOnly
+            } else {
+                crate::Wake::Listen {
+                    channel: self.notify_channel.clone(),
+                }
+            },
+            ..crate::JobStreamConfig::default()
+        }
+    }
+
+    /// The publisher settings these flags make.
+    pub fn publisher_config(&self) -> crate::PublisherConfig {
+        crate::PublisherConfig {
+            window: self.publish_window as usize,
+            ..crate::PublisherConfig::default()
+        }
+    }
+}
+
+/// The RabbitMQ topology's choices.
+#[derive(Debug, Clone, Args)]
+pub struct TopologyArgs {
+    /// Queue type: classic, or quorum for replicated queues on a cluster
+    #[arg(long, env = "BENALSAM_QUEUE_TYPE", default_value = "classic",
+          value_parser = |s: &str| s.parse::<crate::topology::QueueType>().map_err(|e| e.to_string()))]
+    pub queue_type: crate::topology::QueueType,
+
+    /// Most messages kept in listing.status.changes (oldest dropped beyond)
+    #[arg(
+        long,
+        env = "BENALSAM_STATUS_QUEUE_MAX_LENGTH",
+        default_value_t = 100_000
+    )]
+    pub status_queue_max_length: u32,
+
+    /// Most messages kept in system.health (oldest dropped beyond)
+    #[arg(
+        long,
+        env = "BENALSAM_HEALTH_QUEUE_MAX_LENGTH",
+        default_value_t = 1_000
+    )]
+    pub health_queue_max_length: u32,
+}
+
+impl TopologyArgs {
+    /// The topology these flags make.
+    pub fn topology(&self) -> crate::topology::Topology {
+        let mut config = crate::topology::TopologyConfig {
+            queue_type: self.queue_type,
+            ..crate::topology::TopologyConfig::default()
+        };
+        config.status_changes.max_length = self.status_queue_max_length;
+        config.health.max_length = self.health_queue_max_length;
+        crate::topology::Topology::benalsam(&config)
+    }
+}
+
+/// Installs handlers for SIGINT and SIGTERM that cancel the returned token.
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            () = terminate => tracing::info!("SIGTERM: shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}

@@ -26,6 +26,39 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A RabbitMQ call failed.
+    #[error("RabbitMQ: {context}: {source}")]
+    Amqp {
+        /// What the library was doing.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The broker has an exchange, queue or binding with other settings than this build
+    /// declares (RabbitMQ's 406 PRECONDITION_FAILED).
+    #[error(
+        "RabbitMQ already has {entity} with other settings{}: {detail}; \
+         align the settings (e.g. BENALSAM_QUEUE_TYPE) or delete and re-create it",
+        argument.as_deref().map(|a| format!(" (argument {a})")).unwrap_or_default()
+    )]
+    TopologyConflict {
+        /// The exchange, queue or binding.
+        entity: String,
+        /// The argument that differs, when the broker named it.
+        argument: Option<String>,
+        /// The broker's reply.
+        detail: String,
+    },
+
+    /// A background part (the publisher, a consumer) has stopped and takes no more work.
+    #[error("{what} has stopped")]
+    Stopped {
+        /// Which part.
+        what: &'static str,
+    },
+
     /// A queue row this build cannot read (the table was altered by hand).
     #[error("job {id} in the queue table cannot be read: {reason}")]
     InvalidJob {
@@ -60,6 +93,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// Wraps a RabbitMQ error with what the library was doing.
+    pub(crate) fn amqp(context: impl Into<String>, source: lapin::Error) -> Self {
+        Error::Amqp {
+            context: context.into(),
+            source,
+        }
+    }
+
     /// Wraps a PostgreSQL error with what the library was doing.
     pub(crate) fn postgres(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
         Error::Postgres {
@@ -73,7 +114,13 @@ impl Error {
     pub fn can_be_retried(&self) -> bool {
         match self {
             Error::Postgres { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            Error::Amqp { source, .. } => !matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)
+            ),
             Error::Config { .. }
+            | Error::Stopped { .. }
+            | Error::TopologyConflict { .. }
             | Error::InvalidJob { .. }
             | Error::MigrationChanged { .. }
             | Error::UnknownMigration { .. } => false,

@@ -14,6 +14,17 @@
 //! * [`job_stream`]: [`JobStream`], the outbox as a `Stream` of claimed batches, woken by
 //!   LISTEN/NOTIFY and by polling, surviving lost connections (`listener` holds the LISTEN
 //!   side).
+//! * [`routing`]: event types (table → exchange and routing keys).
+//! * [`envelope`]: the versioned JSON body of every message and its AMQP properties.
+//! * [`topology`]: exchanges, queues, bindings and dead-lettering, declared once and
+//!   exported as a RabbitMQ definitions file.
+//! * [`publisher`]: [`Publisher`], a `Sink` of jobs into RabbitMQ with publisher confirms,
+//!   marking them `sent` only once confirmed.
+//! * [`bridge`]: the bridge's health verdicts and the resender of sent-but-never-completed
+//!   jobs.
+//! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
+//!   heartbeat events on `benalsam.system`.
+//! * [`amqp`]: connecting to RabbitMQ.
 //! * [`backoff`]: exponential backoff with jitter.
 //! * [`migrate`]: the versioned SQL migrations of `db/` (listings, the queue, the trigger),
 //!   applied once each and recorded in a table.
@@ -46,20 +57,29 @@
 //! # }
 //! ```
 
+pub mod amqp;
 pub mod backoff;
+pub mod bridge;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod envelope;
 pub mod error;
+pub mod health;
+pub mod heartbeat;
 pub mod job;
 pub mod job_stream;
 mod listener;
 pub mod migrate;
 pub mod outbox;
 pub mod postgres;
+pub mod publisher;
 pub mod redact;
+pub mod routing;
+pub mod topology;
 
 pub use error::{Error, Result};
 pub use job::{Job, JobStatus, Operation};
 pub use job_stream::{JobStream, JobStreamConfig, Wake};
 pub use outbox::{Failure, Outbox, OutboxConfig, RetryPolicy};
+pub use publisher::{Publisher, PublisherConfig};

@@ -68,7 +68,8 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<Report> {
     .map_err(|e| Error::postgres("taking the migration lock", e))?;
 
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS \"{schema}\";
          SET LOCAL search_path TO \"{schema}\";
          CREATE TABLE IF NOT EXISTS benalsam_schema_migrations (
              version    integer PRIMARY KEY,

@@ -139,6 +139,7 @@ struct Statements {
     mark_failed: Statement,
     backlog: Statement,
     purge_completed: Statement,
+    resend_stale: Statement,
 }
 
 impl Outbox {
@@ -318,6 +319,23 @@ impl Outbox {
         })
     }
 
+    /// Sends again jobs that were confirmed by the broker more than `older_than` ago and
+    /// never completed (a message lost on the broker's side, a queue purged by hand): they
+    /// go back to `pending`, at most `limit` at a time. Returns their ids.
+    pub async fn resend_stale_sent(&self, older_than: Duration, limit: usize) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .client
+            .query(
+                &conn.stmts.resend_stale,
+                &[&older_than.as_secs_f64(), &limit],
+            )
+            .await
+            .map_err(|e| Error::postgres("resending stale sent jobs", e))?;
+        Ok(sorted_ids(&rows))
+    }
+
     /// Deletes completed jobs older than `older_than`, `batch` rows per statement so no
     /// statement holds many locks or runs long. Returns how many were deleted.
     pub async fn purge_completed(&self, older_than: Duration, batch: usize) -> Result<u64> {
@@ -395,6 +413,7 @@ struct Sql {
     mark_failed: String,
     backlog: String,
     purge_completed: String,
+    resend_stale: String,
 }
 
 impl Sql {
@@ -479,6 +498,14 @@ impl Sql {
                      WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)
                      LIMIT $2)"
             ),
+            // Back to pending, so the job stream publishes them again (same messageId).
+            resend_stale: format!(
+                "UPDATE {q} SET status = 'pending', sent_at = NULL
+                 WHERE id IN (SELECT id FROM {q}
+                              WHERE status = 'sent' AND sent_at < now() - make_interval(secs => $1)
+                              ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 RETURNING id"
+            ),
         }
     }
 
@@ -492,6 +519,7 @@ impl Sql {
             mark_failed: prepare(client, &self.mark_failed, "mark failed").await?,
             backlog: prepare(client, &self.backlog, "backlog").await?,
             purge_completed: prepare(client, &self.purge_completed, "purge").await?,
+            resend_stale: prepare(client, &self.resend_stale, "resend").await?,
         })
     }
 }

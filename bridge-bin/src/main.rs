@@ -1,8 +1,19 @@
 //! `benalsam-bridge`: claims jobs from the PostgreSQL outbox and publishes them to RabbitMQ.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use anyhow::Context;
-use benalsam_events::cli::{self, DatabaseArgs, RabbitArgs};
+use benalsam_events::backoff::{Backoff, retry};
+use benalsam_events::bridge::{self, BridgeMonitor, HealthThresholds};
+use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, RabbitArgs, TopologyArgs};
+use benalsam_events::health::HealthServer;
+use benalsam_events::routing::Routes;
+use benalsam_events::{JobStream, Outbox, Publisher, amqp, heartbeat};
 use clap::{Parser, Subcommand};
+use futures::{FutureExt, StreamExt};
 
 /// Claims the change jobs that the add_to_sync_queue() trigger writes to
 /// elasticsearch_sync_queue and publishes them to RabbitMQ with publisher confirms.
@@ -15,6 +26,24 @@ struct Cli {
     #[command(flatten)]
     rabbitmq: RabbitArgs,
 
+    #[command(flatten)]
+    bridge: BridgeArgs,
+
+    #[command(flatten)]
+    topology: TopologyArgs,
+
+    /// Address of the health endpoints
+    #[arg(long, env = "BENALSAM_HEALTH_ADDR", default_value = "127.0.0.1:3001")]
+    health_addr: SocketAddr,
+
+    /// Interval of heartbeat events (health.bridge on benalsam.system)
+    #[arg(long, env = "BENALSAM_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = cli::parse_duration)]
+    heartbeat_interval: Duration,
+
+    /// Apply the database migrations before starting
+    #[arg(long, env = "BENALSAM_MIGRATE")]
+    migrate: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -25,15 +54,20 @@ enum Command {
     Run,
     /// Apply the database migrations (listings, the queue table, the trigger) and exit
     Migrate,
+    /// Print the RabbitMQ topology as a definitions file (for docker/) and exit
+    Topology {
+        /// Virtual host to write into the definitions
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     cli::init_logging();
     let cli = Cli::parse();
-
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Migrate => {
+    match cli.command {
+        Some(Command::Migrate) => {
             let db = &cli.database;
             let report = db.migrate().await.with_context(|| {
                 format!("migrating schema {} of {}", db.schema, db.database_url)
@@ -42,15 +76,121 @@ async fn main() -> anyhow::Result<()> {
                 "schema {}: applied {:?}, already applied {:?}",
                 db.schema, report.applied, report.already_applied
             );
+            Ok(())
         }
-        Command::Run => {
-            tracing::info!(
-                database = %cli.database.database_url,
-                rabbitmq = %cli.rabbitmq.rabbitmq_url,
-                schema = %cli.database.schema,
-                "configuration is valid; publishing is not built yet, exiting"
-            );
+        Some(Command::Topology { ref vhost }) => {
+            let definitions = cli.topology.topology().definitions(vhost);
+            println!("{}", serde_json::to_string_pretty(&definitions)?);
+            Ok(())
         }
+        Some(Command::Run) | None => run(cli).await,
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = cli::shutdown_on_signals();
+    let (db, rabbit) = (&cli.database, &cli.rabbitmq.rabbitmq_url);
+    tracing::info!(database = %db.database_url, rabbitmq = %rabbit, schema = %db.schema, "starting");
+
+    // Wait for the services rather than give up; a wrong setting still stops start-up.
+    let health_listener = tokio::net::TcpListener::bind(cli.health_addr)
+        .await
+        .with_context(|| format!("binding BENALSAM_HEALTH_ADDR {}", cli.health_addr))?;
+    if cli.migrate
+        && retry("migrating", Backoff::default(), &shutdown, || db.migrate())
+            .await?
+            .is_none()
+    {
+        return Ok(());
+    }
+    let topology = cli.topology.topology();
+    let declared = retry(
+        "declaring the topology",
+        Backoff::default(),
+        &shutdown,
+        || async {
+            let connection = amqp::connect(rabbit, "benalsam-bridge topology").await?;
+            topology.declare(&connection).await?;
+            let _ = connection.close(200, "declared".into()).await;
+            Ok(())
+        },
+    )
+    .await
+    .context("declaring the RabbitMQ topology")?;
+    if declared.is_none() {
+        return Ok(());
+    }
+
+    let outbox = Outbox::new(
+        db.database_url.clone(),
+        cli.bridge.outbox_config(&db.schema),
+    )?;
+    let jobs = JobStream::new(
+        outbox.clone(),
+        cli.bridge.job_stream_config(),
+        shutdown.clone(),
+    )?;
+    let publisher = Publisher::new(
+        rabbit.clone(),
+        outbox.clone(),
+        Routes::default(),
+        cli.bridge.publisher_config(),
+    );
+
+    let monitor = Arc::new(BridgeMonitor {
+        stream: jobs.status(),
+        publisher: publisher.status(),
+        resent: Arc::new(AtomicU64::new(0)),
+        thresholds: HealthThresholds {
+            max_pending_age: cli.bridge.max_pending_age,
+            ..HealthThresholds::default()
+        },
+        broker: rabbit.redacted(),
+        database: db.database_url.redacted(),
+    });
+    let (m1, m2, m3) = (
+        Arc::clone(&monitor),
+        Arc::clone(&monitor),
+        Arc::clone(&monitor),
+    );
+    let health = HealthServer::new()
+        .check("/api/v1/health/rabbitmq", move || {
+            std::future::ready(m1.rabbitmq()).boxed()
+        })
+        .check("/api/v1/health/database-trigger-bridge", move || {
+            std::future::ready(m2.database()).boxed()
+        });
+    let background = shutdown.child_token();
+    let tasks = [
+        tokio::spawn(health.serve(health_listener, background.clone())),
+        tokio::spawn(heartbeat::run(
+            rabbit.clone(),
+            "bridge".to_owned(),
+            cli.heartbeat_interval,
+            Arc::new(move || std::future::ready(m3.database()).boxed()),
+            background.clone(),
+        )),
+        tokio::spawn(bridge::resend_stale(
+            outbox,
+            cli.bridge.resend_after,
+            Arc::clone(&monitor.resent),
+            background.clone(),
+        )),
+    ];
+    tracing::info!(health = %cli.health_addr, "bridge running");
+
+    // The whole bridge: claimed batches, one job at a time, into the publisher. On SIGTERM the
+    // stream ends and closing the publisher waits for every confirm and its `sent` mark.
+    jobs.flat_map(futures::stream::iter)
+        .map(Ok)
+        .forward(publisher)
+        .await
+        .context("publishing jobs")?;
+
+    background.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!("bridge stopped");
     Ok(())
 }

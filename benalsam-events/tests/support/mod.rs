@@ -120,3 +120,179 @@ impl TestSchema {
             .expect("drop schema");
     }
 }
+
+/// The management API of the stack's RabbitMQ, with the credentials of `RABBITMQ_URL`.
+fn management() -> (reqwest::Client, String, String, String) {
+    let amqp = rabbitmq_url();
+    let base = std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
+        format!(
+            "http://{}:15672",
+            amqp.url().host_str().unwrap_or("127.0.0.1")
+        )
+    });
+    (
+        reqwest::Client::new(),
+        base,
+        amqp.url().username().to_owned(),
+        amqp.url().password().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A RabbitMQ virtual host of its own: the production names of exchanges and queues, seen
+/// by this test only.
+pub struct TestVhost {
+    pub name: String,
+    pub url: AmqpUrl,
+}
+
+impl TestVhost {
+    pub async fn new() -> Self {
+        let name = unique_name("t");
+        let (http, base, user, password) = management();
+        let created = http
+            .put(format!("{base}/api/vhosts/{name}"))
+            .basic_auth(&user, Some(&password))
+            .send()
+            .await
+            .expect("RabbitMQ management API answers (is the stack up?)");
+        assert!(
+            created.status().is_success(),
+            "create vhost: {}",
+            created.status()
+        );
+        let granted = http
+            .put(format!("{base}/api/permissions/{name}/{user}"))
+            .basic_auth(&user, Some(&password))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .expect("grant permissions");
+        assert!(
+            granted.status().is_success(),
+            "permissions: {}",
+            granted.status()
+        );
+        let mut url = rabbitmq_url().url().clone();
+        url.set_path(&format!("/{name}"));
+        let url = url.as_str().parse().expect("vhost url");
+        Self { name, url }
+    }
+
+    /// Imports a definitions file into this vhost.
+    pub async fn import_definitions(&self, definitions: &serde_json::Value) {
+        let (http, base, user, password) = management();
+        let response = http
+            .post(format!("{base}/api/definitions/{}", self.name))
+            .basic_auth(&user, Some(&password))
+            .json(definitions)
+            .send()
+            .await
+            .expect("import definitions");
+        assert!(
+            response.status().is_success(),
+            "import: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+
+    pub async fn drop(self) {
+        let (http, base, user, password) = management();
+        let _ = http
+            .delete(format!("{base}/api/vhosts/{}", self.name))
+            .basic_auth(&user, Some(&password))
+            .send()
+            .await;
+    }
+}
+
+/// Takes every message from `queue` until `quiet` passes without one, acking them.
+pub async fn drain_queue(
+    url: &AmqpUrl,
+    queue: &str,
+    quiet: std::time::Duration,
+) -> Vec<lapin::message::Delivery> {
+    use futures::StreamExt;
+    let connection = benalsam_events::amqp::connect(url, "test drain")
+        .await
+        .expect("connect to drain");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "test-drain".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
+        let delivery = delivery.expect("delivery");
+        delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .expect("ack");
+        deliveries.push(delivery);
+    }
+    let _ = connection.close(200, "drained".into()).await;
+    deliveries
+}
+
+/// A TCP relay in front of RabbitMQ whose connections the test can cut at once, as a
+/// network failure or a broker restart would.
+pub struct Relay {
+    pub url: AmqpUrl,
+    cut: tokio::sync::broadcast::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// A relay to the broker of `target`, speaking for the same vhost and user.
+    pub async fn start(target: &AmqpUrl) -> Self {
+        let upstream = format!(
+            "{}:{}",
+            target.url().host_str().unwrap_or("127.0.0.1"),
+            target.url().port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let (cut, _) = tokio::sync::broadcast::channel::<()>(4);
+        let cuts = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut_rx = cuts.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.recv() => {}
+                    }
+                });
+            }
+        });
+        let mut url = target.url().clone();
+        url.set_port(Some(port)).expect("port");
+        Self {
+            url: url.as_str().parse().expect("relay url"),
+            cut,
+            task,
+        }
+    }
+
+    /// Cuts every relayed connection; returns how many there were.
+    pub fn cut(&self) -> usize {
+        self.cut.send(()).unwrap_or(0)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

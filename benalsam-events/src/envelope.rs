@@ -1,0 +1,346 @@
+//! The event envelope: the JSON body of every message, and its AMQP properties.
+//!
+//! ```json
+//! {
+//!   "messageId": "job_42", "jobId": 42, "schemaVersion": 1,
+//!   "routingKey": "listing.status.active", "table": "listings", "operation": "UPDATE",
+//!   "recordId": "6f1c…", "changeData": {"old": {…}, "new": {…}},
+//!   "status": "active", "previousStatus": "pending_approval",
+//!   "occurredAt": "2026-11-27T12:00:00.123456Z", "traceId": "4bf92f35…"
+//! }
+//! ```
+//!
+//! `messageId` is `job_<jobId>` on every publish of a job, so duplicates can be recognised.
+//! [`Envelope::decode`] checks a body against the schema it claims before anything uses it.
+
+use std::time::{Duration, SystemTime};
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::{Job, Operation};
+use crate::routing::Route;
+
+/// The envelope schema this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Envelope schemas this build can read.
+pub const READABLE_SCHEMA_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
+
+/// Header carrying the W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// Header carrying the job id, so tools can find the job without parsing the body.
+pub const JOB_ID_HEADER: &str = "x-job-id";
+/// Header carrying the envelope schema version.
+pub const SCHEMA_VERSION_HEADER: &str = "x-schema-version";
+
+/// The body of a change message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Envelope {
+    /// `job_<jobId>`.
+    pub message_id: String,
+    /// The outbox job.
+    pub job_id: i64,
+    /// The envelope schema version.
+    pub schema_version: u32,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The table that changed.
+    pub table: String,
+    /// What happened.
+    pub operation: Operation,
+    /// The row's key, as text.
+    pub record_id: String,
+    /// The row (INSERT), `{old, new}` (UPDATE), the old row (DELETE).
+    pub change_data: Value,
+    /// The row's status after the change (before it, for a DELETE), for tables with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The status before an UPDATE that changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_status: Option<String>,
+    /// When the change was committed, RFC 3339 UTC.
+    pub occurred_at: String,
+    /// The W3C trace id of the writer, when it set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// Why a message body is not a usable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Not JSON, or not the envelope's shape.
+    #[error("not a valid envelope: {0}")]
+    Malformed(String),
+    /// A schema version this build cannot read.
+    #[error("envelope schema version {found} is not supported (this build reads {min}..={max})")]
+    UnsupportedVersion {
+        /// The version in the message.
+        found: u32,
+        /// Oldest readable.
+        min: u32,
+        /// Newest readable.
+        max: u32,
+    },
+    /// Well-formed, but its fields contradict each other.
+    #[error("invalid envelope: {0}")]
+    Invalid(String),
+}
+
+impl Envelope {
+    /// The envelope of `job` routed by `route`.
+    pub fn new(job: &Job, route: &Route) -> Self {
+        Self {
+            message_id: job.message_id(),
+            job_id: job.id,
+            schema_version: SCHEMA_VERSION,
+            routing_key: route.routing_key.clone(),
+            table: job.table_name.clone(),
+            operation: job.operation,
+            record_id: job.record_id.clone(),
+            change_data: job.change_data.clone(),
+            status: route.status.clone(),
+            previous_status: route.previous_status.clone(),
+            occurred_at: humantime::format_rfc3339_micros(job.created_at).to_string(),
+            trace_id: job
+                .traceparent
+                .as_deref()
+                .and_then(trace_id_of)
+                .map(str::to_owned),
+        }
+    }
+
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and validates a message body.
+    pub fn decode(body: &[u8]) -> Result<Self, EnvelopeError> {
+        // The version is checked first, so a newer producer's message is reported as such
+        // rather than as a shape error.
+        let raw: Value =
+            serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let version = raw
+            .get("schemaVersion")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| EnvelopeError::Malformed("missing schemaVersion".to_owned()))?;
+        let version = u32::try_from(version).unwrap_or(u32::MAX);
+        if !READABLE_SCHEMA_VERSIONS.contains(&version) {
+            return Err(EnvelopeError::UnsupportedVersion {
+                found: version,
+                min: *READABLE_SCHEMA_VERSIONS.start(),
+                max: *READABLE_SCHEMA_VERSIONS.end(),
+            });
+        }
+        let envelope: Envelope =
+            serde_json::from_value(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        envelope.validate()?;
+        Ok(envelope)
+    }
+
+    fn validate(&self) -> Result<(), EnvelopeError> {
+        let invalid = |m: String| Err(EnvelopeError::Invalid(m));
+        if self.job_id <= 0 {
+            return invalid(format!("jobId {} is not positive", self.job_id));
+        }
+        if self.message_id != format!("job_{}", self.job_id) {
+            return invalid(format!(
+                "messageId {:?} does not match jobId {}",
+                self.message_id, self.job_id
+            ));
+        }
+        if self.record_id.is_empty() || self.table.is_empty() {
+            return invalid("table and recordId must not be empty".to_owned());
+        }
+        let row_ok = match self.operation {
+            Operation::Insert | Operation::Delete => self.change_data.is_object(),
+            Operation::Update => {
+                self.change_data["old"].is_object() && self.change_data["new"].is_object()
+            }
+        };
+        if !row_ok {
+            return invalid(format!(
+                "changeData of an {} must be {}",
+                self.operation,
+                if self.operation == Operation::Update {
+                    "{\"old\": {…}, \"new\": {…}}"
+                } else {
+                    "the row as an object"
+                }
+            ));
+        }
+        if humantime::parse_rfc3339(&self.occurred_at).is_err() {
+            return invalid(format!("occurredAt {:?} is not RFC 3339", self.occurred_at));
+        }
+        Ok(())
+    }
+
+    /// The row as it is after the change (the old row for a DELETE).
+    pub fn current_row(&self) -> &Value {
+        match self.operation {
+            Operation::Update => &self.change_data["new"],
+            Operation::Insert | Operation::Delete => &self.change_data,
+        }
+    }
+
+    /// The AMQP properties of this envelope's message: persistent, JSON, with the job id and
+    /// (when known) the trace context in headers.
+    pub fn properties(&self, app_id: &str, traceparent: Option<&str>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(JOB_ID_HEADER.into(), AMQPValue::LongLongInt(self.job_id));
+        headers.insert(
+            SCHEMA_VERSION_HEADER.into(),
+            AMQPValue::LongUInt(self.schema_version),
+        );
+        if let Some(parent) = traceparent {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(LongString::from(parent)),
+            );
+        }
+        let timestamp = humantime::parse_rfc3339(&self.occurred_at)
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        BasicProperties::default()
+            .with_message_id(ShortString::from(self.message_id.as_str()))
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(timestamp)
+            .with_type(ShortString::from(self.routing_key.as_str()))
+            .with_app_id(ShortString::from(app_id))
+            .with_headers(headers)
+    }
+}
+
+/// The trace id (second field) of a W3C `traceparent`.
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::job::ClaimKind;
+    use crate::routing::EventType;
+
+    fn job() -> Job {
+        Job {
+            id: 42,
+            table_name: "listings".into(),
+            operation: Operation::Update,
+            record_id: "6f1c".into(),
+            change_data: json!({"old": {"status": "pending_approval"}, "new": {"status": "active"}}),
+            retry_count: 0,
+            created_at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_244_800_123_456),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            claim: ClaimKind::Fresh,
+        }
+    }
+
+    fn envelope() -> Envelope {
+        let job = job();
+        Envelope::new(&job, &EventType::listings().route(&job))
+    }
+
+    #[test]
+    fn an_envelope_carries_the_job() {
+        let e = envelope();
+        let body: Value = serde_json::from_slice(&e.to_bytes()).expect("json");
+        assert_eq!(body["messageId"], "job_42");
+        assert_eq!(body["jobId"], 42);
+        assert_eq!(body["schemaVersion"], 1);
+        assert_eq!(body["routingKey"], "listing.status.active");
+        assert_eq!(body["operation"], "UPDATE");
+        assert_eq!(body["status"], "active");
+        assert_eq!(body["previousStatus"], "pending_approval");
+        assert_eq!(body["occurredAt"], "2025-11-27T12:00:00.123456Z");
+        assert_eq!(body["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(Envelope::decode(&e.to_bytes()), Ok(e));
+    }
+
+    #[test]
+    fn properties_make_a_persistent_json_message() {
+        let e = envelope();
+        let p = e.properties(
+            "benalsam-bridge",
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("job_42"));
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.kind().as_ref().map(|s| s.as_str()),
+            Some("listing.status.active")
+        );
+        assert_eq!(p.timestamp(), &Some(1_764_244_800));
+        let headers = p.headers().as_ref().expect("headers");
+        assert_eq!(
+            headers.inner().get(JOB_ID_HEADER),
+            Some(&AMQPValue::LongLongInt(42))
+        );
+        assert!(headers.inner().contains_key(TRACEPARENT_HEADER));
+    }
+
+    #[test]
+    fn decode_says_what_is_wrong() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json".to_vec(), "not a valid envelope"),
+            (br#"{"jobId": 1}"#.to_vec(), "missing schemaVersion"),
+            (
+                br#"{"schemaVersion": 9}"#.to_vec(),
+                "version 9 is not supported",
+            ),
+            (
+                br#"{"schemaVersion": 1, "jobId": 1}"#.to_vec(),
+                "missing field",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = Envelope::decode(&body).expect_err("invalid");
+            assert!(err.to_string().contains(expected), "{err} vs {expected}");
+        }
+        let mut wrong_id = envelope();
+        wrong_id.message_id = "job_41".into();
+        let err = Envelope::decode(&wrong_id.to_bytes()).expect_err("mismatch");
+        assert!(err.to_string().contains("does not match jobId 42"), "{err}");
+
+        let mut not_a_row = envelope();
+        not_a_row.change_data = json!("x");
+        assert!(matches!(
+            Envelope::decode(&not_a_row.to_bytes()),
+            Err(EnvelopeError::Invalid(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Envelope::decode(&body);
+        }
+
+        #[test]
+        fn envelopes_round_trip(id in 1i64..i64::MAX, record in "[a-z0-9-]{1,40}", title in ".{0,40}") {
+            let mut j = job();
+            j.id = id;
+            j.record_id = record;
+            j.change_data = json!({"old": {"status": "active", "title": "x"}, "new": {"status": "active", "title": title}});
+            let e = Envelope::new(&j, &EventType::listings().route(&j));
+            prop_assert_eq!(Envelope::decode(&e.to_bytes()), Ok(e));
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! Checks the publisher against a real RabbitMQ and PostgreSQL: a job is `sent` only once the
+//! broker confirmed it, and neither lost connections nor unroutable messages lose or
+//! misreport a job. Each test has its own schema and its own RabbitMQ virtual host.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use benalsam_events::envelope::{Envelope, JOB_ID_HEADER};
+use benalsam_events::routing::{EventType, Routes};
+use benalsam_events::topology::{
+    DEAD_LETTER_QUEUE, STATUS_QUEUE, SYNC_QUEUE, Topology, TopologyConfig,
+};
+use benalsam_events::{
+    JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher, PublisherConfig, Wake, amqp,
+    publisher,
+};
+use futures::{StreamExt, stream};
+use lapin::types::AMQPValue;
+use support::{Relay, TestSchema, TestVhost, drain_queue};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The bridge in miniature: the job stream forwarded into the publisher.
+struct Bridge {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), benalsam_events::Error>>,
+    status: Arc<publisher::Status>,
+}
+
+impl Bridge {
+    fn start(outbox: Outbox, vhost: &TestVhost, routes: Routes) -> Self {
+        Self::start_at(outbox, &vhost.url, routes)
+    }
+
+    fn start_at(outbox: Outbox, url: &benalsam_events::config::AmqpUrl, routes: Routes) -> Self {
+        let shutdown = CancellationToken::new();
+        let config = JobStreamConfig {
+            wake: Wake::PollOnly,
+            poll_interval: Duration::from_millis(100),
+            ..JobStreamConfig::default()
+        };
+        let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
+        let publisher = Publisher::new(url.clone(), outbox, routes, PublisherConfig::default());
+        let status = publisher.status();
+        let task = tokio::spawn(jobs.flat_map(stream::iter).map(Ok).forward(publisher));
+        Self {
+            shutdown,
+            task,
+            status,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the bridge stops in time")
+            .expect("no panic")
+            .expect("no error");
+    }
+}
+
+async fn declare(vhost: &TestVhost) {
+    let connection = amqp::connect(&vhost.url, "test topology")
+        .await
+        .expect("connect");
+    Topology::benalsam(&TopologyConfig::default())
+        .declare(&connection)
+        .await
+        .expect("declare");
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+/// Waits until no job is in any of `live` states.
+async fn wait_settled(db: &TestSchema, live: &[&str]) -> BTreeMap<String, usize> {
+    let started = std::time::Instant::now();
+    loop {
+        let statuses = db.statuses().await;
+        if !statuses.iter().any(|(_, s)| live.contains(&s.as_str())) {
+            let mut counts = BTreeMap::new();
+            for (_, s) in statuses {
+                *counts.entry(s).or_default() += 1;
+            }
+            return counts;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "jobs did not settle: {:?}",
+            &statuses[..statuses.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn job_id(delivery: &lapin::message::Delivery) -> i64 {
+    Envelope::decode(&delivery.data)
+        .expect("a valid envelope")
+        .job_id
+}
+
+#[tokio::test]
+async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    let ids = db.insert_listings(20).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET status = 'sold' WHERE id = '{0}';
+             UPDATE listings SET title = 'Yeni başlık' WHERE id = '{1}';
+             DELETE FROM listings WHERE id = '{2}';",
+            ids[0], ids[1], ids[2]
+        ))
+        .await
+        .expect("changes");
+
+    let bridge = Bridge::start(
+        db.outbox(OutboxConfig::default()),
+        &vhost,
+        Routes::default(),
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(counts.get("sent"), Some(&23), "{counts:?}");
+    bridge.stop().await;
+
+    let sync = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(500)).await;
+    assert_eq!(sync.len(), 23, "one message per job");
+    let mut seen = HashSet::new();
+    let mut keys = BTreeMap::<String, usize>::new();
+    for d in &sync {
+        let envelope = Envelope::decode(&d.data).expect("valid envelope");
+        assert!(
+            seen.insert(envelope.job_id),
+            "job {} twice",
+            envelope.job_id
+        );
+        assert_eq!(d.routing_key.as_str(), envelope.routing_key);
+        *keys.entry(envelope.routing_key.clone()).or_default() += 1;
+        let p = &d.properties;
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.to_string()),
+            Some(format!("job_{}", envelope.job_id))
+        );
+        assert_eq!(p.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.app_id().as_ref().map(|s| s.as_str()),
+            Some("benalsam-bridge")
+        );
+        assert_eq!(
+            p.kind().as_ref().map(|s| s.as_str()),
+            Some(envelope.routing_key.as_str())
+        );
+        assert!(p.timestamp().is_some());
+        let headers = p.headers().as_ref().expect("headers");
+        assert_eq!(
+            headers.inner().get(JOB_ID_HEADER),
+            Some(&AMQPValue::LongLongInt(envelope.job_id))
+        );
+    }
+    let expected: BTreeMap<String, usize> = [
+        ("listing.insert".to_owned(), 20),
+        ("listing.status.sold".to_owned(), 1),
+        ("listing.update".to_owned(), 1),
+        ("listing.delete".to_owned(), 1),
+    ]
+    .into();
+    assert_eq!(keys, expected);
+
+    let status_changes = drain_queue(&vhost.url, STATUS_QUEUE, Duration::from_millis(300)).await;
+    assert_eq!(status_changes.len(), 1);
+    let change = Envelope::decode(&status_changes[0].data).expect("envelope");
+    assert_eq!(change.status.as_deref(), Some("sold"));
+    assert_eq!(change.previous_status.as_deref(), Some("active"));
+    assert_eq!(change.record_id, ids[0]);
+
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn connections_closed_by_the_broker_lose_no_job() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(3000).await;
+
+    let relay = Relay::start(&vhost.url).await;
+    let bridge = Bridge::start_at(
+        db.outbox(OutboxConfig::default()),
+        &relay.url,
+        Routes::default(),
+    );
+    let status = Arc::clone(&bridge.status);
+    let mut cuts = 0;
+    for threshold in [300, 1500] {
+        let started = std::time::Instant::now();
+        while status.snapshot().published < threshold {
+            assert!(started.elapsed() < PATIENCE, "publishing goes on");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        cuts += relay.cut();
+    }
+    assert!(cuts >= 2, "cut the publisher's connection twice");
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(counts.get("sent"), Some(&3000), "{counts:?}");
+    bridge.stop().await;
+    assert!(status.snapshot().errors >= 1, "the cuts were noticed");
+
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
+    let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, all, "every job reached the queue");
+    for d in &deliveries {
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|s| s.to_string()),
+            Some(format!("job_{}", job_id(d))),
+            "a duplicate carries the same messageId"
+        );
+    }
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sent() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    // An exchange with no queue bound, and one that does not exist at all.
+    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            "test.nowhere".into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    db.client
+        .batch_execute(
+            "CREATE TABLE orphans (id int PRIMARY KEY);
+             CREATE TRIGGER orphans_sync AFTER INSERT ON orphans
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue();
+             INSERT INTO orphans VALUES (1);",
+        )
+        .await
+        .expect("orphans");
+    db.insert_listings(1).await;
+    let routes = Routes::new(vec![
+        EventType {
+            exchange: "test.nowhere".into(),
+            ..EventType::listings()
+        },
+        EventType {
+            table: "orphans".into(),
+            routing_prefix: "orphan".into(),
+            exchange: "test.missing".into(),
+            status_column: None,
+        },
+    ]);
+    let bridge = Bridge::start(db.outbox(OutboxConfig::default()), &vhost, routes);
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    bridge.stop().await;
+    assert_eq!(counts.get("failed"), Some(&2), "{counts:?}");
+
+    let errors: BTreeMap<String, String> = db
+        .client
+        .query(
+            "SELECT table_name, error_message FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(errors["listings"].contains("unroutable"), "{errors:?}");
+    assert!(errors["listings"].contains("listing.insert"), "{errors:?}");
+    assert!(
+        errors["orphans"].contains("exchange \"test.missing\" does not exist"),
+        "{errors:?}"
+    );
+    assert!(
+        drain_queue(&vhost.url, DEAD_LETTER_QUEUE, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn two_bridges_on_one_database_publish_each_job_once() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(2000).await;
+    let a = Bridge::start(
+        db.outbox(OutboxConfig::default()),
+        &vhost,
+        Routes::default(),
+    );
+    let b = Bridge::start(
+        db.outbox(OutboxConfig::default()),
+        &vhost,
+        Routes::default(),
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    let (published_a, published_b) = (a.status.snapshot().published, b.status.snapshot().published);
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(counts.get("sent"), Some(&2000));
+    assert_eq!(published_a + published_b, 2000, "no job published twice");
+
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    assert_eq!(deliveries.len(), 2000);
+    let unique: HashSet<i64> = deliveries.iter().map(job_id).collect();
+    assert_eq!(unique.len(), 2000);
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn the_topology_is_idempotent_and_a_conflict_names_queue_and_argument() {
+    let vhost = TestVhost::new().await;
+    declare(&vhost).await;
+    declare(&vhost).await;
+
+    let mut other = TopologyConfig::default();
+    other.health.max_length = 5;
+    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let err = Topology::benalsam(&other)
+        .declare(&connection)
+        .await
+        .expect_err("a different bound conflicts");
+    let text = err.to_string();
+    assert!(text.contains("queue system.health"), "{text}");
+    assert!(text.contains("x-max-length"), "{text}");
+    assert!(!err.can_be_retried());
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn the_exported_definitions_are_what_the_bridge_declares() {
+    let vhost = TestVhost::new().await;
+    let topology = Topology::benalsam(&TopologyConfig::default());
+    vhost
+        .import_definitions(&topology.definitions(&vhost.name))
+        .await;
+    // Declaring over the imported definitions must not hit PRECONDITION_FAILED.
+    declare(&vhost).await;
+
+    // And docker/ ships exactly this file.
+    let shipped: serde_json::Value =
+        serde_json::from_str(include_str!("../../docker/rabbitmq/definitions.json"))
+            .expect("docker/rabbitmq/definitions.json is JSON");
+    assert_eq!(
+        shipped,
+        topology.definitions("/"),
+        "docker/rabbitmq/definitions.json is stale: regenerate it with \
+         `cargo run -p benalsam-bridge -- topology > docker/rabbitmq/definitions.json`"
+    );
+    vhost.drop().await;
+}
