@@ -6,7 +6,13 @@
 //! the local stack of `scripts/stack`. Help never prints a password: environment values are
 //! hidden and defaults are shown redacted.
 
+use std::ffi::OsStr;
+use std::marker::PhantomData;
+use std::str::FromStr;
+
 use clap::Args;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
 
 use crate::config::{
     AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
@@ -22,6 +28,7 @@ pub struct DatabaseArgs {
         long,
         env = DatabaseUrl::SETTING,
         default_value = DEFAULT_DATABASE_URL,
+        value_parser = SecretParser::<DatabaseUrl>::new(),
         hide_default_value = true,
         hide_env_values = true
     )]
@@ -41,6 +48,7 @@ pub struct RabbitArgs {
         long,
         env = AmqpUrl::SETTING,
         default_value = DEFAULT_RABBITMQ_URL,
+        value_parser = SecretParser::<AmqpUrl>::new(),
         hide_default_value = true,
         hide_env_values = true
     )]
@@ -55,9 +63,54 @@ pub struct SearchArgs {
         long,
         env = SearchUrl::SETTING,
         default_value = DEFAULT_ELASTICSEARCH_URL,
+        value_parser = SecretParser::<SearchUrl>::new(),
         hide_env_values = true
     )]
     pub elasticsearch_url: SearchUrl,
+}
+
+/// Parses a URL setting without ever echoing it: clap's own messages quote the raw value,
+/// which would print a password; the library's errors show it redacted.
+#[derive(Debug)]
+struct SecretParser<T>(PhantomData<fn() -> T>);
+
+impl<T> SecretParser<T> {
+    fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T> Clone for SecretParser<T> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<T> TypedValueParser for SecretParser<T>
+where
+    T: FromStr<Err = crate::Error> + Clone + Send + Sync + 'static,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        let flag = arg
+            .and_then(|a| a.get_long())
+            .map(|l| format!("--{l}"))
+            .unwrap_or_else(|| "a URL setting".to_owned());
+        let raw = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                ErrorKind::InvalidUtf8,
+                format!("{flag} is not valid UTF-8\n"),
+            )
+        })?;
+        raw.parse::<T>()
+            .map_err(|e| clap::Error::raw(ErrorKind::ValueValidation, format!("{flag}: {e}\n")))
+    }
 }
 
 fn parse_schema(raw: &str) -> Result<String, String> {

@@ -1,0 +1,243 @@
+//! Runs the real `benalsam-bridge` binary as a process against real PostgreSQL and RabbitMQ:
+//! killed and restarted it loses no job, stopped it leaves nothing half-done, its health
+//! endpoints and heartbeat answer, and bad settings stop it with a message naming them.
+
+#[path = "../../benalsam-events/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use benalsam_events::envelope::Envelope;
+use benalsam_events::topology::{HEALTH_QUEUE, SYNC_QUEUE};
+use support::{TestSchema, TestVhost, database_url, drain_queue};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn bridge(db: &TestSchema, vhost: &TestVhost, health_port: u16) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-bridge"));
+    command
+        .env("DATABASE_URL", database_url().expose())
+        .env("BENALSAM_SCHEMA", &db.name)
+        .env("RABBITMQ_URL", vhost.url.expose())
+        .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
+        .env("BENALSAM_LEASE", "2s")
+        .env("BENALSAM_POLL_INTERVAL", "200ms")
+        .env("BENALSAM_BATCH_SIZE", "50")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+async fn count(db: &TestSchema, status: &str) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM elasticsearch_sync_queue WHERE status = $1",
+            &[&status],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
+async fn wait_for_sent(db: &TestSchema, at_least: i64) {
+    let started = Instant::now();
+    while count(db, "sent").await < at_least {
+        assert!(started.elapsed() < PATIENCE, "{at_least} jobs sent in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn insert_in_transactions(db: &TestSchema, transactions: usize, rows: i64) {
+    for _ in 0..transactions {
+        db.insert_listings(rows).await;
+    }
+}
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(started.elapsed() < PATIENCE, "the bridge exits in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_bridge_killed_mid_run_and_restarted_loses_no_job() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    insert_in_transactions(&db, 10, 1000).await;
+
+    let mut first = bridge(&db, &vhost, free_port())
+        .spawn()
+        .expect("start bridge");
+    wait_for_sent(&db, 500).await;
+    first.kill().expect("SIGKILL"); // no chance to clean up
+    first.wait().expect("reaped");
+    let sent_at_kill = count(&db, "sent").await;
+    assert!(
+        sent_at_kill < 10_000,
+        "killed mid-run ({sent_at_kill} sent)"
+    );
+
+    let mut second = bridge(&db, &vhost, free_port())
+        .spawn()
+        .expect("restart bridge");
+    wait_for_sent(&db, 10_000).await;
+    terminate(&second);
+    assert!(wait_exit(&mut second).await.success());
+
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    let mut ids = HashSet::new();
+    for d in &deliveries {
+        let envelope = Envelope::decode(&d.data).expect("envelope");
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|m| m.to_string()),
+            Some(envelope.message_id.clone()),
+            "duplicates carry the same messageId"
+        );
+        ids.insert(envelope.job_id);
+    }
+    assert_eq!(ids.len(), 10_000, "every job reached the queue");
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn sigterm_leaves_nothing_half_done_and_health_answers_meanwhile() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    insert_in_transactions(&db, 4, 1000).await;
+    let port = free_port();
+    let mut child = bridge(&db, &vhost, port)
+        .env("BENALSAM_HEARTBEAT_INTERVAL", "200ms")
+        .spawn()
+        .expect("start bridge");
+    wait_for_sent(&db, 4000).await;
+
+    let http = reqwest::Client::new();
+    for (path, service) in [
+        ("/api/v1/health/rabbitmq", "rabbitmq"),
+        (
+            "/api/v1/health/database-trigger-bridge",
+            "database-trigger-bridge",
+        ),
+    ] {
+        let response = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .expect("health answers");
+        assert_eq!(response.status(), 200, "{path}");
+        let text = response.text().await.expect("body");
+        assert!(
+            !text.contains("benalsam123"),
+            "no password in {path}: {text}"
+        );
+        let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(body["service"], service);
+        assert_eq!(body["healthy"], true, "{body}");
+        assert!(body["timestamp"].is_string() && body["message"].is_string());
+        assert!(body["details"].is_object());
+    }
+
+    // More work arrives, and SIGTERM comes while it is being published.
+    insert_in_transactions(&db, 4, 1000).await;
+    wait_for_sent(&db, 4100).await;
+    terminate(&child);
+    assert!(wait_exit(&mut child).await.success(), "clean exit");
+    assert_eq!(count(&db, "processing").await, 0, "nothing left claimed");
+    let sent = count(&db, "sent").await;
+    let pending = count(&db, "pending").await;
+    assert_eq!(sent + pending, 8000, "every job is either sent or waiting");
+
+    let beats = drain_queue(&vhost.url, HEALTH_QUEUE, Duration::from_millis(300)).await;
+    assert!(!beats.is_empty(), "heartbeats on system.health");
+    assert_eq!(beats[0].routing_key.as_str(), "health.bridge");
+    let beat: serde_json::Value = serde_json::from_slice(&beats[0].data).expect("JSON heartbeat");
+    assert_eq!(beat["service"], "database-trigger-bridge");
+    db.drop().await;
+    vhost.drop().await;
+}
+
+fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-bridge"));
+    command.args(args).env("RUST_LOG", "error");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("runs")
+}
+
+/// Flags, environment, and the setting the error must name.
+type BadSetting<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn bad_settings_stop_start_up_naming_the_setting() {
+    let cases: [BadSetting<'_>; 5] = [
+        (&["--batch-size", "0"], &[], "--batch-size"),
+        (&["--poll-interval", "soon"], &[], "--poll-interval"),
+        (
+            &[],
+            &[("RABBITMQ_URL", "http://localhost:5672")],
+            "RABBITMQ_URL",
+        ),
+        (
+            &[],
+            &[("BENALSAM_QUEUE_TYPE", "fast")],
+            "BENALSAM_QUEUE_TYPE",
+        ),
+        (
+            &[],
+            &[("DATABASE_URL", "postgres://app:hunter2@[::1/db")],
+            "DATABASE_URL",
+        ),
+    ];
+    for (args, env, setting) in cases {
+        let out = run_with(args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {env:?} must fail");
+        assert!(stderr.contains(setting), "{setting} named in: {stderr}");
+        assert!(!stderr.contains("hunter2"), "no password in: {stderr}");
+    }
+}
+
+#[test]
+fn help_documents_the_settings_without_passwords() {
+    let out = run_with(
+        &["--help"],
+        &[("RABBITMQ_URL", "amqp://u:topsecret@h:5672/%2f")],
+    );
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for setting in [
+        "DATABASE_URL",
+        "RABBITMQ_URL",
+        "BENALSAM_HEALTH_ADDR",
+        "BENALSAM_BATCH_SIZE",
+    ] {
+        assert!(help.contains(setting), "{setting} in --help");
+    }
+    assert!(
+        !help.contains("topsecret") && !help.contains("benalsam123"),
+        "{help}"
+    );
+}
