@@ -299,3 +299,92 @@ pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
     });
     token
 }
+
+fn parse_status(raw: &str) -> Result<String, String> {
+    let status = raw.trim();
+    if status.is_empty() {
+        Err("a status must not be empty (e.g. active,featured)".to_owned())
+    } else {
+        Ok(status.to_owned())
+    }
+}
+
+/// How the consumer takes messages and writes to Elasticsearch.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
+    /// Alias of the listings index (created as <alias>_v1 when missing)
+    #[arg(long, env = "BENALSAM_INDEX", default_value = "benalsam_listings",
+          value_parser = |s: &str| crate::config::validate_identifier("BENALSAM_INDEX", s).map(str::to_owned).map_err(|e| e.to_string()))]
+    pub index: String,
+
+    /// Replicas of a newly created index (0 keeps a single node green)
+    #[arg(long, env = "BENALSAM_INDEX_REPLICAS", default_value_t = 0)]
+    pub index_replicas: u32,
+
+    /// Statuses whose listings are searchable, comma-separated; others are removed from the index
+    #[arg(long, env = "BENALSAM_SEARCHABLE_STATUSES", default_value = "active",
+          value_delimiter = ',', num_args = 1.., value_parser = parse_status)]
+    pub searchable_statuses: Vec<String>,
+
+    /// Unacknowledged messages taken at once (basic.qos)
+    #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Most actions per bulk request
+    #[arg(long, env = "BENALSAM_BULK_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub bulk_size: u32,
+
+    /// Most bytes per bulk request
+    #[arg(long, env = "BENALSAM_BULK_BYTES", default_value_t = 5 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub bulk_bytes: u32,
+
+    /// Longest wait for a bulk request to fill
+    #[arg(long, env = "BENALSAM_BULK_LINGER", default_value = "50ms", value_parser = parse_duration)]
+    pub bulk_linger: std::time::Duration,
+
+    /// Attempts of a document Elasticsearch refuses as busy before it is dead-lettered
+    #[arg(long, env = "BENALSAM_INDEX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub index_attempts: u32,
+
+    /// Timeout of one request to Elasticsearch
+    #[arg(long, env = "BENALSAM_SEARCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub search_timeout: std::time::Duration,
+}
+
+impl ConsumerArgs {
+    /// The index settings these flags make.
+    pub fn index_config(&self) -> crate::search::IndexConfig {
+        crate::search::IndexConfig {
+            alias: self.index.clone(),
+            replicas: self.index_replicas,
+            ..crate::search::IndexConfig::default()
+        }
+    }
+
+    /// The listings document builder these flags make.
+    pub fn documents(&self) -> crate::document::Documents {
+        crate::document::Documents::new().with(
+            "listings",
+            crate::document::ListingDocuments {
+                index: self.index.clone(),
+                searchable_statuses: self.searchable_statuses.clone(),
+            },
+        )
+    }
+
+    /// The indexer settings these flags make.
+    pub fn indexer_config(&self) -> crate::IndexerConfig {
+        crate::IndexerConfig {
+            prefetch: self.prefetch,
+            batch_size: self.bulk_size as usize,
+            batch_bytes: self.bulk_bytes as usize,
+            linger: self.bulk_linger,
+            max_attempts: self.index_attempts,
+            ..crate::IndexerConfig::default()
+        }
+    }
+}

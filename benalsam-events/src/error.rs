@@ -52,6 +52,53 @@ pub enum Error {
         detail: String,
     },
 
+    /// A request to Elasticsearch failed (no answer, or an unreadable one).
+    #[error("Elasticsearch: {context}: {reason}")]
+    Search {
+        /// What the library was doing.
+        context: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// Elasticsearch answered with an error.
+    #[error("Elasticsearch: {context}: status {status}: {body}")]
+    SearchResponse {
+        /// What the library was doing.
+        context: String,
+        /// HTTP status.
+        status: u16,
+        /// The answer.
+        body: String,
+    },
+
+    /// The existing index maps a field with another type than this build needs.
+    #[error(
+        "index {index} maps field {field} as {found}, but this build needs {expected}; \
+         create a new index version with the right mapping (or point BENALSAM_INDEX elsewhere)"
+    )]
+    MappingConflict {
+        /// The concrete index.
+        index: String,
+        /// The field.
+        field: String,
+        /// The type we need.
+        expected: String,
+        /// The type it has.
+        found: String,
+    },
+
+    /// The broker could not route a message (no queue bound) or refused it.
+    #[error("RabbitMQ did not take the message for {exchange} / {routing_key}: {reply}")]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's reply.
+        reply: String,
+    },
+
     /// A background part (the publisher, a consumer) has stopped and takes no more work.
     #[error("{what} has stopped")]
     Stopped {
@@ -118,8 +165,12 @@ impl Error {
                 source.kind(),
                 lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)
             ),
+            Error::Search { .. } => true,
+            Error::SearchResponse { status, .. } => *status == 429 || *status >= 500,
             Error::Config { .. }
             | Error::Stopped { .. }
+            | Error::MappingConflict { .. }
+            | Error::Unroutable { .. }
             | Error::TopologyConflict { .. }
             | Error::InvalidJob { .. }
             | Error::MigrationChanged { .. }

@@ -20,6 +20,12 @@
 //!   exported as a RabbitMQ definitions file.
 //! * [`publisher`]: [`Publisher`], a `Sink` of jobs into RabbitMQ with publisher confirms,
 //!   marking them `sent` only once confirmed.
+//! * [`indexer`]: [`Indexer`], consuming `elasticsearch.sync` into bulk requests, with a
+//!   circuit breaker ([`circuit`]) and dead-lettering ([`dead_letter`], also the DLQ tools).
+//! * [`document`]: search documents built from change messages; [`search`]: the client and
+//!   the listings index (mapping, alias, bootstrap); [`bulk`]: `_bulk` encoding and answers;
+//!   [`outcome`]: the pure classifier of bulk item answers.
+//! * [`consumer`]: the consumer's health verdicts.
 //! * [`bridge`]: the bridge's health verdicts and the resender of sent-but-never-completed
 //!   jobs.
 //! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
@@ -60,25 +66,34 @@
 pub mod amqp;
 pub mod backoff;
 pub mod bridge;
+pub mod bulk;
+pub mod circuit;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod consumer;
+pub mod dead_letter;
+pub mod document;
 pub mod envelope;
 pub mod error;
 pub mod health;
 pub mod heartbeat;
+pub mod indexer;
 pub mod job;
 pub mod job_stream;
 mod listener;
 pub mod migrate;
 pub mod outbox;
+pub mod outcome;
 pub mod postgres;
 pub mod publisher;
 pub mod redact;
 pub mod routing;
+pub mod search;
 pub mod topology;
 
 pub use error::{Error, Result};
+pub use indexer::{Indexer, IndexerConfig};
 pub use job::{Job, JobStatus, Operation};
 pub use job_stream::{JobStream, JobStreamConfig, Wake};
 pub use outbox::{Failure, Outbox, OutboxConfig, RetryPolicy};

@@ -194,3 +194,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!("bridge stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_its_defaults_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["benalsam-bridge"]).expect("defaults parse");
+        assert_eq!(cli.bridge.job_stream_config().batch_size, 100);
+        assert_eq!(cli.bridge.publisher_config().window, 1000);
+        let _ = cli.topology.topology();
+    }
+}

@@ -1,0 +1,659 @@
+//! [`Indexer`]: consumes `elasticsearch.sync` into Elasticsearch bulk requests.
+//!
+//! ```text
+//! deliveries (prefetch) ─► decode + validate ─► build action ─► batch (count, bytes, linger)
+//!   ─► _bulk (external version = job id) ─► classify each item
+//!        done      ─► mark completed (one statement) ─► ack
+//!        permanent ─► dead-letter with reason ─► mark failed ─► ack
+//!        retryable ─► held unacked, retried with backoff; after N attempts dead-lettered
+//!   whole request failed / every item unavailable ─► circuit open: hold the batch, take
+//!   nothing new, probe with backoff, resume — no job is failed by an outage
+//! ```
+//!
+//! A message that is not a valid envelope, or whose row cannot become a document, is
+//! dead-lettered with the reason at once; the indexer never stops on input. Acks come only
+//! after the outcome is recorded, so a crash at any point means redelivery, and redelivery
+//! is harmless: the index refuses versions it has already seen.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use elasticsearch::Elasticsearch;
+use elasticsearch::http::Method;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::bulk::{self, BulkItem, ItemResult};
+use crate::circuit::{CircuitBreaker, CircuitState};
+use crate::config::AmqpUrl;
+use crate::dead_letter::{self, Kind};
+use crate::document::{Action, Documents};
+use crate::envelope::{Envelope, JOB_ID_HEADER};
+use crate::outbox::{Failure, Outbox};
+use crate::outcome::{Done, Outcome, classify};
+use crate::topology::{DEAD_LETTER_QUEUE, SYNC_QUEUE};
+use crate::{Error, Result};
+
+/// Settings of an [`Indexer`].
+#[derive(Debug, Clone)]
+pub struct IndexerConfig {
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacknowledged messages the broker may hand over at once (`basic.qos`).
+    pub prefetch: u16,
+    /// Most actions per bulk request.
+    pub batch_size: usize,
+    /// Most request bytes per bulk request.
+    pub batch_bytes: usize,
+    /// Longest wait for a batch to fill once its first message arrived.
+    pub linger: Duration,
+    /// Attempts of an item Elasticsearch refuses as busy before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delays between those attempts.
+    pub retry: Backoff,
+    /// Delays between probes while the circuit is open.
+    pub circuit: Backoff,
+    /// Delays between reconnects to RabbitMQ.
+    pub reconnect: Backoff,
+    /// The connection's name in the management UI.
+    pub connection_name: String,
+}
+
+impl Default for IndexerConfig {
+    fn default() -> Self {
+        Self {
+            queue: SYNC_QUEUE.to_owned(),
+            prefetch: 1000,
+            batch_size: 500,
+            batch_bytes: 5 * 1024 * 1024,
+            linger: Duration::from_millis(50),
+            max_attempts: 5,
+            retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            reconnect: Backoff::default(),
+            connection_name: "benalsam-consumer".to_owned(),
+        }
+    }
+}
+
+/// What an indexer has been doing, for health checks and metrics.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct IndexerStatus {
+    /// Whether it holds a consuming channel.
+    pub connected: bool,
+    /// The circuit breaker.
+    pub circuit: CircuitState,
+    /// Messages received.
+    pub received: u64,
+    /// Documents written.
+    pub indexed: u64,
+    /// Documents deleted (or already absent).
+    pub deleted: u64,
+    /// Changes refused as older than the index's (duplicates, reordering).
+    pub superseded: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Item attempts repeated after a busy answer.
+    pub retried: u64,
+    /// Bulk requests sent.
+    pub bulk_requests: u64,
+    /// When the last bulk request answered.
+    pub last_bulk_at: Option<SystemTime>,
+    /// Its actions.
+    pub last_bulk_items: usize,
+    /// Its duration.
+    pub last_bulk_duration: Option<Duration>,
+    /// Messages waiting in the queue, and in the DLQ, when last looked (every few seconds).
+    pub queue_depth: Option<u32>,
+    /// Messages in the DLQ.
+    pub dlq_depth: Option<u32>,
+    /// Errors: lost connections, failed bulk requests, failed state updates.
+    pub errors: u64,
+    /// The last of those errors.
+    pub last_error: Option<String>,
+}
+
+impl Default for IndexerStatus {
+    fn default() -> Self {
+        Self {
+            connected: false,
+            circuit: CircuitState::Closed,
+            received: 0,
+            indexed: 0,
+            deleted: 0,
+            superseded: 0,
+            dead_lettered: 0,
+            retried: 0,
+            bulk_requests: 0,
+            last_bulk_at: None,
+            last_bulk_items: 0,
+            last_bulk_duration: None,
+            queue_depth: None,
+            dlq_depth: None,
+            errors: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// The live status of an indexer; clone the `Arc` to read it from a health server.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<IndexerStatus>);
+
+impl Status {
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> IndexerStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, IndexerStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn error(&self, error: &str) {
+        let mut s = self.lock();
+        s.errors += 1;
+        s.last_error = Some(error.to_owned());
+    }
+}
+
+/// A message on its way into the index.
+struct Pending {
+    delivery: Delivery,
+    job_id: i64,
+    action: Action,
+    bytes: usize,
+    attempts: u32,
+    not_before: Instant,
+}
+
+/// The open connection: a consuming channel and a confirm-mode channel for dead letters.
+struct Link {
+    connection: Connection,
+    consumer: Consumer,
+    dead_letters: Channel,
+}
+
+/// Consumes change messages into Elasticsearch. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Indexer {
+    url: AmqpUrl,
+    search: Elasticsearch,
+    outbox: Outbox,
+    documents: Documents,
+    config: IndexerConfig,
+    status: Arc<Status>,
+}
+
+impl Indexer {
+    /// An indexer of `config.queue` into `search`, recording job states in `outbox`.
+    pub fn new(
+        url: AmqpUrl,
+        search: Elasticsearch,
+        outbox: Outbox,
+        documents: Documents,
+        config: IndexerConfig,
+    ) -> Self {
+        Self {
+            url,
+            search,
+            outbox,
+            documents,
+            config,
+            status: Arc::new(Status::default()),
+        }
+    }
+
+    /// The live status, shareable with a health server.
+    pub fn status(&self) -> Arc<Status> {
+        Arc::clone(&self.status)
+    }
+
+    /// Consumes until `shutdown` is cancelled; the batch in hand is finished and acked
+    /// first. Messages held for a retry go back to the queue.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut run = Run {
+            indexer: &self,
+            link: None,
+            held: Vec::new(),
+            breaker: CircuitBreaker::new(self.config.circuit),
+            connect_failures: 0,
+            next_depth_check: Instant::now(),
+        };
+        run.run(&shutdown).await;
+        if let Some(link) = run.link.take() {
+            let _ = link.connection.close(200, "shutting down".into()).await;
+        }
+        self.status.lock().connected = false;
+    }
+}
+
+struct Run<'a> {
+    indexer: &'a Indexer,
+    link: Option<Link>,
+    /// Messages waiting for a retry, unacked.
+    held: Vec<Pending>,
+    breaker: CircuitBreaker,
+    connect_failures: u32,
+    next_depth_check: Instant,
+}
+
+enum Next {
+    Delivery(Delivery),
+    LinkLost(String),
+    Wake,
+    Shutdown,
+}
+
+impl Run<'_> {
+    fn config(&self) -> &IndexerConfig {
+        &self.indexer.config
+    }
+
+    fn status(&self) -> &Status {
+        &self.indexer.status
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if self.link.is_none() && !self.connect(shutdown).await {
+                continue;
+            }
+            self.check_depths().await;
+            let mut batch = self.due_retries();
+            if batch.is_empty() {
+                match self.next(shutdown, self.wake_at()).await {
+                    Next::Delivery(d) => self.admit(d, &mut batch).await,
+                    Next::LinkLost(why) => {
+                        self.link_lost(&why);
+                        continue;
+                    }
+                    Next::Wake => continue,
+                    Next::Shutdown => break,
+                }
+            }
+            // Fill the batch for at most `linger`; a shutdown meanwhile still finishes it.
+            let deadline = Instant::now() + self.config().linger;
+            let never = CancellationToken::new();
+            while batch.len() < self.config().batch_size
+                && batch.iter().map(|p| p.bytes).sum::<usize>() < self.config().batch_bytes
+            {
+                match self.next(&never, Some(deadline)).await {
+                    Next::Delivery(d) => self.admit(d, &mut batch).await,
+                    Next::LinkLost(why) => {
+                        self.link_lost(&why);
+                        break;
+                    }
+                    Next::Wake | Next::Shutdown => break,
+                }
+            }
+            if !batch.is_empty() && !self.process(batch, shutdown).await {
+                break;
+            }
+        }
+    }
+
+    async fn connect(&mut self, shutdown: &CancellationToken) -> bool {
+        match open(self.indexer).await {
+            Ok(link) => {
+                self.link = Some(link);
+                self.connect_failures = 0;
+                self.status().lock().connected = true;
+                tracing::info!(queue = %self.config().queue, "consuming");
+                true
+            }
+            Err(error) => {
+                self.status().error(&error.to_string());
+                let delay = self.config().reconnect.delay(self.connect_failures);
+                self.connect_failures = self.connect_failures.saturating_add(1);
+                tracing::warn!(%error, retry_in = ?delay, "consumer cannot reach RabbitMQ");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(delay) => {}
+                }
+                false
+            }
+        }
+    }
+
+    fn link_lost(&mut self, why: &str) {
+        self.status().error(why);
+        tracing::warn!(reason = why, "consumer lost its channel; reconnecting");
+        self.link = None;
+        // The broker hands unacked messages back; the held ones come again.
+        self.held.clear();
+        self.status().lock().connected = false;
+    }
+
+    /// The next delivery, or a wake-up at `until`, or the shutdown.
+    async fn next(&mut self, shutdown: &CancellationToken, until: Option<Instant>) -> Next {
+        let Some(link) = self.link.as_mut() else {
+            return Next::LinkLost("no channel".to_owned());
+        };
+        let sleep = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Next::Shutdown,
+            delivery = link.consumer.next() => match delivery {
+                Some(Ok(d)) => Next::Delivery(d),
+                Some(Err(e)) => Next::LinkLost(format!("consuming: {e}")),
+                None => Next::LinkLost("the broker cancelled the consumer".to_owned()),
+            },
+            () = sleep => Next::Wake,
+        }
+    }
+
+    /// When to wake without a delivery: the next due retry or depth check.
+    fn wake_at(&self) -> Option<Instant> {
+        let retry = self.held.iter().map(|p| p.not_before).min();
+        Some(retry.map_or(self.next_depth_check, |r| r.min(self.next_depth_check)))
+    }
+
+    fn due_retries(&mut self) -> Vec<Pending> {
+        let now = Instant::now();
+        let (due, later): (Vec<Pending>, Vec<Pending>) =
+            self.held.drain(..).partition(|p| p.not_before <= now);
+        self.held = later;
+        due
+    }
+
+    /// Decodes and builds one delivery; what cannot be indexed is dead-lettered at once.
+    async fn admit(&mut self, delivery: Delivery, batch: &mut Vec<Pending>) {
+        self.status().lock().received += 1;
+        let envelope = match Envelope::decode(&delivery.data) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                let job = delivery.properties.headers().as_ref().and_then(|h| {
+                    match h.inner().get(JOB_ID_HEADER) {
+                        Some(lapin::types::AMQPValue::LongLongInt(id)) => Some(*id),
+                        _ => None,
+                    }
+                });
+                self.reject(delivery, job, Kind::Malformed, &error.to_string())
+                    .await;
+                return;
+            }
+        };
+        match self.indexer.documents.build(&envelope) {
+            Ok(action) => {
+                let bytes = match &action {
+                    Action::Index { document, .. } => document.to_string().len() + 128,
+                    Action::Delete { .. } => 128,
+                };
+                batch.push(Pending {
+                    delivery,
+                    job_id: envelope.job_id,
+                    action,
+                    bytes,
+                    attempts: 0,
+                    not_before: Instant::now(),
+                });
+            }
+            Err(error) => {
+                self.reject(
+                    delivery,
+                    Some(envelope.job_id),
+                    Kind::Rejected,
+                    &error.to_string(),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Dead-letters one message, fails its job, acks it.
+    async fn reject(&mut self, delivery: Delivery, job: Option<i64>, kind: Kind, reason: &str) {
+        tracing::warn!(
+            job,
+            kind = kind.as_str(),
+            reason,
+            "dead-lettering a message"
+        );
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        if let Err(error) = dead_letter::publish(&link.dead_letters, &delivery, kind, reason).await
+        {
+            // Not acked: it comes back, and is judged again.
+            self.link_lost(&format!("dead-lettering: {error}"));
+            return;
+        }
+        if let Some(id) = job {
+            self.record_failures(&[Failure {
+                id,
+                error: reason.to_owned(),
+                retry: false,
+            }])
+            .await;
+        }
+        self.status().lock().dead_lettered += 1;
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+    }
+
+    /// Sends one batch; returns false when shutdown interrupted an outage.
+    async fn process(&mut self, batch: Vec<Pending>, shutdown: &CancellationToken) -> bool {
+        let items: Vec<BulkItem> = batch
+            .iter()
+            .map(|p| BulkItem {
+                action: p.action.clone(),
+                version: p.job_id,
+            })
+            .collect();
+        let results = loop {
+            match self.bulk(&items).await {
+                Ok(results) if !all_unavailable(&batch, &results) => {
+                    self.breaker.success();
+                    self.status().lock().circuit = self.breaker.state();
+                    break results;
+                }
+                outcome => {
+                    let why = match outcome {
+                        Err(why) => why,
+                        Ok(results) => format!(
+                            "every item refused as unavailable, e.g. {}",
+                            results[0].reason.clone().unwrap_or_default()
+                        ),
+                    };
+                    let wait = self.breaker.failure(SystemTime::now());
+                    self.status().lock().circuit = self.breaker.state();
+                    self.status().error(&why);
+                    tracing::warn!(reason = %why, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");
+                    tokio::select! {
+                        // The batch stays unacked; the broker hands it to the next consumer.
+                        () = shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+
+        let mut done = Vec::new();
+        let mut rejected = Vec::new();
+        for (pending, result) in batch.into_iter().zip(&results) {
+            match classify(pending.action.is_delete(), result) {
+                Outcome::Done(kind) => {
+                    let mut s = self.status().lock();
+                    match kind {
+                        Done::Applied if pending.action.is_delete() => s.deleted += 1,
+                        Done::Applied => s.indexed += 1,
+                        Done::AlreadyGone => s.deleted += 1,
+                        Done::Superseded => s.superseded += 1,
+                    }
+                    done.push(pending);
+                }
+                Outcome::Permanent(reason) => rejected.push((pending, Kind::Rejected, reason)),
+                Outcome::Retry(reason) => {
+                    let mut pending = pending;
+                    pending.attempts += 1;
+                    if pending.attempts >= self.config().max_attempts {
+                        let reason = format!("{} attempts: {reason}", pending.attempts);
+                        rejected.push((pending, Kind::RetriesExhausted, reason));
+                    } else {
+                        pending.not_before =
+                            Instant::now() + self.config().retry.delay(pending.attempts - 1);
+                        self.status().lock().retried += 1;
+                        self.held.push(pending);
+                    }
+                }
+            }
+        }
+
+        // Completed first, acked after: a crash in between means a harmless redelivery.
+        let ids: Vec<i64> = done.iter().map(|p| p.job_id).collect();
+        if self.record_completed(&ids, shutdown).await {
+            for pending in done {
+                let _ = pending.delivery.ack(BasicAckOptions::default()).await;
+            }
+        }
+        for (pending, kind, reason) in rejected {
+            self.reject(pending.delivery, Some(pending.job_id), kind, &reason)
+                .await;
+        }
+        true
+    }
+
+    async fn bulk(&mut self, items: &[BulkItem]) -> Result<Vec<ItemResult>, String> {
+        let started = Instant::now();
+        let answer = crate::search::request(
+            &self.indexer.search,
+            Method::Post,
+            "/_bulk",
+            Some(bulk::encode(items)),
+            "application/x-ndjson",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        {
+            let mut s = self.status().lock();
+            s.bulk_requests += 1;
+            s.last_bulk_at = Some(SystemTime::now());
+            s.last_bulk_items = items.len();
+            s.last_bulk_duration = Some(started.elapsed());
+        }
+        let (status, body) = answer;
+        if !status.is_success() {
+            return Err(format!("bulk request answered {status}: {body}"));
+        }
+        bulk::parse_response(&body, items.len())
+    }
+
+    /// Marks jobs completed, retrying while PostgreSQL is away; false if shutdown came first.
+    async fn record_completed(&mut self, ids: &[i64], shutdown: &CancellationToken) -> bool {
+        let mut attempt = 0;
+        loop {
+            match self.indexer.outbox.mark_completed(ids).await {
+                Ok(_) => return true,
+                Err(error) => {
+                    self.status().error(&error.to_string());
+                    let wait = self.config().reconnect.delay(attempt);
+                    attempt += 1;
+                    tracing::warn!(%error, retry_in = ?wait, "cannot mark jobs completed; holding their acks");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn record_failures(&mut self, failures: &[Failure]) {
+        if let Err(error) = self.indexer.outbox.mark_failed(failures).await {
+            // The message is in the DLQ with its reason either way.
+            self.status().error(&error.to_string());
+            tracing::warn!(%error, "cannot mark dead-lettered jobs failed");
+        }
+    }
+
+    /// Looks at the depth of the queue and the DLQ every few seconds.
+    async fn check_depths(&mut self) {
+        const EVERY: Duration = Duration::from_secs(5);
+        if Instant::now() < self.next_depth_check {
+            return;
+        }
+        self.next_depth_check = Instant::now() + EVERY;
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        let queue = depth(&link.dead_letters, &self.config().queue).await;
+        let dlq = depth(&link.dead_letters, DEAD_LETTER_QUEUE).await;
+        let mut s = self.status().lock();
+        s.queue_depth = queue;
+        s.dlq_depth = dlq;
+    }
+}
+
+/// Every item refused as unavailable or busy: the cluster, not the documents.
+fn all_unavailable(batch: &[Pending], results: &[ItemResult]) -> bool {
+    !results.is_empty()
+        && batch
+            .iter()
+            .zip(results)
+            .all(|(p, r)| matches!(classify(p.action.is_delete(), r), Outcome::Retry(_)))
+}
+
+async fn depth(channel: &Channel, queue: &str) -> Option<u32> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count())
+}
+
+async fn open(indexer: &Indexer) -> Result<Link> {
+    let config = &indexer.config;
+    let connection = crate::amqp::connect(&indexer.url, &config.connection_name).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::amqp("opening the consuming channel", e))?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| Error::amqp("setting the prefetch", e))?;
+    let consumer = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            config.connection_name.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Error::amqp(format!("consuming {}", config.queue), e))?;
+    let dead_letters = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::amqp("opening the dead-letter channel", e))?;
+    dead_letters
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::amqp("enabling confirms for dead letters", e))?;
+    Ok(Link {
+        connection,
+        consumer,
+        dead_letters,
+    })
+}
