@@ -250,7 +250,7 @@ struct Run<'a> {
 }
 
 enum Next {
-    Delivery(Delivery),
+    Delivery(Box<Delivery>),
     LinkLost(String),
     Wake,
     Shutdown,
@@ -274,7 +274,7 @@ impl Run<'_> {
             let mut batch = self.due_retries();
             if batch.is_empty() {
                 match self.next(shutdown, self.wake_at()).await {
-                    Next::Delivery(d) => self.admit(d, &mut batch).await,
+                    Next::Delivery(d) => self.admit(*d, &mut batch).await,
                     Next::LinkLost(why) => {
                         self.link_lost(&why);
                         continue;
@@ -290,7 +290,7 @@ impl Run<'_> {
                 && batch.iter().map(|p| p.bytes).sum::<usize>() < self.config().batch_bytes
             {
                 match self.next(&never, Some(deadline)).await {
-                    Next::Delivery(d) => self.admit(d, &mut batch).await,
+                    Next::Delivery(d) => self.admit(*d, &mut batch).await,
                     Next::LinkLost(why) => {
                         self.link_lost(&why);
                         break;
@@ -351,7 +351,7 @@ impl Run<'_> {
             biased;
             () = shutdown.cancelled() => Next::Shutdown,
             delivery = link.consumer.next() => match delivery {
-                Some(Ok(d)) => Next::Delivery(d),
+                Some(Ok(d)) => Next::Delivery(Box::new(d)),
                 Some(Err(e)) => Next::LinkLost(format!("consuming: {e}")),
                 None => Next::LinkLost("the broker cancelled the consumer".to_owned()),
             },

@@ -92,6 +92,11 @@ pub mod routing;
 pub mod search;
 pub mod topology;
 
+// The clients whose types appear in this API, so users need not match versions by hand.
+pub use elasticsearch;
+pub use lapin;
+pub use tokio_postgres;
+
 pub use error::{Error, Result};
 pub use indexer::{Indexer, IndexerConfig};
 pub use job::{Job, JobStatus, Operation};

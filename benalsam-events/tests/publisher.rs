@@ -191,10 +191,10 @@ async fn connections_closed_by_the_broker_lose_no_job() {
     declare(&vhost).await;
     db.insert_listings(3000).await;
 
-    let relay = Relay::start(&vhost.url).await;
+    let (relay, relay_url) = Relay::amqp(&vhost.url).await;
     let bridge = Bridge::start_at(
         db.outbox(OutboxConfig::default()),
-        &relay.url,
+        &relay_url,
         Routes::default(),
     );
     let status = Arc::clone(&bridge.status);

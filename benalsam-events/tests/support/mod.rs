@@ -239,30 +239,33 @@ pub async fn drain_queue(
     deliveries
 }
 
-/// A TCP relay in front of RabbitMQ whose connections the test can cut at once, as a
-/// network failure or a broker restart would.
+/// A TCP relay in front of a service whose connections the test can cut, and which it can
+/// take down and bring back, as a network failure or a stopped server would look to the
+/// client, without touching the service other tests share.
 pub struct Relay {
-    pub url: AmqpUrl,
+    pub port: u16,
     cut: tokio::sync::broadcast::Sender<()>,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Relay {
-    /// A relay to the broker of `target`, speaking for the same vhost and user.
-    pub async fn start(target: &AmqpUrl) -> Self {
-        let upstream = format!(
-            "{}:{}",
-            target.url().host_str().unwrap_or("127.0.0.1"),
-            target.url().port().unwrap_or(5672)
-        );
+    /// A relay to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind relay");
         let port = listener.local_addr().expect("relay address").port();
         let (cut, _) = tokio::sync::broadcast::channel::<()>(4);
-        let cuts = cut.clone();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, is_up) = (cut.clone(), std::sync::Arc::clone(&up));
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_up.load(Ordering::SeqCst) {
+                    drop(inbound); // refused, as a stopped server would
+                    continue;
+                }
                 let mut cut_rx = cuts.subscribe();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
@@ -276,23 +279,165 @@ impl Relay {
                 });
             }
         });
-        let mut url = target.url().clone();
-        url.set_port(Some(port)).expect("port");
         Self {
-            url: url.as_str().parse().expect("relay url"),
+            port,
             cut,
+            up,
             task,
         }
+    }
+
+    /// A relay to the broker of `target`; returns it and the URL to connect through it.
+    pub async fn amqp(target: &AmqpUrl) -> (Self, AmqpUrl) {
+        let upstream = format!(
+            "{}:{}",
+            target.url().host_str().unwrap_or("127.0.0.1"),
+            target.url().port().unwrap_or(5672)
+        );
+        let relay = Self::start(upstream).await;
+        let mut url = target.url().clone();
+        url.set_port(Some(relay.port)).expect("port");
+        (relay, url.as_str().parse().expect("relay url"))
+    }
+
+    /// A relay to the search node; returns it and the URL to connect through it.
+    pub async fn search() -> (Self, SearchUrl) {
+        let target = search_url();
+        let upstream = format!(
+            "{}:{}",
+            target.url().host_str().unwrap_or("127.0.0.1"),
+            target.url().port().unwrap_or(9200)
+        );
+        let relay = Self::start(upstream).await;
+        let url = format!("http://127.0.0.1:{}", relay.port)
+            .parse()
+            .expect("relay url");
+        (relay, url)
     }
 
     /// Cuts every relayed connection; returns how many there were.
     pub fn cut(&self) -> usize {
         self.cut.send(()).unwrap_or(0)
     }
+
+    /// Takes the service away (cutting connections and refusing new ones) or brings it back.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut();
+        }
+    }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A listings index of its own (its alias is unique), created by the library's bootstrap.
+pub struct TestIndex {
+    pub alias: String,
+    pub client: benalsam_events::elasticsearch::Elasticsearch,
+}
+
+impl TestIndex {
+    pub async fn new() -> Self {
+        let alias = unique_name("t");
+        let client =
+            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
+                .expect("search client");
+        let config = benalsam_events::search::IndexConfig {
+            alias: alias.clone(),
+            ..benalsam_events::search::IndexConfig::default()
+        };
+        benalsam_events::search::ensure_index(
+            &client,
+            &config,
+            &benalsam_events::search::listings_index_body(&config),
+        )
+        .await
+        .expect("index bootstrap (is the stack up?)");
+        Self { alias, client }
+    }
+
+    async fn call(
+        &self,
+        method: benalsam_events::elasticsearch::http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut headers = benalsam_events::elasticsearch::http::headers::HeaderMap::new();
+        headers.insert(
+            benalsam_events::elasticsearch::http::headers::CONTENT_TYPE,
+            benalsam_events::elasticsearch::http::headers::HeaderValue::from_static("application/json"),
+        );
+        let body = body.map(|b| b.to_string());
+        let response = self
+            .client
+            .send(method, path, headers, Option::<&()>::None, body, None)
+            .await
+            .expect("search node answers");
+        response.json().await.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The document with `id`, if the index has it (after a refresh).
+    pub async fn get(&self, id: &str) -> Option<serde_json::Value> {
+        let answer = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Get,
+                &format!("/{}/_doc/{id}", self.alias),
+                None,
+            )
+            .await;
+        (answer["found"] == true).then_some(answer)
+    }
+
+    /// Ids of the documents matching a query, after a refresh.
+    pub async fn search(&self, query: serde_json::Value) -> Vec<String> {
+        self.call(
+            benalsam_events::elasticsearch::http::Method::Post,
+            &format!("/{}/_refresh", self.alias),
+            None,
+        )
+        .await;
+        let answer = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Post,
+                &format!("/{}/_search", self.alias),
+                Some(serde_json::json!({ "query": query, "size": 10000, "_source": false })),
+            )
+            .await;
+        let mut ids: Vec<String> = answer["hits"]["hits"]
+            .as_array()
+            .map(|hits| {
+                hits.iter()
+                    .filter_map(|h| h["_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Changes index settings (e.g. to provoke a mapping error).
+    pub async fn put_settings(&self, settings: serde_json::Value) {
+        let answer = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Put,
+                &format!("/{}/_settings", self.alias),
+                Some(settings),
+            )
+            .await;
+        assert_eq!(answer["acknowledged"], true, "{answer}");
+    }
+
+    pub async fn drop(self) {
+        self.call(
+            benalsam_events::elasticsearch::http::Method::Delete,
+            &format!("/{}_v1", self.alias),
+            None,
+        )
+        .await;
     }
 }

@@ -1,0 +1,445 @@
+//! Checks the consumer side against real RabbitMQ, Elasticsearch (OpenSearch) and PostgreSQL:
+//! the index converges on the table whatever order or how often messages arrive, and no
+//! outage, malformed message or rejected document loses a job or stalls the queue. Each test
+//! has its own schema, virtual host and index alias.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use benalsam_events::config::{AmqpUrl, SearchUrl};
+use benalsam_events::dead_letter::{self, Selection};
+use benalsam_events::document::{Documents, ListingDocuments};
+use benalsam_events::envelope::Envelope;
+use benalsam_events::routing::{EventType, LISTINGS_EXCHANGE, Routes};
+use benalsam_events::topology::{Topology, TopologyConfig};
+use benalsam_events::{
+    Indexer, IndexerConfig, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
+    PublisherConfig, Wake, amqp, indexer, search,
+};
+use futures::{StreamExt, stream};
+use lapin::options::BasicPublishOptions;
+use serde_json::json;
+use support::{Relay, TestIndex, TestSchema, TestVhost, search_url};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// The bridge and the consumer, in-process, on the test's schema, vhost and index.
+struct Pipeline {
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    indexer: Arc<indexer::Status>,
+}
+
+impl Pipeline {
+    fn start(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, search: &SearchUrl) -> Self {
+        let shutdown = CancellationToken::new();
+        let outbox = db.outbox(OutboxConfig::default());
+        let config = JobStreamConfig {
+            wake: Wake::PollOnly,
+            poll_interval: Duration::from_millis(100),
+            ..JobStreamConfig::default()
+        };
+        let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
+        let publisher = Publisher::new(
+            vhost.url.clone(),
+            outbox.clone(),
+            Routes::default(),
+            PublisherConfig::default(),
+        );
+        let bridge = tokio::spawn(async move {
+            let _ = jobs.flat_map(stream::iter).map(Ok).forward(publisher).await;
+        });
+        let indexer = consumer(
+            &vhost.url,
+            search,
+            outbox,
+            index,
+            IndexerConfig {
+                circuit: benalsam_events::backoff::Backoff::new(
+                    Duration::from_millis(200),
+                    Duration::from_secs(1),
+                ),
+                retry: benalsam_events::backoff::Backoff::new(
+                    Duration::from_millis(100),
+                    Duration::from_millis(500),
+                ),
+                ..IndexerConfig::default()
+            },
+        );
+        let status = indexer.status();
+        let consumer = tokio::spawn(indexer.run(shutdown.clone()));
+        Self {
+            shutdown,
+            tasks: vec![bridge, consumer],
+            indexer: status,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("stops in time")
+                .expect("no panic");
+        }
+    }
+}
+
+fn consumer(
+    url: &AmqpUrl,
+    search: &SearchUrl,
+    outbox: Outbox,
+    index: &TestIndex,
+    config: IndexerConfig,
+) -> Indexer {
+    let client = search::client(search, Duration::from_secs(10)).expect("client");
+    let documents = Documents::new().with("listings", ListingDocuments::new(&index.alias));
+    Indexer::new(url.clone(), client, outbox, documents, config)
+}
+
+async fn declare(vhost: &TestVhost) {
+    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    Topology::benalsam(&TopologyConfig::default())
+        .declare(&connection)
+        .await
+        .expect("declare");
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+async fn setup() -> (TestSchema, TestVhost, TestIndex) {
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    declare(&vhost).await;
+    (db, vhost, index)
+}
+
+async fn teardown(db: TestSchema, vhost: TestVhost, index: TestIndex) {
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
+}
+
+/// Waits until every job is completed or failed; returns (completed, failed).
+async fn wait_done(db: &TestSchema) -> (usize, usize) {
+    let started = Instant::now();
+    loop {
+        let statuses = db.statuses().await;
+        let completed = statuses.iter().filter(|(_, s)| s == "completed").count();
+        let failed = statuses.iter().filter(|(_, s)| s == "failed").count();
+        if completed + failed == statuses.len() {
+            return (completed, failed);
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "jobs did not finish: {completed} completed, {failed} failed of {}",
+            statuses.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ids of the listings that must be searchable: the searchable view of the table.
+async fn searchable_ids(db: &TestSchema) -> Vec<String> {
+    db.client
+        .query(
+            "SELECT id::text FROM listings WHERE status = 'active' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("read listings")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_kind_of_change_shows_up_in_the_index() {
+    let (db, vhost, index) = setup().await;
+    let pipeline = Pipeline::start(&db, &vhost, &index, &search_url());
+    let ids = db.insert_listings(6).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET title = 'Kırmızı bisikletler', description = 'Yeni gibi' WHERE id = '{0}';
+             UPDATE listings SET status = 'sold' WHERE id = '{1}';
+             UPDATE listings SET status = 'draft' WHERE id = '{2}';
+             UPDATE listings SET status = 'pending_approval' WHERE id = '{3}';
+             UPDATE listings SET status = 'inactive' WHERE id = '{4}';
+             UPDATE listings SET status = 'active' WHERE id = '{4}';
+             DELETE FROM listings WHERE id = '{5}';
+             INSERT INTO listings (user_id, title, category, status) VALUES (gen_random_uuid(), 'Taslak', 'x', 'draft');",
+            ids[0], ids[1], ids[2], ids[3], ids[4], ids[5]
+        ))
+        .await
+        .expect("changes");
+    let (completed, failed) = wait_done(&db).await;
+    pipeline.stop().await;
+    assert_eq!((completed, failed), (14, 0));
+
+    assert_eq!(
+        index.search(json!({"match_all": {}})).await,
+        searchable_ids(&db).await
+    );
+    assert_eq!(index.search(json!({"match_all": {}})).await, {
+        let mut v = vec![ids[0].clone(), ids[4].clone()];
+        v.sort();
+        v
+    });
+    // The content edit is there, and found through Turkish stemming ("bisiklet" ~ "bisikletler").
+    assert_eq!(
+        index
+            .search(json!({"match": {"search_text": "bisiklet"}}))
+            .await,
+        vec![ids[0].clone()]
+    );
+    let doc = index.get(&ids[0]).await.expect("indexed");
+    assert_eq!(doc["_source"]["description"], "Yeni gibi");
+    teardown(db, vhost, index).await;
+}
+
+/// Publishes the envelope of `job` directly, as a late or repeated delivery would arrive.
+async fn publish_envelope(url: &AmqpUrl, envelope: &Envelope) {
+    let connection = amqp::connect(url, "test publish").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            LISTINGS_EXCHANGE.into(),
+            envelope.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &envelope.to_bytes(),
+            envelope.properties("test", None),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("sent");
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+#[tokio::test]
+async fn an_older_or_repeated_change_never_overwrites_a_newer_one() {
+    let (db, vhost, index) = setup().await;
+    let id = db.insert_listings(1).await.remove(0);
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET title = 'En yeni başlık' WHERE id = '{id}'"
+        ))
+        .await
+        .expect("edit");
+    let outbox = db.outbox(OutboxConfig::default());
+    let jobs = outbox.claim(10).await.expect("claim both jobs");
+    assert_eq!(jobs.len(), 2);
+    let envelopes: Vec<Envelope> = jobs
+        .iter()
+        .map(|j| Envelope::new(j, &EventType::listings().route(j)))
+        .collect();
+    // Newest first, then the older one, then the newest again.
+    publish_envelope(&vhost.url, &envelopes[1]).await;
+    publish_envelope(&vhost.url, &envelopes[0]).await;
+    publish_envelope(&vhost.url, &envelopes[1]).await;
+
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        outbox,
+        &index,
+        IndexerConfig::default(),
+    );
+    let status = indexer.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(indexer.run(shutdown.clone()));
+    let started = Instant::now();
+    while status.snapshot().received < 3
+        || status.snapshot().indexed + status.snapshot().superseded < 3
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "three deliveries handled: {:?}",
+            status.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    task.await.expect("no panic");
+
+    let doc = index.get(&id).await.expect("indexed");
+    assert_eq!(doc["_source"]["title"], "En yeni başlık");
+    assert_eq!(
+        doc["_version"], jobs[1].id,
+        "the version is the newest job id"
+    );
+    assert_eq!(
+        status.snapshot().superseded,
+        2,
+        "the older and the repeated one were refused as stale"
+    );
+    let (completed, failed) = wait_done(&db).await;
+    assert_eq!((completed, failed), (2, 0));
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
+    let (db, vhost, index) = setup().await;
+    let (relay, relayed) = Relay::search().await;
+    let pipeline = Pipeline::start(&db, &vhost, &index, &relayed);
+    for _ in 0..3 {
+        db.insert_listings(1000).await;
+    }
+    let started = Instant::now();
+    while pipeline.indexer.snapshot().indexed < 200 {
+        assert!(started.elapsed() < PATIENCE, "indexing started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.set_up(false); // Elasticsearch goes away mid-run
+    let started = Instant::now();
+    while pipeline.indexer.snapshot().circuit.name() != "open" {
+        assert!(started.elapsed() < PATIENCE, "the circuit opens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = pipeline.indexer.snapshot();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = pipeline.indexer.snapshot();
+    assert!(
+        after.bulk_requests - during.bulk_requests <= 10,
+        "probes back off, no hot loop: {}",
+        after.bulk_requests - during.bulk_requests
+    );
+    assert!(
+        db.statuses().await.iter().all(|(_, s)| s != "failed"),
+        "an outage fails no job"
+    );
+    relay.set_up(true);
+
+    let (completed, failed) = wait_done(&db).await;
+    pipeline.stop().await;
+    assert_eq!((completed, failed), (3000, 0));
+    assert_eq!(index.search(json!({"match_all": {}})).await.len(), 3000);
+    assert!(
+        dead_letter::list(&vhost.url, 10)
+            .await
+            .expect("dlq")
+            .is_empty()
+    );
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_on() {
+    let (db, vhost, index) = setup().await;
+    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for body in [&b"{not json"[..], br#"{"schemaVersion": 1, "jobId": 5}"#] {
+        channel
+            .basic_publish(
+                LISTINGS_EXCHANGE.into(),
+                "listing.insert".into(),
+                BasicPublishOptions::default(),
+                body,
+                Default::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("sent");
+    }
+    let pipeline = Pipeline::start(&db, &vhost, &index, &search_url());
+    db.insert_listings(5).await;
+    let (completed, failed) = wait_done(&db).await;
+    pipeline.stop().await;
+    assert_eq!((completed, failed), (5, 0), "valid jobs went through");
+
+    let letters = dead_letter::list(&vhost.url, 10).await.expect("dlq");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.kind.as_deref() == Some("malformed"))
+    );
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("not a valid envelope"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("missing field"),
+        "{letters:?}"
+    );
+    assert_eq!(letters[0].routing_key, "listing.insert");
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_fix() {
+    let (db, vhost, index) = setup().await;
+    // Room for no new field: a listing bringing a new attribute is refused by the index.
+    index
+        .put_settings(json!({"index.mapping.total_fields.limit": 1}))
+        .await;
+    let pipeline = Pipeline::start(&db, &vhost, &index, &search_url());
+    let ids = db.insert_listings(10).await;
+    let odd = db
+        .client
+        .query_one(
+            "INSERT INTO listings (user_id, title, category, status, attributes)
+             VALUES (gen_random_uuid(), 'Garip', 'x', 'active', '{\"yeni_alan\": \"değer\", \"başka\": 1}')
+             RETURNING id::text",
+            &[],
+        )
+        .await
+        .expect("odd listing")
+        .get::<_, String>(0);
+    let (completed, failed) = wait_done(&db).await;
+    assert_eq!((completed, failed), (10, 1), "only the odd one failed");
+    let error: String = db
+        .client
+        .query_one(
+            "SELECT error_message FROM elasticsearch_sync_queue WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .expect("failed job")
+        .get(0);
+    assert!(
+        error.contains("Limit of total fields"),
+        "a clear error: {error}"
+    );
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(index.search(json!({"match_all": {}})).await, expected);
+
+    // The operator fixes the cause and replays the message.
+    index
+        .put_settings(json!({"index.mapping.total_fields.limit": 1000}))
+        .await;
+    let letters = dead_letter::list(&vhost.url, 10).await.expect("dlq");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
+    let job = letters[0].job_id.expect("job id");
+    let report = dead_letter::replay(&vhost.url, &Selection::Jobs(vec![job]))
+        .await
+        .expect("replay");
+    assert_eq!(report.replayed, 1);
+    let started = Instant::now();
+    while db.statuses().await.iter().any(|(_, s)| s != "completed") {
+        assert!(started.elapsed() < PATIENCE, "the replayed job completes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pipeline.stop().await;
+    assert!(index.get(&odd).await.is_some());
+    teardown(db, vhost, index).await;
+}
