@@ -370,7 +370,9 @@ impl TestIndex {
         let mut headers = benalsam_events::elasticsearch::http::headers::HeaderMap::new();
         headers.insert(
             benalsam_events::elasticsearch::http::headers::CONTENT_TYPE,
-            benalsam_events::elasticsearch::http::headers::HeaderValue::from_static("application/json"),
+            benalsam_events::elasticsearch::http::headers::HeaderValue::from_static(
+                "application/json",
+            ),
         );
         let body = body.map(|b| b.to_string());
         let response = self
