@@ -369,3 +369,45 @@ async fn the_exported_definitions_are_what_the_bridge_declares() {
     );
     vhost.drop().await;
 }
+
+#[tokio::test]
+async fn a_sent_job_that_never_completes_is_sent_again() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(3).await;
+    let outbox = db.outbox(OutboxConfig::default());
+    let bridge = Bridge::start(outbox.clone(), &vhost, Routes::default());
+    wait_settled(&db, &["pending", "processing"]).await;
+    let first = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(300)).await;
+    assert_eq!(first.len(), 3);
+
+    // The messages are lost on the broker's side (drained above, never indexed), and the
+    // jobs were sent long ago: the resender sends them again.
+    db.client
+        .batch_execute("UPDATE elasticsearch_sync_queue SET sent_at = now() - interval '1 hour'")
+        .await
+        .expect("age");
+    let resent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let resender = tokio::spawn(benalsam_events::bridge::resend_stale(
+        outbox,
+        Duration::from_secs(2),
+        Arc::clone(&resent),
+        stop.clone(),
+    ));
+    let started = std::time::Instant::now();
+    while resent.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        assert!(started.elapsed() < PATIENCE, "the resender picks them up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    resender.await.expect("no panic");
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    bridge.stop().await;
+    assert_eq!(counts.get("sent"), Some(&3));
+    let again = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(300)).await;
+    let ids = |ds: &[lapin::message::Delivery]| ds.iter().map(job_id).collect::<HashSet<_>>();
+    assert_eq!(ids(&again), ids(&first), "the same jobs, published again");
+    db.drop().await;
+    vhost.drop().await;
+}

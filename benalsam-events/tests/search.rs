@@ -82,3 +82,56 @@ async fn a_turkish_word_is_found_through_its_stem() {
         .expect("delete index");
     assert!(deleted.status_code().is_success());
 }
+
+#[tokio::test]
+async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
+    use benalsam_events::search::{IndexConfig, ensure_index, listings_index_body};
+    let url = search_url();
+    let client =
+        benalsam_events::search::client(&url, std::time::Duration::from_secs(10)).expect("client");
+    let alias = unique_name("test-conflict");
+    // Someone made the index by hand, with `status` as full text.
+    let made = client
+        .indices()
+        .create(IndicesCreateParts::Index(&alias))
+        .body(json!({"mappings": {"properties": {"status": {"type": "text"}}}}))
+        .send()
+        .await
+        .expect("create");
+    assert!(made.status_code().is_success());
+
+    let config = IndexConfig {
+        alias: alias.clone(),
+        ..IndexConfig::default()
+    };
+    let err = ensure_index(&client, &config, &listings_index_body(&config))
+        .await
+        .expect_err("a conflicting mapping");
+    let text = err.to_string();
+    assert!(
+        text.contains("field status") && text.contains("text") && text.contains("keyword"),
+        "{text}"
+    );
+    assert!(!err.can_be_retried());
+
+    // Bootstrapping twice over our own index is fine and adds nothing.
+    let ours = IndexConfig {
+        alias: unique_name("test-ours"),
+        ..IndexConfig::default()
+    };
+    let body = listings_index_body(&ours);
+    ensure_index(&client, &ours, &body).await.expect("created");
+    let again = ensure_index(&client, &ours, &body).await.expect("existing");
+    assert!(
+        matches!(again, benalsam_events::search::Bootstrap::Existing { ref added, .. } if added.is_empty()),
+        "{again:?}"
+    );
+    for index in [alias, format!("{}_v1", ours.alias)] {
+        client
+            .indices()
+            .delete(IndicesDeleteParts::Index(&[&index]))
+            .send()
+            .await
+            .expect("cleanup");
+    }
+}
