@@ -9,27 +9,22 @@
 //! ```
 //! Settings: `BENCH_JOBS` (default 20000), `BENCH_SIZES` (default `100,500,1000`).
 
-use std::time::{Duration, Instant, SystemTime};
+mod common;
+
+use std::time::{Duration, Instant};
 
 use benalsam_events::bulk::{self, BulkItem};
-use benalsam_events::config::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl,
-};
+use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
 use benalsam_events::document::{Documents, ListingDocuments};
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::envelope::Envelope;
-use benalsam_events::job::{ClaimKind, Job};
-use benalsam_events::routing::{EventType, LISTINGS_EXCHANGE};
+use benalsam_events::routing::LISTINGS_EXCHANGE;
 use benalsam_events::search::{self, IndexConfig};
-use benalsam_events::topology::{Topology, TopologyConfig};
-use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig, amqp, migrate, postgres};
+use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
+use common::{BenchEnv, BoxError, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use tokio_util::sync::CancellationToken;
-
-type BoxError = Box<dyn std::error::Error>;
 
 async fn send(
     client: &Elasticsearch,
@@ -59,96 +54,26 @@ async fn fresh_index(client: &Elasticsearch, alias: &str) -> Result<(), BoxError
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let jobs: i64 = std::env::var("BENCH_JOBS")
-        .ok()
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(20_000);
+    let jobs: i64 = setting("BENCH_JOBS", 20_000)?;
     let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
         .unwrap_or_else(|_| "100,500,1000".to_owned())
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
-    let db_url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
-    let base = AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?;
     let es_url = SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?;
-    let name = format!("bench_consumer_{}", std::process::id());
-
-    let http = reqwest::Client::new();
-    let mgmt = format!(
-        "http://{}:15672/api",
-        base.url().host_str().unwrap_or("127.0.0.1")
-    );
-    let (user, password) = (
-        base.url().username().to_owned(),
-        base.url().password().unwrap_or_default().to_owned(),
-    );
-    http.put(format!("{mgmt}/vhosts/{name}"))
-        .basic_auth(&user, Some(&password))
-        .send()
-        .await?
-        .error_for_status()?;
-    http.put(format!("{mgmt}/permissions/{name}/{user}"))
-        .basic_auth(&user, Some(&password))
-        .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut vhost = base.url().clone();
-    vhost.set_path(&format!("/{name}"));
-    let url: AmqpUrl = vhost.as_str().parse()?;
-    let connection = amqp::connect(&url, "bench").await?;
-    Topology::benalsam(&TopologyConfig::default())
-        .declare(&connection)
-        .await?;
-
-    let mut client = postgres::connect(&db_url).await?;
-    migrate::migrate(&mut client, &name).await?;
-    client
-        .batch_execute(&format!("SET search_path TO {name}"))
-        .await?;
-    client
-        .execute(
-            "INSERT INTO listings (user_id, title, description, category, status, latitude, longitude, attributes, location_city)
-             SELECT gen_random_uuid(), 'Satılık ikinci el bisiklet ' || i,
-                    repeat('Az kullanılmış, bakımlı, faturalı. ', 8), 'spor', 'active', 41.0, 29.0,
-                    '{\"renk\": \"kırmızı\", \"vites\": 21}', 'İstanbul'
-             FROM generate_series(1, $1::bigint) AS i",
-            &[&jobs],
-        )
-        .await?;
-    let rows = client
-        .query("SELECT id, table_name, operation, record_id, change_data, created_at FROM elasticsearch_sync_queue ORDER BY id", &[])
-        .await?;
-    let envelopes: Vec<Envelope> = rows
-        .iter()
-        .map(|r| {
-            let operation: String = r.get(2);
-            let job = Job {
-                id: r.get(0),
-                table_name: r.get(1),
-                operation: operation
-                    .parse()
-                    .unwrap_or(benalsam_events::Operation::Insert),
-                record_id: r.get(3),
-                change_data: r.get(4),
-                retry_count: 0,
-                created_at: r.get::<_, SystemTime>(5),
-                traceparent: None,
-                claim: ClaimKind::Fresh,
-            };
-            Envelope::new(&job, &EventType::listings().route(&job))
-        })
-        .collect();
+    let env = BenchEnv::new("bench_consumer").await?;
+    env.insert_listings(jobs).await?;
+    let envelopes = env.envelopes().await?;
+    let (name, url) = (env.name.clone(), env.url.clone());
     let es = search::client(&es_url, Duration::from_secs(60))?;
     let outbox = Outbox::new(
-        db_url.clone(),
+        env.db_url.clone(),
         OutboxConfig {
             schema: name.clone(),
             ..OutboxConfig::default()
         },
     )?;
-    let publish_channel = connection.create_channel().await?;
+    let publish_channel = env.connection.create_channel().await?;
     publish_channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -250,13 +175,5 @@ async fn main() -> Result<(), BoxError> {
         }
     }
 
-    client
-        .batch_execute(&format!("DROP SCHEMA {name} CASCADE"))
-        .await?;
-    let _ = connection.close(200, "done".into()).await;
-    http.delete(format!("{mgmt}/vhosts/{name}"))
-        .basic_auth(&user, Some(&password))
-        .send()
-        .await?;
-    Ok(())
+    env.cleanup().await
 }

@@ -388,3 +388,40 @@ impl ConsumerArgs {
         }
     }
 }
+
+/// The start-up steps both binaries share: migrations (when asked) and the RabbitMQ topology.
+/// Each waits for its service with backoff rather than giving up, while a wrong setting or a
+/// conflicting topology still stops start-up. Returns `false` when `shutdown` came first.
+pub async fn prepare(
+    database: &DatabaseArgs,
+    migrate: bool,
+    rabbitmq: &AmqpUrl,
+    topology: &crate::topology::Topology,
+    service: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> crate::Result<bool> {
+    use crate::backoff::{Backoff, retry};
+    if migrate
+        && retry("migrating", Backoff::default(), shutdown, || {
+            database.migrate()
+        })
+        .await?
+        .is_none()
+    {
+        return Ok(false);
+    }
+    let name = format!("{service} topology");
+    let declared = retry(
+        "declaring the topology",
+        Backoff::default(),
+        shutdown,
+        || async {
+            let connection = crate::amqp::connect(rabbitmq, &name).await?;
+            topology.declare(&connection).await?;
+            let _ = connection.close(200, "declared".into()).await;
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(declared.is_some())
+}

@@ -101,6 +101,15 @@ impl HealthServer {
         self
     }
 
+    /// Every path served.
+    pub fn paths(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .chain(self.texts.iter().map(|(p, _, _)| p.as_str()))
+            .collect()
+    }
+
     /// Serves until `shutdown` is cancelled, then lets open requests finish.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let routes = Arc::new(self);

@@ -8,20 +8,17 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use benalsam_events::backoff::Backoff;
 use benalsam_events::config::{AmqpUrl, SearchUrl};
 use benalsam_events::dead_letter::{self, Selection};
 use benalsam_events::document::{Documents, ListingDocuments};
 use benalsam_events::envelope::Envelope;
-use benalsam_events::routing::{EventType, LISTINGS_EXCHANGE, Routes};
+use benalsam_events::routing::{EventType, LISTINGS_EXCHANGE};
 use benalsam_events::topology::{Topology, TopologyConfig};
-use benalsam_events::{
-    Indexer, IndexerConfig, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
-    PublisherConfig, Wake, amqp, indexer, search,
-};
-use futures::{StreamExt, stream};
+use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig, amqp, indexer, search};
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
-use support::{Relay, TestIndex, TestSchema, TestVhost, search_url};
+use support::{Relay, TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -29,64 +26,51 @@ const PATIENCE: Duration = Duration::from_secs(90);
 
 /// The bridge and the consumer, in-process, on the test's schema, vhost and index.
 struct Pipeline {
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    stop_bridge: CancellationToken,
+    bridge: JoinHandle<Result<(), benalsam_events::Error>>,
+    stop_consumer: CancellationToken,
+    consumer: JoinHandle<()>,
     indexer: Arc<indexer::Status>,
 }
 
 impl Pipeline {
     fn start(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, search: &SearchUrl) -> Self {
-        let shutdown = CancellationToken::new();
+        let (stop_bridge, bridge) = spawn_bridge(db, &vhost.url);
         let outbox = db.outbox(OutboxConfig::default());
-        let config = JobStreamConfig {
-            wake: Wake::PollOnly,
-            poll_interval: Duration::from_millis(100),
-            ..JobStreamConfig::default()
-        };
-        let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
-        let publisher = Publisher::new(
-            vhost.url.clone(),
-            outbox.clone(),
-            Routes::default(),
-            PublisherConfig::default(),
-        );
-        let bridge = tokio::spawn(async move {
-            let _ = jobs.flat_map(stream::iter).map(Ok).forward(publisher).await;
-        });
         let indexer = consumer(
             &vhost.url,
             search,
             outbox,
             index,
             IndexerConfig {
-                circuit: benalsam_events::backoff::Backoff::new(
-                    Duration::from_millis(200),
-                    Duration::from_secs(1),
-                ),
-                retry: benalsam_events::backoff::Backoff::new(
-                    Duration::from_millis(100),
-                    Duration::from_millis(500),
-                ),
+                circuit: Backoff::new(Duration::from_millis(200), Duration::from_secs(1)),
+                retry: Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
                 ..IndexerConfig::default()
             },
         );
         let status = indexer.status();
-        let consumer = tokio::spawn(indexer.run(shutdown.clone()));
+        let stop_consumer = CancellationToken::new();
+        let consumer = tokio::spawn(indexer.run(stop_consumer.clone()));
         Self {
-            shutdown,
-            tasks: vec![bridge, consumer],
+            stop_bridge,
+            bridge,
+            stop_consumer,
+            consumer,
             indexer: status,
         }
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        for task in self.tasks {
-            tokio::time::timeout(PATIENCE, task)
-                .await
-                .expect("stops in time")
-                .expect("no panic");
-        }
+        self.stop_bridge.cancel();
+        self.stop_consumer.cancel();
+        let bridge = tokio::time::timeout(PATIENCE, self.bridge)
+            .await
+            .expect("bridge stops in time");
+        bridge.expect("no panic").expect("bridge drained");
+        tokio::time::timeout(PATIENCE, self.consumer)
+            .await
+            .expect("consumer stops in time")
+            .expect("no panic");
     }
 }
 

@@ -6,12 +6,11 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
-use benalsam_events::backoff::{Backoff, retry};
 use benalsam_events::bridge::{self, BridgeMonitor, HealthThresholds};
 use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, RabbitArgs, TopologyArgs};
 use benalsam_events::health::HealthServer;
 use benalsam_events::routing::Routes;
-use benalsam_events::{JobStream, Outbox, Publisher, amqp, heartbeat};
+use benalsam_events::{JobStream, Outbox, Publisher, heartbeat};
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 
@@ -96,28 +95,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let health_listener = tokio::net::TcpListener::bind(cli.health_addr)
         .await
         .with_context(|| format!("binding BENALSAM_HEALTH_ADDR {}", cli.health_addr))?;
-    if cli.migrate
-        && retry("migrating", Backoff::default(), &shutdown, || db.migrate())
-            .await?
-            .is_none()
-    {
-        return Ok(());
-    }
     let topology = cli.topology.topology();
-    let declared = retry(
-        "declaring the topology",
-        Backoff::default(),
+    if !cli::prepare(
+        db,
+        cli.migrate,
+        rabbit,
+        &topology,
+        "benalsam-bridge",
         &shutdown,
-        || async {
-            let connection = amqp::connect(rabbit, "benalsam-bridge topology").await?;
-            topology.declare(&connection).await?;
-            let _ = connection.close(200, "declared".into()).await;
-            Ok(())
-        },
     )
     .await
-    .context("declaring the RabbitMQ topology")?;
-    if declared.is_none() {
+    .context("starting")?
+    {
         return Ok(());
     }
 

@@ -6,21 +6,14 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::envelope::Envelope;
 use benalsam_events::topology::{HEALTH_QUEUE, SYNC_QUEUE};
-use support::{TestSchema, TestVhost, database_url, drain_queue};
+use support::{TestSchema, TestVhost, database_url, drain_queue, free_port, terminate, wait_exit};
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn bridge(db: &TestSchema, vhost: &TestVhost, health_port: u16) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-bridge"));
@@ -38,20 +31,9 @@ fn bridge(db: &TestSchema, vhost: &TestVhost, health_port: u16) -> Command {
     command
 }
 
-async fn count(db: &TestSchema, status: &str) -> i64 {
-    db.client
-        .query_one(
-            "SELECT count(*) FROM elasticsearch_sync_queue WHERE status = $1",
-            &[&status],
-        )
-        .await
-        .expect("count")
-        .get(0)
-}
-
 async fn wait_for_sent(db: &TestSchema, at_least: i64) {
     let started = Instant::now();
-    while count(db, "sent").await < at_least {
+    while db.count("sent").await < at_least {
         assert!(started.elapsed() < PATIENCE, "{at_least} jobs sent in time");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -60,25 +42,6 @@ async fn wait_for_sent(db: &TestSchema, at_least: i64) {
 async fn insert_in_transactions(db: &TestSchema, transactions: usize, rows: i64) {
     for _ in 0..transactions {
         db.insert_listings(rows).await;
-    }
-}
-
-fn terminate(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
-async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(started.elapsed() < PATIENCE, "the bridge exits in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -93,7 +56,7 @@ async fn a_bridge_killed_mid_run_and_restarted_loses_no_job() {
     wait_for_sent(&db, 500).await;
     first.kill().expect("SIGKILL"); // no chance to clean up
     first.wait().expect("reaped");
-    let sent_at_kill = count(&db, "sent").await;
+    let sent_at_kill = db.count("sent").await;
     assert!(
         sent_at_kill < 10_000,
         "killed mid-run ({sent_at_kill} sent)"
@@ -164,9 +127,9 @@ async fn sigterm_leaves_nothing_half_done_and_health_answers_meanwhile() {
     wait_for_sent(&db, 4100).await;
     terminate(&child);
     assert!(wait_exit(&mut child).await.success(), "clean exit");
-    assert_eq!(count(&db, "processing").await, 0, "nothing left claimed");
-    let sent = count(&db, "sent").await;
-    let pending = count(&db, "pending").await;
+    assert_eq!(db.count("processing").await, 0, "nothing left claimed");
+    let sent = db.count("sent").await;
+    let pending = db.count("pending").await;
     assert_eq!(sent + pending, 8000, "every job is either sent or waiting");
 
     let beats = drain_queue(&vhost.url, HEALTH_QUEUE, Duration::from_millis(300)).await;

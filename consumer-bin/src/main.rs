@@ -12,7 +12,7 @@ use benalsam_events::cli::{
 use benalsam_events::consumer::ConsumerMonitor;
 use benalsam_events::dead_letter::{self, Selection};
 use benalsam_events::health::HealthServer;
-use benalsam_events::{Indexer, Outbox, OutboxConfig, amqp, heartbeat, search};
+use benalsam_events::{Indexer, Outbox, OutboxConfig, heartbeat, search};
 use clap::{Parser, Subcommand};
 use futures::FutureExt;
 
@@ -140,27 +140,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let health_listener = tokio::net::TcpListener::bind(cli.health_addr)
         .await
         .with_context(|| format!("binding BENALSAM_HEALTH_ADDR {}", cli.health_addr))?;
-    if cli.migrate
-        && retry("migrating", Backoff::default(), &shutdown, || db.migrate())
-            .await?
-            .is_none()
+    let topology = cli.topology.topology();
+    if !cli::prepare(
+        db,
+        cli.migrate,
+        rabbit,
+        &topology,
+        "benalsam-consumer",
+        &shutdown,
+    )
+    .await
+    .context("starting")?
     {
         return Ok(());
     }
-    let topology = cli.topology.topology();
-    let declared = retry(
-        "declaring the topology",
-        Backoff::default(),
-        &shutdown,
-        || async {
-            let connection = amqp::connect(rabbit, "benalsam-consumer topology").await?;
-            topology.declare(&connection).await?;
-            let _ = connection.close(200, "declared".into()).await;
-            Ok(())
-        },
-    )
-    .await
-    .context("declaring the RabbitMQ topology")?;
     let client = search::client(es, cli.consumer.search_timeout)?;
     let index = cli.consumer.index_config();
     let body = search::listings_index_body(&index);
@@ -172,7 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .await
     .context("preparing the search index")?;
-    if declared.is_none() || bootstrapped.is_none() {
+    if bootstrapped.is_none() {
         return Ok(());
     }
 

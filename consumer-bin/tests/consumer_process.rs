@@ -5,31 +5,22 @@
 #[path = "../../benalsam-events/tests/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use benalsam_events::amqp;
 use benalsam_events::lapin;
 use benalsam_events::lapin::options::BasicPublishOptions;
 use benalsam_events::lapin::types::{AMQPValue, FieldTable, LongString};
-use benalsam_events::routing::Routes;
 use benalsam_events::topology::{
     DEAD_LETTER_EXCHANGE, HEALTH_QUEUE, SYNC_QUEUE, Topology, TopologyConfig,
 };
-use benalsam_events::{
-    JobStream, JobStreamConfig, OutboxConfig, Publisher, PublisherConfig, Wake, amqp,
+use support::{
+    TestIndex, TestSchema, TestVhost, database_url, drain_queue, free_port, search_url, terminate,
+    wait_exit,
 };
-use futures::{StreamExt, stream};
-use support::{TestIndex, TestSchema, TestVhost, database_url, drain_queue, search_url};
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn consumer(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, port: u16) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-consumer"));
@@ -45,28 +36,6 @@ fn consumer(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, port: u16) ->
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     command
-}
-
-async fn count(db: &TestSchema, status: &str) -> i64 {
-    db.client
-        .query_one(
-            "SELECT count(*) FROM elasticsearch_sync_queue WHERE status = $1",
-            &[&status],
-        )
-        .await
-        .expect("count")
-        .get(0)
-}
-
-async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(started.elapsed() < PATIENCE, "exits in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn declare(vhost: &TestVhost) {
@@ -87,21 +56,7 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
     );
     declare(&vhost).await;
     // The bridge, in-process, feeds the queue.
-    let shutdown = CancellationToken::new();
-    let outbox = db.outbox(OutboxConfig::default());
-    let config = JobStreamConfig {
-        wake: Wake::PollOnly,
-        poll_interval: Duration::from_millis(100),
-        ..JobStreamConfig::default()
-    };
-    let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
-    let publisher = Publisher::new(
-        vhost.url.clone(),
-        outbox,
-        Routes::default(),
-        PublisherConfig::default(),
-    );
-    let bridge = tokio::spawn(jobs.flat_map(stream::iter).map(Ok).forward(publisher));
+    let (shutdown, bridge) = support::spawn_bridge(&db, &vhost.url);
 
     let port = free_port();
     let mut child = consumer(&db, &vhost, &index, port)
@@ -109,7 +64,7 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         .expect("start consumer");
     db.insert_listings(500).await;
     let started = Instant::now();
-    while count(&db, "completed").await < 500 {
+    while db.count("completed").await < 500 {
         assert!(started.elapsed() < PATIENCE, "500 jobs completed in time");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -145,19 +100,15 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
 
     // SIGTERM while more work flows: whatever is not completed stays in the queue.
     db.insert_listings(2000).await;
-    while count(&db, "completed").await < 600 {
+    while db.count("completed").await < 600 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
+    terminate(&child);
     assert!(wait_exit(&mut child).await.success(), "clean exit");
     shutdown.cancel();
     bridge.await.expect("no panic").expect("bridge drained");
 
-    let completed = count(&db, "completed").await;
+    let completed = db.count("completed").await;
     let left = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(500)).await;
     let left_jobs: std::collections::HashSet<i64> = left
         .iter()
@@ -167,7 +118,7 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
                 .job_id
         })
         .collect();
-    assert_eq!(count(&db, "failed").await, 0);
+    assert_eq!(db.count("failed").await, 0);
     assert!(
         completed + left_jobs.len() as i64 >= 2500,
         "every job is completed or still queued: {completed} completed, {} queued",

@@ -443,3 +443,82 @@ impl TestIndex {
         .await;
     }
 }
+
+impl TestSchema {
+    /// How many jobs are in `status`.
+    pub async fn count(&self, status: &str) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM elasticsearch_sync_queue WHERE status = $1",
+                &[&status],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+}
+
+/// The bridge in-process (job stream into publisher) on a schema and vhost, until the token
+/// is cancelled; the task returns once the publisher has drained.
+pub fn spawn_bridge(
+    db: &TestSchema,
+    url: &AmqpUrl,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), benalsam_events::Error>>,
+) {
+    use futures::StreamExt;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let outbox = db.outbox(benalsam_events::OutboxConfig::default());
+    let config = benalsam_events::JobStreamConfig {
+        wake: benalsam_events::Wake::PollOnly,
+        poll_interval: std::time::Duration::from_millis(100),
+        ..benalsam_events::JobStreamConfig::default()
+    };
+    let jobs =
+        benalsam_events::JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
+    let publisher = benalsam_events::Publisher::new(
+        url.clone(),
+        outbox,
+        benalsam_events::routing::Routes::default(),
+        benalsam_events::PublisherConfig::default(),
+    );
+    let task = tokio::spawn(
+        jobs.flat_map(futures::stream::iter)
+            .map(Ok)
+            .forward(publisher),
+    );
+    (shutdown, task)
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits for a child process to exit, at most a minute.
+pub async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the process exits in time"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
