@@ -15,7 +15,7 @@
 //! after the outcome is recorded, so a crash at any point means redelivery, and redelivery
 //! is harmless: the index refuses versions it has already seen.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use elasticsearch::Elasticsearch;
@@ -39,6 +39,7 @@ use crate::document::{Action, Documents};
 use crate::envelope::{Envelope, JOB_ID_HEADER};
 use crate::outbox::{Failure, Outbox};
 use crate::outcome::{Done, Outcome, classify};
+use crate::status::StatusCell;
 use crate::topology::{DEAD_LETTER_QUEUE, SYNC_QUEUE};
 use crate::{Error, Result};
 
@@ -148,21 +149,9 @@ impl Default for IndexerStatus {
 }
 
 /// The live status of an indexer; clone the `Arc` to read it from a health server.
-#[derive(Debug, Default)]
-pub struct Status(Mutex<IndexerStatus>);
+pub type Status = StatusCell<IndexerStatus>;
 
 impl Status {
-    /// A copy of the current status.
-    pub fn snapshot(&self) -> IndexerStatus {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, IndexerStatus> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn error(&self, error: &str) {
         let mut s = self.lock();
         s.errors += 1;

@@ -11,7 +11,7 @@
 //! whatever the caller drops unmarked comes back when its lease expires.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,6 +25,7 @@ use crate::config::validate_identifier;
 use crate::job::{ClaimKind, Job};
 use crate::listener::Listener;
 use crate::outbox::{Backlog, Outbox};
+use crate::status::StatusCell;
 use crate::{Error, Result};
 
 /// The NOTIFY channel the trigger uses unless given `channel=`.
@@ -97,22 +98,9 @@ pub struct JobStreamStatus {
 }
 
 /// The live status of a job stream; clone the `Arc` to read it from a health server.
-#[derive(Debug, Default)]
-pub struct Status(Mutex<JobStreamStatus>);
+pub type Status = StatusCell<JobStreamStatus>;
 
 impl Status {
-    /// A copy of the current status.
-    pub fn snapshot(&self) -> JobStreamStatus {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, JobStreamStatus> {
-        // The status is plain data: a panic elsewhere cannot leave it half-written.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     pub(crate) fn set_listening(&self, up: bool) {
         self.lock().listening = Some(up);
     }

@@ -31,7 +31,8 @@
 //! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
 //!   heartbeat events on `benalsam.system`.
 //! * [`amqp`]: connecting to RabbitMQ.
-//! * [`backoff`]: exponential backoff with jitter.
+//! * [`backoff`]: exponential backoff with jitter; [`status`]: the shared status cell that
+//!   health checks and metrics read.
 //! * [`migrate`]: the versioned SQL migrations of `db/` (listings, the queue, the trigger),
 //!   applied once each and recorded in a table.
 //! * [`config`]: validated connection settings whose `Display` never shows a password.
@@ -90,6 +91,7 @@ pub mod publisher;
 pub mod redact;
 pub mod routing;
 pub mod search;
+pub mod status;
 pub mod topology;
 
 // The clients whose types appear in this API, so users need not match versions by hand.

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,6 +43,7 @@ use crate::envelope::Envelope;
 use crate::job::Job;
 use crate::outbox::{Failure, Outbox};
 use crate::routing::Routes;
+use crate::status::StatusCell;
 use crate::{Error, Result};
 
 /// Settings of a [`Publisher`].
@@ -102,21 +103,9 @@ pub struct PublisherStatus {
 }
 
 /// The live status of a publisher; clone the `Arc` to read it from a health server.
-#[derive(Debug, Default)]
-pub struct Status(Mutex<PublisherStatus>);
+pub type Status = StatusCell<PublisherStatus>;
 
 impl Status {
-    /// A copy of the current status.
-    pub fn snapshot(&self) -> PublisherStatus {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, PublisherStatus> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn error(&self, error: &Error) {
         let mut s = self.lock();
         s.errors += 1;
