@@ -33,6 +33,7 @@
 //! * [`amqp`]: connecting to RabbitMQ.
 //! * [`backoff`]: exponential backoff with jitter; [`status`]: the shared status cell that
 //!   health checks and metrics read.
+//! * [`admin`]: operating the outbox: status summary, retrying failed jobs, backfilling.
 //! * [`migrate`]: the versioned SQL migrations of `db/` (listings, the queue, the trigger),
 //!   applied once each and recorded in a table.
 //! * [`config`]: validated connection settings whose `Display` never shows a password.
@@ -64,6 +65,7 @@
 //! # }
 //! ```
 
+pub mod admin;
 pub mod amqp;
 pub mod backoff;
 pub mod bridge;

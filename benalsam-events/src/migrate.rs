@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_listings.sql"),
     migration!(2, "0002_sync_queue.sql"),
     migration!(3, "0003_sync_trigger.sql"),
+    migration!(4, "0004_backfill_progress.sql"),
 ];
 
 /// What [`migrate`] did.

@@ -10,7 +10,7 @@ use benalsam_events::bridge::{self, BridgeMonitor, HealthThresholds};
 use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, RabbitArgs, TopologyArgs};
 use benalsam_events::health::HealthServer;
 use benalsam_events::routing::Routes;
-use benalsam_events::{JobStream, Outbox, Publisher, heartbeat};
+use benalsam_events::{JobStream, Outbox, Publisher, admin, heartbeat, postgres};
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 
@@ -59,6 +59,42 @@ enum Command {
         #[arg(long, default_value = "/")]
         vhost: String,
     },
+    /// Summarise the job table: jobs by status, average processing time, oldest pending
+    Status,
+    /// Put failed jobs back to pending (attempts reset) so they are published again
+    RetryFailed {
+        /// Retry these jobs only
+        #[arg(long = "job", required_unless_present = "all")]
+        jobs: Vec<i64>,
+        /// Retry every failed job
+        #[arg(long, conflicts_with = "jobs")]
+        all: bool,
+    },
+    /// Delete completed jobs older than an age, in small batches
+    Purge {
+        /// Age of the completed jobs to delete, e.g. 7d
+        #[arg(long, value_parser = cli::parse_duration)]
+        older_than: Duration,
+        /// Rows per delete statement
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Enqueue a job for every existing row of a table (resumable), so rows that predate the
+    /// trigger get indexed
+    Backfill {
+        /// The table
+        #[arg(long, default_value = "listings")]
+        table: String,
+        /// Its key column
+        #[arg(long, default_value = "id")]
+        key: String,
+        /// Rows per transaction
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+        batch: i64,
+        /// Start over instead of continuing an interrupted backfill
+        #[arg(long)]
+        restart: bool,
+    },
 }
 
 #[tokio::main]
@@ -80,6 +116,90 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Topology { ref vhost }) => {
             let definitions = cli.topology.topology().definitions(vhost);
             println!("{}", serde_json::to_string_pretty(&definitions)?);
+            Ok(())
+        }
+        Some(Command::Status) => {
+            let client = postgres::connect(&cli.database.database_url).await?;
+            let summary = admin::summary(&client, &cli.database.schema).await?;
+            println!(
+                "{:<12} {:>10} {:>22}",
+                "status", "jobs", "avg processing time"
+            );
+            for line in &summary.by_status {
+                let avg = line
+                    .avg_processing_seconds
+                    .map_or("-".to_owned(), |s| format!("{s:.3} s"));
+                println!("{:<12} {:>10} {:>22}", line.status, line.jobs, avg);
+            }
+            match summary.oldest_pending {
+                Some(age) => println!("oldest pending job: {:.1} s old", age.as_secs_f64()),
+                None => println!("no pending job"),
+            }
+            Ok(())
+        }
+        Some(Command::RetryFailed { ref jobs, all }) => {
+            let client = postgres::connect(&cli.database.database_url).await?;
+            let selection = if all {
+                admin::Selection::All
+            } else {
+                admin::Selection::Ids(jobs.clone())
+            };
+            let ids = admin::retry_failed(&client, &cli.database.schema, &selection).await?;
+            println!(
+                "{} failed jobs back to pending{}",
+                ids.len(),
+                if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {ids:?}")
+                }
+            );
+            Ok(())
+        }
+        Some(Command::Purge { older_than, batch }) => {
+            let outbox = Outbox::new(
+                cli.database.database_url.clone(),
+                cli.bridge.outbox_config(&cli.database.schema),
+            )?;
+            let deleted = outbox.purge_completed(older_than, batch).await?;
+            println!(
+                "deleted {deleted} completed jobs older than {}",
+                humantime::format_duration(older_than)
+            );
+            Ok(())
+        }
+        Some(Command::Backfill {
+            ref table,
+            ref key,
+            batch,
+            restart,
+        }) => {
+            let mut client = postgres::connect(&cli.database.database_url).await?;
+            let done = admin::backfill(
+                &mut client,
+                &cli.database.schema,
+                table,
+                key,
+                batch,
+                restart,
+                |p| {
+                    eprintln!(
+                        "{}: {} rows enqueued{}",
+                        p.table,
+                        p.rows,
+                        p.last_key
+                            .as_deref()
+                            .map(|k| format!(" (up to {k})"))
+                            .unwrap_or_default()
+                    );
+                },
+            )
+            .await
+            .with_context(|| format!("backfilling {table}"))?;
+            println!(
+                "{}: backfill complete, {} rows enqueued",
+                done.table, done.rows
+            );
             Ok(())
         }
         Some(Command::Run) | None => run(cli).await,
