@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                             .map(|k| format!(" (up to {k})"))
                             .unwrap_or_default()
                     );
+                    true
                 },
             )
             .await
