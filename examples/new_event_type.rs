@@ -40,7 +40,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// 1. The table and its trigger. `add_to_sync_queue()` comes with the library's migrations.
+/// Step 1, the table and its trigger. `add_to_sync_queue()` comes with the library's migrations.
 pub const INVENTORY_SQL: &str = "
 CREATE TABLE IF NOT EXISTS inventory_items (
     sku         text PRIMARY KEY,
@@ -57,7 +57,7 @@ CREATE TRIGGER inventory_items_sync_queue
     FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('key=sku', 'ignore=scan_count');
 ";
 
-/// 2. Where its messages go. No status column: every UPDATE is `inventory_item.update`.
+/// Step 2, where its messages go. No status column: every UPDATE is `inventory_item.update`.
 pub fn inventory_event_type() -> EventType {
     EventType {
         table: "inventory_items".to_owned(),
@@ -67,8 +67,7 @@ pub fn inventory_event_type() -> EventType {
     }
 }
 
-/// 4. Row → document. A deleted row, or one that is no longer stocked anywhere, leaves the
-/// index.
+/// Step 4, row → document: a deleted row, or one stocked in no warehouse, leaves the index.
 #[derive(Debug, Clone)]
 pub struct InventoryDocuments {
     pub index: String,
@@ -103,7 +102,7 @@ impl DocumentBuilder for InventoryDocuments {
     }
 }
 
-/// 5. Its index: the same Turkish analysis as the listings, its own fields.
+/// Step 5, its index: the same Turkish analysis as the listings, its own fields.
 pub fn inventory_index_body(config: &IndexConfig) -> Value {
     let listings = search::listings_index_body(config);
     json!({
@@ -165,7 +164,7 @@ pub async fn run(
             reason: format!("cannot create the table and its trigger: {e:?}"),
         })?;
 
-    // 3. The topology with the new exchange and binding.
+    // Step 3, the topology with the new exchange and binding.
     let inventory = inventory_event_type();
     let connection = amqp::connect(&settings.rabbitmq_url, "inventory topology").await?;
     Topology::benalsam(&TopologyConfig::default())
