@@ -1,0 +1,326 @@
+//! The live demo behind `scripts/demo`: writes a day of marketplace activity to `listings`,
+//! waits while the running bridge and consumer carry it into the search index, then shows
+//! what a person wants to see — search results (Turkish words matched through stemming) and
+//! the job table by status with the average processing time.
+//!
+//! # When to copy this
+//!
+//! Copy it to see how an application writes (plain SQL; the trigger does the rest) and how
+//! to query the index. It expects `benalsam-bridge` and `benalsam-consumer` to be running,
+//! which `scripts/demo` arranges.
+
+use std::time::{Duration, Instant};
+
+use benalsam_events::config::{
+    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DatabaseUrl, SearchUrl,
+};
+use benalsam_events::elasticsearch::SearchParts;
+use benalsam_events::tokio_postgres::types::ToSql;
+use benalsam_events::{admin, postgres, search};
+use serde_json::{Value, json};
+
+/// Title, description, category, city, district, latitude, longitude, budget.
+const LISTINGS: &[(&str, &str, &str, &str, &str, f64, f64, f64)] = &[
+    (
+        "Az kullanılmış dağ bisikleti",
+        "21 vites, alüminyum kadro, bakımları yapıldı",
+        "spor",
+        "İstanbul",
+        "Kadıköy",
+        40.990,
+        29.029,
+        8500.0,
+    ),
+    (
+        "Çocuk bisikletleri (2 adet)",
+        "4-7 yaş için, yardımcı tekerlekli",
+        "spor",
+        "İzmir",
+        "Karşıyaka",
+        38.459,
+        27.115,
+        1800.0,
+    ),
+    (
+        "İkinci el roman kitapları",
+        "Klasik Türk romanları, 40 kitap bir arada",
+        "kitap",
+        "Ankara",
+        "Çankaya",
+        39.918,
+        32.862,
+        1200.0,
+    ),
+    (
+        "Üniversite hazırlık kitapları",
+        "Temiz, yazısız test kitapları seti",
+        "kitap",
+        "İstanbul",
+        "Beşiktaş",
+        41.043,
+        29.009,
+        650.0,
+    ),
+    (
+        "Çalışma masası ve sandalye",
+        "Ahşap masa, ergonomik sandalye",
+        "mobilya",
+        "Bursa",
+        "Nilüfer",
+        40.213,
+        28.978,
+        2500.0,
+    ),
+    (
+        "Üçlü koltuk takımı",
+        "Gri kumaş, yatak olabilen koltuk",
+        "mobilya",
+        "Antalya",
+        "Muratpaşa",
+        36.884,
+        30.704,
+        7000.0,
+    ),
+    (
+        "Oyun bilgisayarı",
+        "RTX ekran kartı, 32 GB bellek, 1 TB SSD",
+        "elektronik",
+        "İstanbul",
+        "Ataşehir",
+        40.983,
+        29.124,
+        32000.0,
+    ),
+    (
+        "Akıllı telefon, kutulu",
+        "128 GB, garantisi devam ediyor",
+        "elektronik",
+        "Ankara",
+        "Keçiören",
+        39.981,
+        32.868,
+        14000.0,
+    ),
+    (
+        "Bebek arabası",
+        "Travel sistem, puset ve ana kucağı",
+        "bebek",
+        "İzmir",
+        "Bornova",
+        38.462,
+        27.216,
+        3200.0,
+    ),
+    (
+        "Kamp çadırı 4 kişilik",
+        "Su geçirmez, bir kez kullanıldı",
+        "spor",
+        "Muğla",
+        "Fethiye",
+        36.621,
+        29.116,
+        2200.0,
+    ),
+    (
+        "Elektrikli scooter",
+        "25 km menzil, şarj aleti ile",
+        "elektronik",
+        "İstanbul",
+        "Üsküdar",
+        41.026,
+        29.015,
+        9000.0,
+    ),
+    (
+        "Antika duvar saati",
+        "Çalışır durumda, 1950'ler",
+        "antika",
+        "Eskişehir",
+        "Odunpazarı",
+        39.766,
+        30.521,
+        4500.0,
+    ),
+];
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let database_url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
+    let search_url = SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?;
+    let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
+    let index = std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings".to_owned());
+    let db = postgres::connect(&database_url).await?;
+    db.batch_execute(&format!("SET search_path TO {schema}"))
+        .await?;
+    let first_job: i64 = db
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    println!(
+        "writing the demo workload: {} listings, then edits, approvals, sales and deletes",
+        LISTINGS.len()
+    );
+    let mut ids = Vec::new();
+    for (title, description, category, city, district, lat, lon, budget) in LISTINGS {
+        let params: [&(dyn ToSql + Sync); 8] = [
+            title,
+            description,
+            category,
+            district,
+            city,
+            lat,
+            lon,
+            budget,
+        ];
+        let row = db
+            .query_one(
+                "INSERT INTO listings (user_id, title, description, category, location, location_city,
+                                       location_district, latitude, longitude, budget, status)
+                 VALUES (gen_random_uuid(), $1, $2, $3, $4 || ', ' || $5, $5, $4, $6, $7, $8::float8::numeric, 'pending_approval')
+                 RETURNING id::text",
+                &params,
+            )
+            .await?;
+        ids.push(row.get::<_, String>(0));
+    }
+    // The moderators approve all but the last; sellers edit, sell and delete.
+    let approved = &ids[..ids.len() - 1];
+    db.execute(
+        "UPDATE listings SET status = 'active', updated_at = now() WHERE id::text = ANY($1)",
+        &[&approved],
+    )
+    .await?;
+    db.execute(
+        "UPDATE listings SET description = description || ' — fiyatta pazarlık payı var', updated_at = now()
+         WHERE id::text = $1",
+        &[&ids[0]],
+    )
+    .await?;
+    db.execute(
+        "UPDATE listings SET view_count = view_count + 40 WHERE id::text = ANY($1)",
+        &[&approved],
+    )
+    .await?; // ignored column: no jobs
+    db.execute(
+        "UPDATE listings SET status = 'sold', updated_at = now() WHERE id::text = $1",
+        &[&ids[6]],
+    )
+    .await?;
+    db.execute("DELETE FROM listings WHERE id::text = $1", &[&ids[7]])
+        .await?;
+    let written: i64 = db
+        .query_one(
+            "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1",
+            &[&first_job],
+        )
+        .await?
+        .get(0);
+    println!("{written} jobs recorded by the trigger (the view counter updates made none)");
+
+    // Wait while the bridge and the consumer carry them.
+    let started = Instant::now();
+    loop {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status IN ('completed', 'failed')), count(*)
+                 FROM elasticsearch_sync_queue WHERE id > $1",
+                &[&first_job],
+            )
+            .await?;
+        let (done, all): (i64, i64) = (row.get(0), row.get(1));
+        println!(
+            "  {done}/{all} jobs done after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        if done == all {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err("the jobs did not finish in two minutes: are benalsam-bridge and benalsam-consumer running? (see scripts/demo)".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let client = search::client(&search_url, Duration::from_secs(10))?;
+    client
+        .indices()
+        .refresh(benalsam_events::elasticsearch::indices::IndicesRefreshParts::Index(&[&index]))
+        .send()
+        .await?;
+    let searchable: i64 = db
+        .query_one("SELECT count(*) FROM listings WHERE status = 'active'", &[])
+        .await?
+        .get(0);
+    let all = run_query(&client, &index, json!({"match_all": {}})).await?;
+    println!(
+        "\nthe index {index} holds {} listings; the table has {searchable} active ones",
+        all["hits"]["total"]["value"]
+    );
+    for (label, query) in [
+        (
+            "\"bisiklet\" (finds \"bisikleti\", \"bisikletleri\")",
+            json!({"match": {"search_text": "bisiklet"}}),
+        ),
+        (
+            "\"kitap\" (finds \"kitapları\")",
+            json!({"match": {"search_text": "kitap"}}),
+        ),
+        (
+            "anything within 15 km of Kadıköy",
+            json!({"bool": {"filter": {"geo_distance": {"distance": "15km", "geo_location": {"lat": 40.990, "lon": 29.029}}}}}),
+        ),
+        (
+            "\"bilgisayar\" (sold: gone from search)",
+            json!({"match": {"search_text": "bilgisayar"}}),
+        ),
+    ] {
+        let found = run_query(&client, &index, query).await?;
+        println!("\nsearch {label}: {} hits", found["hits"]["total"]["value"]);
+        for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
+            let s = &hit["_source"];
+            println!(
+                "  - {:<34} {:<10} {:>9} TRY  {}",
+                s["title"].as_str().unwrap_or(""),
+                s["location_city"].as_str().unwrap_or(""),
+                s["budget"]
+                    .as_f64()
+                    .map_or(String::new(), |b| format!("{b:.0}")),
+                s["status"].as_str().unwrap_or("")
+            );
+        }
+    }
+
+    let summary = admin::summary(&db, &schema).await?;
+    println!(
+        "\njob table (SELECT status, count(*), avg(processed_at - created_at) … GROUP BY status):"
+    );
+    println!(
+        "  {:<12} {:>8} {:>22}",
+        "status", "jobs", "avg processing time"
+    );
+    for line in summary.by_status {
+        let avg = line
+            .avg_processing_seconds
+            .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
+        println!("  {:<12} {:>8} {:>22}", line.status, line.jobs, avg);
+    }
+    Ok(())
+}
+
+async fn run_query(
+    client: &benalsam_events::elasticsearch::Elasticsearch,
+    index: &str,
+    query: Value,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(client
+        .search(SearchParts::Index(&[index]))
+        .body(json!({"query": query, "size": 5, "sort": ["_score", {"budget": "desc"}]}))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
