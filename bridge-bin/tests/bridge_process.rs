@@ -204,3 +204,35 @@ fn help_documents_the_settings_without_passwords() {
         "{help}"
     );
 }
+
+#[test]
+fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
+    let compose = include_str!("../../docker/compose.yaml");
+    let images: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image:"))
+        .map(str::trim)
+        .collect();
+    assert!(images.len() >= 5, "{images:?}");
+    for image in images {
+        let tag = image
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.split_once(':'))
+            .map(|(_, t)| t);
+        assert!(matches!(tag, Some(t) if t != "latest"), "{image} is pinned");
+    }
+    // Everything before the consumer's service is shared or the bridge's.
+    let bridge_part = compose.split("\n  consumer:").next().unwrap_or(compose);
+    let help = String::from_utf8_lossy(&run_with(&["--help"], &[]).stdout).into_owned();
+    for line in bridge_part.lines().map(str::trim) {
+        if let Some((name, _)) = line.split_once(':')
+            && (name.starts_with("BENALSAM_") || name.ends_with("_URL"))
+        {
+            assert!(
+                help.contains(name),
+                "compose sets {name}, which benalsam-bridge does not read"
+            );
+        }
+    }
+}

@@ -230,3 +230,24 @@ fn bad_settings_stop_start_up_naming_the_setting() {
         assert!(!stderr.contains("hunter2"), "no password in: {stderr}");
     }
 }
+
+#[test]
+fn the_compose_file_sets_only_settings_the_consumer_knows() {
+    let compose = include_str!("../../docker/compose.yaml");
+    let shared = compose.split("\nservices:").next().unwrap_or(compose);
+    let consumer = compose
+        .split("\n  consumer:")
+        .nth(1)
+        .expect("a consumer service");
+    let help = String::from_utf8_lossy(&run_with(&["--help"], &[]).stdout).into_owned();
+    for line in shared.lines().chain(consumer.lines()).map(str::trim) {
+        if let Some((name, _)) = line.split_once(':')
+            && (name.starts_with("BENALSAM_") || name.ends_with("_URL"))
+        {
+            assert!(
+                help.contains(name),
+                "compose sets {name}, which benalsam-consumer does not read"
+            );
+        }
+    }
+}
