@@ -19,8 +19,39 @@ use benalsam_events::tokio_postgres::types::ToSql;
 use benalsam_events::{admin, postgres, search};
 use serde_json::{Value, json};
 
-/// Title, description, category, city, district, latitude, longitude, budget.
-const LISTINGS: &[(&str, &str, &str, &str, &str, f64, f64, f64)] = &[
+/// One listing of the demo.
+struct Demo {
+    title: &'static str,
+    description: &'static str,
+    category: &'static str,
+    city: &'static str,
+    district: &'static str,
+    lat: f64,
+    lon: f64,
+    budget: f64,
+}
+
+const fn demo(
+    title: &'static str,
+    description: &'static str,
+    category: &'static str,
+    (city, district): (&'static str, &'static str),
+    (lat, lon): (f64, f64),
+    budget: f64,
+) -> Demo {
+    Demo {
+        title,
+        description,
+        category,
+        city,
+        district,
+        lat,
+        lon,
+        budget,
+    }
+}
+
+const LISTINGS: &[Demo] = &[
     (
         "Az kullanılmış dağ bisikleti",
         "21 vites, alüminyum kadro, bakımları yapıldı",
