@@ -2,7 +2,6 @@
 //! resender of jobs that were sent but never completed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
@@ -10,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::HealthReport;
 use crate::job_stream::{self, JobStreamStatus};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::publisher::{self, PublisherStatus};
 
@@ -38,8 +38,8 @@ pub struct BridgeMonitor {
     pub stream: Arc<job_stream::Status>,
     /// The publisher's status.
     pub publisher: Arc<publisher::Status>,
-    /// Jobs sent again by the resender.
-    pub resent: Arc<AtomicU64>,
+    /// The metrics, whose resend counter the health answer shows.
+    pub metrics: Arc<Metrics>,
     /// Verdict thresholds.
     pub thresholds: HealthThresholds,
     /// The broker, redacted, for the answer.
@@ -58,7 +58,7 @@ impl BridgeMonitor {
     pub fn database(&self) -> HealthReport {
         database_report(
             &self.stream.snapshot(),
-            self.resent.load(Ordering::Relaxed),
+            self.metrics.jobs_resent.get(),
             &self.thresholds,
             &self.database,
             SystemTime::now(),
@@ -178,11 +178,11 @@ pub fn database_report(
 }
 
 /// Every so often, sends again jobs that were confirmed more than `older_than` ago and never
-/// completed, counting them in `resent`. Runs until `shutdown`.
+/// completed, counting them in `metrics.jobs_resent`. Runs until `shutdown`.
 pub async fn resend_stale(
     outbox: Outbox,
     older_than: Duration,
-    resent: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     const BATCH: usize = 1000;
@@ -194,7 +194,7 @@ pub async fn resend_stale(
         }
         match outbox.resend_stale_sent(older_than, BATCH).await {
             Ok(ids) if !ids.is_empty() => {
-                resent.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                metrics.jobs_resent.inc_by(ids.len() as u64);
                 tracing::warn!(
                     count = ids.len(),
                     first = ids.first(),
@@ -221,7 +221,7 @@ mod tests {
             backlog: Some(Backlog {
                 pending: 3,
                 oldest_pending_age: Some(Duration::from_secs(1)),
-                retrying: 0,
+                ..Backlog::default()
             }),
             ..JobStreamStatus::default()
         }
@@ -242,7 +242,7 @@ mod tests {
         s.backlog = Some(Backlog {
             pending: 10,
             oldest_pending_age: Some(Duration::from_secs(600)),
-            retrying: 0,
+            ..Backlog::default()
         });
         let r = database_report(&s, 0, &HealthThresholds::default(), "db", now);
         assert!(!r.healthy);

@@ -101,6 +101,15 @@ impl HealthServer {
         self
     }
 
+    /// Serves `metrics` in the Prometheus text format at `GET /metrics`.
+    pub fn metrics(self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.text(
+            "/metrics",
+            "text/plain; version=0.0.4; charset=utf-8",
+            move || metrics.encode(),
+        )
+    }
+
     /// Every path served.
     pub fn paths(&self) -> Vec<&str> {
         self.checks

@@ -37,6 +37,7 @@ use crate::config::AmqpUrl;
 use crate::dead_letter::{self, Kind};
 use crate::document::{Action, Documents};
 use crate::envelope::{Envelope, JOB_ID_HEADER};
+use crate::metrics::{self, Metrics};
 use crate::outbox::{Failure, Outbox};
 use crate::outcome::{Done, Outcome, classify};
 use crate::status::StatusCell;
@@ -66,6 +67,8 @@ pub struct IndexerConfig {
     pub reconnect: Backoff,
     /// The connection's name in the management UI.
     pub connection_name: String,
+    /// Where deliveries, bulk requests and outcomes are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for IndexerConfig {
@@ -83,6 +86,7 @@ impl Default for IndexerConfig {
             circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             reconnect: Backoff::default(),
             connection_name: "benalsam-consumer".to_owned(),
+            metrics: Metrics::shared(),
         }
     }
 }
@@ -163,6 +167,8 @@ impl Status {
 struct Pending {
     delivery: Delivery,
     job_id: i64,
+    /// When the change was committed, for the end-to-end latency.
+    occurred_at: Option<SystemTime>,
     action: Action,
     bytes: usize,
     attempts: u32,
@@ -254,6 +260,10 @@ impl Run<'_> {
 
     fn status(&self) -> &Status {
         &self.indexer.status
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.indexer.config.metrics
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) {
@@ -370,6 +380,7 @@ impl Run<'_> {
     /// Decodes and builds one delivery; what cannot be indexed is dead-lettered at once.
     async fn admit(&mut self, delivery: Delivery, batch: &mut Vec<Pending>) {
         self.status().lock().received += 1;
+        self.metrics().deliveries_received.inc();
         let envelope = match Envelope::decode(&delivery.data) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -393,6 +404,7 @@ impl Run<'_> {
                 batch.push(Pending {
                     delivery,
                     job_id: envelope.job_id,
+                    occurred_at: humantime::parse_rfc3339(&envelope.occurred_at).ok(),
                     action,
                     bytes,
                     attempts: 0,
@@ -437,7 +449,10 @@ impl Run<'_> {
             .await;
         }
         self.status().lock().dead_lettered += 1;
-        let _ = delivery.ack(BasicAckOptions::default()).await;
+        Metrics::inc(&self.metrics().deliveries_dead_lettered, kind.as_str());
+        if delivery.ack(BasicAckOptions::default()).await.is_ok() {
+            self.metrics().deliveries_acked.inc();
+        }
     }
 
     /// Sends one batch; returns false when shutdown interrupted an outage.
@@ -454,6 +469,7 @@ impl Run<'_> {
                 Ok(results) if !all_unavailable(&batch, &results) => {
                     self.breaker.success();
                     self.status().lock().circuit = self.breaker.state();
+                    self.metrics().circuit_open.set(0);
                     break results;
                 }
                 outcome => {
@@ -466,6 +482,7 @@ impl Run<'_> {
                     };
                     let wait = self.breaker.failure(SystemTime::now());
                     self.status().lock().circuit = self.breaker.state();
+                    self.metrics().circuit_open.set(1);
                     self.status().error(&why);
                     tracing::warn!(reason = %why, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");
                     tokio::select! {
@@ -480,7 +497,9 @@ impl Run<'_> {
         let mut done = Vec::new();
         let mut rejected = Vec::new();
         for (pending, result) in batch.into_iter().zip(&results) {
-            match classify(pending.action.is_delete(), result) {
+            let outcome = classify(pending.action.is_delete(), result);
+            Metrics::inc(&self.metrics().bulk_items, outcome_kind(&outcome));
+            match outcome {
                 Outcome::Done(kind) => {
                     let mut s = self.status().lock();
                     match kind {
@@ -488,6 +507,13 @@ impl Run<'_> {
                         Done::Applied => s.indexed += 1,
                         Done::AlreadyGone => s.deleted += 1,
                         Done::Superseded => s.superseded += 1,
+                    }
+                    if kind == Done::Applied
+                        && let Some(latency) = pending
+                            .occurred_at
+                            .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    {
+                        Metrics::observe(&self.metrics().end_to_end_latency, latency);
                     }
                     done.push(pending);
                 }
@@ -511,11 +537,17 @@ impl Run<'_> {
         // Completed first, acked after: a crash in between means a harmless redelivery.
         let ids: Vec<i64> = done.iter().map(|p| p.job_id).collect();
         if self.record_completed(&ids, shutdown).await {
+            self.metrics().jobs_completed.inc_by(ids.len() as u64);
             // Sent together: one ack at a time would wait on the connection's loop each time.
             let acks = done
                 .iter()
                 .map(|pending| pending.delivery.ack(BasicAckOptions::default()));
-            futures::future::join_all(acks).await;
+            let acked = futures::future::join_all(acks)
+                .await
+                .iter()
+                .filter(|r| r.is_ok())
+                .count();
+            self.metrics().deliveries_acked.inc_by(acked as u64);
         }
         for (pending, kind, reason) in rejected {
             self.reject(pending.delivery, Some(pending.job_id), kind, &reason)
@@ -526,6 +558,8 @@ impl Run<'_> {
 
     async fn bulk(&mut self, items: &[BulkItem]) -> Result<Vec<ItemResult>, String> {
         let started = Instant::now();
+        let metrics = Arc::clone(&self.indexer.config.metrics);
+        metrics.bulk_size.observe(items.len() as f64);
         let answer = crate::search::request(
             &self.indexer.search,
             Method::Post,
@@ -534,7 +568,11 @@ impl Run<'_> {
             "application/x-ndjson",
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            Metrics::inc(&metrics.bulk_requests, "failed");
+            e.to_string()
+        })?;
+        Metrics::observe(&metrics.bulk_duration, started.elapsed());
         {
             let mut s = self.status().lock();
             s.bulk_requests += 1;
@@ -544,8 +582,10 @@ impl Run<'_> {
         }
         let (status, body) = answer;
         if !status.is_success() {
+            Metrics::inc(&metrics.bulk_requests, "failed");
             return Err(format!("bulk request answered {status}: {body}"));
         }
+        Metrics::inc(&metrics.bulk_requests, "ok");
         bulk::parse_response(&body, items.len())
     }
 
@@ -589,9 +629,28 @@ impl Run<'_> {
         };
         let queue = depth(&link.dead_letters, &self.config().queue).await;
         let dlq = depth(&link.dead_letters, DEAD_LETTER_QUEUE).await;
+        for (name, depth) in [(SYNC_QUEUE, queue), (DEAD_LETTER_QUEUE, dlq)] {
+            if let Some(depth) = depth {
+                self.metrics()
+                    .queue_messages
+                    .get_or_create(&metrics::Queue { queue: name })
+                    .set(i64::from(depth));
+            }
+        }
         let mut s = self.status().lock();
         s.queue_depth = queue;
         s.dlq_depth = dlq;
+    }
+}
+
+/// The `bulk_items` label of an outcome.
+fn outcome_kind(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Done(Done::Applied) => "applied",
+        Outcome::Done(Done::Superseded) => "superseded",
+        Outcome::Done(Done::AlreadyGone) => "already_gone",
+        Outcome::Retry(_) => "retry",
+        Outcome::Permanent(_) => "permanent",
     }
 }
 

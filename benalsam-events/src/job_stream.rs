@@ -24,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::config::validate_identifier;
 use crate::job::{ClaimKind, Job};
 use crate::listener::Listener;
+use crate::metrics::{self, Metrics};
 use crate::outbox::{Backlog, Outbox};
 use crate::status::StatusCell;
 use crate::{Error, Result};
@@ -56,6 +57,8 @@ pub struct JobStreamConfig {
     pub wake: Wake,
     /// Delays between attempts while PostgreSQL is unreachable.
     pub reconnect: Backoff,
+    /// Where claims, reclaims and the sampled backlog are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for JobStreamConfig {
@@ -67,6 +70,7 @@ impl Default for JobStreamConfig {
                 channel: DEFAULT_CHANNEL.to_owned(),
             },
             reconnect: Backoff::default(),
+            metrics: Metrics::shared(),
         }
     }
 }
@@ -243,6 +247,15 @@ impl Claimer {
                 Ok(jobs) => {
                     self.failures = 0;
                     self.status.record_claim(&jobs);
+                    let retries =
+                        jobs.iter().filter(|j| j.claim == ClaimKind::Retry).count() as u64;
+                    let claimed = &self.config.metrics.jobs_claimed;
+                    claimed
+                        .get_or_create(&metrics::Kind { kind: "fresh" })
+                        .inc_by(jobs.len() as u64 - retries);
+                    claimed
+                        .get_or_create(&metrics::Kind { kind: "retry" })
+                        .inc_by(retries);
                     self.drained = jobs.len() < self.config.batch_size;
                     if jobs.is_empty() {
                         continue;
@@ -269,11 +282,30 @@ impl Claimer {
                 "reclaimed jobs whose lease expired (a bridge died or stalled)"
             );
             self.status.lock().reclaimed += reclaimed.len() as u64;
+            self.config
+                .metrics
+                .jobs_reclaimed
+                .inc_by(reclaimed.len() as u64);
             // They are pending again: claim them now, not at the next tick.
             self.drained = false;
         }
         let backlog = self.outbox.backlog().await?;
         self.status.lock().backlog = Some(backlog);
+        let m = &self.config.metrics;
+        for (status, jobs) in [
+            ("pending", backlog.pending),
+            ("processing", backlog.processing),
+            ("sent", backlog.sent),
+            ("retrying", backlog.retrying),
+        ] {
+            m.queue_jobs
+                .get_or_create(&metrics::Status { status })
+                .set(jobs);
+        }
+        let seconds = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+        m.oldest_pending_age
+            .set(seconds(backlog.oldest_pending_age));
+        m.oldest_sent_age.set(seconds(backlog.oldest_sent_age));
         Ok(())
     }
 

@@ -26,6 +26,7 @@
 //!   the listings index (mapping, alias, bootstrap); [`bulk`]: `_bulk` encoding and answers;
 //!   [`outcome`]: the pure classifier of bulk item answers.
 //! * [`consumer`]: the consumer's health verdicts.
+//! * [`metrics`]: the Prometheus registry every component records into.
 //! * [`bridge`]: the bridge's health verdicts and the resender of sent-but-never-completed
 //!   jobs.
 //! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
@@ -85,6 +86,7 @@ pub mod indexer;
 pub mod job;
 pub mod job_stream;
 mod listener;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod outcome;

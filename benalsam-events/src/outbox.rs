@@ -96,8 +96,9 @@ pub struct Marked {
     pub unchanged: Vec<i64>,
 }
 
-/// Live work in the queue, for health checks.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Live work in the queue, for health checks and metrics. Counted on the partial indexes of
+/// the live states only, so it stays cheap with millions of completed rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Backlog {
     /// Jobs waiting to be claimed.
     pub pending: i64,
@@ -105,6 +106,12 @@ pub struct Backlog {
     pub oldest_pending_age: Option<Duration>,
     /// Failed jobs that will be retried.
     pub retrying: i64,
+    /// Jobs claimed, not yet confirmed.
+    pub processing: i64,
+    /// Jobs confirmed by the broker, not yet completed.
+    pub sent: i64,
+    /// Age of the oldest of those, by when it was sent.
+    pub oldest_sent_age: Option<Duration>,
 }
 
 /// The outbox of one schema, over one PostgreSQL connection that is opened on first use and
@@ -302,8 +309,8 @@ impl Outbox {
         Ok(marked(&ids, sorted_ids(&rows)))
     }
 
-    /// Counts the live backlog: pending jobs, the age of the oldest, and failed jobs that
-    /// will be retried.
+    /// Counts the live backlog: pending jobs and the age of the oldest, failed jobs that will
+    /// be retried, processing jobs, sent jobs and the age of the oldest.
     pub async fn backlog(&self) -> Result<Backlog> {
         let conn = self.conn().await?;
         let row = conn
@@ -311,11 +318,17 @@ impl Outbox {
             .query_one(&conn.stmts.backlog, &[])
             .await
             .map_err(|e| Error::postgres("counting the backlog", e))?;
-        let age: Option<f64> = row.get(1);
+        let age = |i: usize| {
+            row.get::<_, Option<f64>>(i)
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        };
         Ok(Backlog {
             pending: row.get(0),
-            oldest_pending_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            oldest_pending_age: age(1),
             retrying: row.get(2),
+            processing: row.get(3),
+            sent: row.get(4),
+            oldest_sent_age: age(5),
         })
     }
 
@@ -490,7 +503,11 @@ impl Sql {
                         (SELECT extract(epoch FROM now() - min(created_at))::float8
                          FROM {q} WHERE status = 'pending'),
                         (SELECT count(*) FROM {q}
-                         WHERE status = 'failed' AND next_attempt_at IS NOT NULL)"
+                         WHERE status = 'failed' AND next_attempt_at IS NOT NULL),
+                        (SELECT count(*) FROM {q} WHERE status = 'processing'),
+                        (SELECT count(*) FROM {q} WHERE status = 'sent'),
+                        (SELECT extract(epoch FROM now() - min(sent_at))::float8
+                         FROM {q} WHERE status = 'sent')"
             ),
             purge_completed: format!(
                 "DELETE FROM {q} WHERE id IN (

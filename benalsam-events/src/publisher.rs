@@ -41,6 +41,7 @@ use crate::backoff::Backoff;
 use crate::config::AmqpUrl;
 use crate::envelope::Envelope;
 use crate::job::Job;
+use crate::metrics::Metrics;
 use crate::outbox::{Failure, Outbox};
 use crate::routing::Routes;
 use crate::status::StatusCell;
@@ -61,6 +62,8 @@ pub struct PublisherConfig {
     pub app_id: String,
     /// The connection's name in the management UI.
     pub connection_name: String,
+    /// Where publishes, confirms and failures are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for PublisherConfig {
@@ -72,6 +75,7 @@ impl Default for PublisherConfig {
             reconnect: Backoff::default(),
             app_id: "benalsam-bridge".to_owned(),
             connection_name: "benalsam-bridge publisher".to_owned(),
+            metrics: Metrics::shared(),
         }
     }
 }
@@ -215,8 +219,8 @@ struct Worker {
     link: Option<Link>,
     /// Jobs to publish, those to publish again first.
     queue: VecDeque<Job>,
-    /// Published jobs awaiting their confirm, by publish sequence.
-    unconfirmed: HashMap<u64, Job>,
+    /// Published jobs awaiting their confirm, by publish sequence, with when they went out.
+    unconfirmed: HashMap<u64, (Job, Instant)>,
     confirms: FuturesUnordered<ConfirmFuture>,
     next_seq: u64,
     /// Confirmed, to be marked `sent`.
@@ -314,6 +318,7 @@ impl Worker {
     async fn publish(&mut self, job: Job) {
         let Some(event_type) = self.routes.for_table(&job.table_name) else {
             self.fail(
+                "unrouted_table",
                 job.id,
                 format!(
                     "no event type is configured for table {:?}; add one to the bridge's routes",
@@ -329,6 +334,7 @@ impl Worker {
             ShortString::try_new(route.routing_key.as_str()),
         ) else {
             self.fail(
+                "unrouted_table",
                 job.id,
                 format!(
                     "routing key {:?} is longer than 255 bytes",
@@ -349,6 +355,7 @@ impl Worker {
                 }
                 Ok(false) => {
                     self.fail(
+                        "refused",
                         job.id,
                         format!(
                             "exchange {:?} does not exist; declare the topology (benalsam-bridge does at start)",
@@ -367,6 +374,7 @@ impl Worker {
         }
         let envelope = Envelope::new(&job, &route);
         let properties = envelope.properties(&self.config.app_id, job.traceparent.as_deref());
+        let publishing = Instant::now();
         let published = link
             .channel
             .basic_publish(
@@ -382,9 +390,12 @@ impl Worker {
             .await;
         match published {
             Ok(confirm) => {
+                let metrics = &self.config.metrics;
+                Metrics::observe(&metrics.publish_duration, publishing.elapsed());
+                metrics.jobs_published.inc();
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.unconfirmed.insert(seq, job);
+                self.unconfirmed.insert(seq, (job, publishing));
                 self.confirms
                     .push(async move { (seq, confirm.await) }.boxed());
                 let mut s = self.status.lock();
@@ -401,9 +412,13 @@ impl Worker {
 
     fn confirmed(&mut self, seq: u64, result: lapin::Result<Confirmation>) {
         // Gone if the link was reset meanwhile: the job is queued to be published again.
-        let Some(job) = self.unconfirmed.remove(&seq) else {
+        let Some((job, published_at)) = self.unconfirmed.remove(&seq) else {
             return;
         };
+        Metrics::observe(
+            &self.config.metrics.confirm_duration,
+            published_at.elapsed(),
+        );
         {
             let mut s = self.status.lock();
             s.unconfirmed = self.unconfirmed.len();
@@ -415,6 +430,7 @@ impl Worker {
                 self.marks_due.get_or_insert(Instant::now() + self.config.mark_interval);
             }
             Ok(Confirmation::Ack(Some(returned))) => self.fail(
+                "unroutable",
                 job.id,
                 format!(
                     "unroutable: no queue is bound to exchange {} for routing key {} (broker returned {} {})",
@@ -426,10 +442,10 @@ impl Worker {
                 true,
             ),
             Ok(Confirmation::Nack(_)) => {
-                self.fail(job.id, "the broker refused the message (nack)".to_owned(), true);
+                self.fail("nack", job.id, "the broker refused the message (nack)".to_owned(), true);
             }
             Ok(Confirmation::NotRequested) => {
-                self.fail(job.id, "the channel was not in confirm mode".to_owned(), true);
+                self.fail("nack", job.id, "the channel was not in confirm mode".to_owned(), true);
             }
             Err(error) => {
                 // A channel-level refusal (a missing exchange, say) is about the messages;
@@ -438,7 +454,7 @@ impl Worker {
                     && matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
                 {
                     let reason = format!("RabbitMQ closed the channel: {}", amqp.get_message());
-                    self.fail(job.id, reason.clone(), true);
+                    self.fail("refused", job.id, reason.clone(), true);
                     self.link_lost(Some(Error::amqp(reason, error)));
                 } else {
                     self.queue.push_front(job);
@@ -448,8 +464,9 @@ impl Worker {
         }
     }
 
-    fn fail(&mut self, id: i64, error: String, retry: bool) {
+    fn fail(&mut self, kind: &'static str, id: i64, error: String, retry: bool) {
         tracing::warn!(job = id, %error, retry, "publish failed");
+        Metrics::inc(&self.config.metrics.jobs_publish_failed, kind);
         self.failures.push(Failure { id, error, retry });
         self.marks_due
             .get_or_insert(Instant::now() + self.config.mark_interval);
@@ -464,7 +481,11 @@ impl Worker {
         self.link = None;
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
-        let mut orphans: Vec<Job> = self.unconfirmed.drain().map(|(_, job)| job).collect();
+        let mut orphans: Vec<Job> = self.unconfirmed.drain().map(|(_, (job, _))| job).collect();
+        self.config
+            .metrics
+            .jobs_republished
+            .inc_by(orphans.len() as u64);
         orphans.sort_unstable_by_key(|j| std::cmp::Reverse(j.id));
         let mut s = self.status.lock();
         s.connected = false;
@@ -501,6 +522,10 @@ impl Worker {
                         tracing::debug!(jobs = ?marked.unchanged, "confirmed jobs were already sent or completed");
                     }
                     self.status.lock().confirmed += self.sent.len() as u64;
+                    self.config
+                        .metrics
+                        .jobs_confirmed
+                        .inc_by(self.sent.len() as u64);
                     self.sent.clear();
                 }
                 Err(error) => {

@@ -387,16 +387,16 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
         .batch_execute("UPDATE elasticsearch_sync_queue SET sent_at = now() - interval '1 hour'")
         .await
         .expect("age");
-    let resent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let metrics = benalsam_events::metrics::Metrics::shared();
     let stop = CancellationToken::new();
     let resender = tokio::spawn(benalsam_events::bridge::resend_stale(
         outbox,
         Duration::from_secs(2),
-        Arc::clone(&resent),
+        Arc::clone(&metrics),
         stop.clone(),
     ));
     let started = std::time::Instant::now();
-    while resent.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+    while metrics.jobs_resent.get() < 3 {
         assert!(started.elapsed() < PATIENCE, "the resender picks them up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -2,15 +2,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
 use benalsam_events::bridge::{self, BridgeMonitor, HealthThresholds};
 use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, RabbitArgs, TopologyArgs};
 use benalsam_events::health::HealthServer;
+use benalsam_events::metrics::Metrics;
 use benalsam_events::routing::Routes;
-use benalsam_events::{JobStream, Outbox, Publisher, admin, heartbeat, postgres};
+use benalsam_events::{
+    JobStream, JobStreamConfig, Outbox, Publisher, PublisherConfig, admin, heartbeat, postgres,
+};
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 
@@ -231,26 +233,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let metrics = Metrics::shared();
     let outbox = Outbox::new(
         db.database_url.clone(),
         cli.bridge.outbox_config(&db.schema),
     )?;
     let jobs = JobStream::new(
         outbox.clone(),
-        cli.bridge.job_stream_config(),
+        JobStreamConfig {
+            metrics: Arc::clone(&metrics),
+            ..cli.bridge.job_stream_config()
+        },
         shutdown.clone(),
     )?;
     let publisher = Publisher::new(
         rabbit.clone(),
         outbox.clone(),
         Routes::default(),
-        cli.bridge.publisher_config(),
+        PublisherConfig {
+            metrics: Arc::clone(&metrics),
+            ..cli.bridge.publisher_config()
+        },
     );
 
     let monitor = Arc::new(BridgeMonitor {
         stream: jobs.status(),
         publisher: publisher.status(),
-        resent: Arc::new(AtomicU64::new(0)),
+        metrics: Arc::clone(&metrics),
         thresholds: HealthThresholds {
             max_pending_age: cli.bridge.max_pending_age,
             ..HealthThresholds::default()
@@ -269,7 +278,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .check("/api/v1/health/database-trigger-bridge", move || {
             std::future::ready(m2.database()).boxed()
-        });
+        })
+        .metrics(Arc::clone(&metrics));
     let background = shutdown.child_token();
     let tasks = [
         tokio::spawn(health.serve(health_listener, background.clone())),
@@ -283,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(bridge::resend_stale(
             outbox,
             cli.bridge.resend_after,
-            Arc::clone(&monitor.resent),
+            Arc::clone(&metrics),
             background.clone(),
         )),
     ];

@@ -122,6 +122,37 @@ async fn sigterm_leaves_nothing_half_done_and_health_answers_meanwhile() {
         assert!(body["details"].is_object());
     }
 
+    // /metrics parses as exposition text, its counters moved, and the health answer shows
+    // the same numbers.
+    let metrics = support::scrape(port).await;
+    let published = support::sample(&metrics, "benalsam_jobs_published_total", &[]);
+    assert!(published >= 4000.0, "published {published}");
+    assert!(support::sample(&metrics, "benalsam_jobs_confirmed_total", &[]) >= 4000.0);
+    assert!(
+        support::sample(
+            &metrics,
+            "benalsam_jobs_claimed_total",
+            &[("kind", "fresh")]
+        ) >= 4000.0
+    );
+    assert!(
+        support::sample(&metrics, "benalsam_confirm_duration_seconds", &[]) >= 4000.0,
+        "confirm latency observed"
+    );
+    let rabbitmq: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/health/rabbitmq"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        rabbitmq["details"]["published"].as_f64(),
+        Some(published),
+        "health and metrics agree"
+    );
+
     // More work arrives, and SIGTERM comes while it is being published.
     insert_in_transactions(&db, 4, 1000).await;
     wait_for_sent(&db, 4100).await;

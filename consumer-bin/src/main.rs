@@ -12,7 +12,8 @@ use benalsam_events::cli::{
 use benalsam_events::consumer::ConsumerMonitor;
 use benalsam_events::dead_letter::{self, Selection};
 use benalsam_events::health::HealthServer;
-use benalsam_events::{Indexer, Outbox, OutboxConfig, heartbeat, search};
+use benalsam_events::metrics::Metrics;
+use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig, heartbeat, search};
 use clap::{Parser, Subcommand};
 use futures::FutureExt;
 
@@ -169,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let metrics = Metrics::shared();
     let outbox = Outbox::new(
         db.database_url.clone(),
         OutboxConfig {
@@ -181,7 +183,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         client,
         outbox,
         cli.consumer.documents(),
-        cli.consumer.indexer_config(),
+        IndexerConfig {
+            metrics: Arc::clone(&metrics),
+            ..cli.consumer.indexer_config()
+        },
     );
     let monitor = Arc::new(ConsumerMonitor {
         indexer: indexer.status(),
@@ -200,7 +205,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .check("/api/v1/health/rabbitmq", move || {
             std::future::ready(m2.rabbitmq()).boxed()
-        });
+        })
+        .metrics(Arc::clone(&metrics));
     let background = shutdown.child_token();
     let tasks = [
         tokio::spawn(health.serve(health_listener, background.clone())),

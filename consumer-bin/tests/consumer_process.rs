@@ -98,6 +98,42 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         );
     }
 
+    let metrics = support::scrape(port).await;
+    assert!(support::sample(&metrics, "benalsam_deliveries_received_total", &[]) >= 500.0);
+    assert!(support::sample(&metrics, "benalsam_jobs_completed_total", &[]) >= 500.0);
+    assert!(
+        support::sample(
+            &metrics,
+            "benalsam_bulk_items_total",
+            &[("kind", "applied")]
+        ) >= 500.0
+    );
+    assert!(support::sample(&metrics, "benalsam_bulk_requests_total", &[("kind", "ok")]) >= 1.0);
+    assert!(
+        support::sample(&metrics, "benalsam_end_to_end_latency_seconds", &[]) >= 500.0,
+        "latency observed"
+    );
+    assert_eq!(support::sample(&metrics, "benalsam_circuit_open", &[]), 0.0);
+    let health: serde_json::Value = http
+        .get(format!(
+            "http://127.0.0.1:{port}/api/v1/health/elasticsearch-service"
+        ))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        health["details"]["received"].as_f64(),
+        Some(support::sample(
+            &metrics,
+            "benalsam_deliveries_received_total",
+            &[]
+        )),
+        "health and metrics agree"
+    );
+
     // SIGTERM while more work flows: whatever is not completed stays in the queue.
     db.insert_listings(2000).await;
     while db.count("completed").await < 600 {
