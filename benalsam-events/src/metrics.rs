@@ -74,7 +74,7 @@ pub struct Metrics {
     pub deliveries_received: Counter,
     /// Deliveries acked after their outcome was recorded.
     pub deliveries_acked: Counter,
-    /// Deliveries dead-lettered, by `kind` (`malformed`, `rejected`, `retries_exhausted`).
+    /// Deliveries dead-lettered, by `kind` (`malformed`, `rejected`, `retries-exhausted`).
     pub deliveries_dead_lettered: Family<Kind, Counter>,
     /// Bulk requests, by `kind` (`ok`, `failed`).
     pub bulk_requests: Family<Kind, Counter>,
@@ -130,6 +130,42 @@ impl Metrics {
             end_to_end_latency: Histogram::new(exponential_buckets(0.005, 2.0, 18)),
             queue_messages: Family::default(),
         };
+        // Every label value exists from the start, so each series is there (at zero) before
+        // its first event: dashboards and alerts see zeros, not gaps.
+        let kinds = |family: &Family<Kind, Counter>, kinds: &[&'static str]| {
+            for kind in kinds {
+                let _ = family.get_or_create(&Kind { kind });
+            }
+        };
+        kinds(&m.jobs_claimed, &["fresh", "retry"]);
+        kinds(
+            &m.jobs_publish_failed,
+            &["unroutable", "nack", "refused", "unrouted_table"],
+        );
+        kinds(
+            &m.deliveries_dead_lettered,
+            &["malformed", "rejected", "retries-exhausted"],
+        );
+        kinds(&m.bulk_requests, &["ok", "failed"]);
+        kinds(
+            &m.bulk_items,
+            &[
+                "applied",
+                "superseded",
+                "already_gone",
+                "retry",
+                "permanent",
+            ],
+        );
+        for status in ["pending", "processing", "sent", "retrying"] {
+            let _ = m.queue_jobs.get_or_create(&Status { status });
+        }
+        for queue in [
+            crate::topology::SYNC_QUEUE,
+            crate::topology::DEAD_LETTER_QUEUE,
+        ] {
+            let _ = m.queue_messages.get_or_create(&Queue { queue });
+        }
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
             r.register(

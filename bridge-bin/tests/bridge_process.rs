@@ -267,3 +267,86 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
         }
     }
 }
+
+/// Metric names in a PromQL text: `benalsam_…`, without the suffixes the exposition adds.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("benalsam_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn dashboard_and_alert_rules_are_valid_and_name_only_real_metrics() {
+    // The alert rules, checked by Prometheus's own tool.
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docker/prometheus/alerts.yml"
+    );
+    let checked = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("promtool is installed (scripts/stack up installs it)");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+
+    // The dashboard parses, and every panel has a query.
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../../docker/grafana/dashboards/benalsam.json"
+    ))
+    .expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    assert!(panels.iter().all(|p| p["targets"][0]["expr"].is_string()));
+
+    // Every metric they name is served by a real bridge.
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let port = free_port();
+    let mut child = bridge(&db, &vhost, port).spawn().expect("start bridge");
+    let started = Instant::now();
+    let served = loop {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            break response.text().await.expect("body");
+        }
+        assert!(started.elapsed() < PATIENCE, "the bridge serves /metrics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    terminate(&child);
+    wait_exit(&mut child).await;
+    let exposed: std::collections::BTreeSet<String> = served
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let named = metric_names(include_str!(
+        "../../docker/grafana/dashboards/benalsam.json"
+    ))
+    .into_iter()
+    .chain(metric_names(include_str!(
+        "../../docker/prometheus/alerts.yml"
+    )));
+    for name in named {
+        assert!(
+            exposed.contains(&name),
+            "{name} is not in /metrics: {exposed:?}"
+        );
+    }
+    db.drop().await;
+    vhost.drop().await;
+}
