@@ -127,15 +127,14 @@ impl DatabaseArgs {
     }
 }
 
-/// Installs the log output of the binaries: text on stderr, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+/// Log output.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log lines as text or json (filtered by RUST_LOG; traces are exported when the standard
+    /// OTEL_* variables ask for it, e.g. OTEL_EXPORTER_OTLP_ENDPOINT)
+    #[arg(long, env = "BENALSAM_LOG_FORMAT", default_value = "text",
+          value_parser = |s: &str| s.parse::<crate::telemetry::LogFormat>().map_err(|e| e.to_string()))]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// Parses a duration such as `500ms`, `1s`, `15m`, `1h 30m`.

@@ -29,6 +29,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::bulk::{self, BulkItem, ItemResult};
@@ -36,11 +37,12 @@ use crate::circuit::{CircuitBreaker, CircuitState};
 use crate::config::AmqpUrl;
 use crate::dead_letter::{self, Kind};
 use crate::document::{Action, Documents};
-use crate::envelope::{Envelope, JOB_ID_HEADER};
+use crate::envelope::{Envelope, JOB_ID_HEADER, TRACEPARENT_HEADER};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{Failure, Outbox};
 use crate::outcome::{Done, Outcome, classify};
 use crate::status::StatusCell;
+use crate::telemetry;
 use crate::topology::{DEAD_LETTER_QUEUE, SYNC_QUEUE};
 use crate::{Error, Result};
 
@@ -172,6 +174,8 @@ struct Pending {
     action: Action,
     bytes: usize,
     attempts: u32,
+    /// The consumer span of this message, continuing the job's trace; ends with the message.
+    span: tracing::Span,
     not_before: Instant,
 }
 
@@ -395,6 +399,18 @@ impl Run<'_> {
                 return;
             }
         };
+        let span = tracing::info_span!(
+            "process",
+            otel.kind = "consumer",
+            otel.name = %format!("{} process", self.config().queue),
+            messaging.system = "rabbitmq",
+            messaging.destination.name = %self.config().queue,
+            messaging.message.id = %envelope.message_id,
+            job.id = envelope.job_id,
+        );
+        if let Some(parent) = header_text(&delivery, TRACEPARENT_HEADER) {
+            telemetry::set_parent(&span, &parent);
+        }
         match self.indexer.documents.build(&envelope) {
             Ok(action) => {
                 let bytes = match &action {
@@ -408,6 +424,7 @@ impl Run<'_> {
                     action,
                     bytes,
                     attempts: 0,
+                    span,
                     not_before: Instant::now(),
                 });
             }
@@ -464,8 +481,13 @@ impl Run<'_> {
                 version: p.job_id,
             })
             .collect();
+        // One span per bulk request, linked to the messages it carries.
+        let bulk_span = tracing::info_span!("bulk", otel.kind = "client", actions = items.len());
+        for pending in &batch {
+            telemetry::link(&bulk_span, &pending.span);
+        }
         let results = loop {
-            match self.bulk(&items).await {
+            match self.bulk(&items).instrument(bulk_span.clone()).await {
                 Ok(results) if !all_unavailable(&batch, &results) => {
                     self.breaker.success();
                     self.status().lock().circuit = self.breaker.state();
@@ -640,6 +662,17 @@ impl Run<'_> {
         let mut s = self.status().lock();
         s.queue_depth = queue;
         s.dlq_depth = dlq;
+    }
+}
+
+/// A text header of a delivery.
+fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
     }
 }
 

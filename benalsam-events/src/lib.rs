@@ -26,7 +26,8 @@
 //!   the listings index (mapping, alias, bootstrap); [`bulk`]: `_bulk` encoding and answers;
 //!   [`outcome`]: the pure classifier of bulk item answers.
 //! * [`consumer`]: the consumer's health verdicts.
-//! * [`metrics`]: the Prometheus registry every component records into.
+//! * [`metrics`]: the Prometheus registry every component records into; [`telemetry`]: log
+//!   output and OpenTelemetry traces across the three hops.
 //! * [`bridge`]: the bridge's health verdicts and the resender of sent-but-never-completed
 //!   jobs.
 //! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
@@ -96,6 +97,7 @@ pub mod redact;
 pub mod routing;
 pub mod search;
 pub mod status;
+pub mod telemetry;
 pub mod topology;
 
 // The clients whose types appear in this API, so users need not match versions by hand.

@@ -39,12 +39,13 @@ use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
 use crate::config::AmqpUrl;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, trace_id_of};
 use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::outbox::{Failure, Outbox};
 use crate::routing::Routes;
 use crate::status::StatusCell;
+use crate::telemetry;
 use crate::{Error, Result};
 
 /// Settings of a [`Publisher`].
@@ -199,6 +200,14 @@ impl Sink<Job> for Publisher {
     }
 }
 
+/// A published job awaiting its confirm.
+struct InFlight {
+    job: Job,
+    published_at: Instant,
+    /// The producer span of this publish; it ends with the confirm.
+    _span: tracing::Span,
+}
+
 /// An open connection and its confirm-mode channel.
 struct Link {
     connection: Connection,
@@ -220,7 +229,7 @@ struct Worker {
     /// Jobs to publish, those to publish again first.
     queue: VecDeque<Job>,
     /// Published jobs awaiting their confirm, by publish sequence, with when they went out.
-    unconfirmed: HashMap<u64, (Job, Instant)>,
+    unconfirmed: HashMap<u64, InFlight>,
     confirms: FuturesUnordered<ConfirmFuture>,
     next_seq: u64,
     /// Confirmed, to be marked `sent`.
@@ -372,8 +381,27 @@ impl Worker {
                 }
             }
         }
-        let envelope = Envelope::new(&job, &route);
-        let properties = envelope.properties(&self.config.app_id, job.traceparent.as_deref());
+        // The producer span of this job's trace: its parent is the writer's trace context,
+        // and its own context travels in the message to the consumer.
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            otel.name = %format!("{} publish", route.exchange),
+            messaging.system = "rabbitmq",
+            messaging.destination.name = %route.exchange,
+            messaging.rabbitmq.destination.routing_key = %route.routing_key,
+            messaging.message.id = %job.message_id(),
+            job.id = job.id,
+        );
+        if let Some(parent) = job.traceparent.as_deref() {
+            telemetry::set_parent(&span, parent);
+        }
+        let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
+        let mut envelope = Envelope::new(&job, &route);
+        if let Some(trace_id) = traceparent.as_deref().and_then(trace_id_of) {
+            envelope.trace_id = Some(trace_id.to_owned());
+        }
+        let properties = envelope.properties(&self.config.app_id, traceparent.as_deref());
         let publishing = Instant::now();
         let published = link
             .channel
@@ -395,7 +423,14 @@ impl Worker {
                 metrics.jobs_published.inc();
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.unconfirmed.insert(seq, (job, publishing));
+                self.unconfirmed.insert(
+                    seq,
+                    InFlight {
+                        job,
+                        published_at: publishing,
+                        _span: span,
+                    },
+                );
                 self.confirms
                     .push(async move { (seq, confirm.await) }.boxed());
                 let mut s = self.status.lock();
@@ -412,7 +447,10 @@ impl Worker {
 
     fn confirmed(&mut self, seq: u64, result: lapin::Result<Confirmation>) {
         // Gone if the link was reset meanwhile: the job is queued to be published again.
-        let Some((job, published_at)) = self.unconfirmed.remove(&seq) else {
+        let Some(InFlight {
+            job, published_at, ..
+        }) = self.unconfirmed.remove(&seq)
+        else {
             return;
         };
         Metrics::observe(
@@ -481,7 +519,7 @@ impl Worker {
         self.link = None;
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
-        let mut orphans: Vec<Job> = self.unconfirmed.drain().map(|(_, (job, _))| job).collect();
+        let mut orphans: Vec<Job> = self.unconfirmed.drain().map(|(_, f)| f.job).collect();
         self.config
             .metrics
             .jobs_republished

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use benalsam_events::bridge::{self, BridgeMonitor, HealthThresholds};
-use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, RabbitArgs, TopologyArgs};
+use benalsam_events::cli::{self, BridgeArgs, DatabaseArgs, LogArgs, RabbitArgs, TopologyArgs};
 use benalsam_events::health::HealthServer;
 use benalsam_events::metrics::Metrics;
 use benalsam_events::routing::Routes;
@@ -32,6 +32,9 @@ struct Cli {
 
     #[command(flatten)]
     topology: TopologyArgs,
+
+    #[command(flatten)]
+    log: LogArgs,
 
     /// Address of the health endpoints
     #[arg(long, env = "BENALSAM_HEALTH_ADDR", default_value = "127.0.0.1:3001")]
@@ -101,8 +104,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_logging();
     let cli = Cli::parse();
+    let _telemetry = benalsam_events::telemetry::init("benalsam-bridge", cli.log.log_format)?;
     match cli.command {
         Some(Command::Migrate) => {
             let db = &cli.database;

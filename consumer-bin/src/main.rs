@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use benalsam_events::backoff::{Backoff, retry};
 use benalsam_events::cli::{
-    self, ConsumerArgs, DatabaseArgs, RabbitArgs, SearchArgs, TopologyArgs,
+    self, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs, TopologyArgs,
 };
 use benalsam_events::consumer::ConsumerMonitor;
 use benalsam_events::dead_letter::{self, Selection};
@@ -36,6 +36,9 @@ struct Cli {
 
     #[command(flatten)]
     topology: TopologyArgs,
+
+    #[command(flatten)]
+    log: LogArgs,
 
     /// Address of the health endpoints
     #[arg(long, env = "BENALSAM_HEALTH_ADDR", default_value = "127.0.0.1:3002")]
@@ -85,8 +88,8 @@ enum Dlq {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_logging();
     let cli = Cli::parse();
+    let _telemetry = benalsam_events::telemetry::init("benalsam-consumer", cli.log.log_format)?;
     let rabbit = &cli.rabbitmq.rabbitmq_url;
     match cli.command {
         Some(Command::Migrate) => {

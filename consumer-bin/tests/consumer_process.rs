@@ -141,6 +141,15 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
     }
     terminate(&child);
     assert!(wait_exit(&mut child).await.success(), "clean exit");
+    // Let the bridge publish the rest, so every job is either completed or in the queue.
+    let started = Instant::now();
+    while db.count("pending").await + db.count("processing").await > 0 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the bridge publishes everything"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     shutdown.cancel();
     bridge.await.expect("no panic").expect("bridge drained");
 
@@ -155,6 +164,11 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         })
         .collect();
     assert_eq!(db.count("failed").await, 0);
+    assert_eq!(
+        db.count("sent").await,
+        left_jobs.len() as i64,
+        "what is not completed is queued"
+    );
     assert!(
         completed + left_jobs.len() as i64 >= 2500,
         "every job is completed or still queued: {completed} completed, {} queued",
