@@ -1,0 +1,499 @@
+//! The whole pipeline against the machine's own limits, in one run on the local stack.
+//!
+//! 1. The limit of each hop alone, on the same data: PostgreSQL inserts without and with the
+//!    trigger (concurrent writers), RabbitMQ publish-with-confirms and consume of the same
+//!    envelopes with a bare client, Elasticsearch `_bulk` of the same documents with a bare
+//!    client.
+//! 2. The pipeline at full speed: writers run a mix of inserts, edits, status changes and
+//!    deletes while the real `benalsam-bridge` and `benalsam-consumer` binaries (separate
+//!    processes, release build) carry every change; throughput from the first commit to the
+//!    last job completed, latency from commit to indexed-and-completed, CPU seconds and peak
+//!    RSS of both processes.
+//! 3. The pipeline at a fixed rate of half that throughput: latency again.
+//!
+//! ```text
+//! scripts/stack up
+//! cargo build --release --bins
+//! cargo bench -p benalsam-events --bench pipeline
+//! ```
+//! Settings: `BENCH_OPS` (changes per full-speed run, default 40000), `BENCH_WRITERS`
+//! (default 4), `BENCH_MIX` (`insert,edit,status,delete` percentages, default `70,15,10,5`),
+//! `BENCH_RATE_SECONDS` (length of the fixed-rate run, default 20).
+
+mod common;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use benalsam_events::bulk::{self, BulkItem};
+use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
+use benalsam_events::document::{Documents, ListingDocuments};
+use benalsam_events::elasticsearch::http::Method;
+use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use benalsam_events::search::{self, IndexConfig};
+use common::{BenchEnv, BoxError, setting};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+
+/// What the writers do, in percent.
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    insert: u32,
+    edit: u32,
+    status: u32,
+}
+
+fn mix() -> Result<Mix, BoxError> {
+    let raw = std::env::var("BENCH_MIX").unwrap_or_else(|_| "70,15,10,5".to_owned());
+    let parts: Vec<u32> = raw
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()?;
+    match parts[..] {
+        [insert, edit, status, delete] if insert + edit + status + delete == 100 && insert > 0 => {
+            Ok(Mix {
+                insert,
+                edit,
+                status,
+            })
+        }
+        _ => Err(
+            format!("BENCH_MIX {raw:?}: four percentages adding up to 100, inserts first").into(),
+        ),
+    }
+}
+
+/// One writer: `ops` changes, single-statement transactions, at full speed or paced.
+async fn writer(
+    env: &BenchEnv,
+    table: &str,
+    seed: u64,
+    ops: usize,
+    mix: Mix,
+    pace: Option<Duration>,
+) -> Result<(), BoxError> {
+    let db = benalsam_events::postgres::connect(&env.db_url).await?;
+    db.batch_execute(&format!("SET search_path TO {}", env.name))
+        .await?;
+    let insert = db
+        .prepare(&format!(
+            "INSERT INTO {table} (user_id, title, description, category, status, latitude, longitude, location_city, attributes)
+             VALUES (gen_random_uuid(), $1, repeat('Az kullanılmış, bakımlı, faturalı. ', 8), 'spor', 'active', 41.0, 29.0, 'İstanbul', '{{\"renk\": \"kırmızı\"}}')
+             RETURNING id::text"
+        ))
+        .await?;
+    let edit = db
+        .prepare(&format!(
+            "UPDATE {table} SET description = $2, updated_at = now() WHERE id = $1::text::uuid"
+        ))
+        .await?;
+    let status = db
+        .prepare(&format!(
+            "UPDATE {table} SET status = $2 WHERE id = $1::text::uuid"
+        ))
+        .await?;
+    let delete = db
+        .prepare(&format!("DELETE FROM {table} WHERE id = $1::text::uuid"))
+        .await?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut alive: Vec<String> = Vec::new();
+    let mut ticks = pace.map(tokio::time::interval);
+    for n in 0..ops {
+        if let Some(t) = ticks.as_mut() {
+            t.tick().await;
+        }
+        let roll = rng.u32(..100);
+        if alive.is_empty() || roll < mix.insert {
+            let row = db
+                .query_one(&insert, &[&format!("Satılık bisiklet {seed}-{n}")])
+                .await?;
+            alive.push(row.get(0));
+        } else if roll < mix.insert + mix.edit {
+            let id = &alive[rng.usize(..alive.len())];
+            db.execute(&edit, &[id, &format!("Düzenlendi {n}")]).await?;
+        } else if roll < mix.insert + mix.edit + mix.status {
+            let id = &alive[rng.usize(..alive.len())];
+            let to = ["active", "sold", "inactive", "active"][rng.usize(..4)];
+            db.execute(&status, &[id, &to]).await?;
+        } else {
+            let id = alive.swap_remove(rng.usize(..alive.len()));
+            db.execute(&delete, &[&id]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `writers` writers for `ops` changes in all; returns the elapsed time.
+async fn write(
+    env: &BenchEnv,
+    table: &str,
+    writers: usize,
+    ops: usize,
+    mix: Mix,
+    rate: Option<f64>,
+) -> Result<Duration, BoxError> {
+    let started = Instant::now();
+    let pace = rate.map(|r| Duration::from_secs_f64(writers as f64 / r));
+    let runs = (0..writers).map(|w| writer(env, table, w as u64 + 1, ops / writers, mix, pace));
+    for result in futures::future::join_all(runs).await {
+        result?;
+    }
+    Ok(started.elapsed())
+}
+
+fn binary(name: &str) -> Result<PathBuf, BoxError> {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release").join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bin", name])
+            .status()?;
+        if !status.success() {
+            return Err(format!("cannot build {name}").into());
+        }
+    }
+    Ok(path)
+}
+
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn start(name: &str, env: &BenchEnv, index: &str, port: u16) -> Result<Self, BoxError> {
+        let child = Command::new(binary(name)?)
+            .env("DATABASE_URL", env.db_url.expose())
+            .env("BENALSAM_SCHEMA", &env.name)
+            .env("RABBITMQ_URL", env.url.expose())
+            .env(
+                "ELASTICSEARCH_URL",
+                SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?.expose(),
+            )
+            .env("BENALSAM_INDEX", index)
+            .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// CPU seconds (user + system) and peak RSS in MiB, from /proc.
+    fn usage(&self) -> Result<(f64, f64), BoxError> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        let hz: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+            .trim()
+            .parse()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let hwm_kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .ok_or("no VmHWM")?
+            .parse()?;
+        Ok((ticks / hz, hwm_kib / 1024.0))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until every job after `first` is completed; returns when the last one was.
+async fn wait_completed(env: &BenchEnv, first: i64) -> Result<(), BoxError> {
+    let started = Instant::now();
+    loop {
+        let open: i64 = env
+            .client
+            .query_one("SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'", &[&first])
+            .await?
+            .get(0);
+        if open == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            return Err(format!("{open} jobs still open after 15 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Jobs after `first`: count, span from first commit to last completion, latency percentiles
+/// (commit → completed, in ms).
+async fn job_stats(env: &BenchEnv, first: i64) -> Result<(i64, f64, [f64; 4]), BoxError> {
+    let row = env
+        .client
+        .query_one(
+            "SELECT count(*),
+                    extract(epoch FROM max(completed_at) - min(created_at))::float8,
+                    percentile_cont(ARRAY[0.5, 0.95, 0.99, 1.0]) WITHIN GROUP
+                        (ORDER BY extract(epoch FROM completed_at - created_at) * 1000)
+             FROM elasticsearch_sync_queue WHERE id > $1",
+            &[&first],
+        )
+        .await?;
+    let p: Vec<f64> = row.get(2);
+    Ok((row.get(0), row.get(1), [p[0], p[1], p[2], p[3]]))
+}
+
+async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
+    Ok(env
+        .client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let ops: usize = setting("BENCH_OPS", 40_000)?;
+    let writers: usize = setting("BENCH_WRITERS", 4)?;
+    let rate_seconds: f64 = setting("BENCH_RATE_SECONDS", 20.0)?;
+    let mix = mix()?;
+    let env = BenchEnv::new("bench_pipeline").await?;
+    let es = search::client(
+        &SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?,
+        Duration::from_secs(60),
+    )?;
+    let index = format!("{}_listings", env.name);
+    let raw_index = format!("{}_raw", env.name);
+    for alias in [&index, &raw_index] {
+        let config = IndexConfig {
+            alias: alias.clone(),
+            ..IndexConfig::default()
+        };
+        search::ensure_index(&es, &config, &search::listings_index_body(&config)).await?;
+    }
+    eprintln!("[1/3] each hop alone, {ops} rows / messages / documents");
+
+    // PostgreSQL: the same inserts into a copy of the table without the trigger, and with it.
+    env.client
+        .batch_execute("CREATE TABLE listings_plain (LIKE listings INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)")
+        .await?;
+    let inserts_only = Mix {
+        insert: 100,
+        edit: 0,
+        status: 0,
+    };
+    let plain = ops as f64
+        / write(&env, "listings_plain", writers, ops, inserts_only, None)
+            .await?
+            .as_secs_f64();
+    let before = max_job(&env).await?;
+    let triggered = ops as f64
+        / write(&env, "listings", writers, ops, inserts_only, None)
+            .await?
+            .as_secs_f64();
+
+    // RabbitMQ: those jobs' envelopes, published with confirms (window 1000) and consumed
+    // (prefetch 1000, acks every 100) by a bare client, through a scratch queue.
+    let envelopes = env.envelopes().await?;
+    let channel = env.connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let scratch = "bench.raw";
+    channel
+        .queue_declare(
+            scratch.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut in_flight = VecDeque::new();
+    for e in &envelopes {
+        if in_flight.len() >= 1000
+            && let Some(confirm) = in_flight.pop_front()
+        {
+            confirm.await?;
+        }
+        in_flight.push_back(
+            channel
+                .basic_publish(
+                    "".into(),
+                    scratch.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &e.to_bytes(),
+                    e.properties("bench", None),
+                )
+                .await?,
+        );
+    }
+    for confirm in in_flight {
+        confirm.await?;
+    }
+    let published = envelopes.len() as f64 / started.elapsed().as_secs_f64();
+    let consumer = env.connection.create_channel().await?;
+    consumer.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut deliveries = consumer
+        .basic_consume(
+            scratch.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut taken = 0usize;
+    while taken < envelopes.len() {
+        let delivery = deliveries.next().await.ok_or("consumer closed")??;
+        taken += 1;
+        if taken % 100 == 0 || taken == envelopes.len() {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+    let consumed = taken as f64 / started.elapsed().as_secs_f64();
+    channel
+        .queue_delete(scratch.into(), QueueDeleteOptions::default())
+        .await?;
+
+    // Elasticsearch: the same documents, bulk requests of 1,000.
+    let documents = Documents::new().with("listings", ListingDocuments::new(&raw_index));
+    let items: Vec<BulkItem> = envelopes
+        .iter()
+        .map(|e| {
+            Ok(BulkItem {
+                action: documents.build(e)?,
+                version: e.job_id,
+            })
+        })
+        .collect::<Result<_, BoxError>>()?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    let started = Instant::now();
+    for chunk in items.chunks(1000) {
+        let answer: serde_json::Value = es
+            .send(
+                Method::Post,
+                "/_bulk",
+                headers.clone(),
+                Option::<&()>::None,
+                Some(bulk::encode(chunk)),
+                None,
+            )
+            .await?
+            .json()
+            .await?;
+        if answer["errors"] != false {
+            return Err("the raw bulk had errors".into());
+        }
+    }
+    let bulked = items.len() as f64 / started.elapsed().as_secs_f64();
+    // These jobs served the hop tests only.
+    env.client
+        .execute(
+            "DELETE FROM elasticsearch_sync_queue WHERE id > $1",
+            &[&before],
+        )
+        .await?;
+    env.client.batch_execute("TRUNCATE listings").await?;
+
+    // The pipeline at full speed.
+    eprintln!("[2/3] the pipeline at full speed: {ops} changes from {writers} writers");
+    let bridge = Process::start("benalsam-bridge", &env, &index, 3901)?;
+    let consumer_process = Process::start("benalsam-consumer", &env, &index, 3902)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = max_job(&env).await?;
+    let written = write(&env, "listings", writers, ops, mix, None).await?;
+    wait_completed(&env, first).await?;
+    let (jobs, span, full) = job_stats(&env, first).await?;
+    let pipeline = jobs as f64 / span;
+    let (bridge_cpu, bridge_rss) = bridge.usage()?;
+    let (consumer_cpu, consumer_rss) = consumer_process.usage()?;
+
+    // The pipeline at half that rate.
+    let rate = pipeline / 2.0;
+    let paced_ops = ((rate * rate_seconds) as usize).max(writers);
+    eprintln!("[3/3] the pipeline at a fixed {rate:.0} changes/s for {rate_seconds} s");
+    let first = max_job(&env).await?;
+    write(&env, "listings", writers, paced_ops, mix, Some(rate)).await?;
+    wait_completed(&env, first).await?;
+    let (_, _, half) = job_stats(&env, first).await?;
+    bridge.stop();
+    consumer_process.stop();
+
+    let slowest = [
+        ("PostgreSQL inserts with the trigger", triggered),
+        ("RabbitMQ publish with confirms", published),
+        ("RabbitMQ consume", consumed),
+        ("Elasticsearch _bulk", bulked),
+    ]
+    .into_iter()
+    .min_by(|a, b| a.1.total_cmp(&b.1))
+    .unwrap_or(("none", f64::NAN));
+    println!("\n| figure | value |");
+    println!("|---|---:|");
+    println!("| PostgreSQL inserts without trigger ({writers} writers) | {plain:.0} rows/s |");
+    println!(
+        "| PostgreSQL inserts with trigger | {triggered:.0} rows/s ({:.2} of without) |",
+        triggered / plain
+    );
+    println!("| RabbitMQ publish with confirms (bare lapin) | {published:.0} msg/s |");
+    println!("| RabbitMQ consume (bare lapin) | {consumed:.0} msg/s |");
+    println!("| Elasticsearch `_bulk` of 1,000 (bare client) | {bulked:.0} docs/s |");
+    println!(
+        "| writers' own rate during the full-speed run | {:.0} changes/s |",
+        ops as f64 / written.as_secs_f64()
+    );
+    println!(
+        "| **pipeline, commit → indexed and completed** | **{pipeline:.0} jobs/s** ({jobs} jobs) |"
+    );
+    println!(
+        "| pipeline / slowest hop ({}) | {:.2} |",
+        slowest.0,
+        pipeline / slowest.1
+    );
+    println!(
+        "| latency at full speed, p50 / p95 / p99 / max | {:.0} / {:.0} / {:.0} / {:.0} ms |",
+        full[0], full[1], full[2], full[3]
+    );
+    println!(
+        "| latency at {rate:.0}/s, p50 / p95 / p99 / max | {:.0} / {:.0} / {:.0} / {:.0} ms |",
+        half[0], half[1], half[2], half[3]
+    );
+    println!("| benalsam-bridge: CPU, peak RSS | {bridge_cpu:.1} s, {bridge_rss:.1} MiB |");
+    println!("| benalsam-consumer: CPU, peak RSS | {consumer_cpu:.1} s, {consumer_rss:.1} MiB |");
+
+    for alias in [&index, &raw_index] {
+        let _ = es
+            .send(
+                Method::Delete,
+                &format!("/{alias}_v1"),
+                HeaderMap::new(),
+                Option::<&()>::None,
+                Option::<Vec<u8>>::None,
+                None,
+            )
+            .await;
+    }
+    env.cleanup().await
+}
