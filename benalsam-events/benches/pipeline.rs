@@ -4,12 +4,14 @@
 //!    trigger (concurrent writers), RabbitMQ publish-with-confirms and consume of the same
 //!    envelopes with a bare client, Elasticsearch `_bulk` of the same documents with a bare
 //!    client.
-//! 2. The pipeline at full speed: writers run a mix of inserts, edits, status changes and
-//!    deletes while the real `benalsam-bridge` and `benalsam-consumer` binaries (separate
-//!    processes, release build) carry every change; throughput from the first commit to the
+//! 2. The pipeline's capacity: the real `benalsam-bridge` and `benalsam-consumer` binaries
+//!    (separate processes, release build) start on the backlog the trigger inserts left, and
+//!    drain it: jobs/s from pending to indexed and completed.
+//! 3. The pipeline at full speed: writers run a mix of inserts, edits, status changes and
+//!    deletes while the binaries carry every change; throughput from the first commit to the
 //!    last job completed, latency from commit to indexed-and-completed, CPU seconds and peak
 //!    RSS of both processes.
-//! 3. The pipeline at a fixed rate of half that throughput: latency again.
+//! 4. The pipeline at a fixed rate of half the capacity: latency again.
 //!
 //! ```text
 //! scripts/stack up
@@ -283,7 +285,7 @@ async fn main() -> Result<(), BoxError> {
         };
         search::ensure_index(&es, &config, &search::listings_index_body(&config)).await?;
     }
-    eprintln!("[1/3] each hop alone, {ops} rows / messages / documents");
+    eprintln!("[1/4] each hop alone, {ops} rows / messages / documents");
 
     // PostgreSQL: the same inserts into a copy of the table without the trigger, and with it.
     env.client
@@ -430,10 +432,10 @@ async fn main() -> Result<(), BoxError> {
     let (bridge_cpu, bridge_rss) = bridge.usage()?;
     let (consumer_cpu, consumer_rss) = consumer_process.usage()?;
 
-    // The pipeline at half that rate.
-    let rate = pipeline / 2.0;
+    // The pipeline at half its capacity.
+    let rate = capacity / 2.0;
     let paced_ops = ((rate * rate_seconds) as usize).max(writers);
-    eprintln!("[3/3] the pipeline at a fixed {rate:.0} changes/s for {rate_seconds} s");
+    eprintln!("[4/4] the pipeline at a fixed {rate:.0} changes/s for {rate_seconds} s");
     let first = max_job(&env).await?;
     write(&env, "listings", writers, paced_ops, mix, Some(rate)).await?;
     wait_completed(&env, first).await?;

@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_sync_queue.sql"),
     migration!(3, "0003_sync_trigger.sql"),
     migration!(4, "0004_backfill_progress.sql"),
+    migration!(5, "0005_trigger_notify_option.sql"),
 ];
 
 /// What [`migrate`] did.
