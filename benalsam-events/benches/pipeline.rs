@@ -410,20 +410,20 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     let bulked = items.len() as f64 / started.elapsed().as_secs_f64();
-    // These jobs served the hop tests only.
-    env.client
-        .execute(
-            "DELETE FROM elasticsearch_sync_queue WHERE id > $1",
-            &[&before],
-        )
-        .await?;
-    env.client.batch_execute("TRUNCATE listings").await?;
 
-    // The pipeline at full speed.
-    eprintln!("[2/3] the pipeline at full speed: {ops} changes from {writers} writers");
+    // The pipeline's capacity: the binaries drain the trigger inserts' backlog.
+    eprintln!(
+        "[2/4] the binaries drain a backlog of {} jobs",
+        envelopes.len()
+    );
+    let drain_started = Instant::now();
     let bridge = Process::start("benalsam-bridge", &env, &index, 3901)?;
     let consumer_process = Process::start("benalsam-consumer", &env, &index, 3902)?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_completed(&env, before).await?;
+    let capacity = envelopes.len() as f64 / drain_started.elapsed().as_secs_f64();
+
+    // The pipeline at full speed.
+    eprintln!("[3/4] the pipeline at full speed: {ops} changes from {writers} writers");
     let first = max_job(&env).await?;
     let written = write(&env, "listings", writers, ops, mix, None).await?;
     wait_completed(&env, first).await?;
