@@ -366,7 +366,7 @@ async fn main() -> Result<(), BoxError> {
     while taken < envelopes.len() {
         let delivery = deliveries.next().await.ok_or("consumer closed")??;
         taken += 1;
-        if taken % 100 == 0 || taken == envelopes.len() {
+        if taken.is_multiple_of(100) || taken == envelopes.len() {
             delivery.ack(BasicAckOptions { multiple: true }).await?;
         }
     }
