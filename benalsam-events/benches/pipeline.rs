@@ -514,7 +514,7 @@ async fn main() -> Result<(), BoxError> {
     );
     row(
         &format!(
-            "latency commit → completed at {rate:.0}/s (half the capacity), p50 / p95 / p99 / max"
+            "latency commit → completed at {rate:.0}/s (half of full speed), p50 / p95 / p99 / max"
         ),
         ms(half),
     );
