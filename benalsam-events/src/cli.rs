@@ -326,12 +326,12 @@ pub struct ConsumerArgs {
     pub searchable_statuses: Vec<String>,
 
     /// Unacknowledged messages taken at once (basic.qos)
-    #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 2000,
+    #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
     /// Most actions per bulk request
-    #[arg(long, env = "BENALSAM_BULK_SIZE", default_value_t = 1000,
+    #[arg(long, env = "BENALSAM_BULK_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub bulk_size: u32,
 

@@ -77,10 +77,11 @@ impl Default for IndexerConfig {
     fn default() -> Self {
         Self {
             queue: SYNC_QUEUE.to_owned(),
-            // From the consumer benchmark: 1,000 per request beat 100 and 500, and a prefetch
-            // of twice that lets the next batch arrive while one is being written.
-            prefetch: 2000,
-            batch_size: 1000,
+            // From the benchmarks (BENCHMARKS.md): 500 per request is as fast as 1,000 in the
+            // whole pipeline and keeps the consumer's peak RSS near 40 MiB instead of 54; a
+            // prefetch of twice that lets the next batch arrive while one is being written.
+            prefetch: 1000,
+            batch_size: 500,
             batch_bytes: 5 * 1024 * 1024,
             linger: Duration::from_millis(50),
             max_attempts: 5,

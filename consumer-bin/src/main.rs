@@ -245,7 +245,7 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["benalsam-consumer"]).expect("defaults parse");
         assert_eq!(cli.consumer.searchable_statuses, vec!["active".to_owned()]);
-        assert_eq!(cli.consumer.indexer_config().batch_size, 1000);
+        assert_eq!(cli.consumer.indexer_config().batch_size, 500);
         let cli = Cli::try_parse_from([
             "benalsam-consumer",
             "--searchable-statuses",
