@@ -20,7 +20,8 @@
 //! ```
 //! Settings: `BENCH_OPS` (changes per full-speed run, default 40000), `BENCH_WRITERS`
 //! (default 4), `BENCH_MIX` (`insert,edit,status,delete` percentages, default `70,15,10,5`),
-//! `BENCH_RATE_SECONDS` (length of the fixed-rate run, default 20).
+//! `BENCH_RATE_SECONDS` (length of the fixed-rate run, default 20), `BENCH_RATE` (changes/s
+//! of that run; default half the full-speed throughput).
 
 mod common;
 
@@ -441,8 +442,11 @@ async fn main() -> Result<(), BoxError> {
     let (bridge_cpu, bridge_rss) = bridge.usage()?;
     let (consumer_cpu, consumer_rss) = consumer_process.usage()?;
 
-    // Half the maximum rate the pipeline sustained with writers at full speed.
-    let rate = pipeline / 2.0;
+    // Half the maximum rate the pipeline sustained with writers at full speed, or BENCH_RATE.
+    let rate = match std::env::var("BENCH_RATE") {
+        Ok(raw) => raw.parse::<f64>()?,
+        Err(_) => pipeline / 2.0,
+    };
     let paced_ops = ((rate * rate_seconds) as usize).max(writers);
     eprintln!("[4/4] the pipeline at a fixed {rate:.0} changes/s for {rate_seconds} s");
     let first = max_job(&env).await?;
