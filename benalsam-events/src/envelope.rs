@@ -157,6 +157,13 @@ impl Envelope {
         if self.record_id.is_empty() || self.table.is_empty() {
             return invalid("table and recordId must not be empty".to_owned());
         }
+        // Elasticsearch refuses document ids over 512 bytes, and with them the whole request.
+        if self.record_id.len() > 512 {
+            return invalid(format!(
+                "recordId is {} bytes; a document id has at most 512",
+                self.record_id.len()
+            ));
+        }
         let row_ok = match self.operation {
             Operation::Insert | Operation::Delete => self.change_data.is_object(),
             Operation::Update => {

@@ -490,14 +490,23 @@ impl Run<'_> {
         let results = loop {
             match self.bulk(&items).instrument(bulk_span.clone()).await {
                 Ok(results) if !all_unavailable(&batch, &results) => {
-                    self.breaker.success();
-                    self.status().lock().circuit = self.breaker.state();
-                    self.metrics().circuit_open.set(0);
+                    self.close_circuit();
                     break results;
+                }
+                // The cluster answered but refused the request as a whole (one action it cannot
+                // parse, a body too large): find the culprit item by item rather than holding
+                // the queue forever.
+                Err(BulkFailure::Refused(why)) => {
+                    self.close_circuit();
+                    tracing::warn!(reason = %why, actions = items.len(), "bulk request refused; sending its actions one by one");
+                    break self
+                        .one_by_one(&items, &why)
+                        .instrument(bulk_span.clone())
+                        .await;
                 }
                 outcome => {
                     let why = match outcome {
-                        Err(why) => why,
+                        Err(BulkFailure::Unavailable(why) | BulkFailure::Refused(why)) => why,
                         Ok(results) => format!(
                             "every item refused as unavailable, e.g. {}",
                             results[0].reason.clone().unwrap_or_default()
@@ -579,7 +588,38 @@ impl Run<'_> {
         true
     }
 
-    async fn bulk(&mut self, items: &[BulkItem]) -> Result<Vec<ItemResult>, String> {
+    fn close_circuit(&mut self) {
+        self.breaker.success();
+        self.status().lock().circuit = self.breaker.state();
+        self.metrics().circuit_open.set(0);
+    }
+
+    /// Sends each action in a request of its own, after the cluster refused them together.
+    /// An action refused alone gets that refusal as its result (a permanent failure, 4xx); one
+    /// that meets an unavailable cluster is retried later like any busy item.
+    async fn one_by_one(&mut self, items: &[BulkItem], refusal: &str) -> Vec<ItemResult> {
+        if items.len() == 1 {
+            return vec![refused(refusal)];
+        }
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let result = match self.bulk(std::slice::from_ref(item)).await {
+                Ok(mut one) => one
+                    .pop()
+                    .unwrap_or_else(|| refused("no answer for the action")),
+                Err(BulkFailure::Refused(why)) => refused(&why),
+                Err(BulkFailure::Unavailable(why)) => ItemResult {
+                    status: 503,
+                    error_type: Some("unavailable".to_owned()),
+                    reason: Some(why),
+                },
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    async fn bulk(&mut self, items: &[BulkItem]) -> Result<Vec<ItemResult>, BulkFailure> {
         let started = Instant::now();
         let metrics = Arc::clone(&self.indexer.config.metrics);
         metrics.bulk_size.observe(items.len() as f64);
@@ -593,7 +633,7 @@ impl Run<'_> {
         .await
         .map_err(|e| {
             Metrics::inc(&metrics.bulk_requests, "failed");
-            e.to_string()
+            BulkFailure::Unavailable(e.to_string())
         })?;
         Metrics::observe(&metrics.bulk_duration, started.elapsed());
         {
@@ -606,10 +646,16 @@ impl Run<'_> {
         let (status, body) = answer;
         if !status.is_success() {
             Metrics::inc(&metrics.bulk_requests, "failed");
-            return Err(format!("bulk request answered {status}: {body}"));
+            let why = format!("bulk request answered {status}: {body}");
+            let code = status.as_u16();
+            return Err(if code == 429 || code >= 500 {
+                BulkFailure::Unavailable(why)
+            } else {
+                BulkFailure::Refused(why)
+            });
         }
         Metrics::inc(&metrics.bulk_requests, "ok");
-        bulk::parse_response(&body, items.len())
+        bulk::parse_response(&body, items.len()).map_err(BulkFailure::Refused)
     }
 
     /// Marks jobs completed, retrying while PostgreSQL is away; false if shutdown came first.
@@ -663,6 +709,24 @@ impl Run<'_> {
         let mut s = self.status().lock();
         s.queue_depth = queue;
         s.dlq_depth = dlq;
+    }
+}
+
+/// Why a bulk request as a whole failed.
+enum BulkFailure {
+    /// No answer, or busy / unavailable (429, 5xx): the circuit breaker's business.
+    Unavailable(String),
+    /// The cluster answered and refused the request itself (another 4xx, or an answer that
+    /// does not match the actions): something in the batch is wrong, not the cluster.
+    Refused(String),
+}
+
+/// The result given to an action the cluster refused in a request of its own.
+fn refused(reason: &str) -> ItemResult {
+    ItemResult {
+        status: 400,
+        error_type: Some("request_refused".to_owned()),
+        reason: Some(reason.to_owned()),
     }
 }
 

@@ -427,3 +427,78 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     assert!(index.get(&odd).await.is_some());
     teardown(db, vhost, index).await;
 }
+
+/// Listings, except that a title containing "UZUN" gets a document id too long for the index.
+#[derive(Debug)]
+struct LongIds(ListingDocuments);
+
+impl benalsam_events::document::DocumentBuilder for LongIds {
+    fn build(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<benalsam_events::document::Action, benalsam_events::document::BuildError> {
+        let action = self.0.build(envelope)?;
+        match action {
+            benalsam_events::document::Action::Index {
+                index, document, ..
+            } if document["title"]
+                .as_str()
+                .is_some_and(|t| t.contains("UZUN")) =>
+            {
+                Ok(benalsam_events::document::Action::Index {
+                    index,
+                    id: "x".repeat(600),
+                    document,
+                })
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
+    let (db, vhost, index) = setup().await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let indexer = Indexer::new(
+        vhost.url.clone(),
+        client,
+        db.outbox(OutboxConfig::default()),
+        Documents::new().with("listings", LongIds(ListingDocuments::new(&index.alias))),
+        IndexerConfig {
+            linger: Duration::from_millis(500),
+            ..IndexerConfig::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(indexer.run(stop.clone()));
+    let mut ids = db.insert_listings(5).await;
+    db.client
+        .batch_execute("INSERT INTO listings (user_id, title, category, status) VALUES (gen_random_uuid(), 'UZUN kimlik', 'x', 'active')")
+        .await
+        .expect("the odd one");
+    let (completed, failed) = wait_done(&db).await;
+    stop_bridge.cancel();
+    stop.cancel();
+    bridge.await.expect("no panic").expect("drained");
+    consumer.await.expect("no panic");
+    assert_eq!(
+        (completed, failed),
+        (5, 1),
+        "the queue went on; only the culprit failed"
+    );
+    ids.sort();
+    assert_eq!(index.search(json!({"match_all": {}})).await, ids);
+    let letters = dead_letter::list(&vhost.url, 5).await.expect("dlq");
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("bulk request answered 400"),
+        "{letters:?}"
+    );
+    teardown(db, vhost, index).await;
+}
