@@ -258,7 +258,14 @@ impl Worker {
                 self.link_lost(None);
             }
             if self.link.is_none() && !self.connect().await {
-                // Closing while RabbitMQ stays away: give the jobs back rather than hang.
+                // Closing while RabbitMQ stays away: take what the closed sink still holds and
+                // give it all back rather than hang.
+                if self.rx.is_closed() {
+                    while let Ok(job) = self.rx.try_recv() {
+                        self.queue.push_back(job);
+                    }
+                    self.input_open = false;
+                }
                 if !self.input_open && self.connect_failures >= 3 {
                     self.abandon().await;
                     break;

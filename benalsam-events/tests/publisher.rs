@@ -411,3 +411,30 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
     db.drop().await;
     vhost.drop().await;
 }
+
+#[tokio::test]
+async fn closing_while_rabbitmq_is_away_gives_the_jobs_back_instead_of_hanging() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    let (relay, relay_url) = Relay::amqp(&vhost.url).await;
+    relay.set_up(false); // the broker is unreachable from the start
+    db.insert_listings(5).await;
+    let bridge = Bridge::start_at(
+        db.outbox(OutboxConfig::default()),
+        &relay_url,
+        Routes::default(),
+    );
+    let started = std::time::Instant::now();
+    while db.count("processing").await < 5 {
+        assert!(started.elapsed() < PATIENCE, "the jobs are claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bridge.stop().await; // returns, although nothing could be published
+    assert_eq!(
+        db.count("pending").await,
+        5,
+        "given back for the next bridge"
+    );
+    db.drop().await;
+    vhost.drop().await;
+}

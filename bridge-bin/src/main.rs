@@ -102,6 +102,9 @@ enum Command {
     },
 }
 
+/// How long a shutdown may wait for the last confirms and marks.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -304,11 +307,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // The whole bridge: claimed batches, one job at a time, into the publisher. On SIGTERM the
     // stream ends and closing the publisher waits for every confirm and its `sent` mark.
-    jobs.flat_map(futures::stream::iter)
+    // If RabbitMQ is away at shutdown the publisher cannot finish: after a grace period the
+    // bridge exits anyway, and what it held returns to other bridges when its lease expires.
+    let publishing = jobs
+        .flat_map(futures::stream::iter)
         .map(Ok)
-        .forward(publisher)
-        .await
-        .context("publishing jobs")?;
+        .forward(publisher);
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = publishing => result.context("publishing jobs")?,
+        () = grace => tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs return after their lease"
+        ),
+    }
 
     background.cancel();
     for task in tasks {
