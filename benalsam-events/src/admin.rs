@@ -146,6 +146,9 @@ pub async fn backfill(
     let schema = validate_identifier("BENALSAM_SCHEMA", schema)?;
     let table = validate_identifier("table", table)?;
     let key = validate_identifier("key column", key)?;
+    // Rows are read FOR SHARE: a concurrent UPDATE of a row in the batch is waited for and
+    // its committed version enqueued, so the backfill's job (a higher id) never carries a
+    // row older than the update's own job.
     if batch < 1 {
         return Err(Error::Config {
             setting: "batch",
@@ -236,7 +239,8 @@ pub async fn backfill(
                      FROM \"{schema}\".\"{table}\" t
                      WHERE ($2::text IS NULL OR t.\"{key}\" > $2::text::{key_type})
                        AND ($3::text IS NULL OR t.\"{key}\" <= $3::text::{key_type})
-                     ORDER BY t.\"{key}\""
+                     ORDER BY t.\"{key}\"
+                     FOR SHARE OF t"
                 ),
                 &[&table, &last_key, &boundary],
             )

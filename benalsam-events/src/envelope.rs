@@ -104,7 +104,7 @@ impl Envelope {
             change_data: job.change_data.clone(),
             status: route.status.clone(),
             previous_status: route.previous_status.clone(),
-            occurred_at: humantime::format_rfc3339_micros(job.created_at).to_string(),
+            occurred_at: rfc3339(job.created_at),
             trace_id: job
                 .traceparent
                 .as_deref()
@@ -226,6 +226,18 @@ impl Envelope {
     }
 }
 
+/// RFC 3339 with microseconds. Times outside 1970..=9999 (which the formatter refuses with a
+/// panic) are clamped to those bounds: a job table edited by hand must not crash the bridge.
+fn rfc3339(t: SystemTime) -> String {
+    // 9999-12-31T23:59:59Z
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    let since = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .min(LAST);
+    humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + since).to_string()
+}
+
 /// The trace id (second field) of a W3C `traceparent`.
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
@@ -301,6 +313,18 @@ mod tests {
             Some(&AMQPValue::LongLongInt(42))
         );
         assert!(headers.inner().contains_key(TRACEPARENT_HEADER));
+    }
+
+    #[test]
+    fn times_out_of_range_do_not_panic() {
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        assert!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000))
+                .starts_with("9999-12-31")
+        );
     }
 
     #[test]

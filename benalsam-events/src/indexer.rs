@@ -227,6 +227,7 @@ impl Indexer {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut run = Run {
             indexer: &self,
+            shutdown: shutdown.clone(),
             link: None,
             held: Vec::new(),
             breaker: CircuitBreaker::new(self.config.circuit),
@@ -243,6 +244,7 @@ impl Indexer {
 
 struct Run<'a> {
     indexer: &'a Indexer,
+    shutdown: CancellationToken,
     link: Option<Link>,
     /// Messages waiting for a retry, unacked.
     held: Vec<Pending>,
@@ -459,12 +461,14 @@ impl Run<'_> {
             return;
         }
         if let Some(id) = job {
-            self.record_failures(&[Failure {
+            let failure = Failure {
                 id,
                 error: reason.to_owned(),
                 retry: false,
-            }])
-            .await;
+            };
+            if !self.record_failures(&[failure]).await {
+                return;
+            }
         }
         self.status().lock().dead_lettered += 1;
         Metrics::inc(&self.metrics().deliveries_dead_lettered, kind.as_str());
@@ -678,11 +682,24 @@ impl Run<'_> {
         }
     }
 
-    async fn record_failures(&mut self, failures: &[Failure]) {
-        if let Err(error) = self.indexer.outbox.mark_failed(failures).await {
-            // The message is in the DLQ with its reason either way.
-            self.status().error(&error.to_string());
-            tracing::warn!(%error, "cannot mark dead-lettered jobs failed");
+    /// Marks dead-lettered jobs failed, retrying while PostgreSQL is away; false if shutdown
+    /// came first (the message is then not acked, and judged again after redelivery).
+    async fn record_failures(&mut self, failures: &[Failure]) -> bool {
+        let mut attempt = 0;
+        loop {
+            match self.indexer.outbox.mark_failed(failures).await {
+                Ok(_) => return true,
+                Err(error) => {
+                    self.status().error(&error.to_string());
+                    let wait = self.config().reconnect.delay(attempt);
+                    attempt += 1;
+                    tracing::warn!(%error, retry_in = ?wait, "cannot mark dead-lettered jobs failed; holding their acks");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
         }
     }
 

@@ -25,8 +25,9 @@ pub enum Done {
     AlreadyGone,
 }
 
-/// Classifies one item: 2xx, 409 version conflicts and 404 deletes are done; 429 and 5xx are
-/// retried; any other 4xx is permanent.
+/// Classifies one item: 2xx, 409 version conflicts and 404 deletes are done; 429, 5xx, write
+/// blocks (403 `cluster_block_exception`) and a missing index are retried; any other 4xx is
+/// permanent.
 pub fn classify(is_delete: bool, item: &ItemResult) -> Outcome {
     let reason = || {
         item.reason
@@ -38,7 +39,17 @@ pub fn classify(is_delete: bool, item: &ItemResult) -> Outcome {
         409 if item.error_type.as_deref() == Some("version_conflict_engine_exception") => {
             Outcome::Done(Done::Superseded)
         }
-        404 if is_delete => Outcome::Done(Done::AlreadyGone),
+        404 if is_delete && item.error_type.as_deref() != Some("index_not_found_exception") => {
+            Outcome::Done(Done::AlreadyGone)
+        }
+        // A write block (a reindex, a full disk) or a missing index is the cluster's state,
+        // not the document's: retried, and when a whole batch meets it, the circuit opens.
+        403 if item.error_type.as_deref() == Some("cluster_block_exception") => {
+            Outcome::Retry(reason())
+        }
+        404 if item.error_type.as_deref() == Some("index_not_found_exception") => {
+            Outcome::Retry(reason())
+        }
         429 | 500..=599 => Outcome::Retry(reason()),
         // A 409 of another kind is a concurrent write to the same document: try again.
         409 => Outcome::Retry(reason()),
@@ -82,8 +93,21 @@ mod tests {
             classify(true, &item(404, None)),
             Outcome::Done(Done::AlreadyGone)
         );
+        for (delete, status, kind) in [
+            (false, 404, "index_not_found_exception"),
+            (true, 404, "index_not_found_exception"),
+            (false, 403, "cluster_block_exception"),
+        ] {
+            assert!(
+                matches!(
+                    classify(delete, &item(status, Some(kind))),
+                    Outcome::Retry(_)
+                ),
+                "{status} {kind} is the cluster's state"
+            );
+        }
         assert!(matches!(
-            classify(false, &item(404, Some("index_not_found_exception"))),
+            classify(false, &item(403, Some("security_exception"))),
             Outcome::Permanent(_)
         ));
         assert!(matches!(
