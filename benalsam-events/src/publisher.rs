@@ -48,6 +48,9 @@ use crate::status::StatusCell;
 use crate::telemetry;
 use crate::{Error, Result};
 
+/// Largest message body published: RabbitMQ 4's default `max_message_size` (3.x allows 128 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Settings of a [`Publisher`].
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
@@ -409,6 +412,21 @@ impl Worker {
             envelope.trace_id = Some(trace_id.to_owned());
         }
         let properties = envelope.properties(&self.config.app_id, traceparent.as_deref());
+        let body = envelope.to_bytes();
+        // The broker closes the whole channel on an oversized message, failing every other
+        // message in flight with it; refuse it here, alone, with a reason.
+        if body.len() > MAX_MESSAGE_BYTES {
+            self.fail(
+                "refused",
+                job.id,
+                format!(
+                    "the message is {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit of RabbitMQ 4; shrink the row or ignore its large columns",
+                    body.len()
+                ),
+                false,
+            );
+            return;
+        }
         let publishing = Instant::now();
         let published = link
             .channel
@@ -419,7 +437,7 @@ impl Worker {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &envelope.to_bytes(),
+                &body,
                 properties,
             )
             .await;

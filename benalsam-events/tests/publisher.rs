@@ -438,3 +438,41 @@ async fn closing_while_rabbitmq_is_away_gives_the_jobs_back_instead_of_hanging()
     db.drop().await;
     vhost.drop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_message_fails_alone_with_its_reason() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(3).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO listings (user_id, title, category, status, description)
+             VALUES (gen_random_uuid(), 'Dev', 'x', 'active', repeat('x', 17 * 1024 * 1024))",
+        )
+        .await
+        .expect("a huge row");
+    let bridge = Bridge::start(
+        db.outbox(OutboxConfig::default()),
+        &vhost,
+        Routes::default(),
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    bridge.stop().await;
+    assert_eq!(
+        (counts.get("sent"), counts.get("failed")),
+        (Some(&3), Some(&1)),
+        "{counts:?}"
+    );
+    let error: String = db
+        .client
+        .query_one(
+            "SELECT error_message FROM elasticsearch_sync_queue WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .expect("failed job")
+        .get(0);
+    assert!(error.contains("limit of RabbitMQ"), "{error}");
+    db.drop().await;
+    vhost.drop().await;
+}
