@@ -193,6 +193,15 @@ impl fmt::Display for PgDetail<'_> {
             if let Some(detail) = db.detail() {
                 write!(f, "; {detail}")?;
             }
+            // A missing table or function almost always means a schema that was never
+            // migrated (or the wrong BENALSAM_SCHEMA): say what to do about it.
+            if matches!(db.code().code(), "42P01" | "42883") {
+                write!(
+                    f,
+                    "; is the schema migrated? run `benalsam-bridge migrate` (or start with \
+                     --migrate), and check BENALSAM_SCHEMA"
+                )?;
+            }
             return Ok(());
         }
         write!(f, "{}", self.0)?;

@@ -542,12 +542,10 @@ impl Sql {
 }
 
 async fn prepare(client: &Client, sql: &str, what: &'static str) -> Result<Statement> {
-    client.prepare(sql).await.map_err(|e| {
-        Error::postgres(
-            format!("preparing the {what} statement (is the schema migrated?)"),
-            e,
-        )
-    })
+    client
+        .prepare(sql)
+        .await
+        .map_err(|e| Error::postgres(format!("preparing the {what} statement"), e))
 }
 
 #[cfg(test)]

@@ -100,3 +100,20 @@ async fn a_bad_schema_name_is_refused_before_touching_the_database() {
         .expect_err("not an identifier");
     assert!(err.to_string().contains("BENALSAM_SCHEMA"), "{err}");
 }
+
+#[tokio::test]
+async fn a_schema_that_was_never_migrated_is_reported_with_what_to_do() {
+    let outbox = benalsam_events::Outbox::new(
+        database_url(),
+        benalsam_events::OutboxConfig {
+            schema: unique_name("t_never"),
+            ..benalsam_events::OutboxConfig::default()
+        },
+    )
+    .expect("config");
+    let err = outbox.claim(1).await.expect_err("no queue table");
+    let text = err.to_string();
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(text.contains("benalsam-bridge migrate"), "{text}");
+    assert!(!err.can_be_retried(), "retrying will not create the table");
+}
