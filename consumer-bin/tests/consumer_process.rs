@@ -69,34 +69,18 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let http = reqwest::Client::new();
-    for (path, service) in [
-        (
-            "/api/v1/health/elasticsearch-service",
-            "elasticsearch-service",
-        ),
-        ("/api/v1/health/rabbitmq", "rabbitmq"),
-    ] {
-        let response = http
-            .get(format!("http://127.0.0.1:{port}{path}"))
-            .send()
-            .await
-            .expect("health answers");
-        assert_eq!(response.status(), 200, "{path}");
-        let text = response.text().await.expect("body");
-        assert!(
-            !text.contains("benalsam123"),
-            "no password in {path}: {text}"
-        );
-        let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        assert_eq!(body["service"], service);
-        assert_eq!(body["healthy"], true, "{body}");
-        assert_eq!(body["details"]["circuit"], "closed");
-        assert!(
-            body["details"]["indexed"].as_u64().unwrap_or(0) >= 500,
-            "{body}"
-        );
-    }
+    support::healthy(port, "/api/v1/health/rabbitmq", "rabbitmq").await;
+    let health = support::healthy(
+        port,
+        "/api/v1/health/elasticsearch-service",
+        "elasticsearch-service",
+    )
+    .await;
+    assert_eq!(health["details"]["circuit"], "closed");
+    assert!(
+        health["details"]["indexed"].as_u64().unwrap_or(0) >= 500,
+        "{health}"
+    );
 
     let metrics = support::scrape(port).await;
     assert!(support::sample(&metrics, "benalsam_deliveries_received_total", &[]) >= 500.0);
@@ -114,16 +98,6 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         "latency observed"
     );
     assert_eq!(support::sample(&metrics, "benalsam_circuit_open", &[]), 0.0);
-    let health: serde_json::Value = http
-        .get(format!(
-            "http://127.0.0.1:{port}/api/v1/health/elasticsearch-service"
-        ))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("JSON");
     assert_eq!(
         health["details"]["received"].as_f64(),
         Some(support::sample(

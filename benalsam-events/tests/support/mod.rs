@@ -552,3 +552,24 @@ pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &s
         })
         .sum()
 }
+
+/// Fetches a health endpoint and checks what every answer must be: 200, JSON of the shape
+/// `{timestamp, service, healthy, message, details}` naming `service`, healthy, and without
+/// the stack's password. Returns the answer.
+pub async fn healthy(port: u16, path: &str, service: &str) -> serde_json::Value {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .expect("health answers");
+    assert_eq!(response.status(), 200, "{path}");
+    let text = response.text().await.expect("body");
+    assert!(
+        !text.contains("benalsam123"),
+        "no password in {path}: {text}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(body["service"], service);
+    assert_eq!(body["healthy"], true, "{body}");
+    assert!(body["timestamp"].is_string() && body["message"].is_string());
+    assert!(body["details"].is_object());
+    body
+}
