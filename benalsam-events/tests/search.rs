@@ -1,86 +1,54 @@
-//! Checks Turkish analysis, indexing and search against a real search node (scripts/stack up).
+//! Checks the listings mapping (Turkish analysis, geo point) and the index bootstrap against a
+//! real search node (scripts/stack up).
 
 mod support;
 
-use elasticsearch::http::transport::Transport;
-use elasticsearch::indices::{IndicesCreateParts, IndicesDeleteParts};
-use elasticsearch::params::Refresh;
-use elasticsearch::{Elasticsearch, IndexParts, SearchParts};
-use serde_json::{Value, json};
+use benalsam_events::elasticsearch::IndexParts;
+use benalsam_events::elasticsearch::indices::{IndicesCreateParts, IndicesDeleteParts};
+use benalsam_events::elasticsearch::params::Refresh;
+use serde_json::json;
 use support::{search_url, unique_name};
 
 #[tokio::test]
-async fn a_turkish_word_is_found_through_its_stem() {
-    let url = search_url();
-    let client = Elasticsearch::new(Transport::single_node(url.expose()).expect("transport"));
-    let index = unique_name("test-search");
-
-    let created = client
-        .indices()
-        .create(IndicesCreateParts::Index(&index))
-        .body(json!({
-            "settings": {
-                "number_of_shards": 1,
-                "number_of_replicas": 0,
-                "analysis": {
-                    "filter": {
-                        "tr_lowercase": { "type": "lowercase", "language": "turkish" },
-                        "tr_stop": { "type": "stop", "stopwords": "_turkish_" },
-                        "tr_stemmer": { "type": "stemmer", "language": "turkish" }
-                    },
-                    "analyzer": {
-                        "tr_text": {
-                            "type": "custom",
-                            "tokenizer": "standard",
-                            "filter": ["apostrophe", "tr_lowercase", "tr_stop", "tr_stemmer"]
-                        }
-                    }
-                }
-            },
-            "mappings": {
-                "properties": {
-                    "title": { "type": "text", "analyzer": "tr_text" },
-                    "location": { "type": "geo_point" }
-                }
-            }
-        }))
-        .send()
-        .await
-        .expect("search node answers");
-    assert!(
-        created.status_code().is_success(),
-        "create index: {}",
-        created.text().await.unwrap_or_default()
-    );
-
-    let indexed = client
-        .index(IndexParts::IndexId(&index, "1"))
-        .body(json!({ "title": "İkinci el kitaplar ve dergiler", "location": { "lat": 41.01, "lon": 28.97 } }))
+async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
+    // The product's own mapping, created by the library's bootstrap.
+    let index = support::TestIndex::new().await;
+    let document = json!({
+        "id": "1", "title": "İkinci el kitaplar ve dergiler", "status": "active",
+        "geo_location": { "lat": 41.01, "lon": 28.97 }
+    });
+    let indexed = index
+        .client
+        .index(IndexParts::IndexId(&index.alias, "1"))
+        .body(document)
         .refresh(Refresh::True)
         .send()
         .await
         .expect("index document");
-    assert!(indexed.status_code().is_success());
-
-    let found: Value = client
-        .search(SearchParts::Index(&[&index]))
-        .body(json!({ "query": { "match": { "title": "kitap" } } }))
-        .send()
-        .await
-        .expect("search")
-        .json()
-        .await
-        .expect("search answer is JSON");
-    assert_eq!(found["hits"]["total"]["value"], 1, "{found}");
-    assert_eq!(found["hits"]["hits"][0]["_id"], "1");
-
-    let deleted = client
-        .indices()
-        .delete(IndicesDeleteParts::Index(&[&index]))
-        .send()
-        .await
-        .expect("delete index");
-    assert!(deleted.status_code().is_success());
+    assert!(
+        indexed.status_code().is_success(),
+        "{}",
+        indexed.text().await.unwrap_or_default()
+    );
+    for query in ["kitap", "KİTAPLARI", "dergi"] {
+        assert_eq!(
+            index
+                .search(json!({ "match": { "search_text": query } }))
+                .await,
+            vec!["1".to_owned()],
+            "{query} finds the listing"
+        );
+    }
+    assert!(
+        index
+            .search(json!({ "match": { "search_text": "ve" } }))
+            .await
+            .is_empty(),
+        "a stop word finds nothing"
+    );
+    let near = json!({"bool": {"filter": {"geo_distance": {"distance": "5km", "geo_location": {"lat": 41.0, "lon": 28.97}}}}});
+    assert_eq!(index.search(near).await, vec!["1".to_owned()]);
+    index.drop().await;
 }
 
 #[tokio::test]
