@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::HealthReport;
+use crate::health::{Check, HealthReport, HealthServer};
 use crate::job_stream::{self, JobStreamStatus};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -49,6 +49,22 @@ pub struct BridgeMonitor {
 }
 
 impl BridgeMonitor {
+    /// Adds the bridge's two endpoints to `server`.
+    pub fn routes(self: &Arc<Self>, server: HealthServer) -> HealthServer {
+        let (rabbitmq, database) = (Arc::clone(self), Arc::clone(self));
+        server
+            .check("/api/v1/health/rabbitmq", move || rabbitmq.rabbitmq())
+            .check("/api/v1/health/database-trigger-bridge", move || {
+                database.database()
+            })
+    }
+
+    /// The report the bridge's heartbeat carries: its database verdict.
+    pub fn heartbeat(self: &Arc<Self>) -> Check {
+        let monitor = Arc::clone(self);
+        Arc::new(move || monitor.database())
+    }
+
     /// `GET /api/v1/health/rabbitmq`.
     pub fn rabbitmq(&self) -> HealthReport {
         rabbitmq_report(&self.publisher.snapshot(), &self.broker)

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::circuit::CircuitState;
-use crate::health::HealthReport;
+use crate::health::{Check, HealthReport, HealthServer};
 use crate::indexer::{self, IndexerStatus};
 
 /// What the consumer's health endpoints look at.
@@ -24,6 +24,22 @@ pub struct ConsumerMonitor {
 }
 
 impl ConsumerMonitor {
+    /// Adds the consumer's two endpoints to `server`.
+    pub fn routes(self: &Arc<Self>, server: HealthServer) -> HealthServer {
+        let (search, rabbitmq) = (Arc::clone(self), Arc::clone(self));
+        server
+            .check("/api/v1/health/elasticsearch-service", move || {
+                search.elasticsearch()
+            })
+            .check("/api/v1/health/rabbitmq", move || rabbitmq.rabbitmq())
+    }
+
+    /// The report the consumer's heartbeat carries: its Elasticsearch verdict.
+    pub fn heartbeat(self: &Arc<Self>) -> Check {
+        let monitor = Arc::clone(self);
+        Arc::new(move || monitor.elasticsearch())
+    }
+
     /// `GET /api/v1/health/elasticsearch-service`.
     pub fn elasticsearch(&self) -> HealthReport {
         elasticsearch_report(

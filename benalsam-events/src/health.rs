@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use futures::future::BoxFuture;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
@@ -49,8 +48,8 @@ impl HealthReport {
     }
 }
 
-/// Produces a report when asked.
-pub type Check = Arc<dyn Fn() -> BoxFuture<'static, HealthReport> + Send + Sync>;
+/// Produces a report when asked (from the live status: no I/O, so it answers at once).
+pub type Check = Arc<dyn Fn() -> HealthReport + Send + Sync>;
 
 /// Produces a text body (e.g. Prometheus metrics) when asked.
 pub type TextSource = Arc<dyn Fn() -> String + Send + Sync>;
@@ -85,7 +84,7 @@ impl HealthServer {
     /// Serves `check`'s report at `GET path`.
     pub fn check<F>(mut self, path: &str, check: F) -> Self
     where
-        F: Fn() -> BoxFuture<'static, HealthReport> + Send + Sync + 'static,
+        F: Fn() -> HealthReport + Send + Sync + 'static,
     {
         self.checks.push((path.to_owned(), Arc::new(check)));
         self
@@ -160,7 +159,7 @@ impl HealthServer {
             );
         }
         if let Some((_, check)) = self.checks.iter().find(|(p, _)| p == path) {
-            let report = check().await;
+            let report = check();
             let status = if report.healthy {
                 StatusCode::OK
             } else {

@@ -40,7 +40,7 @@ pub async fn run(
                 }
             }
         }
-        let body = serde_json::to_vec(&report().await).unwrap_or_default();
+        let body = serde_json::to_vec(&report()).unwrap_or_default();
         if let Some((_, channel)) = &link
             && let Err(error) = beat(channel, &routing_key, &body).await
         {

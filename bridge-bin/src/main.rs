@@ -14,7 +14,7 @@ use benalsam_events::{
     JobStream, JobStreamConfig, Outbox, Publisher, PublisherConfig, admin, heartbeat, postgres,
 };
 use clap::{Parser, Subcommand};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 
 /// Claims the change jobs that the add_to_sync_queue() trigger writes to
 /// elasticsearch_sync_queue and publishes them to RabbitMQ with publisher confirms.
@@ -273,18 +273,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         broker: rabbit.redacted(),
         database: db.database_url.redacted(),
     });
-    let (m1, m2, m3) = (
-        Arc::clone(&monitor),
-        Arc::clone(&monitor),
-        Arc::clone(&monitor),
-    );
-    let health = HealthServer::new()
-        .check("/api/v1/health/rabbitmq", move || {
-            std::future::ready(m1.rabbitmq()).boxed()
-        })
-        .check("/api/v1/health/database-trigger-bridge", move || {
-            std::future::ready(m2.database()).boxed()
-        })
+    let health = monitor
+        .routes(HealthServer::new())
         .metrics(Arc::clone(&metrics));
     let background = shutdown.child_token();
     let tasks = [
@@ -293,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rabbit.clone(),
             "bridge".to_owned(),
             cli.heartbeat_interval,
-            Arc::new(move || std::future::ready(m3.database()).boxed()),
+            monitor.heartbeat(),
             background.clone(),
         )),
         tokio::spawn(bridge::resend_stale(

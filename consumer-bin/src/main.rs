@@ -15,7 +15,6 @@ use benalsam_events::health::HealthServer;
 use benalsam_events::metrics::Metrics;
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig, heartbeat, search};
 use clap::{Parser, Subcommand};
-use futures::FutureExt;
 
 /// Consumes the elasticsearch.sync queue, writes the listings to Elasticsearch with bulk
 /// requests and marks their jobs completed (or failed) in PostgreSQL.
@@ -197,18 +196,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         search: es.redacted(),
         broker: rabbit.redacted(),
     });
-    let (m1, m2, m3) = (
-        Arc::clone(&monitor),
-        Arc::clone(&monitor),
-        Arc::clone(&monitor),
-    );
-    let health = HealthServer::new()
-        .check("/api/v1/health/elasticsearch-service", move || {
-            std::future::ready(m1.elasticsearch()).boxed()
-        })
-        .check("/api/v1/health/rabbitmq", move || {
-            std::future::ready(m2.rabbitmq()).boxed()
-        })
+    let health = monitor
+        .routes(HealthServer::new())
         .metrics(Arc::clone(&metrics));
     let background = shutdown.child_token();
     let tasks = [
@@ -217,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rabbit.clone(),
             "consumer".to_owned(),
             cli.heartbeat_interval,
-            Arc::new(move || std::future::ready(m3.elasticsearch()).boxed()),
+            monitor.heartbeat(),
             background.clone(),
         )),
     ];
