@@ -5,9 +5,10 @@
 //! Copy it when the changes should go somewhere RabbitMQ is not needed: a webhook, a Kafka
 //! topic, a file, another database. The outbox gives you the same guarantees it gives the
 //! bridge — every change claimed once under a lease, nothing lost when you crash — as long as
-//! you record the outcome only after your destination has the change: `mark_completed` when
-//! it is final, `mark_failed` (with `retry: true`) to be handed the job again after a
-//! backoff. Jobs you never mark come back when their lease expires.
+//! you report the outcome only after your destination has the change, through the same
+//! `Settle` the publisher uses: `Outcome::Completed` when it is final, `Outcome::Failed` (with
+//! `retry: true`) to be handed the job again after a backoff. Jobs you never report come back
+//! when their lease expires.
 //!
 //! ```text
 //! scripts/stack up
@@ -17,7 +18,7 @@
 use std::io::Write;
 
 use benalsam_events::config::{DEFAULT_DATABASE_URL, DatabaseUrl};
-use benalsam_events::{Failure, Job, JobStream, JobStreamConfig, Outbox, OutboxConfig};
+use benalsam_events::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -41,13 +42,7 @@ fn write_batch(out: &mut impl Write, batch: &[Job]) -> std::io::Result<()> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
-    let outbox = Outbox::new(
-        url,
-        OutboxConfig {
-            schema,
-            ..OutboxConfig::default()
-        },
-    )?;
+    let outbox = Outbox::new(url, OutboxConfig::in_schema(&schema))?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -55,23 +50,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop.cancel();
     });
 
-    // A sink of batches: write them, then record the outcome in the outbox.
+    // A sink of batches: write them, then report the outcome to the outbox.
     let sink = futures::sink::unfold(outbox.clone(), |outbox, batch: Vec<Job>| async move {
-        let ids: Vec<i64> = batch.iter().map(|j| j.id).collect();
-        match write_batch(&mut std::io::stdout().lock(), &batch) {
-            Ok(()) => outbox.mark_completed(&ids).await?,
-            Err(error) => {
-                let failures: Vec<Failure> = ids
-                    .iter()
-                    .map(|id| Failure {
-                        id: *id,
-                        error: format!("stdout: {error}"),
-                        retry: true,
-                    })
-                    .collect();
-                outbox.mark_failed(&failures).await?
-            }
+        let outcome = match write_batch(&mut std::io::stdout().lock(), &batch) {
+            Ok(()) => Outcome::Completed,
+            Err(error) => Outcome::Failed {
+                error: format!("stdout: {error}"),
+                retry: true,
+            },
         };
+        let reports: Vec<(i64, Outcome)> = batch.iter().map(|j| (j.id, outcome.clone())).collect();
+        outbox.settle(&reports).await?;
         Ok::<_, benalsam_events::Error>(outbox)
     });
     let jobs = JobStream::new(outbox, JobStreamConfig::default(), shutdown)?;

@@ -16,7 +16,7 @@ use benalsam_events::config::{
 };
 use benalsam_events::elasticsearch::SearchParts;
 use benalsam_events::tokio_postgres::types::ToSql;
-use benalsam_events::{admin, postgres, search};
+use benalsam_events::{Outbox, OutboxConfig, connect, index};
 use serde_json::{Value, json};
 
 /// One listing of the demo.
@@ -73,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let search_url = SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
     let index = std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings".to_owned());
-    let db = postgres::connect(&database_url).await?;
+    let db = connect::postgres(&database_url).await?;
     db.batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
     let first_job: i64 = db
@@ -169,7 +169,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    let client = search::client(&search_url, Duration::from_secs(10))?;
+    let client = index::client(&search_url, Duration::from_secs(10))?;
     client
         .indices()
         .refresh(benalsam_events::elasticsearch::indices::IndicesRefreshParts::Index(&[&index]))
@@ -218,7 +218,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let summary = admin::summary(&db, &schema).await?;
+    let summary = Outbox::new(database_url.clone(), OutboxConfig::in_schema(&schema))?
+        .summary()
+        .await?;
     println!(
         "\njob table (SELECT status, count(*), avg(processed_at - created_at) … GROUP BY status):"
     );

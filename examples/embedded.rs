@@ -5,30 +5,22 @@
 //! Copy it when you would rather not run `benalsam-bridge` and `benalsam-consumer` as two
 //! processes: a small deployment, a service that already owns the database and wants search
 //! sync as part of itself, or a test environment. Everything the binaries do is here in
-//! library calls: migrations, the RabbitMQ topology, the search index, the job stream
-//! forwarded into the publisher, and the indexer. Add your own health server or metrics
-//! around the `status()` handles.
+//! library calls: `bridge::run` and `consumer::run` are the two services, and their settings
+//! are what the binaries' flags fill in. For finer control, compose the parts they are made
+//! of (`JobStream`, `Publisher`, `Indexer`) as `custom_sink.rs` does.
 //!
 //! ```text
 //! scripts/stack up
 //! cargo run --example embedded      # Ctrl-C to stop
 //! ```
 
-use std::time::Duration;
-
+use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::config::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl,
+    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL,
 };
-use benalsam_events::document::{Documents, ListingDocuments};
-use benalsam_events::routing::Routes;
-use benalsam_events::search::{self, IndexConfig};
-use benalsam_events::topology::{Topology, TopologyConfig};
-use benalsam_events::{
-    Indexer, IndexerConfig, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
-    PublisherConfig, amqp, migrate, postgres,
-};
-use futures::StreamExt;
+use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::index::{IndexConfig, ListingDocuments, listings_index_body};
+use benalsam_events::{AmqpUrl, DatabaseUrl, Documents, OutboxConfig, SearchUrl};
 use tokio_util::sync::CancellationToken;
 
 /// Where everything is.
@@ -56,67 +48,35 @@ impl Settings {
 }
 
 /// Runs the bridge and the consumer until `shutdown` is cancelled, then lets both finish
-/// what they hold.
+/// what they hold. Each does what its binary does: migrations, topology, index, the job
+/// stream into the publisher, the indexer, heartbeats. Give them a `health_addr` to serve
+/// the health endpoints and /metrics as well.
 pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<(), benalsam_events::Error> {
-    // Schema, topology and index: each idempotent, so every start may do them.
-    let mut client = postgres::connect(&settings.database_url).await?;
-    migrate::migrate(&mut client, &settings.schema).await?;
-    let connection = amqp::connect(&settings.rabbitmq_url, "embedded topology").await?;
-    Topology::benalsam(&TopologyConfig::default())
-        .declare(&connection)
-        .await?;
-    let search = search::client(&settings.elasticsearch_url, Duration::from_secs(30))?;
-    let index = IndexConfig {
-        alias: settings.index.clone(),
-        ..IndexConfig::default()
-    };
-    search::ensure_index(&search, &index, &search::listings_index_body(&index)).await?;
+    let mut bridge =
+        BridgeSettings::new(settings.database_url.clone(), settings.rabbitmq_url.clone());
+    bridge.outbox = OutboxConfig::in_schema(&settings.schema);
+    bridge.migrate = true;
 
-    let outbox = Outbox::new(
-        settings.database_url.clone(),
-        OutboxConfig {
-            schema: settings.schema.clone(),
-            ..OutboxConfig::default()
-        },
-    )?;
-
-    // The bridge: claimed jobs, one at a time, into the publisher (confirms, then `sent`).
-    let jobs = JobStream::new(outbox.clone(), JobStreamConfig::default(), shutdown.clone())?;
-    let publisher = Publisher::new(
-        settings.rabbitmq_url.clone(),
-        outbox.clone(),
-        Routes::default(),
-        PublisherConfig {
-            app_id: "embedded".to_owned(),
-            ..PublisherConfig::default()
-        },
-    );
-    let bridge = tokio::spawn(
-        jobs.flat_map(futures::stream::iter)
-            .map(Ok)
-            .forward(publisher),
-    );
-
-    // The consumer: elasticsearch.sync into bulk requests, jobs `completed`.
-    let documents = Documents::new().with("listings", ListingDocuments::new(&settings.index));
-    let indexer = Indexer::new(
+    let mut consumer = ConsumerSettings::new(
+        settings.database_url,
         settings.rabbitmq_url,
-        search,
-        outbox,
-        documents,
-        IndexerConfig::default(),
+        settings.elasticsearch_url,
     );
-    let consumer = tokio::spawn(indexer.run(shutdown));
+    consumer.outbox = OutboxConfig::in_schema(&settings.schema);
+    let mut index = IndexConfig::default();
+    index.alias = settings.index.clone();
+    let body = listings_index_body(&index);
+    consumer.index = Some((index, body));
+    consumer.documents = Documents::new().with("listings", ListingDocuments::new(&settings.index));
 
-    let (bridge, consumer) = tokio::join!(bridge, consumer);
-    let _ = connection.close(200, "bye".into()).await;
-    consumer.map_err(|_| benalsam_events::Error::Stopped {
-        what: "the consumer",
-    })?;
-    bridge.map_err(|_| benalsam_events::Error::Stopped { what: "the bridge" })?
+    let (bridge, consumer) = tokio::join!(
+        bridge::run(bridge, shutdown.clone()),
+        consumer::run(consumer, shutdown)
+    );
+    bridge.and(consumer)
 }
 
 #[tokio::main]

@@ -8,7 +8,7 @@
 //! ```
 
 use benalsam_events::config::DatabaseUrl;
-use benalsam_events::{migrate, postgres};
+use benalsam_events::{connect, outbox};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,8 +17,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
 
-    let mut client = postgres::connect(&url).await?;
-    let report = migrate::migrate(&mut client, &schema).await?;
+    let mut client = connect::postgres(&url).await?;
+    let report = outbox::migrate(&mut client, &schema).await?;
     println!(
         "{url} schema {schema}: applied {:?}, already there {:?}",
         report.applied, report.already_applied

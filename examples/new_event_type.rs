@@ -20,23 +20,18 @@
 //! curl 'http://127.0.0.1:9200/benalsam_inventory/_search?q=name:bardak'
 //! ```
 
-use std::time::Duration;
-
+use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::config::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl,
+    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL,
 };
-use benalsam_events::document::{Action, BuildError, DocumentBuilder, Documents, ListingDocuments};
-use benalsam_events::envelope::Envelope;
-use benalsam_events::job::Operation;
-use benalsam_events::routing::{EventType, Routes};
-use benalsam_events::search::{self, IndexConfig};
-use benalsam_events::topology::{Topology, TopologyConfig};
+use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::index::{BuildError, IndexConfig, ListingDocuments, listings_index_body};
+use benalsam_events::outbox::Operation;
+use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
-    Indexer, IndexerConfig, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
-    PublisherConfig, amqp, migrate, postgres,
+    Action, AmqpUrl, DatabaseUrl, DocumentBuilder, Documents, Envelope, EventType, OutboxConfig,
+    Routes, SearchUrl, Topology, connect,
 };
-use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -59,12 +54,7 @@ CREATE TRIGGER inventory_items_sync_queue
 
 /// Step 2, where its messages go. No status column: every UPDATE is `inventory_item.update`.
 pub fn inventory_event_type() -> EventType {
-    EventType {
-        table: "inventory_items".to_owned(),
-        routing_prefix: "inventory_item".to_owned(),
-        exchange: "benalsam.inventory".to_owned(),
-        status_column: None,
-    }
+    EventType::new("inventory_items", "inventory_item", "benalsam.inventory")
 }
 
 /// Step 4, row → document: a deleted row, or one stocked in no warehouse, leaves the index.
@@ -74,9 +64,9 @@ pub struct InventoryDocuments {
 }
 
 impl DocumentBuilder for InventoryDocuments {
-    fn build(&self, envelope: &Envelope) -> Result<Action, BuildError> {
+    fn build(&self, envelope: &Envelope<'_>) -> Result<Action, BuildError> {
         let row = envelope.current_row();
-        let id = envelope.record_id.clone();
+        let id = envelope.record_id.to_string();
         if envelope.operation == Operation::Delete || row["warehouse"].is_null() {
             return Ok(Action::Delete {
                 index: self.index.clone(),
@@ -104,7 +94,7 @@ impl DocumentBuilder for InventoryDocuments {
 
 /// Step 5, its index: the same Turkish analysis as the listings, its own fields.
 pub fn inventory_index_body(config: &IndexConfig) -> Value {
-    let listings = search::listings_index_body(config);
+    let listings = listings_index_body(config);
     json!({
         "settings": listings["settings"],
         "mappings": {
@@ -151,58 +141,42 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<(), benalsam_events::Error> {
-    let mut client = postgres::connect(&settings.database_url).await?;
-    migrate::migrate(&mut client, &settings.schema).await?;
+    let mut client = connect::postgres(&settings.database_url).await?;
+    benalsam_events::outbox::migrate(&mut client, &settings.schema).await?;
     client
         .batch_execute(&format!(
             "SET search_path TO {}; {INVENTORY_SQL}",
             settings.schema
         ))
         .await
-        .map_err(|e| benalsam_events::Error::Config {
-            setting: "inventory_items",
-            reason: format!("cannot create the table and its trigger: {e:?}"),
+        .map_err(|e| {
+            benalsam_events::Error::config(
+                "inventory_items",
+                format!("cannot create the table and its trigger: {e:?}"),
+            )
         })?;
 
     // Step 3, the topology with the new exchange and binding.
     let inventory = inventory_event_type();
-    let connection = amqp::connect(&settings.rabbitmq_url, "inventory topology").await?;
-    Topology::benalsam(&TopologyConfig::default())
-        .with_event_type(&inventory)
-        .declare(&connection)
-        .await?;
+    let topology = Topology::benalsam(&TopologyConfig::default()).with_event_type(&inventory);
+    let mut bridge =
+        BridgeSettings::new(settings.database_url.clone(), settings.rabbitmq_url.clone());
+    bridge.outbox = OutboxConfig::in_schema(&settings.schema);
+    bridge.routes = Routes::new(vec![EventType::listings(), inventory]);
+    bridge.topology = topology.clone();
 
-    let search = search::client(&settings.elasticsearch_url, Duration::from_secs(30))?;
-    let listings_index = IndexConfig {
-        alias: settings.listings_index.clone(),
-        ..IndexConfig::default()
-    };
-    search::ensure_index(
-        &search,
-        &listings_index,
-        &search::listings_index_body(&listings_index),
-    )
-    .await?;
-    let inventory_index = IndexConfig {
-        alias: settings.inventory_index.clone(),
-        ..IndexConfig::default()
-    };
-    search::ensure_index(
-        &search,
-        &inventory_index,
-        &inventory_index_body(&inventory_index),
-    )
-    .await?;
-
-    let outbox = Outbox::new(
-        settings.database_url.clone(),
-        OutboxConfig {
-            schema: settings.schema.clone(),
-            ..OutboxConfig::default()
-        },
-    )?;
-    let routes = Routes::new(vec![EventType::listings(), inventory]);
-    let documents = Documents::new()
+    let mut consumer = ConsumerSettings::new(
+        settings.database_url,
+        settings.rabbitmq_url,
+        settings.elasticsearch_url,
+    );
+    consumer.outbox = OutboxConfig::in_schema(&settings.schema);
+    consumer.topology = topology;
+    let mut listings_index = IndexConfig::default();
+    listings_index.alias = settings.listings_index.clone();
+    let body = listings_index_body(&listings_index);
+    consumer.index = Some((listings_index, body));
+    consumer.documents = Documents::new()
         .with("listings", ListingDocuments::new(&settings.listings_index))
         .with(
             "inventory_items",
@@ -210,34 +184,21 @@ pub async fn run(
                 index: settings.inventory_index.clone(),
             },
         );
+    let mut inventory_index = IndexConfig::default();
+    inventory_index.alias = settings.inventory_index.clone();
+    let search = benalsam_events::index::client(&consumer.search_url, consumer.search_timeout)?;
+    benalsam_events::index::ensure_index(
+        &search,
+        &inventory_index,
+        &inventory_index_body(&inventory_index),
+    )
+    .await?;
 
-    let jobs = JobStream::new(outbox.clone(), JobStreamConfig::default(), shutdown.clone())?;
-    let publisher = Publisher::new(
-        settings.rabbitmq_url.clone(),
-        outbox.clone(),
-        routes,
-        PublisherConfig::default(),
+    let (bridge, consumer) = tokio::join!(
+        bridge::run(bridge, shutdown.clone()),
+        consumer::run(consumer, shutdown)
     );
-    let bridge = tokio::spawn(
-        jobs.flat_map(futures::stream::iter)
-            .map(Ok)
-            .forward(publisher),
-    );
-    let indexer = Indexer::new(
-        settings.rabbitmq_url,
-        search,
-        outbox,
-        documents,
-        IndexerConfig::default(),
-    );
-    let consumer = tokio::spawn(indexer.run(shutdown));
-
-    let (bridge, consumer) = tokio::join!(bridge, consumer);
-    let _ = connection.close(200, "bye".into()).await;
-    consumer.map_err(|_| benalsam_events::Error::Stopped {
-        what: "the consumer",
-    })?;
-    bridge.map_err(|_| benalsam_events::Error::Stopped { what: "the bridge" })?
+    bridge.and(consumer)
 }
 
 #[tokio::main]

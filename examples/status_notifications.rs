@@ -15,28 +15,30 @@
 //! cargo run --example status_notifications
 //! ```
 
+use benalsam_events::Envelope;
 use benalsam_events::config::{AmqpUrl, DEFAULT_RABBITMQ_URL};
-use benalsam_events::envelope::Envelope;
-use benalsam_events::topology::STATUS_QUEUE;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-async fn notify(envelope: &Envelope) {
+/// The queue the topology binds to `listing.status.#` (bounded: it keeps the newest changes).
+const STATUS_QUEUE: &str = "listing.status.changes";
+
+async fn notify(envelope: &Envelope<'_>) {
     println!(
         "listing {}: {} → {} (job {}, at {})",
         envelope.record_id,
         envelope.previous_status.as_deref().unwrap_or("?"),
         envelope.status.as_deref().unwrap_or("?"),
         envelope.job_id,
-        envelope.occurred_at,
+        humantime::format_rfc3339_seconds(envelope.occurred_at),
     );
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?;
-    let connection = benalsam_events::amqp::connect(&url, "status notifications").await?;
+    let connection = benalsam_events::connect::amqp(&url, "status notifications").await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;
     let mut deliveries = channel

@@ -15,8 +15,9 @@ mod common;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use benalsam_events::routing::Routes;
-use benalsam_events::topology::SYNC_QUEUE;
+use benalsam_events::Routes;
+
+const SYNC_QUEUE: &str = "elasticsearch.sync";
 use benalsam_events::{
     JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher, PublisherConfig,
 };
@@ -62,7 +63,7 @@ async fn main() -> Result<(), BoxError> {
         let confirm = channel
             .basic_publish(
                 "benalsam.listings".into(),
-                key.as_str().into(),
+                key.as_ref().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -82,28 +83,23 @@ async fn main() -> Result<(), BoxError> {
         .await?;
 
     // 2. The bridge: pending → sent, state updates included.
-    let outbox = Outbox::new(
-        env.db_url.clone(),
-        OutboxConfig {
-            schema: env.name.clone(),
-            ..OutboxConfig::default()
-        },
-    )?;
+    let outbox = Outbox::new(env.db_url.clone(), {
+        let mut c = OutboxConfig::default();
+        c.schema = env.name.clone();
+        c
+    })?;
     let shutdown = CancellationToken::new();
-    let config = JobStreamConfig {
-        batch_size: batch,
-        ..JobStreamConfig::default()
+    let config = {
+        let mut c = JobStreamConfig::default();
+        c.batch_size = batch;
+        c
     };
     let job_stream = JobStream::new(outbox.clone(), config, shutdown.clone())?;
-    let publisher = Publisher::new(
-        env.url.clone(),
-        outbox,
-        Routes::default(),
-        PublisherConfig {
-            window,
-            ..PublisherConfig::default()
-        },
-    );
+    let publisher = Publisher::new(env.url.clone(), outbox, Routes::default(), {
+        let mut config = PublisherConfig::default();
+        config.window = window;
+        config
+    });
     let status = publisher.status();
     let started = Instant::now();
     let task = tokio::spawn(job_stream.flat_map(stream::iter).map(Ok).forward(publisher));

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use benalsam_events::config::{DEFAULT_DATABASE_URL, DatabaseUrl};
-use benalsam_events::{Outbox, OutboxConfig, migrate, postgres};
+use benalsam_events::{Outbox, OutboxConfig, Outcome, Settle, connect};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,8 +24,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(1_000_000);
     let schema = format!("bench_claim_{}", std::process::id());
-    let mut client = postgres::connect(&url).await?;
-    migrate::migrate(&mut client, &schema).await?;
+    let mut client = connect::postgres(&url).await?;
+    benalsam_events::outbox::migrate(&mut client, &schema).await?;
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
@@ -51,13 +51,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    let outbox = Outbox::new(
-        url.clone(),
-        OutboxConfig {
-            schema: schema.clone(),
-            ..OutboxConfig::default()
-        },
-    )?;
+    let outbox = Outbox::new(url.clone(), {
+        let mut c = OutboxConfig::default();
+        c.schema = schema.clone();
+        c
+    })?;
     println!("| batch size | jobs | seconds | jobs/s (claim + mark sent + mark completed) |");
     println!("|---:|---:|---:|---:|");
     for (batch, jobs) in [(1usize, 3_000i64), (100, 30_000), (1_000, 100_000)] {
@@ -81,8 +79,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 break;
             }
             let ids: Vec<i64> = claimed.iter().map(|j| j.id).collect();
-            outbox.mark_sent(&ids).await?;
-            outbox.mark_completed(&ids).await?;
+            let sent: Vec<(i64, Outcome)> = ids.iter().map(|id| (*id, Outcome::Sent)).collect();
+            outbox.settle(&sent).await?;
+            let completed: Vec<(i64, Outcome)> =
+                ids.iter().map(|id| (*id, Outcome::Completed)).collect();
+            outbox.settle(&completed).await?;
             done += ids.len();
         }
         let secs = started.elapsed().as_secs_f64();

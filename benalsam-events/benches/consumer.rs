@@ -13,14 +13,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::bulk::{self, BulkItem};
+use benalsam_events::Documents;
 use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
-use benalsam_events::document::{Documents, ListingDocuments};
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::routing::LISTINGS_EXCHANGE;
-use benalsam_events::search::{self, IndexConfig};
+use benalsam_events::index::ListingDocuments;
+use benalsam_events::index::{self as search, IndexConfig};
+use benalsam_events::publish::LISTINGS_EXCHANGE;
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
 use common::{BenchEnv, BoxError, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -44,9 +44,10 @@ async fn send(
 }
 
 async fn fresh_index(client: &Elasticsearch, alias: &str) -> Result<(), BoxError> {
-    let config = IndexConfig {
-        alias: alias.to_owned(),
-        ..IndexConfig::default()
+    let config = {
+        let mut c = IndexConfig::default();
+        c.alias = alias.to_owned();
+        c
     };
     search::ensure_index(client, &config, &search::listings_index_body(&config)).await?;
     Ok(())
@@ -66,13 +67,11 @@ async fn main() -> Result<(), BoxError> {
     let envelopes = env.envelopes().await?;
     let (name, url) = (env.name.clone(), env.url.clone());
     let es = search::client(&es_url, Duration::from_secs(60))?;
-    let outbox = Outbox::new(
-        env.db_url.clone(),
-        OutboxConfig {
-            schema: name.clone(),
-            ..OutboxConfig::default()
-        },
-    )?;
+    let outbox = Outbox::new(env.db_url.clone(), {
+        let mut c = OutboxConfig::default();
+        c.schema = name.clone();
+        c
+    })?;
     let publish_channel = env.connection.create_channel().await?;
     publish_channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -89,14 +88,9 @@ async fn main() -> Result<(), BoxError> {
         let raw_alias = format!("{name}_raw_{size}");
         fresh_index(&es, &raw_alias).await?;
         let documents = Documents::new().with("listings", ListingDocuments::new(&raw_alias));
-        let items: Vec<BulkItem> = envelopes
+        let items: Vec<(benalsam_events::Action, i64)> = envelopes
             .iter()
-            .map(|e| {
-                Ok(BulkItem {
-                    action: documents.build(e)?,
-                    version: e.job_id,
-                })
-            })
+            .map(|e| Ok((documents.build(e)?, e.job_id)))
             .collect::<Result<_, BoxError>>()?;
         let started = Instant::now();
         for chunk in items.chunks(size) {
@@ -104,7 +98,7 @@ async fn main() -> Result<(), BoxError> {
                 &es,
                 Method::Post,
                 "/_bulk",
-                bulk::encode(chunk),
+                common::bulk_body(chunk),
                 "application/x-ndjson",
             )
             .await?;
@@ -127,7 +121,7 @@ async fn main() -> Result<(), BoxError> {
                 publish_channel
                     .basic_publish(
                         LISTINGS_EXCHANGE.into(),
-                        e.routing_key.as_str().into(),
+                        e.routing_key.as_ref().into(),
                         BasicPublishOptions::default(),
                         &e.to_bytes(),
                         e.properties("bench", None),
@@ -143,12 +137,13 @@ async fn main() -> Result<(), BoxError> {
             es.clone(),
             outbox.clone(),
             Documents::new().with("listings", ListingDocuments::new(&alias)),
-            IndexerConfig {
-                batch_size: size,
-                prefetch: u16::try_from((size * 2).max(1000)).unwrap_or(u16::MAX),
-                ..IndexerConfig::default()
+            {
+                let mut c = IndexerConfig::default();
+                c.batch_size = size;
+                c.prefetch = u16::try_from((size * 2).max(1000)).unwrap_or(u16::MAX);
+                c
             },
-        );
+        )?;
         let status = indexer.status();
         let shutdown = CancellationToken::new();
         let started = Instant::now();

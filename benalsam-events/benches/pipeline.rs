@@ -30,12 +30,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::bulk::{self, BulkItem};
+use benalsam_events::Documents;
 use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
-use benalsam_events::document::{Documents, ListingDocuments};
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::search::{self, IndexConfig};
+use benalsam_events::index::ListingDocuments;
+use benalsam_events::index::{self as search, IndexConfig};
 use common::{BenchEnv, BoxError, setting};
 use futures::StreamExt;
 use lapin::options::{
@@ -81,7 +81,7 @@ async fn writer(
     mix: Mix,
     pace: Option<Duration>,
 ) -> Result<(), BoxError> {
-    let db = benalsam_events::postgres::connect(&env.db_url).await?;
+    let db = benalsam_events::connect::postgres(&env.db_url).await?;
     db.batch_execute(&format!("SET search_path TO {}", env.name))
         .await?;
     let insert = db
@@ -280,9 +280,10 @@ async fn main() -> Result<(), BoxError> {
     let index = format!("{}_listings", env.name);
     let raw_index = format!("{}_raw", env.name);
     for alias in [&index, &raw_index] {
-        let config = IndexConfig {
-            alias: alias.clone(),
-            ..IndexConfig::default()
+        let config = {
+            let mut c = IndexConfig::default();
+            c.alias = alias.clone();
+            c
         };
         search::ensure_index(&es, &config, &search::listings_index_body(&config)).await?;
     }
@@ -387,14 +388,9 @@ async fn main() -> Result<(), BoxError> {
 
     // Elasticsearch: the same documents, bulk requests of 1,000.
     let documents = Documents::new().with("listings", ListingDocuments::new(&raw_index));
-    let items: Vec<BulkItem> = envelopes
+    let items: Vec<(benalsam_events::Action, i64)> = envelopes
         .iter()
-        .map(|e| {
-            Ok(BulkItem {
-                action: documents.build(e)?,
-                version: e.job_id,
-            })
-        })
+        .map(|e| Ok((documents.build(e)?, e.job_id)))
         .collect::<Result<_, BoxError>>()?;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -409,7 +405,7 @@ async fn main() -> Result<(), BoxError> {
                 "/_bulk",
                 headers.clone(),
                 Option::<&()>::None,
-                Some(bulk::encode(chunk)),
+                Some(common::bulk_body(chunk)),
                 None,
             )
             .await?

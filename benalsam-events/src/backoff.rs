@@ -52,10 +52,10 @@ impl Default for Backoff {
 }
 
 /// Runs `op` until it succeeds, waiting out `backoff` between attempts while its error
-/// [can be retried](Error::can_be_retried); any other error is returned at once. Returns
+/// [can be retried](Error::is_retryable); any other error is returned at once. Returns
 /// `Ok(None)` when `shutdown` is cancelled first. For start-up steps that should wait for a
 /// service rather than give up (migrations, declaring the topology).
-pub async fn retry<T, F, Fut>(
+pub(crate) async fn retry<T, F, Fut>(
     what: &str,
     backoff: Backoff,
     shutdown: &CancellationToken,
@@ -71,7 +71,7 @@ where
             () = shutdown.cancelled() => return Ok(None),
             result = op() => match result {
                 Ok(value) => return Ok(Some(value)),
-                Err(error) if error.can_be_retried() => error,
+                Err(error) if error.is_retryable() => error,
                 Err(error) => return Err(error),
             },
         };

@@ -1,109 +1,305 @@
-//! Pieces of the bridge beyond the job stream and the publisher: its health verdicts and the
-//! resender of jobs that were sent but never completed.
+//! The bridge as a service: the outbox's jobs into RabbitMQ.
+//!
+//! [`run`] is everything `benalsam-bridge` does: health endpoints up from the first moment,
+//! migrations (when asked) and the topology declared, then the [`JobStream`] forwarded into
+//! the [`Publisher`] until shutdown, with a heartbeat and the [`Resender`] beside it.
+//!
+//! Its verdicts ([`database_report`], [`rabbitmq_report`]) judge progress, not connections:
+//! the bridge is unhealthy when work that should move has not moved within the window, or
+//! when something it needs refuses. A backlog that drains is healthy however old its oldest
+//! job is.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Check, HealthReport, HealthServer};
-use crate::job_stream::{self, JobStreamStatus};
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::publisher::{self, PublisherStatus};
+use crate::Result;
+use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
+use crate::ops::{HealthReport, Heartbeat, Live, Metrics, rfc3339, since};
+use crate::outbox::{JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig};
+use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Routes, Topology};
+use crate::service::{Check, Service, check};
 
-/// Thresholds of the bridge's health verdicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HealthThresholds {
-    /// Unhealthy when the oldest pending job waits longer than this, connections or not.
-    pub max_pending_age: Duration,
-    /// Unhealthy when no claim succeeded for this long (the stream stalled).
-    pub max_claim_gap: Duration,
+/// Everything [`run`] needs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BridgeSettings {
+    /// The database holding the outbox.
+    pub database_url: DatabaseUrl,
+    /// The broker.
+    pub rabbitmq_url: AmqpUrl,
+    /// The outbox (schema, lease, retries).
+    pub outbox: OutboxConfig,
+    /// Claiming (batch size, polling, LISTEN).
+    pub stream: JobStreamConfig,
+    /// Publishing (window, reports).
+    pub publisher: PublisherConfig,
+    /// Where the jobs of each table go.
+    pub routes: Routes,
+    /// Declared at start, and again when a publish finds part of it missing.
+    pub topology: Topology,
+    /// Apply the database migrations before starting.
+    pub migrate: bool,
+    /// Where the health endpoints listen; `None` for none.
+    pub health_addr: Option<SocketAddr>,
+    /// How long work may stand still before the bridge is unhealthy.
+    pub health_window: Duration,
+    /// How often a heartbeat goes to `benalsam.system`; `None` for none.
+    pub heartbeat_interval: Option<Duration>,
+    /// Jobs sent this long ago and never completed are published again.
+    pub resend_after: Duration,
+    /// How long a shutdown may wait for the last confirms when RabbitMQ is away.
+    pub shutdown_grace: Duration,
 }
 
-impl Default for HealthThresholds {
-    fn default() -> Self {
+impl BridgeSettings {
+    /// The defaults, for the listings of the architecture document, against these services.
+    pub fn new(database_url: DatabaseUrl, rabbitmq_url: AmqpUrl) -> Self {
+        let topology = Topology::benalsam(&crate::publish::TopologyConfig::default());
         Self {
-            max_pending_age: Duration::from_secs(60),
-            max_claim_gap: Duration::from_secs(30),
+            database_url,
+            rabbitmq_url,
+            outbox: OutboxConfig::default(),
+            stream: JobStreamConfig::default(),
+            publisher: PublisherConfig::default(),
+            routes: Routes::default(),
+            topology,
+            migrate: false,
+            health_addr: None,
+            health_window: Duration::from_secs(30),
+            heartbeat_interval: Some(Duration::from_secs(30)),
+            resend_after: Duration::from_secs(15 * 60),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
+
+    fn validate(&self) -> Result<()> {
+        require_positive("BENALSAM_HEALTH_WINDOW", self.health_window)?;
+        require_positive("BENALSAM_RESEND_AFTER", self.resend_after)?;
+        if let Some(interval) = self.heartbeat_interval {
+            require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the bridge until `shutdown` is cancelled: the stream stops claiming, and the
+/// publisher waits for every confirm and reports it (for at most the shutdown grace when
+/// RabbitMQ is away; what it held then returns to other bridges when its lease expires).
+///
+/// A setting that cannot work, a conflicting topology or a changed migration stops it with
+/// an error; an unreachable service is waited for.
+pub async fn run(settings: BridgeSettings, shutdown: CancellationToken) -> Result<()> {
+    settings.validate()?;
+    let mut service = Service::new("benalsam-bridge", &shutdown);
+    let monitor: Arc<OnceLock<BridgeMonitor>> = Arc::default();
+    service
+        .serve_health("benalsam-bridge", settings.health_addr, checks(&monitor))
+        .await?;
+    if !prepare(&settings, &service, &shutdown).await? {
+        return Ok(());
+    }
+    let (jobs, publisher) = start(&settings, &mut service, &monitor, &shutdown)?;
+    service.readiness.ready();
+    tracing::info!("bridge running");
+
+    // The whole bridge: claimed batches, one job at a time, into the publisher.
+    let publishing = jobs
+        .flat_map(futures::stream::iter)
+        .map(Ok)
+        .forward(publisher);
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(settings.shutdown_grace).await;
+    };
+    let result = tokio::select! {
+        result = publishing => result,
+        () = grace => {
+            tracing::warn!(
+                grace = ?settings.shutdown_grace,
+                "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs return after their lease"
+            );
+            Ok(())
+        }
+    };
+    service.stop().await;
+    tracing::info!("bridge stopped");
+    result
+}
+
+/// The start-up steps: migrations when asked, the topology. False when shutdown came first.
+async fn prepare(
+    settings: &BridgeSettings,
+    service: &Service,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    if settings.migrate {
+        let migrated = service
+            .step("migrating the database", shutdown, || async {
+                let mut client = crate::connect::postgres(&settings.database_url).await?;
+                crate::outbox::migrate(&mut client, &settings.outbox.schema).await
+            })
+            .await?;
+        if migrated.is_none() {
+            return Ok(false);
+        }
+    }
+    let declared = service
+        .step("declaring the RabbitMQ topology", shutdown, || {
+            declare(&settings.rabbitmq_url, &settings.topology)
+        })
+        .await?;
+    Ok(declared.is_some())
+}
+
+/// The parts of a running bridge: the job stream and the publisher it feeds, with the
+/// resender and the heartbeat beside them and the monitor the health checks read.
+fn start(
+    settings: &BridgeSettings,
+    service: &mut Service,
+    monitor: &OnceLock<BridgeMonitor>,
+    shutdown: &CancellationToken,
+) -> Result<(JobStream, Publisher)> {
+    let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
+    let jobs = JobStream::new(outbox.clone(), settings.stream.clone(), shutdown.clone())?
+        .with_metrics(&service.metrics);
+    let mut publisher_config = settings.publisher.clone();
+    publisher_config.topology = Some(settings.topology.clone());
+    let publisher = Publisher::new(
+        settings.rabbitmq_url.clone(),
+        outbox.clone(),
+        settings.routes.clone(),
+        publisher_config,
+    )
+    .with_metrics(&service.metrics);
+    let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
+    let bridge = BridgeMonitor {
+        stream: jobs.status(),
+        publisher: publisher.status(),
+        resender: resender.status(),
+        window: settings.health_window,
+        resend_after: settings.resend_after,
+        broker: settings.rabbitmq_url.redacted(),
+        database: settings.database_url.redacted(),
+    };
+    if let Some(interval) = settings.heartbeat_interval {
+        let beat = bridge.clone();
+        let heartbeat = Heartbeat::new(
+            settings.rabbitmq_url.clone(),
+            "bridge",
+            interval,
+            move || beat.database(),
+        )?;
+        service.spawn(heartbeat.run(service.background()));
+    }
+    service.spawn(resender.run(service.background()));
+    let _ = monitor.set(bridge);
+    Ok((jobs, publisher))
+}
+
+async fn declare(url: &AmqpUrl, topology: &Topology) -> Result<()> {
+    let connection = crate::connect::amqp(url, "benalsam-bridge topology").await?;
+    topology.declare(&connection).await?;
+    let _ = connection.close(200, "declared".into()).await;
+    Ok(())
+}
+
+fn checks(monitor: &Arc<OnceLock<BridgeMonitor>>) -> Vec<Check> {
+    vec![
+        check(
+            "/api/v1/health/database-trigger-bridge",
+            monitor,
+            BridgeMonitor::database,
+        ),
+        check("/api/v1/health/rabbitmq", monitor, BridgeMonitor::rabbitmq),
+    ]
 }
 
 /// What the bridge's health endpoints look at.
 #[derive(Debug, Clone)]
-pub struct BridgeMonitor {
-    /// The job stream's status.
-    pub stream: Arc<job_stream::Status>,
-    /// The publisher's status.
-    pub publisher: Arc<publisher::Status>,
-    /// The metrics, whose resend counter the health answer shows.
-    pub metrics: Arc<Metrics>,
-    /// Verdict thresholds.
-    pub thresholds: HealthThresholds,
-    /// The broker, redacted, for the answer.
-    pub broker: String,
-    /// The database, redacted, for the answer.
-    pub database: String,
+struct BridgeMonitor {
+    stream: Live<JobStreamStatus>,
+    publisher: Live<PublisherStatus>,
+    resender: Live<ResenderStatus>,
+    window: Duration,
+    resend_after: Duration,
+    broker: String,
+    database: String,
 }
 
 impl BridgeMonitor {
-    /// Adds the bridge's two endpoints to `server`.
-    pub fn routes(self: &Arc<Self>, server: HealthServer) -> HealthServer {
-        let (rabbitmq, database) = (Arc::clone(self), Arc::clone(self));
-        server
-            .check("/api/v1/health/rabbitmq", move || rabbitmq.rabbitmq())
-            .check("/api/v1/health/database-trigger-bridge", move || {
-                database.database()
-            })
+    fn rabbitmq(&self) -> HealthReport {
+        rabbitmq_report(
+            &self.publisher.snapshot(),
+            self.window,
+            &self.broker,
+            SystemTime::now(),
+        )
     }
 
-    /// The report the bridge's heartbeat carries: its database verdict.
-    pub fn heartbeat(self: &Arc<Self>) -> Check {
-        let monitor = Arc::clone(self);
-        Arc::new(move || monitor.database())
-    }
-
-    /// `GET /api/v1/health/rabbitmq`.
-    pub fn rabbitmq(&self) -> HealthReport {
-        rabbitmq_report(&self.publisher.snapshot(), &self.broker)
-    }
-
-    /// `GET /api/v1/health/database-trigger-bridge`.
-    pub fn database(&self) -> HealthReport {
+    fn database(&self) -> HealthReport {
         database_report(
             &self.stream.snapshot(),
-            self.metrics.jobs_resent.get(),
-            &self.thresholds,
+            &self.resender.snapshot(),
+            self.window,
+            self.resend_after,
             &self.database,
             SystemTime::now(),
         )
     }
 }
 
-fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
-    t.map_or(serde_json::Value::Null, |t| {
-        json!(humantime::format_rfc3339_millis(t).to_string())
-    })
-}
-
-/// The RabbitMQ verdict: healthy while the publisher holds a connection.
-pub fn rabbitmq_report(s: &PublisherStatus, broker: &str) -> HealthReport {
-    let message = if s.connected {
-        format!("connected to {broker}; {} unconfirmed", s.unconfirmed)
-    } else {
-        format!(
+/// The RabbitMQ verdict: unhealthy when not connected, when publishes failed within the
+/// `window` and none was confirmed since, or when messages wait for confirms that do not
+/// come.
+pub fn rabbitmq_report(
+    s: &PublisherStatus,
+    window: Duration,
+    broker: &str,
+    now: SystemTime,
+) -> HealthReport {
+    let recent = |t: Option<SystemTime>| t.is_some_and(|t| since(now, t) <= window);
+    let confirmed_after = |t: SystemTime| s.last_confirm_at.is_some_and(|c| c >= t);
+    let mut problems = Vec::new();
+    if !s.connected {
+        problems.push(format!(
             "not connected to {broker}{}",
             s.last_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
+                .as_ref()
+                .map(|(_, e)| format!(": {e}"))
                 .unwrap_or_default()
-        )
+        ));
+    }
+    if let Some((at, why)) = &s.last_failure
+        && since(now, *at) <= window
+        && !confirmed_after(*at)
+    {
+        problems.push(format!(
+            "publishes fail and none succeeded since: {why}; the bridge declares the topology again, check the exchanges and bindings"
+        ));
+    }
+    if s.connected && s.unconfirmed > 0 && !recent(s.last_confirm_at) && !recent(s.last_publish_at)
+    {
+        problems.push(format!(
+            "{} messages wait for confirms that did not come within {}s (is the broker blocked? check its alarms)",
+            s.unconfirmed,
+            window.as_secs()
+        ));
+    }
+    let healthy = problems.is_empty();
+    let message = if healthy {
+        format!("connected to {broker}; {} unconfirmed", s.unconfirmed)
+    } else {
+        problems.join("; ")
     };
     HealthReport::new(
         "rabbitmq",
-        s.connected,
+        healthy,
         message,
         json!({
             "connected": s.connected,
@@ -113,56 +309,33 @@ pub fn rabbitmq_report(s: &PublisherStatus, broker: &str) -> HealthReport {
             "failed": s.failed,
             "republished": s.republished,
             "unconfirmed": s.unconfirmed,
+            "repairs": s.repairs,
             "lastPublishAt": rfc3339(s.last_publish_at),
             "lastConfirmAt": rfc3339(s.last_confirm_at),
+            "lastFailure": s.last_failure.as_ref().map(|(_, why)| why),
+            "lastFailureAt": rfc3339(s.last_failure.as_ref().map(|(at, _)| *at)),
             "errors": s.errors,
-            "lastError": s.last_error,
+            "lastError": s.last_error.as_ref().map(|(_, e)| e),
         }),
     )
 }
 
-/// The database-trigger-bridge verdict: healthy when jobs flow, not merely when connections
-/// are up. Pure, so the verdicts are tested without services.
+/// The database-trigger-bridge verdict: unhealthy when PostgreSQL cannot be reached, when
+/// jobs wait and none was claimed within `window`, or when jobs sent longer than
+/// `resend_after` ago never completed. Pure, so the verdicts are tested without services.
 pub fn database_report(
     s: &JobStreamStatus,
-    resent: u64,
-    thresholds: &HealthThresholds,
+    resender: &ResenderStatus,
+    window: Duration,
+    resend_after: Duration,
     database: &str,
     now: SystemTime,
 ) -> HealthReport {
-    let oldest = s.backlog.and_then(|b| b.oldest_pending_age);
-    let claim_gap = s
-        .last_claim_at
-        .map(|t| now.duration_since(t).unwrap_or_default());
-    let mut problems = Vec::new();
-    if !s.connected {
-        problems.push(format!(
-            "cannot reach {database}{}",
-            s.last_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    if let Some(age) = oldest.filter(|age| *age > thresholds.max_pending_age) {
-        problems.push(format!(
-            "the oldest pending job has waited {}s (limit {}s)",
-            age.as_secs(),
-            thresholds.max_pending_age.as_secs()
-        ));
-    }
-    match claim_gap {
-        Some(gap) if gap > thresholds.max_claim_gap => problems.push(format!(
-            "no claim for {}s (limit {}s): the bridge is stalled, is RabbitMQ reachable?",
-            gap.as_secs(),
-            thresholds.max_claim_gap.as_secs()
-        )),
-        None => problems.push("no claim yet".to_owned()),
-        Some(_) => {}
-    }
+    let problems = database_problems(s, resender, window, resend_after, database, now);
+    let backlog = s.backlog.unwrap_or_default();
     let healthy = problems.is_empty();
     let message = if healthy {
-        let mut m = format!("jobs flow; {} pending", s.backlog.map_or(0, |b| b.pending));
+        let mut m = format!("jobs flow; {} pending", backlog.pending);
         if s.listening == Some(false) {
             m.push_str("; LISTEN is down, polling meanwhile");
         }
@@ -180,46 +353,150 @@ pub fn database_report(
             "listening": s.listening,
             "pending": s.backlog.map(|b| b.pending),
             "retrying": s.backlog.map(|b| b.retrying),
-            "oldestPendingAgeSeconds": oldest.map(|d| d.as_secs_f64()),
+            "sent": s.backlog.map(|b| b.sent),
+            "oldestPendingAgeSeconds": backlog.oldest_pending_age.map(|d| d.as_secs_f64()),
+            "oldestSentAgeSeconds": backlog.oldest_sent_age.map(|d| d.as_secs_f64()),
             "lastClaimAt": rfc3339(s.last_claim_at),
             "lastJobAt": rfc3339(s.last_job_at),
             "claimed": s.claimed,
             "retried": s.retried,
             "reclaimed": s.reclaimed,
-            "resent": resent,
+            "resent": resender.resent,
             "errors": s.errors,
-            "lastError": s.last_error,
+            "lastError": s.last_error.as_ref().map(|(_, e)| e),
         }),
     )
 }
 
-/// Every so often, sends again jobs that were confirmed more than `older_than` ago and never
-/// completed, counting them in `metrics.jobs_resent`. Runs until `shutdown`.
-pub async fn resend_stale(
+/// What is wrong with the job stream's progress, each with what to look at.
+fn database_problems(
+    s: &JobStreamStatus,
+    resender: &ResenderStatus,
+    window: Duration,
+    resend_after: Duration,
+    database: &str,
+    now: SystemTime,
+) -> Vec<String> {
+    let backlog = s.backlog.unwrap_or_default();
+    let mut problems = Vec::new();
+    if !s.connected {
+        problems.push(format!(
+            "cannot reach {database}{}",
+            s.last_error
+                .as_ref()
+                .map(|(_, e)| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+        return problems;
+    }
+    // Failed jobs waiting out their backoff are not work that should move yet.
+    let moved = s.last_job_at.is_some_and(|t| since(now, t) <= window);
+    if backlog.pending > 0 && !moved {
+        problems.push(format!(
+            "{} jobs wait and none was claimed for over {}s: is RabbitMQ reachable? (see /api/v1/health/rabbitmq)",
+            backlog.pending,
+            window.as_secs()
+        ));
+    }
+    if s.last_claim_at.is_none_or(|t| since(now, t) > window) {
+        problems.push(format!(
+            "no claim for over {}s: the job stream is stalled",
+            window.as_secs()
+        ));
+    }
+    if let Some(age) = backlog.oldest_sent_age.filter(|a| *a > resend_after) {
+        problems.push(format!(
+            "{} jobs are sent but not completed, the oldest for {}s (over {}s): is the consumer running?",
+            backlog.sent,
+            age.as_secs(),
+            resend_after.as_secs()
+        ));
+    } else if let Some((at, count)) = resender.last_resend
+        && since(now, at) <= window
+    {
+        problems.push(format!(
+            "{count} jobs were sent over {}s ago and never completed; published again: is the consumer running?",
+            resend_after.as_secs()
+        ));
+    }
+    problems
+}
+
+/// What the resender has done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResenderStatus {
+    /// Jobs sent again in all.
+    pub resent: u64,
+    /// When it last found jobs to send again, and how many.
+    pub last_resend: Option<(SystemTime, usize)>,
+}
+
+/// Sends again jobs that were confirmed by the broker and never completed (a message lost
+/// inside the broker, a queue purged by hand): they go back to `pending`.
+#[derive(Debug)]
+pub struct Resender {
     outbox: Outbox,
-    older_than: Duration,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    const BATCH: usize = 1000;
-    let every = (older_than / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        match outbox.resend_stale_sent(older_than, BATCH).await {
-            Ok(ids) if !ids.is_empty() => {
-                metrics.jobs_resent.inc_by(ids.len() as u64);
-                tracing::warn!(
-                    count = ids.len(),
-                    first = ids.first(),
-                    after = ?older_than,
-                    "sending again jobs that were sent but never completed"
-                );
+    after: Duration,
+    status: Live<ResenderStatus>,
+    resent: Counter,
+}
+
+impl Resender {
+    /// A resender of jobs sent more than `after` ago (which must be longer than zero).
+    pub fn new(outbox: Outbox, after: Duration) -> Result<Self> {
+        require_positive("BENALSAM_RESEND_AFTER", after)?;
+        Ok(Self {
+            outbox,
+            after,
+            status: Live::default(),
+            resent: Counter::default(),
+        })
+    }
+
+    /// Counts resent jobs in `metrics` (`benalsam_jobs_resent_total`).
+    pub fn with_metrics(self, metrics: &Metrics) -> Self {
+        metrics.register(
+            "jobs_resent",
+            "Sent jobs that never completed, sent again",
+            None,
+            self.resent.clone(),
+        );
+        self
+    }
+
+    /// The live status, for health checks.
+    pub fn status(&self) -> Live<ResenderStatus> {
+        self.status.clone()
+    }
+
+    /// Looks every quarter of `after` (between 1 s and 1 min) until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        const BATCH: usize = 1000;
+        let every = (self.after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "resender cannot reach the outbox"),
+            match self.outbox.resend_stale_sent(self.after, BATCH).await {
+                Ok(ids) if !ids.is_empty() => {
+                    self.resent.inc_by(ids.len() as u64);
+                    {
+                        let mut s = self.status.lock();
+                        s.resent += ids.len() as u64;
+                        s.last_resend = Some((SystemTime::now(), ids.len()));
+                    }
+                    tracing::warn!(
+                        count = ids.len(),
+                        first = ids.first(),
+                        after = ?self.after,
+                        "sending again jobs that were sent but never completed"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "resender cannot reach the outbox"),
+            }
         }
     }
 }
@@ -229,11 +506,15 @@ mod tests {
     use super::*;
     use crate::outbox::Backlog;
 
+    const WINDOW: Duration = Duration::from_secs(30);
+    const RESEND: Duration = Duration::from_secs(900);
+
     fn flowing(now: SystemTime) -> JobStreamStatus {
         JobStreamStatus {
             connected: true,
             listening: Some(true),
             last_claim_at: Some(now),
+            last_job_at: Some(now),
             backlog: Some(Backlog {
                 pending: 3,
                 oldest_pending_age: Some(Duration::from_secs(1)),
@@ -243,26 +524,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn flowing_jobs_are_healthy() {
-        let now = SystemTime::now();
-        let r = database_report(&flowing(now), 0, &HealthThresholds::default(), "db", now);
-        assert!(r.healthy, "{r:?}");
-        assert_eq!(r.details["pending"], 3);
+    fn report(s: &JobStreamStatus, now: SystemTime) -> HealthReport {
+        database_report(s, &ResenderStatus::default(), WINDOW, RESEND, "db", now)
     }
 
     #[test]
-    fn old_pending_jobs_are_unhealthy_even_with_connections_up() {
+    fn flowing_jobs_are_healthy_however_old_the_oldest() {
         let now = SystemTime::now();
         let mut s = flowing(now);
-        s.backlog = Some(Backlog {
-            pending: 10,
-            oldest_pending_age: Some(Duration::from_secs(600)),
-            ..Backlog::default()
-        });
-        let r = database_report(&s, 0, &HealthThresholds::default(), "db", now);
+        if let Some(b) = s.backlog.as_mut() {
+            b.pending = 40_000;
+            b.oldest_pending_age = Some(Duration::from_secs(600));
+        }
+        let r = report(&s, now);
+        assert!(r.healthy, "{r:?}");
+        assert_eq!(r.details["pending"], 40_000);
+    }
+
+    #[test]
+    fn waiting_jobs_that_do_not_move_are_unhealthy() {
+        let now = SystemTime::now();
+        let mut s = flowing(now);
+        s.last_job_at = Some(now - Duration::from_secs(120));
+        let r = report(&s, now);
         assert!(!r.healthy);
-        assert!(r.message.contains("waited 600s"), "{}", r.message);
+        assert!(r.message.contains("3 jobs wait"), "{}", r.message);
+        // Nothing waiting: nothing should move.
+        s.backlog = Some(Backlog::default());
+        assert!(report(&s, now).healthy);
     }
 
     #[test]
@@ -270,7 +559,7 @@ mod tests {
         let now = SystemTime::now();
         let mut s = flowing(now);
         s.last_claim_at = Some(now - Duration::from_secs(120));
-        let r = database_report(&s, 0, &HealthThresholds::default(), "db", now);
+        let r = report(&s, now);
         assert!(!r.healthy);
         assert!(r.message.contains("stalled"), "{}", r.message);
     }
@@ -280,25 +569,55 @@ mod tests {
         let now = SystemTime::now();
         let mut s = flowing(now);
         s.connected = false;
-        s.last_error = Some("connection refused".into());
-        let r = database_report(
-            &s,
-            0,
-            &HealthThresholds::default(),
-            "postgres://u:***@h/db",
-            now,
-        );
+        s.last_error = Some((now, "connection refused".into()));
+        let r = report(&s, now);
         assert!(!r.healthy);
-        assert!(r.message.contains("connection refused"));
+        assert!(r.message.contains("connection refused"), "{}", r.message);
     }
 
     #[test]
-    fn the_rabbitmq_verdict_follows_the_connection() {
+    fn jobs_stuck_in_sent_are_unhealthy_with_their_count() {
+        let now = SystemTime::now();
+        let mut s = flowing(now);
+        if let Some(b) = s.backlog.as_mut() {
+            b.sent = 7;
+            b.oldest_sent_age = Some(Duration::from_secs(1000));
+        }
+        let r = report(&s, now);
+        assert!(!r.healthy);
+        assert!(
+            r.message.contains("7 jobs are sent but not completed"),
+            "{}",
+            r.message
+        );
+        let resent = ResenderStatus {
+            resent: 4,
+            last_resend: Some((now, 4)),
+        };
+        let r = database_report(&flowing(now), &resent, WINDOW, RESEND, "db", now);
+        assert!(
+            !r.healthy && r.message.contains("4 jobs were sent"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn failing_publishes_are_unhealthy_until_one_succeeds() {
+        let now = SystemTime::now();
         let mut s = PublisherStatus::default();
-        assert!(!rabbitmq_report(&s, "amqp://u:***@h").healthy);
+        assert!(!rabbitmq_report(&s, WINDOW, "amqp://u:***@h", now).healthy);
         s.connected = true;
-        let r = rabbitmq_report(&s, "amqp://u:***@h");
-        assert!(r.healthy);
-        assert_eq!(r.service, "rabbitmq");
+        assert!(rabbitmq_report(&s, WINDOW, "amqp://u:***@h", now).healthy);
+        s.last_failure = Some((now - Duration::from_secs(5), "exchange missing".into()));
+        s.last_confirm_at = Some(now - Duration::from_secs(10));
+        let r = rabbitmq_report(&s, WINDOW, "b", now);
+        assert!(
+            !r.healthy && r.message.contains("exchange missing"),
+            "{}",
+            r.message
+        );
+        s.last_confirm_at = Some(now);
+        assert!(rabbitmq_report(&s, WINDOW, "b", now).healthy);
     }
 }

@@ -1,65 +1,212 @@
-//! The consumer's health verdicts, pure over the indexer's status so they are tested
-//! without services.
+//! The consumer as a service: change messages into Elasticsearch.
+//!
+//! [`run`] is everything `benalsam-consumer` does: health endpoints up from the first
+//! moment, migrations (when asked), the topology declared and the search index prepared,
+//! then the [`Indexer`] until shutdown, with a heartbeat beside it.
+//!
+//! Its verdicts ([`elasticsearch_report`], [`rabbitmq_report`]) judge progress: unhealthy
+//! while the circuit is open, while outcomes cannot be recorded in PostgreSQL, or while
+//! messages wait and none was acked within the window.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
-use crate::circuit::CircuitState;
-use crate::health::{Check, HealthReport, HealthServer};
-use crate::indexer::{self, IndexerStatus};
+use crate::Result;
+use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
+use crate::index::{
+    CircuitState, Documents, IndexConfig, Indexer, IndexerConfig, IndexerStatus, ensure_index,
+};
+use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
+use crate::outbox::{Outbox, OutboxConfig};
+use crate::publish::Topology;
+use crate::service::{Check, Service, check};
+
+/// Everything [`run`] needs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumerSettings {
+    /// The database holding the outbox.
+    pub database_url: DatabaseUrl,
+    /// The broker.
+    pub rabbitmq_url: AmqpUrl,
+    /// The search engine.
+    pub search_url: SearchUrl,
+    /// Timeout of one request to it.
+    pub search_timeout: Duration,
+    /// The outbox the outcomes are recorded in (its schema).
+    pub outbox: OutboxConfig,
+    /// Consuming and writing.
+    pub indexer: IndexerConfig,
+    /// The document builders, by table.
+    pub documents: Documents,
+    /// The index to prepare at start, with its settings and mapping.
+    pub index: Option<(IndexConfig, Value)>,
+    /// Declared at start.
+    pub topology: Topology,
+    /// Apply the database migrations before starting.
+    pub migrate: bool,
+    /// Where the health endpoints listen; `None` for none.
+    pub health_addr: Option<SocketAddr>,
+    /// How long messages may wait unacked before the consumer is unhealthy.
+    pub health_window: Duration,
+    /// How often a heartbeat goes to `benalsam.system`; `None` for none.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+impl ConsumerSettings {
+    /// The defaults, for the listings of the architecture document, against these services.
+    pub fn new(database_url: DatabaseUrl, rabbitmq_url: AmqpUrl, search_url: SearchUrl) -> Self {
+        let index = IndexConfig::default();
+        let body = crate::index::listings_index_body(&index);
+        Self {
+            database_url,
+            rabbitmq_url,
+            search_url,
+            search_timeout: Duration::from_secs(30),
+            outbox: OutboxConfig::default(),
+            indexer: IndexerConfig::default(),
+            documents: Documents::new().with(
+                "listings",
+                crate::index::ListingDocuments::new(&index.alias),
+            ),
+            index: Some((index, body)),
+            topology: Topology::benalsam(&crate::publish::TopologyConfig::default()),
+            migrate: false,
+            health_addr: None,
+            health_window: Duration::from_secs(30),
+            heartbeat_interval: Some(Duration::from_secs(30)),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        require_positive("BENALSAM_HEALTH_WINDOW", self.health_window)?;
+        require_positive("BENALSAM_SEARCH_TIMEOUT", self.search_timeout)?;
+        if let Some(interval) = self.heartbeat_interval {
+            require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the consumer until `shutdown` is cancelled; the batches in hand are finished,
+/// recorded and acked first.
+pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Result<()> {
+    settings.validate()?;
+    let mut service = Service::new("benalsam-consumer", &shutdown);
+    let monitor: Arc<OnceLock<ConsumerMonitor>> = Arc::default();
+    service
+        .serve_health("benalsam-consumer", settings.health_addr, checks(&monitor))
+        .await?;
+    if settings.migrate {
+        let migrated = service
+            .step("migrating the database", &shutdown, || async {
+                let mut client = crate::connect::postgres(&settings.database_url).await?;
+                crate::outbox::migrate(&mut client, &settings.outbox.schema).await
+            })
+            .await?;
+        if migrated.is_none() {
+            return Ok(());
+        }
+    }
+    let declared = service
+        .step("declaring the RabbitMQ topology", &shutdown, || async {
+            let connection =
+                crate::connect::amqp(&settings.rabbitmq_url, "benalsam-consumer topology").await?;
+            settings.topology.declare(&connection).await?;
+            let _ = connection.close(200, "declared".into()).await;
+            Ok(())
+        })
+        .await?;
+    if declared.is_none() {
+        return Ok(());
+    }
+    let search = crate::index::client(&settings.search_url, settings.search_timeout)?;
+    if let Some((index, body)) = &settings.index {
+        let prepared = service
+            .step("preparing the search index", &shutdown, || {
+                ensure_index(&search, index, body)
+            })
+            .await?;
+        if prepared.is_none() {
+            return Ok(());
+        }
+    }
+
+    let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
+    let indexer = Indexer::new(
+        settings.rabbitmq_url.clone(),
+        search,
+        outbox,
+        settings.documents.clone(),
+        settings.indexer.clone(),
+    )?
+    .with_metrics(&service.metrics);
+    let consumer = ConsumerMonitor {
+        indexer: indexer.status(),
+        window: settings.health_window,
+        search: settings.search_url.redacted(),
+        broker: settings.rabbitmq_url.redacted(),
+    };
+    let beat = consumer.clone();
+    let _ = monitor.set(consumer);
+    if let Some(interval) = settings.heartbeat_interval {
+        let heartbeat = Heartbeat::new(
+            settings.rabbitmq_url.clone(),
+            "consumer",
+            interval,
+            move || beat.elasticsearch(),
+        )?;
+        service.spawn(heartbeat.run(service.background()));
+    }
+    service.readiness.ready();
+    tracing::info!(queue = %settings.indexer.queue, "consumer running");
+    indexer.run(shutdown).await;
+    service.stop().await;
+    tracing::info!("consumer stopped");
+    Ok(())
+}
+
+fn checks(monitor: &Arc<OnceLock<ConsumerMonitor>>) -> Vec<Check> {
+    vec![
+        check(
+            "/api/v1/health/elasticsearch-service",
+            monitor,
+            ConsumerMonitor::elasticsearch,
+        ),
+        check(
+            "/api/v1/health/rabbitmq",
+            monitor,
+            ConsumerMonitor::rabbitmq,
+        ),
+    ]
+}
 
 /// What the consumer's health endpoints look at.
 #[derive(Debug, Clone)]
-pub struct ConsumerMonitor {
-    /// The indexer's status.
-    pub indexer: Arc<indexer::Status>,
-    /// Unhealthy when messages wait but no bulk request was answered for this long.
-    pub max_bulk_gap: Duration,
-    /// The search node, for the answer.
-    pub search: String,
-    /// The broker, redacted, for the answer.
-    pub broker: String,
+struct ConsumerMonitor {
+    indexer: Live<IndexerStatus>,
+    window: Duration,
+    search: String,
+    broker: String,
 }
 
 impl ConsumerMonitor {
-    /// Adds the consumer's two endpoints to `server`.
-    pub fn routes(self: &Arc<Self>, server: HealthServer) -> HealthServer {
-        let (search, rabbitmq) = (Arc::clone(self), Arc::clone(self));
-        server
-            .check("/api/v1/health/elasticsearch-service", move || {
-                search.elasticsearch()
-            })
-            .check("/api/v1/health/rabbitmq", move || rabbitmq.rabbitmq())
-    }
-
-    /// The report the consumer's heartbeat carries: its Elasticsearch verdict.
-    pub fn heartbeat(self: &Arc<Self>) -> Check {
-        let monitor = Arc::clone(self);
-        Arc::new(move || monitor.elasticsearch())
-    }
-
-    /// `GET /api/v1/health/elasticsearch-service`.
-    pub fn elasticsearch(&self) -> HealthReport {
+    fn elasticsearch(&self) -> HealthReport {
         elasticsearch_report(
             &self.indexer.snapshot(),
-            self.max_bulk_gap,
+            self.window,
             &self.search,
             SystemTime::now(),
         )
     }
 
-    /// `GET /api/v1/health/rabbitmq`.
-    pub fn rabbitmq(&self) -> HealthReport {
+    fn rabbitmq(&self) -> HealthReport {
         rabbitmq_report(&self.indexer.snapshot(), &self.broker)
     }
-}
-
-fn rfc3339(t: Option<SystemTime>) -> Value {
-    t.map_or(Value::Null, |t| {
-        json!(humantime::format_rfc3339_millis(t).to_string())
-    })
 }
 
 fn details(s: &IndexerStatus) -> Value {
@@ -74,8 +221,10 @@ fn details(s: &IndexerStatus) -> Value {
         "lastBulkAt": rfc3339(s.last_bulk_at),
         "lastBulkItems": s.last_bulk_items,
         "lastBulkMillis": s.last_bulk_duration.map(|d| d.as_millis() as u64),
+        "lastAckAt": rfc3339(s.last_ack_at),
         "bulkRequests": s.bulk_requests,
         "received": s.received,
+        "acked": s.acked,
         "indexed": s.indexed,
         "deleted": s.deleted,
         "superseded": s.superseded,
@@ -83,50 +232,66 @@ fn details(s: &IndexerStatus) -> Value {
         "deadLettered": s.dead_lettered,
         "queueDepth": s.queue_depth,
         "dlqDepth": s.dlq_depth,
+        "outboxFailingSince": rfc3339(s.outbox_failing.as_ref().map(|(at, _)| *at)),
         "errors": s.errors,
-        "lastError": s.last_error,
+        "lastError": s.last_error.as_ref().map(|(_, e)| e),
     })
 }
 
-/// Healthy while the circuit is closed and, when messages wait, bulk requests keep coming.
+/// The Elasticsearch verdict: unhealthy while the circuit is open, while outcomes cannot be
+/// recorded in PostgreSQL, or while messages wait and none was acked within `window`.
 pub fn elasticsearch_report(
     s: &IndexerStatus,
-    max_bulk_gap: Duration,
+    window: Duration,
     search: &str,
     now: SystemTime,
 ) -> HealthReport {
-    let stalled = s.queue_depth.unwrap_or(0) > 0
-        && s.last_bulk_at
-            .is_none_or(|t| now.duration_since(t).unwrap_or_default() > max_bulk_gap);
-    let (healthy, message) = match s.circuit {
-        CircuitState::Open { failures, .. } => (
-            false,
-            format!(
-                "circuit open after {failures} failed attempts on {search}: {}",
-                s.last_error.as_deref().unwrap_or("unavailable")
-            ),
-        ),
-        CircuitState::Closed if stalled => (
-            false,
-            format!(
-                "{} messages wait but no bulk request for over {}s: the consumer is stalled",
-                s.queue_depth.unwrap_or(0),
-                max_bulk_gap.as_secs()
-            ),
-        ),
-        CircuitState::Closed => (true, format!("indexing into {search}")),
+    let mut problems = Vec::new();
+    if let CircuitState::Open { failures, .. } = s.circuit {
+        problems.push(format!(
+            "circuit open after {failures} failed attempts on {search}: {}",
+            s.last_error
+                .as_ref()
+                .map_or("unavailable", |(_, e)| e.as_str())
+        ));
+    }
+    if let Some((since_at, why)) = &s.outbox_failing {
+        problems.push(format!(
+            "cannot record outcomes in PostgreSQL for {}s (acks held back): {why}",
+            since(now, *since_at).as_secs()
+        ));
+    }
+    let acked_recently = s.last_ack_at.is_some_and(|t| since(now, t) <= window);
+    if s.queue_depth.unwrap_or(0) > 0 && !acked_recently && s.circuit == CircuitState::Closed {
+        problems.push(format!(
+            "{} messages wait but none was acked for over {}s: the consumer is stalled",
+            s.queue_depth.unwrap_or(0),
+            window.as_secs()
+        ));
+    }
+    let healthy = problems.is_empty();
+    let message = if healthy {
+        format!("indexing into {search}")
+    } else {
+        problems.join("; ")
     };
     let mut details = details(s);
     details["search"] = json!(search);
     HealthReport::new("elasticsearch-service", healthy, message, details)
 }
 
-/// Healthy while the consumer holds its channel.
+/// The RabbitMQ verdict: healthy while the consumer holds its channel.
 pub fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     let message = if s.connected {
         format!("consuming from {broker}")
     } else {
-        format!("not connected to {broker}")
+        format!(
+            "not connected to {broker}{}",
+            s.last_error
+                .as_ref()
+                .map(|(_, e)| format!(": {e}"))
+                .unwrap_or_default()
+        )
     };
     let mut details = details(s);
     details["broker"] = json!(broker);
@@ -138,6 +303,8 @@ pub fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
 mod tests {
     use super::*;
 
+    const WINDOW: Duration = Duration::from_secs(30);
+
     #[test]
     fn an_open_circuit_is_unhealthy_and_says_why() {
         let s = IndexerStatus {
@@ -145,31 +312,41 @@ mod tests {
                 failures: 3,
                 since: SystemTime::now(),
             },
-            last_error: Some("connection refused".into()),
+            last_error: Some((SystemTime::now(), "connection refused".into())),
             ..IndexerStatus::default()
         };
-        let r = elasticsearch_report(
-            &s,
-            Duration::from_secs(60),
-            "http://es:9200",
-            SystemTime::now(),
-        );
+        let r = elasticsearch_report(&s, WINDOW, "http://es:9200", SystemTime::now());
         assert!(!r.healthy);
         assert!(r.message.contains("connection refused"), "{}", r.message);
         assert_eq!(r.details["circuit"], "open");
     }
 
     #[test]
-    fn waiting_messages_without_bulk_requests_are_a_stall() {
+    fn waiting_messages_without_acks_are_a_stall() {
         let now = SystemTime::now();
         let mut s = IndexerStatus {
             queue_depth: Some(40),
-            last_bulk_at: Some(now - Duration::from_secs(300)),
+            last_ack_at: Some(now - Duration::from_secs(300)),
             ..IndexerStatus::default()
         };
-        assert!(!elasticsearch_report(&s, Duration::from_secs(60), "es", now).healthy);
+        assert!(!elasticsearch_report(&s, WINDOW, "es", now).healthy);
+        s.last_ack_at = Some(now);
+        assert!(elasticsearch_report(&s, WINDOW, "es", now).healthy);
         s.queue_depth = Some(0);
-        assert!(elasticsearch_report(&s, Duration::from_secs(60), "es", now).healthy);
+        s.last_ack_at = None;
+        assert!(elasticsearch_report(&s, WINDOW, "es", now).healthy);
+    }
+
+    #[test]
+    fn an_unreachable_outbox_is_unhealthy() {
+        let now = SystemTime::now();
+        let s = IndexerStatus {
+            outbox_failing: Some((now - Duration::from_secs(12), "connection refused".into())),
+            ..IndexerStatus::default()
+        };
+        let r = elasticsearch_report(&s, WINDOW, "es", now);
+        assert!(!r.healthy);
+        assert!(r.message.contains("PostgreSQL for 12s"), "{}", r.message);
     }
 
     #[test]

@@ -1,181 +1,239 @@
-//! The library's error type.
+//! The library's error: opaque, with predicates for the questions callers ask of it (may I
+//! retry? is it my configuration?) and a `Display` that tells an operator what to do.
 
 use std::fmt;
 
 /// Everything that can go wrong in the library.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A setting has a value the library cannot use. `setting` names it as a user writes it
-    /// (an environment variable or a flag).
-    #[error("invalid setting {setting}: {reason}")]
-    Config {
-        /// The setting, e.g. `DATABASE_URL`.
-        setting: &'static str,
-        /// What is wrong with its value.
-        reason: String,
-    },
+///
+/// Ask it what kind it is with the `is_*` predicates; its `Display` names what the library
+/// was doing, what failed, and (where there is one) what to do about it. The source chain
+/// (`std::error::Error::source`) reaches the driver's own error.
+pub struct Error(Box<Kind>);
 
-    /// A PostgreSQL call failed.
+/// The kinds behind [`Error`]; private so new kinds are not breaking changes.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Kind {
+    #[error("invalid setting {setting}: {reason}")]
+    Config { setting: String, reason: String },
+
     #[error("PostgreSQL: {context}: {}", PgDetail(.source))]
     Postgres {
-        /// What the library was doing.
         context: String,
-        /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
     },
 
-    /// A RabbitMQ call failed.
+    #[error("RabbitMQ: {reason}")]
+    Broker { reason: String },
+
     #[error("RabbitMQ: {context}: {source}")]
     Amqp {
-        /// What the library was doing.
         context: String,
-        /// The client's error.
         #[source]
         source: lapin::Error,
     },
 
-    /// The broker has an exchange, queue or binding with other settings than this build
-    /// declares (RabbitMQ's 406 PRECONDITION_FAILED).
     #[error(
         "RabbitMQ already has {entity} with other settings{}: {detail}; \
          align the settings (e.g. BENALSAM_QUEUE_TYPE) or delete and re-create it",
         argument.as_deref().map(|a| format!(" (argument {a})")).unwrap_or_default()
     )]
     TopologyConflict {
-        /// The exchange, queue or binding.
         entity: String,
-        /// The argument that differs, when the broker named it.
         argument: Option<String>,
-        /// The broker's reply.
         detail: String,
     },
 
-    /// A request to Elasticsearch failed (no answer, or an unreadable one).
     #[error("Elasticsearch: {context}: {reason}")]
-    Search {
-        /// What the library was doing.
-        context: String,
-        /// What went wrong.
-        reason: String,
-    },
+    Search { context: String, reason: String },
 
-    /// Elasticsearch answered with an error.
     #[error("Elasticsearch: {context}: status {status}: {body}")]
     SearchResponse {
-        /// What the library was doing.
         context: String,
-        /// HTTP status.
         status: u16,
-        /// The answer.
         body: String,
     },
 
-    /// The existing index maps a field with another type than this build needs.
     #[error(
         "index {index} maps field {field} as {found}, but this build needs {expected}; \
-         create a new index version with the right mapping (or point BENALSAM_INDEX elsewhere)"
+         create a new index version with the right mapping (or point the event type's index elsewhere)"
     )]
     MappingConflict {
-        /// The concrete index.
         index: String,
-        /// The field.
         field: String,
-        /// The type we need.
         expected: String,
-        /// The type it has.
         found: String,
     },
 
-    /// The broker could not route a message (no queue bound) or refused it.
-    #[error("RabbitMQ did not take the message for {exchange} / {routing_key}: {reply}")]
-    Unroutable {
-        /// The exchange.
-        exchange: String,
-        /// The routing key.
-        routing_key: String,
-        /// The broker's reply.
-        reply: String,
-    },
-
-    /// A background part (the publisher, a consumer) has stopped and takes no more work.
     #[error("{what} has stopped")]
-    Stopped {
-        /// Which part.
-        what: &'static str,
-    },
+    Stopped { what: String },
 
-    /// A queue row this build cannot read (the table was altered by hand).
     #[error("job {id} in the queue table cannot be read: {reason}")]
-    InvalidJob {
-        /// The job's id.
-        id: i64,
-        /// What is wrong with it.
-        reason: String,
-    },
+    InvalidJob { id: i64, reason: String },
 
-    /// A migration that was applied earlier no longer has the same SQL.
     #[error(
         "migration {version} ({name}) differs from the one applied to this database; \
          migrations are immutable once applied: add a new one instead of editing it"
     )]
-    MigrationChanged {
-        /// Version number of the migration.
-        version: i32,
-        /// File name of the migration.
-        name: &'static str,
-    },
+    MigrationChanged { version: i32, name: &'static str },
 
-    /// The database has migrations this build does not know: it was migrated by a newer build.
     #[error(
         "database schema {schema} has migration {version}, which this build does not know; upgrade benalsam-events"
     )]
-    UnknownMigration {
-        /// The schema that was migrated.
-        schema: String,
-        /// The unknown version.
-        version: i32,
-    },
+    UnknownMigration { schema: String, version: i32 },
 }
 
 impl Error {
-    /// Wraps a RabbitMQ error with what the library was doing.
+    pub(crate) fn new(kind: Kind) -> Self {
+        Self(Box::new(kind))
+    }
+
+    /// A setting with a value that cannot work; `setting` names it as a user writes it (an
+    /// environment variable, a flag or a configuration key).
+    pub fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::new(Kind::Config {
+            setting: setting.into(),
+            reason: reason.into(),
+        })
+    }
+
+    /// A part of a pipeline (`what`) stopped and takes no more work.
+    pub fn stopped(what: impl Into<String>) -> Self {
+        Self::new(Kind::Stopped { what: what.into() })
+    }
+
     pub(crate) fn amqp(context: impl Into<String>, source: lapin::Error) -> Self {
-        Error::Amqp {
+        Self::new(Kind::Amqp {
             context: context.into(),
             source,
-        }
+        })
     }
 
-    /// Wraps a PostgreSQL error with what the library was doing.
+    pub(crate) fn broker(reason: impl Into<String>) -> Self {
+        Self::new(Kind::Broker {
+            reason: reason.into(),
+        })
+    }
+
     pub(crate) fn postgres(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
-        Error::Postgres {
+        Self::new(Kind::Postgres {
             context: context.into(),
             source,
-        }
+        })
     }
 
-    /// Whether trying the same operation again later may succeed: a lost connection does, a
-    /// bad setting or a changed migration never does.
-    pub fn can_be_retried(&self) -> bool {
-        match self {
-            Error::Postgres { source, .. } => source.is_closed() || source.as_db_error().is_none(),
-            Error::Amqp { source, .. } => !matches!(
+    pub(crate) fn search(context: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::new(Kind::Search {
+            context: context.into(),
+            reason: reason.into(),
+        })
+    }
+
+    pub(crate) fn search_response(
+        context: impl Into<String>,
+        status: u16,
+        body: impl Into<String>,
+    ) -> Self {
+        Self::new(Kind::SearchResponse {
+            context: context.into(),
+            status,
+            body: body.into(),
+        })
+    }
+
+    pub(crate) fn invalid_job(id: i64, reason: impl Into<String>) -> Self {
+        Self::new(Kind::InvalidJob {
+            id,
+            reason: reason.into(),
+        })
+    }
+
+    pub(crate) fn kind(&self) -> &Kind {
+        &self.0
+    }
+
+    /// Whether trying the same operation again later may succeed: a lost connection or an
+    /// unavailable service does; a bad setting, a conflicting topology or mapping, a changed
+    /// migration never does.
+    pub fn is_retryable(&self) -> bool {
+        match self.kind() {
+            Kind::Postgres { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            Kind::Amqp { source, .. } => !matches!(
                 source.kind(),
                 lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)
             ),
-            Error::Search { .. } => true,
-            Error::SearchResponse { status, .. } => *status == 429 || *status >= 500,
-            Error::Config { .. }
-            | Error::Stopped { .. }
-            | Error::MappingConflict { .. }
-            | Error::Unroutable { .. }
-            | Error::TopologyConflict { .. }
-            | Error::InvalidJob { .. }
-            | Error::MigrationChanged { .. }
-            | Error::UnknownMigration { .. } => false,
+            Kind::Search { .. } | Kind::Broker { .. } => true,
+            Kind::SearchResponse { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
         }
+    }
+
+    /// Whether a setting (or a configuration file) is wrong.
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind(), Kind::Config { .. })
+    }
+
+    /// The setting a configuration error is about.
+    pub fn setting(&self) -> Option<&str> {
+        match self.kind() {
+            Kind::Config { setting, .. } => Some(setting),
+            _ => None,
+        }
+    }
+
+    /// Whether the broker or the search engine already has something (an exchange, a queue,
+    /// a field) defined differently from what this build needs.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self.kind(),
+            Kind::TopologyConflict { .. } | Kind::MappingConflict { .. }
+        )
+    }
+
+    /// Whether the database's migrations do not match this build's.
+    pub fn is_migration(&self) -> bool {
+        matches!(
+            self.kind(),
+            Kind::MigrationChanged { .. } | Kind::UnknownMigration { .. }
+        )
+    }
+
+    /// Whether a part of the pipeline has stopped.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.kind(), Kind::Stopped { .. })
+    }
+
+    /// The argument a topology conflict names, when the broker said which one differs.
+    pub fn conflicting_argument(&self) -> Option<&str> {
+        match self.kind() {
+            Kind::TopologyConflict { argument, .. } => argument.as_deref(),
+            Kind::MappingConflict { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
+
+impl From<Kind> for Error {
+    fn from(kind: Kind) -> Self {
+        Self::new(kind)
     }
 }
 
@@ -211,5 +269,25 @@ impl fmt::Display for PgDetail<'_> {
             source = cause.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicates_follow_the_kind() {
+        let config = Error::config("BENALSAM_LEASE", "must be positive");
+        assert!(config.is_config() && !config.is_retryable());
+        assert_eq!(config.setting(), Some("BENALSAM_LEASE"));
+        assert_eq!(
+            config.to_string(),
+            "invalid setting BENALSAM_LEASE: must be positive"
+        );
+        let busy = Error::search_response("bulk", 429, "{}");
+        assert!(busy.is_retryable() && !busy.is_config());
+        assert!(!Error::search_response("bulk", 400, "{}").is_retryable());
+        assert!(Error::stopped("the publisher").is_stopped());
     }
 }

@@ -1,55 +1,48 @@
-//! Carry PostgreSQL row changes through RabbitMQ into Elasticsearch.
+//! Carry PostgreSQL row changes through RabbitMQ into Elasticsearch, reliably.
 //!
 //! An application writes its tables as usual; the trigger `add_to_sync_queue()` records every
-//! change as a job in the outbox table `elasticsearch_sync_queue` in the same transaction and
-//! wakes listeners with `NOTIFY`. The bridge turns those jobs into RabbitMQ messages; the
-//! consumer turns the messages into Elasticsearch bulk calls. Each job moves
-//! `pending → processing → sent → completed` (or `failed`, with its error).
+//! change as a job in the outbox table `elasticsearch_sync_queue`, in the same transaction,
+//! and wakes listeners with `NOTIFY`. The bridge turns those jobs into RabbitMQ messages;
+//! the consumer turns the messages into Elasticsearch bulk requests.
+//!
+//! # One job's path
+//!
+//! ```text
+//!  app ─INSERT/UPDATE/DELETE─► table ─trigger─► outbox row (pending)    same transaction
+//!                                                 │
+//!      outbox ─claim, lease─► JobStream ─► Publisher ─publish, confirm─► exchange ─► queue
+//!        ▲                                   │ sent                                  │
+//!        └───────────── Settle ◄─────────────┘                                       │
+//!        ▲                                                                           ▼
+//!        └──── completed / failed ◄──── Indexer: batch ─► _bulk (version = job id) ◄─┘
+//! ```
+//!
+//! Each hop retries until it has a confirmation, so a message may arrive twice; the index
+//! still changes once per change, because every write carries the job id as its external
+//! version. Only the [`Outbox`] changes a job's state; the publisher and the indexer report
+//! what happened ([`Outcome`]) through [`Settle`].
 //!
 //! # Layout
 //!
-//! * [`job`]: a [`Job`] (one recorded change) and its [`JobStatus`].
-//! * [`outbox`]: the queue table: claiming with a lease, and the batched moves between
-//!   states (sent, completed, failed with retry), retention.
-//! * [`job_stream`]: [`JobStream`], the outbox as a `Stream` of claimed batches, woken by
-//!   LISTEN/NOTIFY and by polling, surviving lost connections (`listener` holds the LISTEN
-//!   side).
-//! * [`routing`]: event types (table → exchange and routing keys).
-//! * [`envelope`]: the versioned JSON body of every message and its AMQP properties.
-//! * [`topology`]: exchanges, queues, bindings and dead-lettering, declared once and
-//!   exported as a RabbitMQ definitions file.
-//! * [`publisher`]: [`Publisher`], a `Sink` of jobs into RabbitMQ with publisher confirms,
-//!   marking them `sent` only once confirmed.
-//! * [`indexer`]: [`Indexer`], consuming `elasticsearch.sync` into bulk requests, with a
-//!   circuit breaker ([`circuit`]) and dead-lettering ([`dead_letter`], also the DLQ tools).
-//! * [`document`]: search documents built from change messages; [`search`]: the client and
-//!   the listings index (mapping, alias, bootstrap); [`bulk`]: `_bulk` encoding and answers;
-//!   [`outcome`]: the pure classifier of bulk item answers.
-//! * [`consumer`]: the consumer's health verdicts.
-//! * [`metrics`]: the Prometheus registry every component records into; [`telemetry`]: log
-//!   output and OpenTelemetry traces across the three hops.
-//! * [`bridge`]: the bridge's health verdicts and the resender of sent-but-never-completed
-//!   jobs.
-//! * [`health`]: health answers and the HTTP server for them; [`heartbeat`]: periodic
-//!   heartbeat events on `benalsam.system`.
-//! * [`amqp`]: connecting to RabbitMQ.
-//! * [`backoff`]: exponential backoff with jitter; [`status`]: the shared status cell that
-//!   health checks and metrics read.
-//! * [`admin`]: operating the outbox: status summary, retrying failed jobs, backfilling.
-//! * [`migrate`]: the versioned SQL migrations of `db/` (listings, the queue, the trigger),
-//!   applied once each and recorded in a table.
-//! * [`config`]: validated connection settings whose `Display` never shows a password.
-//! * [`redact`]: the one place that hides secrets in URLs before they reach a log.
-//! * [`postgres`]: connecting to PostgreSQL with errors that say what went wrong.
-//! * [`error`]: the library's error type.
-//! * `cli` (feature `cli`): the flags and environment variables the binaries share.
+//! | module | what it holds |
+//! |---|---|
+//! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations, the job state machine |
+//! | [`publish`] | jobs into messages: [`EventType`] routing, the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
+//! | [`index`] | messages into the index: the [`Indexer`] and its stages, [`DocumentBuilder`], the search index, dead letters |
+//! | [`ops`] | running it: health answers and server, heartbeats, [`Metrics`], logs and traces, the CLI settings (`cli`) |
+//! | [`bridge`], [`consumer`] | the two services as functions: [`bridge::run`], [`consumer::run`] |
+//! | [`config`], [`connect`] | service URLs that never print a password; opening connections |
 //!
-//! The publisher, the consumer and the health and metrics pieces build on these.
+//! # Features
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `cli` | no | [`ops::cli`]: the flags and environment variables of the bundled binaries |
 //!
 //! # Quick start: the outbox as a stream
 //!
 //! ```no_run
-//! use benalsam_events::{JobStream, JobStreamConfig, Outbox, OutboxConfig};
+//! use benalsam_events::{JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 //! use futures::StreamExt;
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -59,55 +52,36 @@
 //! let shutdown = CancellationToken::new();
 //! let mut jobs = JobStream::new(outbox.clone(), JobStreamConfig::default(), shutdown.clone())?;
 //! while let Some(batch) = jobs.next().await {
-//!     let ids: Vec<i64> = batch.iter().map(|job| job.id).collect();
-//!     // ... deliver the batch somewhere, then record it:
-//!     outbox.mark_sent(&ids).await?;
+//!     // ... deliver the batch somewhere, then report what became of it:
+//!     let reports: Vec<_> = batch.iter().map(|job| (job.id, Outcome::Completed)).collect();
+//!     outbox.settle(&reports).await?;
 //! }
 //! # Ok(())
 //! # }
 //! ```
+#![deny(missing_docs)]
 
-pub mod admin;
-pub mod amqp;
-pub mod backoff;
+mod backoff;
 pub mod bridge;
-pub mod bulk;
-pub mod circuit;
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod consumer;
-pub mod dead_letter;
-pub mod document;
-pub mod envelope;
-pub mod error;
-pub mod health;
-pub mod heartbeat;
-pub mod indexer;
-pub mod job;
-pub mod job_stream;
-mod listener;
-pub mod metrics;
-pub mod migrate;
+mod error;
+pub mod index;
+pub mod ops;
 pub mod outbox;
-pub mod outcome;
-pub mod postgres;
-pub mod publisher;
-pub mod redact;
-pub mod routing;
-pub mod search;
-pub mod status;
-pub mod telemetry;
-pub mod topology;
+pub mod publish;
+mod service;
 
 // The clients whose types appear in this API, so users need not match versions by hand.
 pub use elasticsearch;
 pub use lapin;
 pub use tokio_postgres;
 
+pub use backoff::Backoff;
+pub use config::{AmqpUrl, DatabaseUrl, SearchUrl};
 pub use error::{Error, Result};
-pub use indexer::{Indexer, IndexerConfig};
-pub use job::{Job, JobStatus, Operation};
-pub use job_stream::{JobStream, JobStreamConfig, Wake};
-pub use outbox::{Failure, Outbox, OutboxConfig, RetryPolicy};
-pub use publisher::{Publisher, PublisherConfig};
+pub use index::{Action, DocumentBuilder, Documents, Indexer, IndexerConfig};
+pub use ops::Metrics;
+pub use outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
+pub use publish::{Envelope, EventType, Publisher, PublisherConfig, Routes, Topology};

@@ -5,9 +5,9 @@ mod support;
 
 use std::collections::HashSet;
 
-use benalsam_events::admin::{self, Selection};
-use benalsam_events::{Failure, OutboxConfig};
-use support::TestSchema;
+use benalsam_events::outbox::JobSelection;
+use benalsam_events::{OutboxConfig, Outcome, Settle};
+use support::{TestSchema, reports};
 
 #[tokio::test]
 async fn summary_and_retry_of_failed_jobs() {
@@ -21,19 +21,23 @@ async fn summary_and_retry_of_failed_jobs() {
         .iter()
         .map(|j| j.id)
         .collect();
-    outbox.mark_sent(&ids).await.expect("sent");
-    outbox.mark_completed(&ids[..2]).await.expect("completed");
-    let failures: Vec<Failure> = ids[2..]
-        .iter()
-        .map(|id| Failure {
-            id: *id,
-            error: "mapping".into(),
-            retry: false,
-        })
-        .collect();
-    outbox.mark_failed(&failures).await.expect("failed");
+    outbox
+        .settle(&reports(&ids, Outcome::Sent))
+        .await
+        .expect("sent");
+    outbox
+        .settle(&reports(&ids[..2], Outcome::Completed))
+        .await
+        .expect("completed");
+    let refused = Outcome::DeadLettered {
+        error: "mapping".into(),
+    };
+    outbox
+        .settle(&reports(&ids[2..], refused))
+        .await
+        .expect("failed");
 
-    let summary = admin::summary(&db.client, &db.name).await.expect("summary");
+    let summary = outbox.summary().await.expect("summary");
     let lines: Vec<(String, i64, bool)> = summary
         .by_status
         .iter()
@@ -45,11 +49,13 @@ async fn summary_and_retry_of_failed_jobs() {
     );
     assert_eq!(summary.oldest_pending, None);
 
-    let retried = admin::retry_failed(&db.client, &db.name, &Selection::Ids(vec![ids[2], ids[0]]))
+    let retried = outbox
+        .retry_failed(&JobSelection::Jobs(vec![ids[2], ids[0]]))
         .await
         .expect("retry one");
     assert_eq!(retried, vec![ids[2]], "only failed jobs are retried");
-    let retried = admin::retry_failed(&db.client, &db.name, &Selection::All)
+    let retried = outbox
+        .retry_failed(&JobSelection::All)
         .await
         .expect("retry all");
     assert_eq!(retried, vec![ids[3]]);
@@ -79,25 +85,25 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
         .expect("enable");
     assert!(db.statuses().await.is_empty());
 
-    let mut client = benalsam_events::postgres::connect(&support::database_url())
-        .await
-        .expect("connect");
+    let outbox = db.outbox(OutboxConfig::default());
     let mut calls = 0;
-    let first = admin::backfill(&mut client, &db.name, "listings", "id", 10, false, |_| {
-        calls += 1;
-        false // interrupted after the first batch
-    })
-    .await
-    .expect("first batch");
+    let first = outbox
+        .backfill("listings", "id", 10, false, |_| {
+            calls += 1;
+            false // interrupted after the first batch
+        })
+        .await
+        .expect("first batch");
     assert_eq!((calls, first.rows, first.finished), (1, 10, false));
 
     let mut seen = Vec::new();
-    let done = admin::backfill(&mut client, &db.name, "listings", "id", 10, false, |p| {
-        seen.push(p.rows);
-        true
-    })
-    .await
-    .expect("continued");
+    let done = outbox
+        .backfill("listings", "id", 10, false, |p| {
+            seen.push(p.rows);
+            true
+        })
+        .await
+        .expect("continued");
     assert!(done.finished);
     assert_eq!(done.rows, 25);
     assert_eq!(seen, vec![20, 25], "continued after the first ten");
@@ -116,7 +122,8 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
     assert_eq!(queued.len(), 25, "each row once");
     assert_eq!(queued.into_iter().collect::<HashSet<_>>(), ids);
 
-    let again = admin::backfill(&mut client, &db.name, "listings", "id", 10, false, |_| true)
+    let again = outbox
+        .backfill("listings", "id", 10, false, |_| true)
         .await
         .expect("finished already");
     assert!(again.finished);
@@ -125,11 +132,10 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
         25,
         "a finished backfill enqueues nothing more"
     );
-    let err = admin::backfill(&mut client, &db.name, "listings", "nope", 10, true, |_| {
-        true
-    })
-    .await
-    .expect_err("unknown key column");
+    let err = outbox
+        .backfill("listings", "nope", 10, true, |_| true)
+        .await
+        .expect_err("unknown key column");
     assert!(err.to_string().contains("no column nope"), "{err}");
     db.drop().await;
 }

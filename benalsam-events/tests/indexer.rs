@@ -5,17 +5,19 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use benalsam_events::backoff::Backoff;
-use benalsam_events::config::{AmqpUrl, SearchUrl};
-use benalsam_events::dead_letter::{self, Selection};
-use benalsam_events::document::{Documents, ListingDocuments};
-use benalsam_events::envelope::Envelope;
-use benalsam_events::routing::{EventType, LISTINGS_EXCHANGE};
-use benalsam_events::topology::{Topology, TopologyConfig};
-use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig, amqp, indexer, search};
+use benalsam_events::index::{
+    self, Action, BuildError, DocumentBuilder, IndexerStatus, ListingDocuments, list_dead_letters,
+    replay_dead_letters,
+};
+use benalsam_events::ops::Live;
+use benalsam_events::outbox::JobSelection;
+use benalsam_events::publish::{LISTINGS_EXCHANGE, TopologyConfig};
+use benalsam_events::{
+    AmqpUrl, Backoff, Documents, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig,
+    SearchUrl, Topology, connect,
+};
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use support::{Relay, TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
@@ -23,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(90);
+const DLQ: &str = "elasticsearch.sync.dlq";
 
 /// The bridge and the consumer, in-process, on the test's schema, vhost and index.
 struct Pipeline {
@@ -30,24 +33,19 @@ struct Pipeline {
     bridge: JoinHandle<Result<(), benalsam_events::Error>>,
     stop_consumer: CancellationToken,
     consumer: JoinHandle<()>,
-    indexer: Arc<indexer::Status>,
+    indexer: Live<IndexerStatus>,
 }
 
 impl Pipeline {
     fn start(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, search: &SearchUrl) -> Self {
         let (stop_bridge, bridge) = spawn_bridge(db, &vhost.url);
         let outbox = db.outbox(OutboxConfig::default());
-        let indexer = consumer(
-            &vhost.url,
-            search,
-            outbox,
-            index,
-            IndexerConfig {
-                circuit: Backoff::new(Duration::from_millis(200), Duration::from_secs(1)),
-                retry: Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
-                ..IndexerConfig::default()
-            },
-        );
+        let indexer = consumer(&vhost.url, search, outbox, index, {
+            let mut c = IndexerConfig::default();
+            c.circuit = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+            c.retry = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+            c
+        });
         let status = indexer.status();
         let stop_consumer = CancellationToken::new();
         let consumer = tokio::spawn(indexer.run(stop_consumer.clone()));
@@ -81,13 +79,13 @@ fn consumer(
     index: &TestIndex,
     config: IndexerConfig,
 ) -> Indexer {
-    let client = search::client(search, Duration::from_secs(10)).expect("client");
+    let client = index::client(search, Duration::from_secs(10)).expect("client");
     let documents = Documents::new().with("listings", ListingDocuments::new(&index.alias));
-    Indexer::new(url.clone(), client, outbox, documents, config)
+    Indexer::new(url.clone(), client, outbox, documents, config).expect("valid settings")
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     Topology::benalsam(&TopologyConfig::default())
         .declare(&connection)
         .await
@@ -189,13 +187,13 @@ async fn every_kind_of_change_shows_up_in_the_index() {
 }
 
 /// Publishes the envelope of `job` directly, as a late or repeated delivery would arrive.
-async fn publish_envelope(url: &AmqpUrl, envelope: &Envelope) {
-    let connection = amqp::connect(url, "test publish").await.expect("connect");
+async fn publish_envelope(url: &AmqpUrl, envelope: &Envelope<'_>) {
+    let connection = connect::amqp(url, "test publish").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .basic_publish(
             LISTINGS_EXCHANGE.into(),
-            envelope.routing_key.as_str().into(),
+            envelope.routing_key.as_ref().into(),
             BasicPublishOptions::default(),
             &envelope.to_bytes(),
             envelope.properties("test", None),
@@ -220,9 +218,14 @@ async fn an_older_or_repeated_change_never_overwrites_a_newer_one() {
     let outbox = db.outbox(OutboxConfig::default());
     let jobs = outbox.claim(10).await.expect("claim both jobs");
     assert_eq!(jobs.len(), 2);
-    let envelopes: Vec<Envelope> = jobs
+    let routes: Vec<_> = jobs
         .iter()
-        .map(|j| Envelope::new(j, &EventType::listings().route(j)))
+        .map(|j| EventType::listings().route(j))
+        .collect();
+    let envelopes: Vec<Envelope<'_>> = jobs
+        .iter()
+        .zip(&routes)
+        .map(|(j, route)| Envelope::of(j, route))
         .collect();
     // Newest first, then the older one, then the newest again.
     publish_envelope(&vhost.url, &envelopes[1]).await;
@@ -307,7 +310,7 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
     assert_eq!((completed, failed), (3000, 0));
     assert_eq!(index.search(json!({"match_all": {}})).await.len(), 3000);
     assert!(
-        dead_letter::list(&vhost.url, 10)
+        list_dead_letters(&vhost.url, DLQ, 10)
             .await
             .expect("dlq")
             .is_empty()
@@ -318,7 +321,7 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
 #[tokio::test]
 async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_on() {
     let (db, vhost, index) = setup().await;
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     for body in [&b"{not json"[..], br#"{"schemaVersion": 1, "jobId": 5}"#] {
         channel
@@ -340,7 +343,7 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_
     pipeline.stop().await;
     assert_eq!((completed, failed), (5, 0), "valid jobs went through");
 
-    let letters = dead_letter::list(&vhost.url, 10).await.expect("dlq");
+    let letters = list_dead_letters(&vhost.url, DLQ, 10).await.expect("dlq");
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(
         letters
@@ -410,11 +413,11 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     index
         .put_settings(json!({"index.mapping.total_fields.limit": 1000}))
         .await;
-    let letters = dead_letter::list(&vhost.url, 10).await.expect("dlq");
+    let letters = list_dead_letters(&vhost.url, DLQ, 10).await.expect("dlq");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
     let job = letters[0].job_id.expect("job id");
-    let report = dead_letter::replay(&vhost.url, &Selection::Jobs(vec![job]))
+    let report = replay_dead_letters(&vhost.url, DLQ, &JobSelection::Jobs(vec![job]))
         .await
         .expect("replay");
     assert_eq!(report.replayed, 1);
@@ -432,20 +435,17 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
 #[derive(Debug)]
 struct LongIds(ListingDocuments);
 
-impl benalsam_events::document::DocumentBuilder for LongIds {
-    fn build(
-        &self,
-        envelope: &Envelope,
-    ) -> Result<benalsam_events::document::Action, benalsam_events::document::BuildError> {
+impl DocumentBuilder for LongIds {
+    fn build(&self, envelope: &Envelope<'_>) -> Result<Action, BuildError> {
         let action = self.0.build(envelope)?;
         match action {
-            benalsam_events::document::Action::Index {
+            Action::Index {
                 index, document, ..
             } if document["title"]
                 .as_str()
                 .is_some_and(|t| t.contains("UZUN")) =>
             {
-                Ok(benalsam_events::document::Action::Index {
+                Ok(Action::Index {
                     index,
                     id: "x".repeat(600),
                     document,
@@ -460,17 +460,19 @@ impl benalsam_events::document::DocumentBuilder for LongIds {
 async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     let (db, vhost, index) = setup().await;
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = index::client(&search_url(), Duration::from_secs(10)).expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,
         db.outbox(OutboxConfig::default()),
         Documents::new().with("listings", LongIds(ListingDocuments::new(&index.alias))),
-        IndexerConfig {
-            linger: Duration::from_millis(500),
-            ..IndexerConfig::default()
+        {
+            let mut c = IndexerConfig::default();
+            c.linger = Duration::from_millis(500);
+            c
         },
-    );
+    )
+    .expect("valid settings");
     let stop = CancellationToken::new();
     let consumer = tokio::spawn(indexer.run(stop.clone()));
     let mut ids = db.insert_listings(5).await;
@@ -490,7 +492,7 @@ async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     );
     ids.sort();
     assert_eq!(index.search(json!({"match_all": {}})).await, ids);
-    let letters = dead_letter::list(&vhost.url, 5).await.expect("dlq");
+    let letters = list_dead_letters(&vhost.url, DLQ, 5).await.expect("dlq");
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0]

@@ -6,23 +6,23 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use benalsam_events::backoff::Backoff;
-use benalsam_events::job::ClaimKind;
+use benalsam_events::outbox::{ClaimKind, RetryPolicy, Wake};
 use benalsam_events::{
-    Failure, Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, RetryPolicy, Wake,
+    Backoff, Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle,
 };
 use futures::StreamExt;
-use support::{TestSchema, unique_name};
+use support::{TestSchema, reports, unique_name};
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
 fn listen(channel: &str) -> JobStreamConfig {
-    JobStreamConfig {
-        wake: Wake::Listen {
+    {
+        let mut c = JobStreamConfig::default();
+        c.wake = Wake::Listen {
             channel: channel.to_owned(),
-        },
-        ..JobStreamConfig::default()
+        };
+        c
     }
 }
 
@@ -71,9 +71,10 @@ async fn a_notification_wakes_the_stream_long_before_the_poll_interval() {
     let db = TestSchema::new().await;
     let channel = unique_name("ch");
     db.use_channel(&channel).await;
-    let config = JobStreamConfig {
-        poll_interval: Duration::from_secs(3600),
-        ..listen(&channel)
+    let config = {
+        let mut c = listen(&channel);
+        c.poll_interval = Duration::from_secs(3600);
+        c
     };
     let mut stream = JobStream::new(
         db.outbox(OutboxConfig::default()),
@@ -98,10 +99,11 @@ async fn a_notification_wakes_the_stream_long_before_the_poll_interval() {
 #[tokio::test]
 async fn poll_only_mode_finds_jobs_without_notifications() {
     let db = TestSchema::new().await;
-    let config = JobStreamConfig {
-        wake: Wake::PollOnly,
-        poll_interval: Duration::from_millis(100),
-        ..JobStreamConfig::default()
+    let config = {
+        let mut c = JobStreamConfig::default();
+        c.wake = Wake::PollOnly;
+        c.poll_interval = Duration::from_millis(100);
+        c
     };
     let mut stream = JobStream::new(
         db.outbox(OutboxConfig::default()),
@@ -122,6 +124,7 @@ async fn two_streams_claim_ten_thousand_jobs_exactly_once() {
     db.use_channel(&channel).await;
     db.insert_listings(10_000).await;
 
+    let shared = &db;
     let consume = |outbox: Outbox| {
         let channel = channel.clone();
         async move {
@@ -132,11 +135,20 @@ async fn two_streams_claim_ten_thousand_jobs_exactly_once() {
             loop {
                 let batch = tokio::select! {
                     batch = stream.next() => batch.expect("stream goes on"),
-                    // Both streams drain the queue; a quiet second means it is empty.
-                    () = tokio::time::sleep(Duration::from_secs(2)) => break,
+                    // Both streams drain the queue: stop once no job is left to claim.
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if shared.count("pending").await + shared.count("processing").await == 0 {
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 let batch_ids = ids(&batch);
-                outbox.mark_sent(&batch_ids).await.expect("mark sent");
+                let sent = outbox
+                    .settle(&reports(&batch_ids, Outcome::Sent))
+                    .await
+                    .expect("report sent");
+                assert_eq!(sent.changed, batch_ids, "each claimer reports its own jobs");
                 seen.extend(batch_ids);
             }
             seen
@@ -166,14 +178,16 @@ async fn two_streams_claim_ten_thousand_jobs_exactly_once() {
 async fn jobs_of_a_dropped_stream_come_back_after_the_lease() {
     let db = TestSchema::new().await;
     db.insert_listings(5).await;
-    let short_lease = OutboxConfig {
-        lease: Duration::from_secs(1),
-        ..OutboxConfig::default()
+    let short_lease = {
+        let mut c = OutboxConfig::default();
+        c.lease = Duration::from_secs(1);
+        c
     };
-    let poll_fast = JobStreamConfig {
-        wake: Wake::PollOnly,
-        poll_interval: Duration::from_millis(200),
-        ..JobStreamConfig::default()
+    let poll_fast = {
+        let mut c = JobStreamConfig::default();
+        c.wake = Wake::PollOnly;
+        c.poll_interval = Duration::from_millis(200);
+        c
     };
 
     let mut first = JobStream::new(
@@ -199,10 +213,11 @@ async fn the_stream_survives_its_connections_being_killed() {
     let channel = unique_name("ch");
     db.use_channel(&channel).await;
     // Polling is so rare that a job can only arrive through LISTEN or a reconnect sweep.
-    let config = JobStreamConfig {
-        poll_interval: Duration::from_secs(3600),
-        reconnect: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-        ..listen(&channel)
+    let config = {
+        let mut c = listen(&channel);
+        c.poll_interval = Duration::from_secs(3600);
+        c.reconnect = Backoff::new(Duration::from_millis(50), Duration::from_millis(200));
+        c
     };
     let mut stream = JobStream::new(
         db.outbox(OutboxConfig::default()),
@@ -246,17 +261,19 @@ async fn the_stream_survives_its_connections_being_killed() {
 async fn a_failed_job_is_retried_after_its_backoff_and_stops_at_the_maximum() {
     let db = TestSchema::new().await;
     db.insert_listings(1).await;
-    let outbox = db.outbox(OutboxConfig {
-        retry: RetryPolicy {
-            max_attempts: 3,
-            backoff: Backoff::new(Duration::from_millis(300), Duration::from_millis(600)),
-        },
-        ..OutboxConfig::default()
+    let outbox = db.outbox({
+        let mut c = OutboxConfig::default();
+        c.retry = RetryPolicy::new(
+            3,
+            Backoff::new(Duration::from_millis(300), Duration::from_millis(600)),
+        );
+        c
     });
-    let config = JobStreamConfig {
-        wake: Wake::PollOnly,
-        poll_interval: Duration::from_millis(50),
-        ..JobStreamConfig::default()
+    let config = {
+        let mut c = JobStreamConfig::default();
+        c.wake = Wake::PollOnly;
+        c.poll_interval = Duration::from_millis(50);
+        c
     };
     let mut stream =
         JobStream::new(outbox.clone(), config, CancellationToken::new()).expect("stream");
@@ -280,13 +297,15 @@ async fn a_failed_job_is_retried_after_its_backoff_and_stops_at_the_maximum() {
         assert_eq!(job.claim, expected, "attempt {attempt}");
         assert_eq!(job.retry_count, attempt - 1);
         let marked = outbox
-            .mark_failed(&[Failure {
-                id: job.id,
-                error: format!("broker unreachable (attempt {attempt})"),
-                retry: true,
-            }])
+            .settle(&[(
+                job.id,
+                Outcome::Failed {
+                    error: format!("broker unreachable (attempt {attempt})"),
+                    retry: true,
+                },
+            )])
             .await
-            .expect("mark failed");
+            .expect("report failed");
         assert_eq!(marked.changed, vec![job.id]);
         failed_at = Some(std::time::Instant::now());
     }
@@ -319,33 +338,48 @@ async fn state_changes_are_batched_and_completed_is_final() {
     let all = ids(&jobs);
     assert_eq!(all.len(), 4);
 
-    let sent = outbox.mark_sent(&all).await.expect("sent");
+    let sent = outbox
+        .settle(&reports(&all, Outcome::Sent))
+        .await
+        .expect("sent");
     assert_eq!(sent.changed, all);
-    let done = outbox.mark_completed(&all[..2]).await.expect("completed");
+    let done = outbox
+        .settle(&reports(&all[..2], Outcome::Completed))
+        .await
+        .expect("completed");
     assert_eq!(done.changed, all[..2].to_vec());
 
     // Out of completed there is no way back (and sent jobs are already sent).
-    let again = outbox.mark_sent(&all).await.expect("sent again");
+    let again = outbox
+        .settle(&reports(&all, Outcome::Sent))
+        .await
+        .expect("sent again");
     assert!(again.changed.is_empty(), "{again:?}");
     assert_eq!(again.unchanged, all);
     let failed = outbox
-        .mark_failed(&[
-            Failure {
-                id: all[0],
-                error: "late failure".into(),
-                retry: true,
-            },
-            Failure {
-                id: all[2],
-                error: "mapping error".into(),
-                retry: false,
-            },
+        .settle(&[
+            (
+                all[0],
+                Outcome::Failed {
+                    error: "late failure".into(),
+                    retry: true,
+                },
+            ),
+            (
+                all[2],
+                Outcome::DeadLettered {
+                    error: "mapping error".into(),
+                },
+            ),
         ])
         .await
         .expect("failed");
     assert_eq!(failed.changed, vec![all[2]]);
     assert_eq!(failed.unchanged, vec![all[0]]);
-    let released = outbox.release(&all).await.expect("release");
+    let released = outbox
+        .settle(&reports(&all, Outcome::Released))
+        .await
+        .expect("release");
     assert!(
         released.changed.is_empty(),
         "only processing jobs can be given back"
@@ -399,10 +433,11 @@ async fn cancelling_ends_the_stream_and_hands_out_nothing_more() {
     let db = TestSchema::new().await;
     db.insert_listings(3).await;
     let shutdown = CancellationToken::new();
-    let config = JobStreamConfig {
-        wake: Wake::PollOnly,
-        batch_size: 1,
-        ..JobStreamConfig::default()
+    let config = {
+        let mut c = JobStreamConfig::default();
+        c.wake = Wake::PollOnly;
+        c.batch_size = 1;
+        c
     };
     let mut stream = JobStream::new(db.outbox(OutboxConfig::default()), config, shutdown.clone())
         .expect("stream");

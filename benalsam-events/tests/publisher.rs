@@ -5,17 +5,16 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use benalsam_events::envelope::{Envelope, JOB_ID_HEADER};
-use benalsam_events::routing::{EventType, Routes};
-use benalsam_events::topology::{
-    DEAD_LETTER_QUEUE, STATUS_QUEUE, SYNC_QUEUE, Topology, TopologyConfig,
-};
+use benalsam_events::bridge::Resender;
+use benalsam_events::connect;
+use benalsam_events::ops::Live;
+use benalsam_events::outbox::Wake;
+use benalsam_events::publish::{PublisherStatus, TopologyConfig};
 use benalsam_events::{
-    JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher, PublisherConfig, Wake, amqp,
-    publisher,
+    Envelope, EventType, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
+    PublisherConfig, Routes, Topology,
 };
 use futures::{StreamExt, stream};
 use lapin::types::AMQPValue;
@@ -24,12 +23,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(60);
+const SYNC_QUEUE: &str = "elasticsearch.sync";
+const STATUS_QUEUE: &str = "listing.status.changes";
+const DEAD_LETTER_QUEUE: &str = "elasticsearch.sync.dlq";
+const JOB_ID_HEADER: &str = "x-job-id";
 
 /// The bridge in miniature: the job stream forwarded into the publisher.
 struct Bridge {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), benalsam_events::Error>>,
-    status: Arc<publisher::Status>,
+    status: Live<PublisherStatus>,
 }
 
 impl Bridge {
@@ -39,11 +42,9 @@ impl Bridge {
 
     fn start_at(outbox: Outbox, url: &benalsam_events::config::AmqpUrl, routes: Routes) -> Self {
         let shutdown = CancellationToken::new();
-        let config = JobStreamConfig {
-            wake: Wake::PollOnly,
-            poll_interval: Duration::from_millis(100),
-            ..JobStreamConfig::default()
-        };
+        let mut config = JobStreamConfig::default();
+        config.wake = Wake::PollOnly;
+        config.poll_interval = Duration::from_millis(100);
         let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
         let publisher = Publisher::new(url.clone(), outbox, routes, PublisherConfig::default());
         let status = publisher.status();
@@ -66,7 +67,7 @@ impl Bridge {
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = amqp::connect(&vhost.url, "test topology")
+    let connection = connect::amqp(&vhost.url, "test topology")
         .await
         .expect("connect");
     Topology::benalsam(&TopologyConfig::default())
@@ -127,7 +128,7 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
     assert_eq!(counts.get("sent"), Some(&23), "{counts:?}");
     bridge.stop().await;
 
-    let sync = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(500)).await;
+    let sync = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(sync.len(), 23, "one message per job");
     let mut seen = HashSet::new();
     let mut keys = BTreeMap::<String, usize>::new();
@@ -139,7 +140,7 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
             envelope.job_id
         );
         assert_eq!(d.routing_key.as_str(), envelope.routing_key);
-        *keys.entry(envelope.routing_key.clone()).or_default() += 1;
+        *keys.entry(envelope.routing_key.to_string()).or_default() += 1;
         let p = &d.properties;
         assert_eq!(
             p.message_id().as_ref().map(|s| s.to_string()),
@@ -156,7 +157,7 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
         );
         assert_eq!(
             p.kind().as_ref().map(|s| s.as_str()),
-            Some(envelope.routing_key.as_str())
+            Some(envelope.routing_key.as_ref())
         );
         assert!(p.timestamp().is_some());
         let headers = p.headers().as_ref().expect("headers");
@@ -174,7 +175,7 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
     .into();
     assert_eq!(keys, expected);
 
-    let status_changes = drain_queue(&vhost.url, STATUS_QUEUE, Duration::from_millis(300)).await;
+    let status_changes = drain_queue(&vhost.url, STATUS_QUEUE).await;
     assert_eq!(status_changes.len(), 1);
     let change = Envelope::decode(&status_changes[0].data).expect("envelope");
     assert_eq!(change.status.as_deref(), Some("sold"));
@@ -197,7 +198,7 @@ async fn connections_closed_by_the_broker_lose_no_job() {
         &relay_url,
         Routes::default(),
     );
-    let status = Arc::clone(&bridge.status);
+    let status = bridge.status.clone();
     let mut cuts = 0;
     for threshold in [300, 1500] {
         let started = std::time::Instant::now();
@@ -213,7 +214,7 @@ async fn connections_closed_by_the_broker_lose_no_job() {
     bridge.stop().await;
     assert!(status.snapshot().errors >= 1, "the cuts were noticed");
 
-    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
     let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
     let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, all, "every job reached the queue");
@@ -233,7 +234,7 @@ async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sen
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
     declare(&vhost).await;
     // An exchange with no queue bound, and one that does not exist at all.
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .exchange_declare(
@@ -254,17 +255,11 @@ async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sen
         .await
         .expect("orphans");
     db.insert_listings(1).await;
+    let mut nowhere = EventType::listings();
+    nowhere.exchange = "test.nowhere".into();
     let routes = Routes::new(vec![
-        EventType {
-            exchange: "test.nowhere".into(),
-            ..EventType::listings()
-        },
-        EventType {
-            table: "orphans".into(),
-            routing_prefix: "orphan".into(),
-            exchange: "test.missing".into(),
-            status_column: None,
-        },
+        nowhere,
+        EventType::new("orphans", "orphan", "test.missing"),
     ]);
     let bridge = Bridge::start(db.outbox(OutboxConfig::default()), &vhost, routes);
     let counts = wait_settled(&db, &["pending", "processing"]).await;
@@ -288,11 +283,7 @@ async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sen
         errors["orphans"].contains("exchange \"test.missing\" does not exist"),
         "{errors:?}"
     );
-    assert!(
-        drain_queue(&vhost.url, DEAD_LETTER_QUEUE, Duration::from_millis(200))
-            .await
-            .is_empty()
-    );
+    assert!(drain_queue(&vhost.url, DEAD_LETTER_QUEUE).await.is_empty());
     db.drop().await;
     vhost.drop().await;
 }
@@ -319,7 +310,7 @@ async fn two_bridges_on_one_database_publish_each_job_once() {
     assert_eq!(counts.get("sent"), Some(&2000));
     assert_eq!(published_a + published_b, 2000, "no job published twice");
 
-    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(deliveries.len(), 2000);
     let unique: HashSet<i64> = deliveries.iter().map(job_id).collect();
     assert_eq!(unique.len(), 2000);
@@ -335,7 +326,7 @@ async fn the_topology_is_idempotent_and_a_conflict_names_queue_and_argument() {
 
     let mut other = TopologyConfig::default();
     other.health.max_length = 5;
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     let err = Topology::benalsam(&other)
         .declare(&connection)
         .await
@@ -343,7 +334,8 @@ async fn the_topology_is_idempotent_and_a_conflict_names_queue_and_argument() {
     let text = err.to_string();
     assert!(text.contains("queue system.health"), "{text}");
     assert!(text.contains("x-max-length"), "{text}");
-    assert!(!err.can_be_retried());
+    assert!(err.is_conflict() && !err.is_retryable());
+    assert_eq!(err.conflicting_argument(), Some("x-max-length"));
     vhost.drop().await;
 }
 
@@ -378,7 +370,7 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
     let outbox = db.outbox(OutboxConfig::default());
     let bridge = Bridge::start(outbox.clone(), &vhost, Routes::default());
     wait_settled(&db, &["pending", "processing"]).await;
-    let first = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(300)).await;
+    let first = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(first.len(), 3);
 
     // The messages are lost on the broker's side (drained above, never indexed), and the
@@ -387,16 +379,12 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
         .batch_execute("UPDATE elasticsearch_sync_queue SET sent_at = now() - interval '1 hour'")
         .await
         .expect("age");
-    let metrics = benalsam_events::metrics::Metrics::shared();
+    let resender = Resender::new(outbox, Duration::from_secs(2)).expect("resender");
+    let status = resender.status();
     let stop = CancellationToken::new();
-    let resender = tokio::spawn(benalsam_events::bridge::resend_stale(
-        outbox,
-        Duration::from_secs(2),
-        Arc::clone(&metrics),
-        stop.clone(),
-    ));
+    let resender = tokio::spawn(resender.run(stop.clone()));
     let started = std::time::Instant::now();
-    while metrics.jobs_resent.get() < 3 {
+    while status.snapshot().resent < 3 {
         assert!(started.elapsed() < PATIENCE, "the resender picks them up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -405,7 +393,7 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     bridge.stop().await;
     assert_eq!(counts.get("sent"), Some(&3));
-    let again = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(300)).await;
+    let again = drain_queue(&vhost.url, SYNC_QUEUE).await;
     let ids = |ds: &[lapin::message::Delivery]| ds.iter().map(job_id).collect::<HashSet<_>>();
     assert_eq!(ids(&again), ids(&first), "the same jobs, published again");
     db.drop().await;

@@ -53,10 +53,10 @@ async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
 
 #[tokio::test]
 async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
-    use benalsam_events::search::{IndexConfig, ensure_index, listings_index_body};
+    use benalsam_events::index::{IndexConfig, ensure_index, listings_index_body};
     let url = search_url();
     let client =
-        benalsam_events::search::client(&url, std::time::Duration::from_secs(10)).expect("client");
+        benalsam_events::index::client(&url, std::time::Duration::from_secs(10)).expect("client");
     let alias = unique_name("test-conflict");
     // Someone made the index by hand, with `status` as full text.
     let made = client
@@ -68,9 +68,10 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
         .expect("create");
     assert!(made.status_code().is_success());
 
-    let config = IndexConfig {
-        alias: alias.clone(),
-        ..IndexConfig::default()
+    let config = {
+        let mut c = IndexConfig::default();
+        c.alias = alias.clone();
+        c
     };
     let err = ensure_index(&client, &config, &listings_index_body(&config))
         .await
@@ -80,18 +81,19 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
         text.contains("field status") && text.contains("text") && text.contains("keyword"),
         "{text}"
     );
-    assert!(!err.can_be_retried());
+    assert!(err.is_conflict() && !err.is_retryable());
 
     // Bootstrapping twice over our own index is fine and adds nothing.
-    let ours = IndexConfig {
-        alias: unique_name("test-ours"),
-        ..IndexConfig::default()
+    let ours = {
+        let mut c = IndexConfig::default();
+        c.alias = unique_name("test-ours");
+        c
     };
     let body = listings_index_body(&ours);
     ensure_index(&client, &ours, &body).await.expect("created");
     let again = ensure_index(&client, &ours, &body).await.expect("existing");
     assert!(
-        matches!(again, benalsam_events::search::Bootstrap::Existing { ref added, .. } if added.is_empty()),
+        matches!(again, benalsam_events::index::Bootstrap::Existing { ref added, .. } if added.is_empty()),
         "{again:?}"
     );
     for index in [alias, format!("{}_v1", ours.alias)] {

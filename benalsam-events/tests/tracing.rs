@@ -7,8 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::document::{Documents, ListingDocuments};
-use benalsam_events::{Indexer, IndexerConfig, OutboxConfig, search};
+use benalsam_events::index::{self, ListingDocuments};
+use benalsam_events::{Documents, Indexer, IndexerConfig, OutboxConfig, Topology, connect};
 use opentelemetry::trace::{SpanKind, TracerProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use support::{TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
@@ -35,23 +35,22 @@ async fn a_change_is_one_trace_from_the_writer_to_the_index() {
         TestIndex::new().await,
     );
     {
-        let connection = benalsam_events::amqp::connect(&vhost.url, "test")
-            .await
-            .expect("connect");
-        benalsam_events::topology::Topology::benalsam(&Default::default())
+        let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+        Topology::benalsam(&Default::default())
             .declare(&connection)
             .await
             .expect("declare");
     }
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = index::client(&search_url(), Duration::from_secs(10)).expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,
         db.outbox(OutboxConfig::default()),
         Documents::new().with("listings", ListingDocuments::new(&index.alias)),
         IndexerConfig::default(),
-    );
+    )
+    .expect("valid settings");
     let stop_consumer = CancellationToken::new();
     let consumer = tokio::spawn(indexer.run(stop_consumer.clone()));
 

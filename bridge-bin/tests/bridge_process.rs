@@ -9,8 +9,10 @@ use std::collections::HashSet;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::envelope::Envelope;
-use benalsam_events::topology::{HEALTH_QUEUE, SYNC_QUEUE};
+use benalsam_events::Envelope;
+
+const SYNC_QUEUE: &str = "elasticsearch.sync";
+const HEALTH_QUEUE: &str = "system.health";
 use support::{TestSchema, TestVhost, database_url, drain_queue, free_port, terminate, wait_exit};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -69,13 +71,13 @@ async fn a_bridge_killed_mid_run_and_restarted_loses_no_job() {
     terminate(&second);
     assert!(wait_exit(&mut second).await.success());
 
-    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_secs(1)).await;
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
     let mut ids = HashSet::new();
     for d in &deliveries {
         let envelope = Envelope::decode(&d.data).expect("envelope");
         assert_eq!(
             d.properties.message_id().as_ref().map(|m| m.to_string()),
-            Some(envelope.message_id.clone()),
+            Some(envelope.message_id.to_string()),
             "duplicates carry the same messageId"
         );
         ids.insert(envelope.job_id);
@@ -137,7 +139,7 @@ async fn sigterm_leaves_nothing_half_done_and_health_answers_meanwhile() {
     let pending = db.count("pending").await;
     assert_eq!(sent + pending, 8000, "every job is either sent or waiting");
 
-    let beats = drain_queue(&vhost.url, HEALTH_QUEUE, Duration::from_millis(300)).await;
+    let beats = drain_queue(&vhost.url, HEALTH_QUEUE).await;
     assert!(!beats.is_empty(), "heartbeats on system.health");
     assert_eq!(beats[0].routing_key.as_str(), "health.bridge");
     let beat: serde_json::Value = serde_json::from_slice(&beats[0].data).expect("JSON heartbeat");
@@ -160,9 +162,15 @@ type BadSetting<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
 #[test]
 fn bad_settings_stop_start_up_naming_the_setting() {
-    let cases: [BadSetting<'_>; 5] = [
-        (&["--batch-size", "0"], &[], "--batch-size"),
-        (&["--poll-interval", "soon"], &[], "--poll-interval"),
+    let cases: [BadSetting<'_>; 7] = [
+        (&["run", "--batch-size", "0"], &[], "--batch-size"),
+        (&["run", "--poll-interval", "soon"], &[], "--poll-interval"),
+        (&[], &[("BENALSAM_LEASE", "0s")], "--lease"),
+        (
+            &[],
+            &[("BENALSAM_HEARTBEAT_INTERVAL", "0s")],
+            "--heartbeat-interval",
+        ),
         (
             &[],
             &[("RABBITMQ_URL", "http://localhost:5672")],
@@ -188,14 +196,21 @@ fn bad_settings_stop_start_up_naming_the_setting() {
     }
 }
 
+/// `--help` and `run --help` together: the connection settings and the run-time ones.
+fn help(env: &[(&str, &str)]) -> String {
+    [&["--help"][..], &["run", "--help"]]
+        .iter()
+        .map(|args| {
+            let out = run_with(args, env);
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
 #[test]
 fn help_documents_the_settings_without_passwords() {
-    let out = run_with(
-        &["--help"],
-        &[("RABBITMQ_URL", "amqp://u:topsecret@h:5672/%2f")],
-    );
-    let help = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let help = help(&[("RABBITMQ_URL", "amqp://u:topsecret@h:5672/%2f")]);
     for setting in [
         "DATABASE_URL",
         "RABBITMQ_URL",
@@ -229,7 +244,7 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
     }
     // Everything before the consumer's service is shared or the bridge's.
     let bridge_part = compose.split("\n  consumer:").next().unwrap_or(compose);
-    let help = String::from_utf8_lossy(&run_with(&["--help"], &[]).stdout).into_owned();
+    let help = help(&[]);
     for line in bridge_part.lines().map(str::trim) {
         if let Some((name, _)) = line.split_once(':')
             && (name.starts_with("BENALSAM_") || name.ends_with("_URL"))
@@ -240,87 +255,4 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
             );
         }
     }
-}
-
-/// Metric names in a PromQL text: `benalsam_…`, without the suffixes the exposition adds.
-fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
-    let mut names = std::collections::BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("benalsam_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_count", "_sum", "_total"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        names.insert(base.to_owned());
-        rest = &tail[end..];
-    }
-    names
-}
-
-#[tokio::test]
-async fn dashboard_and_alert_rules_are_valid_and_name_only_real_metrics() {
-    // The alert rules, checked by Prometheus's own tool.
-    let rules = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docker/prometheus/alerts.yml"
-    );
-    let checked = Command::new("promtool")
-        .args(["check", "rules", rules])
-        .output()
-        .expect("promtool is installed (scripts/stack up installs it)");
-    assert!(
-        checked.status.success(),
-        "{}",
-        String::from_utf8_lossy(&checked.stdout)
-    );
-
-    // The dashboard parses, and every panel has a query.
-    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
-        "../../docker/grafana/dashboards/benalsam.json"
-    ))
-    .expect("dashboard JSON");
-    let panels = dashboard["panels"].as_array().expect("panels");
-    assert!(panels.len() >= 10);
-    assert!(panels.iter().all(|p| p["targets"][0]["expr"].is_string()));
-
-    // Every metric they name is served by a real bridge.
-    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
-    let port = free_port();
-    let mut child = bridge(&db, &vhost, port).spawn().expect("start bridge");
-    let started = Instant::now();
-    let served = loop {
-        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            break response.text().await.expect("body");
-        }
-        assert!(started.elapsed() < PATIENCE, "the bridge serves /metrics");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    terminate(&child);
-    wait_exit(&mut child).await;
-    let exposed: std::collections::BTreeSet<String> = served
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect();
-    let named = metric_names(include_str!(
-        "../../docker/grafana/dashboards/benalsam.json"
-    ))
-    .into_iter()
-    .chain(metric_names(include_str!(
-        "../../docker/prometheus/alerts.yml"
-    )));
-    for name in named {
-        assert!(
-            exposed.contains(&name),
-            "{name} is not in /metrics: {exposed:?}"
-        );
-    }
-    db.drop().await;
-    vhost.drop().await;
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::dead_letter;
+use benalsam_events::index::list_dead_letters;
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url};
 
@@ -85,7 +85,7 @@ impl Deployment {
 /// One writer: inserts its share of listings in small transactions and, as it goes, edits,
 /// changes the status of and deletes some of them.
 async fn writer(schema: String, seed: u64, count: usize) {
-    let client = benalsam_events::postgres::connect(&database_url())
+    let client = benalsam_events::connect::postgres(&database_url())
         .await
         .expect("writer connects");
     client
@@ -218,7 +218,7 @@ async fn assert_converged(db: &TestSchema, index: &TestIndex, vhost: &TestVhost)
         .get(0);
     assert_eq!(failed, 0, "every job completed");
     assert!(
-        dead_letter::list(&vhost.url, 5)
+        list_dead_letters(&vhost.url, "elasticsearch.sync.dlq", 5)
             .await
             .expect("dlq")
             .is_empty(),

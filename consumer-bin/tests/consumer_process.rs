@@ -8,19 +8,20 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::amqp;
-use benalsam_events::lapin;
 use benalsam_events::lapin::options::BasicPublishOptions;
 use benalsam_events::lapin::types::{AMQPValue, FieldTable, LongString};
-use benalsam_events::topology::{
-    DEAD_LETTER_EXCHANGE, HEALTH_QUEUE, SYNC_QUEUE, Topology, TopologyConfig,
-};
+use benalsam_events::publish::TopologyConfig;
+use benalsam_events::{Envelope, Topology, connect, lapin};
 use support::{
     TestIndex, TestSchema, TestVhost, database_url, drain_queue, free_port, search_url, terminate,
     wait_exit,
 };
 
 const PATIENCE: Duration = Duration::from_secs(60);
+const SYNC_QUEUE: &str = "elasticsearch.sync";
+const DLQ: &str = "elasticsearch.sync.dlq";
+const DEAD_LETTER_EXCHANGE: &str = "benalsam.dlx";
+const HEALTH_QUEUE: &str = "system.health";
 
 fn consumer(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, port: u16) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-consumer"));
@@ -39,7 +40,7 @@ fn consumer(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, port: u16) ->
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     Topology::benalsam(&TopologyConfig::default())
         .declare(&connection)
         .await
@@ -128,14 +129,10 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
     bridge.await.expect("no panic").expect("bridge drained");
 
     let completed = db.count("completed").await;
-    let left = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(500)).await;
+    let left = drain_queue(&vhost.url, SYNC_QUEUE).await;
     let left_jobs: std::collections::HashSet<i64> = left
         .iter()
-        .map(|d| {
-            benalsam_events::envelope::Envelope::decode(&d.data)
-                .expect("envelope")
-                .job_id
-        })
+        .map(|d| Envelope::decode(&d.data).expect("envelope").job_id)
         .collect();
     assert_eq!(db.count("failed").await, 0);
     assert_eq!(
@@ -148,7 +145,7 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
         "every job is completed or still queued: {completed} completed, {} queued",
         left_jobs.len()
     );
-    let beats = drain_queue(&vhost.url, HEALTH_QUEUE, Duration::from_millis(300)).await;
+    let beats = drain_queue(&vhost.url, HEALTH_QUEUE).await;
     assert!(
         beats
             .iter()
@@ -173,7 +170,7 @@ fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
 async fn dlq_commands_list_reasons_and_replay() {
     let vhost = TestVhost::new().await;
     declare(&vhost).await;
-    let connection = amqp::connect(&vhost.url, "test").await.expect("connect");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let mut headers = FieldTable::default();
     headers.insert(
@@ -197,9 +194,27 @@ async fn dlq_commands_list_reasons_and_replay() {
         .expect("publish")
         .await
         .expect("confirmed");
+    // Wait until the broker counts it in the DLQ (a count, not a pause).
+    let started = Instant::now();
+    loop {
+        let queue = channel
+            .queue_declare(
+                DLQ.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the DLQ exists");
+        if queue.message_count() == 1 {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the dead letter is counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = connection.close(200, "ok".into()).await;
-    // The broker needs a moment to count the message in the queue.
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let env = [("RABBITMQ_URL", vhost.url.expose())];
     let listed = run_with(&["dlq", "list"], &env);
@@ -223,7 +238,7 @@ async fn dlq_commands_list_reasons_and_replay() {
         String::from_utf8_lossy(&replayed.stderr)
     );
     assert!(String::from_utf8_lossy(&replayed.stdout).contains("replayed 1"));
-    let back = drain_queue(&vhost.url, SYNC_QUEUE, Duration::from_millis(500)).await;
+    let back = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(back.len(), 1, "the message is back on elasticsearch.sync");
     assert_eq!(back[0].routing_key.as_str(), "listing.update");
     vhost.drop().await;
@@ -263,7 +278,11 @@ fn the_compose_file_sets_only_settings_the_consumer_knows() {
         .split("\n  consumer:")
         .nth(1)
         .expect("a consumer service");
-    let help = String::from_utf8_lossy(&run_with(&["--help"], &[]).stdout).into_owned();
+    // Connection settings are global; the run-time ones belong to `run`.
+    let help = [&["--help"][..], &["run", "--help"]]
+        .iter()
+        .map(|args| String::from_utf8_lossy(&run_with(args, &[]).stdout).into_owned())
+        .collect::<String>();
     for line in shared.lines().chain(consumer.lines()).map(str::trim) {
         if let Some((name, _)) = line.split_once(':')
             && (name.starts_with("BENALSAM_") || name.ends_with("_URL"))
@@ -274,4 +293,166 @@ fn the_compose_file_sets_only_settings_the_consumer_knows() {
             );
         }
     }
+}
+
+/// Metric names in a PromQL text: `benalsam_…`, without the suffixes the exposition adds.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("benalsam_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The `/metrics` answer on `port` once it serves one.
+async fn metrics_text(port: u16) -> String {
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await
+            && response.status().is_success()
+        {
+            return response.text().await.expect("body");
+        }
+        assert!(started.elapsed() < PATIENCE, "/metrics answers on {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `promtool check metrics` on an exposition text.
+fn promtool_check_metrics(text: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/stack up installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    child.wait_with_output().expect("promtool runs")
+}
+
+/// The families of an exposition text.
+fn families(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_each_binary_exports_its_own_and_the_dashboard_uses_real_ones() {
+    // The alert rules, checked by Prometheus's own tool.
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docker/prometheus/alerts.yml"
+    );
+    let checked = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("promtool is installed (scripts/stack up installs it)");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../../docker/grafana/dashboards/benalsam.json"
+    ))
+    .expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    assert!(panels.iter().all(|p| p["targets"][0]["expr"].is_string()));
+
+    // A real consumer binary, and the bridge service in-process (what its binary runs).
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    declare(&vhost).await;
+    let consumer_port = free_port();
+    let mut child = consumer(&db, &vhost, &index, consumer_port)
+        .spawn()
+        .expect("start consumer");
+    let bridge_port = free_port();
+    let mut settings =
+        benalsam_events::bridge::BridgeSettings::new(database_url(), vhost.url.clone());
+    settings.outbox = benalsam_events::OutboxConfig::in_schema(&db.name);
+    settings.health_addr = Some(format!("127.0.0.1:{bridge_port}").parse().expect("addr"));
+    let stop_bridge = tokio_util::sync::CancellationToken::new();
+    let bridge = tokio::spawn(benalsam_events::bridge::run(settings, stop_bridge.clone()));
+    let consumer_text = metrics_text(consumer_port).await;
+    let bridge_text = metrics_text(bridge_port).await;
+    terminate(&child);
+    wait_exit(&mut child).await;
+    stop_bridge.cancel();
+    bridge.await.expect("no panic").expect("bridge ran");
+
+    for (service, text) in [("consumer", &consumer_text), ("bridge", &bridge_text)] {
+        let out = promtool_check_metrics(text);
+        assert!(
+            out.status.success(),
+            "promtool check metrics on the {service}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names = families(text);
+        for standard in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+            "benalsam_build_info",
+        ] {
+            assert!(names.contains(standard), "{service} exports {standard}");
+        }
+    }
+    let (consumer, bridge) = (families(&consumer_text), families(&bridge_text));
+    assert!(consumer.contains("benalsam_deliveries_received_total"));
+    assert!(
+        !consumer.contains("benalsam_jobs_published_total"),
+        "no bridge family in the consumer"
+    );
+    assert!(bridge.contains("benalsam_jobs_published_total"));
+    assert!(
+        !bridge.contains("benalsam_deliveries_received_total"),
+        "no consumer family in the bridge"
+    );
+
+    // Every metric the dashboard and the alerts name is served by one of them.
+    let served: std::collections::BTreeSet<String> = consumer.union(&bridge).cloned().collect();
+    let named = metric_names(include_str!(
+        "../../docker/grafana/dashboards/benalsam.json"
+    ))
+    .into_iter()
+    .chain(metric_names(include_str!(
+        "../../docker/prometheus/alerts.yml"
+    )));
+    for name in named {
+        assert!(
+            served.contains(&name) || served.contains(&format!("{name}_total")),
+            "{name} is not in either /metrics: {served:?}"
+        );
+    }
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
 }

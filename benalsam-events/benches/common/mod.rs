@@ -2,14 +2,12 @@
 //! topology and migrations in place, listings like the demo's, and their jobs as envelopes.
 #![allow(dead_code)] // each benchmark uses a part
 
-use std::time::SystemTime;
-
-use benalsam_events::config::{AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl};
-use benalsam_events::envelope::Envelope;
-use benalsam_events::job::{ClaimKind, Job};
-use benalsam_events::routing::EventType;
-use benalsam_events::topology::{Topology, TopologyConfig};
-use benalsam_events::{amqp, migrate, postgres};
+use benalsam_events::config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL};
+use benalsam_events::publish::TopologyConfig;
+use benalsam_events::{
+    Action, AmqpUrl, DatabaseUrl, Envelope, EventType, Outbox, OutboxConfig, Outcome, Settle,
+    Topology, connect,
+};
 
 pub type BoxError = Box<dyn std::error::Error>;
 
@@ -63,12 +61,12 @@ impl BenchEnv {
         let mut vhost = base.url().clone();
         vhost.set_path(&format!("/{name}"));
         let url: AmqpUrl = vhost.as_str().parse()?;
-        let connection = amqp::connect(&url, "bench").await?;
+        let connection = connect::amqp(&url, "bench").await?;
         Topology::benalsam(&TopologyConfig::default())
             .declare(&connection)
             .await?;
-        let mut client = postgres::connect(&db_url).await?;
-        migrate::migrate(&mut client, &name).await?;
+        let mut client = connect::postgres(&db_url).await?;
+        benalsam_events::outbox::migrate(&mut client, &name).await?;
         client
             .batch_execute(&format!("SET search_path TO {name}"))
             .await?;
@@ -100,33 +98,22 @@ impl BenchEnv {
         Ok(())
     }
 
-    /// The envelopes of every job, as the bridge would publish them.
-    pub async fn envelopes(&self) -> Result<Vec<Envelope>, BoxError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT id, table_name, operation, record_id, change_data, created_at, traceparent
-                 FROM elasticsearch_sync_queue ORDER BY id",
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let operation: String = r.get(2);
-                let job = Job {
-                    id: r.get(0),
-                    table_name: r.get(1),
-                    operation: operation.parse()?,
-                    record_id: r.get(3),
-                    change_data: r.get(4),
-                    retry_count: 0,
-                    created_at: r.get::<_, SystemTime>(5),
-                    traceparent: r.get(6),
-                    claim: ClaimKind::Fresh,
-                };
-                Ok(Envelope::new(&job, &EventType::listings().route(&job)))
+    /// The envelopes of every pending job, as the bridge would publish them. The jobs are
+    /// claimed to read them and given back, so they stay pending.
+    pub async fn envelopes(&self) -> Result<Vec<Envelope<'static>>, BoxError> {
+        let outbox = Outbox::new(self.db_url.clone(), OutboxConfig::in_schema(&self.name))?;
+        let jobs = outbox.claim(usize::MAX).await?;
+        let envelopes = jobs
+            .iter()
+            .map(|job| {
+                let route = EventType::listings().route(job);
+                Envelope::decode(&Envelope::of(job, &route).to_bytes())
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let released: Vec<(i64, Outcome)> =
+            jobs.iter().map(|j| (j.id, Outcome::Released)).collect();
+        outbox.settle(&released).await?;
+        Ok(envelopes)
     }
 
     pub async fn cleanup(self) -> Result<(), BoxError> {
@@ -141,4 +128,31 @@ impl BenchEnv {
             .await?;
         Ok(())
     }
+}
+
+/// A `_bulk` body of `actions` with their external versions, encoded here rather than by the
+/// library: the raw baseline must not share the code it is measured against.
+pub fn bulk_body(actions: &[(Action, i64)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (action, version) in actions {
+        let (verb, index, id, document) = match action {
+            Action::Index {
+                index,
+                id,
+                document,
+            } => ("index", index, id, Some(document)),
+            Action::Delete { index, id } => ("delete", index, id, None),
+            _ => continue,
+        };
+        let meta = serde_json::json!({ verb: {
+            "_index": index, "_id": id, "version": version, "version_type": "external"
+        }});
+        body.extend_from_slice(meta.to_string().as_bytes());
+        body.push(b'\n');
+        if let Some(document) = document {
+            body.extend_from_slice(document.to_string().as_bytes());
+            body.push(b'\n');
+        }
+    }
+    body
 }

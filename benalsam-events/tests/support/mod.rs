@@ -43,10 +43,10 @@ pub struct TestSchema {
 impl TestSchema {
     pub async fn new() -> Self {
         let name = unique_name("t");
-        let mut client = benalsam_events::postgres::connect(&database_url())
+        let mut client = benalsam_events::connect::postgres(&database_url())
             .await
             .expect("PostgreSQL answers (is the stack up? scripts/stack up)");
-        benalsam_events::migrate::migrate(&mut client, &name)
+        benalsam_events::outbox::migrate(&mut client, &name)
             .await
             .expect("migrations apply");
         client
@@ -58,14 +58,9 @@ impl TestSchema {
 
     /// An outbox over this schema.
     pub fn outbox(&self, config: benalsam_events::OutboxConfig) -> benalsam_events::Outbox {
-        benalsam_events::Outbox::new(
-            database_url(),
-            benalsam_events::OutboxConfig {
-                schema: self.name.clone(),
-                ..config
-            },
-        )
-        .expect("valid outbox config")
+        let mut config = config;
+        config.schema = self.name.clone();
+        benalsam_events::Outbox::new(database_url(), config).expect("valid outbox config")
     }
 
     /// Inserts `n` listings in one statement (one transaction); returns their ids in order.
@@ -206,34 +201,24 @@ impl TestVhost {
     }
 }
 
-/// Takes every message from `queue` until `quiet` passes without one, acking them.
-pub async fn drain_queue(
-    url: &AmqpUrl,
-    queue: &str,
-    quiet: std::time::Duration,
-) -> Vec<lapin::message::Delivery> {
-    use futures::StreamExt;
-    let connection = benalsam_events::amqp::connect(url, "test drain")
+/// Takes every message `queue` holds, acking them, until it is empty. Deterministic: call
+/// it once whatever fills the queue has finished (the publisher closed, its confirms in), and
+/// it returns exactly what the queue held, duplicates included.
+pub async fn drain_queue(url: &AmqpUrl, queue: &str) -> Vec<lapin::message::Delivery> {
+    let connection = benalsam_events::connect::amqp(url, "test drain")
         .await
         .expect("connect to drain");
     let channel = connection.create_channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(
+    let mut deliveries = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
             queue.into(),
-            "test-drain".into(),
-            lapin::options::BasicConsumeOptions::default(),
-            lapin::types::FieldTable::default(),
+            lapin::options::BasicGetOptions { no_ack: true },
         )
         .await
-        .expect("consume");
-    let mut deliveries = Vec::new();
-    while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
-        let delivery = delivery.expect("delivery");
-        delivery
-            .ack(lapin::options::BasicAckOptions::default())
-            .await
-            .expect("ack");
-        deliveries.push(delivery);
+        .expect("basic.get")
+    {
+        deliveries.push(message.delivery);
     }
     let _ = connection.close(200, "drained".into()).await;
     deliveries
@@ -345,16 +330,14 @@ impl TestIndex {
     pub async fn new() -> Self {
         let alias = unique_name("t");
         let client =
-            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
+            benalsam_events::index::client(&search_url(), std::time::Duration::from_secs(30))
                 .expect("search client");
-        let config = benalsam_events::search::IndexConfig {
-            alias: alias.clone(),
-            ..benalsam_events::search::IndexConfig::default()
-        };
-        benalsam_events::search::ensure_index(
+        let mut config = benalsam_events::index::IndexConfig::default();
+        config.alias = alias.clone();
+        benalsam_events::index::ensure_index(
             &client,
             &config,
-            &benalsam_events::search::listings_index_body(&config),
+            &benalsam_events::index::listings_index_body(&config),
         )
         .await
         .expect("index bootstrap (is the stack up?)");
@@ -470,17 +453,15 @@ pub fn spawn_bridge(
     use futures::StreamExt;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let outbox = db.outbox(benalsam_events::OutboxConfig::default());
-    let config = benalsam_events::JobStreamConfig {
-        wake: benalsam_events::Wake::PollOnly,
-        poll_interval: std::time::Duration::from_millis(100),
-        ..benalsam_events::JobStreamConfig::default()
-    };
+    let mut config = benalsam_events::JobStreamConfig::default();
+    config.wake = benalsam_events::outbox::Wake::PollOnly;
+    config.poll_interval = std::time::Duration::from_millis(100);
     let jobs =
         benalsam_events::JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
     let publisher = benalsam_events::Publisher::new(
         url.clone(),
         outbox,
-        benalsam_events::routing::Routes::default(),
+        benalsam_events::Routes::default(),
         benalsam_events::PublisherConfig::default(),
     );
     let task = tokio::spawn(
@@ -489,6 +470,14 @@ pub fn spawn_bridge(
             .forward(publisher),
     );
     (shutdown, task)
+}
+
+/// The same outcome for each of `ids`, as [`benalsam_events::Settle::settle`] takes them.
+pub fn reports(
+    ids: &[i64],
+    outcome: benalsam_events::Outcome,
+) -> Vec<(i64, benalsam_events::Outcome)> {
+    ids.iter().map(|id| (*id, outcome.clone())).collect()
 }
 
 /// A port nothing listens on right now.

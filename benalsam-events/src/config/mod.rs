@@ -1,0 +1,28 @@
+//! Settings: where the services are (URLs that validate themselves and never print a
+//! password), and checks shared by every setting the library takes.
+
+mod redact;
+mod urls;
+
+use std::time::Duration;
+
+pub use urls::{
+    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
+    SearchUrl,
+};
+pub(crate) use urls::{validate_identifier, validate_schema};
+
+use crate::{Error, Result};
+
+/// Refuses a zero duration for `setting`: a zero lease, poll interval or timeout cannot work
+/// (a lease that is over before the claim returns, a loop that never sleeps, a request that
+/// is given no time).
+pub(crate) fn require_positive(setting: &str, value: Duration) -> Result<Duration> {
+    if value.is_zero() {
+        return Err(Error::config(
+            setting,
+            "must be longer than zero (e.g. 500ms, 1s, 15m)",
+        ));
+    }
+    Ok(value)
+}

@@ -1,0 +1,301 @@
+//! The dead-letter queue: where messages go that cannot be indexed, with their reason, and
+//! the tools to look at them and send them back.
+//!
+//! The consumer dead-letters a message itself (rather than rejecting it) so it can say why:
+//! it publishes a copy to its queue's dead-letter exchange (`benalsam.dlx` for
+//! `elasticsearch.sync`) with the original routing key and these headers, waits for the
+//! broker's confirm, then acks the original.
+//!
+//! | header | meaning |
+//! |---|---|
+//! | `x-dead-letter-kind` | `malformed` (not a valid envelope), `rejected` (a permanent Elasticsearch error), `retries-exhausted` |
+//! | `x-dead-letter-reason` | the reason, for a person |
+//! | `x-original-exchange`, `x-original-routing-key` | where to replay it |
+//! | `x-dead-lettered-at` | when, RFC 3339 |
+//!
+//! Messages dead-lettered by RabbitMQ itself (a quorum queue's delivery limit) carry its
+//! `x-first-death-reason` instead; the tools read both.
+
+use std::time::SystemTime;
+
+use lapin::message::{BasicGetMessage, Delivery};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::config::AmqpUrl;
+use crate::outbox::JobSelection;
+use crate::publish::{JOB_ID_HEADER, LISTINGS_EXCHANGE};
+use crate::{Error, Result};
+
+/// Header: what kind of failure.
+const KIND_HEADER: &str = "x-dead-letter-kind";
+/// Header: the reason.
+const REASON_HEADER: &str = "x-dead-letter-reason";
+/// Header: the exchange the message was first published to.
+const ORIGINAL_EXCHANGE_HEADER: &str = "x-original-exchange";
+/// Header: the routing key it was first published with.
+const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
+/// Header: when it was dead-lettered.
+const DEAD_LETTERED_AT_HEADER: &str = "x-dead-lettered-at";
+/// Header: how often it was replayed from the DLQ.
+const REPLAYED_HEADER: &str = "x-replayed";
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// Not a valid envelope (or no job id).
+    Malformed,
+    /// Elasticsearch refused it permanently (a mapping error), or it is no document.
+    Rejected,
+    /// Elasticsearch kept refusing it as busy or unavailable.
+    RetriesExhausted,
+}
+
+impl Why {
+    /// The header value (and metric label).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Why::Malformed => "malformed",
+            Why::Rejected => "rejected",
+            Why::RetriesExhausted => "retries-exhausted",
+        }
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn header_str(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn header_i64(headers: &FieldTable, key: &str) -> Option<i64> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongUInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).parse().ok(),
+        _ => None,
+    }
+}
+
+/// Publishes a copy of `delivery` to `exchange` (its queue's dead-letter exchange) with
+/// `why` and `reason`, and waits for the broker's confirm. `channel` must be in confirm mode.
+/// The caller acks the original afterwards.
+pub(crate) async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    delivery: &Delivery,
+    why: Why,
+    reason: &str,
+) -> Result<()> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(KIND_HEADER.into(), long(why.as_str()));
+    headers.insert(REASON_HEADER.into(), long(reason));
+    if header_str(&headers, ORIGINAL_EXCHANGE_HEADER).is_none() {
+        headers.insert(
+            ORIGINAL_EXCHANGE_HEADER.into(),
+            long(delivery.exchange.as_str()),
+        );
+        headers.insert(
+            ORIGINAL_ROUTING_KEY_HEADER.into(),
+            long(delivery.routing_key.as_str()),
+        );
+    }
+    headers.insert(
+        DEAD_LETTERED_AT_HEADER.into(),
+        long(&humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+    );
+    let properties = delivery.properties.clone().with_headers(headers);
+    confirm(
+        channel,
+        exchange,
+        delivery.routing_key.as_str(),
+        &delivery.data,
+        properties,
+        "dead-lettering a message",
+    )
+    .await
+}
+
+async fn confirm(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    what: &str,
+) -> Result<()> {
+    let routing = ShortString::try_new(routing_key).map_err(|_| {
+        Error::config(
+            "routing key",
+            format!("{routing_key:?} is longer than 255 bytes"),
+        )
+    })?;
+    let exchange_name = ShortString::try_new(exchange)
+        .map_err(|_| Error::config("exchange", format!("{exchange:?} is longer than 255 bytes")))?;
+    let confirmation = channel
+        .basic_publish(
+            exchange_name,
+            routing,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| Error::amqp(what.to_owned(), e))?
+        .await
+        .map_err(|e| Error::amqp(what.to_owned(), e))?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(Error::broker(format!(
+            "{what}: {exchange} / {routing_key} is unroutable: {}",
+            returned.reply_text
+        ))),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(Error::broker(format!(
+            "{what}: {exchange} / {routing_key}: the broker refused it (nack)"
+        ))),
+    }
+}
+
+/// A dead-lettered message, as the tools show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The job, when the message names one.
+    pub job_id: Option<i64>,
+    /// `malformed`, `rejected`, `retries-exhausted`, or RabbitMQ's own reason.
+    pub kind: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Where it was first published.
+    pub exchange: String,
+    /// With which routing key.
+    pub routing_key: String,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: Option<String>,
+    /// The body, as text.
+    pub body: String,
+}
+
+fn describe(message: &BasicGetMessage) -> DeadLetter {
+    let delivery = &message.delivery;
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let body_job = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+        .ok()
+        .and_then(|v| v["jobId"].as_i64());
+    DeadLetter {
+        job_id: header_i64(&headers, JOB_ID_HEADER).or(body_job),
+        kind: header_str(&headers, KIND_HEADER)
+            .or_else(|| header_str(&headers, "x-first-death-reason")),
+        reason: header_str(&headers, REASON_HEADER),
+        exchange: header_str(&headers, ORIGINAL_EXCHANGE_HEADER)
+            .or_else(|| header_str(&headers, "x-first-death-exchange"))
+            .unwrap_or_else(|| LISTINGS_EXCHANGE.to_owned()),
+        routing_key: header_str(&headers, ORIGINAL_ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.to_string()),
+        dead_lettered_at: header_str(&headers, DEAD_LETTERED_AT_HEADER),
+        body: String::from_utf8_lossy(&delivery.data).into_owned(),
+    }
+}
+
+async fn open(url: &AmqpUrl, queue: &str, name: &str) -> Result<(lapin::Connection, Channel, u32)> {
+    let connection = crate::connect::amqp(url, name).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::amqp("opening a channel on the DLQ", e))?;
+    let name = ShortString::try_new(queue)
+        .map_err(|_| Error::config("queue", format!("{queue:?} is longer than 255 bytes")))?;
+    let declared = channel
+        .queue_declare(
+            name,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Error::amqp(format!("looking up {queue}"), e))?;
+    Ok((connection, channel, declared.message_count()))
+}
+
+/// Lists up to `limit` messages of the dead-letter queue `queue` without removing them (they
+/// are fetched unacknowledged and handed back when the channel closes).
+pub async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+    let (connection, channel, count) = open(url, queue, "benalsam dlq list").await?;
+    let mut letters = Vec::new();
+    for _ in 0..count.min(u32::try_from(limit).unwrap_or(u32::MAX)) {
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| Error::amqp("reading the DLQ", e))?;
+        let Some(message) = message else { break };
+        letters.push(describe(&message));
+    }
+    let _ = connection.close(200, "listed".into()).await;
+    Ok(letters)
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Messages published back to their exchange and removed from the DLQ.
+    pub replayed: usize,
+    /// Messages left in the DLQ (not selected).
+    pub kept: usize,
+}
+
+/// Publishes the selected dead letters of `queue` back to the exchange and routing key they
+/// were first published with (confirmed), then removes them from the DLQ. The others stay.
+pub async fn replay(url: &AmqpUrl, queue: &str, selection: &JobSelection) -> Result<ReplayReport> {
+    let (connection, channel, count) = open(url, queue, "benalsam dlq replay").await?;
+    let publisher = crate::connect::confirm_channel(&connection, "replay").await?;
+    let mut report = ReplayReport::default();
+    for _ in 0..count {
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| Error::amqp("reading the DLQ", e))?;
+        let Some(message) = message else { break };
+        let letter = describe(&message);
+        let selected = match selection {
+            JobSelection::All => true,
+            JobSelection::Jobs(_) => letter.job_id.is_some_and(|id| selection.contains(id)),
+        };
+        if !selected {
+            report.kept += 1;
+            continue;
+        }
+        let delivery = &message.delivery;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let replays = header_i64(&headers, REPLAYED_HEADER).unwrap_or(0) + 1;
+        headers.insert(REPLAYED_HEADER.into(), AMQPValue::LongLongInt(replays));
+        let properties = delivery.properties.clone().with_headers(headers);
+        confirm(
+            &publisher,
+            &letter.exchange,
+            &letter.routing_key,
+            &delivery.data,
+            properties,
+            "replaying a dead letter",
+        )
+        .await?;
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| Error::amqp("removing a replayed message from the DLQ", e))?;
+        report.replayed += 1;
+    }
+    let _ = connection.close(200, "replayed".into()).await;
+    Ok(report)
+}

@@ -1,0 +1,790 @@
+//! [`Indexer`]: consumes change messages into Elasticsearch bulk requests, as stages.
+//!
+//! ```text
+//!  source ───► build ───► batcher ───► ┌ write ──► plan ──► settle ┐ × in_flight
+//!  (consume,   (envelope   (count,      │ (_bulk)   (decide   (completed, dead
+//!   decode,     → action)   bytes,      │           each      letters, then
+//!   reconnect)              linger)     │           item)     acks)
+//!                              ▲        └──────────────────────────┘
+//!                              └──── retries, after their backoff ◄──┘
+//!
+//!  every item unavailable, or no answer ──► circuit open: hold the batch, take nothing
+//!  new, probe with backoff, resume (an outage fails no job)
+//! ```
+//!
+//! Up to `in_flight` batches are written and settled at once: the order of writes does not
+//! matter, because every write carries its job id as external version. A message that is not
+//! a valid envelope, or whose row cannot become a document, is dead-lettered with the reason;
+//! the indexer never stops on input. Acks come only after the outcome is recorded, so a crash
+//! at any point means redelivery, and redelivery is harmless: the index refuses versions it
+//! has already seen.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use elasticsearch::Elasticsearch;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use lapin::Channel;
+use lapin::message::Delivery;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::config::{AmqpUrl, require_positive};
+use crate::index::batch::{Batcher, Limits};
+use crate::index::circuit::{CircuitBreaker, CircuitState};
+use crate::index::dead_letter::Why;
+use crate::index::settle::{self, Ledger};
+use crate::index::source::{Event, Incoming, QueueRoute, Source};
+use crate::index::writer::{self, WriteError};
+use crate::index::{Action, BuildError, Documents, plan};
+use crate::ops::Live;
+use crate::ops::metrics::{self, IndexerMetrics, Metrics, Queue};
+use crate::ops::telemetry;
+use crate::outbox::Settle;
+use crate::publish::{
+    DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, Envelope, EnvelopeError, SYNC_QUEUE,
+    TRACEPARENT_HEADER,
+};
+use crate::{Error, Result};
+
+/// Settings of an [`Indexer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct IndexerConfig {
+    /// The queue to consume.
+    pub queue: String,
+    /// Where its dead letters go: the exchange...
+    pub dead_letter_exchange: String,
+    /// ...and the queue bound to it.
+    pub dead_letter_queue: String,
+    /// Unacknowledged messages the broker may hand over at once (`basic.qos`).
+    pub prefetch: u16,
+    /// Most actions per bulk request.
+    pub batch_size: usize,
+    /// Most request bytes per bulk request.
+    pub batch_bytes: usize,
+    /// Longest wait for a batch to fill once its first message arrived.
+    pub linger: Duration,
+    /// Most batches written and settled at once.
+    pub in_flight: usize,
+    /// Attempts of an item Elasticsearch refuses as busy before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delays between those attempts.
+    pub retry: Backoff,
+    /// Delays between probes while the circuit is open.
+    pub circuit: Backoff,
+    /// Delays between reconnects to RabbitMQ, and between attempts to record outcomes
+    /// while PostgreSQL is away.
+    pub reconnect: Backoff,
+    /// The connection's name in the management UI.
+    pub connection_name: String,
+}
+
+impl Default for IndexerConfig {
+    fn default() -> Self {
+        Self {
+            queue: SYNC_QUEUE.to_owned(),
+            dead_letter_exchange: DEAD_LETTER_EXCHANGE.to_owned(),
+            dead_letter_queue: DEAD_LETTER_QUEUE.to_owned(),
+            // From the benchmarks (BENCHMARKS.md): 500 per request is as fast as 1,000 in the
+            // whole pipeline and keeps the consumer's peak RSS near 40 MiB instead of 54; a
+            // prefetch of twice that lets the next batch arrive while one is being written.
+            prefetch: 1000,
+            batch_size: 500,
+            batch_bytes: 5 * 1024 * 1024,
+            linger: Duration::from_millis(50),
+            in_flight: 2,
+            max_attempts: 5,
+            retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            reconnect: Backoff::default(),
+            connection_name: "benalsam-consumer".to_owned(),
+        }
+    }
+}
+
+/// What an indexer has been doing, for health checks.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct IndexerStatus {
+    /// Whether it holds a consuming channel.
+    pub connected: bool,
+    /// The circuit breaker.
+    pub circuit: CircuitState,
+    /// Messages received.
+    pub received: u64,
+    /// Documents written.
+    pub indexed: u64,
+    /// Documents deleted (or already absent).
+    pub deleted: u64,
+    /// Changes refused as older than the index's (duplicates, reordering).
+    pub superseded: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Item attempts repeated after a busy answer.
+    pub retried: u64,
+    /// Messages acked (their outcome recorded).
+    pub acked: u64,
+    /// When a message was last acked.
+    pub last_ack_at: Option<SystemTime>,
+    /// Bulk requests sent.
+    pub bulk_requests: u64,
+    /// When the last bulk request answered.
+    pub last_bulk_at: Option<SystemTime>,
+    /// Its actions.
+    pub last_bulk_items: usize,
+    /// Its duration.
+    pub last_bulk_duration: Option<Duration>,
+    /// Messages waiting in the consumed queue, when last looked (every few seconds).
+    pub queue_depth: Option<u32>,
+    /// Messages in its dead-letter queue.
+    pub dlq_depth: Option<u32>,
+    /// Since when outcomes cannot be recorded in PostgreSQL, and why (`None` while they can).
+    pub outbox_failing: Option<(SystemTime, String)>,
+    /// Errors: lost connections, failed bulk requests, failed reports.
+    pub errors: u64,
+    /// The last of those errors, and when.
+    pub last_error: Option<(SystemTime, String)>,
+}
+
+impl Default for IndexerStatus {
+    fn default() -> Self {
+        Self {
+            connected: false,
+            circuit: CircuitState::Closed,
+            received: 0,
+            indexed: 0,
+            deleted: 0,
+            superseded: 0,
+            dead_lettered: 0,
+            retried: 0,
+            acked: 0,
+            last_ack_at: None,
+            bulk_requests: 0,
+            last_bulk_at: None,
+            last_bulk_items: 0,
+            last_bulk_duration: None,
+            queue_depth: None,
+            dlq_depth: None,
+            outbox_failing: None,
+            errors: 0,
+            last_error: None,
+        }
+    }
+}
+
+impl Live<IndexerStatus> {
+    pub(crate) fn error(&self, error: &str) {
+        let mut s = self.lock();
+        s.errors += 1;
+        s.last_error = Some((SystemTime::now(), error.to_owned()));
+    }
+}
+
+/// What a message holds once decoded and built.
+pub(crate) enum Body {
+    /// Not a valid envelope.
+    Malformed(EnvelopeError),
+    /// A change, and the action it asks of the index (or why it cannot become one).
+    Change {
+        envelope: Box<Envelope<'static>>,
+        action: Result<Action, BuildError>,
+    },
+}
+
+/// A message on its way into the index.
+pub(crate) struct Message {
+    pub(crate) delivery: Delivery,
+    pub(crate) route: Arc<QueueRoute>,
+    pub(crate) body: Body,
+    /// Its share of a bulk request's bytes.
+    pub(crate) bytes: usize,
+    /// Item attempts so far.
+    pub(crate) attempts: u32,
+    /// Not to be retried before this.
+    pub(crate) not_before: Instant,
+    /// The consumer span of this message, continuing the job's trace; ends with it.
+    pub(crate) span: tracing::Span,
+}
+
+impl Message {
+    pub(crate) fn job_id(&self) -> Option<i64> {
+        match &self.body {
+            Body::Change { envelope, .. } => Some(envelope.job_id),
+            Body::Malformed(_) => None,
+        }
+    }
+}
+
+/// What the stages share: the clients, the settings, the status and metrics.
+pub(crate) struct Shared {
+    pub(crate) search: Elasticsearch,
+    pub(crate) ledger: Arc<dyn Ledger>,
+    pub(crate) config: IndexerConfig,
+    pub(crate) status: Live<IndexerStatus>,
+    pub(crate) metrics: IndexerMetrics,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// How one batch ended.
+pub(crate) enum Finished {
+    /// Written and settled; `retries` wait for their backoff. `link_broken` when dead
+    /// letters could not be published (the channel is gone).
+    Done {
+        retries: Vec<Message>,
+        link_broken: bool,
+    },
+    /// The cluster is unavailable: nothing was done; hold the batch.
+    Unavailable { batch: Vec<Message>, reason: String },
+    /// Shutdown came while outcomes could not be recorded: left unacked for redelivery.
+    Abandoned,
+}
+
+/// Consumes change messages into Elasticsearch. See the [module documentation](self).
+pub struct Indexer {
+    url: AmqpUrl,
+    documents: Documents,
+    search: Elasticsearch,
+    ledger: Arc<dyn Ledger>,
+    config: IndexerConfig,
+    status: Live<IndexerStatus>,
+    metrics: IndexerMetrics,
+}
+
+impl std::fmt::Debug for Indexer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Indexer")
+            .field("url", &self.url)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Indexer {
+    /// An indexer of `config.queue` into `search`, reporting outcomes to `outbox`.
+    pub fn new(
+        url: AmqpUrl,
+        search: Elasticsearch,
+        outbox: impl Settle,
+        documents: Documents,
+        config: IndexerConfig,
+    ) -> Result<Self> {
+        require_positive("BENALSAM_BULK_LINGER", config.linger)?;
+        if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {
+            return Err(Error::config(
+                "indexer",
+                "batch size, in-flight batches and attempts must each be at least 1",
+            ));
+        }
+        Ok(Self {
+            url,
+            documents,
+            search,
+            ledger: Arc::new(outbox),
+            config,
+            status: Live::default(),
+            metrics: IndexerMetrics::default(),
+        })
+    }
+
+    /// Records deliveries, bulk requests and outcomes in `metrics`.
+    pub fn with_metrics(self, metrics: &Metrics) -> Self {
+        self.metrics.register(metrics);
+        self
+    }
+
+    /// The live status, for health checks.
+    pub fn status(&self) -> Live<IndexerStatus> {
+        self.status.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled; the batches in hand are finished and acked
+    /// first. Messages held for a retry go back to the queue.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let route = QueueRoute {
+            queue: self.config.queue.clone(),
+            dead_letter_exchange: self.config.dead_letter_exchange.clone(),
+            dead_letter_queue: self.config.dead_letter_queue.clone(),
+        };
+        let source = Source::new(
+            self.url.clone(),
+            vec![route],
+            self.config.prefetch,
+            self.config.connection_name.clone(),
+        );
+        let limits = Limits {
+            count: self.config.batch_size,
+            bytes: self.config.batch_bytes,
+            linger: self.config.linger,
+        };
+        let breaker = CircuitBreaker::new(self.config.circuit);
+        let shared = Arc::new(Shared {
+            search: self.search,
+            ledger: self.ledger,
+            config: self.config,
+            status: self.status.clone(),
+            metrics: self.metrics,
+            shutdown: shutdown.clone(),
+        });
+        let mut run = Run {
+            shared,
+            documents: self.documents,
+            source,
+            batcher: Batcher::new(limits),
+            held: Vec::new(),
+            outage: VecDeque::new(),
+            in_flight: FuturesUnordered::new(),
+            breaker,
+            probe_at: None,
+            connect_failures: 0,
+            next_depth_check: Instant::now(),
+        };
+        run.run(&shutdown).await;
+        run.finish().await;
+        self.status.lock().connected = false;
+    }
+}
+
+/// The loop's state.
+struct Run {
+    shared: Arc<Shared>,
+    documents: Documents,
+    source: Source,
+    batcher: Batcher<Message>,
+    /// Messages waiting for a retry, unacked.
+    held: Vec<Message>,
+    /// Batches held back by an open circuit, the next probe first.
+    outage: VecDeque<Vec<Message>>,
+    in_flight: FuturesUnordered<BoxFuture<'static, Finished>>,
+    breaker: CircuitBreaker,
+    probe_at: Option<Instant>,
+    connect_failures: u32,
+    next_depth_check: Instant,
+}
+
+impl Run {
+    fn status(&self) -> &Live<IndexerStatus> {
+        &self.shared.status
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if !self.source.is_connected() && !self.connect(shutdown).await {
+                continue;
+            }
+            self.check_depths().await;
+            self.release_due_retries();
+            self.dispatch();
+            let circuit_open = self.probe_at.is_some();
+            let intake = !circuit_open && !self.batcher.is_full();
+            let wake_at = self.wake_at();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(finished) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.finished(finished);
+                }
+                event = self.source.next(), if intake => match event {
+                    Event::Delivery(incoming) => self.admit(*incoming),
+                    Event::Lost(why) => self.link_lost(&why),
+                },
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    /// At shutdown: the batch being filled and the held-back batches go out (unless the
+    /// circuit is open), every batch in flight finishes; retries go back to the queue.
+    async fn finish(&mut self) {
+        if self.probe_at.is_none() {
+            if !self.batcher.is_empty() {
+                let batch = self.batcher.take();
+                self.spawn(batch);
+            }
+            while let Some(batch) = self.outage.pop_front() {
+                self.spawn(batch);
+            }
+        }
+        while let Some(finished) = self.in_flight.next().await {
+            if let Finished::Done { retries, .. } = finished {
+                self.held.extend(retries);
+            }
+        }
+        self.held.clear();
+        self.source.close().await;
+    }
+
+    async fn connect(&mut self, shutdown: &CancellationToken) -> bool {
+        match self.source.connect().await {
+            Ok(()) => {
+                self.connect_failures = 0;
+                self.status().lock().connected = true;
+                tracing::info!(queue = %self.shared.config.queue, "consuming");
+                true
+            }
+            Err(error) => {
+                self.status().error(&error.to_string());
+                let delay = self.shared.config.reconnect.delay(self.connect_failures);
+                self.connect_failures = self.connect_failures.saturating_add(1);
+                tracing::warn!(%error, retry_in = ?delay, "consumer cannot reach RabbitMQ");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(delay) => {}
+                }
+                false
+            }
+        }
+    }
+
+    fn link_lost(&mut self, why: &str) {
+        self.status().error(why);
+        tracing::warn!(reason = why, "consumer lost its channel; reconnecting");
+        self.source.lost();
+        // The broker hands unacked messages back: whatever waits here comes again.
+        self.held.clear();
+        self.outage.clear();
+        drop(self.batcher.take());
+        self.status().lock().connected = false;
+    }
+
+    /// When to wake without a delivery: a batch's linger, a due retry, a probe, a depth check.
+    fn wake_at(&self) -> Instant {
+        [
+            self.batcher.deadline(),
+            self.held.iter().map(|m| m.not_before).min(),
+            self.probe_at,
+            Some(self.next_depth_check),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_depth_check)
+    }
+
+    /// Moves retries whose backoff is over into the batch being filled.
+    fn release_due_retries(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() && !self.batcher.is_full() {
+            if self.held[i].not_before <= now {
+                let message = self.held.swap_remove(i);
+                let bytes = message.bytes;
+                self.batcher.push(message, bytes);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts batches while there is room: held-back ones first. While the circuit is open,
+    /// only one probe at a time, when it is due.
+    fn dispatch(&mut self) {
+        if let Some(probe_at) = self.probe_at {
+            if self.in_flight.is_empty() && Instant::now() >= probe_at {
+                let batch = self
+                    .outage
+                    .pop_front()
+                    .unwrap_or_else(|| self.batcher.take());
+                if !batch.is_empty() {
+                    self.spawn(batch);
+                }
+            }
+            return;
+        }
+        while self.in_flight.len() < self.shared.config.in_flight {
+            if let Some(batch) = self.outage.pop_front() {
+                self.spawn(batch);
+            } else if self.batcher.is_ready() {
+                let batch = self.batcher.take();
+                self.spawn(batch);
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn spawn(&mut self, batch: Vec<Message>) {
+        let shared = Arc::clone(&self.shared);
+        let channel = self.source.dead_letters();
+        self.in_flight
+            .push(Box::pin(process(shared, channel, batch)));
+    }
+
+    fn finished(&mut self, finished: Finished) {
+        match finished {
+            Finished::Done {
+                retries,
+                link_broken,
+            } => {
+                if self.probe_at.take().is_some() {
+                    self.breaker.success();
+                    self.shared.metrics.circuit_open.set(0);
+                    self.status().lock().circuit = self.breaker.state();
+                    tracing::info!("Elasticsearch answers again: circuit closed");
+                }
+                self.held.extend(retries);
+                if link_broken {
+                    self.link_lost("dead letters could not be published");
+                }
+            }
+            Finished::Unavailable { batch, reason } => {
+                let wait = self.breaker.failure(SystemTime::now());
+                self.probe_at = Some(Instant::now() + wait);
+                self.status().lock().circuit = self.breaker.state();
+                self.shared.metrics.circuit_open.set(1);
+                self.status().error(&reason);
+                tracing::warn!(%reason, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");
+                self.outage.push_front(batch);
+            }
+            Finished::Abandoned => {}
+        }
+    }
+
+    /// Decodes and builds one delivery into the batch being filled.
+    fn admit(&mut self, incoming: Incoming) {
+        self.status().lock().received += 1;
+        self.shared.metrics.deliveries_received.inc();
+        let Incoming {
+            delivery,
+            route,
+            envelope,
+        } = incoming;
+        let (body, span) = match envelope {
+            Err(error) => (Body::Malformed(error), tracing::Span::none()),
+            Ok(envelope) => {
+                let span = consumer_span(&route.queue, &envelope, &delivery);
+                let action = self.documents.build(&envelope);
+                let body = Body::Change {
+                    envelope: Box::new(envelope),
+                    action,
+                };
+                (body, span)
+            }
+        };
+        // The message's size bounds the document's (an UPDATE carries two rows), so the
+        // batch's byte limit holds without serialising each document an extra time.
+        let bytes = match &body {
+            Body::Change {
+                action: Ok(Action::Index { .. }),
+                ..
+            } => delivery.data.len() + 128,
+            _ => 128,
+        };
+        self.batcher.push(
+            Message {
+                delivery,
+                route,
+                body,
+                bytes,
+                attempts: 0,
+                not_before: Instant::now(),
+                span,
+            },
+            bytes,
+        );
+    }
+
+    /// Looks at the depth of the queue and the DLQ every few seconds.
+    async fn check_depths(&mut self) {
+        const EVERY: Duration = Duration::from_secs(5);
+        if Instant::now() < self.next_depth_check {
+            return;
+        }
+        self.next_depth_check = Instant::now() + EVERY;
+        let depths = self.source.depths().await;
+        let config = &self.shared.config;
+        let mut s = self.shared.status.lock();
+        for (queue, depth) in depths {
+            if let Some(depth) = depth {
+                self.shared
+                    .metrics
+                    .queue_messages
+                    .get_or_create(&Queue {
+                        queue: queue.clone(),
+                    })
+                    .set(i64::from(depth));
+            }
+            if queue == config.queue {
+                s.queue_depth = depth;
+            } else if queue == config.dead_letter_queue {
+                s.dlq_depth = depth;
+            }
+        }
+    }
+}
+
+/// The consumer span of one message, continuing the trace its `traceparent` header names.
+fn consumer_span(queue: &str, envelope: &Envelope<'_>, delivery: &Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.kind = "consumer",
+        otel.name = %format!("{queue} process"),
+        messaging.system = "rabbitmq",
+        messaging.destination.name = %queue,
+        messaging.message.id = %envelope.message_id,
+        job.id = envelope.job_id,
+    );
+    if let Some(parent) = header_text(delivery, TRACEPARENT_HEADER) {
+        telemetry::set_parent(&span, &parent);
+    }
+    span
+}
+
+/// A text header of a delivery.
+fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Writes one batch and settles every message of it.
+async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Message>) -> Finished {
+    let (writable, others): (Vec<Message>, Vec<Message>) = batch
+        .into_iter()
+        .partition(|m| matches!(m.body, Body::Change { action: Ok(_), .. }));
+    let decisions = if writable.is_empty() {
+        Vec::new()
+    } else {
+        match write(&shared, &writable).await {
+            Ok(decisions) => decisions,
+            Err(reason) => {
+                let mut batch = writable;
+                batch.extend(others);
+                return Finished::Unavailable { batch, reason };
+            }
+        }
+    };
+    let mut sorted = settle::Sorted::default();
+    for (message, decision) in writable.into_iter().zip(decisions) {
+        sorted.decided(&shared, message, decision);
+    }
+    for message in others {
+        let (why, reason) = match &message.body {
+            Body::Malformed(error) => (Why::Malformed, error.to_string()),
+            Body::Change {
+                action: Err(error), ..
+            } => (Why::Rejected, error.to_string()),
+            Body::Change { .. } => (Why::Rejected, "no action".to_owned()),
+        };
+        sorted.dead.push((message, why, reason));
+    }
+    settle::settle(&shared, channel.as_ref(), sorted).await
+}
+
+/// Sends the actions of `batch` as one bulk request and decides every item; `Err` when the
+/// cluster as a whole is unavailable.
+async fn write(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>, String> {
+    let actions: Vec<(&Action, i64)> = batch
+        .iter()
+        .filter_map(|m| match &m.body {
+            Body::Change {
+                envelope,
+                action: Ok(action),
+            } => Some((action, envelope.job_id)),
+            _ => None,
+        })
+        .collect();
+    let deletes: Vec<bool> = actions.iter().map(|(a, _)| a.is_delete()).collect();
+    // One span per bulk request, linked to the messages it carries.
+    let span = tracing::info_span!("bulk", otel.kind = "client", actions = actions.len());
+    for message in batch {
+        telemetry::link(&span, &message.span);
+    }
+    let answer = send(
+        shared,
+        writer::encode(actions.iter().copied()),
+        actions.len(),
+    )
+    .instrument(span.clone())
+    .await;
+    match answer {
+        Ok(response) => match plan::plan(&deletes, &response) {
+            Ok(decisions) if plan::all_retry(&decisions) => Err(format!(
+                "every item refused as unavailable, e.g. {}",
+                match &decisions[0] {
+                    plan::Decision::Retry(why) => why.as_str(),
+                    _ => "",
+                }
+            )),
+            Ok(decisions) => Ok(decisions),
+            Err(why) => Ok(one_by_one(shared, &actions, &why).instrument(span).await),
+        },
+        Err(WriteError::Unavailable(why)) => Err(why),
+        // The cluster answered but refused the request as a whole (one action it cannot
+        // parse, a body too large): find the culprit item by item rather than holding the
+        // queue forever.
+        Err(WriteError::Refused(why)) => {
+            tracing::warn!(reason = %why, actions = actions.len(), "bulk request refused; sending its actions one by one");
+            Ok(one_by_one(shared, &actions, &why).instrument(span).await)
+        }
+    }
+}
+
+/// Sends each action in a request of its own, after the cluster refused them together. An
+/// action refused alone gets that refusal (a permanent failure); one that meets an
+/// unavailable cluster is retried later like any busy item.
+async fn one_by_one(
+    shared: &Shared,
+    actions: &[(&Action, i64)],
+    refusal: &str,
+) -> Vec<plan::Decision> {
+    use plan::ItemResult;
+    if actions.len() == 1 {
+        return vec![plan::decide(
+            actions[0].0.is_delete(),
+            &ItemResult::refused(refusal),
+        )];
+    }
+    let mut decisions = Vec::with_capacity(actions.len());
+    for (action, version) in actions {
+        let result = match send(shared, writer::encode([(*action, *version)]), 1).await {
+            Ok(response) => match plan::plan(&[action.is_delete()], &response) {
+                Ok(mut one) => one.remove(0),
+                Err(why) => plan::decide(action.is_delete(), &ItemResult::refused(&why)),
+            },
+            Err(WriteError::Refused(why)) => {
+                plan::decide(action.is_delete(), &ItemResult::refused(&why))
+            }
+            Err(WriteError::Unavailable(why)) => {
+                plan::decide(action.is_delete(), &ItemResult::unavailable(&why))
+            }
+        };
+        decisions.push(result);
+    }
+    decisions
+}
+
+/// One bulk request, with its metrics and status.
+async fn send(
+    shared: &Shared,
+    body: Vec<u8>,
+    actions: usize,
+) -> Result<plan::BulkResponse, WriteError> {
+    let m = &shared.metrics;
+    m.bulk_size.observe(actions as f64);
+    match writer::write(&shared.search, body).await {
+        Ok((response, took)) => {
+            metrics::inc(&m.bulk_requests, "ok");
+            metrics::observe(&m.bulk_duration, took);
+            let mut s = shared.status.lock();
+            s.bulk_requests += 1;
+            s.last_bulk_at = Some(SystemTime::now());
+            s.last_bulk_items = actions;
+            s.last_bulk_duration = Some(took);
+            Ok(response)
+        }
+        Err(error) => {
+            metrics::inc(&m.bulk_requests, "failed");
+            Err(error)
+        }
+    }
+}

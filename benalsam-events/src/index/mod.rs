@@ -1,0 +1,36 @@
+//! Indexing: consuming change messages into Elasticsearch (or OpenSearch).
+//!
+//! The [`Indexer`] is a composition of small stages, each with one job:
+//!
+//! | stage | does |
+//! |---|---|
+//! | source | consumes the queues, decodes each delivery into an [`Envelope`](crate::publish::Envelope), reconnects |
+//! | documents | turns an envelope into an [`Action`] on the index ([`DocumentBuilder`]) |
+//! | batch | gathers actions by count, bytes and linger |
+//! | writer | encodes a `_bulk` request and sends it (HTTP only) |
+//! | plan | reads the typed answer and decides each item once: done, retry or dead (pure) |
+//! | settle | reports outcomes to the outbox, publishes dead letters, then acks |
+//! | circuit | holds everything back while the cluster as a whole is down |
+//!
+//! [`ensure_index`] creates an index behind its alias with the mapping it needs (and the
+//! delete protection every index gets); [`list_dead_letters`] and [`replay_dead_letters`]
+//! are the operator's tools for a dead-letter queue.
+
+mod batch;
+mod circuit;
+mod dead_letter;
+mod documents;
+mod indexer;
+mod plan;
+mod search;
+mod settle;
+mod source;
+mod writer;
+
+pub use circuit::CircuitState;
+pub use dead_letter::{
+    DeadLetter, ReplayReport, list as list_dead_letters, replay as replay_dead_letters,
+};
+pub use documents::{Action, BuildError, DocumentBuilder, Documents, ListingDocuments};
+pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
+pub use search::{Bootstrap, IndexConfig, client, ensure_index, listings_index_body};

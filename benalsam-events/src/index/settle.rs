@@ -1,0 +1,231 @@
+//! The settler: records what became of each message of a batch in the outbox, then acks it.
+//!
+//! Completions are reported first and acked after; dead letters are published (and
+//! confirmed) to their queue's dead-letter exchange, reported failed, then acked. Each group
+//! is one report to the outbox, retried while PostgreSQL is away: a message is never acked
+//! before its outcome is recorded, so a crash anywhere means a (harmless) redelivery.
+
+use std::time::SystemTime;
+
+use futures::future::{BoxFuture, join_all};
+use lapin::Channel;
+use lapin::options::BasicAckOptions;
+
+use crate::Result;
+use crate::index::dead_letter::{self, Why};
+use crate::index::indexer::{Body, Finished, Message, Shared};
+use crate::index::plan::{Decision, Done};
+use crate::ops::metrics;
+use crate::outbox::{Outcome, Settle, Settled};
+
+/// [`Settle`] behind a pointer: what the indexer's stages report to.
+pub(crate) trait Ledger: Send + Sync + 'static {
+    fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>>;
+}
+
+impl<T: Settle> Ledger for T {
+    fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>> {
+        Box::pin(self.settle(reports))
+    }
+}
+
+/// The messages of a batch, sorted by what happens to them.
+#[derive(Default)]
+pub(crate) struct Sorted {
+    done: Vec<Message>,
+    pub(crate) dead: Vec<(Message, Why, String)>,
+    retries: Vec<Message>,
+}
+
+impl Sorted {
+    /// Files `message` by its item's decision, counting it.
+    pub(crate) fn decided(&mut self, shared: &Shared, mut message: Message, decision: Decision) {
+        metrics::inc(&shared.metrics.bulk_items, decision.label());
+        match decision {
+            Decision::Done(done) => {
+                count_done(shared, &message, done);
+                self.done.push(message);
+            }
+            Decision::Dead(reason) => self.dead.push((message, Why::Rejected, reason)),
+            Decision::Retry(reason) => {
+                message.attempts += 1;
+                let config = &shared.config;
+                if message.attempts >= config.max_attempts {
+                    let reason = format!("{} attempts: {reason}", message.attempts);
+                    self.dead.push((message, Why::RetriesExhausted, reason));
+                } else {
+                    message.not_before =
+                        tokio::time::Instant::now() + config.retry.delay(message.attempts - 1);
+                    shared.status.lock().retried += 1;
+                    self.retries.push(message);
+                }
+            }
+        }
+    }
+}
+
+fn count_done(shared: &Shared, message: &Message, done: Done) {
+    let Body::Change { envelope, action } = &message.body else {
+        return;
+    };
+    let delete = action.as_ref().is_ok_and(|a| a.is_delete());
+    let mut s = shared.status.lock();
+    match done {
+        Done::Applied if delete => s.deleted += 1,
+        Done::Applied => s.indexed += 1,
+        Done::AlreadyGone => s.deleted += 1,
+        Done::Superseded => s.superseded += 1,
+    }
+    if done == Done::Applied
+        && let Ok(latency) = SystemTime::now().duration_since(envelope.occurred_at)
+    {
+        metrics::observe(&shared.metrics.end_to_end_latency, latency);
+    }
+}
+
+/// Settles a sorted batch: completions, then dead letters; the retries go back to the loop.
+pub(crate) async fn settle(shared: &Shared, channel: Option<&Channel>, sorted: Sorted) -> Finished {
+    if !complete(shared, &sorted.done).await {
+        return Finished::Abandoned;
+    }
+    let Some(link_broken) = dead_letter(shared, channel, sorted.dead).await else {
+        return Finished::Abandoned;
+    };
+    Finished::Done {
+        retries: sorted.retries,
+        link_broken,
+    }
+}
+
+/// Reports the jobs of `done` completed, then acks them; false if shutdown came while the
+/// outbox could not be reached (they stay unacked).
+async fn complete(shared: &Shared, done: &[Message]) -> bool {
+    if done.is_empty() {
+        return true;
+    }
+    let reports: Vec<(i64, Outcome)> = done
+        .iter()
+        .filter_map(|m| Some((m.job_id()?, Outcome::Completed)))
+        .collect();
+    if !record(shared, &reports).await {
+        return false;
+    }
+    shared.metrics.jobs_completed.inc_by(reports.len() as u64);
+    ack(shared, done.iter()).await;
+    true
+}
+
+/// Publishes each dead letter (all confirmed together), reports the failed jobs, acks the
+/// messages. Returns whether a publish failed (the channel is then gone, and the messages
+/// not published stay unacked), or `None` if shutdown came first.
+async fn dead_letter(
+    shared: &Shared,
+    channel: Option<&Channel>,
+    dead: Vec<(Message, Why, String)>,
+) -> Option<bool> {
+    if dead.is_empty() {
+        return Some(false);
+    }
+    let Some(channel) = channel else {
+        return Some(true);
+    };
+    let published = join_all(dead.iter().map(|(message, why, reason)| {
+        tracing::warn!(
+            job = message.job_id(),
+            kind = why.as_str(),
+            reason,
+            "dead-lettering a message"
+        );
+        dead_letter::publish(
+            channel,
+            &message.route.dead_letter_exchange,
+            &message.delivery,
+            *why,
+            reason,
+        )
+    }))
+    .await;
+    let mut link_broken = false;
+    let mut sent = Vec::new();
+    for ((message, why, reason), result) in dead.into_iter().zip(published) {
+        match result {
+            Ok(()) => sent.push((message, why, reason)),
+            Err(error) => {
+                shared.status.error(&format!("dead-lettering: {error}"));
+                link_broken = true;
+            }
+        }
+    }
+    // A job is failed only when its message was its own: a malformed or unverified message
+    // says nothing trustworthy about any job.
+    let reports: Vec<(i64, Outcome)> = sent
+        .iter()
+        .filter(|(_, why, _)| matches!(why, Why::Rejected | Why::RetriesExhausted))
+        .filter_map(|(m, _, reason)| {
+            Some((
+                m.job_id()?,
+                Outcome::DeadLettered {
+                    error: reason.clone(),
+                },
+            ))
+        })
+        .collect();
+    if !record(shared, &reports).await {
+        return None;
+    }
+    shared.status.lock().dead_lettered += sent.len() as u64;
+    for (_, why, _) in &sent {
+        metrics::inc(&shared.metrics.deliveries_dead_lettered, why.as_str());
+    }
+    ack(shared, sent.iter().map(|(m, _, _)| m)).await;
+    Some(link_broken)
+}
+
+/// Reports outcomes to the outbox, retrying while it is unreachable; false if shutdown came
+/// first. While it fails, the status says since when (the consumer's health turns red).
+async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
+    if reports.is_empty() {
+        return true;
+    }
+    let mut attempt = 0;
+    loop {
+        match shared.ledger.report(reports).await {
+            Ok(_) => {
+                shared.status.lock().outbox_failing = None;
+                return true;
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                shared.status.error(&reason);
+                shared
+                    .status
+                    .lock()
+                    .outbox_failing
+                    .get_or_insert_with(|| (SystemTime::now(), reason));
+                let wait = shared.config.reconnect.delay(attempt);
+                attempt += 1;
+                tracing::warn!(%error, retry_in = ?wait, "cannot record outcomes in the outbox; holding their acks");
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => return false,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Acks messages, all sent together: one at a time would wait on the connection's loop each
+/// time.
+async fn ack<'a>(shared: &Shared, messages: impl Iterator<Item = &'a Message>) {
+    let acked = join_all(messages.map(|m| m.delivery.ack(BasicAckOptions::default())))
+        .await
+        .iter()
+        .filter(|r| r.is_ok())
+        .count();
+    shared.metrics.deliveries_acked.inc_by(acked as u64);
+    let mut s = shared.status.lock();
+    s.acked += acked as u64;
+    if acked > 0 {
+        s.last_ack_at = Some(SystemTime::now());
+    }
+}

@@ -1,0 +1,182 @@
+//! The delivery source: consumes the configured queues on one connection, decodes every
+//! delivery into an envelope (or the reason it is none), and reconnects when the link breaks.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::{BoxStream, SelectAll};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+
+use crate::config::AmqpUrl;
+use crate::publish::{Envelope, EnvelopeError};
+use crate::{Error, Result};
+
+/// A consumed queue and where its dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueRoute {
+    /// The queue consumed.
+    pub(crate) queue: String,
+    /// Its dead-letter exchange.
+    pub(crate) dead_letter_exchange: String,
+    /// Its dead-letter queue (for the depth the health answer shows).
+    pub(crate) dead_letter_queue: String,
+}
+
+/// One delivery, decoded.
+pub(crate) struct Incoming {
+    pub(crate) delivery: Delivery,
+    /// The queue it came from.
+    pub(crate) route: Arc<QueueRoute>,
+    pub(crate) envelope: Result<Envelope<'static>, EnvelopeError>,
+}
+
+/// What the source has next.
+pub(crate) enum Event {
+    Delivery(Box<Incoming>),
+    /// The link broke (or the broker cancelled a consumer); reconnect.
+    Lost(String),
+}
+
+/// The open link: the merged consumers and a confirm-mode channel for dead letters and
+/// passive declares.
+struct Link {
+    connection: Connection,
+    deliveries: SelectAll<BoxStream<'static, (Arc<QueueRoute>, lapin::Result<Delivery>)>>,
+    side: Channel,
+}
+
+/// Consumes `queues` from `url`. See the [module documentation](self).
+pub(crate) struct Source {
+    url: AmqpUrl,
+    queues: Vec<Arc<QueueRoute>>,
+    prefetch: u16,
+    name: String,
+    link: Option<Link>,
+}
+
+impl Source {
+    pub(crate) fn new(url: AmqpUrl, queues: Vec<QueueRoute>, prefetch: u16, name: String) -> Self {
+        Self {
+            url,
+            queues: queues.into_iter().map(Arc::new).collect(),
+            prefetch,
+            name,
+            link: None,
+        }
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Opens the link: a consuming channel with the prefetch, one consumer per queue.
+    pub(crate) async fn connect(&mut self) -> Result<()> {
+        let connection = crate::connect::amqp(&self.url, &self.name).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("opening the consuming channel", e))?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting the prefetch", e))?;
+        let mut deliveries = SelectAll::new();
+        for route in &self.queues {
+            let consumer = channel
+                .basic_consume(
+                    short(&route.queue)?,
+                    short(&format!("{} {}", self.name, route.queue))?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| Error::amqp(format!("consuming {}", route.queue), e))?;
+            let route = Arc::clone(route);
+            deliveries.push(consumer.map(move |d| (Arc::clone(&route), d)).boxed());
+        }
+        let side = crate::connect::confirm_channel(&connection, "dead-letter").await?;
+        self.link = Some(Link {
+            connection,
+            deliveries,
+            side,
+        });
+        Ok(())
+    }
+
+    /// The next delivery; waits forever while there is none. Call only while connected.
+    pub(crate) async fn next(&mut self) -> Event {
+        let Some(link) = self.link.as_mut() else {
+            return Event::Lost("no channel".to_owned());
+        };
+        match link.deliveries.next().await {
+            Some((route, Ok(delivery))) => {
+                let envelope = Envelope::decode(&delivery.data);
+                Event::Delivery(Box::new(Incoming {
+                    delivery,
+                    route,
+                    envelope,
+                }))
+            }
+            Some((_, Err(error))) => Event::Lost(format!("consuming: {error}")),
+            None => Event::Lost("the broker cancelled the consumers".to_owned()),
+        }
+    }
+
+    /// The channel dead letters are published on, while connected.
+    pub(crate) fn dead_letters(&self) -> Option<Channel> {
+        self.link.as_ref().map(|l| l.side.clone())
+    }
+
+    /// Drops the link; unacked deliveries go back to the queues.
+    pub(crate) fn lost(&mut self) {
+        self.link = None;
+    }
+
+    /// Messages waiting in each consumed queue and each dead-letter queue, when it answers.
+    pub(crate) async fn depths(&mut self) -> Vec<(String, Option<u32>)> {
+        let Some(link) = self.link.as_mut() else {
+            return Vec::new();
+        };
+        let mut depths = Vec::new();
+        for route in &self.queues {
+            for queue in [&route.queue, &route.dead_letter_queue] {
+                depths.push((queue.clone(), depth(&link.connection, queue).await));
+            }
+        }
+        depths
+    }
+
+    /// Closes the link.
+    pub(crate) async fn close(&mut self) {
+        if let Some(link) = self.link.take() {
+            let _ = link.connection.close(200, "shutting down".into()).await;
+        }
+    }
+}
+
+fn short(name: &str) -> Result<ShortString> {
+    ShortString::try_new(name)
+        .map_err(|_| Error::config("queue", format!("{name:?} is longer than 255 bytes")))
+}
+
+/// Asked on a channel of its own: the broker closes a channel that asks about a missing
+/// queue, and the dead-letter channel must not go with it.
+async fn depth(connection: &Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            short(queue).ok()?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok();
+    let _ = channel.close(200, "looked".into()).await;
+    declared.map(|q| q.message_count())
+}

@@ -1,0 +1,16 @@
+//! Operating the pipeline: health answers, heartbeats, metrics, logs and traces, and (with
+//! the `cli` feature) the command-line settings the binaries share.
+
+#[cfg(feature = "cli")]
+pub mod cli;
+mod health;
+mod heartbeat;
+pub(crate) mod metrics;
+mod status;
+pub mod telemetry;
+
+pub use health::{HealthReport, HealthServer, Readiness};
+pub(crate) use health::{rfc3339, since};
+pub use heartbeat::Heartbeat;
+pub use metrics::{Format, Metrics};
+pub use status::Live;

@@ -1,0 +1,31 @@
+//! A shared, always-readable status: the running part writes it, health checks and metrics
+//! read copies of it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The live status of a running part: plain data behind a shared lock, written by the part,
+/// read (as copies) by health checks. Cheap to clone; clones see the same status.
+///
+/// A panic elsewhere cannot leave plain data half-written, so a poisoned lock is simply
+/// taken over.
+#[derive(Debug, Default)]
+pub struct Live<T>(Arc<Mutex<T>>);
+
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<T: Clone> Live<T> {
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> T {
+        self.lock().clone()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

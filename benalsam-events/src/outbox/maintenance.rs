@@ -1,0 +1,346 @@
+//! Operating the outbox: a status summary, retrying failed jobs, and backfilling a table
+//! whose rows predate the trigger.
+
+use std::time::Duration;
+
+use crate::config::validate_identifier;
+use crate::outbox::Outbox;
+use crate::outbox::state::Move;
+use crate::{Error, Result};
+
+/// Jobs by status, as the architecture document's monitoring queries count them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// One line per status present: status, jobs, average seconds from creation to
+    /// `processed_at` (completed and failed jobs only).
+    pub by_status: Vec<StatusLine>,
+    /// Age of the oldest pending job.
+    pub oldest_pending: Option<Duration>,
+}
+
+/// One status of a [`Summary`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusLine {
+    /// The status.
+    pub status: String,
+    /// How many jobs have it.
+    pub jobs: i64,
+    /// Average processing time in seconds, where `processed_at` is set.
+    pub avg_processing_seconds: Option<f64>,
+}
+
+/// Which jobs an operator command applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobSelection {
+    /// Every one it can apply to.
+    All,
+    /// These jobs.
+    Jobs(Vec<i64>),
+}
+
+impl JobSelection {
+    /// Whether `job` is selected.
+    pub fn contains(&self, job: i64) -> bool {
+        match self {
+            JobSelection::All => true,
+            JobSelection::Jobs(ids) => ids.contains(&job),
+        }
+    }
+}
+
+/// Progress of a backfill, after each batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillProgress {
+    /// The table.
+    pub table: String,
+    /// Rows enqueued so far, over all runs of this backfill.
+    pub rows: i64,
+    /// Rows to enqueue in all (the table's rows when this run started).
+    pub total: i64,
+    /// The key of the last row enqueued.
+    pub last_key: Option<String>,
+    /// Whether every row has been enqueued.
+    pub finished: bool,
+}
+
+impl Outbox {
+    /// Counts jobs by status with their average processing time (a full scan: for operators,
+    /// not for health checks).
+    pub async fn summary(&self) -> Result<Summary> {
+        let client = crate::connect::postgres_as(self.database_url(), "benalsam-admin").await?;
+        let schema = &self.config().schema;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT status, count(*),
+                        avg(EXTRACT(EPOCH FROM (processed_at - created_at)))::float8
+                 FROM \"{schema}\".elasticsearch_sync_queue GROUP BY status ORDER BY status"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::postgres("summarising the queue", e))?;
+        let oldest: Option<f64> = client
+            .query_one(
+                &format!(
+                    "SELECT extract(epoch FROM now() - min(created_at))::float8
+                 FROM \"{schema}\".elasticsearch_sync_queue WHERE status = 'pending'"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::postgres("finding the oldest pending job", e))?
+            .get(0);
+        Ok(Summary {
+            by_status: rows
+                .iter()
+                .map(|r| StatusLine {
+                    status: r.get(0),
+                    jobs: r.get(1),
+                    avg_processing_seconds: r.get(2),
+                })
+                .collect(),
+            oldest_pending: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    /// Puts failed jobs back to `pending` with their attempts reset, so the bridge publishes
+    /// them again, and wakes the bridges. Returns their ids.
+    pub async fn retry_failed(&self, selection: &JobSelection) -> Result<Vec<i64>> {
+        let client = crate::connect::postgres_as(self.database_url(), "benalsam-admin").await?;
+        let schema = &self.config().schema;
+        let (all, ids) = match selection {
+            JobSelection::All => (true, Vec::new()),
+            JobSelection::Jobs(ids) => (false, ids.clone()),
+        };
+        let rows = client
+            .query(
+                &format!(
+                    "UPDATE \"{schema}\".elasticsearch_sync_queue q
+                 SET status = 'pending', retry_count = 0, next_attempt_at = NULL,
+                     locked_until = NULL, locked_by = NULL
+                 WHERE {} AND ($1 OR id = ANY($2))
+                 RETURNING id",
+                    Move::RetryFailed.guard(None)
+                ),
+                &[&all, &ids],
+            )
+            .await
+            .map_err(|e| Error::postgres("retrying failed jobs", e))?;
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        if !ids.is_empty() {
+            client
+                .execute("SELECT pg_notify($1, '')", &[&self.config().notify_channel])
+                .await
+                .map_err(|e| Error::postgres("waking the bridges", e))?;
+        }
+        Ok(ids)
+    }
+
+    /// Enqueues an INSERT job for every row of `table` (key column `key`) in key order, `batch`
+    /// rows per short transaction, recording progress so an interrupted backfill continues where
+    /// it stopped (`restart` starts over). Jobs of rows changed meanwhile are harmless: the index
+    /// keeps the highest job id. Calls `progress` after each batch; returning `false` from it
+    /// stops the backfill there (to be continued by the next call).
+    pub async fn backfill(
+        &self,
+        table: &str,
+        key: &str,
+        batch: i64,
+        restart: bool,
+        mut progress: impl FnMut(&BackfillProgress) -> bool,
+    ) -> Result<BackfillProgress> {
+        let mut run = Backfill::start(self, table, key, batch, restart).await?;
+        loop {
+            let now = run.step().await?;
+            if !progress(&now) || now.finished {
+                return Ok(now);
+            }
+        }
+    }
+}
+
+/// One backfill under way: its connection and its statements.
+struct Backfill {
+    /// Its own connection: batches are transactions.
+    client: tokio_postgres::Client,
+    table: String,
+    batch: i64,
+    /// Rows of the table in all, counted at the start.
+    total: i64,
+    sql: BackfillSql,
+    notify_channel: String,
+}
+
+/// The statements of one backfill.
+struct BackfillSql {
+    read_progress: String,
+    last_of_batch: String,
+    enqueue: String,
+    record_progress: String,
+}
+
+impl Backfill {
+    async fn start(
+        outbox: &Outbox,
+        table: &str,
+        key: &str,
+        batch: i64,
+        restart: bool,
+    ) -> Result<Self> {
+        let client =
+            crate::connect::postgres_as(outbox.database_url(), "benalsam-backfill").await?;
+        let schema = outbox.config().schema.as_str();
+        let table = validate_identifier("table", table)?;
+        let key = validate_identifier("key column", key)?;
+        if batch < 1 {
+            return Err(Error::config("batch", "must be at least 1"));
+        }
+        // The key's type, so batches are ranges on its index rather than sorts of text.
+        let key_type: String = client
+            .query_opt(
+                "SELECT format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped",
+                &[&schema, &table, &key],
+            )
+            .await
+            .map_err(|e| Error::postgres("looking up the key column", e))?
+            .ok_or_else(|| Error::config("table", format!("{schema}.{table} has no column {key}")))?
+            .get(0);
+        let progress = format!("\"{schema}\".benalsam_backfill");
+        let rows = format!("\"{schema}\".\"{table}\"");
+        if restart {
+            client
+                .execute(
+                    &format!("DELETE FROM {progress} WHERE table_name = $1"),
+                    &[&table],
+                )
+                .await
+                .map_err(|e| Error::postgres("restarting the backfill", e))?;
+        }
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {progress} (table_name, key_column) VALUES ($1, $2)
+                     ON CONFLICT (table_name) DO NOTHING"
+                ),
+                &[&table, &key],
+            )
+            .await
+            .map_err(|e| Error::postgres("recording the backfill", e))?;
+        let total: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {rows}"), &[])
+            .await
+            .map_err(|e| Error::postgres("counting the rows to backfill", e))?
+            .get(0);
+        Ok(Self {
+            client,
+            table: table.to_owned(),
+            batch,
+            total,
+            sql: BackfillSql::new(schema, table, key, &key_type),
+            notify_channel: outbox.config().notify_channel.clone(),
+        })
+    }
+}
+
+impl BackfillSql {
+    /// The statements of a backfill of `schema.table` by `key` (of type `key_type`).
+    fn new(schema: &str, table: &str, key: &str, key_type: &str) -> Self {
+        let progress = format!("\"{schema}\".benalsam_backfill");
+        let rows = format!("\"{schema}\".\"{table}\"");
+        Self {
+            read_progress: format!(
+                "SELECT last_key, rows_queued, finished_at IS NOT NULL
+                 FROM {progress} WHERE table_name = $1 FOR UPDATE"
+            ),
+            // The key that ends the next batch: the batch-th row after the last one enqueued.
+            // None means fewer rows than a batch remain, and this batch is the last.
+            last_of_batch: format!(
+                "SELECT t.\"{key}\"::text FROM {rows} t
+                 WHERE $1::text IS NULL OR t.\"{key}\" > $1::text::{key_type}
+                 ORDER BY t.\"{key}\" OFFSET $2::bigint - 1 LIMIT 1"
+            ),
+            // Rows are read FOR SHARE: a concurrent UPDATE of a row in the batch is waited for
+            // and its committed version enqueued, so the backfill's job (a higher id) never
+            // carries a row older than the update's own job.
+            enqueue: format!(
+                "INSERT INTO \"{schema}\".elasticsearch_sync_queue
+                     (table_name, operation, record_id, change_data)
+                 SELECT $1, 'INSERT', t.\"{key}\"::text, to_jsonb(t)
+                 FROM {rows} t
+                 WHERE ($2::text IS NULL OR t.\"{key}\" > $2::text::{key_type})
+                   AND ($3::text IS NULL OR t.\"{key}\" <= $3::text::{key_type})
+                 ORDER BY t.\"{key}\"
+                 FOR SHARE OF t"
+            ),
+            record_progress: format!(
+                "UPDATE {progress}
+                 SET last_key = $2, rows_queued = rows_queued + $3, updated_at = now(),
+                     finished_at = CASE WHEN $4 THEN now() END
+                 WHERE table_name = $1"
+            ),
+        }
+    }
+}
+
+impl Backfill {
+    /// Enqueues the next batch in one transaction (or reports the backfill finished).
+    async fn step(&mut self) -> Result<BackfillProgress> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| Error::postgres("starting a backfill batch", e))?;
+        let state = tx
+            .query_one(&self.sql.read_progress, &[&self.table])
+            .await
+            .map_err(|e| Error::postgres("reading backfill progress", e))?;
+        let (last_key, rows, finished): (Option<String>, i64, bool) =
+            (state.get(0), state.get(1), state.get(2));
+        if finished {
+            return Ok(BackfillProgress {
+                table: self.table.clone(),
+                rows,
+                total: rows.max(self.total),
+                last_key,
+                finished: true,
+            });
+        }
+        let boundary: Option<String> = tx
+            .query_opt(&self.sql.last_of_batch, &[&last_key, &self.batch])
+            .await
+            .map_err(|e| Error::postgres("finding the next backfill batch", e))?
+            .map(|r| r.get(0));
+        let queued = tx
+            .execute(&self.sql.enqueue, &[&self.table, &last_key, &boundary])
+            .await
+            .map_err(|e| Error::postgres("enqueueing a backfill batch", e))?;
+        let queued = i64::try_from(queued).unwrap_or(i64::MAX);
+        let finished = boundary.is_none();
+        let last_key = if finished { last_key } else { boundary };
+        tx.execute(
+            &self.sql.record_progress,
+            &[&self.table, &last_key, &queued, &finished],
+        )
+        .await
+        .map_err(|e| Error::postgres("recording backfill progress", e))?;
+        tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel])
+            .await
+            .map_err(|e| Error::postgres("waking the bridges", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| Error::postgres("committing a backfill batch", e))?;
+        Ok(BackfillProgress {
+            table: self.table.clone(),
+            rows: rows + queued,
+            total: (rows + queued).max(self.total),
+            last_key,
+            finished,
+        })
+    }
+}

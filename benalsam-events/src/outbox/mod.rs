@@ -1,0 +1,44 @@
+//! The outbox: the job table the trigger writes, and everything that reads or moves its
+//! jobs.
+//!
+//! * [`Outbox`] claims jobs under a lease and [settles](Settle) what became of them; it is
+//!   the only thing that changes a job's state, along the moves of the state diagram below.
+//! * [`JobStream`] turns the outbox into a `Stream` of claimed batches, woken by
+//!   LISTEN/NOTIFY and by polling, surviving lost connections.
+//! * [`migrate`] installs the job table and the trigger function; the outbox's maintenance
+//!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],
+//!   [`Outbox::purge_completed`]) serve operators.
+//!
+//! # The life of a job
+//!
+//! ```text
+//!                    ┌── Released, lease expired ─┐
+//!                    ▼                            │
+//!   trigger ────► pending ───── Claim ─────► processing ──── Sent ────► sent
+//!                  ▲   ▲                        │   ▲                    │
+//!                  │   │          PublishFailed │   │ ClaimRetry         │
+//!                  │   │                        ▼   │ (backoff over)     │
+//!                  │   └── RetryFailed ───── failed ◄── DeadLettered ────┤
+//!                  │                         (also from processing)      │
+//!                  └─────────── Resend (sent, never completed) ──────────┘
+//!
+//!   Completed: from pending, processing, sent or failed ──► completed (final)
+//! ```
+//!
+//! A report that its job's state does not allow (a confirm arriving after a consumer failed
+//! the job, anything about a completed job) changes nothing and comes back in
+//! [`Settled::unchanged`].
+
+mod job;
+mod listener;
+mod maintenance;
+mod migrate;
+mod queue;
+pub(crate) mod state;
+mod stream;
+
+pub use job::{ClaimKind, Job, JobStatus, Operation};
+pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
+pub use migrate::{MigrationReport, migrate};
+pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, RetryPolicy, Settle, Settled};
+pub use stream::{DEFAULT_CHANNEL, JobStream, JobStreamConfig, JobStreamStatus, Wake};

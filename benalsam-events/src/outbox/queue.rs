@@ -1,0 +1,653 @@
+//! [`Outbox`]: the queue table `elasticsearch_sync_queue`, claimed with leases and settled
+//! with reports, one statement per batch.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, Statement};
+
+use crate::backoff::Backoff;
+use crate::config::{DatabaseUrl, validate_identifier, validate_schema};
+use crate::outbox::job::{ClaimKind, Job, Operation};
+use crate::outbox::state::Move;
+use crate::{Error, Result};
+
+/// How failed jobs are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. A job that has failed this many times stays
+    /// `failed` with its last error.
+    pub max_attempts: u32,
+    /// Delay before retry `n` is drawn from this backoff (computed by PostgreSQL, so every
+    /// bridge agrees on it).
+    pub backoff: Backoff,
+}
+
+impl RetryPolicy {
+    /// `max_attempts` attempts in all, waiting along `backoff` between them.
+    pub fn new(max_attempts: u32, backoff: Backoff) -> Self {
+        Self {
+            max_attempts,
+            backoff,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    /// Ten attempts, 1 s doubling to 10 min: about an hour of retries before a job is left
+    /// `failed` for someone to look at.
+    fn default() -> Self {
+        Self::new(
+            10,
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(600)),
+        )
+    }
+}
+
+/// Settings of an [`Outbox`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OutboxConfig {
+    /// Schema holding `elasticsearch_sync_queue` (`BENALSAM_SCHEMA`).
+    pub schema: String,
+    /// How long a claim is exclusive. A bridge that dies holding jobs loses them to others
+    /// after this long; one that is alive finishes a batch in well under a second.
+    pub lease: Duration,
+    /// Retries of failed jobs.
+    pub retry: RetryPolicy,
+    /// Written to `locked_by` on claim; reports that need the lease must come from the same
+    /// id. Unique per process by default.
+    pub worker_id: String,
+    /// The NOTIFY channel that wakes bridges after operator commands (the trigger's
+    /// `channel=` option).
+    pub notify_channel: String,
+}
+
+impl OutboxConfig {
+    /// The defaults, in `schema`.
+    pub fn in_schema(schema: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            schema: "public".to_owned(),
+            lease: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            worker_id: format!(
+                "pid {} on {}",
+                std::process::id(),
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned())
+            ),
+            notify_channel: crate::outbox::DEFAULT_CHANNEL.to_owned(),
+        }
+    }
+}
+
+/// What became of a job, as the part that handled it reports it to [`Settle::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The broker confirmed its message (from the bridge that claimed it).
+    Sent,
+    /// Given back unhandled, without counting an attempt (from the claimer, at shutdown).
+    Released,
+    /// The claimer could not deliver it. A retryable failure is claimed again after its
+    /// backoff while attempts remain; otherwise the job stays `failed` with `error`.
+    Failed {
+        /// What went wrong, stored in `error_message`.
+        error: String,
+        /// Whether another attempt may succeed (a refused publish: yes; a row too large to
+        /// be a message: no).
+        retry: bool,
+    },
+    /// The change reached its destination (from a consumer): final.
+    Completed,
+    /// A consumer refused the message and dead-lettered it; the job stays `failed` with
+    /// `error` until its dead letter is replayed or an operator retries it.
+    DeadLettered {
+        /// Why, stored in `error_message`.
+        error: String,
+    },
+}
+
+impl Outcome {
+    fn action(&self) -> Move {
+        match self {
+            Outcome::Sent => Move::Sent,
+            Outcome::Released => Move::Release,
+            Outcome::Failed { .. } => Move::PublishFailed,
+            Outcome::Completed => Move::Completed,
+            Outcome::DeadLettered { .. } => Move::DeadLettered,
+        }
+    }
+}
+
+/// Which of the reported jobs changed state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Jobs that made the move, ascending.
+    pub changed: Vec<i64>,
+    /// Jobs that did not: unknown ids, or a move their state does not allow (a late confirm
+    /// of a job a consumer already failed, anything reported for a completed job).
+    pub unchanged: Vec<i64>,
+}
+
+/// Where outcomes are recorded. The [`Outbox`] is the implementation; the publisher, the
+/// indexer and custom sinks report through it, and only it changes job states.
+pub trait Settle: Send + Sync + 'static {
+    /// Records `reports`, each a job id and its outcome.
+    fn settle(&self, reports: &[(i64, Outcome)]) -> impl Future<Output = Result<Settled>> + Send;
+}
+
+/// Live work in the queue, for health checks and metrics. Counted on the partial indexes of
+/// the live states only, so it stays cheap with millions of completed rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Jobs waiting to be claimed.
+    pub pending: i64,
+    /// Age of the oldest of them.
+    pub oldest_pending_age: Option<Duration>,
+    /// Failed jobs that will be retried.
+    pub retrying: i64,
+    /// Jobs claimed, not yet confirmed.
+    pub processing: i64,
+    /// Jobs confirmed by the broker, not yet completed.
+    pub sent: i64,
+    /// Age of the oldest of those, by when it was sent.
+    pub oldest_sent_age: Option<Duration>,
+}
+
+/// The outbox of one schema, over one PostgreSQL connection that is opened on first use and
+/// again after it breaks. Cheap to clone; clones share the connection, whose requests
+/// pipeline.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    url: DatabaseUrl,
+    config: OutboxConfig,
+    sql: Sql,
+    conn: Mutex<Option<Conn>>,
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    client: Arc<Client>,
+    stmts: Arc<Statements>,
+}
+
+impl Outbox {
+    /// An outbox over `url`. Nothing is opened until the first call.
+    pub fn new(url: DatabaseUrl, config: OutboxConfig) -> Result<Self> {
+        validate_schema(&config.schema)?;
+        validate_identifier("BENALSAM_NOTIFY_CHANNEL", &config.notify_channel)?;
+        if config.retry.max_attempts == 0 {
+            return Err(Error::config("max attempts", "must be at least 1"));
+        }
+        crate::config::require_positive("BENALSAM_LEASE", config.lease)?;
+        let sql = Sql::for_schema(&config.schema);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                url,
+                config,
+                sql,
+                conn: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The settings this outbox was made with.
+    pub fn config(&self) -> &OutboxConfig {
+        &self.inner.config
+    }
+
+    /// The database this outbox uses.
+    pub fn database_url(&self) -> &DatabaseUrl {
+        &self.inner.url
+    }
+
+    /// Opens the connection now (it is otherwise opened on first use); fails when PostgreSQL
+    /// cannot be reached or the queue table is missing.
+    pub async fn connect(&self) -> Result<()> {
+        self.conn().await.map(drop)
+    }
+
+    async fn conn(&self) -> Result<Conn> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| !c.client.is_closed()) {
+            return Ok(conn.clone());
+        }
+        *slot = None;
+        let client = crate::connect::postgres_as(&self.inner.url, "benalsam-outbox").await?;
+        let stmts = self.inner.sql.prepare(&client).await?;
+        let conn = Conn {
+            client: Arc::new(client),
+            stmts: Arc::new(stmts),
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Claims up to `limit` jobs: failed jobs whose backoff has elapsed first, then pending
+    /// ones oldest first. They move to `processing` under this outbox's lease; no other
+    /// claimer gets them until the lease runs out. Returned in id order.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Job>> {
+        let conn = self.conn().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let lease = self.inner.config.lease.as_secs_f64();
+        let rows = conn
+            .client
+            .query(
+                &conn.stmts.claim,
+                &[&limit, &lease, &self.inner.config.worker_id],
+            )
+            .await
+            .map_err(|e| Error::postgres("claiming jobs", e))?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        jobs.sort_unstable_by_key(|j| j.id);
+        Ok(jobs)
+    }
+
+    /// Gives jobs whose lease has expired (their bridge died or hung) back to `pending`, at
+    /// most `limit` at a time. Returns their ids.
+    pub async fn reclaim_expired(&self, limit: usize) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .client
+            .query(&conn.stmts.reclaim_expired, &[&limit])
+            .await
+            .map_err(|e| Error::postgres("reclaiming expired leases", e))?;
+        Ok(sorted_ids(&rows))
+    }
+
+    /// Counts the live backlog: pending jobs and the age of the oldest, failed jobs that will
+    /// be retried, processing jobs, sent jobs and the age of the oldest.
+    pub async fn backlog(&self) -> Result<Backlog> {
+        let conn = self.conn().await?;
+        let row = conn
+            .client
+            .query_one(&conn.stmts.backlog, &[])
+            .await
+            .map_err(|e| Error::postgres("counting the backlog", e))?;
+        let age = |i: usize| {
+            row.get::<_, Option<f64>>(i)
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        };
+        Ok(Backlog {
+            pending: row.get(0),
+            oldest_pending_age: age(1),
+            retrying: row.get(2),
+            processing: row.get(3),
+            sent: row.get(4),
+            oldest_sent_age: age(5),
+        })
+    }
+
+    /// Sends again jobs that were confirmed by the broker more than `older_than` ago and
+    /// never completed (a message lost on the broker's side, a queue purged by hand): they
+    /// go back to `pending`, at most `limit` at a time. Returns their ids.
+    pub async fn resend_stale_sent(&self, older_than: Duration, limit: usize) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .client
+            .query(
+                &conn.stmts.resend_stale,
+                &[&older_than.as_secs_f64(), &limit],
+            )
+            .await
+            .map_err(|e| Error::postgres("resending stale sent jobs", e))?;
+        Ok(sorted_ids(&rows))
+    }
+
+    /// Deletes completed jobs older than `older_than`, `batch` rows per statement so no
+    /// statement holds many locks or runs long. Returns how many were deleted.
+    pub async fn purge_completed(&self, older_than: Duration, batch: usize) -> Result<u64> {
+        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let age = older_than.as_secs_f64();
+        let mut total = 0u64;
+        loop {
+            let conn = self.conn().await?;
+            let deleted = conn
+                .client
+                .execute(&conn.stmts.purge_completed, &[&age, &batch])
+                .await
+                .map_err(|e| Error::postgres("purging completed jobs", e))?;
+            total += deleted;
+            if deleted < batch.unsigned_abs() {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Applies one kind of move to the jobs of `group`.
+    async fn apply(&self, action: Move, group: &[&(i64, Outcome)]) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let ids: Vec<i64> = group.iter().map(|(id, _)| *id).collect();
+        let worker = &self.inner.config.worker_id;
+        let rows = match action {
+            Move::Sent => conn.client.query(&conn.stmts.sent, &[&ids, worker]).await,
+            Move::Release => {
+                conn.client
+                    .query(&conn.stmts.release, &[&ids, worker])
+                    .await
+            }
+            Move::Completed => conn.client.query(&conn.stmts.completed, &[&ids]).await,
+            Move::PublishFailed | Move::DeadLettered => {
+                let (errors, retries): (Vec<&str>, Vec<bool>) = group
+                    .iter()
+                    .map(|(_, outcome)| match outcome {
+                        Outcome::Failed { error, retry } => (error.as_str(), *retry),
+                        Outcome::DeadLettered { error } => (error.as_str(), false),
+                        _ => ("", false),
+                    })
+                    .unzip();
+                let policy = &self.inner.config.retry;
+                let max_attempts = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
+                let (initial, max) = (
+                    policy.backoff.initial.as_secs_f64(),
+                    policy.backoff.max.as_secs_f64(),
+                );
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                    [&ids, &errors, &retries, &max_attempts, &initial, &max];
+                if action == Move::PublishFailed {
+                    let mut with_worker = params.to_vec();
+                    with_worker.push(worker);
+                    conn.client
+                        .query(&conn.stmts.publish_failed, &with_worker)
+                        .await
+                } else {
+                    conn.client.query(&conn.stmts.dead_lettered, &params).await
+                }
+            }
+            // settle groups reports by the five moves above only.
+            _ => return Ok(Vec::new()),
+        };
+        Ok(sorted_ids(
+            &rows.map_err(|e| Error::postgres(action.describe(), e))?,
+        ))
+    }
+}
+
+impl Settle for Outbox {
+    /// One statement per kind of outcome present; each guarded by the states its move may
+    /// leave ([`crate::outbox`]'s state diagram).
+    async fn settle(&self, reports: &[(i64, Outcome)]) -> Result<Settled> {
+        let mut changed = Vec::new();
+        // Completions first: a job reported both completed and failed in one call is done.
+        for action in [
+            Move::Completed,
+            Move::DeadLettered,
+            Move::PublishFailed,
+            Move::Sent,
+            Move::Release,
+        ] {
+            let group: Vec<&(i64, Outcome)> = reports
+                .iter()
+                .filter(|(_, o)| o.action() == action)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            changed.extend(self.apply(action, &group).await?);
+        }
+        let requested: Vec<i64> = reports.iter().map(|(id, _)| *id).collect();
+        Ok(settled(&requested, changed))
+    }
+}
+
+fn sorted_ids(rows: &[tokio_postgres::Row]) -> Vec<i64> {
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn settled(requested: &[i64], mut changed: Vec<i64>) -> Settled {
+    changed.sort_unstable();
+    changed.dedup();
+    let mut unchanged: Vec<i64> = requested
+        .iter()
+        .copied()
+        .filter(|id| changed.binary_search(id).is_err())
+        .collect();
+    unchanged.sort_unstable();
+    unchanged.dedup();
+    Settled { changed, unchanged }
+}
+
+fn job_from_row(row: &tokio_postgres::Row) -> Result<Job> {
+    let id: i64 = row.get("id");
+    let operation: String = row.get("operation");
+    let retry: bool = row.get("retry");
+    Ok(Job {
+        id,
+        table_name: row.get("table_name"),
+        // The table's CHECK constraint makes this unreachable unless the schema was altered.
+        operation: operation
+            .parse::<Operation>()
+            .map_err(|e| Error::invalid_job(id, e.to_string()))?,
+        record_id: row.get("record_id"),
+        change_data: row.get("change_data"),
+        retry_count: row.get("retry_count"),
+        created_at: row.get::<_, SystemTime>("created_at"),
+        traceparent: row.get("traceparent"),
+        claim: if retry {
+            ClaimKind::Retry
+        } else {
+            ClaimKind::Fresh
+        },
+    })
+}
+
+macro_rules! statements {
+    ($($name:ident: $what:literal),* $(,)?) => {
+        /// The SQL of one schema. Table names cannot be parameters, so the (validated) schema
+        /// is written into the text once, here.
+        #[derive(Debug)]
+        struct Sql { $($name: String),* }
+
+        #[derive(Debug)]
+        struct Statements { $($name: Statement),* }
+
+        impl Sql {
+            async fn prepare(&self, client: &Client) -> Result<Statements> {
+                Ok(Statements {
+                    $($name: client.prepare(&self.$name).await.map_err(|e| {
+                        Error::postgres(concat!("preparing the ", $what, " statement"), e)
+                    })?),*
+                })
+            }
+        }
+    };
+}
+
+statements! {
+    claim: "claim",
+    reclaim_expired: "reclaim",
+    release: "release",
+    sent: "sent",
+    completed: "completed",
+    publish_failed: "publish failed",
+    dead_lettered: "dead lettered",
+    backlog: "backlog",
+    purge_completed: "purge",
+    resend_stale: "resend",
+}
+
+impl Sql {
+    fn for_schema(schema: &str) -> Self {
+        let q = format!("\"{schema}\".elasticsearch_sync_queue");
+        // A failed job: backoff is initial × 2^(failures so far), capped, times a jitter in
+        // [0.5, 1), while attempts remain and the failure is retryable.
+        let fail = |action: Move| {
+            format!(
+                "UPDATE {q} q
+                 SET status = '{}',
+                     error_message = f.error,
+                     retry_count = q.retry_count + 1,
+                     processed_at = now(),
+                     locked_until = NULL,
+                     locked_by = NULL,
+                     next_attempt_at = CASE
+                         WHEN f.retry AND q.retry_count + 1 < $4 THEN now() + make_interval(secs =>
+                             least($6::float8, $5::float8 * power(2, least(q.retry_count, 40)))
+                             * (0.5 + random() * 0.5))
+                     END
+                 FROM unnest($1::bigint[], $2::text[], $3::bool[]) AS f(id, error, retry)
+                 WHERE q.id = f.id AND {}
+                 RETURNING q.id",
+                action.to().as_str(),
+                action.guard(Some("$7"))
+            )
+        };
+        Sql {
+            // Due retries first, then pending jobs oldest first. SKIP LOCKED lets any number
+            // of claimers run at once without waiting on or double-claiming each other.
+            claim: format!(
+                "WITH due AS (
+                     SELECT id, true AS retry FROM {q} q
+                     WHERE {due} AND next_attempt_at <= now()
+                     ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), fresh AS (
+                     SELECT id, false AS retry FROM {q} q
+                     WHERE {fresh}
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), picked AS (
+                     SELECT id, retry FROM due UNION ALL SELECT id, retry FROM fresh LIMIT $1
+                 )
+                 UPDATE {q} q
+                 SET status = '{processing}',
+                     locked_until = now() + make_interval(secs => $2),
+                     locked_by = $3,
+                     last_retry_at = CASE WHEN picked.retry THEN now() ELSE q.last_retry_at END
+                 FROM picked WHERE q.id = picked.id
+                 RETURNING q.id, q.table_name, q.operation, q.record_id, q.change_data,
+                           q.retry_count, q.created_at, q.traceparent, picked.retry",
+                due = Move::ClaimRetry.guard(None),
+                fresh = Move::Claim.guard(None),
+                processing = Move::Claim.to().as_str(),
+            ),
+            reclaim_expired: format!(
+                "UPDATE {q} q SET status = '{}', locked_until = NULL, locked_by = NULL
+                 WHERE q.id IN (SELECT id FROM {q}
+                                WHERE status = 'processing' AND locked_until < now()
+                                LIMIT $1 FOR UPDATE SKIP LOCKED)
+                   AND {}
+                 RETURNING q.id",
+                Move::Reclaim.to().as_str(),
+                Move::Reclaim.guard(None)
+            ),
+            release: format!(
+                "UPDATE {q} q SET status = '{}', locked_until = NULL, locked_by = NULL
+                 WHERE q.id = ANY($1) AND {}
+                 RETURNING q.id",
+                Move::Release.to().as_str(),
+                Move::Release.guard(Some("$2"))
+            ),
+            sent: format!(
+                "UPDATE {q} q SET status = '{}', sent_at = now(), locked_until = NULL,
+                                  locked_by = NULL, next_attempt_at = NULL
+                 WHERE q.id = ANY($1) AND {}
+                 RETURNING q.id",
+                Move::Sent.to().as_str(),
+                Move::Sent.guard(Some("$2"))
+            ),
+            completed: format!(
+                "UPDATE {q} q SET status = '{}', completed_at = now(), processed_at = now(),
+                                  locked_until = NULL, locked_by = NULL, next_attempt_at = NULL
+                 WHERE q.id = ANY($1) AND {}
+                 RETURNING q.id",
+                Move::Completed.to().as_str(),
+                Move::Completed.guard(None)
+            ),
+            publish_failed: fail(Move::PublishFailed),
+            dead_lettered: fail(Move::DeadLettered),
+            backlog: format!(
+                "SELECT (SELECT count(*) FROM {q} WHERE status = 'pending'),
+                        (SELECT extract(epoch FROM now() - min(created_at))::float8
+                         FROM {q} WHERE status = 'pending'),
+                        (SELECT count(*) FROM {q}
+                         WHERE status = 'failed' AND next_attempt_at IS NOT NULL),
+                        (SELECT count(*) FROM {q} WHERE status = 'processing'),
+                        (SELECT count(*) FROM {q} WHERE status = 'sent'),
+                        (SELECT extract(epoch FROM now() - min(sent_at))::float8
+                         FROM {q} WHERE status = 'sent')"
+            ),
+            purge_completed: format!(
+                "DELETE FROM {q} WHERE id IN (
+                     SELECT id FROM {q}
+                     WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)
+                     LIMIT $2)"
+            ),
+            // Back to pending, so the job stream publishes them again (same messageId).
+            resend_stale: format!(
+                "UPDATE {q} q SET status = '{}', sent_at = NULL
+                 WHERE q.id IN (SELECT id FROM {q}
+                                WHERE status = 'sent' AND sent_at < now() - make_interval(secs => $1)
+                                ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   AND {}
+                 RETURNING q.id",
+                Move::Resend.to().as_str(),
+                Move::Resend.guard(None)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settled_splits_requested_ids() {
+        let s = settled(&[5, 3, 9, 3], vec![9, 3]);
+        assert_eq!(s.changed, vec![3, 9]);
+        assert_eq!(s.unchanged, vec![5]);
+    }
+
+    #[test]
+    fn zero_attempts_and_a_zero_lease_are_configuration_errors() {
+        let url: DatabaseUrl = "postgres://u@localhost/db".parse().expect("url");
+        let mut config = OutboxConfig::default();
+        config.retry.max_attempts = 0;
+        assert!(Outbox::new(url.clone(), config).is_err());
+        let config = OutboxConfig {
+            lease: Duration::ZERO,
+            ..OutboxConfig::default()
+        };
+        let err = Outbox::new(url, config).expect_err("zero lease");
+        assert!(err.to_string().contains("BENALSAM_LEASE"), "{err}");
+    }
+
+    #[test]
+    fn every_settled_move_is_guarded() {
+        let sql = Sql::for_schema("s");
+        assert!(
+            sql.sent
+                .contains("q.status IN ('processing') AND q.locked_by = $2")
+        );
+        assert!(
+            sql.publish_failed
+                .contains("q.status IN ('processing') AND q.locked_by = $7")
+        );
+        assert!(
+            sql.dead_lettered
+                .contains("q.status IN ('processing', 'sent', 'failed')")
+        );
+        assert!(!sql.completed.contains("'completed')"));
+    }
+}

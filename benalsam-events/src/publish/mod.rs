@@ -1,0 +1,21 @@
+//! Publishing: how a job becomes a message, where it goes, and the sink that sends it.
+//!
+//! * [`EventType`] and [`Routes`]: which exchange and routing key the jobs of a table go to.
+//! * [`Envelope`]: the versioned JSON body of every message, and its AMQP properties.
+//! * [`Topology`]: exchanges, queues, bindings and dead-lettering, defined once as data,
+//!   declared by the bridge and exported as a RabbitMQ definitions file.
+//! * [`Publisher`]: a `Sink` of jobs into RabbitMQ with publisher confirms; it reports each
+//!   outcome to the outbox ([`Settle`](crate::outbox::Settle)) and changes no job itself.
+
+mod confirm;
+mod envelope;
+mod publisher;
+mod routing;
+mod topology;
+
+pub use envelope::{Envelope, EnvelopeError, SCHEMA_VERSION};
+pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
+pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
+pub use routing::{EventType, LISTINGS_EXCHANGE, Route, Routes};
+pub use topology::{Bound, QueueType, Topology, TopologyConfig};
+pub(crate) use topology::{DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, SYNC_QUEUE, SYSTEM_EXCHANGE};

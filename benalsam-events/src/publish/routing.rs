@@ -1,0 +1,264 @@
+//! Event types: which exchange and routing keys the jobs of a table go to.
+//!
+//! One message per job. For a table with prefix `listing`:
+//!
+//! | change | routing key |
+//! |---|---|
+//! | INSERT | `listing.insert` |
+//! | DELETE | `listing.delete` |
+//! | UPDATE that changes the status column | `listing.status.<new status>` |
+//! | any other UPDATE | `listing.update` |
+//!
+//! A queue bound with `listing.#` therefore sees every job of the table once, and one bound
+//! with `listing.status.#` sees the status changes.
+
+use serde_json::Value;
+
+use crate::outbox::{Job, Operation};
+
+/// The exchange of listing events, as the architecture document names it.
+pub const LISTINGS_EXCHANGE: &str = "benalsam.listings";
+
+/// How the jobs of one table become messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EventType {
+    /// The table (the job's `table_name`).
+    pub table: String,
+    /// First word of its routing keys, e.g. `listing`.
+    pub routing_prefix: String,
+    /// The topic exchange its messages are published to.
+    pub exchange: String,
+    /// The column whose changes get their own routing key, if the table has one.
+    pub status_column: Option<String>,
+}
+
+impl EventType {
+    /// The jobs of `table` go to `exchange` with routing keys `<routing_prefix>.insert`,
+    /// `.update` and `.delete`; see [`with_status_column`](Self::with_status_column) for
+    /// routing status changes apart.
+    pub fn new(table: &str, routing_prefix: &str, exchange: &str) -> Self {
+        Self {
+            table: table.to_owned(),
+            routing_prefix: routing_prefix.to_owned(),
+            exchange: exchange.to_owned(),
+            status_column: None,
+        }
+    }
+
+    /// Routes an UPDATE that changes `column` as `<prefix>.status.<new value>`.
+    pub fn with_status_column(mut self, column: &str) -> Self {
+        self.status_column = Some(column.to_owned());
+        self
+    }
+
+    /// The listings of the architecture document: `benalsam.listings`, `listing.*`, with
+    /// status changes on `listing.status.<status>`.
+    pub fn listings() -> Self {
+        Self::new("listings", "listing", LISTINGS_EXCHANGE).with_status_column("status")
+    }
+
+    /// Where a job goes, and the status it carries.
+    pub fn route(&self, job: &Job) -> Route {
+        let (current, previous) = match job.operation {
+            Operation::Insert | Operation::Delete => (&job.change_data, None),
+            Operation::Update => (&job.change_data["new"], Some(&job.change_data["old"])),
+        };
+        let status = self.status_of(current);
+        let previous_status = previous.and_then(|old| self.status_of(old));
+        // A status that appears or disappears (NULL) is not a status change of the row.
+        let status_changed = matches!((&previous_status, &status), (Some(a), Some(b)) if a != b);
+        let routing_key = match (job.operation, &status) {
+            (Operation::Insert, _) => format!("{}.insert", self.routing_prefix),
+            (Operation::Delete, _) => format!("{}.delete", self.routing_prefix),
+            (Operation::Update, Some(new)) if status_changed => {
+                format!("{}.status.{}", self.routing_prefix, routing_word(new))
+            }
+            (Operation::Update, _) => format!("{}.update", self.routing_prefix),
+        };
+        Route {
+            exchange: self.exchange.clone(),
+            routing_key,
+            status,
+            previous_status: if status_changed {
+                previous_status
+            } else {
+                None
+            },
+        }
+    }
+
+    fn status_of(&self, row: &Value) -> Option<String> {
+        let column = self.status_column.as_deref()?;
+        match &row[column] {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
+}
+
+/// Where one job's message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The exchange.
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+    /// The row's status after the change (before it, for a DELETE).
+    pub status: Option<String>,
+    /// The status before an UPDATE, only when the UPDATE changed it.
+    pub previous_status: Option<String>,
+}
+
+/// A value made safe as one word of a topic routing key: `.`, `*` and `#` have meaning
+/// there, so anything but ASCII letters, digits, `_` and `-` becomes `_`.
+pub(crate) fn routing_word(value: &str) -> String {
+    let word: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if word.is_empty() {
+        "_".to_owned()
+    } else {
+        word
+    }
+}
+
+/// The event types a bridge knows, looked up by table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    types: Vec<EventType>,
+}
+
+impl Routes {
+    /// Routes for these event types.
+    pub fn new(types: Vec<EventType>) -> Self {
+        Self { types }
+    }
+
+    /// The event type of `table`, if there is one.
+    pub fn for_table(&self, table: &str) -> Option<&EventType> {
+        self.types.iter().find(|t| t.table == table)
+    }
+
+    /// All event types.
+    pub fn event_types(&self) -> &[EventType] {
+        &self.types
+    }
+}
+
+impl Default for Routes {
+    /// Listings only.
+    fn default() -> Self {
+        Self::new(vec![EventType::listings()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::outbox::ClaimKind;
+
+    fn job(operation: Operation, change_data: Value) -> Job {
+        Job {
+            id: 7,
+            table_name: "listings".into(),
+            operation,
+            record_id: "r1".into(),
+            change_data,
+            retry_count: 0,
+            created_at: SystemTime::UNIX_EPOCH,
+            traceparent: None,
+            claim: ClaimKind::Fresh,
+        }
+    }
+
+    #[test]
+    fn routing_keys_follow_the_architecture_document() {
+        let listings = EventType::listings();
+        let insert = listings.route(&job(
+            Operation::Insert,
+            json!({"status": "pending_approval"}),
+        ));
+        assert_eq!(insert.routing_key, "listing.insert");
+        assert_eq!(insert.status.as_deref(), Some("pending_approval"));
+        assert_eq!(insert.previous_status, None);
+
+        let edit = listings.route(&job(
+            Operation::Update,
+            json!({"old": {"status": "active", "title": "a"}, "new": {"status": "active", "title": "b"}}),
+        ));
+        assert_eq!(edit.routing_key, "listing.update");
+        assert_eq!(edit.previous_status, None);
+
+        let approve = listings.route(&job(
+            Operation::Update,
+            json!({"old": {"status": "pending_approval"}, "new": {"status": "active"}}),
+        ));
+        assert_eq!(approve.routing_key, "listing.status.active");
+        assert_eq!(approve.status.as_deref(), Some("active"));
+        assert_eq!(approve.previous_status.as_deref(), Some("pending_approval"));
+
+        let delete = listings.route(&job(Operation::Delete, json!({"status": "sold"})));
+        assert_eq!(delete.routing_key, "listing.delete");
+        assert_eq!(delete.exchange, "benalsam.listings");
+    }
+
+    #[test]
+    fn tables_without_a_status_column_never_route_on_status() {
+        let items = EventType {
+            table: "inventory_items".into(),
+            routing_prefix: "inventory_item".into(),
+            exchange: "benalsam.inventory".into(),
+            status_column: None,
+        };
+        let route = items.route(&job(
+            Operation::Update,
+            json!({"old": {"status": "a"}, "new": {"status": "b"}}),
+        ));
+        assert_eq!(route.routing_key, "inventory_item.update");
+        assert_eq!(route.status, None);
+    }
+
+    proptest! {
+        #[test]
+        fn a_routing_word_is_one_safe_word(value in ".*") {
+            let word = routing_word(&value);
+            prop_assert!(!word.is_empty());
+            prop_assert!(word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        }
+
+        #[test]
+        fn every_job_has_exactly_one_key_under_the_prefix(
+            op in prop_oneof![Just(Operation::Insert), Just(Operation::Update), Just(Operation::Delete)],
+            old in proptest::option::of("[a-z_.#* ]{0,12}"),
+            new in proptest::option::of("[a-z_.#* ]{0,12}"),
+        ) {
+            let data = match op {
+                Operation::Update => json!({"old": {"status": old}, "new": {"status": new}}),
+                _ => json!({"status": new}),
+            };
+            let route = EventType::listings().route(&job(op, data));
+            prop_assert!(route.routing_key.starts_with("listing."));
+            // A topic word never contains the separators, so `listing.#` always matches and
+            // `listing.status.#` matches exactly the status changes.
+            let words: Vec<&str> = route.routing_key.split('.').collect();
+            prop_assert!(words.iter().all(|w| !w.is_empty() && !w.contains(['*', '#'])));
+            let is_status_change = op == Operation::Update && old.is_some() && new.is_some() && old != new;
+            prop_assert_eq!(words.get(1) == Some(&"status"), is_status_change);
+            prop_assert_eq!(route.previous_status.is_some(), is_status_change);
+        }
+    }
+}

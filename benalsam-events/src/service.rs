@@ -1,0 +1,115 @@
+//! What the bridge and the consumer share as running services: a health server that answers
+//! from the first moment, the start-up steps it reports, the metrics registry and the
+//! background tasks that end with the service.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{Backoff, retry};
+use crate::ops::{HealthReport, HealthServer, Metrics, Readiness};
+use crate::{Error, Result};
+
+/// A health check, by path.
+pub(crate) type Check = (&'static str, Arc<dyn Fn() -> HealthReport + Send + Sync>);
+
+/// A check at `path` answered by `report` of the monitor, once start-up has set it (the
+/// health server answers "starting" before that anyway).
+pub(crate) fn check<M: Send + Sync + 'static>(
+    path: &'static str,
+    monitor: &Arc<OnceLock<M>>,
+    report: fn(&M) -> HealthReport,
+) -> Check {
+    let monitor = Arc::clone(monitor);
+    let check = move || match monitor.get() {
+        Some(monitor) => report(monitor),
+        None => HealthReport::new(path, false, "starting", serde_json::json!({})),
+    };
+    (path, Arc::new(check))
+}
+
+/// A running service's shared parts.
+pub(crate) struct Service {
+    pub(crate) readiness: Readiness,
+    pub(crate) metrics: Metrics,
+    background: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Service {
+    /// A service called `name` (e.g. `benalsam-bridge`), stopping with `shutdown`.
+    pub(crate) fn new(name: &str, shutdown: &CancellationToken) -> Self {
+        let readiness = Readiness::default();
+        readiness.starting("starting");
+        Self {
+            readiness,
+            metrics: Metrics::for_service(name),
+            background: shutdown.child_token(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Starts the health server on `addr` (when given) with `checks`; it answers 503 with
+    /// the current start-up step until [`Readiness::ready`].
+    pub(crate) async fn serve_health(
+        &mut self,
+        name: &str,
+        addr: Option<SocketAddr>,
+        checks: Vec<Check>,
+    ) -> Result<()> {
+        let Some(addr) = addr else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::config(
+                "BENALSAM_HEALTH_ADDR",
+                format!("cannot listen on {addr}: {e}"),
+            )
+        })?;
+        let mut server =
+            HealthServer::new(name, self.readiness.clone()).metrics(self.metrics.clone());
+        for (path, check) in checks {
+            server = server.check(path, move || check());
+        }
+        tracing::info!(health = %addr, "health endpoints listening");
+        self.spawn(server.run(listener, self.background.clone()));
+        Ok(())
+    }
+
+    /// A start-up step: reported while it runs, retried while its service is unreachable.
+    /// `Ok(None)` when shutdown came first.
+    pub(crate) async fn step<T, F, Fut>(
+        &self,
+        what: &str,
+        shutdown: &CancellationToken,
+        op: F,
+    ) -> Result<Option<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.readiness.starting(what);
+        retry(what, Backoff::default(), shutdown, op).await
+    }
+
+    /// Runs `task` until the service stops.
+    pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
+    }
+
+    /// The token background tasks stop on.
+    pub(crate) fn background(&self) -> CancellationToken {
+        self.background.clone()
+    }
+
+    /// Stops the background tasks and waits for them.
+    pub(crate) async fn stop(self) {
+        self.background.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

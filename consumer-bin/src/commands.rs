@@ -1,0 +1,172 @@
+//! The command line of `benalsam-consumer`: `run` (the default) and the dead-letter tools.
+
+use anyhow::Context;
+use benalsam_events::consumer;
+use benalsam_events::index::{list_dead_letters, replay_dead_letters};
+use benalsam_events::ops::cli::{
+    self, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
+};
+use benalsam_events::outbox::JobSelection;
+use clap::{Parser, Subcommand};
+
+/// Consumes the elasticsearch.sync queue, writes the listings to Elasticsearch with bulk
+/// requests and marks their jobs completed (or failed) in PostgreSQL.
+///
+/// Without a subcommand it runs the consumer, with its settings from the environment.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Cli {
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    #[command(flatten)]
+    rabbitmq: RabbitArgs,
+
+    #[command(flatten)]
+    search: SearchArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the consumer (the default)
+    Run(Box<ConsumerArgs>),
+    /// Apply the database migrations and exit
+    Migrate,
+    /// Inspect or replay a dead-letter queue
+    #[command(subcommand)]
+    Dlq(Dlq),
+}
+
+#[derive(Debug, Subcommand)]
+enum Dlq {
+    /// List dead-lettered messages with their reasons (they stay in the queue)
+    List {
+        /// The dead-letter queue
+        #[arg(long, default_value = "elasticsearch.sync.dlq")]
+        queue: String,
+        /// Most messages to show
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Publish dead-lettered messages back to their exchange, then remove them from the DLQ
+    Replay {
+        /// The dead-letter queue
+        #[arg(long, default_value = "elasticsearch.sync.dlq")]
+        queue: String,
+        /// Replay the messages of these jobs only
+        #[arg(long = "job", required_unless_present = "all")]
+        jobs: Vec<i64>,
+        /// Replay every message
+        #[arg(long, conflicts_with = "jobs")]
+        all: bool,
+    },
+}
+
+/// `run` with its settings from the environment only: what runs without a subcommand.
+#[derive(Debug, Parser)]
+struct RunOnly {
+    #[command(flatten)]
+    args: ConsumerArgs,
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let rabbit = &self.rabbitmq.rabbitmq_url;
+        match self.command {
+            None => {
+                let args = RunOnly::parse_from(["benalsam-consumer run"]).args;
+                self.serve(&args).await
+            }
+            Some(Command::Run(ref args)) => self.serve(args).await,
+            Some(Command::Migrate) => {
+                let report = self.database.migrate().await.context("migrating")?;
+                println!(
+                    "applied {:?}, already applied {:?}",
+                    report.applied, report.already_applied
+                );
+                Ok(())
+            }
+            Some(Command::Dlq(Dlq::List { ref queue, limit })) => {
+                let letters = list_dead_letters(rabbit, queue, limit)
+                    .await
+                    .with_context(|| format!("listing {queue}"))?;
+                for letter in letters {
+                    println!(
+                        "job {:>10}  {:<18} {:<28} {}\n    {}",
+                        letter.job_id.map_or("-".to_owned(), |id| id.to_string()),
+                        letter.kind.as_deref().unwrap_or("-"),
+                        letter.routing_key,
+                        letter.dead_lettered_at.as_deref().unwrap_or("-"),
+                        letter.reason.as_deref().unwrap_or("(no reason recorded)"),
+                    );
+                }
+                Ok(())
+            }
+            Some(Command::Dlq(Dlq::Replay {
+                ref queue,
+                ref jobs,
+                all,
+            })) => {
+                let selection = if all {
+                    JobSelection::All
+                } else {
+                    JobSelection::Jobs(jobs.clone())
+                };
+                let report = replay_dead_letters(rabbit, queue, &selection)
+                    .await
+                    .with_context(|| format!("replaying {queue}"))?;
+                println!("replayed {}, kept {}", report.replayed, report.kept);
+                if report.replayed < jobs.len() {
+                    anyhow::bail!(
+                        "asked to replay {} jobs, {} found in {queue}",
+                        jobs.len(),
+                        report.replayed
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn serve(&self, args: &ConsumerArgs) -> anyhow::Result<()> {
+        let settings = args.settings(&self.database, &self.rabbitmq, &self.search);
+        tracing::info!(
+            database = %self.database.database_url,
+            rabbitmq = %self.rabbitmq.rabbitmq_url,
+            elasticsearch = %self.search.elasticsearch_url,
+            "starting"
+        );
+        consumer::run(settings, cli::shutdown_on_signals())
+            .await
+            .context("running the consumer")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_its_defaults_parse() {
+        Cli::command().debug_assert();
+        let run = RunOnly::try_parse_from(["benalsam-consumer run"]).expect("defaults parse");
+        assert_eq!(run.args.searchable_statuses, vec!["active".to_owned()]);
+        assert_eq!(run.args.bulk_size, 500);
+        let run = RunOnly::try_parse_from([
+            "benalsam-consumer run",
+            "--searchable-statuses",
+            "active,featured",
+        ])
+        .expect("a list parses");
+        assert_eq!(run.args.searchable_statuses, vec!["active", "featured"]);
+    }
+}
