@@ -17,7 +17,7 @@
 
 use std::io::Write;
 
-use benalsam_events::config::{DEFAULT_DATABASE_URL, DatabaseUrl};
+use benalsam_events::config::DatabaseUrl;
 use benalsam_events::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 use futures::StreamExt;
 use serde_json::json;
@@ -40,7 +40,7 @@ fn write_batch(out: &mut impl Write, batch: &[Job]) -> std::io::Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
+    let url = DatabaseUrl::from_env()?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
     let outbox = Outbox::new(url, OutboxConfig::in_schema(&schema))?;
     let shutdown = CancellationToken::new();

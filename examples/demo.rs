@@ -11,9 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::config::{
-    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DatabaseUrl, SearchUrl,
-};
+use benalsam_events::config::{DatabaseUrl, SearchUrl};
 use benalsam_events::elasticsearch::SearchParts;
 use benalsam_events::tokio_postgres::types::ToSql;
 use benalsam_events::{Outbox, OutboxConfig, connect, index};
@@ -69,8 +67,8 @@ const LISTINGS: &[Demo] = &[
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let database_url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
-    let search_url = SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?;
+    let database_url = DatabaseUrl::from_env()?;
+    let search_url = SearchUrl::from_env()?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
     let index = std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings".to_owned());
     let db = connect::postgres(&database_url).await?;

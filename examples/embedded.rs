@@ -15,9 +15,6 @@
 //! ```
 
 use benalsam_events::bridge::{self, BridgeSettings};
-use benalsam_events::config::{
-    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL,
-};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::index::{IndexConfig, ListingDocuments, listings_index_body};
 use benalsam_events::{AmqpUrl, DatabaseUrl, Documents, OutboxConfig, SearchUrl};
@@ -37,10 +34,10 @@ impl Settings {
     /// From the usual environment variables, with the local stack as default.
     pub fn from_env() -> Result<Self, benalsam_events::Error> {
         Ok(Self {
-            database_url: DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?,
+            database_url: DatabaseUrl::from_env()?,
             schema: std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned()),
-            rabbitmq_url: AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?,
-            elasticsearch_url: SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?,
+            rabbitmq_url: AmqpUrl::from_env()?,
+            elasticsearch_url: SearchUrl::from_env()?,
             index: std::env::var("BENALSAM_INDEX")
                 .unwrap_or_else(|_| "benalsam_listings".to_owned()),
         })

@@ -21,9 +21,6 @@
 //! ```
 
 use benalsam_events::bridge::{self, BridgeSettings};
-use benalsam_events::config::{
-    DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL,
-};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::index::{BuildError, IndexConfig, ListingDocuments, listings_index_body};
 use benalsam_events::outbox::Operation;
@@ -126,10 +123,10 @@ pub struct Settings {
 impl Settings {
     pub fn from_env() -> Result<Self, benalsam_events::Error> {
         Ok(Self {
-            database_url: DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?,
+            database_url: DatabaseUrl::from_env()?,
             schema: std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned()),
-            rabbitmq_url: AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?,
-            elasticsearch_url: SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?,
+            rabbitmq_url: AmqpUrl::from_env()?,
+            elasticsearch_url: SearchUrl::from_env()?,
             listings_index: "benalsam_listings".to_owned(),
             inventory_index: "benalsam_inventory".to_owned(),
         })

@@ -16,7 +16,7 @@
 //! ```
 
 use benalsam_events::Envelope;
-use benalsam_events::config::{AmqpUrl, DEFAULT_RABBITMQ_URL};
+use benalsam_events::config::AmqpUrl;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -37,7 +37,7 @@ async fn notify(envelope: &Envelope<'_>) {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?;
+    let url = AmqpUrl::from_env()?;
     let connection = benalsam_events::connect::amqp(&url, "status notifications").await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;

@@ -12,12 +12,12 @@
 
 use std::time::Instant;
 
-use benalsam_events::config::{DEFAULT_DATABASE_URL, DatabaseUrl};
+use benalsam_events::config::DatabaseUrl;
 use benalsam_events::{Outbox, OutboxConfig, Outcome, Settle, connect};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
+    let url = DatabaseUrl::from_env()?;
     let completed_rows: i64 = std::env::var("BENCH_COMPLETED_ROWS")
         .ok()
         .map(|v| v.parse())

@@ -14,13 +14,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use benalsam_events::Documents;
-use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
+use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use benalsam_events::index::ListingDocuments;
 use benalsam_events::index::{self as search, IndexConfig};
-use benalsam_events::publish::LISTINGS_EXCHANGE;
+const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
 use common::{BenchEnv, BoxError, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -61,7 +61,7 @@ async fn main() -> Result<(), BoxError> {
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
-    let es_url = SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?;
+    let es_url = SearchUrl::from_env()?;
     let env = BenchEnv::new("bench_consumer").await?;
     env.insert_listings(jobs).await?;
     let envelopes = env.envelopes().await?;

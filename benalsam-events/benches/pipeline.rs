@@ -31,7 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::Documents;
-use benalsam_events::config::{DEFAULT_ELASTICSEARCH_URL, SearchUrl};
+use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use benalsam_events::index::ListingDocuments;
@@ -176,10 +176,7 @@ impl Process {
             .env("DATABASE_URL", env.db_url.expose())
             .env("BENALSAM_SCHEMA", &env.name)
             .env("RABBITMQ_URL", env.url.expose())
-            .env(
-                "ELASTICSEARCH_URL",
-                SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?.expose(),
-            )
+            .env("ELASTICSEARCH_URL", SearchUrl::from_env()?.expose())
             .env("BENALSAM_INDEX", index)
             .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
@@ -273,10 +270,7 @@ async fn main() -> Result<(), BoxError> {
     let rate_seconds: f64 = setting("BENCH_RATE_SECONDS", 20.0)?;
     let mix = mix()?;
     let env = BenchEnv::new("bench_pipeline").await?;
-    let es = search::client(
-        &SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL)?,
-        Duration::from_secs(60),
-    )?;
+    let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
     let index = format!("{}_listings", env.name);
     let raw_index = format!("{}_raw", env.name);
     for alias in [&index, &raw_index] {

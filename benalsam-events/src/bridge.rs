@@ -4,7 +4,7 @@
 //! migrations (when asked) and the topology declared, then the [`JobStream`] forwarded into
 //! the [`Publisher`] until shutdown, with a heartbeat and the [`Resender`] beside it.
 //!
-//! Its verdicts ([`database_report`], [`rabbitmq_report`]) judge progress, not connections:
+//! Its health verdicts judge progress, not connections:
 //! the bridge is unhealthy when work that should move has not moved within the window, or
 //! when something it needs refuses. A backlog that drains is healthy however old its oldest
 //! job is.
@@ -257,7 +257,7 @@ impl BridgeMonitor {
 /// The RabbitMQ verdict: unhealthy when not connected, when publishes failed within the
 /// `window` and none was confirmed since, or when messages wait for confirms that do not
 /// come.
-pub fn rabbitmq_report(
+fn rabbitmq_report(
     s: &PublisherStatus,
     window: Duration,
     broker: &str,
@@ -323,7 +323,7 @@ pub fn rabbitmq_report(
 /// The database-trigger-bridge verdict: unhealthy when PostgreSQL cannot be reached, when
 /// jobs wait and none was claimed within `window`, or when jobs sent longer than
 /// `resend_after` ago never completed. Pure, so the verdicts are tested without services.
-pub fn database_report(
+fn database_report(
     s: &JobStreamStatus,
     resender: &ResenderStatus,
     window: Duration,
@@ -424,18 +424,17 @@ fn database_problems(
 
 /// What the resender has done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResenderStatus {
+pub(crate) struct ResenderStatus {
     /// Jobs sent again in all.
-    pub resent: u64,
+    pub(crate) resent: u64,
     /// When it last found jobs to send again, and how many.
-    pub last_resend: Option<(SystemTime, usize)>,
+    pub(crate) last_resend: Option<(SystemTime, usize)>,
 }
 
 /// Sends again jobs that were confirmed by the broker and never completed (a message lost
 /// inside the broker, a queue purged by hand): they go back to `pending`.
 #[derive(Debug)]
-pub struct Resender {
+pub(crate) struct Resender {
     outbox: Outbox,
     after: Duration,
     status: Live<ResenderStatus>,
@@ -444,7 +443,7 @@ pub struct Resender {
 
 impl Resender {
     /// A resender of jobs sent more than `after` ago (which must be longer than zero).
-    pub fn new(outbox: Outbox, after: Duration) -> Result<Self> {
+    pub(crate) fn new(outbox: Outbox, after: Duration) -> Result<Self> {
         require_positive("BENALSAM_RESEND_AFTER", after)?;
         Ok(Self {
             outbox,
@@ -455,7 +454,7 @@ impl Resender {
     }
 
     /// Counts resent jobs in `metrics` (`benalsam_jobs_resent_total`).
-    pub fn with_metrics(self, metrics: &Metrics) -> Self {
+    pub(crate) fn with_metrics(self, metrics: &Metrics) -> Self {
         metrics.register(
             "jobs_resent",
             "Sent jobs that never completed, sent again",
@@ -466,12 +465,12 @@ impl Resender {
     }
 
     /// The live status, for health checks.
-    pub fn status(&self) -> Live<ResenderStatus> {
+    pub(crate) fn status(&self) -> Live<ResenderStatus> {
         self.status.clone()
     }
 
     /// Looks every quarter of `after` (between 1 s and 1 min) until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         const BATCH: usize = 1000;
         let every = (self.after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         loop {

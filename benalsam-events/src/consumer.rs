@@ -4,7 +4,7 @@
 //! moment, migrations (when asked), the topology declared and the search index prepared,
 //! then the [`Indexer`] until shutdown, with a heartbeat beside it.
 //!
-//! Its verdicts ([`elasticsearch_report`], [`rabbitmq_report`]) judge progress: unhealthy
+//! Its health verdicts judge progress: unhealthy
 //! while the circuit is open, while outcomes cannot be recorded in PostgreSQL, or while
 //! messages wait and none was acked within the window.
 
@@ -17,9 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
-use crate::index::{
-    CircuitState, Documents, IndexConfig, Indexer, IndexerConfig, IndexerStatus, ensure_index,
-};
+use crate::index::{Documents, IndexConfig, Indexer, IndexerConfig, IndexerStatus, ensure_index};
 use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::publish::Topology;
@@ -210,14 +208,10 @@ impl ConsumerMonitor {
 }
 
 fn details(s: &IndexerStatus) -> Value {
-    let (circuit, open_since, failures) = match s.circuit {
-        CircuitState::Closed => ("closed", None, 0),
-        CircuitState::Open { failures, since } => ("open", Some(since), failures),
-    };
     json!({
-        "circuit": circuit,
-        "circuitOpenSince": rfc3339(open_since),
-        "consecutiveFailures": failures,
+        "circuit": if s.circuit_open_since.is_some() { "open" } else { "closed" },
+        "circuitOpenSince": rfc3339(s.circuit_open_since),
+        "consecutiveFailures": s.circuit_failures,
         "lastBulkAt": rfc3339(s.last_bulk_at),
         "lastBulkItems": s.last_bulk_items,
         "lastBulkMillis": s.last_bulk_duration.map(|d| d.as_millis() as u64),
@@ -240,16 +234,17 @@ fn details(s: &IndexerStatus) -> Value {
 
 /// The Elasticsearch verdict: unhealthy while the circuit is open, while outcomes cannot be
 /// recorded in PostgreSQL, or while messages wait and none was acked within `window`.
-pub fn elasticsearch_report(
+fn elasticsearch_report(
     s: &IndexerStatus,
     window: Duration,
     search: &str,
     now: SystemTime,
 ) -> HealthReport {
     let mut problems = Vec::new();
-    if let CircuitState::Open { failures, .. } = s.circuit {
+    if s.circuit_open_since.is_some() {
         problems.push(format!(
-            "circuit open after {failures} failed attempts on {search}: {}",
+            "circuit open after {} failed attempts on {search}: {}",
+            s.circuit_failures,
             s.last_error
                 .as_ref()
                 .map_or("unavailable", |(_, e)| e.as_str())
@@ -262,7 +257,7 @@ pub fn elasticsearch_report(
         ));
     }
     let acked_recently = s.last_ack_at.is_some_and(|t| since(now, t) <= window);
-    if s.queue_depth.unwrap_or(0) > 0 && !acked_recently && s.circuit == CircuitState::Closed {
+    if s.queue_depth.unwrap_or(0) > 0 && !acked_recently && s.circuit_open_since.is_none() {
         problems.push(format!(
             "{} messages wait but none was acked for over {}s: the consumer is stalled",
             s.queue_depth.unwrap_or(0),
@@ -281,7 +276,7 @@ pub fn elasticsearch_report(
 }
 
 /// The RabbitMQ verdict: healthy while the consumer holds its channel.
-pub fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
+fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     let message = if s.connected {
         format!("consuming from {broker}")
     } else {
@@ -308,10 +303,8 @@ mod tests {
     #[test]
     fn an_open_circuit_is_unhealthy_and_says_why() {
         let s = IndexerStatus {
-            circuit: CircuitState::Open {
-                failures: 3,
-                since: SystemTime::now(),
-            },
+            circuit_open_since: Some(SystemTime::now()),
+            circuit_failures: 3,
             last_error: Some((SystemTime::now(), "connection refused".into())),
             ..IndexerStatus::default()
         };

@@ -8,12 +8,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::{
-    self, Action, BuildError, DocumentBuilder, IndexerStatus, ListingDocuments, list_dead_letters,
-    replay_dead_letters,
+    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus, ListingDocuments,
 };
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::JobSelection;
-use benalsam_events::publish::{LISTINGS_EXCHANGE, TopologyConfig};
+use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
     AmqpUrl, Backoff, Documents, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig,
     SearchUrl, Topology, connect,
@@ -26,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const DLQ: &str = "elasticsearch.sync.dlq";
+const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 
 /// The bridge and the consumer, in-process, on the test's schema, vhost and index.
 struct Pipeline {
@@ -218,14 +218,9 @@ async fn an_older_or_repeated_change_never_overwrites_a_newer_one() {
     let outbox = db.outbox(OutboxConfig::default());
     let jobs = outbox.claim(10).await.expect("claim both jobs");
     assert_eq!(jobs.len(), 2);
-    let routes: Vec<_> = jobs
-        .iter()
-        .map(|j| EventType::listings().route(j))
-        .collect();
     let envelopes: Vec<Envelope<'_>> = jobs
         .iter()
-        .zip(&routes)
-        .map(|(j, route)| Envelope::of(j, route))
+        .map(|j| Envelope::of(j, &EventType::listings()))
         .collect();
     // Newest first, then the older one, then the newest again.
     publish_envelope(&vhost.url, &envelopes[1]).await;
@@ -287,7 +282,7 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
     }
     relay.set_up(false); // Elasticsearch goes away mid-run
     let started = Instant::now();
-    while pipeline.indexer.snapshot().circuit.name() != "open" {
+    while pipeline.indexer.snapshot().circuit_open_since.is_none() {
         assert!(started.elapsed() < PATIENCE, "the circuit opens");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -310,7 +305,8 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
     assert_eq!((completed, failed), (3000, 0));
     assert_eq!(index.search(json!({"match_all": {}})).await.len(), 3000);
     assert!(
-        list_dead_letters(&vhost.url, DLQ, 10)
+        DeadLetterQueue::new(vhost.url.clone(), DLQ)
+            .list(10)
             .await
             .expect("dlq")
             .is_empty()
@@ -343,7 +339,10 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_
     pipeline.stop().await;
     assert_eq!((completed, failed), (5, 0), "valid jobs went through");
 
-    let letters = list_dead_letters(&vhost.url, DLQ, 10).await.expect("dlq");
+    let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+        .list(10)
+        .await
+        .expect("dlq");
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(
         letters
@@ -413,11 +412,15 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     index
         .put_settings(json!({"index.mapping.total_fields.limit": 1000}))
         .await;
-    let letters = list_dead_letters(&vhost.url, DLQ, 10).await.expect("dlq");
+    let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+        .list(10)
+        .await
+        .expect("dlq");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
     let job = letters[0].job_id.expect("job id");
-    let report = replay_dead_letters(&vhost.url, DLQ, &JobSelection::Jobs(vec![job]))
+    let report = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+        .replay(&JobSelection::Jobs(vec![job]))
         .await
         .expect("replay");
     assert_eq!(report.replayed, 1);
@@ -492,7 +495,10 @@ async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     );
     ids.sort();
     assert_eq!(index.search(json!({"match_all": {}})).await, ids);
-    let letters = list_dead_letters(&vhost.url, DLQ, 5).await.expect("dlq");
+    let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+        .list(5)
+        .await
+        .expect("dlq");
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0]

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use benalsam_events::outbox::{ClaimKind, RetryPolicy, Wake};
+use benalsam_events::outbox::{RetryPolicy, Wake};
 use benalsam_events::{
     Backoff, Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle,
 };
@@ -60,7 +60,7 @@ async fn jobs_written_while_nobody_listens_are_delivered() {
     assert_eq!(jobs.len(), 7);
     assert!(
         jobs.iter()
-            .all(|j| j.table_name == "listings" && j.claim == ClaimKind::Fresh)
+            .all(|j| j.table_name == "listings" && !j.is_retry())
     );
     assert!(db.statuses().await.iter().all(|(_, s)| s == "processing"));
     db.drop().await;
@@ -289,12 +289,7 @@ async fn a_failed_job_is_retried_after_its_backoff_and_stops_at_the_maximum() {
                 "attempt {attempt} waited out its backoff"
             );
         }
-        let expected = if attempt == 1 {
-            ClaimKind::Fresh
-        } else {
-            ClaimKind::Retry
-        };
-        assert_eq!(job.claim, expected, "attempt {attempt}");
+        assert_eq!(job.is_retry(), attempt > 1, "attempt {attempt}");
         assert_eq!(job.retry_count, attempt - 1);
         let marked = outbox
             .settle(&[(

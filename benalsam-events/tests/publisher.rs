@@ -7,7 +7,6 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use benalsam_events::bridge::Resender;
 use benalsam_events::connect;
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::Wake;
@@ -379,17 +378,12 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
         .batch_execute("UPDATE elasticsearch_sync_queue SET sent_at = now() - interval '1 hour'")
         .await
         .expect("age");
-    let resender = Resender::new(outbox, Duration::from_secs(2)).expect("resender");
-    let status = resender.status();
-    let stop = CancellationToken::new();
-    let resender = tokio::spawn(resender.run(stop.clone()));
-    let started = std::time::Instant::now();
-    while status.snapshot().resent < 3 {
-        assert!(started.elapsed() < PATIENCE, "the resender picks them up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.cancel();
-    resender.await.expect("no panic");
+    // What the bridge's resender does every few seconds.
+    let resent = outbox
+        .resend_stale_sent(Duration::from_secs(2), 1000)
+        .await
+        .expect("resend");
+    assert_eq!(resent.len(), 3, "the three stale jobs go back to pending");
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     bridge.stop().await;
     assert_eq!(counts.get("sent"), Some(&3));

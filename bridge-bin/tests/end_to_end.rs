@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::index::list_dead_letters;
+use benalsam_events::index::DeadLetterQueue;
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url};
 
@@ -218,7 +218,8 @@ async fn assert_converged(db: &TestSchema, index: &TestIndex, vhost: &TestVhost)
         .get(0);
     assert_eq!(failed, 0, "every job completed");
     assert!(
-        list_dead_letters(&vhost.url, "elasticsearch.sync.dlq", 5)
+        DeadLetterQueue::new(vhost.url.clone(), "elasticsearch.sync.dlq")
+            .list(5)
             .await
             .expect("dlq")
             .is_empty(),

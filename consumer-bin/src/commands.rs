@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use benalsam_events::consumer;
-use benalsam_events::index::{list_dead_letters, replay_dead_letters};
+use benalsam_events::index::DeadLetterQueue;
 use benalsam_events::ops::cli::{
     self, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
 };
@@ -94,7 +94,8 @@ impl Cli {
                 Ok(())
             }
             Some(Command::Dlq(Dlq::List { ref queue, limit })) => {
-                let letters = list_dead_letters(rabbit, queue, limit)
+                let letters = DeadLetterQueue::new(rabbit.clone(), queue)
+                    .list(limit)
                     .await
                     .with_context(|| format!("listing {queue}"))?;
                 for letter in letters {
@@ -119,7 +120,8 @@ impl Cli {
                 } else {
                     JobSelection::Jobs(jobs.clone())
                 };
-                let report = replay_dead_letters(rabbit, queue, &selection)
+                let report = DeadLetterQueue::new(rabbit.clone(), queue)
+                    .replay(&selection)
                     .await
                     .with_context(|| format!("replaying {queue}"))?;
                 println!("replayed {}, kept {}", report.replayed, report.kept);

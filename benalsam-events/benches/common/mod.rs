@@ -2,7 +2,6 @@
 //! topology and migrations in place, listings like the demo's, and their jobs as envelopes.
 #![allow(dead_code)] // each benchmark uses a part
 
-use benalsam_events::config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL};
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
     Action, AmqpUrl, DatabaseUrl, Envelope, EventType, Outbox, OutboxConfig, Outcome, Settle,
@@ -37,8 +36,8 @@ pub struct BenchEnv {
 
 impl BenchEnv {
     pub async fn new(prefix: &str) -> Result<Self, BoxError> {
-        let db_url = DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL)?;
-        let base = AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL)?;
+        let db_url = DatabaseUrl::from_env()?;
+        let base = AmqpUrl::from_env()?;
         let name = format!("{prefix}_{}", std::process::id());
         let http = reqwest::Client::new();
         let mgmt = format!(
@@ -105,10 +104,7 @@ impl BenchEnv {
         let jobs = outbox.claim(usize::MAX).await?;
         let envelopes = jobs
             .iter()
-            .map(|job| {
-                let route = EventType::listings().route(job);
-                Envelope::decode(&Envelope::of(job, &route).to_bytes())
-            })
+            .map(|job| Envelope::decode(&Envelope::of(job, &EventType::listings()).to_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
         let released: Vec<(i64, Outcome)> =
             jobs.iter().map(|j| (j.id, Outcome::Released)).collect();

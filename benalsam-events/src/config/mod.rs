@@ -6,10 +6,9 @@ mod urls;
 
 use std::time::Duration;
 
-pub use urls::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl,
-};
+pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
+#[cfg(feature = "cli")]
+pub(crate) use urls::{DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL};
 pub(crate) use urls::{validate_identifier, validate_schema};
 
 use crate::{Error, Result};

@@ -11,14 +11,15 @@ use super::redact::redact_url;
 use crate::{Error, Result};
 
 /// Default `DATABASE_URL`: the database of the local stack (`scripts/stack`).
-pub const DEFAULT_DATABASE_URL: &str = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam";
+pub(crate) const DEFAULT_DATABASE_URL: &str =
+    "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam";
 /// Default `RABBITMQ_URL`: the local stack's broker, with the architecture document's user.
-pub const DEFAULT_RABBITMQ_URL: &str = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f";
+pub(crate) const DEFAULT_RABBITMQ_URL: &str = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f";
 /// Default `ELASTICSEARCH_URL`: the local stack's search node.
-pub const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
+pub(crate) const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
 
 macro_rules! service_url {
-    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, schemes = [$($scheme:literal),+], example = $example:literal) => {
+    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, default = $default:ident, schemes = [$($scheme:literal),+], example = $example:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq)]
         pub struct $name(url::Url);
@@ -42,13 +43,14 @@ macro_rules! service_url {
                 &self.0
             }
 
-            /// Reads the setting from its environment variable, or `default` when unset.
-            pub fn from_env_or(default: &str) -> Result<Self> {
+            /// Reads the setting from its environment variable; unset, the local stack's
+            /// (`scripts/stack`).
+            pub fn from_env() -> Result<Self> {
                 std::env::var($setting)
                     .ok()
                     .filter(|v| !v.is_empty())
                     .as_deref()
-                    .unwrap_or(default)
+                    .unwrap_or($default)
                     .parse()
             }
         }
@@ -100,6 +102,7 @@ service_url!(
     /// Where PostgreSQL is: `postgres://user:password@host:port/database`.
     DatabaseUrl,
     setting = "DATABASE_URL",
+    default = DEFAULT_DATABASE_URL,
     schemes = ["postgres", "postgresql"],
     example = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam"
 );
@@ -108,6 +111,7 @@ service_url!(
     /// Where RabbitMQ is: `amqp://user:password@host:port/vhost`.
     AmqpUrl,
     setting = "RABBITMQ_URL",
+    default = DEFAULT_RABBITMQ_URL,
     schemes = ["amqp"],
     example = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f"
 );
@@ -116,6 +120,7 @@ service_url!(
     /// Where Elasticsearch (or OpenSearch) is: `http://host:9200`.
     SearchUrl,
     setting = "ELASTICSEARCH_URL",
+    default = DEFAULT_ELASTICSEARCH_URL,
     schemes = ["http", "https"],
     example = "http://127.0.0.1:9200"
 );

@@ -11,7 +11,7 @@ use crate::backoff::Backoff;
 
 /// Where the breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CircuitState {
+pub(crate) enum CircuitState {
     /// Requests flow.
     Closed,
     /// Requests are held back until the next probe.
@@ -25,7 +25,8 @@ pub enum CircuitState {
 
 impl CircuitState {
     /// `closed` or `open`, for health answers and metrics.
-    pub fn name(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             CircuitState::Closed => "closed",
             CircuitState::Open { .. } => "open",

@@ -229,9 +229,36 @@ async fn open(url: &AmqpUrl, queue: &str, name: &str) -> Result<(lapin::Connecti
     Ok((connection, channel, declared.message_count()))
 }
 
+/// A dead-letter queue, for the operator's tools: look at what is in it, send it back.
+#[derive(Debug, Clone)]
+pub struct DeadLetterQueue {
+    url: AmqpUrl,
+    queue: String,
+}
+
+impl DeadLetterQueue {
+    /// The dead-letter queue `queue` on the broker at `url`.
+    pub fn new(url: AmqpUrl, queue: &str) -> Self {
+        Self {
+            url,
+            queue: queue.to_owned(),
+        }
+    }
+
+    /// Up to `limit` messages, left in the queue.
+    pub async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        list(&self.url, &self.queue, limit).await
+    }
+
+    /// Sends the selected messages back where they were first published, then removes them.
+    pub async fn replay(&self, selection: &JobSelection) -> Result<ReplayReport> {
+        replay(&self.url, &self.queue, selection).await
+    }
+}
+
 /// Lists up to `limit` messages of the dead-letter queue `queue` without removing them (they
 /// are fetched unacknowledged and handed back when the channel closes).
-pub async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
     let (connection, channel, count) = open(url, queue, "benalsam dlq list").await?;
     let mut letters = Vec::new();
     for _ in 0..count.min(u32::try_from(limit).unwrap_or(u32::MAX)) {
@@ -257,7 +284,7 @@ pub struct ReplayReport {
 
 /// Publishes the selected dead letters of `queue` back to the exchange and routing key they
 /// were first published with (confirmed), then removes them from the DLQ. The others stay.
-pub async fn replay(url: &AmqpUrl, queue: &str, selection: &JobSelection) -> Result<ReplayReport> {
+async fn replay(url: &AmqpUrl, queue: &str, selection: &JobSelection) -> Result<ReplayReport> {
     let (connection, channel, count) = open(url, queue, "benalsam dlq replay").await?;
     let publisher = crate::connect::confirm_channel(&connection, "replay").await?;
     let mut report = ReplayReport::default();

@@ -109,13 +109,15 @@ impl Default for IndexerConfig {
 }
 
 /// What an indexer has been doing, for health checks.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct IndexerStatus {
     /// Whether it holds a consuming channel.
     pub connected: bool,
-    /// The circuit breaker.
-    pub circuit: CircuitState,
+    /// Since when the circuit breaker holds requests back (`None` while it is closed).
+    pub circuit_open_since: Option<SystemTime>,
+    /// Consecutive failures of the cluster as a whole (0 while the circuit is closed).
+    pub circuit_failures: u32,
     /// Messages received.
     pub received: u64,
     /// Documents written.
@@ -152,33 +154,15 @@ pub struct IndexerStatus {
     pub last_error: Option<(SystemTime, String)>,
 }
 
-impl Default for IndexerStatus {
-    fn default() -> Self {
-        Self {
-            connected: false,
-            circuit: CircuitState::Closed,
-            received: 0,
-            indexed: 0,
-            deleted: 0,
-            superseded: 0,
-            dead_lettered: 0,
-            retried: 0,
-            acked: 0,
-            last_ack_at: None,
-            bulk_requests: 0,
-            last_bulk_at: None,
-            last_bulk_items: 0,
-            last_bulk_duration: None,
-            queue_depth: None,
-            dlq_depth: None,
-            outbox_failing: None,
-            errors: 0,
-            last_error: None,
-        }
-    }
-}
-
 impl Live<IndexerStatus> {
+    fn circuit(&self, state: CircuitState) {
+        let mut s = self.lock();
+        (s.circuit_open_since, s.circuit_failures) = match state {
+            CircuitState::Closed => (None, 0),
+            CircuitState::Open { failures, since } => (Some(since), failures),
+        };
+    }
+
     pub(crate) fn error(&self, error: &str) {
         let mut s = self.lock();
         s.errors += 1;
@@ -524,7 +508,7 @@ impl Run {
                 if self.probe_at.take().is_some() {
                     self.breaker.success();
                     self.shared.metrics.circuit_open.set(0);
-                    self.status().lock().circuit = self.breaker.state();
+                    self.status().circuit(self.breaker.state());
                     tracing::info!("Elasticsearch answers again: circuit closed");
                 }
                 self.held.extend(retries);
@@ -535,7 +519,7 @@ impl Run {
             Finished::Unavailable { batch, reason } => {
                 let wait = self.breaker.failure(SystemTime::now());
                 self.probe_at = Some(Instant::now() + wait);
-                self.status().lock().circuit = self.breaker.state();
+                self.status().circuit(self.breaker.state());
                 self.shared.metrics.circuit_open.set(1);
                 self.status().error(&reason);
                 tracing::warn!(%reason, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");

@@ -13,8 +13,8 @@
 //! | circuit | holds everything back while the cluster as a whole is down |
 //!
 //! [`ensure_index`] creates an index behind its alias with the mapping it needs (and the
-//! delete protection every index gets); [`list_dead_letters`] and [`replay_dead_letters`]
-//! are the operator's tools for a dead-letter queue.
+//! delete protection every index gets); a [`DeadLetterQueue`] gives the operator's tools
+//! for one: list its messages with their reasons, replay them.
 
 mod batch;
 mod circuit;
@@ -27,10 +27,7 @@ mod settle;
 mod source;
 mod writer;
 
-pub use circuit::CircuitState;
-pub use dead_letter::{
-    DeadLetter, ReplayReport, list as list_dead_letters, replay as replay_dead_letters,
-};
+pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
 pub use documents::{Action, BuildError, DocumentBuilder, Documents, ListingDocuments};
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
 pub use search::{Bootstrap, IndexConfig, client, ensure_index, listings_index_body};

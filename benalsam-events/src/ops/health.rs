@@ -199,7 +199,7 @@ impl HealthServer {
                 let body = self
                     .metrics
                     .as_ref()
-                    .map(|m| m.encode(format))
+                    .map(|m| m.encode_as(format))
                     .unwrap_or_default();
                 respond(StatusCode::OK, format.content_type(), body.into_bytes())
             }

@@ -14,7 +14,7 @@ use crate::publish::SYSTEM_EXCHANGE;
 use crate::{Error, Result};
 
 /// Publishes a report every `interval` as `health.<service>` on `benalsam.system`.
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     url: AmqpUrl,
     service: String,
     interval: Duration,
@@ -33,7 +33,7 @@ impl std::fmt::Debug for Heartbeat {
 impl Heartbeat {
     /// Heartbeats of `service` carrying `report`'s answer, every `interval` (which must be
     /// longer than zero).
-    pub fn new(
+    pub(crate) fn new(
         url: AmqpUrl,
         service: &str,
         interval: Duration,
@@ -50,7 +50,7 @@ impl Heartbeat {
 
     /// Beats until `shutdown`. Heartbeats are best effort: a failed one is logged and the
     /// next tries a new connection.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let routing_key = format!("health.{}", self.service);
         let mut link: Option<(Connection, Channel)> = None;
         let mut ticks = tokio::time::interval(self.interval);

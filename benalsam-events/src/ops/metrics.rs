@@ -10,7 +10,8 @@
 //! [`Metrics::for_service`] adds the standard process metrics (`process_cpu_seconds_total`,
 //! `process_resident_memory_bytes`, `process_open_fds`, …) and `benalsam_build_info`.
 //! [`Metrics::encode`] writes the Prometheus text format (what `promtool check metrics`
-//! reads) or OpenMetrics, whichever the scraper asks for.
+//! reads), [`Metrics::encode_openmetrics`] OpenMetrics; the health server serves whichever
+//! the scraper asks for.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,9 +52,9 @@ pub(crate) struct Table {
 
 pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// The format of [`Metrics::encode`].
+/// The text formats a scraper may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
     Prometheus,
     /// OpenMetrics 1.0 (`application/openmetrics-text; version=1.0.0`).
@@ -62,7 +63,7 @@ pub enum Format {
 
 impl Format {
     /// The format a scraper asks for in its `Accept` header.
-    pub fn negotiate(accept: Option<&str>) -> Self {
+    pub(crate) fn negotiate(accept: Option<&str>) -> Self {
         match accept {
             Some(accept) if accept.contains("application/openmetrics-text") => Self::OpenMetrics,
             _ => Self::Prometheus,
@@ -70,7 +71,7 @@ impl Format {
     }
 
     /// The `Content-Type` of an answer in this format.
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
             Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -138,8 +139,18 @@ impl Metrics {
         }
     }
 
-    /// Every registered metric, in `format`.
-    pub fn encode(&self, format: Format) -> String {
+    /// Every registered metric, in the Prometheus text format (what `promtool check metrics`
+    /// reads).
+    pub fn encode(&self) -> String {
+        self.encode_as(Format::Prometheus)
+    }
+
+    /// Every registered metric, in OpenMetrics 1.0.
+    pub fn encode_openmetrics(&self) -> String {
+        self.encode_as(Format::OpenMetrics)
+    }
+
+    pub(crate) fn encode_as(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
@@ -571,7 +582,7 @@ mod tests {
         let stream = StreamMetrics::default();
         stream.register(&metrics);
         stream.jobs_reclaimed.inc();
-        let text = metrics.encode(Format::Prometheus);
+        let text = metrics.encode();
         assert!(
             text.contains("# TYPE benalsam_jobs_reclaimed_total counter\n"),
             "{text}"
@@ -593,7 +604,7 @@ mod tests {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
-        let open = metrics.encode(Format::OpenMetrics);
+        let open = metrics.encode_openmetrics();
         assert!(open.ends_with("# EOF\n"), "{open}");
     }
 

@@ -11,6 +11,6 @@ pub mod telemetry;
 
 pub use health::{HealthReport, HealthServer, Readiness};
 pub(crate) use health::{rfc3339, since};
-pub use heartbeat::Heartbeat;
-pub use metrics::{Format, Metrics};
+pub(crate) use heartbeat::Heartbeat;
+pub use metrics::Metrics;
 pub use status::Live;

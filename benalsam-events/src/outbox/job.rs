@@ -56,7 +56,7 @@ impl FromStr for Operation {
 /// Where a job is in its life: `pending → processing → sent → completed`, or `failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum JobStatus {
+pub(crate) enum JobStatus {
     /// Written by the trigger (or given back), waiting to be claimed.
     Pending,
     /// Claimed by a bridge under a lease.
@@ -71,7 +71,8 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in life-cycle order.
-    pub const ALL: [JobStatus; 5] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [JobStatus; 5] = [
         JobStatus::Pending,
         JobStatus::Processing,
         JobStatus::Sent,
@@ -80,7 +81,7 @@ impl JobStatus {
     ];
 
     /// The spelling used in the queue table.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobStatus::Pending => "pending",
             JobStatus::Processing => "processing",
@@ -99,6 +100,7 @@ impl fmt::Display for JobStatus {
 
 /// One claimed job.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Job {
     /// The queue row's id. Later changes of one record always have larger ids, which is what
     /// makes it usable as the search document's version.
@@ -118,12 +120,12 @@ pub struct Job {
     /// The writer's W3C `traceparent`, when it set one.
     pub traceparent: Option<String>,
     /// How this claim came about.
-    pub claim: ClaimKind,
+    pub(crate) claim: ClaimKind,
 }
 
 /// Why a job was handed out this time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClaimKind {
+pub(crate) enum ClaimKind {
     /// Its first claim, or its first after being given back.
     Fresh,
     /// A retry of a failed job whose backoff elapsed.
@@ -131,6 +133,12 @@ pub enum ClaimKind {
 }
 
 impl Job {
+    /// Whether this claim is a retry of a failed job whose backoff elapsed (rather than its
+    /// first claim, or its first after being given back).
+    pub fn is_retry(&self) -> bool {
+        self.claim == ClaimKind::Retry
+    }
+
     /// The RabbitMQ `message_id` of this job: the same on every publish of it.
     pub fn message_id(&self) -> String {
         format!("job_{}", self.id)

@@ -37,8 +37,10 @@ mod queue;
 pub(crate) mod state;
 mod stream;
 
-pub use job::{ClaimKind, Job, JobStatus, Operation};
+pub(crate) use job::{ClaimKind, JobStatus};
+pub use job::{Job, Operation};
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
 pub use migrate::{MigrationReport, migrate};
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, RetryPolicy, Settle, Settled};
-pub use stream::{DEFAULT_CHANNEL, JobStream, JobStreamConfig, JobStreamStatus, Wake};
+pub(crate) use stream::DEFAULT_CHANNEL;
+pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};

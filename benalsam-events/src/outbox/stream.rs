@@ -30,7 +30,7 @@ use crate::outbox::{Backlog, ClaimKind, Job, Outbox, Outcome, Settle};
 use crate::{Error, Result};
 
 /// The NOTIFY channel the trigger uses unless given `channel=`.
-pub const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
+pub(crate) const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
 
 /// How the stream learns that there is work.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::outbox::{Job, Operation};
-use crate::publish::Route;
+use crate::publish::{EventType, Route};
 
 /// The envelope schema this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 /// Envelope schemas this build can read.
 const READABLE_SCHEMA_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
@@ -97,19 +97,24 @@ pub enum EnvelopeError {
 }
 
 impl<'a> Envelope<'a> {
-    /// The envelope of `job` routed by `route`, borrowing both.
-    pub fn of(job: &'a Job, route: &'a Route) -> Self {
+    /// The envelope of `job` as `event_type` routes it, borrowing the job's row.
+    pub fn of(job: &'a Job, event_type: &EventType) -> Self {
+        Self::routed(job, event_type.route(job))
+    }
+
+    /// The envelope of `job` routed by `route`.
+    pub(crate) fn routed(job: &'a Job, route: Route) -> Self {
         Self {
             message_id: Cow::Owned(job.message_id()),
             job_id: job.id,
             schema_version: SCHEMA_VERSION,
-            routing_key: Cow::Borrowed(&route.routing_key),
+            routing_key: Cow::Owned(route.routing_key),
             table: Cow::Borrowed(&job.table_name),
             operation: job.operation,
             record_id: Cow::Borrowed(&job.record_id),
             change_data: Cow::Borrowed(&job.change_data),
-            status: route.status.as_deref().map(Cow::Borrowed),
-            previous_status: route.previous_status.as_deref().map(Cow::Borrowed),
+            status: route.status.map(Cow::Owned),
+            previous_status: route.previous_status.map(Cow::Owned),
             occurred_at: job.created_at,
             trace_id: job
                 .traceparent
@@ -302,8 +307,8 @@ mod tests {
 
     fn envelope() -> Envelope<'static> {
         let job = job();
-        let route = EventType::listings().route(&job);
-        Envelope::decode(&Envelope::of(&job, &route).to_bytes()).expect("round trip")
+        Envelope::decode(&Envelope::of(&job, &EventType::listings()).to_bytes())
+            .expect("round trip")
     }
 
     #[test]
@@ -407,8 +412,7 @@ mod tests {
             j.id = id;
             j.record_id = record;
             j.change_data = json!({"old": {"status": "active", "title": "x"}, "new": {"status": "active", "title": title}});
-            let route = EventType::listings().route(&j);
-            let e = Envelope::of(&j, &route);
+            let e = Envelope::of(&j, &EventType::listings());
             let decoded = Envelope::decode(&e.to_bytes());
             prop_assert_eq!(decoded, Ok(e));
         }

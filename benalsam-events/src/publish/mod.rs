@@ -13,9 +13,12 @@ mod publisher;
 mod routing;
 mod topology;
 
-pub use envelope::{Envelope, EnvelopeError, SCHEMA_VERSION};
+#[cfg(test)]
+pub(crate) use envelope::SCHEMA_VERSION;
+pub use envelope::{Envelope, EnvelopeError};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
-pub use routing::{EventType, LISTINGS_EXCHANGE, Route, Routes};
+pub use routing::{EventType, Routes};
+pub(crate) use routing::{LISTINGS_EXCHANGE, Route};
 pub use topology::{Bound, QueueType, Topology, TopologyConfig};
 pub(crate) use topology::{DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, SYNC_QUEUE, SYSTEM_EXCHANGE};

@@ -404,7 +404,7 @@ impl<S: Settle> Worker<S> {
             telemetry::set_parent(&span, parent);
         }
         let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
-        let mut envelope = Envelope::of(job, &route);
+        let mut envelope = Envelope::routed(job, route);
         if let Some(trace_id) = traceparent.as_deref().and_then(trace_id_of) {
             envelope.trace_id = Some(trace_id.to_owned().into());
         }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::outbox::{Job, Operation};
 
 /// The exchange of listing events, as the architecture document names it.
-pub const LISTINGS_EXCHANGE: &str = "benalsam.listings";
+pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 
 /// How the jobs of one table become messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +59,7 @@ impl EventType {
     }
 
     /// Where a job goes, and the status it carries.
-    pub fn route(&self, job: &Job) -> Route {
+    pub(crate) fn route(&self, job: &Job) -> Route {
         let (current, previous) = match job.operation {
             Operation::Insert | Operation::Delete => (&job.change_data, None),
             Operation::Update => (&job.change_data["new"], Some(&job.change_data["old"])),
@@ -100,15 +100,15 @@ impl EventType {
 
 /// Where one job's message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     /// The exchange.
-    pub exchange: String,
+    pub(crate) exchange: String,
     /// The routing key.
-    pub routing_key: String,
+    pub(crate) routing_key: String,
     /// The row's status after the change (before it, for a DELETE).
-    pub status: Option<String>,
+    pub(crate) status: Option<String>,
     /// The status before an UPDATE, only when the UPDATE changed it.
-    pub previous_status: Option<String>,
+    pub(crate) previous_status: Option<String>,
 }
 
 /// A value made safe as one word of a topic routing key: `.`, `*` and `#` have meaning

@@ -5,21 +5,18 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use benalsam_events::config::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl,
-};
+use benalsam_events::config::{AmqpUrl, DatabaseUrl, SearchUrl};
 
 pub fn database_url() -> DatabaseUrl {
-    DatabaseUrl::from_env_or(DEFAULT_DATABASE_URL).expect("DATABASE_URL is valid")
+    DatabaseUrl::from_env().expect("DATABASE_URL is valid")
 }
 
 pub fn rabbitmq_url() -> AmqpUrl {
-    AmqpUrl::from_env_or(DEFAULT_RABBITMQ_URL).expect("RABBITMQ_URL is valid")
+    AmqpUrl::from_env().expect("RABBITMQ_URL is valid")
 }
 
 pub fn search_url() -> SearchUrl {
-    SearchUrl::from_env_or(DEFAULT_ELASTICSEARCH_URL).expect("ELASTICSEARCH_URL is valid")
+    SearchUrl::from_env().expect("ELASTICSEARCH_URL is valid")
 }
 
 /// A name no other test (in this run or an earlier one) uses: `<prefix>_<pid>_<n>_<micros>`,
