@@ -22,7 +22,8 @@ use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
 use crate::ops::{HealthReport, Heartbeat, Live, Metrics, rfc3339, since};
 use crate::outbox::{JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig};
-use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Routes, Topology};
+use crate::EventType;
+use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
 use crate::service::{Check, Service, check};
 
 /// Everything [`run`] needs.
@@ -39,10 +40,12 @@ pub struct BridgeSettings {
     pub stream: JobStreamConfig,
     /// Publishing (window, reports).
     pub publisher: PublisherConfig,
-    /// Where the jobs of each table go.
-    pub routes: Routes,
-    /// Declared at start, and again when a publish finds part of it missing.
-    pub topology: Topology,
+    /// The tables whose jobs it publishes, and where they go. It claims only these tables'
+    /// jobs; the jobs of any other table wait for a bridge that routes them.
+    pub event_types: Vec<EventType>,
+    /// The topology's choices; the topology itself is derived from the event types, declared
+    /// at start, and again when a publish finds part of it missing.
+    pub topology: TopologyConfig,
     /// Apply the database migrations before starting.
     pub migrate: bool,
     /// Where the health endpoints listen; `None` for none.
@@ -60,15 +63,14 @@ pub struct BridgeSettings {
 impl BridgeSettings {
     /// The defaults, for the listings of the architecture document, against these services.
     pub fn new(database_url: DatabaseUrl, rabbitmq_url: AmqpUrl) -> Self {
-        let topology = Topology::benalsam(&crate::publish::TopologyConfig::default());
         Self {
             database_url,
             rabbitmq_url,
             outbox: OutboxConfig::default(),
             stream: JobStreamConfig::default(),
             publisher: PublisherConfig::default(),
-            routes: Routes::default(),
-            topology,
+            event_types: vec![EventType::listings()],
+            topology: TopologyConfig::default(),
             migrate: false,
             health_addr: None,
             health_window: Duration::from_secs(30),
@@ -79,6 +81,15 @@ impl BridgeSettings {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.event_types.is_empty() {
+            return Err(crate::Error::config(
+                "event types",
+                "a bridge needs at least one (BENALSAM_CONFIG)",
+            ));
+        }
+        for event_type in &self.event_types {
+            event_type.validate()?;
+        }
         require_positive("BENALSAM_HEALTH_WINDOW", self.health_window)?;
         require_positive("BENALSAM_RESEND_AFTER", self.resend_after)?;
         if let Some(interval) = self.heartbeat_interval {
@@ -142,16 +153,35 @@ async fn prepare(
         let migrated = service
             .step("migrating the database", shutdown, || async {
                 let mut client = crate::connect::postgres(&settings.database_url).await?;
-                crate::outbox::migrate(&mut client, &settings.outbox.schema).await
+                crate::outbox::migrate(&mut client, &settings.outbox, &settings.event_types).await
             })
             .await?;
-        if migrated.is_none() {
-            return Ok(false);
+        match migrated {
+            None => return Ok(false),
+            Some(report) if !report.missing_tables.is_empty() => {
+                return Err(missing_tables(&report.missing_tables));
+            }
+            Some(_) => {}
         }
     }
+    let missing = service
+        .step("checking the event types' tables", shutdown, || {
+            crate::outbox::missing_tables(
+                &settings.database_url,
+                &settings.outbox.schema,
+                &settings.event_types,
+            )
+        })
+        .await?;
+    match missing {
+        None => return Ok(false),
+        Some(missing) if !missing.is_empty() => return Err(missing_tables(&missing)),
+        Some(_) => {}
+    }
+    let topology = settings.topology();
     let declared = service
         .step("declaring the RabbitMQ topology", shutdown, || {
-            declare(&settings.rabbitmq_url, &settings.topology)
+            declare(&settings.rabbitmq_url, &topology)
         })
         .await?;
     Ok(declared.is_some())
@@ -165,20 +195,23 @@ fn start(
     monitor: &OnceLock<BridgeMonitor>,
     shutdown: &CancellationToken,
 ) -> Result<(JobStream, Publisher)> {
-    let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
+    let mut outbox_config = settings.outbox.clone();
+    outbox_config.tables = Some(settings.event_types.iter().map(|t| t.table.clone()).collect());
+    let outbox = Outbox::new(settings.database_url.clone(), outbox_config)?;
     let jobs = JobStream::new(outbox.clone(), settings.stream.clone(), shutdown.clone())?
         .with_metrics(&service.metrics);
     let mut publisher_config = settings.publisher.clone();
-    publisher_config.topology = Some(settings.topology.clone());
+    publisher_config.topology = Some(settings.topology());
     let publisher = Publisher::new(
         settings.rabbitmq_url.clone(),
         outbox.clone(),
-        settings.routes.clone(),
+        settings.event_types.clone(),
         publisher_config,
     )
     .with_metrics(&service.metrics);
     let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
     let bridge = BridgeMonitor {
+        routed: settings.event_types.iter().map(|t| t.table.clone()).collect(),
         stream: jobs.status(),
         publisher: publisher.status(),
         resender: resender.status(),
@@ -202,6 +235,23 @@ fn start(
     Ok((jobs, publisher))
 }
 
+fn missing_tables(tables: &[String]) -> crate::Error {
+    crate::Error::config(
+        "event types",
+        format!(
+            "table {} does not exist; create it, or fix the event type's table (BENALSAM_CONFIG)",
+            tables.join(", ")
+        ),
+    )
+}
+
+impl BridgeSettings {
+    /// The topology of its event types.
+    pub fn topology(&self) -> Topology {
+        Topology::for_event_types(&self.event_types, &self.topology)
+    }
+}
+
 async fn declare(url: &AmqpUrl, topology: &Topology) -> Result<()> {
     let connection = crate::connect::amqp(url, "benalsam-bridge topology").await?;
     topology.declare(&connection).await?;
@@ -223,6 +273,8 @@ fn checks(monitor: &Arc<OnceLock<BridgeMonitor>>) -> Vec<Check> {
 /// What the bridge's health endpoints look at.
 #[derive(Debug, Clone)]
 struct BridgeMonitor {
+    /// The tables this bridge claims.
+    routed: Vec<String>,
     stream: Live<JobStreamStatus>,
     publisher: Live<PublisherStatus>,
     resender: Live<ResenderStatus>,
@@ -245,6 +297,7 @@ impl BridgeMonitor {
     fn database(&self) -> HealthReport {
         database_report(
             &self.stream.snapshot(),
+            &self.routed,
             &self.resender.snapshot(),
             self.window,
             self.resend_after,
@@ -325,6 +378,7 @@ fn rabbitmq_report(
 /// `resend_after` ago never completed. Pure, so the verdicts are tested without services.
 fn database_report(
     s: &JobStreamStatus,
+    routed: &[String],
     resender: &ResenderStatus,
     window: Duration,
     resend_after: Duration,
@@ -333,11 +387,24 @@ fn database_report(
 ) -> HealthReport {
     let problems = database_problems(s, resender, window, resend_after, database, now);
     let backlog = s.backlog.unwrap_or_default();
+    // Jobs of tables this bridge does not route wait for one that does: said, not red.
+    let unrouted: serde_json::Map<String, serde_json::Value> = s
+        .pending_by_table
+        .iter()
+        .filter(|(table, _)| !routed.contains(table))
+        .map(|(table, jobs)| (table.clone(), json!(jobs)))
+        .collect();
     let healthy = problems.is_empty();
     let message = if healthy {
         let mut m = format!("jobs flow; {} pending", backlog.pending);
         if s.listening == Some(false) {
             m.push_str("; LISTEN is down, polling meanwhile");
+        }
+        if !unrouted.is_empty() {
+            let tables: Vec<&String> = unrouted.keys().collect();
+            m.push_str(&format!(
+                "; jobs of {tables:?} wait for a bridge that routes them (not this one)"
+            ));
         }
         m
     } else {
@@ -362,6 +429,8 @@ fn database_report(
             "retried": s.retried,
             "reclaimed": s.reclaimed,
             "resent": resender.resent,
+            "routedTables": routed,
+            "unroutedPending": unrouted,
             "errors": s.errors,
             "lastError": s.last_error.as_ref().map(|(_, e)| e),
         }),
@@ -524,7 +593,15 @@ mod tests {
     }
 
     fn report(s: &JobStreamStatus, now: SystemTime) -> HealthReport {
-        database_report(s, &ResenderStatus::default(), WINDOW, RESEND, "db", now)
+        database_report(
+            s,
+            &["listings".to_owned()],
+            &ResenderStatus::default(),
+            WINDOW,
+            RESEND,
+            "db",
+            now,
+        )
     }
 
     #[test]
@@ -593,7 +670,7 @@ mod tests {
             resent: 4,
             last_resend: Some((now, 4)),
         };
-        let r = database_report(&flowing(now), &resent, WINDOW, RESEND, "db", now);
+        let r = database_report(&flowing(now), &[], &resent, WINDOW, RESEND, "db", now);
         assert!(
             !r.healthy && r.message.contains("4 jobs were sent"),
             "{}",

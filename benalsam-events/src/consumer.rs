@@ -1,8 +1,9 @@
 //! The consumer as a service: change messages into Elasticsearch.
 //!
 //! [`run`] is everything `benalsam-consumer` does: health endpoints up from the first
-//! moment, migrations (when asked), the topology declared and the search index prepared,
-//! then the [`Indexer`] until shutdown, with a heartbeat beside it.
+//! moment, migrations (when asked), its queues waited for (the bridge declares them) and its
+//! event types' indexes prepared, then the [`Indexer`] until shutdown, with a heartbeat
+//! beside it.
 //!
 //! Its health verdicts judge progress: unhealthy
 //! while the circuit is open, while outcomes cannot be recorded in PostgreSQL, or while
@@ -15,12 +16,11 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::Result;
+use crate::{EventType, Result};
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
-use crate::index::{Documents, IndexConfig, Indexer, IndexerConfig, IndexerStatus, ensure_index};
+use crate::index::{Indexer, IndexerConfig, IndexerStatus, ensure_index};
 use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
-use crate::publish::Topology;
 use crate::service::{Check, Service, check};
 
 /// Everything [`run`] needs.
@@ -39,12 +39,9 @@ pub struct ConsumerSettings {
     pub outbox: OutboxConfig,
     /// Consuming and writing.
     pub indexer: IndexerConfig,
-    /// The document builders, by table.
-    pub documents: Documents,
-    /// The index to prepare at start, with its settings and mapping.
-    pub index: Option<(IndexConfig, Value)>,
-    /// Declared at start.
-    pub topology: Topology,
+    /// The event types whose queues it consumes, each into its own index (prepared at
+    /// start). The bridge declares the topology; the consumer waits for its queues.
+    pub event_types: Vec<EventType>,
     /// Apply the database migrations before starting.
     pub migrate: bool,
     /// Where the health endpoints listen; `None` for none.
@@ -58,8 +55,6 @@ pub struct ConsumerSettings {
 impl ConsumerSettings {
     /// The defaults, for the listings of the architecture document, against these services.
     pub fn new(database_url: DatabaseUrl, rabbitmq_url: AmqpUrl, search_url: SearchUrl) -> Self {
-        let index = IndexConfig::default();
-        let body = crate::index::listings_index_body(&index);
         Self {
             database_url,
             rabbitmq_url,
@@ -67,12 +62,7 @@ impl ConsumerSettings {
             search_timeout: Duration::from_secs(30),
             outbox: OutboxConfig::default(),
             indexer: IndexerConfig::default(),
-            documents: Documents::new().with(
-                "listings",
-                crate::index::ListingDocuments::new(&index.alias),
-            ),
-            index: Some((index, body)),
-            topology: Topology::benalsam(&crate::publish::TopologyConfig::default()),
+            event_types: vec![EventType::listings()],
             migrate: false,
             health_addr: None,
             health_window: Duration::from_secs(30),
@@ -81,6 +71,15 @@ impl ConsumerSettings {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.event_types.is_empty() {
+            return Err(crate::Error::config(
+                "event types",
+                "a consumer needs at least one (BENALSAM_CONFIG)",
+            ));
+        }
+        for event_type in &self.event_types {
+            event_type.validate()?;
+        }
         require_positive("BENALSAM_HEALTH_WINDOW", self.health_window)?;
         require_positive("BENALSAM_SEARCH_TIMEOUT", self.search_timeout)?;
         if let Some(interval) = self.heartbeat_interval {
@@ -99,47 +98,16 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
     service
         .serve_health("benalsam-consumer", settings.health_addr, checks(&monitor))
         .await?;
-    if settings.migrate {
-        let migrated = service
-            .step("migrating the database", &shutdown, || async {
-                let mut client = crate::connect::postgres(&settings.database_url).await?;
-                crate::outbox::migrate(&mut client, &settings.outbox.schema).await
-            })
-            .await?;
-        if migrated.is_none() {
-            return Ok(());
-        }
-    }
-    let declared = service
-        .step("declaring the RabbitMQ topology", &shutdown, || async {
-            let connection =
-                crate::connect::amqp(&settings.rabbitmq_url, "benalsam-consumer topology").await?;
-            settings.topology.declare(&connection).await?;
-            let _ = connection.close(200, "declared".into()).await;
-            Ok(())
-        })
-        .await?;
-    if declared.is_none() {
+    let search = crate::index::client(&settings.search_url, settings.search_timeout)?;
+    if !prepare(&settings, &service, &search, &shutdown).await? {
         return Ok(());
     }
-    let search = crate::index::client(&settings.search_url, settings.search_timeout)?;
-    if let Some((index, body)) = &settings.index {
-        let prepared = service
-            .step("preparing the search index", &shutdown, || {
-                ensure_index(&search, index, body)
-            })
-            .await?;
-        if prepared.is_none() {
-            return Ok(());
-        }
-    }
-
     let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
     let indexer = Indexer::new(
         settings.rabbitmq_url.clone(),
         search,
         outbox,
-        settings.documents.clone(),
+        settings.event_types.clone(),
         settings.indexer.clone(),
     )?
     .with_metrics(&service.metrics);
@@ -149,23 +117,99 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
         search: settings.search_url.redacted(),
         broker: settings.rabbitmq_url.redacted(),
     };
-    let beat = consumer.clone();
-    let _ = monitor.set(consumer);
     if let Some(interval) = settings.heartbeat_interval {
-        let heartbeat = Heartbeat::new(
-            settings.rabbitmq_url.clone(),
-            "consumer",
-            interval,
-            move || beat.elasticsearch(),
-        )?;
+        let beat = consumer.clone();
+        let heartbeat =
+            Heartbeat::new(settings.rabbitmq_url.clone(), "consumer", interval, move || {
+                beat.elasticsearch()
+            })?;
         service.spawn(heartbeat.run(service.background()));
     }
+    let _ = monitor.set(consumer);
     service.readiness.ready();
-    tracing::info!(queue = %settings.indexer.queue, "consumer running");
+    tracing::info!("consumer running");
     indexer.run(shutdown).await;
     service.stop().await;
     tracing::info!("consumer stopped");
     Ok(())
+}
+
+/// The start-up steps: migrations when asked, the queues (declared by the bridge: waited
+/// for), the indexes. False when shutdown came first.
+async fn prepare(
+    settings: &ConsumerSettings,
+    service: &Service,
+    search: &elasticsearch::Elasticsearch,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    if settings.migrate {
+        let migrated = service
+            .step("migrating the database", shutdown, || async {
+                let mut client = crate::connect::postgres(&settings.database_url).await?;
+                crate::outbox::migrate(&mut client, &settings.outbox, &[]).await
+            })
+            .await?;
+        if migrated.is_none() {
+            return Ok(false);
+        }
+    }
+    let queues: Vec<&str> = settings.event_types.iter().map(|t| t.queue.as_str()).collect();
+    let found = service
+        .step("waiting for the queues (benalsam-bridge declares them)", shutdown, || {
+            queues_exist(&settings.rabbitmq_url, &queues)
+        })
+        .await?;
+    if found.is_none() {
+        return Ok(false);
+    }
+    for event_type in &settings.event_types {
+        let step = format!("preparing the search index {}", event_type.index.alias);
+        let prepared = service
+            .step(&step, shutdown, || ensure_index(search, event_type))
+            .await?;
+        if prepared.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether every queue exists (asked passively, each on a channel of its own: the broker
+/// closes a channel that asks about a missing queue). A missing one is an error worth
+/// retrying: the bridge declares the topology when it starts.
+async fn queues_exist(url: &crate::AmqpUrl, queues: &[&str]) -> Result<()> {
+    let connection = crate::connect::amqp(url, "benalsam-consumer start").await?;
+    let mut missing = Vec::new();
+    for queue in queues {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::Error::amqp("opening a channel", e))?;
+        let declared = channel
+            .queue_declare(
+                (*queue).into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        if declared.is_err() {
+            missing.push(*queue);
+        } else {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+    }
+    let _ = connection.close(200, "checked".into()).await;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Error::broker(format!(
+            "queue {} does not exist yet; benalsam-bridge declares the topology when it starts",
+            missing.join(", ")
+        )))
+    }
 }
 
 fn checks(monitor: &Arc<OnceLock<ConsumerMonitor>>) -> Vec<Check> {

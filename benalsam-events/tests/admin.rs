@@ -75,12 +75,12 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
     let db = TestSchema::new().await;
     // Rows that predate the trigger.
     db.client
-        .batch_execute("ALTER TABLE listings DISABLE TRIGGER listings_sync_queue")
+        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_queue")
         .await
         .expect("disable");
     let ids: HashSet<String> = db.insert_listings(25).await.into_iter().collect();
     db.client
-        .batch_execute("ALTER TABLE listings ENABLE TRIGGER listings_sync_queue")
+        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_queue")
         .await
         .expect("enable");
     assert!(db.statuses().await.is_empty());

@@ -8,7 +8,7 @@
 //!
 //! | header | meaning |
 //! |---|---|
-//! | `x-dead-letter-kind` | `malformed` (not a valid envelope), `rejected` (a permanent Elasticsearch error), `retries-exhausted` |
+//! | `x-dead-letter-kind` | `malformed` (not a valid envelope), `unverified` (a job the outbox does not know as the message tells it), `rejected` (a permanent Elasticsearch error, or a row that is no document), `retries-exhausted` |
 //! | `x-dead-letter-reason` | the reason, for a person |
 //! | `x-original-exchange`, `x-original-routing-key` | where to replay it |
 //! | `x-dead-lettered-at` | when, RFC 3339 |
@@ -46,6 +46,8 @@ const REPLAYED_HEADER: &str = "x-replayed";
 pub(crate) enum Why {
     /// Not a valid envelope (or no job id).
     Malformed,
+    /// Its job is unknown to the outbox, or not as the message tells it.
+    Unverified,
     /// Elasticsearch refused it permanently (a mapping error), or it is no document.
     Rejected,
     /// Elasticsearch kept refusing it as busy or unavailable.
@@ -57,6 +59,7 @@ impl Why {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Why::Malformed => "malformed",
+            Why::Unverified => "unverified",
             Why::Rejected => "rejected",
             Why::RetriesExhausted => "retries-exhausted",
         }

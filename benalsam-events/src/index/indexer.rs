@@ -1,25 +1,33 @@
 //! [`Indexer`]: consumes change messages into Elasticsearch bulk requests, as stages.
 //!
 //! ```text
-//!  source ───► build ───► batcher ───► ┌ write ──► plan ──► settle ┐ × in_flight
-//!  (consume,   (envelope   (count,      │ (_bulk)   (decide   (completed, dead
-//!   decode,     → action)   bytes,      │           each      letters, then
-//!   reconnect)              linger)     │           item)     acks)
-//!                              ▲        └──────────────────────────┘
-//!                              └──── retries, after their backoff ◄──┘
+//!  source ───► build ───► batcher ───► ┌ verify ─► write ─► plan ─► settle ┐ × in_flight
+//!  (consume,   (envelope   (count,      │ (against  (_bulk)  (decide  (completed,
+//!   decode,     → action)   bytes,      │  the               each     dead letters,
+//!   reconnect)              linger)     │  outbox)           item)    then acks)
+//!                              ▲        └────────────────────────────────────┘
+//!                              └──── retries, after their backoff ◄───┘
 //!
 //!  every item unavailable, or no answer ──► circuit open: hold the batch, take nothing
 //!  new, probe with backoff, resume (an outage fails no job)
 //! ```
 //!
-//! Up to `in_flight` batches are written and settled at once: the order of writes does not
-//! matter, because every write carries its job id as external version. A message that is not
-//! a valid envelope, or whose row cannot become a document, is dead-lettered with the reason;
-//! the indexer never stops on input. Acks come only after the outcome is recorded, so a crash
+//! One indexer serves the queues of all its event types, each message built by its table's
+//! event type into that type's index. Up to `in_flight` batches are written and settled at
+//! once: the order of writes does not matter, because every write carries its job id as
+//! external version. Every delivery is checked against the outbox first
+//! ([`verify`](super::verify)). A message that is not a valid envelope, not a job the outbox
+//! knows, or whose row cannot become a document, is dead-lettered with the reason; the
+//! indexer never stops on input.
+//!
+//! A TRUNCATE empties its event type's index of everything older than it: once no older job
+//! of the table is still on its way, a delete-by-query removes the documents whose `job_id`
+//! is lower. Any older message that arrives later is superseded (verification sees the
+//! truncation), so the index holds exactly the rows written after the truncate. Acks come only after the outcome is recorded, so a crash
 //! at any point means redelivery, and redelivery is harmless: the index refuses versions it
 //! has already seen.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -40,28 +48,20 @@ use crate::index::circuit::{CircuitBreaker, CircuitState};
 use crate::index::dead_letter::Why;
 use crate::index::settle::{self, Ledger};
 use crate::index::source::{Event, Incoming, QueueRoute, Source};
+use crate::index::verify::{self, Check};
 use crate::index::writer::{self, WriteError};
-use crate::index::{Action, BuildError, Documents, plan};
+use crate::index::{Action, BuildError, plan};
 use crate::ops::Live;
 use crate::ops::metrics::{self, IndexerMetrics, Metrics, Queue};
 use crate::ops::telemetry;
-use crate::outbox::Settle;
-use crate::publish::{
-    DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, Envelope, EnvelopeError, SYNC_QUEUE,
-    TRACEPARENT_HEADER,
-};
-use crate::{Error, Result};
+use crate::outbox::{Operation, Outbox};
+use crate::publish::{Envelope, EnvelopeError, TRACEPARENT_HEADER};
+use crate::{Error, EventType, Result};
 
 /// Settings of an [`Indexer`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct IndexerConfig {
-    /// The queue to consume.
-    pub queue: String,
-    /// Where its dead letters go: the exchange...
-    pub dead_letter_exchange: String,
-    /// ...and the queue bound to it.
-    pub dead_letter_queue: String,
     /// Unacknowledged messages the broker may hand over at once (`basic.qos`).
     pub prefetch: u16,
     /// Most actions per bulk request.
@@ -88,9 +88,6 @@ pub struct IndexerConfig {
 impl Default for IndexerConfig {
     fn default() -> Self {
         Self {
-            queue: SYNC_QUEUE.to_owned(),
-            dead_letter_exchange: DEAD_LETTER_EXCHANGE.to_owned(),
-            dead_letter_queue: DEAD_LETTER_QUEUE.to_owned(),
             // From the benchmarks (BENCHMARKS.md): 500 per request is as fast as 1,000 in the
             // whole pipeline and keeps the consumer's peak RSS near 40 MiB instead of 54; a
             // prefetch of twice that lets the next batch arrive while one is being written.
@@ -142,10 +139,12 @@ pub struct IndexerStatus {
     pub last_bulk_items: usize,
     /// Its duration.
     pub last_bulk_duration: Option<Duration>,
-    /// Messages waiting in the consumed queue, when last looked (every few seconds).
+    /// Messages waiting in the consumed queues, when last looked (every few seconds).
     pub queue_depth: Option<u32>,
-    /// Messages in its dead-letter queue.
+    /// Messages in their dead-letter queues.
     pub dlq_depth: Option<u32>,
+    /// Deliveries refused because the outbox does not know their job as they tell it.
+    pub unverified: u64,
     /// Since when outcomes cannot be recorded in PostgreSQL, and why (`None` while they can).
     pub outbox_failing: Option<(SystemTime, String)>,
     /// Errors: lost connections, failed bulk requests, failed reports.
@@ -174,11 +173,21 @@ impl Live<IndexerStatus> {
 pub(crate) enum Body {
     /// Not a valid envelope.
     Malformed(EnvelopeError),
-    /// A change, and the action it asks of the index (or why it cannot become one).
+    /// A change, and the action it asks of the index (or why it cannot become one; a
+    /// truncation asks for none).
     Change {
         envelope: Box<Envelope<'static>>,
         action: Result<Action, BuildError>,
     },
+}
+
+impl Body {
+    fn envelope(&self) -> Option<&Envelope<'static>> {
+        match self {
+            Body::Change { envelope, .. } => Some(envelope),
+            Body::Malformed(_) => None,
+        }
+    }
 }
 
 /// A message on its way into the index.
@@ -209,6 +218,8 @@ impl Message {
 pub(crate) struct Shared {
     pub(crate) search: Elasticsearch,
     pub(crate) ledger: Arc<dyn Ledger>,
+    /// The event types, by table.
+    pub(crate) event_types: HashMap<String, EventType>,
     pub(crate) config: IndexerConfig,
     pub(crate) status: Live<IndexerStatus>,
     pub(crate) metrics: IndexerMetrics,
@@ -232,7 +243,7 @@ pub(crate) enum Finished {
 /// Consumes change messages into Elasticsearch. See the [module documentation](self).
 pub struct Indexer {
     url: AmqpUrl,
-    documents: Documents,
+    event_types: Vec<EventType>,
     search: Elasticsearch,
     ledger: Arc<dyn Ledger>,
     config: IndexerConfig,
@@ -250,14 +261,21 @@ impl std::fmt::Debug for Indexer {
 }
 
 impl Indexer {
-    /// An indexer of `config.queue` into `search`, reporting outcomes to `outbox`.
+    /// An indexer of the queues of `event_types` into `search`, checking every delivery
+    /// against `outbox` and reporting outcomes to it.
     pub fn new(
         url: AmqpUrl,
         search: Elasticsearch,
-        outbox: impl Settle,
-        documents: Documents,
+        outbox: Outbox,
+        event_types: Vec<EventType>,
         config: IndexerConfig,
     ) -> Result<Self> {
+        if event_types.is_empty() {
+            return Err(Error::config("event types", "an indexer needs at least one"));
+        }
+        for event_type in &event_types {
+            event_type.validate()?;
+        }
         require_positive("BENALSAM_BULK_LINGER", config.linger)?;
         if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {
             return Err(Error::config(
@@ -267,7 +285,7 @@ impl Indexer {
         }
         Ok(Self {
             url,
-            documents,
+            event_types,
             search,
             ledger: Arc::new(outbox),
             config,
@@ -290,14 +308,19 @@ impl Indexer {
     /// Consumes until `shutdown` is cancelled; the batches in hand are finished and acked
     /// first. Messages held for a retry go back to the queue.
     pub async fn run(self, shutdown: CancellationToken) {
-        let route = QueueRoute {
-            queue: self.config.queue.clone(),
-            dead_letter_exchange: self.config.dead_letter_exchange.clone(),
-            dead_letter_queue: self.config.dead_letter_queue.clone(),
-        };
+        let mut routes: Vec<QueueRoute> = Vec::new();
+        for t in &self.event_types {
+            if !routes.iter().any(|r| r.queue == t.queue) {
+                routes.push(QueueRoute {
+                    queue: t.queue.clone(),
+                    dead_letter_exchange: t.dead_letter_exchange.clone(),
+                    dead_letter_queue: t.dead_letter_queue.clone(),
+                });
+            }
+        }
         let source = Source::new(
             self.url.clone(),
-            vec![route],
+            routes,
             self.config.prefetch,
             self.config.connection_name.clone(),
         );
@@ -310,6 +333,11 @@ impl Indexer {
         let shared = Arc::new(Shared {
             search: self.search,
             ledger: self.ledger,
+            event_types: self
+                .event_types
+                .into_iter()
+                .map(|t| (t.table.clone(), t))
+                .collect(),
             config: self.config,
             status: self.status.clone(),
             metrics: self.metrics,
@@ -317,7 +345,6 @@ impl Indexer {
         });
         let mut run = Run {
             shared,
-            documents: self.documents,
             source,
             batcher: Batcher::new(limits),
             held: Vec::new(),
@@ -337,7 +364,6 @@ impl Indexer {
 /// The loop's state.
 struct Run {
     shared: Arc<Shared>,
-    documents: Documents,
     source: Source,
     batcher: Batcher<Message>,
     /// Messages waiting for a retry, unacked.
@@ -408,7 +434,7 @@ impl Run {
             Ok(()) => {
                 self.connect_failures = 0;
                 self.status().lock().connected = true;
-                tracing::info!(queue = %self.shared.config.queue, "consuming");
+                tracing::info!("consuming");
                 true
             }
             Err(error) => {
@@ -542,7 +568,16 @@ impl Run {
             Err(error) => (Body::Malformed(error), tracing::Span::none()),
             Ok(envelope) => {
                 let span = consumer_span(&route.queue, &envelope, &delivery);
-                let action = self.documents.build(&envelope);
+                let action = match self.shared.event_types.get(envelope.table.as_ref()) {
+                    _ if envelope.operation == Operation::Truncate => {
+                        Err(BuildError("a truncation is no document".to_owned()))
+                    }
+                    Some(event_type) => event_type.build(&envelope),
+                    None => Err(BuildError(format!(
+                        "no event type is configured for table {:?}; add one to the consumer",
+                        envelope.table
+                    ))),
+                };
                 let body = Body::Change {
                     envelope: Box::new(envelope),
                     action,
@@ -581,24 +616,21 @@ impl Run {
         }
         self.next_depth_check = Instant::now() + EVERY;
         let depths = self.source.depths().await;
-        let config = &self.shared.config;
-        let mut s = self.shared.status.lock();
-        for (queue, depth) in depths {
+        let (mut queued, mut dead) = (None::<u32>, None::<u32>);
+        for (queue, dlq, depth) in depths {
             if let Some(depth) = depth {
                 self.shared
                     .metrics
                     .queue_messages
-                    .get_or_create(&Queue {
-                        queue: queue.clone(),
-                    })
+                    .get_or_create(&Queue { queue })
                     .set(i64::from(depth));
-            }
-            if queue == config.queue {
-                s.queue_depth = depth;
-            } else if queue == config.dead_letter_queue {
-                s.dlq_depth = depth;
+                let sum = if dlq { &mut dead } else { &mut queued };
+                *sum = Some(sum.unwrap_or(0).saturating_add(depth));
             }
         }
+        let mut s = self.shared.status.lock();
+        s.queue_depth = queued;
+        s.dlq_depth = dead;
     }
 }
 
@@ -630,38 +662,134 @@ fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
     }
 }
 
-/// Writes one batch and settles every message of it.
+/// Checks one batch against the outbox, writes it and settles every message of it.
 async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Message>) -> Finished {
-    let (writable, others): (Vec<Message>, Vec<Message>) = batch
-        .into_iter()
-        .partition(|m| matches!(m.body, Body::Change { action: Ok(_), .. }));
-    let decisions = if writable.is_empty() {
-        Vec::new()
-    } else {
+    let Some(checks) = verify_batch(&shared, &batch).await else {
+        return Finished::Abandoned;
+    };
+    let mut sorted = settle::Sorted::default();
+    let mut writable = Vec::new();
+    let mut truncations = Vec::new();
+    for (message, check) in batch.into_iter().zip(checks) {
+        match (check, &message.body) {
+            (_, Body::Malformed(error)) => {
+                let reason = error.to_string();
+                sorted.dead.push((message, Why::Malformed, reason));
+            }
+            (Check::Unverified(reason), _) => {
+                shared.status.lock().unverified += 1;
+                sorted.dead.push((message, Why::Unverified, reason));
+            }
+            (Check::Duplicate | Check::NotYet, _) => sorted.skipped.push(message),
+            (Check::Superseded, _) => {
+                shared.status.lock().superseded += 1;
+                sorted.covered.push(message);
+            }
+            (Check::Deliver, Body::Change { envelope, .. })
+                if envelope.operation == Operation::Truncate =>
+            {
+                truncations.push(message);
+            }
+            (Check::Deliver, Body::Change { action: Ok(_), .. }) => writable.push(message),
+            (Check::Deliver, Body::Change { action: Err(error), .. }) => {
+                let reason = error.to_string();
+                sorted.dead.push((message, Why::Rejected, reason));
+            }
+        }
+    }
+    if !writable.is_empty() {
         match write(&shared, &writable).await {
-            Ok(decisions) => decisions,
+            Ok(decisions) => {
+                for (message, decision) in writable.into_iter().zip(decisions) {
+                    sorted.decided(&shared, message, decision);
+                }
+            }
+            // Nothing was done: the whole batch waits for the cluster (verifying it again
+            // later is harmless).
             Err(reason) => {
                 let mut batch = writable;
-                batch.extend(others);
+                batch.extend(truncations);
+                batch.extend(sorted.into_messages());
                 return Finished::Unavailable { batch, reason };
             }
         }
-    };
-    let mut sorted = settle::Sorted::default();
-    for (message, decision) in writable.into_iter().zip(decisions) {
-        sorted.decided(&shared, message, decision);
     }
-    for message in others {
-        let (why, reason) = match &message.body {
-            Body::Malformed(error) => (Why::Malformed, error.to_string()),
-            Body::Change {
-                action: Err(error), ..
-            } => (Why::Rejected, error.to_string()),
-            Body::Change { .. } => (Why::Rejected, "no action".to_owned()),
-        };
-        sorted.dead.push((message, why, reason));
+    for message in truncations {
+        truncate(&shared, message, &mut sorted).await;
     }
     settle::settle(&shared, channel.as_ref(), sorted).await
+}
+
+/// Asks the outbox about every change of the batch (one query), retrying while it is away;
+/// `None` when shutdown came first.
+async fn verify_batch(shared: &Shared, batch: &[Message]) -> Option<Vec<Check>> {
+    let ids: Vec<i64> = batch.iter().filter_map(Message::job_id).collect();
+    let recorded = settle::retrying(shared, || shared.ledger.lookup(&ids)).await?;
+    let by_id: HashMap<i64, &crate::outbox::Recorded> =
+        recorded.iter().map(|r| (r.id, r)).collect();
+    Some(
+        batch
+            .iter()
+            .map(|m| match m.body.envelope() {
+                Some(envelope) => verify::check(envelope, by_id.get(&envelope.job_id).copied()),
+                None => Check::Deliver,
+            })
+            .collect(),
+    )
+}
+
+/// Empties the index of a truncated table of everything older than the truncation, once no
+/// older job of the table is on its way any more (those may still write); until then, and
+/// while the cluster is away, the truncation waits (without counting attempts).
+async fn truncate(shared: &Shared, mut message: Message, sorted: &mut settle::Sorted) {
+    let Some(envelope) = message.body.envelope() else {
+        return;
+    };
+    let (table, job) = (envelope.table.to_string(), envelope.job_id);
+    let Some(event_type) = shared.event_types.get(&table) else {
+        let reason = format!("no event type is configured for table {table:?}; add one to the consumer");
+        sorted.dead.push((message, Why::Rejected, reason));
+        return;
+    };
+    let waiting = match shared.ledger.unsettled_before(&table, job).await {
+        Ok(0) => None,
+        Ok(n) => Some(format!("{n} older jobs of {table} are still on their way")),
+        Err(error) => Some(error.to_string()),
+    };
+    let result = match waiting {
+        Some(why) => Err(why),
+        None => delete_older(shared, &event_type.index.alias, job).await,
+    };
+    match result {
+        Ok(deleted) => {
+            tracing::info!(table, job, deleted, "truncation applied to the index");
+            sorted.covered.push(message);
+        }
+        Err(why) => {
+            tracing::debug!(table, job, reason = %why, "truncation waits");
+            message.not_before = Instant::now() + Duration::from_secs(1);
+            sorted.held.push(message);
+        }
+    }
+}
+
+/// Deletes the documents of `alias` written by jobs older than `job`; returns how many.
+async fn delete_older(shared: &Shared, alias: &str, job: i64) -> Result<u64, String> {
+    let query = serde_json::json!({ "query": { "range": { "job_id": { "lt": job } } } });
+    let path = format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true");
+    let (status, answer) = crate::index::search::json_request(
+        &shared.search,
+        elasticsearch::http::Method::Post,
+        &path,
+        Some(&query),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let failures = answer["failures"].as_array().map_or(0, Vec::len);
+    if !status.is_success() || failures > 0 {
+        return Err(format!("delete-by-query on {alias} answered {status}: {answer}"));
+    }
+    Ok(answer["deleted"].as_u64().unwrap_or(0))
 }
 
 /// Sends the actions of `batch` as one bulk request and decides every item; `Err` when the

@@ -5,8 +5,9 @@
 //! | stage | does |
 //! |---|---|
 //! | source | consumes the queues, decodes each delivery into an [`Envelope`](crate::publish::Envelope), reconnects |
-//! | documents | turns an envelope into an [`Action`] on the index ([`DocumentBuilder`]) |
+//! | documents | turns an envelope into an [`Action`] on the index (its event type's [`DocumentSpec`](crate::event_type::DocumentSpec), or a [`DocumentBuilder`]) |
 //! | batch | gathers actions by count, bytes and linger |
+//! | verify | checks every delivery against the outbox: the wire is not trusted |
 //! | writer | encodes a `_bulk` request and sends it (HTTP only) |
 //! | plan | reads the typed answer and decides each item once: done, retry or dead (pure) |
 //! | settle | reports outcomes to the outbox, publishes dead letters, then acks |
@@ -25,9 +26,10 @@ mod plan;
 mod search;
 mod settle;
 mod source;
+mod verify;
 mod writer;
 
 pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
-pub use documents::{Action, BuildError, DocumentBuilder, Documents, ListingDocuments};
+pub use documents::{Action, BuildError, DocumentBuilder};
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
-pub use search::{Bootstrap, IndexConfig, client, ensure_index, listings_index_body};
+pub use search::{Bootstrap, client, ensure_index};

@@ -1,5 +1,5 @@
-//! The search side: a client for Elasticsearch (or OpenSearch), and the listings index,
-//! created behind an alias with an explicit mapping.
+//! The search side: a client for Elasticsearch (or OpenSearch), and the index of an event
+//! type, created behind an alias with an explicit mapping.
 //!
 //! The index is created as `<alias>_v1` with the alias pointing at it, so a later mapping
 //! change can be rolled out by building `<alias>_v2` and moving the alias. An existing index
@@ -15,6 +15,7 @@ use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder}
 use elasticsearch::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::EventType;
 use crate::config::SearchUrl;
 use crate::error::Kind;
 use crate::{Error, Result};
@@ -93,109 +94,6 @@ pub(crate) async fn json_request(
     request(client, method, path, body, "application/json").await
 }
 
-/// Settings of the listings index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct IndexConfig {
-    /// The alias everything reads and writes through (`BENALSAM_INDEX`).
-    pub alias: String,
-    /// Replicas per shard; 0 on a single node keeps the cluster green.
-    pub replicas: u32,
-    /// How soon a write becomes searchable.
-    pub refresh_interval: String,
-    /// How long a delete's tombstone (and its version) is kept. An index operation older than
-    /// the delete arriving within this time is refused as stale; after it, it would bring the
-    /// document back. One hour outlasts every retry and resend of the pipeline.
-    pub gc_deletes: String,
-}
-
-impl Default for IndexConfig {
-    fn default() -> Self {
-        Self {
-            alias: "benalsam_listings".to_owned(),
-            replicas: 0,
-            refresh_interval: "1s".to_owned(),
-            gc_deletes: "1h".to_owned(),
-        }
-    }
-}
-
-/// Settings and mappings of the listings index: Turkish analysis (apostrophe, Turkish
-/// lowercase, stop words, stemmer) on title, description and a combined `search_text`;
-/// keywords for ids, category, status, condition and location parts; a `geo_point`.
-pub fn listings_index_body(config: &IndexConfig) -> Value {
-    let turkish =
-        json!({ "type": "text", "analyzer": "benalsam_turkish", "copy_to": "search_text" });
-    json!({
-        "settings": {
-            "number_of_shards": 1,
-            "number_of_replicas": config.replicas,
-            "refresh_interval": config.refresh_interval,
-            "gc_deletes": config.gc_deletes,
-            "analysis": {
-                "filter": {
-                    "benalsam_turkish_lowercase": { "type": "lowercase", "language": "turkish" },
-                    "benalsam_turkish_stop": { "type": "stop", "stopwords": "_turkish_" },
-                    "benalsam_turkish_stemmer": { "type": "stemmer", "language": "turkish" }
-                },
-                "analyzer": {
-                    "benalsam_turkish": {
-                        "type": "custom",
-                        "tokenizer": "standard",
-                        "filter": ["apostrophe", "benalsam_turkish_lowercase",
-                                   "benalsam_turkish_stop", "benalsam_turkish_stemmer"]
-                    }
-                },
-                "normalizer": {
-                    "benalsam_lowercase": { "type": "custom", "filter": ["lowercase"] }
-                }
-            }
-        },
-        "mappings": {
-            // A field the document builder does not know is a bug, not a new field.
-            "dynamic": "strict",
-            "properties": listings_properties(&turkish)
-        }
-    })
-}
-
-fn listings_properties(turkish: &Value) -> Value {
-    let keyword = json!({ "type": "keyword" });
-    let mut title = turkish.clone();
-    title["fields"] = json!({ "raw": { "type": "keyword", "ignore_above": 256 } });
-    json!({
-        "id": keyword,
-        "user_id": keyword,
-        "title": title,
-        "description": turkish,
-        "search_text": { "type": "text", "analyzer": "benalsam_turkish" },
-        "category": keyword,
-        "subcategory": keyword,
-        "condition": keyword,
-        "status": keyword,
-        "urgency": keyword,
-        "budget": { "type": "double" },
-        "currency": keyword,
-        "location": {
-            "type": "text", "analyzer": "benalsam_turkish", "copy_to": "search_text",
-            "fields": { "raw": { "type": "keyword", "ignore_above": 256 } }
-        },
-        "location_city": { "type": "keyword", "normalizer": "benalsam_lowercase" },
-        "location_district": { "type": "keyword", "normalizer": "benalsam_lowercase" },
-        "location_neighborhood": { "type": "keyword", "normalizer": "benalsam_lowercase" },
-        "geo_location": { "type": "geo_point" },
-        // Free-form attributes are searchable as exact values; a value of another type than
-        // the first one seen under the same key is a mapping error (dead-lettered).
-        "attributes": { "type": "object", "dynamic": true },
-        "images": { "type": "keyword", "index": false },
-        "expires_at": { "type": "date" },
-        "created_at": { "type": "date" },
-        "updated_at": { "type": "date" },
-        "job_id": { "type": "long" },
-        "indexed_at": { "type": "date" }
-    })
-}
-
 /// What [`ensure_index`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -213,13 +111,11 @@ pub enum Bootstrap {
     },
 }
 
-/// Makes sure the index behind `config.alias` exists with a mapping compatible with `body`.
-pub async fn ensure_index(
-    client: &Elasticsearch,
-    config: &IndexConfig,
-    body: &Value,
-) -> Result<Bootstrap> {
-    let alias = &config.alias;
+/// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
+/// with what its documents need (and the delete protection every index of the library gets).
+pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Bootstrap> {
+    let alias = &event_type.index.alias;
+    let body = event_type.index_body();
     let (status, _) = json_request(client, Method::Head, &format!("/{alias}"), None).await?;
     if status == StatusCode::NOT_FOUND {
         let index = format!("{alias}_v1");

@@ -5,6 +5,7 @@
 //! is one report to the outbox, retried while PostgreSQL is away: a message is never acked
 //! before its outcome is recorded, so a crash anywhere means a (harmless) redelivery.
 
+use std::future::Future;
 use std::time::SystemTime;
 
 use futures::future::{BoxFuture, join_all};
@@ -16,28 +17,58 @@ use crate::index::dead_letter::{self, Why};
 use crate::index::indexer::{Body, Finished, Message, Shared};
 use crate::index::plan::{Decision, Done};
 use crate::ops::metrics;
-use crate::outbox::{Outcome, Settle, Settled};
+use crate::outbox::{Outbox, Outcome, Recorded, Settle, Settled};
 
-/// [`Settle`] behind a pointer: what the indexer's stages report to.
+/// The outbox as the indexer's stages use it: behind a pointer, so they can be tested with
+/// a ledger of their own.
 pub(crate) trait Ledger: Send + Sync + 'static {
     fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>>;
+    fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>>;
+    fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>>;
 }
 
-impl<T: Settle> Ledger for T {
+impl Ledger for Outbox {
     fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>> {
         Box::pin(self.settle(reports))
+    }
+
+    fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>> {
+        Box::pin(Outbox::lookup(self, jobs))
+    }
+
+    fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>> {
+        Box::pin(Outbox::unsettled_before(self, table, job))
     }
 }
 
 /// The messages of a batch, sorted by what happens to them.
 #[derive(Default)]
 pub(crate) struct Sorted {
+    /// Indexed (or superseded in the index): completed, then acked.
     done: Vec<Message>,
+    /// Covered without indexing (a later truncation, a truncation applied): completed, then
+    /// acked.
+    pub(crate) covered: Vec<Message>,
+    /// Duplicates and deliveries their job does not expect yet: acked only.
+    pub(crate) skipped: Vec<Message>,
     pub(crate) dead: Vec<(Message, Why, String)>,
+    /// Back to the loop after their backoff (retries count an attempt, held ones do not).
     retries: Vec<Message>,
+    pub(crate) held: Vec<Message>,
 }
 
 impl Sorted {
+    /// Every message, unsettled (the cluster is away: the batch is held as a whole).
+    pub(crate) fn into_messages(self) -> Vec<Message> {
+        let mut all = self.done;
+        all.extend(self.covered);
+        all.extend(self.skipped);
+        all.extend(self.dead.into_iter().map(|(m, _, _)| m));
+        all.extend(self.retries);
+        all.extend(self.held);
+        all
+    }
+
     /// Files `message` by its item's decision, counting it.
     pub(crate) fn decided(&mut self, shared: &Shared, mut message: Message, decision: Decision) {
         metrics::inc(&shared.metrics.bulk_items, decision.label());
@@ -85,14 +116,19 @@ fn count_done(shared: &Shared, message: &Message, done: Done) {
 
 /// Settles a sorted batch: completions, then dead letters; the retries go back to the loop.
 pub(crate) async fn settle(shared: &Shared, channel: Option<&Channel>, sorted: Sorted) -> Finished {
-    if !complete(shared, &sorted.done).await {
+    let mut done = sorted.done;
+    done.extend(sorted.covered);
+    if !complete(shared, &done).await {
         return Finished::Abandoned;
     }
+    ack(shared, sorted.skipped.iter()).await;
     let Some(link_broken) = dead_letter(shared, channel, sorted.dead).await else {
         return Finished::Abandoned;
     };
+    let mut retries = sorted.retries;
+    retries.extend(sorted.held);
     Finished::Done {
-        retries: sorted.retries,
+        retries,
         link_broken,
     }
 }
@@ -182,17 +218,28 @@ async fn dead_letter(
 }
 
 /// Reports outcomes to the outbox, retrying while it is unreachable; false if shutdown came
-/// first. While it fails, the status says since when (the consumer's health turns red).
+/// first.
 async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
-    if reports.is_empty() {
-        return true;
-    }
+    reports.is_empty()
+        || retrying(shared, || shared.ledger.report(reports))
+            .await
+            .is_some()
+}
+
+/// Runs a call to the outbox until it answers, waiting out the backoff between attempts;
+/// `None` if shutdown came first. While it fails, the status says since when (the consumer's
+/// health turns red).
+pub(crate) async fn retrying<T, F, Fut>(shared: &Shared, mut call: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
     let mut attempt = 0;
     loop {
-        match shared.ledger.report(reports).await {
-            Ok(_) => {
+        match call().await {
+            Ok(value) => {
                 shared.status.lock().outbox_failing = None;
-                return true;
+                return Some(value);
             }
             Err(error) => {
                 let reason = error.to_string();
@@ -204,9 +251,9 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
                     .get_or_insert_with(|| (SystemTime::now(), reason));
                 let wait = shared.config.reconnect.delay(attempt);
                 attempt += 1;
-                tracing::warn!(%error, retry_in = ?wait, "cannot record outcomes in the outbox; holding their acks");
+                tracing::warn!(%error, retry_in = ?wait, "cannot reach the outbox; holding the acks");
                 tokio::select! {
-                    () = shared.shutdown.cancelled() => return false,
+                    () = shared.shutdown.cancelled() => return None,
                     () = tokio::time::sleep(wait) => {}
                 }
             }

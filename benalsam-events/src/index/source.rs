@@ -135,15 +135,16 @@ impl Source {
         self.link = None;
     }
 
-    /// Messages waiting in each consumed queue and each dead-letter queue, when it answers.
-    pub(crate) async fn depths(&mut self) -> Vec<(String, Option<u32>)> {
+    /// Messages waiting in each consumed queue and each dead-letter queue (`true`), when it
+    /// answers.
+    pub(crate) async fn depths(&mut self) -> Vec<(String, bool, Option<u32>)> {
         let Some(link) = self.link.as_mut() else {
             return Vec::new();
         };
         let mut depths = Vec::new();
         for route in &self.queues {
-            for queue in [&route.queue, &route.dead_letter_queue] {
-                depths.push((queue.clone(), depth(&link.connection, queue).await));
+            for (queue, dlq) in [(&route.queue, false), (&route.dead_letter_queue, true)] {
+                depths.push((queue.clone(), dlq, depth(&link.connection, queue).await));
             }
         }
         depths

@@ -11,6 +11,7 @@
 use std::ffi::OsStr;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -24,10 +25,11 @@ use crate::config::{
     SearchUrl, validate_identifier, validate_schema,
 };
 use crate::consumer::ConsumerSettings;
-use crate::index::{Documents, IndexConfig, IndexerConfig, ListingDocuments};
+use crate::index::IndexerConfig;
 use crate::ops::telemetry::LogFormat;
 use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, RetryPolicy, Wake};
 use crate::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
+use crate::{Error, EventType};
 
 /// PostgreSQL settings.
 #[derive(Debug, Clone, Args)]
@@ -67,10 +69,48 @@ impl DatabaseArgs {
         config
     }
 
-    /// Connects and applies the missing migrations.
-    pub async fn migrate(&self) -> crate::Result<crate::outbox::MigrationReport> {
+    /// Connects, applies the missing migrations and attaches the trigger to the tables of
+    /// `event_types`.
+    pub async fn migrate(
+        &self,
+        event_types: &[EventType],
+    ) -> crate::Result<crate::outbox::MigrationReport> {
         let mut client = crate::connect::postgres(&self.database_url).await?;
-        crate::outbox::migrate(&mut client, &self.schema).await
+        crate::outbox::migrate(&mut client, &self.outbox_config(), event_types).await
+    }
+}
+
+/// The event types: a configuration file, or the seed's listings without one.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// The event-type file (TOML; see examples/config/benalsam.toml); without it, the
+    /// listings of the architecture document
+    #[arg(long, global = true, env = "BENALSAM_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The event types of the file, or the listings.
+    pub fn event_types(&self) -> crate::Result<Vec<EventType>> {
+        match &self.config {
+            Some(path) => EventType::from_file(path),
+            None => Ok(vec![EventType::listings()]),
+        }
+    }
+
+    /// The event types, the one named `name` only when given.
+    pub fn select(&self, name: Option<&str>) -> crate::Result<Vec<EventType>> {
+        let all = self.event_types()?;
+        let Some(name) = name else {
+            return Ok(all);
+        };
+        let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+        let known = names.join(", ");
+        all.iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .map(|t| vec![t])
+            .ok_or_else(|| Error::config("--type", format!("no event type {name:?} (known: {known})")))
     }
 }
 
@@ -223,15 +263,19 @@ pub struct TopologyArgs {
 }
 
 impl TopologyArgs {
-    /// The topology these flags make.
-    pub fn topology(&self) -> Topology {
-        let mut config = TopologyConfig {
+    /// The topology's choices these flags make.
+    pub fn config(&self) -> TopologyConfig {
+        TopologyConfig {
             queue_type: self.queue_type,
+            status_queue_max_length: self.status_queue_max_length,
+            health_queue_max_length: self.health_queue_max_length,
             ..TopologyConfig::default()
-        };
-        config.status_changes.max_length = self.status_queue_max_length;
-        config.health.max_length = self.health_queue_max_length;
-        Topology::benalsam(&config)
+        }
+    }
+
+    /// The topology of `event_types` with these choices.
+    pub fn topology(&self, event_types: &[EventType]) -> Topology {
+        Topology::for_event_types(event_types, &self.config())
     }
 }
 
@@ -279,10 +323,16 @@ pub struct BridgeArgs {
 }
 
 impl BridgeArgs {
-    /// The bridge these flags (and the connection settings) make.
-    pub fn settings(&self, database: &DatabaseArgs, rabbitmq: &RabbitArgs) -> BridgeSettings {
+    /// The bridge these flags (and the connection settings) make, for `event_types`.
+    pub fn settings(
+        &self,
+        database: &DatabaseArgs,
+        rabbitmq: &RabbitArgs,
+        event_types: Vec<EventType>,
+    ) -> BridgeSettings {
         let mut s =
             BridgeSettings::new(database.database_url.clone(), rabbitmq.rabbitmq_url.clone());
+        s.event_types = event_types;
         s.outbox = database.outbox_config();
         s.outbox.lease = self.lease;
         s.outbox.retry = RetryPolicy::new(self.max_attempts, RetryPolicy::default().backoff);
@@ -303,7 +353,7 @@ impl BridgeArgs {
             window: self.publish_window as usize,
             ..PublisherConfig::default()
         };
-        s.topology = self.topology.topology();
+        s.topology = self.topology.config();
         s.resend_after = self.resend_after;
         s.migrate = self.service.migrate;
         s.health_addr = self.service.health_addr;
@@ -325,19 +375,22 @@ fn parse_status(raw: &str) -> Result<String, String> {
 /// How the consumer takes messages and writes to Elasticsearch (`benalsam-consumer run`).
 #[derive(Debug, Clone, Args)]
 pub struct ConsumerArgs {
-    /// Alias of the listings index (created as <alias>_v1 when missing)
-    #[arg(long, env = "BENALSAM_INDEX", default_value = "benalsam_listings",
+    /// Without BENALSAM_CONFIG: alias of the listings index (created as <alias>_v1 when
+    /// missing) [default: benalsam_listings]
+    #[arg(long, env = "BENALSAM_INDEX",
           value_parser = |s: &str| validate_identifier("BENALSAM_INDEX", s).map(str::to_owned).map_err(|e| e.to_string()))]
-    pub index: String,
+    pub index: Option<String>,
 
-    /// Replicas of a newly created index (0 keeps a single node green)
-    #[arg(long, env = "BENALSAM_INDEX_REPLICAS", default_value_t = 0)]
-    pub index_replicas: u32,
+    /// Without BENALSAM_CONFIG: replicas of a newly created listings index (0 keeps a single
+    /// node green) [default: 0]
+    #[arg(long, env = "BENALSAM_INDEX_REPLICAS")]
+    pub index_replicas: Option<u32>,
 
-    /// Statuses whose listings are searchable, comma-separated; others are removed from the index
-    #[arg(long, env = "BENALSAM_SEARCHABLE_STATUSES", default_value = "active",
+    /// Without BENALSAM_CONFIG: statuses whose listings are searchable, comma-separated;
+    /// others are removed from the index [default: active]
+    #[arg(long, env = "BENALSAM_SEARCHABLE_STATUSES",
           value_delimiter = ',', num_args = 1.., value_parser = parse_status)]
-    pub searchable_statuses: Vec<String>,
+    pub searchable_statuses: Option<Vec<String>>,
 
     /// Unacknowledged messages taken at once (basic.qos)
     #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 1000,
@@ -382,13 +435,15 @@ pub struct ConsumerArgs {
 }
 
 impl ConsumerArgs {
-    /// The consumer these flags (and the connection settings) make.
+    /// The consumer these flags (and the connection settings) make, for the event types of
+    /// `config`.
     pub fn settings(
         &self,
         database: &DatabaseArgs,
         rabbitmq: &RabbitArgs,
         search: &SearchArgs,
-    ) -> ConsumerSettings {
+        config: &ConfigArgs,
+    ) -> crate::Result<ConsumerSettings> {
         let mut s = ConsumerSettings::new(
             database.database_url.clone(),
             rabbitmq.rabbitmq_url.clone(),
@@ -396,14 +451,7 @@ impl ConsumerArgs {
         );
         s.outbox = database.outbox_config();
         s.search_timeout = self.search_timeout;
-        let mut index = IndexConfig::default();
-        index.alias = self.index.clone();
-        index.replicas = self.index_replicas;
-        let body = crate::index::listings_index_body(&index);
-        s.index = Some((index, body));
-        let mut listings = ListingDocuments::new(&self.index);
-        listings.searchable_statuses = self.searchable_statuses.clone();
-        s.documents = Documents::new().with("listings", listings);
+        s.event_types = self.event_types(config)?;
         s.indexer = IndexerConfig {
             prefetch: self.prefetch,
             batch_size: self.bulk_size as usize,
@@ -413,12 +461,40 @@ impl ConsumerArgs {
             max_attempts: self.index_attempts,
             ..IndexerConfig::default()
         };
-        s.topology = self.topology.topology();
         s.migrate = self.service.migrate;
         s.health_addr = self.service.health_addr;
         s.health_window = self.service.health_window;
         s.heartbeat_interval = Some(self.service.heartbeat_interval);
-        s
+        Ok(s)
+    }
+
+    /// The event types: the file's, or the listings with the settings above.
+    fn event_types(&self, config: &ConfigArgs) -> crate::Result<Vec<EventType>> {
+        if config.config.is_some() {
+            let given = [
+                ("BENALSAM_INDEX", self.index.is_some()),
+                ("BENALSAM_INDEX_REPLICAS", self.index_replicas.is_some()),
+                ("BENALSAM_SEARCHABLE_STATUSES", self.searchable_statuses.is_some()),
+            ];
+            if let Some((setting, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(Error::config(
+                    *setting,
+                    "applies to the built-in listings only; with BENALSAM_CONFIG, set it in the file",
+                ));
+            }
+            return config.event_types();
+        }
+        let mut listings = EventType::listings();
+        if let Some(alias) = &self.index {
+            alias.clone_into(&mut listings.index.alias);
+        }
+        if let Some(replicas) = self.index_replicas {
+            listings.index.replicas = replicas;
+        }
+        if let Some(statuses) = &self.searchable_statuses {
+            listings.document.searchable_statuses = Some(statuses.clone());
+        }
+        Ok(vec![listings])
     }
 }
 

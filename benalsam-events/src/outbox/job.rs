@@ -1,7 +1,6 @@
 //! A job: one recorded change of one row, as the trigger wrote it to the outbox.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +15,8 @@ pub enum Operation {
     Update,
     /// The row was deleted; `change_data` is the old row.
     Delete,
+    /// The table was emptied; `record_id` is `*`, `change_data` is `{}`.
+    Truncate,
 }
 
 impl Operation {
@@ -25,6 +26,7 @@ impl Operation {
             Operation::Insert => "INSERT",
             Operation::Update => "UPDATE",
             Operation::Delete => "DELETE",
+            Operation::Truncate => "TRUNCATE",
         }
     }
 }
@@ -35,20 +37,15 @@ impl fmt::Display for Operation {
     }
 }
 
-/// The text is not one of `INSERT`, `UPDATE`, `DELETE`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown operation {0:?}: expected INSERT, UPDATE or DELETE")]
-pub struct UnknownOperation(pub String);
-
-impl FromStr for Operation {
-    type Err = UnknownOperation;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "INSERT" => Ok(Operation::Insert),
-            "UPDATE" => Ok(Operation::Update),
-            "DELETE" => Ok(Operation::Delete),
-            other => Err(UnknownOperation(other.to_owned())),
+impl Operation {
+    /// The operation spelled `text` in the queue table.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        match text {
+            "INSERT" => Some(Operation::Insert),
+            "UPDATE" => Some(Operation::Update),
+            "DELETE" => Some(Operation::Delete),
+            "TRUNCATE" => Some(Operation::Truncate),
+            _ => None,
         }
     }
 }

@@ -1,16 +1,22 @@
-//! Versioned SQL migrations, applied once each.
+//! Versioned SQL migrations, applied once each, and the sync trigger on each event type's
+//! table.
 //!
 //! The SQL lives in `db/` at the repository root and is compiled into the library, so a
-//! binary always carries the schema it was built for. [`migrate`] applies the missing ones
-//! in order, in one transaction, under an advisory lock (several processes starting at once
-//! migrate once), and records each in `benalsam_schema_migrations` with a checksum: editing
-//! a migration that a database already has is refused.
+//! binary always carries the schema it was built for. It holds only what the library owns:
+//! the job table, the trigger function, the progress of backfills. [`migrate`] applies the
+//! missing migrations in order, in one transaction, under an advisory lock (several processes
+//! starting at once migrate once), and records each in `benalsam_schema_migrations` with a
+//! checksum: editing a migration that a database already has is refused. In the same
+//! transaction it attaches the trigger to every event type's table that exists, with the
+//! event type's options (idempotent: `CREATE OR REPLACE TRIGGER`), and reports the tables
+//! that do not.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::config::validate_schema;
 use crate::error::Kind;
-use crate::{Error, Result};
+use crate::outbox::OutboxConfig;
+use crate::{Error, EventType, Result};
 
 /// One migration: a version, the file it came from and its SQL.
 #[derive(Debug, Clone, Copy)]
@@ -35,28 +41,38 @@ macro_rules! migration {
 
 /// Every migration of this build, in order.
 pub(crate) const MIGRATIONS: &[Migration] = &[
-    migration!(1, "0001_listings.sql"),
-    migration!(2, "0002_sync_queue.sql"),
-    migration!(3, "0003_sync_trigger.sql"),
-    migration!(4, "0004_backfill_progress.sql"),
-    migration!(5, "0005_trigger_notify_option.sql"),
+    migration!(1, "0001_sync_queue.sql"),
+    migration!(2, "0002_sync_trigger.sql"),
+    migration!(3, "0003_backfill_progress.sql"),
 ];
 
 /// What [`migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrationReport {
     /// Versions applied by this call, in order.
     pub applied: Vec<i32>,
     /// Versions that were already there.
     pub already_applied: Vec<i32>,
+    /// Tables that have the sync trigger now.
+    pub triggers: Vec<String>,
+    /// Tables of event types that do not exist (create them, then migrate again).
+    pub missing_tables: Vec<String>,
 }
 
-/// Applies the missing [`MIGRATIONS`] to `schema` (created if missing).
+/// Applies the missing migrations to the outbox's schema (created if missing) and attaches
+/// the sync trigger to the table of each of `event_types`.
 ///
-/// Tables, the trigger function and the trigger are created in `schema`; the trigger
-/// function keeps writing to that schema whatever `search_path` the application uses.
-pub async fn migrate(client: &mut Client, schema: &str) -> Result<MigrationReport> {
-    let schema = validate_schema(schema)?;
+/// The tables and the trigger function are created in the schema; the function keeps writing
+/// to it whatever `search_path` the application uses. The triggers wake bridges on the
+/// outbox's `notify_channel`.
+pub async fn migrate(
+    client: &mut Client,
+    outbox: &OutboxConfig,
+    event_types: &[EventType],
+) -> Result<MigrationReport> {
+    let schema = validate_schema(&outbox.schema)?;
+    crate::config::validate_identifier("BENALSAM_NOTIFY_CHANNEL", &outbox.notify_channel)?;
     let tx = client
         .transaction()
         .await
@@ -87,6 +103,8 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<MigrationRepor
     let mut report = MigrationReport {
         applied: Vec::new(),
         already_applied: already_applied(&tx, schema).await?,
+        triggers: Vec::new(),
+        missing_tables: Vec::new(),
     };
     for migration in MIGRATIONS
         .iter()
@@ -108,6 +126,14 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<MigrationRepor
         report.applied.push(migration.version);
     }
 
+    for event_type in event_types {
+        event_type.validate()?;
+        if attach(&tx, schema, &outbox.notify_channel, event_type).await? {
+            report.triggers.push(event_type.table.clone());
+        } else {
+            report.missing_tables.push(event_type.table.clone());
+        }
+    }
     tx.commit()
         .await
         .map_err(|e| Error::postgres("committing migrations", e))?;
@@ -115,6 +141,71 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<MigrationRepor
         tracing::info!(schema, applied = ?report.applied, "migrations applied");
     }
     Ok(report)
+}
+
+/// Attaches the sync trigger (rows) and the truncation trigger (statements) to the table of
+/// `event_type`; false when the table does not exist.
+async fn attach(
+    tx: &Transaction<'_>,
+    schema: &str,
+    channel: &str,
+    event_type: &EventType,
+) -> Result<bool> {
+    if !exists(tx, schema, event_type).await? {
+        return Ok(false);
+    }
+    let (table_schema, table) = event_type.split_table();
+    let table_schema = table_schema.unwrap_or(schema);
+    // Every piece was validated as a plain identifier, so quoting cannot go wrong.
+    let target = format!("\"{table_schema}\".\"{table}\"");
+    let options = event_type
+        .trigger_options(channel)
+        .iter()
+        .map(|o| format!("'{o}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE TRIGGER benalsam_sync_queue
+             AFTER INSERT OR UPDATE OR DELETE ON {target}
+             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});
+         CREATE OR REPLACE TRIGGER benalsam_sync_truncate
+             AFTER TRUNCATE ON {target}
+             FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
+    ))
+    .await
+    .map_err(|e| Error::postgres(format!("attaching the sync trigger to {target}"), e))?;
+    Ok(true)
+}
+
+/// Whether the table of `event_type` exists (a bare name is in `schema`).
+async fn exists(client: &impl GenericClient, schema: &str, event_type: &EventType) -> Result<bool> {
+    let (table_schema, table) = event_type.split_table();
+    let table_schema = table_schema.unwrap_or(schema);
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))",
+            &[&table_schema, &table],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("looking up table {}", event_type.table), e))?
+        .get(0))
+}
+
+/// The tables of `event_types` that do not exist.
+pub(crate) async fn missing_tables(
+    url: &crate::DatabaseUrl,
+    schema: &str,
+    event_types: &[EventType],
+) -> Result<Vec<String>> {
+    let client = crate::connect::postgres_as(url, "benalsam-check").await?;
+    let mut missing = Vec::new();
+    for event_type in event_types {
+        if !exists(&client, schema, event_type).await? {
+            missing.push(event_type.table.clone());
+        }
+    }
+    Ok(missing)
 }
 
 /// The versions applied to `schema` before, each checked against this build's migrations.

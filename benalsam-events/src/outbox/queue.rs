@@ -64,6 +64,10 @@ pub struct OutboxConfig {
     /// The NOTIFY channel that wakes bridges after operator commands (the trigger's
     /// `channel=` option).
     pub notify_channel: String,
+    /// The tables whose jobs this outbox claims (a bridge claims only the tables it routes;
+    /// the jobs of others wait as `pending` for a bridge that routes them). `None`: every
+    /// table.
+    pub tables: Option<Vec<String>>,
 }
 
 impl OutboxConfig {
@@ -88,6 +92,7 @@ impl Default for OutboxConfig {
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned())
             ),
             notify_channel: crate::outbox::DEFAULT_CHANNEL.to_owned(),
+            tables: None,
         }
     }
 }
@@ -148,8 +153,22 @@ pub trait Settle: Send + Sync + 'static {
     fn settle(&self, reports: &[(i64, Outcome)]) -> impl Future<Output = Result<Settled>> + Send;
 }
 
-/// Live work in the queue, for health checks and metrics. Counted on the partial indexes of
-/// the live states only, so it stays cheap with millions of completed rows.
+/// A job as the outbox has it, to check a delivery against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    pub(crate) id: i64,
+    /// `None` when no such job exists.
+    pub(crate) table: Option<String>,
+    pub(crate) operation: Option<Operation>,
+    pub(crate) record_id: Option<String>,
+    pub(crate) status: Option<String>,
+    /// Whether its table was truncated by a later job (the change is superseded).
+    pub(crate) truncated_after: bool,
+}
+
+/// Live work in the queue, for health checks and metrics: the pending work of the outbox's
+/// own tables (see [`OutboxConfig::tables`]), and the rest in all. Counted on the partial
+/// indexes of the live states only, so it stays cheap with millions of completed rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Backlog {
@@ -241,21 +260,27 @@ impl Outbox {
         Ok(conn)
     }
 
-    /// Claims up to `limit` jobs: failed jobs whose backoff has elapsed first, then pending
-    /// ones oldest first. They move to `processing` under this outbox's lease; no other
-    /// claimer gets them until the lease runs out. Returned in id order.
+    /// Claims up to `limit` jobs of its tables: failed jobs whose backoff has elapsed first,
+    /// then pending ones oldest first. They move to `processing` under this outbox's lease;
+    /// no other claimer gets them until the lease runs out. Returned in id order.
     pub async fn claim(&self, limit: usize) -> Result<Vec<Job>> {
         let conn = self.conn().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease = self.inner.config.lease.as_secs_f64();
-        let rows = conn
-            .client
-            .query(
-                &conn.stmts.claim,
-                &[&limit, &lease, &self.inner.config.worker_id],
-            )
-            .await
-            .map_err(|e| Error::postgres("claiming jobs", e))?;
+        let worker = &self.inner.config.worker_id;
+        let rows = match &self.inner.config.tables {
+            None => {
+                conn.client
+                    .query(&conn.stmts.claim, &[&limit, &lease, worker])
+                    .await
+            }
+            Some(tables) => {
+                conn.client
+                    .query(&conn.stmts.claim_tables, &[&limit, &lease, worker, tables])
+                    .await
+            }
+        }
+        .map_err(|e| Error::postgres("claiming jobs", e))?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_unstable_by_key(|j| j.id);
         Ok(jobs)
@@ -276,11 +301,11 @@ impl Outbox {
 
     /// Counts the live backlog: pending jobs and the age of the oldest, failed jobs that will
     /// be retried, processing jobs, sent jobs and the age of the oldest.
-    pub async fn backlog(&self) -> Result<Backlog> {
+    pub(crate) async fn backlog(&self) -> Result<Backlog> {
         let conn = self.conn().await?;
         let row = conn
             .client
-            .query_one(&conn.stmts.backlog, &[])
+            .query_one(&conn.stmts.backlog, &[&self.inner.config.tables])
             .await
             .map_err(|e| Error::postgres("counting the backlog", e))?;
         let age = |i: usize| {
@@ -295,6 +320,56 @@ impl Outbox {
             sent: row.get(4),
             oldest_sent_age: age(5),
         })
+    }
+
+    /// Pending jobs of every table (claimed by this outbox or not), for the operator.
+    pub(crate) async fn pending_by_table(&self) -> Result<Vec<(String, i64)>> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .client
+            .query(&conn.stmts.pending_by_table, &[])
+            .await
+            .map_err(|e| Error::postgres("counting pending jobs by table", e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// What the outbox knows of `jobs`, for checking deliveries against it (one query).
+    pub(crate) async fn lookup(&self, jobs: &[i64]) -> Result<Vec<Recorded>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn().await?;
+        let rows = conn
+            .client
+            .query(&conn.stmts.verify, &[&jobs])
+            .await
+            .map_err(|e| Error::postgres("checking deliveries against the outbox", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let operation: Option<String> = r.get(2);
+                Recorded {
+                    id: r.get(0),
+                    table: r.get(1),
+                    operation: operation.as_deref().and_then(Operation::parse),
+                    record_id: r.get(3),
+                    status: r.get(4),
+                    truncated_after: r.get(5),
+                }
+            })
+            .collect())
+    }
+
+    /// Jobs of `table` older than the truncation `job` that are still on their way (claimed
+    /// or sent, not settled): the truncation waits for them.
+    pub(crate) async fn unsettled_before(&self, table: &str, job: i64) -> Result<i64> {
+        let conn = self.conn().await?;
+        let row = conn
+            .client
+            .query_one(&conn.stmts.truncate_pending, &[&table, &job])
+            .await
+            .map_err(|e| Error::postgres("looking for jobs older than a truncation", e))?;
+        Ok(row.get(0))
     }
 
     /// Sends again jobs that were confirmed by the broker more than `older_than` ago and
@@ -437,9 +512,9 @@ fn job_from_row(row: &tokio_postgres::Row) -> Result<Job> {
         id,
         table_name: row.get("table_name"),
         // The table's CHECK constraint makes this unreachable unless the schema was altered.
-        operation: operation
-            .parse::<Operation>()
-            .map_err(|e| Error::invalid_job(id, e.to_string()))?,
+        operation: Operation::parse(&operation).ok_or_else(|| {
+            Error::invalid_job(id, format!("unknown operation {operation:?}"))
+        })?,
         record_id: row.get("record_id"),
         change_data: row.get("change_data"),
         retry_count: row.get("retry_count"),
@@ -477,6 +552,9 @@ macro_rules! statements {
 
 statements! {
     claim: "claim",
+    claim_tables: "claim by table",
+    verify: "verify",
+    truncate_pending: "truncation",
     reclaim_expired: "reclaim",
     release: "release",
     sent: "sent",
@@ -484,6 +562,7 @@ statements! {
     publish_failed: "publish failed",
     dead_lettered: "dead lettered",
     backlog: "backlog",
+    pending_by_table: "pending by table",
     purge_completed: "purge",
     resend_stale: "resend",
 }
@@ -491,6 +570,7 @@ statements! {
 impl Sql {
     fn for_schema(schema: &str) -> Self {
         let q = format!("\"{schema}\".elasticsearch_sync_queue");
+        let truncations = format!("\"{schema}\".benalsam_truncations");
         // A failed job: backoff is initial × 2^(failures so far), capped, times a jitter in
         // [0.5, 1), while attempts remain and the failure is retryable.
         let fail = |action: Move| {
@@ -541,6 +621,54 @@ impl Sql {
                 fresh = Move::Claim.guard(None),
                 processing = Move::Claim.to().as_str(),
             ),
+            // The same, for the tables of a bridge: per table, on the (table_name, id) index,
+            // so the jobs of tables it does not route are never even read.
+            claim_tables: format!(
+                "WITH due AS (
+                     SELECT c.id, c.next_attempt_at, true AS retry
+                     FROM unnest($4::text[]) AS t(name) CROSS JOIN LATERAL (
+                         SELECT id, next_attempt_at FROM {q} q
+                         WHERE q.table_name = t.name AND {due} AND next_attempt_at <= now()
+                         ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) c
+                     ORDER BY c.next_attempt_at LIMIT $1
+                 ), fresh AS (
+                     SELECT c.id, false AS retry
+                     FROM unnest($4::text[]) AS t(name) CROSS JOIN LATERAL (
+                         SELECT id FROM {q} q
+                         WHERE q.table_name = t.name AND {fresh}
+                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
+                     ORDER BY c.id LIMIT $1
+                 ), picked AS (
+                     SELECT id, retry FROM due UNION ALL SELECT id, retry FROM fresh LIMIT $1
+                 )
+                 UPDATE {q} q
+                 SET status = '{processing}',
+                     locked_until = now() + make_interval(secs => $2),
+                     locked_by = $3,
+                     last_retry_at = CASE WHEN picked.retry THEN now() ELSE q.last_retry_at END
+                 FROM picked WHERE q.id = picked.id
+                 RETURNING q.id, q.table_name, q.operation, q.record_id, q.change_data,
+                           q.retry_count, q.created_at, q.traceparent, picked.retry",
+                due = Move::ClaimRetry.guard(None),
+                fresh = Move::Claim.guard(None),
+                processing = Move::Claim.to().as_str(),
+            ),
+            // Each delivered job as the outbox has it, and whether a later TRUNCATE of its
+            // table supersedes it. One row per id asked, found or not.
+            verify: format!(
+                "SELECT c.id, q.table_name, q.operation, q.record_id, q.status,
+                        EXISTS (SELECT 1 FROM {truncations} t
+                                WHERE t.table_name = q.table_name AND t.job_id > q.id)
+                 FROM unnest($1::bigint[]) AS c(id) LEFT JOIN {q} q ON q.id = c.id"
+            ),
+            truncate_pending: format!(
+                "SELECT count(*) FROM {q}
+                 WHERE table_name = $1 AND id < $2 AND status IN ('processing', 'sent')"
+            ),
+            pending_by_table: format!(
+                "SELECT table_name, count(*) FROM {q} WHERE status = 'pending'
+                 GROUP BY table_name ORDER BY table_name"
+            ),
             reclaim_expired: format!(
                 "UPDATE {q} q SET status = '{}', locked_until = NULL, locked_by = NULL
                  WHERE q.id IN (SELECT id FROM {q}
@@ -576,10 +704,14 @@ impl Sql {
             ),
             publish_failed: fail(Move::PublishFailed),
             dead_lettered: fail(Move::DeadLettered),
+            // Pending work counts the outbox's own tables only ($1, all when NULL): jobs
+            // nobody here routes are not work this bridge should move.
             backlog: format!(
-                "SELECT (SELECT count(*) FROM {q} WHERE status = 'pending'),
+                "SELECT (SELECT count(*) FROM {q}
+                         WHERE status = 'pending' AND ($1::text[] IS NULL OR table_name = ANY($1))),
                         (SELECT extract(epoch FROM now() - min(created_at))::float8
-                         FROM {q} WHERE status = 'pending'),
+                         FROM {q}
+                         WHERE status = 'pending' AND ($1::text[] IS NULL OR table_name = ANY($1))),
                         (SELECT count(*) FROM {q}
                          WHERE status = 'failed' AND next_attempt_at IS NOT NULL),
                         (SELECT count(*) FROM {q} WHERE status = 'processing'),

@@ -88,6 +88,9 @@ pub struct JobStreamStatus {
     pub last_job_at: Option<SystemTime>,
     /// The backlog, counted at most once per poll interval.
     pub backlog: Option<Backlog>,
+    /// Pending jobs by table, every table (a table nobody routes keeps its jobs here),
+    /// counted with the backlog.
+    pub pending_by_table: Vec<(String, i64)>,
     /// Jobs claimed in all.
     pub claimed: u64,
     /// Of those, retries of failed jobs.
@@ -292,7 +295,31 @@ impl Claimer {
             self.drained = false;
         }
         let backlog = self.outbox.backlog().await?;
-        self.status.lock().backlog = Some(backlog);
+        let by_table = self.outbox.pending_by_table().await?;
+        for (table, jobs) in &by_table {
+            self.metrics
+                .pending_by_table
+                .get_or_create(&metrics::Table {
+                    table: table.clone(),
+                })
+                .set(*jobs);
+        }
+        {
+            let mut s = self.status.lock();
+            // A table whose jobs all went is counted at zero, not left at its last count.
+            for (table, _) in &s.pending_by_table {
+                if !by_table.iter().any(|(t, _)| t == table) {
+                    self.metrics
+                        .pending_by_table
+                        .get_or_create(&metrics::Table {
+                            table: table.clone(),
+                        })
+                        .set(0);
+                }
+            }
+            s.backlog = Some(backlog);
+            s.pending_by_table = by_table;
+        }
         let m = &self.metrics;
         for (status, jobs) in [
             ("pending", backlog.pending),

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::outbox::{Job, Operation};
-use crate::publish::{EventType, Route};
+use crate::EventType;
+use crate::publish::Route;
 
 /// The envelope schema this build writes.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
@@ -134,7 +135,7 @@ impl<'a> Envelope<'a> {
     pub fn current_row(&self) -> &Value {
         match self.operation {
             Operation::Update => &self.change_data["new"],
-            Operation::Insert | Operation::Delete => &self.change_data,
+            Operation::Insert | Operation::Delete | Operation::Truncate => &self.change_data,
         }
     }
 
@@ -225,7 +226,9 @@ impl Envelope<'static> {
             ));
         }
         let row_ok = match self.operation {
-            Operation::Insert | Operation::Delete => self.change_data.is_object(),
+            Operation::Insert | Operation::Delete | Operation::Truncate => {
+                self.change_data.is_object()
+            }
             Operation::Update => {
                 self.change_data["old"].is_object() && self.change_data["new"].is_object()
             }

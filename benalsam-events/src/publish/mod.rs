@@ -1,6 +1,7 @@
 //! Publishing: how a job becomes a message, where it goes, and the sink that sends it.
 //!
-//! * [`EventType`] and [`Routes`]: which exchange and routing key the jobs of a table go to.
+//! * routing: which exchange and routing key the job of an [`EventType`](crate::EventType)
+//!   goes to.
 //! * [`Envelope`]: the versioned JSON body of every message, and its AMQP properties.
 //! * [`Topology`]: exchanges, queues, bindings and dead-lettering, defined once as data,
 //!   declared by the bridge and exported as a RabbitMQ definitions file.
@@ -18,7 +19,6 @@ pub(crate) use envelope::SCHEMA_VERSION;
 pub use envelope::{Envelope, EnvelopeError};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
-pub use routing::{EventType, Routes};
-pub(crate) use routing::{LISTINGS_EXCHANGE, Route};
-pub use topology::{Bound, QueueType, Topology, TopologyConfig};
-pub(crate) use topology::{DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, SYNC_QUEUE, SYSTEM_EXCHANGE};
+pub(crate) use routing::{LISTINGS_EXCHANGE, Route, Routes};
+pub use topology::{QueueType, Topology, TopologyConfig};
+pub(crate) use topology::SYSTEM_EXCHANGE;

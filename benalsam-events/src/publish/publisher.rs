@@ -41,7 +41,7 @@ use crate::outbox::{Job, Outcome, Settle};
 use crate::publish::confirm::{self, Verdict};
 use crate::publish::envelope::trace_id_of;
 use crate::publish::{Envelope, Routes, Topology};
-use crate::{Error, Result};
+use crate::{Error, EventType, Result};
 
 /// Largest message body published: RabbitMQ 4's default `max_message_size` (3.x allows 128 MiB).
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -131,9 +131,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher of jobs routed by `routes`, reporting their outcomes to `settle`. Starts
-    /// its task (and its connection) at once; must be called inside a tokio runtime.
-    pub fn new(url: AmqpUrl, settle: impl Settle, routes: Routes, config: PublisherConfig) -> Self {
+    /// A publisher of the jobs of `event_types`, reporting their outcomes to `settle`.
+    /// Starts its task (and its connection) at once; must be called inside a tokio runtime.
+    pub fn new(
+        url: AmqpUrl,
+        settle: impl Settle,
+        event_types: Vec<EventType>,
+        config: PublisherConfig,
+    ) -> Self {
+        let routes = Routes::new(event_types);
         let (tx, rx) = mpsc::channel(config.window.max(1));
         let status = Live::<PublisherStatus>::default();
         let metrics = PublisherMetrics::default();

@@ -1,4 +1,4 @@
-//! Event types: which exchange and routing keys the jobs of a table go to.
+//! Routing: which exchange and routing key the job of an [`EventType`] goes to.
 //!
 //! One message per job. For a table with prefix `listing`:
 //!
@@ -8,60 +8,24 @@
 //! | DELETE | `listing.delete` |
 //! | UPDATE that changes the status column | `listing.status.<new status>` |
 //! | any other UPDATE | `listing.update` |
+//! | TRUNCATE | `listing.truncate` |
 //!
 //! A queue bound with `listing.#` therefore sees every job of the table once, and one bound
 //! with `listing.status.#` sees the status changes.
 
 use serde_json::Value;
 
+use crate::EventType;
 use crate::outbox::{Job, Operation};
 
 /// The exchange of listing events, as the architecture document names it.
 pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 
-/// How the jobs of one table become messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EventType {
-    /// The table (the job's `table_name`).
-    pub table: String,
-    /// First word of its routing keys, e.g. `listing`.
-    pub routing_prefix: String,
-    /// The topic exchange its messages are published to.
-    pub exchange: String,
-    /// The column whose changes get their own routing key, if the table has one.
-    pub status_column: Option<String>,
-}
-
 impl EventType {
-    /// The jobs of `table` go to `exchange` with routing keys `<routing_prefix>.insert`,
-    /// `.update` and `.delete`; see [`with_status_column`](Self::with_status_column) for
-    /// routing status changes apart.
-    pub fn new(table: &str, routing_prefix: &str, exchange: &str) -> Self {
-        Self {
-            table: table.to_owned(),
-            routing_prefix: routing_prefix.to_owned(),
-            exchange: exchange.to_owned(),
-            status_column: None,
-        }
-    }
-
-    /// Routes an UPDATE that changes `column` as `<prefix>.status.<new value>`.
-    pub fn with_status_column(mut self, column: &str) -> Self {
-        self.status_column = Some(column.to_owned());
-        self
-    }
-
-    /// The listings of the architecture document: `benalsam.listings`, `listing.*`, with
-    /// status changes on `listing.status.<status>`.
-    pub fn listings() -> Self {
-        Self::new("listings", "listing", LISTINGS_EXCHANGE).with_status_column("status")
-    }
-
     /// Where a job goes, and the status it carries.
     pub(crate) fn route(&self, job: &Job) -> Route {
         let (current, previous) = match job.operation {
-            Operation::Insert | Operation::Delete => (&job.change_data, None),
+            Operation::Insert | Operation::Delete | Operation::Truncate => (&job.change_data, None),
             Operation::Update => (&job.change_data["new"], Some(&job.change_data["old"])),
         };
         let status = self.status_of(current);
@@ -71,6 +35,7 @@ impl EventType {
         let routing_key = match (job.operation, &status) {
             (Operation::Insert, _) => format!("{}.insert", self.routing_prefix),
             (Operation::Delete, _) => format!("{}.delete", self.routing_prefix),
+            (Operation::Truncate, _) => format!("{}.truncate", self.routing_prefix),
             (Operation::Update, Some(new)) if status_changed => {
                 format!("{}.status.{}", self.routing_prefix, routing_word(new))
             }
@@ -132,32 +97,20 @@ pub(crate) fn routing_word(value: &str) -> String {
 }
 
 /// The event types a bridge knows, looked up by table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Routes {
+#[derive(Debug, Clone)]
+pub(crate) struct Routes {
     types: Vec<EventType>,
 }
 
 impl Routes {
     /// Routes for these event types.
-    pub fn new(types: Vec<EventType>) -> Self {
+    pub(crate) fn new(types: Vec<EventType>) -> Self {
         Self { types }
     }
 
     /// The event type of `table`, if there is one.
-    pub fn for_table(&self, table: &str) -> Option<&EventType> {
+    pub(crate) fn for_table(&self, table: &str) -> Option<&EventType> {
         self.types.iter().find(|t| t.table == table)
-    }
-
-    /// All event types.
-    pub fn event_types(&self) -> &[EventType] {
-        &self.types
-    }
-}
-
-impl Default for Routes {
-    /// Listings only.
-    fn default() -> Self {
-        Self::new(vec![EventType::listings()])
     }
 }
 
@@ -218,12 +171,8 @@ mod tests {
 
     #[test]
     fn tables_without_a_status_column_never_route_on_status() {
-        let items = EventType {
-            table: "inventory_items".into(),
-            routing_prefix: "inventory_item".into(),
-            exchange: "benalsam.inventory".into(),
-            status_column: None,
-        };
+        let mut items = EventType::new("inventory", "inventory_items");
+        items.routing_prefix = "inventory_item".into();
         let route = items.route(&job(
             Operation::Update,
             json!({"old": {"status": "a"}, "new": {"status": "b"}}),

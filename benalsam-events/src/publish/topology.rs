@@ -1,14 +1,17 @@
 //! The RabbitMQ topology, defined once: declared by the binaries at start, and exported as a
 //! RabbitMQ definitions file for `docker/`, so the two can never disagree.
 //!
+//! Derived from the event types; for the listings of the architecture document:
+//!
 //! ```text
 //! benalsam.listings (topic) ─ listing.#        ─► elasticsearch.sync ─(dead letters)─► benalsam.dlx ─ # ─► elasticsearch.sync.dlq
 //!                           ─ listing.status.# ─► listing.status.changes   (bounded)
 //! benalsam.system   (topic) ─ health.#         ─► system.health            (bounded)
 //! ```
 //!
-//! Declaring against a broker that has an entity with other arguments fails with
-//! an error for which [`Error::is_conflict`] holds, naming the entity and the argument, instead of a bare
+//! Every other event type gets the same shape under its own names. Declaring against a
+//! broker that has an entity with other arguments fails with an error for which
+//! [`Error::is_conflict`] holds, naming the entity and the argument, instead of a bare
 //! `PRECONDITION_FAILED`.
 
 use std::collections::BTreeMap;
@@ -20,19 +23,10 @@ use lapin::{Connection, ExchangeKind};
 use serde_json::{Value, json};
 
 use crate::error::Kind;
-use crate::publish::{EventType, LISTINGS_EXCHANGE};
-use crate::{Error, Result};
+use crate::{Error, EventType, Result};
 
 /// Exchange of system events (heartbeats).
 pub(crate) const SYSTEM_EXCHANGE: &str = "benalsam.system";
-/// Exchange that dead letters go through.
-pub(crate) const DEAD_LETTER_EXCHANGE: &str = "benalsam.dlx";
-/// The queue the consumer indexes from.
-pub(crate) const SYNC_QUEUE: &str = "elasticsearch.sync";
-/// Where messages that cannot be indexed end up, with their reason.
-pub(crate) const DEAD_LETTER_QUEUE: &str = "elasticsearch.sync.dlq";
-/// Status changes of listings, for notification services.
-pub(crate) const STATUS_QUEUE: &str = "listing.status.changes";
 /// Heartbeats of the binaries.
 pub(crate) const HEALTH_QUEUE: &str = "system.health";
 
@@ -71,43 +65,36 @@ impl std::str::FromStr for QueueType {
     }
 }
 
-/// Limits on a queue nobody may be consuming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Bound {
-    /// Most messages kept; the oldest are dropped beyond it.
-    pub max_length: u32,
-    /// Messages older than this are dropped.
-    pub message_ttl: Option<Duration>,
-}
-
 /// Choices a deployment makes about the topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TopologyConfig {
     /// Queue type of every queue.
     pub queue_type: QueueType,
-    /// Bound of `listing.status.changes` (default 100,000 messages, 7 days).
-    pub status_changes: Bound,
-    /// Bound of `system.health` (default 1,000 messages, 1 hour).
-    pub health: Bound,
+    /// Most messages kept in each status queue (`listing.status.changes`); the oldest are
+    /// dropped beyond it.
+    pub status_queue_max_length: u32,
+    /// Status changes older than this are dropped from the status queues.
+    pub status_queue_ttl: Duration,
+    /// Most heartbeats kept in `system.health`.
+    pub health_queue_max_length: u32,
+    /// Heartbeats older than this are dropped.
+    pub health_queue_ttl: Duration,
     /// Quorum queues only: deliveries of one message before the broker dead-letters it
     /// (a message that crashes every consumer cannot block the queue forever).
     pub delivery_limit: u32,
 }
 
 impl Default for TopologyConfig {
+    /// Classic queues; status queues keep 100,000 changes for 7 days, `system.health` 1,000
+    /// heartbeats for an hour; a quorum queue dead-letters a message after 20 deliveries.
     fn default() -> Self {
         Self {
             queue_type: QueueType::Classic,
-            status_changes: Bound {
-                max_length: 100_000,
-                message_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
-            },
-            health: Bound {
-                max_length: 1_000,
-                message_ttl: Some(Duration::from_secs(3600)),
-            },
+            status_queue_max_length: 100_000,
+            status_queue_ttl: Duration::from_secs(7 * 24 * 3600),
+            health_queue_max_length: 1_000,
+            health_queue_ttl: Duration::from_secs(3600),
             delivery_limit: 20,
         }
     }
@@ -161,104 +148,77 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The topology of the architecture document, with a dead-letter exchange and queue.
+    /// The topology of the architecture document: the listings' exchange and queues, the
+    /// status queue, the system exchange and the dead-lettering.
     pub fn benalsam(config: &TopologyConfig) -> Self {
-        let queue_type = || {
-            (
-                "x-queue-type".to_owned(),
-                Argument::Str(config.queue_type.as_str().to_owned()),
-            )
+        Self::for_event_types(&[EventType::listings()], config)
+    }
+
+    /// Everything `event_types` need: each one's exchange, its queue bound with
+    /// `<prefix>.#` and dead-lettering through its own exchange into its own queue, its
+    /// bounded status queue (when it has one) bound with `<prefix>.status.#`; and
+    /// `benalsam.system` with the bounded `system.health`. An entity two event types share is
+    /// declared once.
+    pub fn for_event_types(event_types: &[EventType], config: &TopologyConfig) -> Self {
+        let args = Arguments(config);
+        let mut t = Self {
+            exchanges: Vec::new(),
+            queues: Vec::new(),
+            bindings: Vec::new(),
         };
-        let bounded = |bound: &Bound| {
-            let mut args = BTreeMap::from([
-                queue_type(),
-                (
-                    "x-max-length".to_owned(),
-                    Argument::Int(i64::from(bound.max_length)),
-                ),
-                // Quorum queues only support drop-head, so both types use it.
-                (
-                    "x-overflow".to_owned(),
-                    Argument::Str("drop-head".to_owned()),
-                ),
-            ]);
-            if let Some(ttl) = bound.message_ttl {
-                let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-                args.insert("x-message-ttl".to_owned(), Argument::Int(millis));
+        for e in event_types {
+            t.exchange(&e.exchange);
+            t.queue(&e.queue, args.consumed(&e.dead_letter_exchange));
+            t.queue(&e.dead_letter_queue, args.plain());
+            if let Some(status) = &e.status_queue {
+                t.queue(status, args.bounded(config.status_queue_max_length, config.status_queue_ttl));
             }
-            args
-        };
-        let mut sync_args = BTreeMap::from([
-            queue_type(),
-            (
-                "x-dead-letter-exchange".to_owned(),
-                Argument::Str(DEAD_LETTER_EXCHANGE.to_owned()),
-            ),
-        ]);
-        if config.queue_type == QueueType::Quorum {
-            sync_args.insert(
-                "x-delivery-limit".to_owned(),
-                Argument::Int(i64::from(config.delivery_limit)),
-            );
         }
-        let exchange = |name: &str| ExchangeDef {
-            name: name.to_owned(),
-        };
-        let binding = |exchange: &str, queue: &str, key: &str| BindingDef {
-            exchange: exchange.to_owned(),
-            queue: queue.to_owned(),
-            routing_key: key.to_owned(),
-        };
-        Self {
-            exchanges: vec![
-                exchange(LISTINGS_EXCHANGE),
-                exchange(SYSTEM_EXCHANGE),
-                exchange(DEAD_LETTER_EXCHANGE),
-            ],
-            queues: vec![
-                QueueDef {
-                    name: SYNC_QUEUE.to_owned(),
-                    arguments: sync_args,
-                },
-                QueueDef {
-                    name: DEAD_LETTER_QUEUE.to_owned(),
-                    arguments: BTreeMap::from([queue_type()]),
-                },
-                QueueDef {
-                    name: STATUS_QUEUE.to_owned(),
-                    arguments: bounded(&config.status_changes),
-                },
-                QueueDef {
-                    name: HEALTH_QUEUE.to_owned(),
-                    arguments: bounded(&config.health),
-                },
-            ],
-            bindings: vec![
-                binding(LISTINGS_EXCHANGE, SYNC_QUEUE, "listing.#"),
-                binding(LISTINGS_EXCHANGE, STATUS_QUEUE, "listing.status.#"),
-                binding(SYSTEM_EXCHANGE, HEALTH_QUEUE, "health.#"),
-                binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, "#"),
-            ],
+        t.exchange(SYSTEM_EXCHANGE);
+        t.queue(
+            HEALTH_QUEUE,
+            args.bounded(config.health_queue_max_length, config.health_queue_ttl),
+        );
+        for e in event_types {
+            t.bind(&e.exchange, &e.queue, &format!("{}.#", e.routing_prefix));
+            if let Some(status) = &e.status_queue {
+                t.bind(&e.exchange, status, &format!("{}.status.#", e.routing_prefix));
+            }
+        }
+        t.bind(SYSTEM_EXCHANGE, HEALTH_QUEUE, "health.#");
+        for e in event_types {
+            t.exchange(&e.dead_letter_exchange);
+            t.bind(&e.dead_letter_exchange, &e.dead_letter_queue, "#");
+        }
+        t
+    }
+
+    fn exchange(&mut self, name: &str) {
+        if !self.exchanges.iter().any(|e| e.name == name) {
+            self.exchanges.push(ExchangeDef {
+                name: name.to_owned(),
+            });
         }
     }
 
-    /// Adds another table's event type: its exchange (if new) and a binding of all its
-    /// routing keys to `elasticsearch.sync`.
-    pub fn with_event_type(mut self, event_type: &EventType) -> Self {
-        if !self.exchanges.iter().any(|e| e.name == event_type.exchange) {
-            self.exchanges.push(ExchangeDef {
-                name: event_type.exchange.clone(),
+    fn queue(&mut self, name: &str, arguments: BTreeMap<String, Argument>) {
+        if !self.queues.iter().any(|q| q.name == name) {
+            self.queues.push(QueueDef {
+                name: name.to_owned(),
+                arguments,
             });
         }
+    }
+
+    fn bind(&mut self, exchange: &str, queue: &str, routing_key: &str) {
         let binding = BindingDef {
-            exchange: event_type.exchange.clone(),
-            queue: SYNC_QUEUE.to_owned(),
-            routing_key: format!("{}.#", event_type.routing_prefix),
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: routing_key.to_owned(),
         };
         if !self.bindings.contains(&binding) {
             self.bindings.push(binding);
         }
-        self
     }
 
     /// Declares everything on the broker. Idempotent; fails with
@@ -346,6 +306,45 @@ impl Topology {
                 "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// The `x-` arguments of the kinds of queue, for one configuration.
+struct Arguments<'a>(&'a TopologyConfig);
+
+impl Arguments<'_> {
+    fn plain(&self) -> BTreeMap<String, Argument> {
+        BTreeMap::from([(
+            "x-queue-type".to_owned(),
+            Argument::Str(self.0.queue_type.as_str().to_owned()),
+        )])
+    }
+
+    /// A queue a consumer reads: dead-lettering (and, for quorum queues, the delivery limit).
+    fn consumed(&self, dead_letter_exchange: &str) -> BTreeMap<String, Argument> {
+        let mut args = self.plain();
+        args.insert(
+            "x-dead-letter-exchange".to_owned(),
+            Argument::Str(dead_letter_exchange.to_owned()),
+        );
+        if self.0.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-delivery-limit".to_owned(),
+                Argument::Int(i64::from(self.0.delivery_limit)),
+            );
+        }
+        args
+    }
+
+    /// A queue nobody may be consuming: at most `max_length` messages of at most `ttl`.
+    fn bounded(&self, max_length: u32, ttl: Duration) -> BTreeMap<String, Argument> {
+        let mut args = self.plain();
+        args.insert("x-max-length".to_owned(), Argument::Int(i64::from(max_length)));
+        // Quorum queues only support drop-head, so both types use it.
+        args.insert("x-overflow".to_owned(), Argument::Str("drop-head".to_owned()));
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".to_owned(), Argument::Int(millis));
+        args
     }
 }
 
@@ -442,29 +441,44 @@ mod tests {
     }
 
     #[test]
-    fn a_new_event_type_adds_its_exchange_and_binding_once() {
-        let items = EventType {
-            table: "inventory_items".into(),
-            routing_prefix: "inventory_item".into(),
-            exchange: "benalsam.inventory".into(),
-            status_column: None,
-        };
-        let t = Topology::benalsam(&TopologyConfig::default())
-            .with_event_type(&items)
-            .with_event_type(&items);
-        assert_eq!(
-            t.exchanges
-                .iter()
-                .filter(|e| e.name == "benalsam.inventory")
-                .count(),
-            1
+    fn each_event_type_gets_its_own_queue_and_dead_letters() {
+        let mut items = EventType::new("inventory", "inventory_items");
+        items.routing_prefix = "inventory_item".into();
+        let t = Topology::for_event_types(
+            &[EventType::listings(), items.clone(), items],
+            &TopologyConfig::default(),
         );
+        let names: Vec<&str> = t.queues.iter().map(|q| q.name.as_str()).collect();
         assert_eq!(
-            t.bindings
-                .iter()
-                .filter(|b| b.routing_key == "inventory_item.#")
-                .count(),
-            1
+            names,
+            [
+                "elasticsearch.sync",
+                "elasticsearch.sync.dlq",
+                "listing.status.changes",
+                "inventory.sync",
+                "inventory.sync.dlq",
+                "system.health"
+            ],
+            "each entity once"
+        );
+        let inventory = &t.queues[3].arguments;
+        assert_eq!(
+            inventory.get("x-dead-letter-exchange"),
+            Some(&Argument::Str("inventory.sync.dlx".into()))
+        );
+        let bound = |exchange: &str, queue: &str, key: &str| {
+            t.bindings.contains(&BindingDef {
+                exchange: exchange.into(),
+                queue: queue.into(),
+                routing_key: key.into(),
+            })
+        };
+        assert!(bound("benalsam.inventory", "inventory.sync", "inventory_item.#"));
+        assert!(bound("inventory.sync.dlx", "inventory.sync.dlq", "#"));
+        assert!(bound("benalsam.dlx", "elasticsearch.sync.dlq", "#"));
+        assert!(
+            !bound("benalsam.dlx", "inventory.sync.dlq", "#"),
+            "dead letters of one type never reach another's queue"
         );
     }
 

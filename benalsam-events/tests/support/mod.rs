@@ -31,7 +31,11 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{n}_{micros}", std::process::id())
 }
 
-/// A freshly migrated schema of its own, so a test sees only its own listings and jobs.
+/// The seed's listings table: example schema, which the application (here, the test) owns.
+pub const LISTINGS_SQL: &str = include_str!("../../../examples/sql/listings.sql");
+
+/// A freshly migrated schema of its own, with the seed's listings table and its sync
+/// trigger, so a test sees only its own listings and jobs.
 pub struct TestSchema {
     pub name: String,
     pub client: tokio_postgres::Client,
@@ -43,13 +47,20 @@ impl TestSchema {
         let mut client = benalsam_events::connect::postgres(&database_url())
             .await
             .expect("PostgreSQL answers (is the stack up? scripts/stack up)");
-        benalsam_events::outbox::migrate(&mut client, &name)
-            .await
-            .expect("migrations apply");
         client
-            .batch_execute(&format!("SET search_path TO {name}"))
+            .batch_execute(&format!(
+                "CREATE SCHEMA {name}; SET search_path TO {name}; {LISTINGS_SQL}"
+            ))
             .await
-            .expect("search_path");
+            .expect("the listings table");
+        let report = benalsam_events::outbox::migrate(
+            &mut client,
+            &benalsam_events::OutboxConfig::in_schema(&name),
+            &[benalsam_events::EventType::listings()],
+        )
+        .await
+        .expect("migrations apply");
+        assert_eq!(report.triggers, vec!["listings".to_owned()]);
         Self { name, client }
     }
 
@@ -96,8 +107,7 @@ impl TestSchema {
     pub async fn use_channel(&self, channel: &str) {
         self.client
             .batch_execute(&format!(
-                "DROP TRIGGER listings_sync_queue ON listings;
-                 CREATE TRIGGER listings_sync_queue
+                "CREATE OR REPLACE TRIGGER benalsam_sync_queue
                      AFTER INSERT OR UPDATE OR DELETE ON listings
                      FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'channel={channel}');"
             ))
@@ -329,16 +339,22 @@ impl TestIndex {
         let client =
             benalsam_events::index::client(&search_url(), std::time::Duration::from_secs(30))
                 .expect("search client");
-        let mut config = benalsam_events::index::IndexConfig::default();
-        config.alias = alias.clone();
-        benalsam_events::index::ensure_index(
-            &client,
-            &config,
-            &benalsam_events::index::listings_index_body(&config),
-        )
-        .await
-        .expect("index bootstrap (is the stack up?)");
+        benalsam_events::index::ensure_index(&client, &Self::listings(&alias))
+            .await
+            .expect("index bootstrap (is the stack up?)");
         Self { alias, client }
+    }
+
+    /// The listings event type, indexed into `alias`.
+    pub fn listings(alias: &str) -> benalsam_events::EventType {
+        let mut listings = benalsam_events::EventType::listings();
+        alias.clone_into(&mut listings.index.alias);
+        listings
+    }
+
+    /// The listings event type, indexed into this index.
+    pub fn event_type(&self) -> benalsam_events::EventType {
+        Self::listings(&self.alias)
     }
 
     async fn call(
@@ -458,7 +474,7 @@ pub fn spawn_bridge(
     let publisher = benalsam_events::Publisher::new(
         url.clone(),
         outbox,
-        benalsam_events::Routes::default(),
+        vec![benalsam_events::EventType::listings()],
         benalsam_events::PublisherConfig::default(),
     );
     let task = tokio::spawn(

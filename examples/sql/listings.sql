@@ -1,8 +1,10 @@
--- The marketplace's listings: what users post and what search serves.
+-- The marketplace's listings of the Benalsam seed: what users post and what search serves.
+-- Example schema, not the library's: scripts/demo and the tests create it, and
+-- `benalsam-bridge migrate` attaches the sync trigger to it (the `listings` event type).
 -- Statuses follow the listing life cycle of the Benalsam admin flow:
 -- a draft is submitted for approval, approved listings are active, and
 -- an active listing ends sold, expired, inactive or rejected.
-CREATE TABLE listings (
+CREATE TABLE IF NOT EXISTS listings (
     id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     user_id               uuid NOT NULL,
     title                 text NOT NULL CHECK (length(title) BETWEEN 1 AND 200),
@@ -32,5 +34,5 @@ CREATE TABLE listings (
     CHECK ((latitude IS NULL) = (longitude IS NULL))
 );
 
-CREATE INDEX listings_user_id_idx ON listings (user_id);
-CREATE INDEX listings_status_idx ON listings (status);
+CREATE INDEX IF NOT EXISTS listings_user_id_idx ON listings (user_id);
+CREATE INDEX IF NOT EXISTS listings_status_idx ON listings (status);

@@ -1,0 +1,391 @@
+//! Event types: one table's changes, from its trigger to its search index, declared once.
+//!
+//! An [`EventType`] says everything about one table: its key and ignored columns (the
+//! trigger's options), the exchange and routing keys of its messages, the queue the consumer
+//! reads them from and its dead-letter queue, the index and how a row becomes a document.
+//! Triggers, topology, indexes and documents are all derived from it, so a second table runs
+//! beside the first without touching it.
+//!
+//! Declare them in code ([`EventType::new`] and its `with_*` methods), or in a TOML file for
+//! the binaries ([`EventType::from_file`]; every key is documented in
+//! `examples/config/benalsam.toml`). A document a [`DocumentSpec`] cannot describe comes from
+//! a [`DocumentBuilder`](crate::DocumentBuilder) of your own ([`EventType::with_builder`]).
+
+mod document;
+mod file;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub use document::{DocumentSpec, Field, FieldType};
+
+use crate::config::validate_identifier;
+use crate::index::{Action, BuildError, DocumentBuilder};
+use crate::publish::{Envelope, LISTINGS_EXCHANGE};
+use crate::{Error, Result};
+
+/// The index of an event type, behind its alias.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexSpec {
+    /// The alias everything reads and writes through; the index is `<alias>_v1`.
+    pub alias: String,
+    /// Primary shards of a new index.
+    pub shards: u32,
+    /// Replicas per shard; 0 on a single node keeps the cluster green.
+    pub replicas: u32,
+    /// How soon a write becomes searchable.
+    pub refresh_interval: String,
+    /// How long a delete's tombstone (and its version) is kept. An index operation older than
+    /// the delete arriving within this time is refused as stale; after it, it would bring the
+    /// document back. At least one hour, which outlasts every retry and resend of the
+    /// pipeline; a shorter value is raised to it.
+    pub gc_deletes: Duration,
+}
+
+impl IndexSpec {
+    /// An index behind `alias`, one shard, no replica, refreshed every second.
+    pub fn new(alias: &str) -> Self {
+        Self {
+            alias: alias.to_owned(),
+            shards: 1,
+            replicas: 0,
+            refresh_interval: "1s".to_owned(),
+            gc_deletes: MIN_GC_DELETES,
+        }
+    }
+}
+
+/// The shortest `gc_deletes` any index of the library gets.
+pub(crate) const MIN_GC_DELETES: Duration = Duration::from_secs(3600);
+
+/// One table's changes, from trigger to index. See the [module documentation](self).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct EventType {
+    /// Its name, in metrics, logs and the operator's commands (`listings`).
+    pub name: String,
+    /// The table: bare when it lives in the outbox's schema, `schema.table` otherwise.
+    pub table: String,
+    /// The column that identifies a row (the trigger's `key=`, the document id).
+    pub key: String,
+    /// Columns whose changes alone are no change for search (view counters).
+    pub ignore: Vec<String>,
+    /// Whether the trigger sends `NOTIFY` (off for write-heavy tables; bridges then poll).
+    pub notify: bool,
+    /// The topic exchange its messages go to.
+    pub exchange: String,
+    /// First word of its routing keys: `<prefix>.insert`, `.update`, `.delete`, `.truncate`.
+    pub routing_prefix: String,
+    /// A column whose changes get `<prefix>.status.<new value>` routing keys.
+    pub status_column: Option<String>,
+    /// The queue the consumer reads its messages from (bound with `<prefix>.#`).
+    pub queue: String,
+    /// The exchange its refused messages go to...
+    pub dead_letter_exchange: String,
+    /// ...and the queue that keeps them.
+    pub dead_letter_queue: String,
+    /// A bounded queue of its status changes for notification services (bound with
+    /// `<prefix>.status.#`), if it has one.
+    pub status_queue: Option<String>,
+    /// Its search index.
+    pub index: IndexSpec,
+    /// How its rows become documents (unless it has a builder of its own).
+    pub document: DocumentSpec,
+    builder: Option<(Arc<dyn DocumentBuilder>, Value)>,
+}
+
+impl std::fmt::Debug for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventType")
+            .field("name", &self.name)
+            .field("table", &self.table)
+            .field("exchange", &self.exchange)
+            .field("queue", &self.queue)
+            .field("index", &self.index.alias)
+            .field("custom_builder", &self.builder.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventType {
+    /// The event type `name` of `table`, with names derived from `name`: exchange
+    /// `benalsam.<name>`, routing prefix `<name>`, queue `<name>.sync` with `<name>.sync.dlx`
+    /// and `<name>.sync.dlq`, index `benalsam_<name>`; key `id`; a document of `id`, `job_id`
+    /// and `indexed_at` only, until fields are added.
+    pub fn new(name: &str, table: &str) -> Self {
+        let queue = format!("{name}.sync");
+        Self {
+            name: name.to_owned(),
+            table: table.to_owned(),
+            key: "id".to_owned(),
+            ignore: Vec::new(),
+            notify: true,
+            exchange: format!("benalsam.{name}"),
+            routing_prefix: name.to_owned(),
+            status_column: None,
+            dead_letter_exchange: format!("{queue}.dlx"),
+            dead_letter_queue: format!("{queue}.dlq"),
+            queue,
+            status_queue: None,
+            index: IndexSpec::new(&format!("benalsam_{name}")),
+            document: DocumentSpec::default(),
+            builder: None,
+        }
+    }
+
+    /// The listings of the architecture document, exactly as the binaries run them without a
+    /// configuration file: table `listings` (view counts ignored), `benalsam.listings` with
+    /// `listing.*` keys and status changes on `listing.status.<status>`, `elasticsearch.sync`
+    /// dead-lettering through `benalsam.dlx` into `elasticsearch.sync.dlq`, the bounded
+    /// `listing.status.changes`, and the `benalsam_listings` index with Turkish analysis where
+    /// only `active` listings are searchable.
+    pub fn listings() -> Self {
+        let mut listings = Self::new("listings", "listings");
+        listings.ignore = vec!["view_count".to_owned()];
+        listings.exchange = LISTINGS_EXCHANGE.to_owned();
+        listings.routing_prefix = "listing".to_owned();
+        listings.status_column = Some("status".to_owned());
+        listings.queue = "elasticsearch.sync".to_owned();
+        listings.dead_letter_exchange = "benalsam.dlx".to_owned();
+        listings.dead_letter_queue = "elasticsearch.sync.dlq".to_owned();
+        listings.status_queue = Some("listing.status.changes".to_owned());
+        listings.document = document::listings();
+        listings
+    }
+
+    /// Builds its documents with `builder` instead of the [`DocumentSpec`]; `properties` is
+    /// the mapping of the fields it writes (`id`, `job_id` and `indexed_at` are added).
+    pub fn with_builder(mut self, builder: impl DocumentBuilder + 'static, properties: Value) -> Self {
+        self.builder = Some((Arc::new(builder), properties));
+        self
+    }
+
+    /// Reads the event types of a TOML file, checking every key (an unknown key, a wrong
+    /// type, a name used twice, a field that cannot work): the error names the file, the line
+    /// and the key.
+    pub fn from_file(path: &std::path::Path) -> Result<Vec<Self>> {
+        file::load(path)
+    }
+
+    /// Checks what must hold for the event type to work, naming the setting that does not.
+    pub(crate) fn validate(&self) -> Result<()> {
+        validate_identifier("event type name", &self.name)?;
+        let (schema, table) = self.split_table();
+        if let Some(schema) = schema {
+            validate_identifier("table", schema)?;
+        }
+        validate_identifier("table", table)?;
+        validate_identifier("key", &self.key)?;
+        for column in &self.ignore {
+            validate_identifier("ignore", column)?;
+        }
+        for (setting, name) in [
+            ("exchange", &self.exchange),
+            ("routing_prefix", &self.routing_prefix),
+            ("queue", &self.queue),
+            ("dead_letter_exchange", &self.dead_letter_exchange),
+            ("dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            amqp_name(setting, name)?;
+        }
+        if self.routing_prefix.contains(['*', '#']) || self.routing_prefix.contains("..") {
+            return Err(Error::config(
+                "routing_prefix",
+                format!("{:?} may not hold * or # or an empty word", self.routing_prefix),
+            ));
+        }
+        validate_identifier("index alias", &self.index.alias)?;
+        if self.document.searchable_statuses.is_some() && self.status_column.is_none() {
+            return Err(Error::config(
+                "searchable_statuses",
+                format!("event type {}: needs a status_column to read the status from", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The schema (when qualified) and the table name.
+    pub(crate) fn split_table(&self) -> (Option<&str>, &str) {
+        match self.table.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, &self.table),
+        }
+    }
+
+    /// The trigger's arguments.
+    pub(crate) fn trigger_options(&self, channel: &str) -> Vec<String> {
+        let mut options = vec![format!("key={}", self.key)];
+        if !self.ignore.is_empty() {
+            options.push(format!("ignore={}", self.ignore.join(",")));
+        }
+        options.push(format!("channel={channel}"));
+        if !self.notify {
+            options.push("notify=off".to_owned());
+        }
+        options
+    }
+
+    /// The action a change asks of the index.
+    pub(crate) fn build(&self, envelope: &Envelope<'_>) -> std::result::Result<Action, BuildError> {
+        match &self.builder {
+            Some((builder, _)) => builder.build(envelope),
+            None => self
+                .document
+                .build(&self.index.alias, self.status_column.as_deref(), envelope),
+        }
+    }
+
+    /// The settings and mappings of its index.
+    pub(crate) fn index_body(&self) -> Value {
+        let properties = match &self.builder {
+            Some((_, properties)) => {
+                let mut properties = properties.clone();
+                if let Some(map) = properties.as_object_mut() {
+                    map.entry("id").or_insert(json!({ "type": "keyword" }));
+                    map.entry("job_id").or_insert(json!({ "type": "long" }));
+                    map.entry("indexed_at").or_insert(json!({ "type": "date" }));
+                }
+                properties
+            }
+            None => self.document.properties(),
+        };
+        let uses = |name: &str| {
+            self.builder.is_some() || self.document.uses(name)
+        };
+        let mut analysis = serde_json::Map::new();
+        if uses(document::TURKISH) {
+            analysis.insert(
+                "filter".into(),
+                json!({
+                    "benalsam_turkish_lowercase": { "type": "lowercase", "language": "turkish" },
+                    "benalsam_turkish_stop": { "type": "stop", "stopwords": "_turkish_" },
+                    "benalsam_turkish_stemmer": { "type": "stemmer", "language": "turkish" }
+                }),
+            );
+            analysis.insert(
+                "analyzer".into(),
+                json!({ document::TURKISH: {
+                    "type": "custom",
+                    "tokenizer": "standard",
+                    "filter": ["apostrophe", "benalsam_turkish_lowercase",
+                               "benalsam_turkish_stop", "benalsam_turkish_stemmer"]
+                }}),
+            );
+        }
+        if uses(document::LOWERCASE) {
+            analysis.insert(
+                "normalizer".into(),
+                json!({ document::LOWERCASE: { "type": "custom", "filter": ["lowercase"] } }),
+            );
+        }
+        let mut settings = json!({
+            "number_of_shards": self.index.shards,
+            "number_of_replicas": self.index.replicas,
+            "refresh_interval": self.index.refresh_interval,
+            "gc_deletes": format!("{}s", self.index.gc_deletes.max(MIN_GC_DELETES).as_secs()),
+        });
+        if !analysis.is_empty() {
+            settings["analysis"] = Value::Object(analysis);
+        }
+        json!({
+            "settings": settings,
+            "mappings": {
+                // A field the document builder does not know is a bug, not a new field.
+                "dynamic": "strict",
+                "properties": properties
+            }
+        })
+    }
+}
+
+/// Checks a RabbitMQ name (exchange, queue, routing prefix): not empty, at most 255 bytes,
+/// printable, not one of the broker's own (`amq.`).
+fn amqp_name(setting: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(Error::config(
+            setting,
+            format!("{name:?} must be 1 to 255 printable bytes"),
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(Error::config(
+            setting,
+            format!("{name:?}: names starting with amq. belong to the broker"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_event_type_s_name() {
+        let orders = EventType::new("orders", "shop.orders");
+        assert_eq!(orders.exchange, "benalsam.orders");
+        assert_eq!(orders.queue, "orders.sync");
+        assert_eq!(orders.dead_letter_exchange, "orders.sync.dlx");
+        assert_eq!(orders.dead_letter_queue, "orders.sync.dlq");
+        assert_eq!(orders.index.alias, "benalsam_orders");
+        assert_eq!(orders.split_table(), (Some("shop"), "orders"));
+        assert!(orders.validate().is_ok());
+        let mut bad = orders.clone();
+        bad.document.searchable_statuses = Some(vec!["open".into()]);
+        assert_eq!(
+            bad.validate().expect_err("no status column").setting(),
+            Some("searchable_statuses")
+        );
+    }
+
+    #[test]
+    fn the_listings_index_is_the_one_deployments_already_have() {
+        let body = EventType::listings().index_body();
+        let p = &body["mappings"]["properties"];
+        assert_eq!(
+            p["title"],
+            json!({"type": "text", "analyzer": "benalsam_turkish", "copy_to": "search_text",
+                   "fields": {"raw": {"type": "keyword", "ignore_above": 256}}})
+        );
+        assert_eq!(
+            p["description"],
+            json!({"type": "text", "analyzer": "benalsam_turkish", "copy_to": "search_text"})
+        );
+        assert_eq!(
+            p["search_text"],
+            json!({"type": "text", "analyzer": "benalsam_turkish"})
+        );
+        assert_eq!(
+            p["location_city"],
+            json!({"type": "keyword", "normalizer": "benalsam_lowercase"})
+        );
+        assert_eq!(p["images"], json!({"type": "keyword", "index": false}));
+        assert_eq!(p["attributes"], json!({"type": "object", "dynamic": true}));
+        assert_eq!(p["geo_location"], json!({"type": "geo_point"}));
+        assert_eq!(p["budget"], json!({"type": "double"}));
+        assert_eq!(p.as_object().map(|o| o.len()), Some(24));
+        assert_eq!(body["mappings"]["dynamic"], "strict");
+        assert_eq!(body["settings"]["gc_deletes"], "3600s");
+        assert!(body["settings"]["analysis"]["analyzer"]["benalsam_turkish"].is_object());
+    }
+
+    #[test]
+    fn a_custom_body_keeps_the_delete_protection() {
+        #[derive(Debug)]
+        struct Nothing;
+        impl DocumentBuilder for Nothing {
+            fn build(&self, _: &Envelope<'_>) -> std::result::Result<Action, BuildError> {
+                Err(BuildError("nothing".into()))
+            }
+        }
+        let mut custom = EventType::new("x", "x")
+            .with_builder(Nothing, json!({"name": {"type": "text"}}));
+        custom.index.gc_deletes = Duration::from_secs(60);
+        let body = custom.index_body();
+        assert_eq!(body["settings"]["gc_deletes"], "3600s", "raised to the minimum");
+        assert_eq!(body["mappings"]["properties"]["job_id"]["type"], "long");
+    }
+}

@@ -1,0 +1,133 @@
+//! The wire is not trusted: every delivery is checked against the outbox before it touches
+//! the index (one query per batch). Pure, so the decisions are tested without services.
+//!
+//! | the outbox has | decision |
+//! |---|---|
+//! | no such job, or one of another table, record or operation | dead-lettered as "unknown or mismatched job"; no job is touched |
+//! | the job `completed` | a duplicate: acked, not indexed |
+//! | the job `pending` (given back, or resent) | acked, not indexed: a bridge publishes it again |
+//! | a later TRUNCATE of the table | superseded: completed without indexing |
+//! | the job `processing`, `sent` or `failed` | delivered |
+//!
+//! A broker client that can publish to the exchange therefore cannot invent a change, move a
+//! document to another record, complete a job that was never published, or freeze a document
+//! with a job id from the future: it can only send again what the bridge already published.
+
+use crate::outbox::Recorded;
+use crate::publish::Envelope;
+
+/// What to do with a delivery, after the outbox was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Index it.
+    Deliver,
+    /// Its job is completed already: ack it, nothing more.
+    Duplicate,
+    /// Its job waits to be published again: ack it, nothing more.
+    NotYet,
+    /// A later truncation of its table covers it: complete the job without indexing.
+    Superseded,
+    /// No such job, or not this one: dead-letter it, touch no job.
+    Unverified(String),
+}
+
+/// Checks `envelope` against what the outbox has for its job id.
+pub(crate) fn check(envelope: &Envelope<'_>, recorded: Option<&Recorded>) -> Check {
+    let Some(r) = recorded.filter(|r| r.table.is_some()) else {
+        return Check::Unverified(format!(
+            "unknown or mismatched job: the outbox has no job {}",
+            envelope.job_id
+        ));
+    };
+    let mismatch = |what: &str, theirs: &str, ours: Option<&str>| {
+        Check::Unverified(format!(
+            "unknown or mismatched job: job {} is {what} {:?} in the outbox, the message says {theirs:?}",
+            envelope.job_id,
+            ours.unwrap_or("")
+        ))
+    };
+    if r.table.as_deref() != Some(envelope.table.as_ref()) {
+        return mismatch("of table", &envelope.table, r.table.as_deref());
+    }
+    if r.record_id.as_deref() != Some(envelope.record_id.as_ref()) {
+        return mismatch("of record", &envelope.record_id, r.record_id.as_deref());
+    }
+    if r.operation != Some(envelope.operation) {
+        return mismatch(
+            "an",
+            envelope.operation.as_str(),
+            r.operation.map(|o| o.as_str()),
+        );
+    }
+    match r.status.as_deref() {
+        Some("completed") => Check::Duplicate,
+        Some("pending") => Check::NotYet,
+        _ if r.truncated_after => Check::Superseded,
+        _ => Check::Deliver,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outbox::Operation;
+
+    fn envelope(job: i64, record: &str) -> Envelope<'static> {
+        let body = json!({
+            "messageId": format!("job_{job}"), "jobId": job, "schemaVersion": 1,
+            "routingKey": "listing.update", "table": "listings", "operation": "UPDATE",
+            "recordId": record, "changeData": {"old": {}, "new": {}},
+            "occurredAt": "2026-11-27T12:00:00Z"
+        });
+        Envelope::decode(body.to_string().as_bytes()).expect("valid")
+    }
+
+    fn recorded(status: &str) -> Recorded {
+        Recorded {
+            id: 5,
+            table: Some("listings".into()),
+            operation: Some(Operation::Update),
+            record_id: Some("L1".into()),
+            status: Some(status.into()),
+            truncated_after: false,
+        }
+    }
+
+    #[test]
+    fn only_a_job_that_expects_this_delivery_is_indexed() {
+        let e = envelope(5, "L1");
+        for status in ["processing", "sent", "failed"] {
+            assert_eq!(check(&e, Some(&recorded(status))), Check::Deliver, "{status}");
+        }
+        assert_eq!(check(&e, Some(&recorded("completed"))), Check::Duplicate);
+        assert_eq!(check(&e, Some(&recorded("pending"))), Check::NotYet);
+        let truncated = Recorded {
+            truncated_after: true,
+            ..recorded("sent")
+        };
+        assert_eq!(check(&e, Some(&truncated)), Check::Superseded);
+    }
+
+    #[test]
+    fn a_forged_message_is_refused_with_the_reason() {
+        let unknown = check(&envelope(9_000_000_000_000_000_000, "L1"), None);
+        assert!(matches!(&unknown, Check::Unverified(why) if why.contains("no job")), "{unknown:?}");
+        let missing = Recorded {
+            table: None,
+            ..recorded("sent")
+        };
+        assert!(matches!(check(&envelope(5, "L1"), Some(&missing)), Check::Unverified(_)));
+        let other_record = check(&envelope(5, "L2"), Some(&recorded("pending")));
+        assert!(
+            matches!(&other_record, Check::Unverified(why) if why.contains("record") && why.contains("L2")),
+            "{other_record:?}"
+        );
+        let delete = Recorded {
+            operation: Some(Operation::Delete),
+            ..recorded("sent")
+        };
+        assert!(matches!(check(&envelope(5, "L1"), Some(&delete)), Check::Unverified(_)));
+    }
+}
