@@ -7,7 +7,9 @@
 //!
 //! Copy it to see how an application writes (plain SQL; the trigger does the rest) and how
 //! to query the index. It expects `benalsam-bridge` and `benalsam-consumer` to be running,
-//! which `scripts/demo` arranges.
+//! which `scripts/demo` arranges. `demo setup` only creates the application's `listings`
+//! table (`examples/sql/listings.sql`), which the bridge's migration then attaches its
+//! trigger to.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,9 @@ use benalsam_events::elasticsearch::SearchParts;
 use benalsam_events::tokio_postgres::types::ToSql;
 use benalsam_events::{Outbox, OutboxConfig, connect, index};
 use serde_json::{Value, json};
+
+/// The application's table: example schema, not the library's.
+const LISTINGS_SQL: &str = include_str!("sql/listings.sql");
 
 /// One listing of the demo.
 struct Demo {
@@ -74,6 +79,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = connect::postgres(&database_url).await?;
     db.batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
+    if std::env::args().nth(1).as_deref() == Some("setup") {
+        db.batch_execute(LISTINGS_SQL).await?;
+        println!("the listings table is in schema {schema}");
+        return Ok(());
+    }
     let first_job: i64 = db
         .query_one(
             "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",

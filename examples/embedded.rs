@@ -16,8 +16,7 @@
 
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
-use benalsam_events::index::{IndexConfig, ListingDocuments, listings_index_body};
-use benalsam_events::{AmqpUrl, DatabaseUrl, Documents, OutboxConfig, SearchUrl};
+use benalsam_events::{AmqpUrl, DatabaseUrl, EventType, OutboxConfig, SearchUrl};
 use tokio_util::sync::CancellationToken;
 
 /// Where everything is.
@@ -45,16 +44,21 @@ impl Settings {
 }
 
 /// Runs the bridge and the consumer until `shutdown` is cancelled, then lets both finish
-/// what they hold. Each does what its binary does: migrations, topology, index, the job
-/// stream into the publisher, the indexer, heartbeats. Give them a `health_addr` to serve
-/// the health endpoints and /metrics as well.
+/// what they hold. Each does what its binary does: migrations and the trigger, topology,
+/// index, the job stream into the publisher, the indexer, heartbeats. Give them a
+/// `health_addr` to serve the health endpoints and /metrics as well. The event types are
+/// the listings here; add your own to both lists (see `custom_document.rs`).
 pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<(), benalsam_events::Error> {
+    let mut listings = EventType::listings();
+    listings.index.alias = settings.index;
+
     let mut bridge =
         BridgeSettings::new(settings.database_url.clone(), settings.rabbitmq_url.clone());
     bridge.outbox = OutboxConfig::in_schema(&settings.schema);
+    bridge.event_types = vec![listings.clone()];
     bridge.migrate = true;
 
     let mut consumer = ConsumerSettings::new(
@@ -63,11 +67,7 @@ pub async fn run(
         settings.elasticsearch_url,
     );
     consumer.outbox = OutboxConfig::in_schema(&settings.schema);
-    let mut index = IndexConfig::default();
-    index.alias = settings.index.clone();
-    let body = listings_index_body(&index);
-    consumer.index = Some((index, body));
-    consumer.documents = Documents::new().with("listings", ListingDocuments::new(&settings.index));
+    consumer.event_types = vec![listings];
 
     let (bridge, consumer) = tokio::join!(
         bridge::run(bridge, shutdown.clone()),

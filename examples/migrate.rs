@@ -1,14 +1,16 @@
 //! Apply the database migrations from your own program.
 //!
-//! Copy this when your service owns its database schema and should bring the outbox table
-//! and trigger with it instead of running `benalsam-bridge migrate`.
+//! Copy this when your service owns its database schema and should bring the outbox table,
+//! the trigger function and the triggers on its tables with it instead of running
+//! `benalsam-bridge migrate`. Run it after your own migrations: the trigger is attached to
+//! tables that exist, and the ones that do not are reported.
 //!
 //! ```text
 //! DATABASE_URL=postgres://benalsam:benalsam@127.0.0.1:5432/benalsam cargo run --example migrate
 //! ```
 
 use benalsam_events::config::DatabaseUrl;
-use benalsam_events::{connect, outbox};
+use benalsam_events::{EventType, OutboxConfig, connect, outbox};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,10 +20,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
 
     let mut client = connect::postgres(&url).await?;
-    let report = outbox::migrate(&mut client, &schema).await?;
+    // Your event types: the same list the bridge and the consumer run with.
+    let event_types = [EventType::listings()];
+    let report =
+        outbox::migrate(&mut client, &OutboxConfig::in_schema(&schema), &event_types).await?;
     println!(
-        "{url} schema {schema}: applied {:?}, already there {:?}",
-        report.applied, report.already_applied
+        "{url} schema {schema}: applied {:?}, already there {:?}, trigger on {:?}",
+        report.applied, report.already_applied, report.triggers
     );
+    if !report.missing_tables.is_empty() {
+        return Err(format!("missing tables: {:?}", report.missing_tables).into());
+    }
     Ok(())
 }

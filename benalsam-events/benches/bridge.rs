@@ -15,7 +15,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use benalsam_events::Routes;
+use benalsam_events::EventType;
 
 const SYNC_QUEUE: &str = "elasticsearch.sync";
 use benalsam_events::{
@@ -95,7 +95,7 @@ async fn main() -> Result<(), BoxError> {
         c
     };
     let job_stream = JobStream::new(outbox.clone(), config, shutdown.clone())?;
-    let publisher = Publisher::new(env.url.clone(), outbox, Routes::default(), {
+    let publisher = Publisher::new(env.url.clone(), outbox, vec![EventType::listings()], {
         let mut config = PublisherConfig::default();
         config.window = window;
         config

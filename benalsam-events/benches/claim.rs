@@ -25,7 +25,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1_000_000);
     let schema = format!("bench_claim_{}", std::process::id());
     let mut client = connect::postgres(&url).await?;
-    benalsam_events::outbox::migrate(&mut client, &schema).await?;
+    benalsam_events::outbox::migrate(
+        &mut client,
+        &benalsam_events::OutboxConfig::in_schema(&schema),
+        &[],
+    )
+    .await?;
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await?;

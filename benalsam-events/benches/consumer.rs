@@ -13,16 +13,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::Documents;
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::index::ListingDocuments;
-use benalsam_events::index::{self as search, IndexConfig};
-const LISTINGS_EXCHANGE: &str = "benalsam.listings";
+use benalsam_events::index as search;
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
-use common::{BenchEnv, BoxError, setting};
+use common::{BenchEnv, BoxError, listings, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -43,13 +40,10 @@ async fn send(
         .await?)
 }
 
+const LISTINGS_EXCHANGE: &str = "benalsam.listings";
+
 async fn fresh_index(client: &Elasticsearch, alias: &str) -> Result<(), BoxError> {
-    let config = {
-        let mut c = IndexConfig::default();
-        c.alias = alias.to_owned();
-        c
-    };
-    search::ensure_index(client, &config, &search::listings_index_body(&config)).await?;
+    search::ensure_index(client, &listings(alias)).await?;
     Ok(())
 }
 
@@ -87,10 +81,10 @@ async fn main() -> Result<(), BoxError> {
         // Raw: the same documents, bulk requests of `size`, one after the other.
         let raw_alias = format!("{name}_raw_{size}");
         fresh_index(&es, &raw_alias).await?;
-        let documents = Documents::new().with("listings", ListingDocuments::new(&raw_alias));
+        let documents = listings(&raw_alias);
         let items: Vec<(benalsam_events::Action, i64)> = envelopes
             .iter()
-            .map(|e| Ok((documents.build(e)?, e.job_id)))
+            .map(|e| Ok((documents.action(e)?, e.job_id)))
             .collect::<Result<_, BoxError>>()?;
         let started = Instant::now();
         for chunk in items.chunks(size) {
@@ -136,7 +130,7 @@ async fn main() -> Result<(), BoxError> {
             url.clone(),
             es.clone(),
             outbox.clone(),
-            Documents::new().with("listings", ListingDocuments::new(&alias)),
+            vec![listings(&alias)],
             {
                 let mut c = IndexerConfig::default();
                 c.batch_size = size;

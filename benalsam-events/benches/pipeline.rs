@@ -30,12 +30,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::Documents;
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::index::ListingDocuments;
-use benalsam_events::index::{self as search, IndexConfig};
+use benalsam_events::index as search;
 use common::{BenchEnv, BoxError, setting};
 use futures::StreamExt;
 use lapin::options::{
@@ -274,12 +272,7 @@ async fn main() -> Result<(), BoxError> {
     let index = format!("{}_listings", env.name);
     let raw_index = format!("{}_raw", env.name);
     for alias in [&index, &raw_index] {
-        let config = {
-            let mut c = IndexConfig::default();
-            c.alias = alias.clone();
-            c
-        };
-        search::ensure_index(&es, &config, &search::listings_index_body(&config)).await?;
+        search::ensure_index(&es, &common::listings(alias)).await?;
     }
     eprintln!("[1/4] each hop alone, {ops} rows / messages / documents");
 
@@ -381,10 +374,10 @@ async fn main() -> Result<(), BoxError> {
         .await?;
 
     // Elasticsearch: the same documents, bulk requests of 1,000.
-    let documents = Documents::new().with("listings", ListingDocuments::new(&raw_index));
+    let documents = common::listings(&raw_index);
     let items: Vec<(benalsam_events::Action, i64)> = envelopes
         .iter()
-        .map(|e| Ok((documents.build(e)?, e.job_id)))
+        .map(|e| Ok((documents.action(e)?, e.job_id)))
         .collect::<Result<_, BoxError>>()?;
     let mut headers = HeaderMap::new();
     headers.insert(

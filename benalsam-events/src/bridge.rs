@@ -18,11 +18,11 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::EventType;
 use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
 use crate::ops::{HealthReport, Heartbeat, Live, Metrics, rfc3339, since};
 use crate::outbox::{JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig};
-use crate::EventType;
 use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
 use crate::service::{Check, Service, check};
 
@@ -105,17 +105,25 @@ impl BridgeSettings {
 ///
 /// A setting that cannot work, a conflicting topology or a changed migration stops it with
 /// an error; an unreachable service is waited for.
-pub async fn run(settings: BridgeSettings, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> Result<()> {
     settings.validate()?;
+    let schema = settings.outbox.schema.clone();
+    settings.event_types = settings
+        .event_types
+        .into_iter()
+        .map(|t| t.recorded_in(&schema))
+        .collect();
     let mut service = Service::new("benalsam-bridge", &shutdown);
     let monitor: Arc<OnceLock<BridgeMonitor>> = Arc::default();
+    // Built first, so /metrics lists every family from its first answer on.
+    let parts = Parts::build(&settings, &service, &shutdown)?;
     service
         .serve_health("benalsam-bridge", settings.health_addr, checks(&monitor))
         .await?;
     if !prepare(&settings, &service, &shutdown).await? {
         return Ok(());
     }
-    let (jobs, publisher) = start(&settings, &mut service, &monitor, &shutdown)?;
+    let (jobs, publisher) = parts.start(&settings, &mut service, &monitor)?;
     service.readiness.ready();
     tracing::info!("bridge running");
 
@@ -187,52 +195,87 @@ async fn prepare(
     Ok(declared.is_some())
 }
 
-/// The parts of a running bridge: the job stream and the publisher it feeds, with the
-/// resender and the heartbeat beside them and the monitor the health checks read.
-fn start(
-    settings: &BridgeSettings,
-    service: &mut Service,
-    monitor: &OnceLock<BridgeMonitor>,
-    shutdown: &CancellationToken,
-) -> Result<(JobStream, Publisher)> {
-    let mut outbox_config = settings.outbox.clone();
-    outbox_config.tables = Some(settings.event_types.iter().map(|t| t.table.clone()).collect());
-    let outbox = Outbox::new(settings.database_url.clone(), outbox_config)?;
-    let jobs = JobStream::new(outbox.clone(), settings.stream.clone(), shutdown.clone())?
-        .with_metrics(&service.metrics);
-    let mut publisher_config = settings.publisher.clone();
-    publisher_config.topology = Some(settings.topology());
-    let publisher = Publisher::new(
-        settings.rabbitmq_url.clone(),
-        outbox.clone(),
-        settings.event_types.clone(),
-        publisher_config,
-    )
-    .with_metrics(&service.metrics);
-    let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
-    let bridge = BridgeMonitor {
-        routed: settings.event_types.iter().map(|t| t.table.clone()).collect(),
-        stream: jobs.status(),
-        publisher: publisher.status(),
-        resender: resender.status(),
-        window: settings.health_window,
-        resend_after: settings.resend_after,
-        broker: settings.rabbitmq_url.redacted(),
-        database: settings.database_url.redacted(),
-    };
-    if let Some(interval) = settings.heartbeat_interval {
-        let beat = bridge.clone();
-        let heartbeat = Heartbeat::new(
+/// The parts of a bridge: the job stream and the publisher it feeds, with the resender
+/// beside them and the monitor the health checks read.
+struct Parts {
+    jobs: JobStream,
+    publisher: Publisher,
+    resender: Resender,
+    monitor: BridgeMonitor,
+}
+
+impl Parts {
+    /// Builds the parts and registers their metrics; nothing runs yet.
+    fn build(
+        settings: &BridgeSettings,
+        service: &Service,
+        shutdown: &CancellationToken,
+    ) -> Result<Self> {
+        let mut outbox_config = settings.outbox.clone();
+        outbox_config.tables = Some(
+            settings
+                .event_types
+                .iter()
+                .map(|t| t.table.clone())
+                .collect(),
+        );
+        let outbox = Outbox::new(settings.database_url.clone(), outbox_config)?;
+        let jobs = JobStream::new(outbox.clone(), settings.stream.clone(), shutdown.clone())?
+            .with_metrics(&service.metrics);
+        let mut publisher_config = settings.publisher.clone();
+        publisher_config.topology = Some(settings.topology());
+        let publisher = Publisher::new(
             settings.rabbitmq_url.clone(),
-            "bridge",
-            interval,
-            move || beat.database(),
-        )?;
-        service.spawn(heartbeat.run(service.background()));
+            outbox.clone(),
+            settings.event_types.clone(),
+            publisher_config,
+        )
+        .with_metrics(&service.metrics);
+        let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
+        let monitor = BridgeMonitor {
+            routed: settings
+                .event_types
+                .iter()
+                .map(|t| t.table.clone())
+                .collect(),
+            stream: jobs.status(),
+            publisher: publisher.status(),
+            resender: resender.status(),
+            window: settings.health_window,
+            resend_after: settings.resend_after,
+            broker: settings.rabbitmq_url.redacted(),
+            database: settings.database_url.redacted(),
+        };
+        Ok(Self {
+            jobs,
+            publisher,
+            resender,
+            monitor,
+        })
     }
-    service.spawn(resender.run(service.background()));
-    let _ = monitor.set(bridge);
-    Ok((jobs, publisher))
+
+    /// Starts the resender and the heartbeat and hands the monitor to the health checks;
+    /// returns the stream and the publisher for the caller to connect.
+    fn start(
+        self,
+        settings: &BridgeSettings,
+        service: &mut Service,
+        monitor: &OnceLock<BridgeMonitor>,
+    ) -> Result<(JobStream, Publisher)> {
+        if let Some(interval) = settings.heartbeat_interval {
+            let beat = self.monitor.clone();
+            let heartbeat = Heartbeat::new(
+                settings.rabbitmq_url.clone(),
+                "bridge",
+                interval,
+                move || beat.database(),
+            )?;
+            service.spawn(heartbeat.run(service.background()));
+        }
+        service.spawn(self.resender.run(service.background()));
+        let _ = monitor.set(self.monitor);
+        Ok((self.jobs, self.publisher))
+    }
 }
 
 fn missing_tables(tables: &[String]) -> crate::Error {

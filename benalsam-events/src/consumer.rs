@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::{EventType, Result};
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
 use crate::index::{Indexer, IndexerConfig, IndexerStatus, ensure_index};
 use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::service::{Check, Service, check};
+use crate::{EventType, Result};
 
 /// Everything [`run`] needs.
 #[derive(Debug, Clone)]
@@ -95,22 +95,23 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
     settings.validate()?;
     let mut service = Service::new("benalsam-consumer", &shutdown);
     let monitor: Arc<OnceLock<ConsumerMonitor>> = Arc::default();
-    service
-        .serve_health("benalsam-consumer", settings.health_addr, checks(&monitor))
-        .await?;
     let search = crate::index::client(&settings.search_url, settings.search_timeout)?;
-    if !prepare(&settings, &service, &search, &shutdown).await? {
-        return Ok(());
-    }
+    // Built first, so /metrics lists every family from its first answer on.
     let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
     let indexer = Indexer::new(
         settings.rabbitmq_url.clone(),
-        search,
+        search.clone(),
         outbox,
         settings.event_types.clone(),
         settings.indexer.clone(),
     )?
     .with_metrics(&service.metrics);
+    service
+        .serve_health("benalsam-consumer", settings.health_addr, checks(&monitor))
+        .await?;
+    if !prepare(&settings, &service, &search, &shutdown).await? {
+        return Ok(());
+    }
     let consumer = ConsumerMonitor {
         indexer: indexer.status(),
         window: settings.health_window,
@@ -119,10 +120,12 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
     };
     if let Some(interval) = settings.heartbeat_interval {
         let beat = consumer.clone();
-        let heartbeat =
-            Heartbeat::new(settings.rabbitmq_url.clone(), "consumer", interval, move || {
-                beat.elasticsearch()
-            })?;
+        let heartbeat = Heartbeat::new(
+            settings.rabbitmq_url.clone(),
+            "consumer",
+            interval,
+            move || beat.elasticsearch(),
+        )?;
         service.spawn(heartbeat.run(service.background()));
     }
     let _ = monitor.set(consumer);
@@ -153,11 +156,17 @@ async fn prepare(
             return Ok(false);
         }
     }
-    let queues: Vec<&str> = settings.event_types.iter().map(|t| t.queue.as_str()).collect();
+    let queues: Vec<&str> = settings
+        .event_types
+        .iter()
+        .map(|t| t.queue.as_str())
+        .collect();
     let found = service
-        .step("waiting for the queues (benalsam-bridge declares them)", shutdown, || {
-            queues_exist(&settings.rabbitmq_url, &queues)
-        })
+        .step(
+            "waiting for the queues (benalsam-bridge declares them)",
+            shutdown,
+            || queues_exist(&settings.rabbitmq_url, &queues),
+        )
         .await?;
     if found.is_none() {
         return Ok(false);

@@ -1,4 +1,4 @@
-//! Runs the `embedded` and `new_event_type` examples — the very files users copy — against
+//! Runs the `embedded` and `custom_document` examples — the very files users copy — against
 //! the real stack, each in a schema, virtual host and indices of its own.
 
 mod support;
@@ -8,8 +8,8 @@ mod support;
 mod embedded;
 
 #[allow(dead_code)]
-#[path = "../../examples/new_event_type.rs"]
-mod new_event_type;
+#[path = "../../examples/custom_document.rs"]
+mod custom_document;
 
 use std::time::{Duration, Instant};
 
@@ -65,14 +65,14 @@ async fn the_embedded_example_syncs_listings_in_one_process() {
 }
 
 #[tokio::test]
-async fn the_new_event_type_example_syncs_inventory_items() {
+async fn the_custom_document_example_syncs_inventory_items_beside_the_listings() {
     let (db, vhost, listings) = (
         TestSchema::new().await,
         TestVhost::new().await,
         TestIndex::new().await,
     );
     let inventory_alias = format!("{}_inventory", listings.alias);
-    let settings = new_event_type::Settings {
+    let settings = custom_document::Settings {
         database_url: support::database_url(),
         schema: db.name.clone(),
         rabbitmq_url: vhost.url.clone(),
@@ -81,19 +81,23 @@ async fn the_new_event_type_example_syncs_inventory_items() {
         inventory_index: inventory_alias.clone(),
     };
     let shutdown = CancellationToken::new();
-    let service = tokio::spawn(new_event_type::run(settings, shutdown.clone()));
-    // The example creates the table; wait for it.
+    let service = tokio::spawn(custom_document::run(settings, shutdown.clone()));
+    // The example creates the table and the bridge's migration attaches the trigger.
     let started = Instant::now();
     while !db
         .client
-        .query_one("SELECT to_regclass('inventory_items') IS NOT NULL", &[])
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'benalsam_sync_queue'
+                                AND tgrelid = to_regclass('inventory_items'))",
+            &[],
+        )
         .await
         .expect("query")
         .get::<_, bool>(0)
     {
         assert!(
             started.elapsed() < PATIENCE,
-            "the example creates inventory_items"
+            "the example creates inventory_items and attaches the trigger"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -8,14 +8,14 @@ mod support;
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::{
-    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus, ListingDocuments,
+    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus,
 };
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
-    AmqpUrl, Backoff, Documents, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig,
-    SearchUrl, Topology, connect,
+    AmqpUrl, Backoff, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig, SearchUrl,
+    Topology, connect,
 };
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
@@ -80,13 +80,19 @@ fn consumer(
     config: IndexerConfig,
 ) -> Indexer {
     let client = index::client(search, Duration::from_secs(10)).expect("client");
-    let documents = Documents::new().with("listings", ListingDocuments::new(&index.alias));
-    Indexer::new(url.clone(), client, outbox, documents, config).expect("valid settings")
+    Indexer::new(
+        url.clone(),
+        client,
+        outbox,
+        vec![index.event_type()],
+        config,
+    )
+    .expect("valid settings")
 }
 
 async fn declare(vhost: &TestVhost) {
     let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
-    Topology::benalsam(&TopologyConfig::default())
+    Topology::for_event_types(&[EventType::listings()], &TopologyConfig::default())
         .declare(&connection)
         .await
         .expect("declare");
@@ -436,11 +442,11 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
 
 /// Listings, except that a title containing "UZUN" gets a document id too long for the index.
 #[derive(Debug)]
-struct LongIds(ListingDocuments);
+struct LongIds(EventType);
 
 impl DocumentBuilder for LongIds {
     fn build(&self, envelope: &Envelope<'_>) -> Result<Action, BuildError> {
-        let action = self.0.build(envelope)?;
+        let action = self.0.action(envelope)?;
         match action {
             Action::Index {
                 index, document, ..
@@ -468,7 +474,10 @@ async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
         vhost.url.clone(),
         client,
         db.outbox(OutboxConfig::default()),
-        Documents::new().with("listings", LongIds(ListingDocuments::new(&index.alias))),
+        vec![index.event_type().with_builder(
+            LongIds(index.event_type()),
+            EventType::listings().document.properties(),
+        )],
         {
             let mut c = IndexerConfig::default();
             c.linger = Duration::from_millis(500);

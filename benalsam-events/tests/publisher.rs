@@ -13,7 +13,7 @@ use benalsam_events::outbox::Wake;
 use benalsam_events::publish::{PublisherStatus, TopologyConfig};
 use benalsam_events::{
     Envelope, EventType, JobStream, JobStreamConfig, Outbox, OutboxConfig, Publisher,
-    PublisherConfig, Routes, Topology,
+    PublisherConfig, Topology,
 };
 use futures::{StreamExt, stream};
 use lapin::types::AMQPValue;
@@ -35,11 +35,15 @@ struct Bridge {
 }
 
 impl Bridge {
-    fn start(outbox: Outbox, vhost: &TestVhost, routes: Routes) -> Self {
+    fn start(outbox: Outbox, vhost: &TestVhost, routes: Vec<EventType>) -> Self {
         Self::start_at(outbox, &vhost.url, routes)
     }
 
-    fn start_at(outbox: Outbox, url: &benalsam_events::config::AmqpUrl, routes: Routes) -> Self {
+    fn start_at(
+        outbox: Outbox,
+        url: &benalsam_events::config::AmqpUrl,
+        routes: Vec<EventType>,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         let mut config = JobStreamConfig::default();
         config.wake = Wake::PollOnly;
@@ -121,7 +125,7 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
     let bridge = Bridge::start(
         db.outbox(OutboxConfig::default()),
         &vhost,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     assert_eq!(counts.get("sent"), Some(&23), "{counts:?}");
@@ -195,7 +199,7 @@ async fn connections_closed_by_the_broker_lose_no_job() {
     let bridge = Bridge::start_at(
         db.outbox(OutboxConfig::default()),
         &relay_url,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let status = bridge.status.clone();
     let mut cuts = 0;
@@ -256,10 +260,9 @@ async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sen
     db.insert_listings(1).await;
     let mut nowhere = EventType::listings();
     nowhere.exchange = "test.nowhere".into();
-    let routes = Routes::new(vec![
-        nowhere,
-        EventType::new("orphans", "orphan", "test.missing"),
-    ]);
+    let mut orphans = EventType::new("orphans", "orphans");
+    orphans.exchange = "test.missing".into();
+    let routes = vec![nowhere, orphans];
     let bridge = Bridge::start(db.outbox(OutboxConfig::default()), &vhost, routes);
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     bridge.stop().await;
@@ -295,12 +298,12 @@ async fn two_bridges_on_one_database_publish_each_job_once() {
     let a = Bridge::start(
         db.outbox(OutboxConfig::default()),
         &vhost,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let b = Bridge::start(
         db.outbox(OutboxConfig::default()),
         &vhost,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     let (published_a, published_b) = (a.status.snapshot().published, b.status.snapshot().published);
@@ -324,7 +327,7 @@ async fn the_topology_is_idempotent_and_a_conflict_names_queue_and_argument() {
     declare(&vhost).await;
 
     let mut other = TopologyConfig::default();
-    other.health.max_length = 5;
+    other.health_queue_max_length = 5;
     let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
     let err = Topology::benalsam(&other)
         .declare(&connection)
@@ -367,7 +370,7 @@ async fn a_sent_job_that_never_completes_is_sent_again() {
     declare(&vhost).await;
     db.insert_listings(3).await;
     let outbox = db.outbox(OutboxConfig::default());
-    let bridge = Bridge::start(outbox.clone(), &vhost, Routes::default());
+    let bridge = Bridge::start(outbox.clone(), &vhost, vec![EventType::listings()]);
     wait_settled(&db, &["pending", "processing"]).await;
     let first = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(first.len(), 3);
@@ -404,7 +407,7 @@ async fn closing_while_rabbitmq_is_away_gives_the_jobs_back_instead_of_hanging()
     let bridge = Bridge::start_at(
         db.outbox(OutboxConfig::default()),
         &relay_url,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let started = std::time::Instant::now();
     while db.count("processing").await < 5 {
@@ -436,7 +439,7 @@ async fn an_oversized_message_fails_alone_with_its_reason() {
     let bridge = Bridge::start(
         db.outbox(OutboxConfig::default()),
         &vhost,
-        Routes::default(),
+        vec![EventType::listings()],
     );
     let counts = wait_settled(&db, &["pending", "processing"]).await;
     bridge.stop().await;

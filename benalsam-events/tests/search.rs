@@ -7,7 +7,7 @@ use benalsam_events::elasticsearch::IndexParts;
 use benalsam_events::elasticsearch::indices::{IndicesCreateParts, IndicesDeleteParts};
 use benalsam_events::elasticsearch::params::Refresh;
 use serde_json::json;
-use support::{search_url, unique_name};
+use support::{TestIndex, search_url, unique_name};
 
 #[tokio::test]
 async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
@@ -53,7 +53,7 @@ async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
 
 #[tokio::test]
 async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
-    use benalsam_events::index::{IndexConfig, ensure_index, listings_index_body};
+    use benalsam_events::index::ensure_index;
     let url = search_url();
     let client =
         benalsam_events::index::client(&url, std::time::Duration::from_secs(10)).expect("client");
@@ -68,12 +68,7 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
         .expect("create");
     assert!(made.status_code().is_success());
 
-    let config = {
-        let mut c = IndexConfig::default();
-        c.alias = alias.clone();
-        c
-    };
-    let err = ensure_index(&client, &config, &listings_index_body(&config))
+    let err = ensure_index(&client, &TestIndex::listings(&alias))
         .await
         .expect_err("a conflicting mapping");
     let text = err.to_string();
@@ -84,19 +79,83 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
     assert!(err.is_conflict() && !err.is_retryable());
 
     // Bootstrapping twice over our own index is fine and adds nothing.
-    let ours = {
-        let mut c = IndexConfig::default();
-        c.alias = unique_name("test-ours");
-        c
-    };
-    let body = listings_index_body(&ours);
-    ensure_index(&client, &ours, &body).await.expect("created");
-    let again = ensure_index(&client, &ours, &body).await.expect("existing");
+    let ours = TestIndex::listings(&unique_name("test-ours"));
+    ensure_index(&client, &ours).await.expect("created");
+    let again = ensure_index(&client, &ours).await.expect("existing");
     assert!(
         matches!(again, benalsam_events::index::Bootstrap::Existing { ref added, .. } if added.is_empty()),
         "{again:?}"
     );
-    for index in [alias, format!("{}_v1", ours.alias)] {
+    for index in [alias, format!("{}_v1", ours.index.alias)] {
+        client
+            .indices()
+            .delete(IndicesDeleteParts::Index(&[&index]))
+            .send()
+            .await
+            .expect("cleanup");
+    }
+}
+
+/// A builder of its own: the document is the row as it is.
+#[derive(Debug)]
+struct AsIs;
+
+impl benalsam_events::DocumentBuilder for AsIs {
+    fn build(
+        &self,
+        envelope: &benalsam_events::Envelope<'_>,
+    ) -> Result<benalsam_events::Action, benalsam_events::index::BuildError> {
+        Ok(benalsam_events::Action::Index {
+            index: "unused".to_owned(),
+            id: envelope.record_id.to_string(),
+            document: envelope.change_data.as_ref().clone(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn every_index_the_library_creates_keeps_deletes_long_enough_whatever_builds_its_documents() {
+    use benalsam_events::EventType;
+    let client = benalsam_events::index::client(&search_url(), std::time::Duration::from_secs(10))
+        .expect("client");
+    let mut configured = EventType::new("notes", "notes");
+    configured.index.alias = unique_name("test-notes");
+    let mut custom =
+        EventType::new("pages", "pages").with_builder(AsIs, json!({ "body": { "type": "text" } }));
+    custom.index.alias = unique_name("test-pages");
+    for event_type in [&configured, &custom] {
+        benalsam_events::index::ensure_index(&client, event_type)
+            .await
+            .expect("created");
+        let index = format!("{}_v1", event_type.index.alias);
+        let settings = client
+            .indices()
+            .get_settings(
+                benalsam_events::elasticsearch::indices::IndicesGetSettingsParts::Index(&[&index]),
+            )
+            .send()
+            .await
+            .expect("settings")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json");
+        let gc = settings[&index]["settings"]["index"]["gc_deletes"].as_str();
+        assert_eq!(gc, Some("3600s"), "{}: {settings}", event_type.name);
+        let mapping = client
+            .indices()
+            .get_mapping(
+                benalsam_events::elasticsearch::indices::IndicesGetMappingParts::Index(&[&index]),
+            )
+            .send()
+            .await
+            .expect("mapping")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json");
+        assert_eq!(
+            mapping[&index]["mappings"]["properties"]["job_id"]["type"], "long",
+            "the version field is always mapped: {mapping}"
+        );
         client
             .indices()
             .delete(IndicesDeleteParts::Index(&[&index]))

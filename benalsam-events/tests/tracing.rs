@@ -7,8 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::index::{self, ListingDocuments};
-use benalsam_events::{Documents, Indexer, IndexerConfig, OutboxConfig, Topology, connect};
+use benalsam_events::index;
+use benalsam_events::{Indexer, IndexerConfig, OutboxConfig, Topology, connect};
 use opentelemetry::trace::{SpanKind, TracerProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use support::{TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
@@ -47,7 +47,7 @@ async fn a_change_is_one_trace_from_the_writer_to_the_index() {
         vhost.url.clone(),
         client,
         db.outbox(OutboxConfig::default()),
-        Documents::new().with("listings", ListingDocuments::new(&index.alias)),
+        vec![index.event_type()],
         IndexerConfig::default(),
     )
     .expect("valid settings");

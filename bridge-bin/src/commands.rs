@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use benalsam_events::bridge;
 use benalsam_events::ops::cli::{
-    self, BridgeArgs, DatabaseArgs, LogArgs, RabbitArgs, TopologyArgs,
+    self, BridgeArgs, ConfigArgs, DatabaseArgs, LogArgs, RabbitArgs, TopologyArgs,
 };
 use benalsam_events::outbox::JobSelection;
+use benalsam_events::{EventType, bridge};
 use clap::{Parser, Subcommand};
 
 /// Claims the change jobs that the add_to_sync_queue() trigger writes to
@@ -24,6 +24,9 @@ pub struct Cli {
     rabbitmq: RabbitArgs,
 
     #[command(flatten)]
+    config: ConfigArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 
     #[command(subcommand)]
@@ -34,7 +37,8 @@ pub struct Cli {
 enum Command {
     /// Run the bridge (the default)
     Run(Box<BridgeArgs>),
-    /// Apply the database migrations (the queue table, the trigger function) and exit
+    /// Apply the database migrations (the job table, the trigger function), attach the
+    /// trigger to the table of every event type, and exit
     Migrate,
     /// Print the RabbitMQ topology as a definitions file (for docker/) and exit
     Topology {
@@ -44,7 +48,8 @@ enum Command {
         #[command(flatten)]
         topology: TopologyArgs,
     },
-    /// Summarise the job table: jobs by status, average processing time, oldest pending
+    /// Summarise the job table: jobs by status, average processing time, oldest pending,
+    /// pending jobs by table
     Status,
     /// Put failed jobs back to pending (attempts reset) so they are published again
     RetryFailed {
@@ -70,11 +75,15 @@ enum Command {
     /// Enqueue a job for every existing row of a table (resumable), so rows that predate the
     /// trigger get indexed
     Backfill {
-        /// The table
-        #[arg(long, default_value = "listings")]
-        table: String,
-        /// Its key column
-        #[arg(long, default_value = "id")]
+        /// The event type whose table to backfill (its table and key from the configuration;
+        /// may be left out when there is only one)
+        #[arg(long = "type", conflicts_with = "table")]
+        event_type: Option<String>,
+        /// A table instead, schema-qualified unless in --schema
+        #[arg(long)]
+        table: Option<String>,
+        /// The key column of --table
+        #[arg(long, default_value = "id", requires = "table")]
         key: String,
         /// Rows per transaction
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
@@ -89,24 +98,19 @@ impl Cli {
     /// Runs the chosen command.
     pub async fn run(self) -> anyhow::Result<()> {
         let db = &self.database;
+        let event_types = || self.config.event_types().context("reading the event types");
         match self.command {
             None => {
                 let args = RunOnly::parse_from(["benalsam-bridge run"]).args;
-                run(&args, db, &self.rabbitmq).await
+                run(&args, db, &self.rabbitmq, event_types()?).await
             }
-            Some(Command::Run(args)) => run(&args, db, &self.rabbitmq).await,
-            Some(Command::Migrate) => {
-                let report = db.migrate().await.with_context(|| {
-                    format!("migrating schema {} of {}", db.schema, db.database_url)
-                })?;
-                println!(
-                    "schema {}: applied {:?}, already applied {:?}",
-                    db.schema, report.applied, report.already_applied
-                );
-                Ok(())
-            }
-            Some(Command::Topology { vhost, topology }) => {
-                let definitions = topology.topology().definitions(&vhost);
+            Some(Command::Run(ref args)) => run(args, db, &self.rabbitmq, event_types()?).await,
+            Some(Command::Migrate) => migrate(db, &event_types()?).await,
+            Some(Command::Topology {
+                ref vhost,
+                ref topology,
+            }) => {
+                let definitions = topology.topology(&event_types()?).definitions(vhost);
                 println!("{}", serde_json::to_string_pretty(&definitions)?);
                 Ok(())
             }
@@ -118,11 +122,18 @@ impl Cli {
                 force,
             }) => purge(db, older_than, batch, force).await,
             Some(Command::Backfill {
-                table,
-                key,
+                ref event_type,
+                ref table,
+                ref key,
                 batch,
                 restart,
-            }) => backfill(db, &table, &key, batch, restart).await,
+            }) => {
+                let (table, key) = match table {
+                    Some(table) => (table.clone(), key.clone()),
+                    None => backfilled(&self.config, event_type.as_deref())?,
+                };
+                backfill(db, &table, &key, batch, restart).await
+            }
         }
     }
 }
@@ -134,12 +145,56 @@ struct RunOnly {
     args: BridgeArgs,
 }
 
-async fn run(args: &BridgeArgs, db: &DatabaseArgs, rabbitmq: &RabbitArgs) -> anyhow::Result<()> {
-    let settings = args.settings(db, rabbitmq);
-    tracing::info!(database = %db.database_url, rabbitmq = %rabbitmq.rabbitmq_url, schema = %db.schema, "starting");
+async fn run(
+    args: &BridgeArgs,
+    db: &DatabaseArgs,
+    rabbitmq: &RabbitArgs,
+    event_types: Vec<EventType>,
+) -> anyhow::Result<()> {
+    let names: Vec<&str> = event_types.iter().map(|t| t.name.as_str()).collect();
+    tracing::info!(database = %db.database_url, rabbitmq = %rabbitmq.rabbitmq_url,
+                   schema = %db.schema, event_types = %names.join(","), "starting");
+    let settings = args.settings(db, rabbitmq, event_types);
     bridge::run(settings, cli::shutdown_on_signals())
         .await
         .context("running the bridge")
+}
+
+async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result<()> {
+    let report = db
+        .migrate(event_types)
+        .await
+        .with_context(|| format!("migrating schema {} of {}", db.schema, db.database_url))?;
+    println!(
+        "schema {}: applied {:?}, already applied {:?}",
+        db.schema, report.applied, report.already_applied
+    );
+    for table in &report.triggers {
+        println!("trigger attached to {table}");
+    }
+    if !report.missing_tables.is_empty() {
+        anyhow::bail!(
+            "table {} does not exist, so no change of it is recorded; create it and run \
+             migrate again (or fix the event type's table)",
+            report.missing_tables.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The table and key column of the event type to backfill.
+fn backfilled(config: &ConfigArgs, name: Option<&str>) -> anyhow::Result<(String, String)> {
+    let types = config.select(name)?;
+    match types.as_slice() {
+        [one] => Ok((one.table.clone(), one.key.clone())),
+        many => {
+            let names: Vec<&str> = many.iter().map(|t| t.name.as_str()).collect();
+            anyhow::bail!(
+                "name the event type to backfill with --type (one of {})",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 async fn status(db: &DatabaseArgs) -> anyhow::Result<()> {
@@ -161,6 +216,9 @@ async fn status(db: &DatabaseArgs) -> anyhow::Result<()> {
     match summary.oldest_pending {
         Some(age) => println!("oldest pending job: {:.1} s old", age.as_secs_f64()),
         None => println!("no pending job"),
+    }
+    for (table, jobs) in &summary.pending_by_table {
+        println!("pending in {table}: {jobs}");
     }
     Ok(())
 }
@@ -218,9 +276,10 @@ async fn backfill(
         .outbox()?
         .backfill(table, key, batch, restart, |p| {
             eprintln!(
-                "{}: {} rows enqueued{}",
+                "{}: {}/{} rows enqueued{}",
                 p.table,
                 p.rows,
+                p.total,
                 p.last_key
                     .as_deref()
                     .map(|k| format!(" (up to {k})"))

@@ -4,13 +4,14 @@ use anyhow::Context;
 use benalsam_events::consumer;
 use benalsam_events::index::DeadLetterQueue;
 use benalsam_events::ops::cli::{
-    self, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
+    self, ConfigArgs, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
 };
 use benalsam_events::outbox::JobSelection;
 use clap::{Parser, Subcommand};
 
-/// Consumes the elasticsearch.sync queue, writes the listings to Elasticsearch with bulk
-/// requests and marks their jobs completed (or failed) in PostgreSQL.
+/// Consumes the queues of the event types (elasticsearch.sync for the listings), writes
+/// their documents to Elasticsearch with bulk requests and marks their jobs completed (or
+/// failed) in PostgreSQL.
 ///
 /// Without a subcommand it runs the consumer, with its settings from the environment.
 #[derive(Debug, Parser)]
@@ -26,6 +27,9 @@ pub struct Cli {
     search: SearchArgs,
 
     #[command(flatten)]
+    config: ConfigArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 
     #[command(subcommand)]
@@ -36,7 +40,7 @@ pub struct Cli {
 enum Command {
     /// Run the consumer (the default)
     Run(Box<ConsumerArgs>),
-    /// Apply the database migrations and exit
+    /// Apply the database migrations, attach the trigger to the event types' tables, and exit
     Migrate,
     /// Inspect or replay a dead-letter queue
     #[command(subcommand)]
@@ -47,18 +51,16 @@ enum Command {
 enum Dlq {
     /// List dead-lettered messages with their reasons (they stay in the queue)
     List {
-        /// The dead-letter queue
-        #[arg(long, default_value = "elasticsearch.sync.dlq")]
-        queue: String,
+        #[command(flatten)]
+        which: WhichDlq,
         /// Most messages to show
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
     /// Publish dead-lettered messages back to their exchange, then remove them from the DLQ
     Replay {
-        /// The dead-letter queue
-        #[arg(long, default_value = "elasticsearch.sync.dlq")]
-        queue: String,
+        #[command(flatten)]
+        which: WhichDlq,
         /// Replay the messages of these jobs only
         #[arg(long = "job", required_unless_present = "all")]
         jobs: Vec<i64>,
@@ -66,6 +68,36 @@ enum Dlq {
         #[arg(long, conflicts_with = "jobs")]
         all: bool,
     },
+}
+
+/// Which dead-letter queue: an event type's, or one named.
+#[derive(Debug, clap::Args)]
+struct WhichDlq {
+    /// The dead-letter queue of this event type (may be left out when there is only one)
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// A dead-letter queue by name
+    #[arg(long, conflicts_with = "event_type")]
+    queue: Option<String>,
+}
+
+impl WhichDlq {
+    fn queue(&self, config: &ConfigArgs) -> anyhow::Result<String> {
+        if let Some(queue) = &self.queue {
+            return Ok(queue.clone());
+        }
+        let types = config.select(self.event_type.as_deref())?;
+        match types.as_slice() {
+            [one] => Ok(one.dead_letter_queue.clone()),
+            many => {
+                let names: Vec<&str> = many.iter().map(|t| t.name.as_str()).collect();
+                anyhow::bail!(
+                    "name the event type with --type (one of {}) or the queue with --queue",
+                    names.join(", ")
+                )
+            }
+        }
+    }
 }
 
 /// `run` with its settings from the environment only: what runs without a subcommand.
@@ -86,14 +118,26 @@ impl Cli {
             }
             Some(Command::Run(ref args)) => self.serve(args).await,
             Some(Command::Migrate) => {
-                let report = self.database.migrate().await.context("migrating")?;
+                let event_types = self.config.event_types()?;
+                let report = self
+                    .database
+                    .migrate(&event_types)
+                    .await
+                    .context("migrating")?;
                 println!(
-                    "applied {:?}, already applied {:?}",
-                    report.applied, report.already_applied
+                    "applied {:?}, already applied {:?}, trigger on {:?}",
+                    report.applied, report.already_applied, report.triggers
                 );
+                if !report.missing_tables.is_empty() {
+                    anyhow::bail!(
+                        "table {} does not exist; create it and run migrate again",
+                        report.missing_tables.join(", ")
+                    );
+                }
                 Ok(())
             }
-            Some(Command::Dlq(Dlq::List { ref queue, limit })) => {
+            Some(Command::Dlq(Dlq::List { ref which, limit })) => {
+                let queue = &which.queue(&self.config)?;
                 let letters = DeadLetterQueue::new(rabbit.clone(), queue)
                     .list(limit)
                     .await
@@ -111,10 +155,11 @@ impl Cli {
                 Ok(())
             }
             Some(Command::Dlq(Dlq::Replay {
-                ref queue,
+                ref which,
                 ref jobs,
                 all,
             })) => {
+                let queue = &which.queue(&self.config)?;
                 let selection = if all {
                     JobSelection::All
                 } else {
@@ -138,7 +183,9 @@ impl Cli {
     }
 
     async fn serve(&self, args: &ConsumerArgs) -> anyhow::Result<()> {
-        let settings = args.settings(&self.database, &self.rabbitmq, &self.search);
+        let settings = args
+            .settings(&self.database, &self.rabbitmq, &self.search, &self.config)
+            .context("reading the event types")?;
         tracing::info!(
             database = %self.database.database_url,
             rabbitmq = %self.rabbitmq.rabbitmq_url,
@@ -161,7 +208,7 @@ mod tests {
     fn the_command_line_is_consistent_and_its_defaults_parse() {
         Cli::command().debug_assert();
         let run = RunOnly::try_parse_from(["benalsam-consumer run"]).expect("defaults parse");
-        assert_eq!(run.args.searchable_statuses, vec!["active".to_owned()]);
+        assert_eq!(run.args.searchable_statuses, None);
         assert_eq!(run.args.bulk_size, 500);
         let run = RunOnly::try_parse_from([
             "benalsam-consumer run",
@@ -169,6 +216,9 @@ mod tests {
             "active,featured",
         ])
         .expect("a list parses");
-        assert_eq!(run.args.searchable_statuses, vec!["active", "featured"]);
+        assert_eq!(
+            run.args.searchable_statuses,
+            Some(vec!["active".to_owned(), "featured".to_owned()])
+        );
     }
 }

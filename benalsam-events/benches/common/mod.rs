@@ -8,6 +8,17 @@ use benalsam_events::{
     Topology, connect,
 };
 
+/// The listings event type, indexed into `alias`.
+#[allow(dead_code)] // not every bench uses it
+pub fn listings(alias: &str) -> benalsam_events::EventType {
+    let mut listings = benalsam_events::EventType::listings();
+    alias.clone_into(&mut listings.index.alias);
+    listings
+}
+
+/// The example schema of the seed's listings table.
+pub const LISTINGS_SQL: &str = include_str!("../../../examples/sql/listings.sql");
+
 pub type BoxError = Box<dyn std::error::Error>;
 
 /// A number from the environment, or `default`.
@@ -65,10 +76,17 @@ impl BenchEnv {
             .declare(&connection)
             .await?;
         let mut client = connect::postgres(&db_url).await?;
-        benalsam_events::outbox::migrate(&mut client, &name).await?;
         client
-            .batch_execute(&format!("SET search_path TO {name}"))
+            .batch_execute(&format!(
+                "CREATE SCHEMA {name}; SET search_path TO {name}; {LISTINGS_SQL}"
+            ))
             .await?;
+        benalsam_events::outbox::migrate(
+            &mut client,
+            &benalsam_events::OutboxConfig::in_schema(&name),
+            &[benalsam_events::EventType::listings()],
+        )
+        .await?;
         Ok(Self {
             name,
             db_url,

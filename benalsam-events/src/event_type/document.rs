@@ -155,7 +155,7 @@ impl DocumentSpec {
 
     /// The mapping properties of the documents (with `id`, `job_id`, `indexed_at` and every
     /// combined `copy_to` field).
-    pub(crate) fn properties(&self) -> Value {
+    pub fn properties(&self) -> Value {
         let mut properties = Map::new();
         for (name, field) in &self.fields {
             properties.insert(name.clone(), mapping(&field.kind));
@@ -254,7 +254,9 @@ fn field_value(
         return Ok(None);
     };
     let converted = match &field.kind {
-        FieldType::Long => number(value, true).ok_or_else(|| format!("{value} is not a whole number")),
+        FieldType::Long => {
+            number(value, true).ok_or_else(|| format!("{value} is not a whole number"))
+        }
         FieldType::Double => number(value, false).ok_or_else(|| format!("{value} is not a number")),
         FieldType::Boolean => match value {
             Value::Bool(_) => Ok(value.clone()),
@@ -317,7 +319,11 @@ pub(crate) fn listings() -> DocumentSpec {
     ] {
         spec = spec.field(name, keyword());
     }
-    for name in ["location_city", "location_district", "location_neighborhood"] {
+    for name in [
+        "location_city",
+        "location_district",
+        "location_neighborhood",
+    ] {
         spec = spec.field(name, lowercase());
     }
     for name in ["expires_at", "created_at", "updated_at"] {

@@ -112,7 +112,11 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
         if let Some(other) = types.iter().find(|t| t.name == event_type.name) {
             return Err(Error::config(
                 "BENALSAM_CONFIG",
-                format!("{}: the name is used twice (also table {})", at("name"), other.table),
+                format!(
+                    "{}: the name is used twice (also table {})",
+                    at("name"),
+                    other.table
+                ),
             ));
         }
         if let Some(other) = types.iter().find(|t| t.table == event_type.table) {
@@ -178,14 +182,20 @@ fn index_spec(raw: &IndexToml, alias: &str, at: &dyn Fn(&str) -> String) -> Resu
     spec.shards = raw.shards.unwrap_or(1);
     spec.replicas = raw.replicas.unwrap_or(0);
     if spec.shards == 0 {
-        return Err(Error::config("BENALSAM_CONFIG", format!("{}: must be at least 1", at("index.shards"))));
+        return Err(Error::config(
+            "BENALSAM_CONFIG",
+            format!("{}: must be at least 1", at("index.shards")),
+        ));
     }
     if let Some(refresh) = &raw.refresh_interval {
         refresh.clone_into(&mut spec.refresh_interval);
     }
     if let Some(gc) = &raw.gc_deletes {
         spec.gc_deletes = humantime::parse_duration(gc).map_err(|e| {
-            Error::config("BENALSAM_CONFIG", format!("{}: {gc:?} is not a duration ({e})", at("index.gc_deletes")))
+            Error::config(
+                "BENALSAM_CONFIG",
+                format!("{}: {gc:?} is not a duration ({e})", at("index.gc_deletes")),
+            )
         })?;
     }
     Ok(spec)
@@ -218,7 +228,10 @@ fn document_spec(raw: &DocumentToml, at: &dyn Fn(&str) -> String) -> Result<Docu
             Kind::Text => {
                 only(&["analyzer", "raw", "copy_to"])?;
                 FieldType::Text {
-                    analyzer: field.analyzer.clone().unwrap_or_else(|| "standard".to_owned()),
+                    analyzer: field
+                        .analyzer
+                        .clone()
+                        .unwrap_or_else(|| "standard".to_owned()),
                     raw: field.raw,
                     copy_to: field.copy_to.clone(),
                 }
@@ -251,9 +264,12 @@ fn document_spec(raw: &DocumentToml, at: &dyn Fn(&str) -> String) -> Result<Docu
             return Err(refuse("a geo_point takes lat and lon, not column"));
         }
         if ["id", "job_id", "indexed_at"].contains(&name.as_str()) {
-            return Err(refuse("id, job_id and indexed_at are written by the library"));
+            return Err(refuse(
+                "id, job_id and indexed_at are written by the library",
+            ));
         }
-        spec.fields.insert(name.clone(), Field::from_column(&column, kind));
+        spec.fields
+            .insert(name.clone(), Field::from_column(&column, kind));
     }
     Ok(spec)
 }
@@ -314,24 +330,102 @@ stored_in = { type = "keyword", column = "warehouse" }
 
     #[test]
     fn mistakes_name_the_file_the_line_and_the_key() {
-        let typo = TWO.replace("routing_prefix", "x").replace("key = \"sku\"", "kye = \"sku\"");
-        let err = parse(&typo, "benalsam.toml").expect_err("a typo").to_string();
-        assert!(err.contains("benalsam.toml") && err.contains("kye") && err.contains("line"), "{err}");
+        let typo = TWO
+            .replace("routing_prefix", "x")
+            .replace("key = \"sku\"", "kye = \"sku\"");
+        let err = parse(&typo, "benalsam.toml")
+            .expect_err("a typo")
+            .to_string();
+        assert!(
+            err.contains("benalsam.toml") && err.contains("kye") && err.contains("line"),
+            "{err}"
+        );
 
         let twice = format!("{TWO}\n[[event_type]]\nname = \"inventory\"\ntable = \"other\"\n");
-        let err = parse(&twice, "f.toml").expect_err("a name used twice").to_string();
-        assert!(err.contains("f.toml:32") && err.contains("used twice"), "{err}");
+        let err = parse(&twice, "f.toml")
+            .expect_err("a name used twice")
+            .to_string();
+        assert!(
+            err.contains("f.toml:30") && err.contains("used twice"),
+            "{err}"
+        );
 
         let no_lon = TWO.replace(", lon = \"longitude\"", "");
-        let err = parse(&no_lon, "f.toml").expect_err("half a geo point").to_string();
-        assert!(err.contains("document.fields.geo") && err.contains("lat and lon"), "{err}");
+        let err = parse(&no_lon, "f.toml")
+            .expect_err("half a geo point")
+            .to_string();
+        assert!(
+            err.contains("document.fields.geo") && err.contains("lat and lon"),
+            "{err}"
+        );
 
-        let wrong = TWO.replace("analyzer = \"benalsam_turkish\", raw = true", "normalizer = \"x\"");
-        let err = parse(&wrong, "f.toml").expect_err("a keyword setting on text").to_string();
+        let wrong = TWO.replace(
+            "analyzer = \"benalsam_turkish\", raw = true",
+            "normalizer = \"x\"",
+        );
+        let err = parse(&wrong, "f.toml")
+            .expect_err("a keyword setting on text")
+            .to_string();
         assert!(err.contains("normalizer does not apply"), "{err}");
 
         let no_status = TWO.replace("status_column = \"status\"\n", "");
-        let err = parse(&no_status, "f.toml").expect_err("statuses need a column").to_string();
-        assert!(err.contains("f.toml:2") && err.contains("status_column"), "{err}");
+        let err = parse(&no_status, "f.toml")
+            .expect_err("statuses need a column")
+            .to_string();
+        assert!(
+            err.contains("f.toml:2") && err.contains("status_column"),
+            "{err}"
+        );
+    }
+
+    const EXAMPLE: &str = include_str!("../../../examples/config/benalsam.toml");
+    const SNIPPET: &str = include_str!("../../../examples/new_event_type/inventory_items.toml");
+
+    #[test]
+    fn the_shipped_example_runs_the_listings_exactly_as_without_a_file() {
+        let types = parse(EXAMPLE, "benalsam.toml").expect("the example is valid");
+        let (file, builtin) = (&types[0], EventType::listings());
+        let seen = |t: &EventType| {
+            (
+                (
+                    t.name.clone(),
+                    t.table.clone(),
+                    t.key.clone(),
+                    t.ignore.clone(),
+                    t.notify,
+                ),
+                (
+                    t.exchange.clone(),
+                    t.routing_prefix.clone(),
+                    t.status_column.clone(),
+                ),
+                (
+                    t.queue.clone(),
+                    t.dead_letter_exchange.clone(),
+                    t.dead_letter_queue.clone(),
+                ),
+                (
+                    t.status_queue.clone(),
+                    t.index.clone(),
+                    t.document.clone(),
+                    t.index_body(),
+                ),
+            )
+        };
+        assert_eq!(seen(file), seen(&builtin));
+    }
+
+    #[test]
+    fn the_new_event_type_snippet_is_the_examples_second_entry() {
+        assert!(
+            EXAMPLE.contains(SNIPPET),
+            "examples/config/benalsam.toml ends with the snippet"
+        );
+        let alone = parse(SNIPPET, "inventory_items.toml").expect("the snippet is valid");
+        let inventory = &parse(EXAMPLE, "benalsam.toml").expect("valid")[1];
+        assert_eq!(alone[0].index_body(), inventory.index_body());
+        assert_eq!(inventory.queue, "inventory.sync");
+        assert_eq!(inventory.dead_letter_queue, "inventory.sync.dlq");
+        assert_eq!(inventory.document.fields["stored_in"].column, "warehouse");
     }
 }

@@ -158,7 +158,11 @@ impl EventType {
 
     /// Builds its documents with `builder` instead of the [`DocumentSpec`]; `properties` is
     /// the mapping of the fields it writes (`id`, `job_id` and `indexed_at` are added).
-    pub fn with_builder(mut self, builder: impl DocumentBuilder + 'static, properties: Value) -> Self {
+    pub fn with_builder(
+        mut self,
+        builder: impl DocumentBuilder + 'static,
+        properties: Value,
+    ) -> Self {
         self.builder = Some((Arc::new(builder), properties));
         self
     }
@@ -194,14 +198,20 @@ impl EventType {
         if self.routing_prefix.contains(['*', '#']) || self.routing_prefix.contains("..") {
             return Err(Error::config(
                 "routing_prefix",
-                format!("{:?} may not hold * or # or an empty word", self.routing_prefix),
+                format!(
+                    "{:?} may not hold * or # or an empty word",
+                    self.routing_prefix
+                ),
             ));
         }
         validate_identifier("index alias", &self.index.alias)?;
         if self.document.searchable_statuses.is_some() && self.status_column.is_none() {
             return Err(Error::config(
                 "searchable_statuses",
-                format!("event type {}: needs a status_column to read the status from", self.name),
+                format!(
+                    "event type {}: needs a status_column to read the status from",
+                    self.name
+                ),
             ));
         }
         Ok(())
@@ -213,6 +223,17 @@ impl EventType {
             Some((schema, table)) => (Some(schema), table),
             None => (None, &self.table),
         }
+    }
+
+    /// The event type with its table named as the trigger records it for a job table in
+    /// `queue_schema`: bare when the table is in that schema, schema-qualified otherwise.
+    pub(crate) fn recorded_in(mut self, queue_schema: &str) -> Self {
+        if let (Some(schema), table) = self.split_table()
+            && schema == queue_schema
+        {
+            self.table = table.to_owned();
+        }
+        self
     }
 
     /// The trigger's arguments.
@@ -228,8 +249,9 @@ impl EventType {
         options
     }
 
-    /// The action a change asks of the index.
-    pub(crate) fn build(&self, envelope: &Envelope<'_>) -> std::result::Result<Action, BuildError> {
+    /// The action a change asks of the index: what the consumer writes for `envelope`. A
+    /// custom [`DocumentBuilder`] may start from it and adjust.
+    pub fn action(&self, envelope: &Envelope<'_>) -> std::result::Result<Action, BuildError> {
         match &self.builder {
             Some((builder, _)) => builder.build(envelope),
             None => self
@@ -252,9 +274,7 @@ impl EventType {
             }
             None => self.document.properties(),
         };
-        let uses = |name: &str| {
-            self.builder.is_some() || self.document.uses(name)
-        };
+        let uses = |name: &str| self.builder.is_some() || self.document.uses(name);
         let mut analysis = serde_json::Map::new();
         if uses(document::TURKISH) {
             analysis.insert(
@@ -381,11 +401,14 @@ mod tests {
                 Err(BuildError("nothing".into()))
             }
         }
-        let mut custom = EventType::new("x", "x")
-            .with_builder(Nothing, json!({"name": {"type": "text"}}));
+        let mut custom =
+            EventType::new("x", "x").with_builder(Nothing, json!({"name": {"type": "text"}}));
         custom.index.gc_deletes = Duration::from_secs(60);
         let body = custom.index_body();
-        assert_eq!(body["settings"]["gc_deletes"], "3600s", "raised to the minimum");
+        assert_eq!(
+            body["settings"]["gc_deletes"], "3600s",
+            "raised to the minimum"
+        );
         assert_eq!(body["mappings"]["properties"]["job_id"]["type"], "long");
     }
 }

@@ -271,7 +271,10 @@ impl Indexer {
         config: IndexerConfig,
     ) -> Result<Self> {
         if event_types.is_empty() {
-            return Err(Error::config("event types", "an indexer needs at least one"));
+            return Err(Error::config(
+                "event types",
+                "an indexer needs at least one",
+            ));
         }
         for event_type in &event_types {
             event_type.validate()?;
@@ -283,9 +286,13 @@ impl Indexer {
                 "batch size, in-flight batches and attempts must each be at least 1",
             ));
         }
+        let schema = outbox.config().schema.clone();
         Ok(Self {
             url,
-            event_types,
+            event_types: event_types
+                .into_iter()
+                .map(|t| t.recorded_in(&schema))
+                .collect(),
             search,
             ledger: Arc::new(outbox),
             config,
@@ -572,7 +579,7 @@ impl Run {
                     _ if envelope.operation == Operation::Truncate => {
                         Err(BuildError("a truncation is no document".to_owned()))
                     }
-                    Some(event_type) => event_type.build(&envelope),
+                    Some(event_type) => event_type.action(&envelope),
                     None => Err(BuildError(format!(
                         "no event type is configured for table {:?}; add one to the consumer",
                         envelope.table
@@ -691,7 +698,12 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
                 truncations.push(message);
             }
             (Check::Deliver, Body::Change { action: Ok(_), .. }) => writable.push(message),
-            (Check::Deliver, Body::Change { action: Err(error), .. }) => {
+            (
+                Check::Deliver,
+                Body::Change {
+                    action: Err(error), ..
+                },
+            ) => {
                 let reason = error.to_string();
                 sorted.dead.push((message, Why::Rejected, reason));
             }
@@ -747,7 +759,8 @@ async fn truncate(shared: &Shared, mut message: Message, sorted: &mut settle::So
     };
     let (table, job) = (envelope.table.to_string(), envelope.job_id);
     let Some(event_type) = shared.event_types.get(&table) else {
-        let reason = format!("no event type is configured for table {table:?}; add one to the consumer");
+        let reason =
+            format!("no event type is configured for table {table:?}; add one to the consumer");
         sorted.dead.push((message, Why::Rejected, reason));
         return;
     };
@@ -787,7 +800,9 @@ async fn delete_older(shared: &Shared, alias: &str, job: i64) -> Result<u64, Str
     .map_err(|e| e.to_string())?;
     let failures = answer["failures"].as_array().map_or(0, Vec::len);
     if !status.is_success() || failures > 0 {
-        return Err(format!("delete-by-query on {alias} answered {status}: {answer}"));
+        return Err(format!(
+            "delete-by-query on {alias} answered {status}: {answer}"
+        ));
     }
     Ok(answer["deleted"].as_u64().unwrap_or(0))
 }

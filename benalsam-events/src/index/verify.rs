@@ -99,7 +99,11 @@ mod tests {
     fn only_a_job_that_expects_this_delivery_is_indexed() {
         let e = envelope(5, "L1");
         for status in ["processing", "sent", "failed"] {
-            assert_eq!(check(&e, Some(&recorded(status))), Check::Deliver, "{status}");
+            assert_eq!(
+                check(&e, Some(&recorded(status))),
+                Check::Deliver,
+                "{status}"
+            );
         }
         assert_eq!(check(&e, Some(&recorded("completed"))), Check::Duplicate);
         assert_eq!(check(&e, Some(&recorded("pending"))), Check::NotYet);
@@ -113,12 +117,18 @@ mod tests {
     #[test]
     fn a_forged_message_is_refused_with_the_reason() {
         let unknown = check(&envelope(9_000_000_000_000_000_000, "L1"), None);
-        assert!(matches!(&unknown, Check::Unverified(why) if why.contains("no job")), "{unknown:?}");
+        assert!(
+            matches!(&unknown, Check::Unverified(why) if why.contains("no job")),
+            "{unknown:?}"
+        );
         let missing = Recorded {
             table: None,
             ..recorded("sent")
         };
-        assert!(matches!(check(&envelope(5, "L1"), Some(&missing)), Check::Unverified(_)));
+        assert!(matches!(
+            check(&envelope(5, "L1"), Some(&missing)),
+            Check::Unverified(_)
+        ));
         let other_record = check(&envelope(5, "L2"), Some(&recorded("pending")));
         assert!(
             matches!(&other_record, Check::Unverified(why) if why.contains("record") && why.contains("L2")),
@@ -128,6 +138,9 @@ mod tests {
             operation: Some(Operation::Delete),
             ..recorded("sent")
         };
-        assert!(matches!(check(&envelope(5, "L1"), Some(&delete)), Check::Unverified(_)));
+        assert!(matches!(
+            check(&envelope(5, "L1"), Some(&delete)),
+            Check::Unverified(_)
+        ));
     }
 }

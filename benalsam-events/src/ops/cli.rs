@@ -110,7 +110,9 @@ impl ConfigArgs {
             .find(|t| t.name == name)
             .cloned()
             .map(|t| vec![t])
-            .ok_or_else(|| Error::config("--type", format!("no event type {name:?} (known: {known})")))
+            .ok_or_else(|| {
+                Error::config("--type", format!("no event type {name:?} (known: {known})"))
+            })
     }
 }
 
@@ -428,10 +430,6 @@ pub struct ConsumerArgs {
     /// Health, heartbeats, migrations.
     #[command(flatten)]
     pub service: ServiceArgs,
-
-    /// The RabbitMQ topology.
-    #[command(flatten)]
-    pub topology: TopologyArgs,
 }
 
 impl ConsumerArgs {
@@ -474,7 +472,10 @@ impl ConsumerArgs {
             let given = [
                 ("BENALSAM_INDEX", self.index.is_some()),
                 ("BENALSAM_INDEX_REPLICAS", self.index_replicas.is_some()),
-                ("BENALSAM_SEARCHABLE_STATUSES", self.searchable_statuses.is_some()),
+                (
+                    "BENALSAM_SEARCHABLE_STATUSES",
+                    self.searchable_statuses.is_some(),
+                ),
             ];
             if let Some((setting, _)) = given.iter().find(|(_, set)| *set) {
                 return Err(Error::config(

@@ -16,6 +16,9 @@ pub struct Summary {
     pub by_status: Vec<StatusLine>,
     /// Age of the oldest pending job.
     pub oldest_pending: Option<Duration>,
+    /// Pending jobs by table (as the trigger names it), so the jobs of a table no bridge
+    /// routes show up.
+    pub pending_by_table: Vec<(String, i64)>,
 }
 
 /// One status of a [`Summary`].
@@ -92,7 +95,18 @@ impl Outbox {
             .await
             .map_err(|e| Error::postgres("finding the oldest pending job", e))?
             .get(0);
+        let pending = client
+            .query(
+                &format!(
+                    "SELECT table_name, count(*) FROM \"{schema}\".elasticsearch_sync_queue
+                     WHERE status = 'pending' GROUP BY table_name ORDER BY table_name"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::postgres("counting pending jobs by table", e))?;
         Ok(Summary {
+            pending_by_table: pending.iter().map(|r| (r.get(0), r.get(1))).collect(),
             by_status: rows
                 .iter()
                 .map(|r| StatusLine {
@@ -176,6 +190,9 @@ struct Backfill {
 
 /// The statements of one backfill.
 struct BackfillSql {
+    forget: String,
+    begin: String,
+    count: String,
     read_progress: String,
     last_of_batch: String,
     enqueue: String,
@@ -193,7 +210,19 @@ impl Backfill {
         let client =
             crate::connect::postgres_as(outbox.database_url(), "benalsam-backfill").await?;
         let schema = outbox.config().schema.as_str();
-        let table = validate_identifier("table", table)?;
+        // The rows' schema, and the table's name as the trigger records it.
+        let (rows_schema, bare) = match table.split_once('.') {
+            Some((s, t)) => (
+                validate_identifier("table", s)?,
+                validate_identifier("table", t)?,
+            ),
+            None => (schema, validate_identifier("table", table)?),
+        };
+        let recorded = if rows_schema == schema {
+            bare.to_owned()
+        } else {
+            format!("{rows_schema}.{bare}")
+        };
         let key = validate_identifier("key column", key)?;
         if batch < 1 {
             return Err(Error::config("batch", "must be at least 1"));
@@ -205,55 +234,58 @@ impl Backfill {
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                  JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped",
-                &[&schema, &table, &key],
+                &[&rows_schema, &bare, &key],
             )
             .await
             .map_err(|e| Error::postgres("looking up the key column", e))?
-            .ok_or_else(|| Error::config("table", format!("{schema}.{table} has no column {key}")))?
+            .ok_or_else(|| {
+                Error::config("table", format!("{rows_schema}.{bare} has no column {key}"))
+            })?
             .get(0);
-        let progress = format!("\"{schema}\".benalsam_backfill");
-        let rows = format!("\"{schema}\".\"{table}\"");
+        let sql = BackfillSql::new(
+            schema,
+            &format!("\"{rows_schema}\".\"{bare}\""),
+            key,
+            &key_type,
+        );
         if restart {
             client
-                .execute(
-                    &format!("DELETE FROM {progress} WHERE table_name = $1"),
-                    &[&table],
-                )
+                .execute(&sql.forget, &[&recorded])
                 .await
                 .map_err(|e| Error::postgres("restarting the backfill", e))?;
         }
         client
-            .execute(
-                &format!(
-                    "INSERT INTO {progress} (table_name, key_column) VALUES ($1, $2)
-                     ON CONFLICT (table_name) DO NOTHING"
-                ),
-                &[&table, &key],
-            )
+            .execute(&sql.begin, &[&recorded, &key])
             .await
             .map_err(|e| Error::postgres("recording the backfill", e))?;
         let total: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {rows}"), &[])
+            .query_one(&sql.count, &[])
             .await
             .map_err(|e| Error::postgres("counting the rows to backfill", e))?
             .get(0);
         Ok(Self {
             client,
-            table: table.to_owned(),
+            table: recorded,
             batch,
             total,
-            sql: BackfillSql::new(schema, table, key, &key_type),
+            sql,
             notify_channel: outbox.config().notify_channel.clone(),
         })
     }
 }
 
 impl BackfillSql {
-    /// The statements of a backfill of `schema.table` by `key` (of type `key_type`).
-    fn new(schema: &str, table: &str, key: &str, key_type: &str) -> Self {
+    /// The statements of a backfill of `rows` (the quoted, qualified table) by `key` (of
+    /// type `key_type`), with its progress kept in `schema`.
+    fn new(schema: &str, rows: &str, key: &str, key_type: &str) -> Self {
         let progress = format!("\"{schema}\".benalsam_backfill");
-        let rows = format!("\"{schema}\".\"{table}\"");
         Self {
+            forget: format!("DELETE FROM {progress} WHERE table_name = $1"),
+            begin: format!(
+                "INSERT INTO {progress} (table_name, key_column) VALUES ($1, $2)
+                 ON CONFLICT (table_name) DO NOTHING"
+            ),
+            count: format!("SELECT count(*) FROM {rows}"),
             read_progress: format!(
                 "SELECT last_key, rows_queued, finished_at IS NOT NULL
                  FROM {progress} WHERE table_name = $1 FOR UPDATE"

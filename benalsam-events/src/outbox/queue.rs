@@ -301,7 +301,7 @@ impl Outbox {
 
     /// Counts the live backlog: pending jobs and the age of the oldest, failed jobs that will
     /// be retried, processing jobs, sent jobs and the age of the oldest.
-    pub(crate) async fn backlog(&self) -> Result<Backlog> {
+    pub async fn backlog(&self) -> Result<Backlog> {
         let conn = self.conn().await?;
         let row = conn
             .client
@@ -512,9 +512,8 @@ fn job_from_row(row: &tokio_postgres::Row) -> Result<Job> {
         id,
         table_name: row.get("table_name"),
         // The table's CHECK constraint makes this unreachable unless the schema was altered.
-        operation: Operation::parse(&operation).ok_or_else(|| {
-            Error::invalid_job(id, format!("unknown operation {operation:?}"))
-        })?,
+        operation: Operation::parse(&operation)
+            .ok_or_else(|| Error::invalid_job(id, format!("unknown operation {operation:?}")))?,
         record_id: row.get("record_id"),
         change_data: row.get("change_data"),
         retry_count: row.get("retry_count"),

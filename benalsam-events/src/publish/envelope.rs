@@ -21,8 +21,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::outbox::{Job, Operation};
 use crate::EventType;
+use crate::outbox::{Job, Operation};
 use crate::publish::Route;
 
 /// The envelope schema this build writes.
@@ -291,8 +291,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::EventType;
     use crate::outbox::ClaimKind;
-    use crate::publish::EventType;
 
     fn job() -> Job {
         Job {

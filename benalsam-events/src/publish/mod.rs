@@ -20,5 +20,5 @@ pub use envelope::{Envelope, EnvelopeError};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
 pub(crate) use routing::{LISTINGS_EXCHANGE, Route, Routes};
-pub use topology::{QueueType, Topology, TopologyConfig};
 pub(crate) use topology::SYSTEM_EXCHANGE;
+pub use topology::{QueueType, Topology, TopologyConfig};

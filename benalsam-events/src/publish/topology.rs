@@ -171,7 +171,10 @@ impl Topology {
             t.queue(&e.queue, args.consumed(&e.dead_letter_exchange));
             t.queue(&e.dead_letter_queue, args.plain());
             if let Some(status) = &e.status_queue {
-                t.queue(status, args.bounded(config.status_queue_max_length, config.status_queue_ttl));
+                t.queue(
+                    status,
+                    args.bounded(config.status_queue_max_length, config.status_queue_ttl),
+                );
             }
         }
         t.exchange(SYSTEM_EXCHANGE);
@@ -182,7 +185,11 @@ impl Topology {
         for e in event_types {
             t.bind(&e.exchange, &e.queue, &format!("{}.#", e.routing_prefix));
             if let Some(status) = &e.status_queue {
-                t.bind(&e.exchange, status, &format!("{}.status.#", e.routing_prefix));
+                t.bind(
+                    &e.exchange,
+                    status,
+                    &format!("{}.status.#", e.routing_prefix),
+                );
             }
         }
         t.bind(SYSTEM_EXCHANGE, HEALTH_QUEUE, "health.#");
@@ -339,9 +346,15 @@ impl Arguments<'_> {
     /// A queue nobody may be consuming: at most `max_length` messages of at most `ttl`.
     fn bounded(&self, max_length: u32, ttl: Duration) -> BTreeMap<String, Argument> {
         let mut args = self.plain();
-        args.insert("x-max-length".to_owned(), Argument::Int(i64::from(max_length)));
+        args.insert(
+            "x-max-length".to_owned(),
+            Argument::Int(i64::from(max_length)),
+        );
         // Quorum queues only support drop-head, so both types use it.
-        args.insert("x-overflow".to_owned(), Argument::Str("drop-head".to_owned()));
+        args.insert(
+            "x-overflow".to_owned(),
+            Argument::Str("drop-head".to_owned()),
+        );
         let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         args.insert("x-message-ttl".to_owned(), Argument::Int(millis));
         args
@@ -473,7 +486,11 @@ mod tests {
                 routing_key: key.into(),
             })
         };
-        assert!(bound("benalsam.inventory", "inventory.sync", "inventory_item.#"));
+        assert!(bound(
+            "benalsam.inventory",
+            "inventory.sync",
+            "inventory_item.#"
+        ));
         assert!(bound("inventory.sync.dlx", "inventory.sync.dlq", "#"));
         assert!(bound("benalsam.dlx", "elasticsearch.sync.dlq", "#"));
         assert!(
