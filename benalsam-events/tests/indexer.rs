@@ -519,3 +519,144 @@ async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     );
     teardown(db, vhost, index).await;
 }
+
+/// Waits until no job is `pending` or `processing`: everything published.
+async fn wait_published(db: &TestSchema) {
+    let started = Instant::now();
+    while db.count("pending").await + db.count("processing").await > 0 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the bridge publishes every job"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rows written, a TRUNCATE, rows written after it; all published before the consumer
+/// starts, and delivered to it in `order` (the queue's order, or reversed). The index must
+/// end with exactly the rows written after the truncate.
+async fn truncate_with_older_messages_in_flight(reverse: bool) {
+    let (db, vhost, index) = setup().await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let older = db.insert_listings(20).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET title = 'Eski düzenleme' WHERE id = '{}'",
+            older[0]
+        ))
+        .await
+        .expect("an older edit");
+    wait_published(&db).await;
+    db.client
+        .batch_execute("TRUNCATE listings")
+        .await
+        .expect("truncate");
+    let mut newer = db.insert_listings(5).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET status = 'sold' WHERE id = '{}'",
+            newer[0]
+        ))
+        .await
+        .expect("a newer status change");
+    wait_published(&db).await;
+    stop_bridge.cancel();
+    bridge.await.expect("no panic").expect("drained");
+
+    // 21 older messages, the truncation, 6 newer ones: delivered in the chosen order.
+    let mut deliveries = support::drain_queue(&vhost.url, "elasticsearch.sync").await;
+    assert_eq!(deliveries.len(), 28);
+    if reverse {
+        deliveries.reverse();
+    }
+    let connection = connect::amqp(&vhost.url, "test replay")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for delivery in &deliveries {
+        channel
+            .basic_publish(
+                LISTINGS_EXCHANGE.into(),
+                delivery.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("sent");
+    }
+    let _ = connection.close(200, "ok".into()).await;
+
+    let outbox = db.outbox(OutboxConfig::default());
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        outbox,
+        &index,
+        IndexerConfig::default(),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(indexer.run(stop.clone()));
+    let (completed, failed) = wait_done(&db).await;
+    stop.cancel();
+    running.await.expect("no panic");
+    assert_eq!((completed, failed), (28, 0), "every job completed");
+    newer.remove(0); // sold: not searchable
+    newer.sort();
+    assert_eq!(
+        index.search(json!({"match_all": {}})).await,
+        newer,
+        "exactly the searchable rows written after the truncate"
+    );
+    assert_eq!(
+        index.search(json!({"match_all": {}})).await,
+        searchable_ids(&db).await
+    );
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn after_a_truncate_the_index_holds_exactly_the_newer_rows_in_queue_order() {
+    truncate_with_older_messages_in_flight(false).await;
+}
+
+#[tokio::test]
+async fn after_a_truncate_the_index_holds_exactly_the_newer_rows_when_older_messages_come_last() {
+    truncate_with_older_messages_in_flight(true).await;
+}
+
+#[tokio::test]
+async fn a_key_change_moves_the_document_to_the_new_key() {
+    let (db, vhost, index) = setup().await;
+    let pipeline = Pipeline::start(&db, &vhost, &index, &search_url());
+    let ids = db.insert_listings(2).await;
+    let renamed: String = db
+        .client
+        .query_one(
+            "UPDATE listings SET id = gen_random_uuid(), title = 'Yeni anahtar' WHERE id::text = $1
+             RETURNING id::text",
+            &[&ids[0]],
+        )
+        .await
+        .expect("a key change")
+        .get(0);
+    let (completed, failed) = wait_done(&db).await;
+    pipeline.stop().await;
+    assert_eq!(
+        (completed, failed),
+        (4, 0),
+        "two inserts, the old key's delete, the new key's insert"
+    );
+    let mut expected = vec![renamed.clone(), ids[1].clone()];
+    expected.sort();
+    assert_eq!(index.search(json!({"match_all": {}})).await, expected);
+    assert!(
+        index.get(&ids[0]).await.is_none(),
+        "the old key left the index"
+    );
+    let doc = index.get(&renamed).await.expect("the new key is indexed");
+    assert_eq!(doc["_source"]["title"], "Yeni anahtar");
+    teardown(db, vhost, index).await;
+}

@@ -4,6 +4,7 @@
 //! every job is completed and the DLQ is empty. Then the same with each binary killed
 //! (SIGKILL) and restarted once mid-run.
 
+mod binaries;
 #[path = "../../benalsam-events/tests/support/mod.rs"]
 mod support;
 
@@ -13,32 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::DeadLetterQueue;
+use binaries::{bridge_binary, consumer_binary, stop};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url};
 
 const LISTINGS: usize = 5_000;
 const WRITERS: usize = 4;
 const PATIENCE: Duration = Duration::from_secs(180);
-
-/// The consumer binary, built next to the bridge (built now if this package was tested alone).
-fn consumer_binary() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_BIN_EXE_benalsam-bridge")).with_file_name("benalsam-consumer");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "benalsam-consumer",
-                "--bin",
-                "benalsam-consumer",
-            ])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building benalsam-consumer");
-    }
-    path
-}
 
 struct Deployment {
     db_schema: String,
@@ -48,10 +30,7 @@ struct Deployment {
 
 impl Deployment {
     fn bridge(&self) -> Child {
-        self.spawn(
-            PathBuf::from(env!("CARGO_BIN_EXE_benalsam-bridge")),
-            &[("BENALSAM_LEASE", "3s")],
-        )
+        self.spawn(bridge_binary(), &[("BENALSAM_LEASE", "3s")])
     }
 
     fn consumer(&self) -> Child {
@@ -239,13 +218,6 @@ async fn setup() -> (TestSchema, TestVhost, TestIndex, Deployment) {
         index: index.alias.clone(),
     };
     (db, vhost, index, deployment)
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 #[tokio::test]

@@ -48,6 +48,7 @@ use crate::index::circuit::{CircuitBreaker, CircuitState};
 use crate::index::dead_letter::Why;
 use crate::index::settle::{self, Ledger};
 use crate::index::source::{Event, Incoming, QueueRoute, Source};
+use crate::index::truncate;
 use crate::index::verify::{self, Check};
 use crate::index::writer::{self, WriteError};
 use crate::index::{Action, BuildError, plan};
@@ -764,47 +765,32 @@ async fn truncate(shared: &Shared, mut message: Message, sorted: &mut settle::So
         sorted.dead.push((message, Why::Rejected, reason));
         return;
     };
-    let waiting = match shared.ledger.unsettled_before(&table, job).await {
-        Ok(0) => None,
-        Ok(n) => Some(format!("{n} older jobs of {table} are still on their way")),
-        Err(error) => Some(error.to_string()),
-    };
-    let result = match waiting {
-        Some(why) => Err(why),
-        None => delete_older(shared, &event_type.index.alias, job).await,
+    let result = match shared.ledger.unsettled_before(&table, job).await {
+        // Expected for a moment: older messages are still being indexed.
+        Ok(n) if n > 0 => {
+            tracing::debug!(table, job, older = n, "truncation waits for older jobs");
+            Err(None)
+        }
+        Ok(_) => truncate::delete_older(&shared.search, &event_type.index.alias, job)
+            .await
+            .map_err(Some),
+        Err(error) => Err(Some(error.to_string())),
     };
     match result {
         Ok(deleted) => {
             tracing::info!(table, job, deleted, "truncation applied to the index");
             sorted.covered.push(message);
         }
-        Err(why) => {
-            tracing::debug!(table, job, reason = %why, "truncation waits");
+        Err(failure) => {
+            // Not expected: say so, and keep trying (the index must not keep the old rows).
+            if let Some(why) = failure {
+                tracing::warn!(table, job, reason = %why, "truncation cannot be applied yet; retrying");
+                shared.status.error(&why);
+            }
             message.not_before = Instant::now() + Duration::from_secs(1);
             sorted.held.push(message);
         }
     }
-}
-
-/// Deletes the documents of `alias` written by jobs older than `job`; returns how many.
-async fn delete_older(shared: &Shared, alias: &str, job: i64) -> Result<u64, String> {
-    let query = serde_json::json!({ "query": { "range": { "job_id": { "lt": job } } } });
-    let path = format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true");
-    let (status, answer) = crate::index::search::json_request(
-        &shared.search,
-        elasticsearch::http::Method::Post,
-        &path,
-        Some(&query),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let failures = answer["failures"].as_array().map_or(0, Vec::len);
-    if !status.is_success() || failures > 0 {
-        return Err(format!(
-            "delete-by-query on {alias} answered {status}: {answer}"
-        ));
-    }
-    Ok(answer["deleted"].as_u64().unwrap_or(0))
 }
 
 /// Sends the actions of `batch` as one bulk request and decides every item; `Err` when the

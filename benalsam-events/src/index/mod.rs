@@ -26,6 +26,7 @@ mod plan;
 mod search;
 mod settle;
 mod source;
+mod truncate;
 mod verify;
 mod writer;
 

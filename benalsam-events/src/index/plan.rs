@@ -31,7 +31,7 @@ pub(crate) enum Item {
 }
 
 impl Item {
-    fn result(&self) -> &ItemResult {
+    pub(crate) fn result(&self) -> &ItemResult {
         match self {
             Item::Index(r) | Item::Delete(r) | Item::Create(r) | Item::Update(r) => r,
         }

@@ -56,8 +56,19 @@ pub(crate) async fn request(
 ) -> Result<(StatusCode, Value)> {
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // The client takes the query string apart from the path (a `?` in the path would be
+    // sent escaped, as part of it).
+    let (route, query) = match path.split_once('?') {
+        Some((route, query)) => {
+            let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            (route, Some(pairs))
+        }
+        None => (path, None),
+    };
     let response = client
-        .send(method, path, headers, Option::<&()>::None, body, None)
+        .send(method, route, headers, query.as_ref(), body, None)
         .await
         .map_err(|e| Error::search(format!("{method:?} {path}"), e.to_string()))?;
     let status = response.status_code();
