@@ -2,7 +2,7 @@
 //!
 //! [`run`] is everything `benalsam-bridge` does: health endpoints up from the first moment,
 //! migrations (when asked) and the topology declared, then the [`JobStream`] forwarded into
-//! the [`Publisher`] until shutdown, with a heartbeat and the [`Resender`] beside it.
+//! the [`Publisher`] until shutdown, with a heartbeat and the resender beside it.
 //!
 //! Its health verdicts judge progress, not connections:
 //! the bridge is unhealthy when work that should move has not moved within the window, or

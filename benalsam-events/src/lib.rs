@@ -8,7 +8,7 @@
 //! # One job's path
 //!
 //! ```text
-//!  app ─INSERT/UPDATE/DELETE─► table ─trigger─► outbox row (pending)    same transaction
+//!  app ─INSERT/UPDATE/DELETE/TRUNCATE─► table ─trigger─► outbox row (pending)  same transaction
 //!                                                 │
 //!      outbox ─claim, lease─► JobStream ─► Publisher ─publish, confirm─► exchange ─► queue
 //!        ▲                                   │ sent                                  │
@@ -26,8 +26,9 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`event_type`] | [`EventType`]: one table from trigger to index, in code or from a TOML file; documents described as data |
 //! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations, the job state machine |
-//! | [`publish`] | jobs into messages: [`EventType`] routing, the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
+//! | [`publish`] | jobs into messages: routing, the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
 //! | [`index`] | messages into the index: the [`Indexer`] and its stages, [`DocumentBuilder`], the search index, dead letters |
 //! | [`ops`] | running it: health answers and server, heartbeats, [`Metrics`], logs and traces, the CLI settings (`cli`) |
 //! | [`bridge`], [`consumer`] | the two services as functions: [`bridge::run`], [`consumer::run`] |

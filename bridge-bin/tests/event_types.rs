@@ -38,6 +38,7 @@ impl Deployment {
             .env("RABBITMQ_URL", self.vhost.expose())
             .env("ELASTICSEARCH_URL", search_url().expose())
             .env("BENALSAM_POLL_INTERVAL", "200ms")
+            .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{}", free_port()))
             .env("RUST_LOG", "warn")
             .env_remove("BENALSAM_CONFIG");
         if let Some(config) = config {

@@ -9,7 +9,22 @@
 //! Declare them in code ([`EventType::new`] and its `with_*` methods), or in a TOML file for
 //! the binaries ([`EventType::from_file`]; every key is documented in
 //! `examples/config/benalsam.toml`). A document a [`DocumentSpec`] cannot describe comes from
-//! a [`DocumentBuilder`](crate::DocumentBuilder) of your own ([`EventType::with_builder`]).
+//! a [`DocumentBuilder`] of your own ([`EventType::with_builder`]).
+//!
+//! ```
+//! use benalsam_events::EventType;
+//! use benalsam_events::event_type::{DocumentSpec, FieldType};
+//!
+//! let mut orders = EventType::new("orders", "shop.orders"); // names derived from "orders"
+//! orders.key = "order_no".to_owned();
+//! orders.document = DocumentSpec::default()
+//!     .field("customer", FieldType::Keyword { normalizer: None, indexed: true })
+//!     .field("total", FieldType::Double);
+//! assert_eq!(orders.exchange, "benalsam.orders");
+//! assert_eq!(orders.queue, "orders.sync");
+//! assert_eq!(orders.dead_letter_queue, "orders.sync.dlq");
+//! assert_eq!(orders.index.alias, "benalsam_orders");
+//! ```
 
 mod document;
 mod file;

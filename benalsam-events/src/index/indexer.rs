@@ -241,7 +241,8 @@ pub(crate) enum Finished {
     Abandoned,
 }
 
-/// Consumes change messages into Elasticsearch. See the [module documentation](self).
+/// Consumes change messages into Elasticsearch: each delivery is decoded, checked against
+/// the outbox, batched into bulk requests, and acked once its outcome is recorded.
 pub struct Indexer {
     url: AmqpUrl,
     event_types: Vec<EventType>,

@@ -8,6 +8,10 @@
 //! the flag; help never prints a password (environment values are hidden, defaults shown
 //! redacted). Defaults point at the local stack of `scripts/stack`.
 
+// The doc comments of the settings are the binaries' --help text, written for a terminal:
+// `[default: …]` and `<name>` are meant literally there, not as links or HTML.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::ffi::OsStr;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -225,10 +229,18 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Where the bridge serves its health endpoints without `BENALSAM_HEALTH_ADDR`.
+const BRIDGE_HEALTH_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3001);
+/// Where the consumer serves its health endpoints without `BENALSAM_HEALTH_ADDR`.
+const CONSUMER_HEALTH_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3002);
+
 /// What the services share: health endpoints, heartbeats, migrations at start.
 #[derive(Debug, Clone, Args)]
 pub struct ServiceArgs {
     /// Address of the health endpoints (and /metrics, /livez, /readyz)
+    /// [default: 127.0.0.1:3001 for the bridge, 127.0.0.1:3002 for the consumer]
     #[arg(long, env = "BENALSAM_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
 
@@ -358,7 +370,7 @@ impl BridgeArgs {
         s.topology = self.topology.config();
         s.resend_after = self.resend_after;
         s.migrate = self.service.migrate;
-        s.health_addr = self.service.health_addr;
+        s.health_addr = Some(self.service.health_addr.unwrap_or(BRIDGE_HEALTH_ADDR));
         s.health_window = self.service.health_window;
         s.heartbeat_interval = Some(self.service.heartbeat_interval);
         s
@@ -460,7 +472,7 @@ impl ConsumerArgs {
             ..IndexerConfig::default()
         };
         s.migrate = self.service.migrate;
-        s.health_addr = self.service.health_addr;
+        s.health_addr = Some(self.service.health_addr.unwrap_or(CONSUMER_HEALTH_ADDR));
         s.health_window = self.service.health_window;
         s.heartbeat_interval = Some(self.service.heartbeat_interval);
         Ok(s)

@@ -127,7 +127,8 @@ impl Live<JobStreamStatus> {
     }
 }
 
-/// The outbox as a stream of claimed batches. See the [module documentation](self).
+/// The outbox as a stream of claimed batches: woken by `NOTIFY` (or polling), claiming under
+/// a lease, ending when its shutdown token is cancelled.
 pub struct JobStream {
     batches: BoxStream<'static, Vec<Job>>,
     status: Live<JobStreamStatus>,

@@ -121,7 +121,8 @@ impl Live<PublisherStatus> {
     }
 }
 
-/// Publishes jobs to RabbitMQ. See the [module documentation](self).
+/// Publishes jobs to RabbitMQ with publisher confirms, a `Sink` of jobs that reports every
+/// outcome to its [`Settle`](crate::Settle).
 #[derive(Debug)]
 pub struct Publisher {
     sender: PollSender<Job>,
