@@ -71,20 +71,13 @@ impl ConsumerSettings {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.event_types.is_empty() {
-            return Err(crate::Error::config(
-                "event types",
-                "a consumer needs at least one (BENALSAM_CONFIG)",
-            ));
-        }
-        for event_type in &self.event_types {
-            event_type.validate()?;
-        }
-        require_positive("BENALSAM_HEALTH_WINDOW", self.health_window)?;
+        crate::service::validate(
+            "consumer",
+            &self.event_types,
+            self.health_window,
+            self.heartbeat_interval,
+        )?;
         require_positive("BENALSAM_SEARCH_TIMEOUT", self.search_timeout)?;
-        if let Some(interval) = self.heartbeat_interval {
-            require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
-        }
         Ok(())
     }
 }

@@ -81,6 +81,9 @@ pub(crate) enum Kind {
         "database schema {schema} has migration {version}, which this build does not know; upgrade benalsam-events"
     )]
     UnknownMigration { schema: String, version: i32 },
+
+    #[error("{0}")]
+    Envelope(crate::publish::EnvelopeError),
 }
 
 impl Error {
@@ -196,6 +199,12 @@ impl Error {
             self.kind(),
             Kind::MigrationChanged { .. } | Kind::UnknownMigration { .. }
         )
+    }
+
+    /// Whether a message is no envelope this build can read (not JSON, not its shape, an
+    /// unsupported schema version, or fields that contradict each other).
+    pub fn is_malformed(&self) -> bool {
+        matches!(self.kind(), Kind::Envelope(_))
     }
 
     /// Whether a part of the pipeline has stopped.

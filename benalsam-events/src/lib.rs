@@ -38,7 +38,7 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `cli` | no | [`ops::cli`]: the flags and environment variables of the bundled binaries |
+//! | `cli` | no | `ops::cli`: the flags and environment variables of the bundled binaries |
 //!
 //! # Quick start: the outbox as a stream
 //!

@@ -31,6 +31,30 @@ pub(crate) fn check<M: Send + Sync + 'static>(
     (path, Arc::new(check))
 }
 
+/// Checks what every service needs: at least one event type, each of them valid, and
+/// positive health and heartbeat intervals. `service` names it in the error.
+pub(crate) fn validate(
+    service: &str,
+    event_types: &[crate::EventType],
+    health_window: std::time::Duration,
+    heartbeat_interval: Option<std::time::Duration>,
+) -> Result<()> {
+    if event_types.is_empty() {
+        return Err(Error::config(
+            "event types",
+            format!("a {service} needs at least one (BENALSAM_CONFIG)"),
+        ));
+    }
+    for event_type in event_types {
+        event_type.validate()?;
+    }
+    crate::config::require_positive("BENALSAM_HEALTH_WINDOW", health_window)?;
+    if let Some(interval) = heartbeat_interval {
+        crate::config::require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
+    }
+    Ok(())
+}
+
 /// A running service's shared parts.
 pub(crate) struct Service {
     pub(crate) readiness: Readiness,

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use benalsam_events::outbox::{RetryPolicy, Wake};
+use benalsam_events::outbox::Wake;
 use benalsam_events::{
     Backoff, Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle,
 };
@@ -263,10 +263,8 @@ async fn a_failed_job_is_retried_after_its_backoff_and_stops_at_the_maximum() {
     db.insert_listings(1).await;
     let outbox = db.outbox({
         let mut c = OutboxConfig::default();
-        c.retry = RetryPolicy::new(
-            3,
-            Backoff::new(Duration::from_millis(300), Duration::from_millis(600)),
-        );
+        c.max_attempts = 3;
+        c.retry_backoff = Backoff::new(Duration::from_millis(300), Duration::from_millis(600));
         c
     });
     let config = {

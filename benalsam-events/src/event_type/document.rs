@@ -61,25 +61,17 @@ pub enum FieldType {
 
 /// One field of the document, from one column (or two, for a geo point).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Field {
-    /// The column it comes from (for a geo point, unused).
-    pub column: String,
+pub(crate) struct Field {
+    /// The column it comes from; empty: the column of the field's name (for a geo point,
+    /// unused).
+    pub(crate) column: String,
     /// What it holds.
-    pub kind: FieldType,
+    pub(crate) kind: FieldType,
 }
 
 impl Field {
-    /// The field of the column of the same name.
-    pub fn new(kind: FieldType) -> Self {
-        Self {
-            column: String::new(),
-            kind,
-        }
-    }
-
     /// The field, read from `column` (a rename).
-    pub fn from_column(column: &str, kind: FieldType) -> Self {
+    pub(crate) fn from_column(column: &str, kind: FieldType) -> Self {
         Self {
             column: column.to_owned(),
             kind,
@@ -94,7 +86,7 @@ impl Field {
 #[non_exhaustive]
 pub struct DocumentSpec {
     /// The fields, by name.
-    pub fields: BTreeMap<String, Field>,
+    pub(crate) fields: BTreeMap<String, Field>,
     /// With a status column: the statuses whose rows are in the index; a row with another
     /// status (and a deleted one) is removed from it. `None`: every row is searchable.
     pub searchable_statuses: Option<Vec<String>>,
@@ -102,9 +94,20 @@ pub struct DocumentSpec {
 
 impl DocumentSpec {
     /// Adds a field named like its column.
-    pub fn field(mut self, name: &str, kind: FieldType) -> Self {
-        self.fields.insert(name.to_owned(), Field::new(kind));
+    pub fn field(self, name: &str, kind: FieldType) -> Self {
+        self.field_from(name, "", kind)
+    }
+
+    /// Adds a field `name` read from `column` (a rename).
+    pub fn field_from(mut self, name: &str, column: &str, kind: FieldType) -> Self {
+        self.fields
+            .insert(name.to_owned(), Field::from_column(column, kind));
         self
+    }
+
+    /// The names of its fields.
+    pub fn field_names(&self) -> impl Iterator<Item = &str> {
+        self.fields.keys().map(String::as_str)
     }
 
     /// The action for a change of a row of this spec's table. `status_column` is the event

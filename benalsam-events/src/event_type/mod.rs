@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-pub use document::{DocumentSpec, Field, FieldType};
+pub(crate) use document::Field;
+pub use document::{DocumentSpec, FieldType};
 
 use crate::config::validate_identifier;
 use crate::index::{Action, BuildError, DocumentBuilder};

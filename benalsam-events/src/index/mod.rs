@@ -33,4 +33,4 @@ mod writer;
 pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
 pub use documents::{Action, BuildError, DocumentBuilder};
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
-pub use search::{Bootstrap, client, ensure_index};
+pub use search::{client, ensure_index};

@@ -105,26 +105,11 @@ pub(crate) async fn json_request(
     request(client, method, path, body, "application/json").await
 }
 
-/// What [`ensure_index`] found or did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bootstrap {
-    /// The index and alias were created.
-    Created {
-        /// The concrete index.
-        index: String,
-    },
-    /// They existed; fields missing from the existing mapping were added.
-    Existing {
-        /// The concrete indices behind the alias.
-        indices: Vec<String>,
-        /// Fields that were added.
-        added: Vec<String>,
-    },
-}
-
 /// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
 /// with what its documents need (and the delete protection every index of the library gets).
-pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Bootstrap> {
+/// Returns the fields it added to an existing mapping (none for a new index, or one that
+/// already had them all); a field of another type is an error naming it.
+pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Vec<String>> {
     let alias = &event_type.index.alias;
     let body = event_type.index_body();
     let (status, _) = json_request(client, Method::Head, &format!("/{alias}"), None).await?;
@@ -136,7 +121,7 @@ pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Res
             json_request(client, Method::Put, &format!("/{index}"), Some(&create)).await?;
         if status.is_success() {
             tracing::info!(%index, %alias, "created the search index");
-            return Ok(Bootstrap::Created { index });
+            return Ok(Vec::new());
         }
         // Another consumer created it first: fall through to checking it.
         if answer["error"]["type"] != "resource_already_exists_exception" {
@@ -150,7 +135,11 @@ pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Res
     check_mapping(client, alias, &body["mappings"]["properties"]).await
 }
 
-async fn check_mapping(client: &Elasticsearch, alias: &str, expected: &Value) -> Result<Bootstrap> {
+async fn check_mapping(
+    client: &Elasticsearch,
+    alias: &str,
+    expected: &Value,
+) -> Result<Vec<String>> {
     let (status, mappings) =
         json_request(client, Method::Get, &format!("/{alias}/_mapping"), None).await?;
     if !status.is_success() {
@@ -210,8 +199,5 @@ async fn check_mapping(client: &Elasticsearch, alias: &str, expected: &Value) ->
         }
         tracing::info!(alias, ?added, "added fields to the search index mapping");
     }
-    Ok(Bootstrap::Existing {
-        indices: indices.keys().cloned().collect(),
-        added,
-    })
+    Ok(added)
 }

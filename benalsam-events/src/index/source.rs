@@ -113,7 +113,7 @@ impl Source {
         };
         match link.deliveries.next().await {
             Some((route, Ok(delivery))) => {
-                let envelope = Envelope::decode(&delivery.data);
+                let envelope = Envelope::parse(&delivery.data);
                 Event::Delivery(Box::new(Incoming {
                     delivery,
                     route,

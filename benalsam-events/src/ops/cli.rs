@@ -31,7 +31,7 @@ use crate::config::{
 use crate::consumer::ConsumerSettings;
 use crate::index::IndexerConfig;
 use crate::ops::telemetry::LogFormat;
-use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, RetryPolicy, Wake};
+use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
 use crate::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
 use crate::{Error, EventType};
 
@@ -349,7 +349,7 @@ impl BridgeArgs {
         s.event_types = event_types;
         s.outbox = database.outbox_config();
         s.outbox.lease = self.lease;
-        s.outbox.retry = RetryPolicy::new(self.max_attempts, RetryPolicy::default().backoff);
+        s.outbox.max_attempts = self.max_attempts;
         s.outbox.worker_id = format!("benalsam-bridge {}", s.outbox.worker_id);
         s.stream = JobStreamConfig {
             batch_size: self.batch_size as usize,

@@ -43,6 +43,6 @@ pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
 pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
-pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, RetryPolicy, Settle, Settled};
+pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
 pub(crate) use stream::DEFAULT_CHANNEL;
 pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};

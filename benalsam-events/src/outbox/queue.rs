@@ -14,39 +14,6 @@ use crate::outbox::job::{ClaimKind, Job, Operation};
 use crate::outbox::state::Move;
 use crate::{Error, Result};
 
-/// How failed jobs are retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included. A job that has failed this many times stays
-    /// `failed` with its last error.
-    pub max_attempts: u32,
-    /// Delay before retry `n` is drawn from this backoff (computed by PostgreSQL, so every
-    /// bridge agrees on it).
-    pub backoff: Backoff,
-}
-
-impl RetryPolicy {
-    /// `max_attempts` attempts in all, waiting along `backoff` between them.
-    pub fn new(max_attempts: u32, backoff: Backoff) -> Self {
-        Self {
-            max_attempts,
-            backoff,
-        }
-    }
-}
-
-impl Default for RetryPolicy {
-    /// Ten attempts, 1 s doubling to 10 min: about an hour of retries before a job is left
-    /// `failed` for someone to look at.
-    fn default() -> Self {
-        Self::new(
-            10,
-            Backoff::new(Duration::from_secs(1), Duration::from_secs(600)),
-        )
-    }
-}
-
 /// Settings of an [`Outbox`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -56,8 +23,12 @@ pub struct OutboxConfig {
     /// How long a claim is exclusive. A bridge that dies holding jobs loses them to others
     /// after this long; one that is alive finishes a batch in well under a second.
     pub lease: Duration,
-    /// Retries of failed jobs.
-    pub retry: RetryPolicy,
+    /// Attempts per job in all, the first included: a job that has failed this many times
+    /// stays `failed` with its last error (`BENALSAM_MAX_ATTEMPTS`).
+    pub max_attempts: u32,
+    /// The delay before retry `n` is drawn from this backoff (computed by PostgreSQL, so
+    /// every bridge agrees on it).
+    pub retry_backoff: Backoff,
     /// Written to `locked_by` on claim; reports that need the lease must come from the same
     /// id. Unique per process by default.
     pub worker_id: String,
@@ -85,7 +56,9 @@ impl Default for OutboxConfig {
         Self {
             schema: "public".to_owned(),
             lease: Duration::from_secs(60),
-            retry: RetryPolicy::default(),
+            // About an hour of retries before a job is left `failed` for someone to look at.
+            max_attempts: 10,
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(600)),
             worker_id: format!(
                 "pid {} on {}",
                 std::process::id(),
@@ -213,7 +186,7 @@ impl Outbox {
     pub fn new(url: DatabaseUrl, config: OutboxConfig) -> Result<Self> {
         validate_schema(&config.schema)?;
         validate_identifier("BENALSAM_NOTIFY_CHANNEL", &config.notify_channel)?;
-        if config.retry.max_attempts == 0 {
+        if config.max_attempts == 0 {
             return Err(Error::config("max attempts", "must be at least 1"));
         }
         crate::config::require_positive("BENALSAM_LEASE", config.lease)?;
@@ -431,11 +404,11 @@ impl Outbox {
                         _ => ("", false),
                     })
                     .unzip();
-                let policy = &self.inner.config.retry;
-                let max_attempts = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
+                let config = &self.inner.config;
+                let max_attempts = i32::try_from(config.max_attempts).unwrap_or(i32::MAX);
                 let (initial, max) = (
-                    policy.backoff.initial.as_secs_f64(),
-                    policy.backoff.max.as_secs_f64(),
+                    config.retry_backoff.initial.as_secs_f64(),
+                    config.retry_backoff.max.as_secs_f64(),
                 );
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
                     [&ids, &errors, &retries, &max_attempts, &initial, &max];
@@ -593,64 +566,43 @@ impl Sql {
                 action.guard(Some("$7"))
             )
         };
+        let (due, fresh) = (Move::ClaimRetry.guard(None), Move::Claim.guard(None));
         Sql {
             // Due retries first, then pending jobs oldest first. SKIP LOCKED lets any number
             // of claimers run at once without waiting on or double-claiming each other.
-            claim: format!(
-                "WITH due AS (
-                     SELECT id, true AS retry FROM {q} q
+            claim: claim(
+                &q,
+                &format!(
+                    "SELECT id, true AS retry FROM {q} q
                      WHERE {due} AND next_attempt_at <= now()
-                     ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED
-                 ), fresh AS (
-                     SELECT id, false AS retry FROM {q} q
+                     ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+                ),
+                &format!(
+                    "SELECT id, false AS retry FROM {q} q
                      WHERE {fresh}
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
-                 ), picked AS (
-                     SELECT id, retry FROM due UNION ALL SELECT id, retry FROM fresh LIMIT $1
-                 )
-                 UPDATE {q} q
-                 SET status = '{processing}',
-                     locked_until = now() + make_interval(secs => $2),
-                     locked_by = $3,
-                     last_retry_at = CASE WHEN picked.retry THEN now() ELSE q.last_retry_at END
-                 FROM picked WHERE q.id = picked.id
-                 RETURNING q.id, q.table_name, q.operation, q.record_id, q.change_data,
-                           q.retry_count, q.created_at, q.traceparent, picked.retry",
-                due = Move::ClaimRetry.guard(None),
-                fresh = Move::Claim.guard(None),
-                processing = Move::Claim.to().as_str(),
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                ),
             ),
             // The same, for the tables of a bridge: per table, on the (table_name, id) index,
             // so the jobs of tables it does not route are never even read.
-            claim_tables: format!(
-                "WITH due AS (
-                     SELECT c.id, c.next_attempt_at, true AS retry
+            claim_tables: claim(
+                &q,
+                &format!(
+                    "SELECT c.id, true AS retry
                      FROM unnest($4::text[]) AS t(name) CROSS JOIN LATERAL (
                          SELECT id, next_attempt_at FROM {q} q
                          WHERE q.table_name = t.name AND {due} AND next_attempt_at <= now()
                          ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) c
-                     ORDER BY c.next_attempt_at LIMIT $1
-                 ), fresh AS (
-                     SELECT c.id, false AS retry
+                     ORDER BY c.next_attempt_at LIMIT $1"
+                ),
+                &format!(
+                    "SELECT c.id, false AS retry
                      FROM unnest($4::text[]) AS t(name) CROSS JOIN LATERAL (
                          SELECT id FROM {q} q
                          WHERE q.table_name = t.name AND {fresh}
                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
-                     ORDER BY c.id LIMIT $1
-                 ), picked AS (
-                     SELECT id, retry FROM due UNION ALL SELECT id, retry FROM fresh LIMIT $1
-                 )
-                 UPDATE {q} q
-                 SET status = '{processing}',
-                     locked_until = now() + make_interval(secs => $2),
-                     locked_by = $3,
-                     last_retry_at = CASE WHEN picked.retry THEN now() ELSE q.last_retry_at END
-                 FROM picked WHERE q.id = picked.id
-                 RETURNING q.id, q.table_name, q.operation, q.record_id, q.change_data,
-                           q.retry_count, q.created_at, q.traceparent, picked.retry",
-                due = Move::ClaimRetry.guard(None),
-                fresh = Move::Claim.guard(None),
-                processing = Move::Claim.to().as_str(),
+                     ORDER BY c.id LIMIT $1"
+                ),
             ),
             // Each delivered job as the outbox has it, and whether a later TRUNCATE of its
             // table supersedes it. One row per id asked, found or not.
@@ -739,6 +691,26 @@ impl Sql {
     }
 }
 
+/// The claim statement: `due` (retries whose backoff is over) and `fresh` (pending jobs)
+/// select `(id, retry)` rows under `FOR UPDATE SKIP LOCKED`, at most `$1` in all; the picked
+/// jobs become `processing` under a lease of `$2` seconds held by `$3`.
+fn claim(q: &str, due: &str, fresh: &str) -> String {
+    format!(
+        "WITH due AS ({due}), fresh AS ({fresh}), picked AS (
+             SELECT id, retry FROM due UNION ALL SELECT id, retry FROM fresh LIMIT $1
+         )
+         UPDATE {q} q
+         SET status = '{processing}',
+             locked_until = now() + make_interval(secs => $2),
+             locked_by = $3,
+             last_retry_at = CASE WHEN picked.retry THEN now() ELSE q.last_retry_at END
+         FROM picked WHERE q.id = picked.id
+         RETURNING q.id, q.table_name, q.operation, q.record_id, q.change_data,
+                   q.retry_count, q.created_at, q.traceparent, picked.retry",
+        processing = Move::Claim.to().as_str(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,8 +725,10 @@ mod tests {
     #[test]
     fn zero_attempts_and_a_zero_lease_are_configuration_errors() {
         let url: DatabaseUrl = "postgres://u@localhost/db".parse().expect("url");
-        let mut config = OutboxConfig::default();
-        config.retry.max_attempts = 0;
+        let config = OutboxConfig {
+            max_attempts: 0,
+            ..OutboxConfig::default()
+        };
         assert!(Outbox::new(url.clone(), config).is_err());
         let config = OutboxConfig {
             lease: Duration::ZERO,

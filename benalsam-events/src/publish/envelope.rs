@@ -78,7 +78,7 @@ pub struct Envelope<'a> {
 /// Why a message body is not a usable envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum EnvelopeError {
+pub(crate) enum EnvelopeError {
     /// Not JSON, or not the envelope's shape.
     #[error("not a valid envelope: {0}")]
     Malformed(String),
@@ -181,7 +181,12 @@ impl<'a> Envelope<'a> {
 
 impl Envelope<'static> {
     /// Parses and validates a message body.
-    pub fn decode(body: &[u8]) -> Result<Self, EnvelopeError> {
+    pub fn decode(body: &[u8]) -> crate::Result<Self> {
+        Self::parse(body).map_err(|e| crate::Error::new(crate::error::Kind::Envelope(e)))
+    }
+
+    /// [`Envelope::decode`], with the reason typed.
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
         // The version is checked first, so a newer producer's message is reported as such
         // rather than as a shape error.
         let raw: Value =
@@ -310,8 +315,7 @@ mod tests {
 
     fn envelope() -> Envelope<'static> {
         let job = job();
-        Envelope::decode(&Envelope::of(&job, &EventType::listings()).to_bytes())
-            .expect("round trip")
+        Envelope::parse(&Envelope::of(&job, &EventType::listings()).to_bytes()).expect("round trip")
     }
 
     #[test]
@@ -327,7 +331,7 @@ mod tests {
         assert_eq!(body["previousStatus"], "pending_approval");
         assert_eq!(body["occurredAt"], "2025-11-27T12:00:00.123456Z");
         assert_eq!(body["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(Envelope::decode(&e.to_bytes()), Ok(e));
+        assert_eq!(Envelope::parse(&e.to_bytes()), Ok(e));
     }
 
     #[test]
@@ -383,22 +387,22 @@ mod tests {
             ),
         ];
         for (body, expected) in cases {
-            let err = Envelope::decode(&body).expect_err("invalid");
+            let err = Envelope::parse(&body).expect_err("invalid");
             assert!(err.to_string().contains(expected), "{err} vs {expected}");
         }
         let mut wrong_id = envelope();
         wrong_id.message_id = "job_41".into();
         let mut bad_time = serde_json::to_value(envelope()).expect("json");
         bad_time["occurredAt"] = json!("yesterday");
-        let err = Envelope::decode(bad_time.to_string().as_bytes()).expect_err("time");
+        let err = Envelope::parse(bad_time.to_string().as_bytes()).expect_err("time");
         assert!(err.to_string().contains("not RFC 3339"), "{err}");
-        let err = Envelope::decode(&wrong_id.to_bytes()).expect_err("mismatch");
+        let err = Envelope::parse(&wrong_id.to_bytes()).expect_err("mismatch");
         assert!(err.to_string().contains("does not match jobId 42"), "{err}");
 
         let mut not_a_row = envelope();
         not_a_row.change_data = Cow::Owned(json!("x"));
         assert!(matches!(
-            Envelope::decode(&not_a_row.to_bytes()),
+            Envelope::parse(&not_a_row.to_bytes()),
             Err(EnvelopeError::Invalid(_))
         ));
     }
@@ -406,7 +410,7 @@ mod tests {
     proptest! {
         #[test]
         fn decode_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = Envelope::decode(&body);
+            let _ = Envelope::parse(&body);
         }
 
         #[test]
@@ -416,7 +420,7 @@ mod tests {
             j.record_id = record;
             j.change_data = json!({"old": {"status": "active", "title": "x"}, "new": {"status": "active", "title": title}});
             let e = Envelope::of(&j, &EventType::listings());
-            let decoded = Envelope::decode(&e.to_bytes());
+            let decoded = Envelope::parse(&e.to_bytes());
             prop_assert_eq!(decoded, Ok(e));
         }
     }
