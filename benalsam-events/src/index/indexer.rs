@@ -306,6 +306,14 @@ impl Indexer {
     /// Records deliveries, bulk requests and outcomes in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
         self.metrics.register(metrics);
+        // Every queue's depth series exists from the start (at zero until measured).
+        for event_type in &self.event_types {
+            for queue in [&event_type.queue, &event_type.dead_letter_queue] {
+                let _ = self.metrics.queue_messages.get_or_create(&Queue {
+                    queue: queue.clone(),
+                });
+            }
+        }
         self
     }
 

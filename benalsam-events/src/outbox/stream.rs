@@ -159,6 +159,12 @@ impl JobStream {
         require_positive("BENALSAM_POLL_INTERVAL", config.poll_interval)?;
         let status = Live::<JobStreamStatus>::default();
         let metrics = StreamMetrics::default();
+        // The series of the tables it claims exist from the start, at zero.
+        for table in outbox.config().tables.iter().flatten() {
+            let _ = metrics.pending_by_table.get_or_create(&metrics::Table {
+                table: table.clone(),
+            });
+        }
         let wake = Arc::new(Notify::new());
         let listener = match &config.wake {
             Wake::Listen { channel } => {
