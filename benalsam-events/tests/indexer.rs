@@ -660,3 +660,81 @@ async fn a_key_change_moves_the_document_to_the_new_key() {
     assert_eq!(doc["_source"]["title"], "Yeni anahtar");
     teardown(db, vhost, index).await;
 }
+
+/// A well-formed envelope for `job` and `record`, as any client with write access to the
+/// exchange could publish it.
+fn forged(job: i64, record: &str) -> Envelope<'static> {
+    let body = json!({
+        "messageId": format!("job_{job}"), "jobId": job, "schemaVersion": 1,
+        "routingKey": "listing.insert", "table": "listings", "operation": "INSERT",
+        "recordId": record,
+        "changeData": { "id": record, "title": "Sahte ilan", "status": "active",
+                        "user_id": "00000000-0000-0000-0000-000000000000", "category": "x" },
+        "occurredAt": "2026-11-28T00:00:00Z"
+    });
+    Envelope::decode(body.to_string().as_bytes()).expect("well-formed")
+}
+
+#[tokio::test]
+async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_job() {
+    let (db, vhost, index) = setup().await;
+    let outbox = db.outbox(OutboxConfig::default());
+    let indexer = consumer(&vhost.url, &search_url(), outbox, &index, IndexerConfig::default());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(indexer.run(stop.clone()));
+    // A real listing whose job waits for the bridge (not running yet).
+    let real = db.insert_listings(1).await.remove(0);
+    let (pending_job,) = (db.statuses().await[0].0,);
+
+    // A job id from the future for the real listing (it would freeze its document); the
+    // pending job's id with another record (it would complete a job never published); an
+    // invented job for a listing that does not exist.
+    for envelope in [
+        forged(9_000_000_000_000_000_000, &real),
+        forged(pending_job, "someone-else"),
+        forged(777_777, "ghost"),
+    ] {
+        publish_envelope(&vhost.url, &envelope).await;
+    }
+    let started = Instant::now();
+    let letters = loop {
+        let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+            .list(10)
+            .await
+            .expect("dlq");
+        if letters.len() == 3 {
+            break letters;
+        }
+        assert!(started.elapsed() < PATIENCE, "three dead letters: {letters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for letter in &letters {
+        assert_eq!(letter.kind.as_deref(), Some("unverified"), "{letter:?}");
+        assert!(
+            letter.reason.as_deref().unwrap_or("").contains("unknown or mismatched job"),
+            "{letter:?}"
+        );
+    }
+    assert_eq!(db.statuses().await, vec![(pending_job, "pending".to_owned())]);
+    assert!(index.search(json!({"match_all": {}})).await.is_empty());
+
+    // The real changes go through as if nothing happened, the later edit included.
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    wait_done(&db).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE listings SET title = 'Gerçek başlık' WHERE id = '{real}'"
+        ))
+        .await
+        .expect("a real edit");
+    let (completed, failed) = wait_done(&db).await;
+    stop_bridge.cancel();
+    stop.cancel();
+    bridge.await.expect("no panic").expect("drained");
+    running.await.expect("no panic");
+    assert_eq!((completed, failed), (2, 0));
+    assert_eq!(index.search(json!({"match_all": {}})).await, vec![real.clone()]);
+    let doc = index.get(&real).await.expect("indexed");
+    assert_eq!(doc["_source"]["title"], "Gerçek başlık", "not frozen by the forged job id");
+    teardown(db, vhost, index).await;
+}
