@@ -45,6 +45,10 @@ enum Command {
         /// Virtual host to write into the definitions
         #[arg(long, default_value = "/")]
         vhost: String,
+        /// Print instead the least privileges of the bridge's and the consumer's broker users
+        /// on this topology (user, configure, write, read; tab-separated)
+        #[arg(long)]
+        permissions: bool,
         #[command(flatten)]
         topology: TopologyArgs,
     },
@@ -108,10 +112,16 @@ impl Cli {
             Some(Command::Migrate) => migrate(db, &event_types()?).await,
             Some(Command::Topology {
                 ref vhost,
+                permissions,
                 ref topology,
             }) => {
-                let definitions = topology.topology(&event_types()?).definitions(vhost);
-                println!("{}", serde_json::to_string_pretty(&definitions)?);
+                let topology = topology.topology(&event_types()?);
+                if permissions {
+                    print!("{}", topology.permissions());
+                } else {
+                    let definitions = topology.definitions(vhost);
+                    println!("{}", serde_json::to_string_pretty(&definitions)?);
+                }
                 Ok(())
             }
             Some(Command::Status) => status(db).await,

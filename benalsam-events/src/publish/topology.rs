@@ -284,6 +284,45 @@ impl Topology {
         Ok(())
     }
 
+    /// The least privileges of the two components on this topology, as lines of
+    /// `user<TAB>configure<TAB>write<TAB>read` (regular expressions, as RabbitMQ's
+    /// `set_permissions` takes them; `^$` grants nothing):
+    ///
+    /// - `benalsam-bridge` declares everything (configure on every exchange and queue; read
+    ///   on the exchanges and write on the queues to bind them), publishes events and
+    ///   heartbeats (write on the exchanges), and, creating a queue with a dead-letter
+    ///   exchange, needs read on the queue and write on that exchange;
+    /// - `benalsam-consumer` declares nothing: it reads the queues it consumes, and writes
+    ///   only dead letters and heartbeats. It cannot publish an event.
+    pub fn permissions(&self) -> String {
+        let dead_letter_exchanges: Vec<&str> = self
+            .queues
+            .iter()
+            .filter_map(|q| match q.arguments.get("x-dead-letter-exchange") {
+                Some(Argument::Str(dlx)) => Some(dlx.as_str()),
+                _ => None,
+            })
+            .collect();
+        let consumed: Vec<&str> = self
+            .queues
+            .iter()
+            .filter(|q| q.arguments.contains_key("x-dead-letter-exchange"))
+            .map(|q| q.name.as_str())
+            .collect();
+        let exchanges: Vec<&str> = self.exchanges.iter().map(|e| e.name.as_str()).collect();
+        let queues: Vec<&str> = self.queues.iter().map(|q| q.name.as_str()).collect();
+        let everything = [exchanges.as_slice(), queues.as_slice()].concat();
+        let bridge_read = [exchanges.as_slice(), consumed.as_slice()].concat();
+        let consumer_write = [dead_letter_exchanges.as_slice(), &[SYSTEM_EXCHANGE]].concat();
+        format!(
+            "benalsam-bridge\t{all}\t{all}\t{read}\nbenalsam-consumer\t^$\t{write}\t{consume}\n",
+            all = any_of(&everything),
+            read = any_of(&bridge_read),
+            write = any_of(&consumer_write),
+            consume = any_of(&consumed),
+        )
+    }
+
     /// The RabbitMQ definitions file (`rabbitmqctl import_definitions`, or the management
     /// plugin's `load_definitions`) holding this topology in `vhost`.
     pub fn definitions(&self, vhost: &str) -> Value {
@@ -401,6 +440,29 @@ fn conflict_or(entity: String, error: lapin::Error) -> Error {
 fn inequivalent_argument(detail: &str) -> Option<String> {
     let rest = detail.split("inequivalent arg '").nth(1)?;
     Some(rest.split('\'').next()?.to_owned())
+}
+
+/// A regular expression matching exactly `names` (each once, in order).
+fn any_of(names: &[&str]) -> String {
+    let mut unique: Vec<&str> = Vec::new();
+    for name in names {
+        if !unique.contains(name) {
+            unique.push(name);
+        }
+    }
+    let escaped: Vec<String> = unique
+        .iter()
+        .map(|name| {
+            name.chars()
+                .map(|c| match c {
+                    '.' | '*' | '+' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '^'
+                    | '$' | '\\' => format!("\\{c}"),
+                    c => c.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    format!("^({})$", escaped.join("|"))
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ impl TestSchema {
 }
 
 /// The management API of the stack's RabbitMQ, with the credentials of `RABBITMQ_URL`.
-fn management() -> (reqwest::Client, String, String, String) {
+pub fn management() -> (reqwest::Client, String, String, String) {
     let amqp = rabbitmq_url();
     let base = std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
         format!(
