@@ -162,9 +162,15 @@ type BadSetting<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
 #[test]
 fn bad_settings_stop_start_up_naming_the_setting() {
-    let cases: [BadSetting<'_>; 7] = [
+    let cases: [BadSetting<'_>; 11] = [
         (&["run", "--batch-size", "0"], &[], "--batch-size"),
         (&["run", "--poll-interval", "soon"], &[], "--poll-interval"),
+        (&["run", "--poll-interval", "0s"], &[], "--poll-interval"),
+        (&["run", "--resend-after", "0s"], &[], "--resend-after"),
+        // Deleting every completed job, or the last hour's, is refused (the latter without
+        // --force), before anything is touched.
+        (&["purge", "--older-than", "0s"], &[], "--older-than"),
+        (&["purge", "--older-than", "30m"], &[], "--force"),
         (&[], &[("BENALSAM_LEASE", "0s")], "--lease"),
         (
             &[],

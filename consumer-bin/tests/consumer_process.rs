@@ -246,7 +246,10 @@ async fn dlq_commands_list_reasons_and_replay() {
 
 #[test]
 fn bad_settings_stop_start_up_naming_the_setting() {
-    let cases: [(&str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str); 8] = [
+        ("BENALSAM_SEARCH_TIMEOUT", "0s", "--search-timeout"),
+        ("BENALSAM_BULK_LINGER", "0s", "--bulk-linger"),
+        ("BENALSAM_HEALTH_WINDOW", "0s", "--health-window"),
         ("BENALSAM_PREFETCH", "0", "--prefetch"),
         (
             "ELASTICSEARCH_URL",
