@@ -386,6 +386,13 @@ fn rabbitmq_report(
     } else {
         problems.join("; ")
     };
+    // The latest of a connection error and a refused publish, so an operator looking at
+    // one field sees what went wrong last.
+    let latest_error = [&s.last_error, &s.last_failure]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, e)| e);
     HealthReport::new(
         "rabbitmq",
         healthy,
@@ -404,7 +411,7 @@ fn rabbitmq_report(
             "lastFailure": s.last_failure.as_ref().map(|(_, why)| why),
             "lastFailureAt": rfc3339(s.last_failure.as_ref().map(|(at, _)| *at)),
             "errors": s.errors,
-            "lastError": s.last_error.as_ref().map(|(_, e)| e),
+            "lastError": latest_error,
         }),
     )
 }

@@ -372,9 +372,37 @@ impl Indexer {
             connect_failures: 0,
             next_depth_check: Instant::now(),
         };
+        // An idle consumer must still know whether it could record an outcome: the outbox
+        // is asked beside the loop, so a slow answer never holds deliveries up.
+        let watch = tokio::spawn(watch_outbox(Arc::clone(&run.shared)));
         run.run(&shutdown).await;
         run.finish().await;
+        watch.abort();
         self.status.lock().connected = false;
+    }
+}
+
+/// Asks the outbox every few seconds whether it answers, so health turns red while
+/// PostgreSQL is away even when no batch needs it, and green again when it answers.
+async fn watch_outbox(shared: Arc<Shared>) {
+    const EVERY: Duration = Duration::from_secs(5);
+    loop {
+        match shared.ledger.ping().await {
+            Ok(()) => shared.status.lock().outbox_failing = None,
+            Err(error) => {
+                let reason = error.to_string();
+                shared.status.error(&reason);
+                shared
+                    .status
+                    .lock()
+                    .outbox_failing
+                    .get_or_insert_with(|| (SystemTime::now(), reason));
+            }
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
     }
 }
 

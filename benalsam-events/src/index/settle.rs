@@ -25,6 +25,7 @@ pub(crate) trait Ledger: Send + Sync + 'static {
     fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>>;
     fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>>;
     fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>>;
+    fn ping(&self) -> BoxFuture<'_, Result<()>>;
 }
 
 impl Ledger for Outbox {
@@ -38,6 +39,10 @@ impl Ledger for Outbox {
 
     fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>> {
         Box::pin(Outbox::unsettled_before(self, table, job))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Outbox::ping(self))
     }
 }
 

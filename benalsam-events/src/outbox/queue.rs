@@ -190,6 +190,17 @@ impl Outbox {
             return Err(Error::config("max attempts", "must be at least 1"));
         }
         crate::config::require_positive("BENALSAM_LEASE", config.lease)?;
+        let backoff = config.retry_backoff;
+        crate::config::require_positive("BENALSAM_RETRY_INITIAL", backoff.initial)?;
+        if backoff.initial > backoff.max {
+            return Err(Error::config(
+                "BENALSAM_RETRY_INITIAL",
+                format!(
+                    "{:?} is longer than BENALSAM_RETRY_MAX ({:?})",
+                    backoff.initial, backoff.max
+                ),
+            ));
+        }
         let sql = Sql::for_schema(&config.schema);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -215,6 +226,17 @@ impl Outbox {
     /// cannot be reached or the queue table is missing.
     pub async fn connect(&self) -> Result<()> {
         self.conn().await.map(drop)
+    }
+
+    /// Whether PostgreSQL answers on this outbox's connection now (a round trip; a broken
+    /// connection is opened again first).
+    pub(crate) async fn ping(&self) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.client
+            .simple_query("")
+            .await
+            .map(drop)
+            .map_err(|e| Error::postgres("asking PostgreSQL whether it answers", e))
     }
 
     async fn conn(&self) -> Result<Conn> {

@@ -1,0 +1,365 @@
+//! Health that tells the truth, through the real binaries against the real stack: red while
+//! PostgreSQL is away and green again when it returns, red while publishes fail on a deleted
+//! exchange or an unbound queue until the bridge repairs them, green throughout a long backlog
+//! drain, and "starting" (503, never a refused connection) while start-up waits for the search
+//! engine. Outages are made with relays in front of the services, so no other test sees them.
+
+mod binaries;
+#[path = "../../benalsam-events/tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use benalsam_events::config::DatabaseUrl;
+use benalsam_events::publish::TopologyConfig;
+use benalsam_events::{EventType, Topology};
+use binaries::{bridge_binary, consumer_binary, stop};
+use serde_json::Value;
+use support::{
+    Relay, TestIndex, TestSchema, TestVhost, database_url, free_port, management, search_url,
+};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const BRIDGE: &str = "/api/v1/health/database-trigger-bridge";
+const PUBLISHING: &str = "/api/v1/health/rabbitmq";
+const INDEXING: &str = "/api/v1/health/elasticsearch-service";
+
+/// A binary running with its health endpoints on `port`.
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+fn start(binary: PathBuf, env: &[(&str, String)]) -> Running {
+    let port = free_port();
+    let mut command = Command::new(binary);
+    command
+        .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
+        .env("ELASTICSEARCH_URL", search_url().expose())
+        .env("RUST_LOG", "warn")
+        .env_remove("BENALSAM_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Running {
+        child: command.spawn().expect("the binary starts"),
+        port,
+    }
+}
+
+/// The answer of `path`: status and JSON body; `None` while nothing answers.
+async fn answer(port: u16, path: &str) -> Option<(u16, Value)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or_default()))
+}
+
+/// Waits until `path` answers `status`; returns the body.
+async fn wait_for(port: u16, path: &str, status: u16, within: Duration) -> Value {
+    wait_until(port, path, within, |got, _| got == status).await
+}
+
+/// Waits until the answer of `path` satisfies `check`; returns the body.
+async fn wait_until(
+    port: u16,
+    path: &str,
+    within: Duration,
+    check: impl Fn(u16, &Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let now = answer(port, path).await;
+        if let Some((got, body)) = &now
+            && check(*got, body)
+        {
+            return body.clone();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{path} did not answer as expected within {within:?}; last: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `n` jobs are completed.
+async fn wait_completed(db: &TestSchema, n: i64) {
+    let started = Instant::now();
+    while db.count("completed").await < n {
+        assert!(started.elapsed() < PATIENCE, "{n} jobs completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A relay to PostgreSQL; returns it and the URL through it.
+async fn postgres_relay() -> (Relay, DatabaseUrl) {
+    let target = database_url();
+    let upstream = format!(
+        "{}:{}",
+        target.url().host_str().unwrap_or("127.0.0.1"),
+        target.url().port().unwrap_or(5432)
+    );
+    let relay = Relay::start(upstream).await;
+    let mut url = target.url().clone();
+    url.set_port(Some(relay.port)).expect("port");
+    (relay, url.as_str().parse().expect("relay url"))
+}
+
+fn env(db: &TestSchema, vhost: &TestVhost, database: &DatabaseUrl) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", database.expose().to_owned()),
+        ("BENALSAM_SCHEMA", db.name.clone()),
+        ("RABBITMQ_URL", vhost.url.expose().to_owned()),
+        ("BENALSAM_POLL_INTERVAL", "200ms".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn postgres_away_turns_both_red_within_30s_and_green_within_30s_of_its_return() {
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    let (relay, through_relay) = postgres_relay().await;
+    let common = env(&db, &vhost, &through_relay);
+    let bridge = start(bridge_binary(), &common);
+    let mut consumer_env = common.clone();
+    consumer_env.push(("BENALSAM_INDEX", index.alias.clone()));
+    let consumer = start(consumer_binary(), &consumer_env);
+    for service in [&bridge, &consumer] {
+        wait_for(service.port, "/readyz", 200, PATIENCE).await;
+    }
+    db.insert_listings(3).await;
+    wait_completed(&db, 3).await;
+
+    relay.set_up(false);
+    let red = Duration::from_secs(30);
+    let bridge_red = wait_for(bridge.port, BRIDGE, 503, red).await;
+    let consumer_red = wait_for(consumer.port, INDEXING, 503, red).await;
+    assert!(
+        bridge_red["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot reach"),
+        "{bridge_red}"
+    );
+    assert!(
+        consumer_red["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("PostgreSQL"),
+        "{consumer_red}"
+    );
+    // Liveness never fails for a dependency.
+    assert_eq!(answer(bridge.port, "/livez").await.map(|a| a.0), Some(200));
+
+    relay.set_up(true);
+    let green = Duration::from_secs(30);
+    wait_for(bridge.port, BRIDGE, 200, green).await;
+    wait_for(consumer.port, INDEXING, 200, green).await;
+    db.insert_listings(2).await;
+    wait_completed(&db, 5).await;
+    stop(bridge.child);
+    stop(consumer.child);
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
+}
+
+/// Deletes `what` (a path of the management API under the test's vhost).
+async fn delete(vhost: &TestVhost, what: &str) {
+    let (http, base, admin, password) = management();
+    let response = http
+        .delete(format!("{base}/api/{what}"))
+        .basic_auth(&admin, Some(&password))
+        .send()
+        .await
+        .expect("management API");
+    assert!(
+        response.status().is_success(),
+        "delete {what}: {}",
+        response.status()
+    );
+    let _ = vhost;
+}
+
+/// Whether `what` exists on the broker.
+async fn exists(what: &str) -> bool {
+    let (http, base, admin, password) = management();
+    http.get(format!("{base}/api/{what}"))
+        .basic_auth(&admin, Some(&password))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[tokio::test]
+async fn publishes_refused_by_a_deleted_exchange_or_an_unbound_queue_turn_the_bridge_red_until_it_repairs_them()
+ {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let mut bridge_env = env(&db, &vhost, &database_url());
+    // A retry waits 2-4 s: long enough to see the red answer before the repaired publish.
+    bridge_env.push(("BENALSAM_RETRY_INITIAL", "4s".to_owned()));
+    let bridge = start(bridge_binary(), &bridge_env);
+    wait_for(bridge.port, "/readyz", 200, PATIENCE).await;
+    let exchange = format!("exchanges/{}/benalsam.listings", vhost.name);
+    let binding = format!(
+        "bindings/{}/e/benalsam.listings/q/elasticsearch.sync",
+        vhost.name
+    );
+
+    for (n, break_it) in [&exchange, &format!("{binding}/listing.%23")]
+        .into_iter()
+        .enumerate()
+    {
+        delete(&vhost, break_it).await;
+        db.insert_listings(1).await;
+        let red = wait_for(bridge.port, PUBLISHING, 503, PATIENCE).await;
+        assert!(
+            red["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("publishes fail"),
+            "{red}"
+        );
+        assert!(
+            red["details"]["lastError"].is_string(),
+            "the reason is in the details: {red}"
+        );
+        wait_for(bridge.port, PUBLISHING, 200, PATIENCE).await;
+        let started = Instant::now();
+        while db.count("sent").await < n as i64 + 1 {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the job is sent after the repair"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(exists(&exchange).await, "the exchange is declared again");
+        assert!(exists(&binding).await, "the queue is bound again");
+    }
+    stop(bridge.child);
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn a_backlog_that_takes_many_windows_to_drain_stays_green_throughout() {
+    const JOBS: i64 = 15_000;
+    const WINDOW: u64 = 3;
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    db.insert_listings(JOBS).await;
+    let mut common = env(&db, &vhost, &database_url());
+    common.push(("BENALSAM_HEALTH_WINDOW", format!("{WINDOW}s")));
+    let mut bridge_env = common.clone();
+    // One job per claim: a drain of many windows without a huge table.
+    bridge_env.push(("BENALSAM_BATCH_SIZE", "1".to_owned()));
+    let mut consumer_env = common;
+    consumer_env.push(("BENALSAM_INDEX", index.alias.clone()));
+    let bridge = start(bridge_binary(), &bridge_env);
+    let consumer = start(consumer_binary(), &consumer_env);
+    for service in [&bridge, &consumer] {
+        wait_for(service.port, "/readyz", 200, PATIENCE).await;
+    }
+    let (started, mut oldest, mut answers) = (Instant::now(), 0.0_f64, 0);
+    while db.count("completed").await < JOBS {
+        for (port, path) in [
+            (bridge.port, BRIDGE),
+            (bridge.port, PUBLISHING),
+            (consumer.port, INDEXING),
+            (consumer.port, PUBLISHING),
+            (bridge.port, "/readyz"),
+            (consumer.port, "/readyz"),
+        ] {
+            let (status, body) = answer(port, path).await.expect("health answers");
+            assert_eq!(status, 200, "{path} during the drain: {body}");
+            answers += 1;
+            if path == BRIDGE {
+                oldest = oldest.max(
+                    body["details"]["oldestPendingAgeSeconds"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                );
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the backlog drains"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        oldest > (2 * WINDOW) as f64,
+        "the oldest job waited {oldest} s, more than two windows, and health stayed green ({answers} answers)"
+    );
+    stop(bridge.child);
+    stop(consumer.child);
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
+}
+
+#[tokio::test]
+async fn start_up_waiting_for_the_search_engine_answers_503_starting_then_200() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let alias = support::unique_name("t");
+    let connection = benalsam_events::connect::amqp(&vhost.url, "test")
+        .await
+        .expect("connect");
+    Topology::for_event_types(&[EventType::listings()], &TopologyConfig::default())
+        .declare(&connection)
+        .await
+        .expect("declare");
+    let (search, through_relay) = Relay::search().await;
+    search.set_up(false);
+    let mut consumer_env = env(&db, &vhost, &database_url());
+    consumer_env.push(("BENALSAM_INDEX", alias.clone()));
+    consumer_env.push(("ELASTICSEARCH_URL", through_relay.expose().to_owned()));
+    let consumer = start(consumer_binary(), &consumer_env);
+    // The first answer may come before the step is reached; every answer is a 503 until then.
+    let starting = wait_until(consumer.port, "/readyz", PATIENCE, |status, body| {
+        assert_eq!(
+            status, 503,
+            "not ready while the search engine is away: {body}"
+        );
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("search index")
+    })
+    .await;
+    let message = starting["message"].as_str().unwrap_or("");
+    assert!(message.starts_with("starting"), "{message}");
+    let (status, _) = answer(consumer.port, INDEXING)
+        .await
+        .expect("answers while starting");
+    assert_eq!(status, 503);
+    assert_eq!(
+        answer(consumer.port, "/livez").await.map(|a| a.0),
+        Some(200)
+    );
+
+    search.set_up(true);
+    wait_for(consumer.port, "/readyz", 200, PATIENCE).await;
+    stop(consumer.child);
+    let index = TestIndex {
+        alias,
+        client: benalsam_events::index::client(&search_url(), Duration::from_secs(10))
+            .expect("client"),
+    };
+    index.drop().await;
+    let _ = connection.close(200, "ok".into()).await;
+    db.drop().await;
+    vhost.drop().await;
+}
