@@ -11,6 +11,7 @@ use crate::{Error, Result};
 /// ("equal jitter"): spread out enough that many clients do not retry in lockstep, never
 /// shorter than half the step so a failing service is not hammered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Backoff {
     /// Delay before the first retry (before jitter).
     pub initial: Duration,

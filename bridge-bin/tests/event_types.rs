@@ -366,3 +366,49 @@ async fn a_file_with_a_typo_or_a_table_that_does_not_exist_stops_with_a_clear_er
     db.drop().await;
     vhost.drop().await;
 }
+
+#[tokio::test]
+async fn backfill_by_event_type_enqueues_the_rows_that_predate_the_trigger_with_progress() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    db.client
+        .batch_execute(&format!(
+            "{INVENTORY_SQL};
+             INSERT INTO inventory_items (sku, name)
+             SELECT 'SKU-' || i, 'Ürün ' || i FROM generate_series(1, 250) AS i;"
+        ))
+        .await
+        .expect("rows that predate the trigger");
+    let config = write_config(INVENTORY_TOML);
+    let deployment = Deployment {
+        schema: db.name.clone(),
+        vhost: vhost.url.clone(),
+    };
+    assert!(
+        deployment
+            .run(bridge_binary(), Some(&config), &["migrate"])
+            .status
+            .success()
+    );
+    let out = deployment.run(
+        bridge_binary(),
+        Some(&config),
+        &["backfill", "--type", "inventory", "--batch", "100"],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("250/250 rows (100%)"),
+        "progress with the total: {stderr}"
+    );
+    assert!(
+        stdout.contains("backfill complete, 250 rows enqueued"),
+        "{stdout}"
+    );
+    assert_eq!(jobs(&db, "inventory_items", "pending").await, 250);
+    let _ = std::fs::remove_file(&config);
+    db.drop().await;
+    vhost.drop().await;
+}

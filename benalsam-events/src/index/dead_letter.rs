@@ -172,6 +172,7 @@ async fn confirm(
 
 /// A dead-lettered message, as the tools show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The job, when the message names one.
     pub job_id: Option<i64>,
@@ -278,6 +279,7 @@ async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter
 
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReplayReport {
     /// Messages published back to their exchange and removed from the DLQ.
     pub replayed: usize,

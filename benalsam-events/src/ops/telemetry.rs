@@ -27,6 +27,7 @@ use crate::{Error, Result};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum LogFormat {
     /// One human-readable line per event.
     #[default]

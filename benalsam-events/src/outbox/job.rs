@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
+#[non_exhaustive]
 pub enum Operation {
     /// The row was inserted; `change_data` is the new row.
     Insert,

@@ -10,6 +10,7 @@ use crate::{Error, Result};
 
 /// Jobs by status, as the architecture document's monitoring queries count them.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Summary {
     /// One line per status present: status, jobs, average seconds from creation to
     /// `processed_at` (completed and failed jobs only).
@@ -23,6 +24,7 @@ pub struct Summary {
 
 /// One status of a [`Summary`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StatusLine {
     /// The status.
     pub status: String,
@@ -54,6 +56,7 @@ impl JobSelection {
 
 /// Progress of a backfill, after each batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackfillProgress {
     /// The table.
     pub table: String,

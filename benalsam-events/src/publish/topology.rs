@@ -32,6 +32,7 @@ pub(crate) const HEALTH_QUEUE: &str = "system.health";
 
 /// Classic or quorum queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum QueueType {
     /// One copy on one node; the fastest, and all a single-node broker offers.
     #[default]
