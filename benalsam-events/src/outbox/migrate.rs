@@ -1,7 +1,7 @@
 //! Versioned SQL migrations, applied once each, and the sync trigger on each event type's
 //! table.
 //!
-//! The SQL lives in `db/` at the repository root and is compiled into the library, so a
+//! The SQL lives in the crate's `db/` folder and is compiled into the library, so a
 //! binary always carries the schema it was built for. It holds only what the library owns:
 //! the job table, the trigger function, the progress of backfills. [`migrate`] applies the
 //! missing migrations in order, in one transaction, under an advisory lock (several processes
@@ -34,7 +34,7 @@ macro_rules! migration {
         Migration {
             version: $version,
             name: $file,
-            sql: include_str!(concat!("../../../db/", $file)),
+            sql: include_str!(concat!("../../db/", $file)),
         }
     };
 }
