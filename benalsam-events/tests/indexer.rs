@@ -679,7 +679,13 @@ fn forged(job: i64, record: &str) -> Envelope<'static> {
 async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_job() {
     let (db, vhost, index) = setup().await;
     let outbox = db.outbox(OutboxConfig::default());
-    let indexer = consumer(&vhost.url, &search_url(), outbox, &index, IndexerConfig::default());
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        outbox,
+        &index,
+        IndexerConfig::default(),
+    );
     let stop = CancellationToken::new();
     let running = tokio::spawn(indexer.run(stop.clone()));
     // A real listing whose job waits for the bridge (not running yet).
@@ -705,17 +711,27 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
         if letters.len() == 3 {
             break letters;
         }
-        assert!(started.elapsed() < PATIENCE, "three dead letters: {letters:?}");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "three dead letters: {letters:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     for letter in &letters {
         assert_eq!(letter.kind.as_deref(), Some("unverified"), "{letter:?}");
         assert!(
-            letter.reason.as_deref().unwrap_or("").contains("unknown or mismatched job"),
+            letter
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("unknown or mismatched job"),
             "{letter:?}"
         );
     }
-    assert_eq!(db.statuses().await, vec![(pending_job, "pending".to_owned())]);
+    assert_eq!(
+        db.statuses().await,
+        vec![(pending_job, "pending".to_owned())]
+    );
     assert!(index.search(json!({"match_all": {}})).await.is_empty());
 
     // The real changes go through as if nothing happened, the later edit included.
@@ -733,8 +749,14 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
     bridge.await.expect("no panic").expect("drained");
     running.await.expect("no panic");
     assert_eq!((completed, failed), (2, 0));
-    assert_eq!(index.search(json!({"match_all": {}})).await, vec![real.clone()]);
+    assert_eq!(
+        index.search(json!({"match_all": {}})).await,
+        vec![real.clone()]
+    );
     let doc = index.get(&real).await.expect("indexed");
-    assert_eq!(doc["_source"]["title"], "Gerçek başlık", "not frozen by the forged job id");
+    assert_eq!(
+        doc["_source"]["title"], "Gerçek başlık",
+        "not frozen by the forged job id"
+    );
     teardown(db, vhost, index).await;
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::publish::TopologyConfig;
-use benalsam_events::{AmqpUrl, Envelope, EventType, OutboxConfig, Topology};
+use benalsam_events::{AmqpUrl, Envelope, OutboxConfig, Topology};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, management, search_url};
@@ -222,16 +222,25 @@ async fn the_compose_setup_script_loads_the_topology_and_grants_the_shipped_perm
         String::from_utf8_lossy(&run.stderr)
     );
     let queue = http
-        .get(format!("{base}/api/queues/{}/elasticsearch.sync", vhost.name))
+        .get(format!(
+            "{base}/api/queues/{}/elasticsearch.sync",
+            vhost.name
+        ))
         .basic_auth(&admin, Some(&password))
         .send()
         .await
         .expect("management API");
     assert!(queue.status().is_success(), "the topology is loaded");
-    for line in Topology::benalsam(&TopologyConfig::default()).permissions().lines() {
+    for line in Topology::benalsam(&TopologyConfig::default())
+        .permissions()
+        .lines()
+    {
         let fields: Vec<&str> = line.split('\t').collect();
         let granted: serde_json::Value = http
-            .get(format!("{base}/api/permissions/{}/{}", vhost.name, fields[0]))
+            .get(format!(
+                "{base}/api/permissions/{}/{}",
+                vhost.name, fields[0]
+            ))
             .basic_auth(&admin, Some(&password))
             .send()
             .await

@@ -2,6 +2,7 @@
 //! password), and checks shared by every setting the library takes.
 
 mod redact;
+pub(crate) mod tls;
 mod urls;
 
 use std::time::Duration;
@@ -9,7 +10,10 @@ use std::time::Duration;
 pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
 #[cfg(feature = "cli")]
 pub(crate) use urls::{DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL};
-pub(crate) use urls::{validate_identifier, validate_schema};
+pub(crate) use urls::{
+    ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, validate_identifier,
+    validate_schema,
+};
 
 use crate::{Error, Result};
 

@@ -9,8 +9,8 @@ pub(crate) const MASK: &str = "***";
 /// Works on the raw text rather than a parsed URL, because a password with an unescaped `/`,
 /// `?` or `#` makes a URL parser split it in the wrong place (and then print it as a path or
 /// fragment): everything between `://` and the *last* `@` is user information, and all of it
-/// after the user name is masked. A `password=` query parameter (which PostgreSQL's URLs
-/// accept) is masked too. Masking a little too much is preferred to showing a secret.
+/// after the user name is masked. A `password=` or `sslpassword=` query parameter (which
+/// PostgreSQL's URLs accept) is masked too. Masking a little too much is preferred to showing a secret.
 pub(crate) fn redact_url(url: &str) -> String {
     mask_query_passwords(&mask_userinfo(url))
 }
@@ -38,7 +38,11 @@ fn mask_query_passwords(raw: &str) -> String {
     let mut rest = raw;
     while let Some(found) = rest.find("password=") {
         let value_start = found + "password=".len();
-        let preceded = found == 0 || matches!(rest.as_bytes()[found - 1], b'?' | b'&' | b';');
+        // `password=` and libpq's `sslpassword=` (the key's passphrase) are parameters of
+        // their own; `oldpassword=` is not.
+        let before = &rest[..found];
+        let name_start = before.strip_suffix("ssl").unwrap_or(before);
+        let preceded = name_start.is_empty() || name_start.ends_with(['?', '&', ';']);
         out.push_str(&rest[..value_start]);
         rest = &rest[value_start..];
         if preceded {
@@ -108,6 +112,14 @@ mod tests {
         assert_eq!(
             redact_url("postgres://db/x?oldpassword=keep"),
             "postgres://db/x?oldpassword=keep"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?sslmode=require&sslpassword=s3cret&a=1"),
+            "postgres://db/x?sslmode=require&sslpassword=***&a=1"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?xsslpassword=keep"),
+            "postgres://db/x?xsslpassword=keep"
         );
     }
 

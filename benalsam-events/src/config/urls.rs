@@ -5,9 +5,11 @@
 //! `Display` and `Debug` hide the password: printing a configuration is always safe.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::redact::redact_url;
+use super::tls::{ClientFiles, TlsFiles, split_amqp, split_postgres};
 use crate::{Error, Result};
 
 /// Default `DATABASE_URL`: the database of the local stack (`scripts/stack`).
@@ -18,11 +20,17 @@ pub(crate) const DEFAULT_RABBITMQ_URL: &str = "amqp://benalsam:benalsam123@127.0
 /// Default `ELASTICSEARCH_URL`: the local stack's search node.
 pub(crate) const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
 
+// `check` validates what the scheme and host checks cannot (the TLS parameters of the query);
+// `from_env` completes a URL read from the environment with the settings that cannot be in
+// it; `extra` fields hold those settings (empty after parsing).
 macro_rules! service_url {
-    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, default = $default:ident, schemes = [$($scheme:literal),+], example = $example:literal) => {
+    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, default = $default:ident, schemes = [$($scheme:literal),+], example = $example:literal, check = $check:expr, from_env = $from_env:expr $(, extra { $($field:ident: $ty:ty),* })?) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq)]
-        pub struct $name(url::Url);
+        pub struct $name {
+            url: url::Url,
+            $($($field: $ty,)*)?
+        }
 
         impl $name {
             /// The environment variable (and long flag, lowercased) this setting is read from.
@@ -30,28 +38,29 @@ macro_rules! service_url {
 
             /// The full URL, password included: pass it to a client, never to a log.
             pub fn expose(&self) -> &str {
-                self.0.as_str()
+                self.url.as_str()
             }
 
             /// The URL with its password masked.
             pub fn redacted(&self) -> String {
-                redact_url(self.0.as_str())
+                redact_url(self.url.as_str())
             }
 
             /// The parsed URL.
             pub fn url(&self) -> &url::Url {
-                &self.0
+                &self.url
             }
 
             /// Reads the setting from its environment variable; unset, the local stack's
             /// (`scripts/stack`).
             pub fn from_env() -> Result<Self> {
-                std::env::var($setting)
+                let parsed: Self = std::env::var($setting)
                     .ok()
                     .filter(|v| !v.is_empty())
                     .as_deref()
                     .unwrap_or($default)
-                    .parse()
+                    .parse()?;
+                $from_env(parsed)
             }
         }
 
@@ -80,7 +89,11 @@ macro_rules! service_url {
                         format!("{} names no host; expected e.g. {}", redact_url(raw), $example),
                     ));
                 }
-                Ok(Self(parsed))
+                $check(parsed.as_str())?;
+                Ok(Self {
+                    url: parsed,
+                    $($($field: <$ty>::default(),)*)?
+                })
             }
         }
 
@@ -92,7 +105,13 @@ macro_rules! service_url {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), self.redacted())
+                write!(f, "{}({}", stringify!($name), self.redacted())?;
+                $($(
+                    if self.$field != <$ty>::default() {
+                        write!(f, ", {}: {:?}", stringify!($field), self.$field)?;
+                    }
+                )*)?
+                f.write_str(")")
             }
         }
     };
@@ -100,30 +119,130 @@ macro_rules! service_url {
 
 service_url!(
     /// Where PostgreSQL is: `postgres://user:password@host:port/database`.
+    ///
+    /// TLS is set with libpq's parameters: `sslmode` = `disable`, `prefer` (the default: TLS
+    /// when the server offers it, its certificate not checked), `require` (TLS or nothing; the
+    /// certificate checked against `sslrootcert` when given), `verify-ca` (the certificate
+    /// must lead to `sslrootcert`) or `verify-full` (and name the URL's host); `allow` is
+    /// refused. `sslrootcert=<path>` is the CA file (PEM), needed by `verify-ca` and
+    /// `verify-full`; `sslcert=<path>` and `sslkey=<path>` a client certificate and its
+    /// unencrypted key (PEM). Paths are percent-encoded like any URL value
+    /// (`sslrootcert=%2Fetc%2Fpki%2Fca.pem`).
     DatabaseUrl,
     setting = "DATABASE_URL",
     default = DEFAULT_DATABASE_URL,
     schemes = ["postgres", "postgresql"],
-    example = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam"
+    example = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam",
+    check = |url| split_postgres(url).map(drop),
+    from_env = Ok
 );
 
 service_url!(
-    /// Where RabbitMQ is: `amqp://user:password@host:port/vhost`.
+    /// Where RabbitMQ is: `amqp://user:password@host:port/vhost`, or `amqps://` for TLS.
+    ///
+    /// An `amqps://` broker's certificate must lead to one of the public CAs (webpki roots)
+    /// or to the CA file (PEM) of the query parameter `cacertfile=<path>`, and name the URL's
+    /// host. `certfile=<path>` and `keyfile=<path>` give a client certificate and its
+    /// unencrypted key (PEM). The parameter names are those of RabbitMQ's URI specification.
     AmqpUrl,
     setting = "RABBITMQ_URL",
     default = DEFAULT_RABBITMQ_URL,
-    schemes = ["amqp"],
-    example = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f"
+    schemes = ["amqp", "amqps"],
+    example = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f",
+    check = |url| split_amqp(url).map(drop),
+    from_env = Ok
 );
 
 service_url!(
-    /// Where Elasticsearch (or OpenSearch) is: `http://host:9200`.
+    /// Where Elasticsearch (or OpenSearch) is: `http://host:9200`, or `https://`.
+    ///
+    /// An `https://` node's certificate must lead to one of the public CAs (webpki roots) or
+    /// to the CA of [`SearchUrl::with_ca`], and name the URL's host; a node that asks for a
+    /// client certificate gets the one of [`SearchUrl::with_client_certificate`]. From the
+    /// environment, `ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT` and
+    /// `ELASTICSEARCH_CLIENT_KEY` set them.
     SearchUrl,
     setting = "ELASTICSEARCH_URL",
     default = DEFAULT_ELASTICSEARCH_URL,
     schemes = ["http", "https"],
-    example = "http://127.0.0.1:9200"
+    example = "http://127.0.0.1:9200",
+    check = |_| Ok::<(), Error>(()),
+    from_env = SearchUrl::with_tls_from_env,
+    extra { tls: TlsFiles }
 );
+
+/// The environment variable of [`SearchUrl::with_ca`].
+pub(crate) const ELASTICSEARCH_CA: &str = "ELASTICSEARCH_CA";
+/// The environment variable of the certificate of [`SearchUrl::with_client_certificate`].
+pub(crate) const ELASTICSEARCH_CLIENT_CERT: &str = "ELASTICSEARCH_CLIENT_CERT";
+/// The environment variable of the key of [`SearchUrl::with_client_certificate`].
+pub(crate) const ELASTICSEARCH_CLIENT_KEY: &str = "ELASTICSEARCH_CLIENT_KEY";
+
+impl SearchUrl {
+    /// Trusts the CA certificates of the PEM file at `path` for an `https://` node, besides
+    /// the public CAs. The file is read when a client is built.
+    #[must_use]
+    pub fn with_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca = Some(path.into());
+        self
+    }
+
+    /// Presents the client certificate of the PEM file `cert` (intermediates may follow it),
+    /// with its unencrypted private key in the PEM file `key`, to a node that asks for one.
+    /// The files are read when a client is built.
+    #[must_use]
+    pub fn with_client_certificate(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls.client = Some(ClientFiles {
+            cert: cert.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    /// The TLS files of the client.
+    pub(crate) fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
+
+    /// Adds the files named by `ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT` and
+    /// `ELASTICSEARCH_CLIENT_KEY` (unset or empty: none).
+    fn with_tls_from_env(mut self) -> Result<Self> {
+        let path = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        self.tls.ca = path(ELASTICSEARCH_CA);
+        self.tls.client = match (
+            path(ELASTICSEARCH_CLIENT_CERT),
+            path(ELASTICSEARCH_CLIENT_KEY),
+        ) {
+            (Some(cert), Some(key)) => Some(ClientFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::config(
+                    ELASTICSEARCH_CLIENT_KEY,
+                    format!(
+                        "must be set with {ELASTICSEARCH_CLIENT_CERT} (the certificate's private key)"
+                    ),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    ELASTICSEARCH_CLIENT_CERT,
+                    format!(
+                        "must be set with {ELASTICSEARCH_CLIENT_KEY} (the certificate of that key)"
+                    ),
+                ));
+            }
+        };
+        Ok(self)
+    }
+}
 
 /// Validates a PostgreSQL schema name used to place the tables (`BENALSAM_SCHEMA`).
 pub(crate) fn validate_schema(schema: &str) -> Result<&str> {
@@ -182,6 +301,36 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("DATABASE_URL"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn amqps_is_a_broker_url_and_tls_parameters_are_checked_as_it_is_read() {
+        let url: AmqpUrl = "amqps://u:secret@mq:5671/%2f?cacertfile=%2Fca.pem"
+            .parse()
+            .expect("amqps");
+        assert!(!format!("{url:?}").contains("secret"));
+        let error = "postgres://db/app?sslmode=verify-ca"
+            .parse::<DatabaseUrl>()
+            .expect_err("no CA");
+        assert_eq!(error.setting(), Some("DATABASE_URL"));
+    }
+
+    #[test]
+    fn a_search_url_carries_its_tls_files() {
+        let url: SearchUrl = "https://u:secret@es:9200".parse().expect("https");
+        assert_eq!(format!("{url:?}"), "SearchUrl(https://u:***@es:9200/)");
+        let with = url
+            .clone()
+            .with_ca("/ca.pem")
+            .with_client_certificate("/c.pem", "/k.pem");
+        assert_ne!(with, url);
+        let debug = format!("{with:?}");
+        assert!(
+            debug.contains("/ca.pem") && debug.contains("/k.pem"),
+            "{debug}"
+        );
+        assert!(!debug.contains("secret"), "{debug}");
+        assert_eq!(with.to_string(), url.to_string());
     }
 
     #[test]

@@ -1,23 +1,41 @@
 //! Opening connections to PostgreSQL and RabbitMQ, with the settings every connection of
-//! the library needs (timeouts, keepalives, names an operator can find).
+//! the library needs (timeouts, keepalives, names an operator can find, TLS).
+//!
+//! Every connection of the library is opened here, so each one honours the TLS settings of
+//! its URL ([`DatabaseUrl`], [`AmqpUrl`]) and reports a refused certificate the same way: a
+//! configuration error naming the setting to check, never retried
+//! ([`Error::is_retryable`](crate::Error::is_retryable)).
+
+pub(crate) mod tls;
 
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::LongString;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use self::tls::{ClientIdentity, Verify};
+use crate::config::tls::{PgTls, SslMode, TlsFiles, split_amqp, split_postgres};
 use crate::config::{AmqpUrl, DatabaseUrl};
 use crate::{Error, Result};
 
 /// How long opening a PostgreSQL connection may take (unless the URL says `connect_timeout`).
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A PostgreSQL connection of the library (TLS or not, by the URL's `sslmode`).
+pub(crate) type PgConnection =
+    tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
 /// Opens a PostgreSQL connection and drives it on the tokio runtime.
 ///
-/// The connection task ends when the returned [`Client`] is dropped; an error on it is
-/// logged (the client's next call then fails with a closed-connection error).
+/// TLS follows the URL's `sslmode` (see [`DatabaseUrl`]); a server certificate that does not
+/// verify is an error that names `sslrootcert` and is not retryable. The connection task ends
+/// when the returned [`Client`] is dropped; an error on it is logged (the client's next call
+/// then fails with a closed-connection error).
 pub async fn postgres(url: &DatabaseUrl) -> Result<Client> {
     postgres_as(url, "benalsam-events").await
 }
@@ -25,10 +43,7 @@ pub async fn postgres(url: &DatabaseUrl) -> Result<Client> {
 /// Like [`postgres`], naming the connection in `pg_stat_activity.application_name`
 /// (unless the URL sets one), so an operator can tell the library's connections apart.
 pub(crate) async fn postgres_as(url: &DatabaseUrl, application_name: &str) -> Result<Client> {
-    let (client, connection) = pg_config(url, application_name)?
-        .connect(NoTls)
-        .await
-        .map_err(|e| Error::postgres(format!("connecting to {url}"), e))?;
+    let (client, connection) = postgres_connection(url, application_name).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::warn!(error = %format_args!("{error:#}"), "PostgreSQL connection closed with an error");
@@ -37,18 +52,37 @@ pub(crate) async fn postgres_as(url: &DatabaseUrl, application_name: &str) -> Re
     Ok(client)
 }
 
+/// Opens a PostgreSQL connection and hands over both halves, for a caller that drives the
+/// connection itself (the LISTEN connection reads its notifications from it).
+pub(crate) async fn postgres_connection(
+    url: &DatabaseUrl,
+    application_name: &str,
+) -> Result<(Client, PgConnection)> {
+    let (config, tls) = pg_config(url, application_name)?;
+    config
+        .connect(pg_tls(&tls)?)
+        .await
+        .map_err(|e| Error::postgres_connect(format!("connecting to {url}"), e))
+}
+
 /// The settings of every PostgreSQL connection: the URL's, plus a name, a connect timeout and
 /// TCP keepalives. Without the last two a connection to a server that vanished (a failover,
 /// a cut network) hangs until TCP gives up, minutes later; with them it fails and is
 /// reopened. The LISTEN connection, idle most of the time, needs them most.
-pub(crate) fn pg_config(
-    url: &DatabaseUrl,
-    application_name: &str,
-) -> Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url
-        .expose()
+fn pg_config(url: &DatabaseUrl, application_name: &str) -> Result<(tokio_postgres::Config, PgTls)> {
+    let (rest, tls) = split_postgres(url.expose())?;
+    let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e| Error::postgres(format!("parsing {url}"), e))?;
+    // tokio-postgres decides whether to ask for TLS and whether a refusal is fatal; the rustls
+    // configuration decides what is checked.
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
+    });
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
@@ -60,17 +94,100 @@ pub(crate) fn pg_config(
         .keepalives_idle(Duration::from_secs(30))
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3);
-    Ok(config)
+    Ok((config, tls))
+}
+
+/// The TLS connector of an `sslmode`, its files read now (so a renewed certificate is used
+/// by the next connection).
+fn pg_tls(tls: &PgTls) -> Result<MakeRustlsConnect> {
+    tls::install_provider();
+    const SETTING: &str = "DATABASE_URL";
+    let roots = |path| tls::read_roots(SETTING, "sslrootcert", path);
+    let verify = match (tls.mode, &tls.files.ca) {
+        // tokio-postgres never calls the connector with `disable`: nothing to read.
+        (SslMode::Disable, _) => {
+            return Ok(MakeRustlsConnect::new(tls::client_config(
+                Verify::Nothing,
+                None,
+            )?));
+        }
+        // `prefer` does not check: tokio-postgres falls back to plaintext only when the server
+        // declines TLS, not after a failed handshake, so a check would refuse servers that
+        // plaintext reaches.
+        (SslMode::Prefer, _) | (SslMode::Require, None) => Verify::Nothing,
+        // libpq: "if a root CA file exists, require behaves like verify-ca".
+        (SslMode::Require | SslMode::VerifyCa, Some(ca)) => Verify::Chain(roots(ca)?),
+        (SslMode::VerifyFull, Some(ca)) => Verify::Full(roots(ca)?),
+        // split_postgres refuses these without a CA file.
+        (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+            return Err(Error::config(
+                SETTING,
+                "sslmode=verify-ca and verify-full need sslrootcert",
+            ));
+        }
+    };
+    let identity = match &tls.files.client {
+        Some(files) => Some(ClientIdentity {
+            chain: tls::read_certificates(SETTING, "sslcert", &files.cert)?.parsed,
+            key: tls::read_key(SETTING, "sslkey", &files.key)?.parsed,
+            setting: SETTING.to_owned(),
+        }),
+        None => None,
+    };
+    let mut config = tls::client_config(verify, identity)?;
+    // PostgreSQL 17 requires ALPN for direct TLS (sslnegotiation=direct); harmless otherwise.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// Opens a RabbitMQ connection named `name` (shown in the management UI, and usable to find
 /// or close it there). Recovery is ours, not lapin's: callers reconnect with their own
 /// backoff and know which messages were confirmed.
+///
+/// An `amqps://` URL connects over TLS (see [`AmqpUrl`] for `cacertfile`, `certfile` and
+/// `keyfile`); a broker certificate that does not verify is an error that names `cacertfile`
+/// and is not retryable.
 pub async fn amqp(url: &AmqpUrl, name: &str) -> Result<Connection> {
+    let context = || format!("connecting to {url} as {name}");
+    let (uri, files) = split_amqp(url.expose())?;
+    let tls = amqp_tls(&files)?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| Error::amqp(context(), e))?;
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(url.expose(), properties)
+    Connection::connect_with_config(&uri, properties, tls, runtime)
         .await
-        .map_err(|e| Error::amqp(format!("connecting to {url} as {name}"), e))
+        .map_err(|e| Error::amqp_connect(context(), e))
+}
+
+/// lapin's TLS settings of the files in an `amqps://` URL. lapin parses the PEM again, but
+/// skips what it cannot parse; reading them here first turns a bad file into an error that
+/// names it. The CA is added to the public roots lapin trusts (its `webpki-roots` store).
+fn amqp_tls(files: &TlsFiles) -> Result<OwnedTLSConfig> {
+    const SETTING: &str = "RABBITMQ_URL";
+    tls::install_provider();
+    let cert_chain = match &files.ca {
+        Some(path) => {
+            let pem = tls::read_certificates(SETTING, "cacertfile", path)?.pem;
+            Some(String::from_utf8(pem).map_err(|_| {
+                Error::config(
+                    SETTING,
+                    format!("cacertfile {}: not a PEM text file", path.display()),
+                )
+            })?)
+        }
+        None => None,
+    };
+    let identity = match &files.client {
+        Some(client) => Some(OwnedIdentity::PKCS8 {
+            pem: tls::read_certificates(SETTING, "certfile", &client.cert)?.pem,
+            // Despite the name, lapin reads PKCS#8, RSA and EC keys.
+            key: tls::read_key(SETTING, "keyfile", &client.key)?.pem,
+        }),
+        None => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// Opens a channel in publisher-confirm mode on `connection`; `purpose` names it in errors.

@@ -8,24 +8,37 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use elasticsearch::Elasticsearch;
-use elasticsearch::auth::Credentials;
-use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use elasticsearch::auth::{ClientCertificate, Credentials};
+use elasticsearch::cert::{Certificate, CertificateValidation};
+use elasticsearch::http::headers::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::EventType;
-use crate::config::SearchUrl;
+use crate::config::{
+    ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
+};
+use crate::connect::tls;
 use crate::error::Kind;
 use crate::{Error, Result};
 
 /// A search client with a request timeout. Credentials in the URL become Basic
 /// authentication (and stay out of every log line).
+///
+/// An `https://` node is trusted when its certificate leads to a public CA or to the CA of
+/// [`SearchUrl::with_ca`], and names the URL's host; the client certificate of
+/// [`SearchUrl::with_client_certificate`] is presented to a node that asks for one. Their
+/// files are read here: a missing or unusable one is a configuration error naming its
+/// setting (`ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT`, `ELASTICSEARCH_CLIENT_KEY`).
+/// A certificate refused later, by either side, fails requests with a configuration error
+/// that is not retryable.
 pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
-    let credentials = (!bare.username().is_empty()).then(|| {
-        Credentials::Basic(
+    let basic = (!bare.username().is_empty()).then(|| {
+        (
             bare.username().to_owned(),
             bare.password().unwrap_or_default().to_owned(),
         )
@@ -33,9 +46,50 @@ pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     // Both calls only fail for URLs that cannot carry credentials, which have none.
     let _ = bare.set_username("");
     let _ = bare.set_password(None);
+    let files = url.tls();
+    if bare.scheme() != "https" && (files.ca.is_some() || files.client.is_some()) {
+        let setting = if files.ca.is_some() {
+            ELASTICSEARCH_CA
+        } else {
+            ELASTICSEARCH_CLIENT_CERT
+        };
+        return Err(Error::config(
+            setting,
+            format!("applies to https:// nodes only, and ELASTICSEARCH_URL is {url}"),
+        ));
+    }
+    tls::install_provider();
     let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(bare)).timeout(timeout);
-    if let Some(credentials) = credentials {
-        builder = builder.auth(credentials);
+    if let Some(path) = &files.ca {
+        // Checked with rustls first: the client only parses the file when it is built, and
+        // then says neither which setting nor which file.
+        let pem = tls::read_certificates(ELASTICSEARCH_CA, "file", path)?.pem;
+        let ca = Certificate::from_pem(&pem).map_err(|e| {
+            Error::config(ELASTICSEARCH_CA, format!("file {}: {e}", path.display()))
+        })?;
+        // Full: the chain and the host name. The CA is added to the public roots (the search
+        // client offers no way to trust it alone).
+        builder = builder.cert_validation(CertificateValidation::Full(ca));
+    }
+    match (&files.client, basic) {
+        (Some(client), basic) => {
+            let mut pem =
+                tls::read_certificates(ELASTICSEARCH_CLIENT_CERT, "file", &client.cert)?.pem;
+            let key = tls::read_key(ELASTICSEARCH_CLIENT_KEY, "file", &client.key)?.pem;
+            // The client wants the certificate and its key in one PEM buffer.
+            pem.push(b'\n');
+            pem.extend_from_slice(&key);
+            builder = builder.auth(Credentials::Certificate(ClientCertificate::Pem(pem)));
+            // The client takes one credential: the certificate. The URL's user and password
+            // still go along, as the header Basic authentication would have sent.
+            if let Some((user, password)) = basic {
+                builder = builder.header(AUTHORIZATION, basic_header(&user, &password)?);
+            }
+        }
+        (None, Some((user, password))) => {
+            builder = builder.auth(Credentials::Basic(user, password));
+        }
+        (None, None) => {}
     }
     let transport = builder.build().map_err(|e| {
         Error::config(
@@ -44,6 +98,19 @@ pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
         )
     })?;
     Ok(Elasticsearch::new(transport))
+}
+
+/// An `Authorization: Basic` header, marked sensitive (kept out of debug output).
+fn basic_header(user: &str, password: &str) -> Result<HeaderValue> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| {
+        Error::config(
+            SearchUrl::SETTING,
+            "the user name cannot go into an HTTP header",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Sends one request and reads its JSON answer (`Null` for an empty body).
@@ -70,7 +137,7 @@ pub(crate) async fn request(
     let response = client
         .send(method, route, headers, query.as_ref(), body, None)
         .await
-        .map_err(|e| Error::search(format!("{method:?} {path}"), e.to_string()))?;
+        .map_err(|e| Error::search_request(format!("{method:?} {path}"), e))?;
     let status = response.status_code();
     let bytes = response.bytes().await.map_err(|e| {
         Error::search(
@@ -200,4 +267,19 @@ async fn check_mapping(
         tracing::info!(alias, ?added, "added fields to the search index mapping");
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_basic_header_beside_a_client_certificate_is_rfc_7617s() {
+        let header = basic_header("Aladdin", "open sesame").expect("header");
+        assert_eq!(
+            header.to_str().expect("ascii"),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert!(header.is_sensitive());
+    }
 }

@@ -26,7 +26,8 @@ use clap::error::ErrorKind;
 use crate::bridge::BridgeSettings;
 use crate::config::{
     AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    SearchUrl, validate_identifier, validate_schema,
+    ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
+    validate_identifier, validate_schema,
 };
 use crate::consumer::ConsumerSettings;
 use crate::index::IndexerConfig;
@@ -38,7 +39,8 @@ use crate::{Error, EventType};
 /// PostgreSQL settings.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL holding the outbox table
+    /// PostgreSQL holding the outbox table; TLS by libpq's URL parameters sslmode
+    /// (disable, prefer, require, verify-ca, verify-full), sslrootcert, sslcert, sslkey
     /// [default: postgres://benalsam:***@127.0.0.1:5432/benalsam]
     #[arg(
         long,
@@ -123,8 +125,8 @@ impl ConfigArgs {
 /// RabbitMQ settings.
 #[derive(Debug, Clone, Args)]
 pub struct RabbitArgs {
-    /// RabbitMQ broker
-    /// [default: amqp://benalsam:***@127.0.0.1:5672/%2f]
+    /// RabbitMQ broker; amqps:// for TLS, with the URL parameters cacertfile, certfile,
+    /// keyfile [default: amqp://benalsam:***@127.0.0.1:5672/%2f]
     #[arg(
         long,
         global = true,
@@ -140,7 +142,7 @@ pub struct RabbitArgs {
 /// Elasticsearch settings.
 #[derive(Debug, Clone, Args)]
 pub struct SearchArgs {
-    /// Elasticsearch (or OpenSearch) node
+    /// Elasticsearch (or OpenSearch) node, http:// or https://
     #[arg(
         long,
         global = true,
@@ -150,6 +152,38 @@ pub struct SearchArgs {
         hide_env_values = true
     )]
     pub elasticsearch_url: SearchUrl,
+
+    /// CA certificate(s) (PEM file) trusted for an https:// node, besides the public CAs
+    #[arg(long, global = true, env = ELASTICSEARCH_CA, value_name = "PEM")]
+    pub elasticsearch_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM file) for a node that asks for one; needs
+    /// --elasticsearch-client-key
+    #[arg(long, global = true, env = ELASTICSEARCH_CLIENT_CERT, value_name = "PEM",
+          requires = "elasticsearch_client_key")]
+    pub elasticsearch_client_cert: Option<PathBuf>,
+
+    /// Unencrypted private key (PEM file) of --elasticsearch-client-cert
+    #[arg(long, global = true, env = ELASTICSEARCH_CLIENT_KEY, value_name = "PEM",
+          requires = "elasticsearch_client_cert")]
+    pub elasticsearch_client_key: Option<PathBuf>,
+}
+
+impl SearchArgs {
+    /// The node with the TLS files of these settings: what to build a client from.
+    pub fn search_url(&self) -> SearchUrl {
+        let mut url = self.elasticsearch_url.clone();
+        if let Some(ca) = &self.elasticsearch_ca {
+            url = url.with_ca(ca);
+        }
+        if let (Some(cert), Some(key)) = (
+            &self.elasticsearch_client_cert,
+            &self.elasticsearch_client_key,
+        ) {
+            url = url.with_client_certificate(cert, key);
+        }
+        url
+    }
 }
 
 /// Log output.
@@ -318,6 +352,14 @@ pub struct BridgeArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: u32,
 
+    /// Wait before the first retry of a failed job (doubling with each failure, jittered)
+    #[arg(long, env = "BENALSAM_RETRY_INITIAL", default_value = "1s", value_parser = parse_duration)]
+    pub retry_initial: Duration,
+
+    /// Longest wait between retries of a failed job
+    #[arg(long, env = "BENALSAM_RETRY_MAX", default_value = "10m", value_parser = parse_duration)]
+    pub retry_max: Duration,
+
     /// Most messages published and not yet confirmed
     #[arg(long, env = "BENALSAM_PUBLISH_WINDOW", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=65_535))]
@@ -350,6 +392,7 @@ impl BridgeArgs {
         s.outbox = database.outbox_config();
         s.outbox.lease = self.lease;
         s.outbox.max_attempts = self.max_attempts;
+        s.outbox.retry_backoff = crate::Backoff::new(self.retry_initial, self.retry_max);
         s.outbox.worker_id = format!("benalsam-bridge {}", s.outbox.worker_id);
         s.stream = JobStreamConfig {
             batch_size: self.batch_size as usize,
@@ -457,7 +500,7 @@ impl ConsumerArgs {
         let mut s = ConsumerSettings::new(
             database.database_url.clone(),
             rabbitmq.rabbitmq_url.clone(),
-            search.elasticsearch_url.clone(),
+            search.search_url(),
         );
         s.outbox = database.outbox_config();
         s.search_timeout = self.search_timeout;
@@ -534,4 +577,47 @@ pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Search {
+        #[command(flatten)]
+        search: SearchArgs,
+    }
+
+    #[test]
+    fn the_search_tls_files_go_into_the_url() {
+        let parsed = Search::try_parse_from([
+            "test",
+            "--elasticsearch-url=https://es.internal:9200",
+            "--elasticsearch-ca=/etc/pki/ca.pem",
+            "--elasticsearch-client-cert=/etc/pki/client.pem",
+            "--elasticsearch-client-key=/etc/pki/client-key.pem",
+        ])
+        .expect("valid flags");
+        let expected = "https://es.internal:9200"
+            .parse::<SearchUrl>()
+            .expect("valid url")
+            .with_ca("/etc/pki/ca.pem")
+            .with_client_certificate("/etc/pki/client.pem", "/etc/pki/client-key.pem");
+        assert_eq!(parsed.search.search_url(), expected);
+        assert!(format!("{expected:?}").contains("/etc/pki/ca.pem"));
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_the_other_way_round() {
+        for flag in [
+            "--elasticsearch-client-cert=/c.pem",
+            "--elasticsearch-client-key=/k.pem",
+        ] {
+            let error = Search::try_parse_from(["test", flag]).expect_err(flag);
+            assert_eq!(error.kind(), ErrorKind::MissingRequiredArgument, "{flag}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::backoff::Backoff;
 use crate::config::DatabaseUrl;
@@ -70,11 +70,8 @@ async fn listen(
 ) -> Result<(), crate::Error> {
     // The connection is idle most of the time: the keepalives of every library connection
     // notice a silently dropped one (a NAT, a failover) within a minute, not two hours.
-    let config = crate::connect::pg_config(url, "benalsam-listener")?;
-    let (client, mut connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| crate::Error::postgres(format!("connecting to {url} to LISTEN"), e))?;
+    let (client, mut connection) =
+        crate::connect::postgres_connection(url, "benalsam-listener").await?;
 
     // A Connection polled as a future drops notifications; poll_message hands them over.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();

@@ -111,6 +111,7 @@ impl Outcome {
 
 /// Which of the reported jobs changed state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Settled {
     /// Jobs that made the move, ascending.
     pub changed: Vec<i64>,

@@ -575,3 +575,51 @@ pub async fn healthy(port: u16, path: &str, service: &str) -> serde_json::Value 
     assert!(body["details"].is_object());
     body
 }
+
+/// A variable of `scripts/stack env` that the TLS tests need (`DATABASE_TLS_URL`,
+/// `BENALSAM_TLS_CA`, ...).
+pub fn tls_env(name: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| {
+            panic!("{name} is not set: start the stack (scripts/stack up) and eval \"$(scripts/stack env)\"")
+        })
+}
+
+/// A file path as a URL query value (`sslrootcert=`, `cacertfile=`): percent-encoded.
+pub fn query_path(path: &str) -> String {
+    percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+impl TestVhost {
+    /// This virtual host through the broker's TLS listener (`RABBITMQ_TLS_URL`), its
+    /// certificate checked against the stack's CA (`BENALSAM_TLS_CA`).
+    pub fn tls_url(&self) -> AmqpUrl {
+        let mut url = url::Url::parse(&tls_env("RABBITMQ_TLS_URL")).expect("RABBITMQ_TLS_URL");
+        url.set_path(&format!("/{}", self.name));
+        url.set_query(Some(&format!(
+            "cacertfile={}",
+            query_path(&tls_env("BENALSAM_TLS_CA"))
+        )));
+        url.as_str().parse().expect("amqps vhost url")
+    }
+
+    /// Whether each connection to this virtual host uses TLS, as the broker sees it.
+    pub async fn connections_over_tls(&self) -> Vec<bool> {
+        let (http, base, user, password) = management();
+        let answer: serde_json::Value = http
+            .get(format!("{base}/api/vhosts/{}/connections", self.name))
+            .basic_auth(&user, Some(&password))
+            .send()
+            .await
+            .expect("RabbitMQ management API answers")
+            .json()
+            .await
+            .expect("connections as JSON");
+        answer
+            .as_array()
+            .map(|connections| connections.iter().map(|c| c["ssl"] == true).collect())
+            .unwrap_or_default()
+    }
+}
