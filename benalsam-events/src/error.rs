@@ -151,6 +151,7 @@ impl Error {
 
     /// A request to the search node that got no answer: a refused certificate or an
     /// unreachable node.
+    #[cfg(feature = "consumer")]
     pub(crate) fn search_request(context: impl Into<String>, source: elasticsearch::Error) -> Self {
         match Tls::SEARCH.refusal(&source) {
             Some(tls) => tls.error(context.into(), Box::new(source)),

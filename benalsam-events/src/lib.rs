@@ -61,11 +61,19 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+// A build with one service only (features `bridge` or `consumer` alone) leaves internals the
+// other one uses without callers; they are shared code, not dead code.
+#![cfg_attr(
+    not(all(feature = "bridge", feature = "consumer")),
+    allow(dead_code, unused_imports)
+)]
 
 mod backoff;
+#[cfg(feature = "bridge")]
 pub mod bridge;
 pub mod config;
 pub mod connect;
+#[cfg(feature = "consumer")]
 pub mod consumer;
 mod error;
 pub mod event_type;
@@ -73,9 +81,11 @@ pub mod index;
 pub mod ops;
 pub mod outbox;
 pub mod publish;
+#[cfg(any(feature = "bridge", feature = "consumer"))]
 mod service;
 
 // The clients whose types appear in this API, so users need not match versions by hand.
+#[cfg(feature = "consumer")]
 pub use elasticsearch;
 pub use lapin;
 pub use tokio_postgres;
@@ -84,7 +94,9 @@ pub use backoff::Backoff;
 pub use config::{AmqpUrl, DatabaseUrl, SearchUrl};
 pub use error::{Error, Result};
 pub use event_type::EventType;
-pub use index::{Action, DocumentBuilder, Indexer, IndexerConfig};
+pub use index::{Action, DocumentBuilder};
+#[cfg(feature = "consumer")]
+pub use index::{Indexer, IndexerConfig};
 pub use ops::Metrics;
 pub use outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 pub use publish::{Envelope, Publisher, PublisherConfig, Topology};

@@ -17,20 +17,32 @@
 //! delete protection every index gets); a [`DeadLetterQueue`] gives the operator's tools
 //! for one: list its messages with their reasons, replay them.
 
+#[cfg(feature = "consumer")]
 mod batch;
+#[cfg(feature = "consumer")]
 mod circuit;
 mod dead_letter;
 mod documents;
+#[cfg(feature = "consumer")]
 mod indexer;
+#[cfg(feature = "consumer")]
 mod plan;
+#[cfg(feature = "consumer")]
 mod search;
+#[cfg(feature = "consumer")]
 mod settle;
+#[cfg(feature = "consumer")]
 mod source;
+#[cfg(feature = "consumer")]
 mod truncate;
+#[cfg(feature = "consumer")]
 mod verify;
+#[cfg(feature = "consumer")]
 mod writer;
 
 pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
 pub use documents::{Action, BuildError, DocumentBuilder};
+#[cfg(feature = "consumer")]
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
+#[cfg(feature = "consumer")]
 pub use search::{client, ensure_index};

@@ -23,13 +23,16 @@ use clap::Args;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 
+#[cfg(feature = "bridge")]
 use crate::bridge::BridgeSettings;
 use crate::config::{
     AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
     ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
     validate_identifier, validate_schema,
 };
+#[cfg(feature = "consumer")]
 use crate::consumer::ConsumerSettings;
+#[cfg(feature = "consumer")]
 use crate::index::IndexerConfig;
 use crate::ops::telemetry::LogFormat;
 use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
@@ -38,6 +41,7 @@ use crate::{Error, EventType};
 
 /// PostgreSQL settings.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct DatabaseArgs {
     /// PostgreSQL holding the outbox table; TLS by libpq's URL parameters sslmode
     /// (disable, prefer, require, verify-ca, verify-full), sslrootcert, sslcert, sslkey
@@ -88,6 +92,7 @@ impl DatabaseArgs {
 
 /// The event types: a configuration file, or the seed's listings without one.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct ConfigArgs {
     /// The event-type file (TOML; see examples/config/benalsam.toml); without it, the
     /// listings of the architecture document
@@ -124,6 +129,7 @@ impl ConfigArgs {
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct RabbitArgs {
     /// RabbitMQ broker; amqps:// for TLS, with the URL parameters cacertfile, certfile,
     /// keyfile [default: amqp://benalsam:***@127.0.0.1:5672/%2f]
@@ -141,6 +147,7 @@ pub struct RabbitArgs {
 
 /// Elasticsearch settings.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct SearchArgs {
     /// Elasticsearch (or OpenSearch) node, http:// or https://
     #[arg(
@@ -188,6 +195,7 @@ impl SearchArgs {
 
 /// Log output.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct LogArgs {
     /// Log lines as text or json (filtered by RUST_LOG; traces are exported when the standard
     /// OTEL_* variables ask for it, e.g. OTEL_EXPORTER_OTLP_ENDPOINT)
@@ -263,15 +271,18 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+#[cfg(feature = "bridge")]
 /// Where the bridge serves its health endpoints without `BENALSAM_HEALTH_ADDR`.
 const BRIDGE_HEALTH_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3001);
+#[cfg(feature = "consumer")]
 /// Where the consumer serves its health endpoints without `BENALSAM_HEALTH_ADDR`.
 const CONSUMER_HEALTH_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3002);
 
 /// What the services share: health endpoints, heartbeats, migrations at start.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct ServiceArgs {
     /// Address of the health endpoints (and /metrics, /livez, /readyz)
     /// [default: 127.0.0.1:3001 for the bridge, 127.0.0.1:3002 for the consumer]
@@ -293,6 +304,7 @@ pub struct ServiceArgs {
 
 /// The RabbitMQ topology's choices.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct TopologyArgs {
     /// Queue type: classic, or quorum for replicated queues on a cluster
     #[arg(long, env = "BENALSAM_QUEUE_TYPE", default_value = "classic",
@@ -327,8 +339,10 @@ impl TopologyArgs {
     }
 }
 
+#[cfg(feature = "bridge")]
 /// How the bridge claims and publishes jobs (`benalsam-bridge run`).
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct BridgeArgs {
     /// Most jobs claimed (and published) per batch
     #[arg(long, env = "BENALSAM_BATCH_SIZE", default_value_t = 100,
@@ -378,6 +392,7 @@ pub struct BridgeArgs {
     pub topology: TopologyArgs,
 }
 
+#[cfg(feature = "bridge")]
 impl BridgeArgs {
     /// The bridge these flags (and the connection settings) make, for `event_types`.
     pub fn settings(
@@ -420,6 +435,7 @@ impl BridgeArgs {
     }
 }
 
+#[cfg(feature = "consumer")]
 fn parse_status(raw: &str) -> Result<String, String> {
     let status = raw.trim();
     if status.is_empty() {
@@ -429,8 +445,10 @@ fn parse_status(raw: &str) -> Result<String, String> {
     }
 }
 
+#[cfg(feature = "consumer")]
 /// How the consumer takes messages and writes to Elasticsearch (`benalsam-consumer run`).
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct ConsumerArgs {
     /// Without BENALSAM_CONFIG: alias of the listings index (created as <alias>_v1 when
     /// missing) [default: benalsam_listings]
@@ -487,6 +505,7 @@ pub struct ConsumerArgs {
     pub service: ServiceArgs,
 }
 
+#[cfg(feature = "consumer")]
 impl ConsumerArgs {
     /// The consumer these flags (and the connection settings) make, for the event types of
     /// `config`.

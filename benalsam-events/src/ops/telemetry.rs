@@ -113,25 +113,7 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
             .boxed(),
     };
     let provider = if otel_requested(|name| std::env::var(name).ok()) {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()
-            .map_err(|e| {
-                Error::config(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
-                    format!("cannot build the OTLP exporter: {e}"),
-                )
-            })?;
-        let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name(name)
-            .build();
-        Some(
-            SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(resource)
-                .build(),
-        )
+        Some(otlp_provider(service)?)
     } else {
         None
     };
@@ -149,6 +131,37 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
         tracing::warn!("RUST_LOG {bad}; logging at info instead");
     }
     Ok(Telemetry { provider })
+}
+
+/// The tracer provider exporting over OTLP/HTTP, as the standard OTEL_* variables say.
+#[cfg(feature = "otlp")]
+fn otlp_provider(service: &str) -> Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| {
+            Error::config(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("cannot build the OTLP exporter: {e}"),
+            )
+        })?;
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(name)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+/// Without the `otlp` feature, asking for an export is a setting that cannot work.
+#[cfg(not(feature = "otlp"))]
+fn otlp_provider(_service: &str) -> Result<SdkTracerProvider> {
+    Err(Error::config(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "this build has no OTLP exporter (the `otlp` feature of benalsam-events); unset the OTEL_* variables or rebuild with it",
+    ))
 }
 
 /// Colour only for a person at a terminal who did not ask for none (<https://no-color.org>).
