@@ -109,6 +109,15 @@ async fn main() -> Result<(), BoxError> {
         // The consumer: the same envelopes waiting in the queue, into a fresh index.
         let alias = format!("{name}_c_{size}");
         fresh_index(&es, &alias).await?;
+        // The jobs as the bridge leaves them, published and confirmed: the consumer checks
+        // every delivery against the outbox and indexes only jobs that expect one.
+        env.client
+            .execute(
+                "UPDATE elasticsearch_sync_queue
+                 SET status = 'sent', sent_at = now(), completed_at = NULL, processed_at = NULL",
+                &[],
+            )
+            .await?;
         let mut confirms = Vec::with_capacity(envelopes.len());
         for e in &envelopes {
             confirms.push(
@@ -142,7 +151,14 @@ async fn main() -> Result<(), BoxError> {
         let shutdown = CancellationToken::new();
         let started = Instant::now();
         let task = tokio::spawn(indexer.run(shutdown.clone()));
+        let (mut seen, mut moved) = (0, Instant::now());
         while status.snapshot().indexed < jobs as u64 {
+            let indexed = status.snapshot().indexed;
+            if indexed > seen {
+                (seen, moved) = (indexed, Instant::now());
+            } else if moved.elapsed() > Duration::from_secs(60) {
+                return Err(format!("the consumer stopped at {indexed} of {jobs} indexed").into());
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let consumer = jobs as f64 / started.elapsed().as_secs_f64();

@@ -600,10 +600,25 @@ impl Sql {
                      WHERE {due} AND next_attempt_at <= now()
                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED"
                 ),
+                // Per table on the (table_name, id) index, as below, over the tables that
+                // have pending jobs: found by skipping through that index (a loose index
+                // scan), so no index on id alone is needed for this claim.
                 &format!(
-                    "SELECT id, false AS retry FROM {q} q
-                     WHERE {fresh}
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                    "SELECT c.id, false AS retry
+                     FROM (WITH RECURSIVE t(name) AS (
+                               (SELECT table_name FROM {q} WHERE status = 'pending'
+                                ORDER BY table_name LIMIT 1)
+                               UNION ALL
+                               SELECT (SELECT table_name FROM {q}
+                                       WHERE status = 'pending' AND table_name > t.name
+                                       ORDER BY table_name LIMIT 1)
+                               FROM t WHERE t.name IS NOT NULL)
+                           SELECT name FROM t WHERE name IS NOT NULL) AS t
+                     CROSS JOIN LATERAL (
+                         SELECT id FROM {q} q
+                         WHERE q.table_name = t.name AND {fresh}
+                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
+                     ORDER BY c.id LIMIT $1"
                 ),
             ),
             // The same, for the tables of a bridge: per table, on the (table_name, id) index,
