@@ -7,7 +7,8 @@
 //! cargo bench -p benalsam-events --bench bridge
 //! ```
 //! Settings: `BENCH_JOBS` (default 50000), `BENCH_BATCH` (claim batch, default 100),
-//! `BENCH_WINDOW` (unconfirmed messages, default 1000). Uses a RabbitMQ vhost and a
+//! `BENCH_WINDOW` (unconfirmed messages, default 1000), `BENCH_TABLES` (non-empty: claim only
+//! the `listings` table, as the binary does). Uses a RabbitMQ vhost and a
 //! PostgreSQL schema of its own and removes both at the end.
 
 mod common;
@@ -86,6 +87,9 @@ async fn main() -> Result<(), BoxError> {
     let outbox = Outbox::new(env.db_url.clone(), {
         let mut c = OutboxConfig::default();
         c.schema = env.name.clone();
+        if std::env::var("BENCH_TABLES").is_ok_and(|v| !v.is_empty()) {
+            c.tables = Some(vec!["listings".to_owned()]);
+        }
         c
     })?;
     let shutdown = CancellationToken::new();
