@@ -426,7 +426,7 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
     let job = letters[0].job_id.expect("job id");
     let report = DeadLetterQueue::new(vhost.url.clone(), DLQ)
-        .replay(&JobSelection::Jobs(vec![job]))
+        .replay(&JobSelection::Jobs(vec![job]), |_, _| {})
         .await
         .expect("replay");
     assert_eq!(report.replayed, 1);

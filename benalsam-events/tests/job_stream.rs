@@ -468,11 +468,19 @@ async fn old_completed_jobs_are_purged_in_batches() {
         .await
         .expect("age jobs");
     let outbox = db.outbox(OutboxConfig::default());
+    let mut seen = Vec::new();
     let purged = outbox
-        .purge_completed(Duration::from_secs(7 * 24 * 3600), 10)
+        .purge_completed(Duration::from_secs(7 * 24 * 3600), 10, |done, total| {
+            seen.push((done, total));
+        })
         .await
         .expect("purge");
     assert_eq!(purged, 25);
+    assert_eq!(
+        seen,
+        vec![(10, 25), (20, 25), (25, 25)],
+        "progress after each batch"
+    );
     let left = db.statuses().await;
     assert_eq!(left.len(), 5, "recent completed and pending jobs stay");
     let backlog = outbox.backlog().await.expect("backlog");

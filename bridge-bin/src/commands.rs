@@ -264,10 +264,14 @@ async fn purge(
             humantime::format_duration(older_than)
         );
     }
+    let mut progress = cli::Progress::new("completed jobs", "deleted");
     let deleted = db
         .outbox()?
-        .purge_completed(older_than, batch as usize)
+        .purge_completed(older_than, batch as usize, |done, total| {
+            progress.update(done, total);
+        })
         .await?;
+    progress.finish();
     println!(
         "deleted {deleted} completed jobs older than {}",
         humantime::format_duration(older_than)
@@ -282,11 +286,14 @@ async fn backfill(
     batch: i64,
     restart: bool,
 ) -> anyhow::Result<()> {
-    let mut progress = Progress::new();
+    let mut progress = cli::Progress::new(table, "rows");
     let done = db
         .outbox()?
         .backfill(table, key, batch, restart, |p| {
-            progress.show(p);
+            progress.update(
+                p.rows.unsigned_abs(),
+                p.total.unsigned_abs().max(p.rows.unsigned_abs()),
+            );
             true
         })
         .await
@@ -297,69 +304,6 @@ async fn backfill(
         done.table, done.rows
     );
     Ok(())
-}
-
-/// Backfill progress for a person: on a terminal one line rewritten in place, otherwise a
-/// line at most every five seconds (for logs); both with the share done, the rate and the
-/// time left.
-struct Progress {
-    started: std::time::Instant,
-    /// Rows already enqueued when this run started (a resumed backfill).
-    first: Option<i64>,
-    last_line: Option<std::time::Instant>,
-    terminal: bool,
-}
-
-impl Progress {
-    fn new() -> Self {
-        use std::io::IsTerminal;
-        Self {
-            started: std::time::Instant::now(),
-            first: None,
-            last_line: None,
-            terminal: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn show(&mut self, p: &benalsam_events::outbox::BackfillProgress) {
-        let first = *self.first.get_or_insert(p.rows);
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = (p.rows - first) as f64 / elapsed.max(0.001);
-        let share = if p.total > 0 {
-            100.0 * p.rows as f64 / p.total as f64
-        } else {
-            100.0
-        };
-        let left = (p.total - p.rows).max(0) as f64;
-        let eta = if rate > 0.0 && !p.finished {
-            format!(
-                ", about {} left",
-                humantime::format_duration(Duration::from_secs((left / rate).ceil() as u64))
-            )
-        } else {
-            String::new()
-        };
-        let line = format!(
-            "{}: {}/{} rows ({share:.0}%), {rate:.0} rows/s{eta}",
-            p.table, p.rows, p.total
-        );
-        if self.terminal {
-            eprint!("\r\x1b[2K{line}");
-        } else if p.finished
-            || self
-                .last_line
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-        {
-            eprintln!("{line}");
-            self.last_line = Some(std::time::Instant::now());
-        }
-    }
-
-    fn finish(&self) {
-        if self.terminal {
-            eprintln!();
-        }
-    }
 }
 
 fn listed(ids: &[i64]) -> String {

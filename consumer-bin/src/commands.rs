@@ -165,10 +165,12 @@ impl Cli {
                 } else {
                     JobSelection::Jobs(jobs.clone())
                 };
+                let mut progress = cli::Progress::new(queue, "messages");
                 let report = DeadLetterQueue::new(rabbit.clone(), queue)
-                    .replay(&selection)
+                    .replay(&selection, |done, total| progress.update(done, total))
                     .await
                     .with_context(|| format!("replaying {queue}"))?;
+                progress.finish();
                 println!("replayed {}, kept {}", report.replayed, report.kept);
                 if report.replayed < jobs.len() {
                     anyhow::bail!(

@@ -255,8 +255,13 @@ impl DeadLetterQueue {
     }
 
     /// Sends the selected messages back where they were first published, then removes them.
-    pub async fn replay(&self, selection: &JobSelection) -> Result<ReplayReport> {
-        replay(&self.url, &self.queue, selection).await
+    /// Calls `progress` with the messages looked at so far and the queue's depth at the start.
+    pub async fn replay(
+        &self,
+        selection: &JobSelection,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<ReplayReport> {
+        replay(&self.url, &self.queue, selection, progress).await
     }
 }
 
@@ -289,11 +294,17 @@ pub struct ReplayReport {
 
 /// Publishes the selected dead letters of `queue` back to the exchange and routing key they
 /// were first published with (confirmed), then removes them from the DLQ. The others stay.
-async fn replay(url: &AmqpUrl, queue: &str, selection: &JobSelection) -> Result<ReplayReport> {
+async fn replay(
+    url: &AmqpUrl,
+    queue: &str,
+    selection: &JobSelection,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ReplayReport> {
     let (connection, channel, count) = open(url, queue, "benalsam dlq replay").await?;
     let publisher = crate::connect::confirm_channel(&connection, "replay").await?;
     let mut report = ReplayReport::default();
-    for _ in 0..count {
+    for seen in 0..count {
+        progress(u64::from(seen), u64::from(count));
         let message = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await
@@ -328,6 +339,7 @@ async fn replay(url: &AmqpUrl, queue: &str, selection: &JobSelection) -> Result<
             .map_err(|e| Error::amqp("removing a replayed message from the DLQ", e))?;
         report.replayed += 1;
     }
+    progress(u64::from(count), u64::from(count));
     let _ = connection.close(200, "replayed".into()).await;
     Ok(report)
 }

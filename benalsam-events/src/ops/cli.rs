@@ -573,6 +573,76 @@ impl ConsumerArgs {
     }
 }
 
+/// Progress of a long operator command, for a person: on a terminal one line rewritten in
+/// place, otherwise (a log) a line at most every five seconds and one at the end; both with
+/// the share done, the rate and the time left.
+#[derive(Debug)]
+pub struct Progress {
+    what: String,
+    unit: &'static str,
+    started: std::time::Instant,
+    /// What was done before this run (a resumed backfill), so the rate is this run's.
+    first: Option<u64>,
+    last_line: Option<std::time::Instant>,
+    terminal: bool,
+}
+
+impl Progress {
+    /// Progress of `what` (e.g. `listings`), counted in `unit` (e.g. `rows`), on stderr.
+    pub fn new(what: &str, unit: &'static str) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            what: what.to_owned(),
+            unit,
+            started: std::time::Instant::now(),
+            first: None,
+            last_line: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Shows that `done` of `total` are done.
+    pub fn update(&mut self, done: u64, total: u64) {
+        let first = *self.first.get_or_insert(done);
+        let finished = done >= total;
+        let rate =
+            done.saturating_sub(first) as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let share = if total > 0 {
+            100.0 * done as f64 / total as f64
+        } else {
+            100.0
+        };
+        let left = total.saturating_sub(done) as f64;
+        let eta = if rate > 0.0 && !finished {
+            let secs = Duration::from_secs((left / rate).ceil() as u64);
+            format!(", about {} left", humantime::format_duration(secs))
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "{}: {done}/{total} {} ({share:.0}%), {rate:.0} {}/s{eta}",
+            self.what, self.unit, self.unit
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else if finished
+            || self
+                .last_line
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            eprintln!("{line}");
+            self.last_line = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Ends the line on a terminal.
+    pub fn finish(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
 /// Installs handlers for SIGINT and SIGTERM that cancel the returned token.
 pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();

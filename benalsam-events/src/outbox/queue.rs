@@ -387,9 +387,22 @@ impl Outbox {
 
     /// Deletes completed jobs older than `older_than`, `batch` rows per statement so no
     /// statement holds many locks or runs long. Returns how many were deleted.
-    pub async fn purge_completed(&self, older_than: Duration, batch: usize) -> Result<u64> {
+    pub async fn purge_completed(
+        &self,
+        older_than: Duration,
+        batch: usize,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64> {
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let age = older_than.as_secs_f64();
+        let conn = self.conn().await?;
+        let to_delete: i64 = conn
+            .client
+            .query_one(&conn.stmts.purgeable, &[&age])
+            .await
+            .map_err(|e| Error::postgres("counting the completed jobs to purge", e))?
+            .get(0);
+        let to_delete = to_delete.unsigned_abs();
         let mut total = 0u64;
         loop {
             let conn = self.conn().await?;
@@ -399,6 +412,7 @@ impl Outbox {
                 .await
                 .map_err(|e| Error::postgres("purging completed jobs", e))?;
             total += deleted;
+            progress(total, to_delete.max(total));
             if deleted < batch.unsigned_abs() {
                 return Ok(total);
             }
@@ -559,6 +573,7 @@ statements! {
     backlog: "backlog",
     pending_by_table: "pending by table",
     purge_completed: "purge",
+    purgeable: "count purgeable",
     resend_stale: "resend",
 }
 
@@ -707,6 +722,10 @@ impl Sql {
                         (SELECT count(*) FROM {q} WHERE status = 'sent'),
                         (SELECT extract(epoch FROM now() - min(sent_at))::float8
                          FROM {q} WHERE status = 'sent')"
+            ),
+            purgeable: format!(
+                "SELECT count(*) FROM {q}
+                 WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)"
             ),
             purge_completed: format!(
                 "DELETE FROM {q} WHERE id IN (
