@@ -690,10 +690,16 @@ impl Sql {
                 Move::Release.to().as_str(),
                 Move::Release.guard(Some("$2"))
             ),
+            // A row another transaction is changing is skipped, not waited for: only a
+            // consumer completing or failing the job can hold it (every other move needs a
+            // state this bridge's lease excludes), and after that `sent` no longer applies.
+            // Waiting would stall the publisher behind a consumer that keeps up with it.
             sent: format!(
                 "UPDATE {q} q SET status = '{}', sent_at = now(), locked_until = NULL,
                                   locked_by = NULL, next_attempt_at = NULL
-                 WHERE q.id = ANY($1) AND {}
+                 FROM (SELECT id FROM {q} q WHERE q.id = ANY($1) AND {}
+                       FOR UPDATE SKIP LOCKED) held
+                 WHERE q.id = held.id
                  RETURNING q.id",
                 Move::Sent.to().as_str(),
                 Move::Sent.guard(Some("$2"))
