@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::DeadLetterQueue;
@@ -29,11 +29,11 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn bridge(&self) -> Child {
+    fn bridge(&self) -> binaries::Guarded {
         self.spawn(bridge_binary(), &[("BENALSAM_LEASE", "3s")])
     }
 
-    fn consumer(&self) -> Child {
+    fn consumer(&self) -> binaries::Guarded {
         self.spawn(
             consumer_binary(),
             &[
@@ -43,7 +43,7 @@ impl Deployment {
         )
     }
 
-    fn spawn(&self, binary: PathBuf, extra: &[(&str, &str)]) -> Child {
+    fn spawn(&self, binary: PathBuf, extra: &[(&str, &str)]) -> binaries::Guarded {
         let mut command = Command::new(binary);
         command
             .env("DATABASE_URL", database_url().expose())
@@ -57,7 +57,7 @@ impl Deployment {
         for (k, v) in extra {
             command.env(k, v);
         }
-        command.spawn().expect("the binary starts")
+        command.spawn().expect("the binary starts").into()
     }
 }
 

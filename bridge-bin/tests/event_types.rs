@@ -8,7 +8,7 @@ mod binaries;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::DeadLetterQueue;
@@ -48,13 +48,14 @@ impl Deployment {
     }
 
     /// Starts a binary serving its health endpoints on `port`.
-    fn start(&self, binary: PathBuf, config: Option<&Path>, port: u16) -> Child {
+    fn start(&self, binary: PathBuf, config: Option<&Path>, port: u16) -> binaries::Guarded {
         self.command(binary, config)
             .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("the binary starts")
+            .into()
     }
 
     /// Runs a command of a binary to its end.

@@ -9,7 +9,7 @@ mod binaries;
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::config::DatabaseUrl;
@@ -28,7 +28,7 @@ const INDEXING: &str = "/api/v1/health/elasticsearch-service";
 
 /// A binary running with its health endpoints on `port`.
 struct Running {
-    child: Child,
+    child: binaries::Guarded,
     port: u16,
 }
 
@@ -46,7 +46,7 @@ fn start(binary: PathBuf, env: &[(&str, String)]) -> Running {
         command.env(k, v);
     }
     Running {
-        child: command.spawn().expect("the binary starts"),
+        child: command.spawn().expect("the binary starts").into(),
         port,
     }
 }

@@ -27,8 +27,40 @@ pub fn consumer_binary() -> PathBuf {
     path
 }
 
+/// A child process that is killed when dropped, so a failing test leaves nothing running.
+#[derive(Debug)]
+pub struct Guarded(std::process::Child);
+
+impl From<std::process::Child> for Guarded {
+    fn from(child: std::process::Child) -> Self {
+        Self(child)
+    }
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Asks a child to stop (SIGTERM) and waits for it.
-pub fn stop(mut child: std::process::Child) {
+pub fn stop(mut child: Guarded) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
