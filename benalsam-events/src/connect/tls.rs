@@ -154,10 +154,16 @@ pub(crate) fn client_config(
         Verify::Full(roots) => builder.with_root_certificates(roots),
         Verify::Chain(roots) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly { roots, algorithms })),
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                roots: Some(roots),
+                algorithms,
+            })),
         Verify::Nothing => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate { algorithms })),
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                roots: None,
+                algorithms,
+            })),
     };
     match identity {
         None => Ok(builder.with_no_client_auth()),
@@ -172,58 +178,19 @@ pub(crate) fn client_config(
     }
 }
 
-/// Accepts any server certificate, but still checks that the server holds its key (the
-/// handshake signatures), so the session is bound to the certificate it presented.
+/// A server check short of libpq's `verify-full`: with `roots`, `verify-ca` (the chain must
+/// lead to them: signatures, validity dates, server use; the host name is not checked);
+/// without, `prefer`/`require` (any certificate). Either way the handshake signatures are
+/// checked, so the session is bound to the certificate the server presented. The chain check
+/// calls rustls' own rather than wrapping its full verifier and forgiving the name error,
+/// which would rely on the order of its checks.
 #[derive(Debug)]
-struct AnyCertificate {
+struct Lenient {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// libpq's `verify-ca`: the chain must lead to `roots` (signatures, validity dates, server
-/// use), the host name is not checked. Calls rustls' own chain check rather than wrapping its
-/// full verifier and forgiving the name error, which would rely on the order of its checks.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -232,14 +199,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let certificate = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let certificate = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &certificate,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

@@ -389,15 +389,7 @@ async fn watch_outbox(shared: Arc<Shared>) {
     loop {
         match shared.ledger.ping().await {
             Ok(()) => shared.status.lock().outbox_failing = None,
-            Err(error) => {
-                let reason = error.to_string();
-                shared.status.error(&reason);
-                shared
-                    .status
-                    .lock()
-                    .outbox_failing
-                    .get_or_insert_with(|| (SystemTime::now(), reason));
-            }
+            Err(error) => settle::outbox_failing(&shared, &error),
         }
         tokio::select! {
             () = shared.shutdown.cancelled() => return,

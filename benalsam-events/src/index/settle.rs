@@ -231,6 +231,18 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
             .is_some()
 }
 
+/// Records that the outbox does not answer (since when, and why): the consumer's health
+/// turns red until it answers again.
+pub(crate) fn outbox_failing(shared: &Shared, error: &crate::Error) {
+    let reason = error.to_string();
+    shared.status.error(&reason);
+    shared
+        .status
+        .lock()
+        .outbox_failing
+        .get_or_insert_with(|| (SystemTime::now(), reason));
+}
+
 /// Runs a call to the outbox until it answers, waiting out the backoff between attempts;
 /// `None` if shutdown came first. While it fails, the status says since when (the consumer's
 /// health turns red).
@@ -247,13 +259,7 @@ where
                 return Some(value);
             }
             Err(error) => {
-                let reason = error.to_string();
-                shared.status.error(&reason);
-                shared
-                    .status
-                    .lock()
-                    .outbox_failing
-                    .get_or_insert_with(|| (SystemTime::now(), reason));
+                outbox_failing(shared, &error);
                 let wait = shared.config.reconnect.delay(attempt);
                 attempt += 1;
                 tracing::warn!(%error, retry_in = ?wait, "cannot reach the outbox; holding the acks");
