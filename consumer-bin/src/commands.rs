@@ -179,6 +179,9 @@ impl Cli {
                         report.replayed
                     );
                 }
+                if all && report.replayed == 0 {
+                    anyhow::bail!("there is nothing to replay: {queue} is empty");
+                }
                 Ok(())
             }
         }

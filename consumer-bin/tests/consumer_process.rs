@@ -241,6 +241,19 @@ async fn dlq_commands_list_reasons_and_replay() {
     let back = drain_queue(&vhost.url, SYNC_QUEUE).await;
     assert_eq!(back.len(), 1, "the message is back on elasticsearch.sync");
     assert_eq!(back[0].routing_key.as_str(), "listing.update");
+
+    // Nothing left: an unknown id and a replay of nothing fail, saying so.
+    for (args, says) in [
+        (&["dlq", "replay", "--job", "12345"][..], "found"),
+        (&["dlq", "replay", "--all"][..], "nothing to replay"),
+    ] {
+        let out = run_with(args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
     vhost.drop().await;
 }
 
