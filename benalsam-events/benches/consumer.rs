@@ -1,17 +1,21 @@
 //! The consumer alone: messages/s from `elasticsearch.sync` to indexed and completed (decode,
-//! build, bulk, classify, mark completed, ack), beside raw `_bulk` requests of the same
-//! documents with a bare client, for several bulk sizes, in the same run against the local
-//! stack.
+//! verify, build, bulk, classify, mark completed, ack), against the ceiling: the best raw
+//! `_bulk` throughput of the same documents with a bare client (bodies encoded beforehand),
+//! over several request sizes and 1–4 requests in flight, in the same run against the local
+//! stack. The consumer runs with the same sizes and in-flight counts.
 //!
 //! ```text
 //! scripts/stack up
 //! cargo bench -p benalsam-events --bench consumer
 //! ```
-//! Settings: `BENCH_JOBS` (default 20000), `BENCH_SIZES` (default `100,500,1000`).
+//! Settings: `BENCH_JOBS` (default 20000), `BENCH_SIZES` (default `250,500,1000`),
+//! `BENCH_CONCURRENCY` (default `1,2,3,4`).
 
 mod common;
 
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
@@ -47,14 +51,44 @@ async fn fresh_index(client: &Elasticsearch, alias: &str) -> Result<(), BoxError
     Ok(())
 }
 
+fn list(name: &str, default: &str) -> Result<Vec<usize>, BoxError> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| Ok(s.trim().parse()?))
+        .collect()
+}
+
+/// Raw `_bulk` of the documents in requests of `size`, `concurrency` at once: docs/s.
+async fn raw(
+    es: &Elasticsearch,
+    items: &[(benalsam_events::Action, i64)],
+    size: usize,
+    concurrency: usize,
+) -> Result<f64, BoxError> {
+    let bodies: Vec<Vec<u8>> = items.chunks(size).map(common::bulk_body).collect();
+    let started = Instant::now();
+    let mut answers = futures::stream::iter(bodies)
+        .map(|body| send(es, Method::Post, "/_bulk", body, "application/x-ndjson"))
+        .buffer_unordered(concurrency);
+    while let Some(answer) = answers.next().await {
+        let answer = answer?;
+        if answer["errors"] != false {
+            return Err(format!(
+                "raw bulk had errors: {}",
+                answer.to_string().chars().take(300).collect::<String>()
+            )
+            .into());
+        }
+    }
+    Ok(items.len() as f64 / started.elapsed().as_secs_f64())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let jobs: i64 = setting("BENCH_JOBS", 20_000)?;
-    let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
-        .unwrap_or_else(|_| "100,500,1000".to_owned())
-        .split(',')
-        .map(|s| s.trim().parse())
-        .collect::<Result<_, _>>()?;
+    let sizes = list("BENCH_SIZES", "250,500,1000")?;
+    let concurrencies = list("BENCH_CONCURRENCY", "1,2,3,4")?;
     let es_url = SearchUrl::from_env()?;
     let env = BenchEnv::new("bench_consumer").await?;
     env.insert_listings(jobs).await?;
@@ -75,110 +109,142 @@ async fn main() -> Result<(), BoxError> {
         "jobs: {jobs} per run, document ~{} bytes",
         envelopes.first().map_or(0, |e| e.to_bytes().len())
     );
-    println!("| bulk size | raw _bulk docs/s | consumer msgs/s | ratio |");
-    println!("|---:|---:|---:|---:|");
-    for size in sizes {
-        // Raw: the same documents, bulk requests of `size`, one after the other.
-        let raw_alias = format!("{name}_raw_{size}");
-        fresh_index(&es, &raw_alias).await?;
-        let documents = listings(&raw_alias);
-        let items: Vec<(benalsam_events::Action, i64)> = envelopes
-            .iter()
-            .map(|e| Ok((documents.action(e)?, e.job_id)))
-            .collect::<Result<_, BoxError>>()?;
-        let started = Instant::now();
-        for chunk in items.chunks(size) {
-            let answer = send(
-                &es,
-                Method::Post,
-                "/_bulk",
-                common::bulk_body(chunk),
-                "application/x-ndjson",
-            )
-            .await?;
-            if answer["errors"] != false {
-                return Err(format!(
-                    "raw bulk had errors: {}",
-                    answer.to_string().chars().take(300).collect::<String>()
-                )
-                .into());
-            }
-        }
-        let raw = jobs as f64 / started.elapsed().as_secs_f64();
+    println!("| bulk size | in flight | raw _bulk docs/s | consumer msgs/s | consumer / raw |");
+    println!("|---:|---:|---:|---:|---:|");
+    let (mut ceiling, mut best) = ((0.0f64, 0, 0), (0.0f64, 0, 0));
+    for &size in &sizes {
+        for &concurrency in &concurrencies {
+            // Raw: the same documents into a fresh index.
+            let raw_alias = format!("{name}_raw_{size}_{concurrency}");
+            fresh_index(&es, &raw_alias).await?;
+            let documents = listings(&raw_alias);
+            let items: Vec<(benalsam_events::Action, i64)> = envelopes
+                .iter()
+                .map(|e| Ok((documents.action(e)?, e.job_id)))
+                .collect::<Result<_, BoxError>>()?;
+            let raw = raw(&es, &items, size, concurrency).await?;
 
-        // The consumer: the same envelopes waiting in the queue, into a fresh index.
-        let alias = format!("{name}_c_{size}");
-        fresh_index(&es, &alias).await?;
-        // The jobs as the bridge leaves them, published and confirmed: the consumer checks
-        // every delivery against the outbox and indexes only jobs that expect one.
-        env.client
-            .execute(
-                "UPDATE elasticsearch_sync_queue
-                 SET status = 'sent', sent_at = now(), completed_at = NULL, processed_at = NULL",
-                &[],
-            )
-            .await?;
-        let mut confirms = Vec::with_capacity(envelopes.len());
-        for e in &envelopes {
-            confirms.push(
-                publish_channel
-                    .basic_publish(
-                        LISTINGS_EXCHANGE.into(),
-                        e.routing_key.as_ref().into(),
-                        BasicPublishOptions::default(),
-                        &e.to_bytes(),
-                        e.properties("bench", None),
-                    )
-                    .await?,
-            );
-        }
-        for c in confirms {
-            c.await?;
-        }
-        let indexer = Indexer::new(
-            url.clone(),
-            es.clone(),
-            outbox.clone(),
-            vec![listings(&alias)],
-            {
-                let mut c = IndexerConfig::default();
-                c.batch_size = size;
-                c.prefetch = u16::try_from((size * 2).max(1000)).unwrap_or(u16::MAX);
-                c
-            },
-        )?;
-        let status = indexer.status();
-        let shutdown = CancellationToken::new();
-        let started = Instant::now();
-        let task = tokio::spawn(indexer.run(shutdown.clone()));
-        let (mut seen, mut moved) = (0, Instant::now());
-        while status.snapshot().indexed < jobs as u64 {
-            let indexed = status.snapshot().indexed;
-            if indexed > seen {
-                (seen, moved) = (indexed, Instant::now());
-            } else if moved.elapsed() > Duration::from_secs(60) {
-                return Err(format!("the consumer stopped at {indexed} of {jobs} indexed").into());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let consumer = jobs as f64 / started.elapsed().as_secs_f64();
-        shutdown.cancel();
-        task.await?;
-        println!(
-            "| {size} | {raw:.0} | {consumer:.0} | {:.2} |",
-            consumer / raw
-        );
-        for index in [raw_alias, alias] {
-            send(
+            // The consumer: the same envelopes waiting in the queue, into a fresh index.
+            let alias = format!("{name}_c_{size}_{concurrency}");
+            fresh_index(&es, &alias).await?;
+            let consumer = consume(
+                &env,
+                &publish_channel,
+                &envelopes,
+                &url,
                 &es,
-                Method::Delete,
-                &format!("/{index}_v1"),
-                Vec::new(),
-                "application/json",
+                &outbox,
+                &alias,
+                size,
+                concurrency,
             )
             .await?;
+            println!(
+                "| {size} | {concurrency} | {raw:.0} | {consumer:.0} | {:.2} |",
+                consumer / raw
+            );
+            if raw > ceiling.0 {
+                ceiling = (raw, size, concurrency);
+            }
+            if consumer > best.0 {
+                best = (consumer, size, concurrency);
+            }
+            for index in [raw_alias, alias] {
+                send(
+                    &es,
+                    Method::Delete,
+                    &format!("/{index}_v1"),
+                    Vec::new(),
+                    "application/json",
+                )
+                .await?;
+            }
         }
     }
-
+    println!(
+        "\nceiling (best raw _bulk): {:.0} docs/s at bulk {} × {} in flight",
+        ceiling.0, ceiling.1, ceiling.2
+    );
+    println!(
+        "best consumer: {:.0} msgs/s at bulk {} × {} in flight = {:.2} of the ceiling",
+        best.0,
+        best.1,
+        best.2,
+        best.0 / ceiling.0
+    );
     env.cleanup().await
+}
+
+/// The envelopes published as the bridge leaves them, then consumed by an [`Indexer`] with
+/// `size` actions per request and `in_flight` requests at once: msgs/s until all are indexed.
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    env: &BenchEnv,
+    publish_channel: &lapin::Channel,
+    envelopes: &[benalsam_events::Envelope<'static>],
+    url: &benalsam_events::AmqpUrl,
+    es: &Elasticsearch,
+    outbox: &Outbox,
+    alias: &str,
+    size: usize,
+    in_flight: usize,
+) -> Result<f64, BoxError> {
+    // The consumer checks every delivery against the outbox and indexes only jobs that
+    // expect one: the jobs are `sent`, as the bridge leaves them.
+    env.client
+        .execute(
+            "UPDATE elasticsearch_sync_queue
+             SET status = 'sent', sent_at = now(), completed_at = NULL, processed_at = NULL",
+            &[],
+        )
+        .await?;
+    let mut confirms = Vec::with_capacity(envelopes.len());
+    for e in envelopes {
+        confirms.push(
+            publish_channel
+                .basic_publish(
+                    LISTINGS_EXCHANGE.into(),
+                    e.routing_key.as_ref().into(),
+                    BasicPublishOptions::default(),
+                    &e.to_bytes(),
+                    e.properties("bench", None),
+                )
+                .await?,
+        );
+    }
+    for c in confirms {
+        c.await?;
+    }
+    let indexer = Indexer::new(
+        url.clone(),
+        es.clone(),
+        outbox.clone(),
+        vec![listings(alias)],
+        {
+            let mut c = IndexerConfig::default();
+            c.batch_size = size;
+            c.in_flight = in_flight;
+            c.prefetch = u16::try_from((size * (in_flight + 1)).max(1000)).unwrap_or(u16::MAX);
+            c
+        },
+    )?;
+    let status = indexer.status();
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(indexer.run(shutdown.clone()));
+    let jobs = envelopes.len() as u64;
+    let (mut seen, mut moved) = (0, Instant::now());
+    while status.snapshot().indexed < jobs {
+        let indexed = status.snapshot().indexed;
+        if indexed > seen {
+            (seen, moved) = (indexed, Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(60) {
+            return Err(format!("the consumer stopped at {indexed} of {jobs} indexed").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = jobs as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await?;
+    Ok(rate)
 }

@@ -261,6 +261,7 @@ fn details(s: &IndexerStatus) -> Value {
         "lastBulkAt": rfc3339(s.last_bulk_at),
         "lastBulkItems": s.last_bulk_items,
         "lastBulkMillis": s.last_bulk_duration.map(|d| d.as_millis() as u64),
+        "bulkLimit": s.bulk_limit,
         "lastAckAt": rfc3339(s.last_ack_at),
         "bulkRequests": s.bulk_requests,
         "received": s.received,

@@ -38,10 +38,20 @@ struct Pipeline {
 
 impl Pipeline {
     fn start(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, search: &SearchUrl) -> Self {
+        Self::start_with(db, vhost, index, search, IndexerConfig::default())
+    }
+
+    fn start_with(
+        db: &TestSchema,
+        vhost: &TestVhost,
+        index: &TestIndex,
+        search: &SearchUrl,
+        config: IndexerConfig,
+    ) -> Self {
         let (stop_bridge, bridge) = spawn_bridge(db, &vhost.url);
         let outbox = db.outbox(OutboxConfig::default());
         let indexer = consumer(&vhost.url, search, outbox, index, {
-            let mut c = IndexerConfig::default();
+            let mut c = config;
             c.circuit = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
             c.retry = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
             c
@@ -317,6 +327,32 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
             .expect("dlq")
             .is_empty()
     );
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn answers_slower_than_the_target_shrink_the_requests_and_every_job_still_completes() {
+    let (db, vhost, index) = setup().await;
+    // Every answer is slower than a nanosecond: each one shrinks the next requests by a
+    // quarter, 100 → 75 → 56 → … → the floor of 10 after eight answers. 600 jobs need more
+    // requests than that, whatever the batches' timing.
+    let mut config = IndexerConfig::default();
+    config.batch_size = 100;
+    config.bulk_target = Duration::from_nanos(1);
+    let pipeline = Pipeline::start_with(&db, &vhost, &index, &search_url(), config);
+    assert_eq!(
+        pipeline.indexer.snapshot().bulk_limit,
+        100,
+        "starts at the configured size"
+    );
+    db.insert_listings(600).await;
+    let (completed, failed) = wait_done(&db).await;
+    let status = pipeline.indexer.snapshot();
+    pipeline.stop().await;
+    assert_eq!((completed, failed), (600, 0));
+    assert_eq!(status.bulk_limit, 10, "shrunk to the floor: {status:?}");
+    assert!(status.bulk_requests >= 9, "{status:?}");
+    assert_eq!(index.search(json!({"match_all": {}})).await.len(), 600);
     teardown(db, vhost, index).await;
 }
 

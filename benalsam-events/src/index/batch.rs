@@ -42,6 +42,12 @@ impl<T> Batcher<T> {
         self.bytes = self.bytes.saturating_add(bytes);
     }
 
+    /// Changes the most actions per batch (the pace of the bulk requests); a batch already
+    /// over the new count is full.
+    pub(crate) fn set_count(&mut self, count: usize) {
+        self.limits.count = count.max(1);
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.items.is_empty()
     }

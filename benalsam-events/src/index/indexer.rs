@@ -28,7 +28,7 @@
 //! has already seen.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use elasticsearch::Elasticsearch;
@@ -46,6 +46,7 @@ use crate::config::{AmqpUrl, require_positive};
 use crate::index::batch::{Batcher, Limits};
 use crate::index::circuit::{CircuitBreaker, CircuitState};
 use crate::index::dead_letter::Why;
+use crate::index::pace::{Answer, Pace};
 use crate::index::settle::{self, Ledger};
 use crate::index::source::{Event, Incoming, QueueRoute, Source};
 use crate::index::truncate;
@@ -73,6 +74,10 @@ pub struct IndexerConfig {
     pub linger: Duration,
     /// Most batches written and settled at once.
     pub in_flight: usize,
+    /// Answer time a bulk request should stay under: slower answers shrink the next
+    /// requests (down to 10 actions), quick ones grow them back to `batch_size`; items the
+    /// engine refuses as busy halve them.
+    pub bulk_target: Duration,
     /// Attempts of an item Elasticsearch refuses as busy before it is dead-lettered.
     pub max_attempts: u32,
     /// Delays between those attempts.
@@ -97,6 +102,7 @@ impl Default for IndexerConfig {
             batch_bytes: 5 * 1024 * 1024,
             linger: Duration::from_millis(50),
             in_flight: 2,
+            bulk_target: Duration::from_secs(1),
             max_attempts: 5,
             retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -140,6 +146,9 @@ pub struct IndexerStatus {
     pub last_bulk_items: usize,
     /// Its duration.
     pub last_bulk_duration: Option<Duration>,
+    /// Actions the next bulk request may carry: `batch_size` while the engine answers
+    /// quickly, fewer while it is slow or busy.
+    pub bulk_limit: usize,
     /// Messages waiting in the consumed queues, when last looked (every few seconds).
     pub queue_depth: Option<u32>,
     /// Messages in their dead-letter queues.
@@ -225,6 +234,30 @@ pub(crate) struct Shared {
     pub(crate) status: Live<IndexerStatus>,
     pub(crate) metrics: IndexerMetrics,
     pub(crate) shutdown: CancellationToken,
+    /// The size of the next bulk requests, from the answers to the last ones.
+    pub(crate) pace: Mutex<Pace>,
+}
+
+impl Shared {
+    /// Adjusts the size of the next bulk requests to an answer.
+    fn observe(&self, answer: Answer) {
+        let size = {
+            let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
+            pace.observe(answer);
+            pace.size()
+        };
+        self.metrics
+            .bulk_limit
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
+        self.status.lock().bulk_limit = size;
+    }
+
+    fn bulk_limit(&self) -> usize {
+        self.pace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .size()
+    }
 }
 
 /// How one batch ended.
@@ -282,6 +315,7 @@ impl Indexer {
             event_type.validate()?;
         }
         require_positive("BENALSAM_BULK_LINGER", config.linger)?;
+        require_positive("BENALSAM_BULK_TARGET", config.bulk_target)?;
         if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {
             return Err(Error::config(
                 "indexer",
@@ -289,6 +323,8 @@ impl Indexer {
             ));
         }
         let schema = outbox.config().schema.clone();
+        let status = Live::<IndexerStatus>::default();
+        status.lock().bulk_limit = config.batch_size;
         Ok(Self {
             url,
             event_types: event_types
@@ -298,7 +334,7 @@ impl Indexer {
             search,
             ledger: Arc::new(outbox),
             config,
-            status: Live::default(),
+            status,
             metrics: IndexerMetrics::default(),
         })
     }
@@ -347,6 +383,10 @@ impl Indexer {
             linger: self.config.linger,
         };
         let breaker = CircuitBreaker::new(self.config.circuit);
+        let pace = Pace::new(self.config.batch_size, self.config.bulk_target);
+        self.metrics
+            .bulk_limit
+            .set(i64::try_from(pace.size()).unwrap_or(i64::MAX));
         let shared = Arc::new(Shared {
             search: self.search,
             ledger: self.ledger,
@@ -359,6 +399,7 @@ impl Indexer {
             status: self.status.clone(),
             metrics: self.metrics,
             shutdown: shutdown.clone(),
+            pace: Mutex::new(pace),
         });
         let mut run = Run {
             shared,
@@ -425,6 +466,7 @@ impl Run {
                 continue;
             }
             self.check_depths().await;
+            self.batcher.set_count(self.shared.bulk_limit());
             self.release_due_retries();
             self.dispatch();
             let circuit_open = self.probe_at.is_some();
@@ -849,15 +891,32 @@ async fn write(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>
     .instrument(span.clone())
     .await;
     match answer {
-        Ok(response) => match plan::plan(&deletes, &response) {
-            Ok(decisions) if plan::all_retry(&decisions) => Err(format!(
-                "every item refused as unavailable, e.g. {}",
-                match &decisions[0] {
-                    plan::Decision::Retry(why) => why.as_str(),
-                    _ => "",
-                }
-            )),
-            Ok(decisions) => Ok(decisions),
+        Ok((response, took)) => match plan::plan(&deletes, &response) {
+            Ok(decisions) if plan::all_retry(&decisions) => {
+                shared.observe(Answer {
+                    items: actions.len(),
+                    took,
+                    busy: decisions.len(),
+                });
+                Err(format!(
+                    "every item refused as unavailable, e.g. {}",
+                    match &decisions[0] {
+                        plan::Decision::Retry(why) => why.as_str(),
+                        _ => "",
+                    }
+                ))
+            }
+            Ok(decisions) => {
+                shared.observe(Answer {
+                    items: actions.len(),
+                    took,
+                    busy: decisions
+                        .iter()
+                        .filter(|d| matches!(d, plan::Decision::Retry(_)))
+                        .count(),
+                });
+                Ok(decisions)
+            }
             Err(why) => Ok(one_by_one(shared, &actions, &why).instrument(span).await),
         },
         Err(WriteError::Unavailable(why)) => Err(why),
@@ -889,7 +948,7 @@ async fn one_by_one(
     let mut decisions = Vec::with_capacity(actions.len());
     for (action, version) in actions {
         let result = match send(shared, writer::encode([(*action, *version)]), 1).await {
-            Ok(response) => match plan::plan(&[action.is_delete()], &response) {
+            Ok((response, _)) => match plan::plan(&[action.is_delete()], &response) {
                 Ok(mut one) => one.remove(0),
                 Err(why) => plan::decide(action.is_delete(), &ItemResult::refused(&why)),
             },
@@ -910,7 +969,7 @@ async fn send(
     shared: &Shared,
     body: Vec<u8>,
     actions: usize,
-) -> Result<plan::BulkResponse, WriteError> {
+) -> Result<(plan::BulkResponse, Duration), WriteError> {
     let m = &shared.metrics;
     m.bulk_size.observe(actions as f64);
     match writer::write(&shared.search, body).await {
@@ -922,7 +981,7 @@ async fn send(
             s.last_bulk_at = Some(SystemTime::now());
             s.last_bulk_items = actions;
             s.last_bulk_duration = Some(took);
-            Ok(response)
+            Ok((response, took))
         }
         Err(error) => {
             metrics::inc(&m.bulk_requests, "failed");

@@ -7,6 +7,7 @@
 //! | source | consumes the queues, decodes each delivery into an [`Envelope`](crate::publish::Envelope), reconnects |
 //! | documents | turns an envelope into an [`Action`] on the index (its event type's [`DocumentSpec`](crate::event_type::DocumentSpec), or a [`DocumentBuilder`]) |
 //! | batch | gathers actions by count, bytes and linger |
+//! | pace | sizes the next bulk requests from the engine's answer times and busy refusals |
 //! | verify | checks every delivery against the outbox: the wire is not trusted |
 //! | writer | encodes a `_bulk` request and sends it (HTTP only) |
 //! | plan | reads the typed answer and decides each item once: done, retry or dead (pure) |
@@ -25,6 +26,8 @@ mod dead_letter;
 mod documents;
 #[cfg(feature = "consumer")]
 mod indexer;
+#[cfg(feature = "consumer")]
+mod pace;
 #[cfg(feature = "consumer")]
 mod plan;
 #[cfg(feature = "consumer")]

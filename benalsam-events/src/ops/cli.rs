@@ -491,6 +491,11 @@ pub struct ConsumerArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub bulk_in_flight: u32,
 
+    /// Answer time a bulk request should stay under: slower answers shrink the next
+    /// requests (to 10 actions at least), quick ones grow them back to --bulk-size
+    #[arg(long, env = "BENALSAM_BULK_TARGET", default_value = "1s", value_parser = parse_duration)]
+    pub bulk_target: Duration,
+
     /// Attempts of a document Elasticsearch refuses as busy before it is dead-lettered
     #[arg(long, env = "BENALSAM_INDEX_ATTEMPTS", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -530,6 +535,7 @@ impl ConsumerArgs {
             batch_bytes: self.bulk_bytes as usize,
             linger: self.bulk_linger,
             in_flight: self.bulk_in_flight as usize,
+            bulk_target: self.bulk_target,
             max_attempts: self.index_attempts,
             ..IndexerConfig::default()
         };

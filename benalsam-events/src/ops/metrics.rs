@@ -461,6 +461,7 @@ pub(crate) struct IndexerMetrics {
     pub(crate) bulk_requests: Family<Kind, Counter>,
     pub(crate) bulk_duration: Histogram,
     pub(crate) bulk_size: Histogram,
+    pub(crate) bulk_limit: Gauge,
     pub(crate) bulk_items: Family<Kind, Counter>,
     pub(crate) jobs_completed: Counter,
     pub(crate) circuit_open: Gauge,
@@ -477,6 +478,7 @@ impl Default for IndexerMetrics {
             bulk_requests: Family::default(),
             bulk_duration: latency(),
             bulk_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            bulk_limit: Gauge::default(),
             bulk_items: Family::default(),
             jobs_completed: Counter::default(),
             circuit_open: Gauge::default(),
@@ -538,6 +540,12 @@ impl IndexerMetrics {
             "Actions per bulk request",
             None,
             self.bulk_size.clone(),
+        );
+        metrics.register(
+            "bulk_limit_actions",
+            "Actions the next bulk request may carry (shrinks while Elasticsearch is slow or busy)",
+            None,
+            self.bulk_limit.clone(),
         );
         metrics.register(
             "bulk_items",
