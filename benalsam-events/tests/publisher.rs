@@ -44,12 +44,21 @@ impl Bridge {
         url: &benalsam_events::config::AmqpUrl,
         routes: Vec<EventType>,
     ) -> Self {
+        Self::start_with(outbox, url, routes, PublisherConfig::default())
+    }
+
+    fn start_with(
+        outbox: Outbox,
+        url: &benalsam_events::config::AmqpUrl,
+        routes: Vec<EventType>,
+        publisher: PublisherConfig,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         let mut config = JobStreamConfig::default();
         config.wake = Wake::PollOnly;
         config.poll_interval = Duration::from_millis(100);
         let jobs = JobStream::new(outbox.clone(), config, shutdown.clone()).expect("stream");
-        let publisher = Publisher::new(url.clone(), outbox, routes, PublisherConfig::default());
+        let publisher = Publisher::new(url.clone(), outbox, routes, publisher);
         let status = publisher.status();
         let task = tokio::spawn(jobs.flat_map(stream::iter).map(Ok).forward(publisher));
         Self {
@@ -185,6 +194,29 @@ async fn every_job_arrives_once_with_its_routing_key_properties_and_body() {
     assert_eq!(change.previous_status.as_deref(), Some("active"));
     assert_eq!(change.record_id, ids[0]);
 
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn a_byte_window_smaller_than_one_message_still_publishes_every_job() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(30).await;
+    let mut config = PublisherConfig::default();
+    config.window_bytes = 1; // every message is larger: one in flight at a time
+    let bridge = Bridge::start_with(
+        db.outbox(OutboxConfig::default()),
+        &vhost.url,
+        vec![EventType::listings()],
+        config,
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(counts.get("sent"), Some(&30), "{counts:?}");
+    bridge.stop().await;
+    let sync = drain_queue(&vhost.url, SYNC_QUEUE).await;
+    let ids: HashSet<i64> = sync.iter().map(job_id).collect();
+    assert_eq!((sync.len(), ids.len()), (30, 30), "each job once");
     db.drop().await;
     vhost.drop().await;
 }

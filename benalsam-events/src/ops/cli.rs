@@ -379,6 +379,11 @@ pub struct BridgeArgs {
           value_parser = clap::value_parser!(u32).range(1..=65_535))]
     pub publish_window: u32,
 
+    /// Most bytes of messages published and not yet confirmed (large rows narrow the window)
+    #[arg(long, env = "BENALSAM_PUBLISH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub publish_window_bytes: u32,
+
     /// Send again jobs sent this long ago and never completed
     #[arg(long, env = "BENALSAM_RESEND_AFTER", default_value = "15m", value_parser = parse_duration)]
     pub resend_after: Duration,
@@ -423,6 +428,7 @@ impl BridgeArgs {
         };
         s.publisher = PublisherConfig {
             window: self.publish_window as usize,
+            window_bytes: self.publish_window_bytes as usize,
             ..PublisherConfig::default()
         };
         s.topology = self.topology.config();

@@ -46,6 +46,9 @@ use crate::{Error, EventType, Result};
 /// Largest message body published: RabbitMQ 4's default `max_message_size` (3.x allows 128 MiB).
 pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Most claimed jobs waiting for the publishing task.
+const HANDOFF: usize = 128;
+
 /// How soon after one repair of the topology another may be tried.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -55,6 +58,9 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 pub struct PublisherConfig {
     /// Most messages published and not yet confirmed.
     pub window: usize,
+    /// Most bytes of message bodies published and not yet confirmed (one message is always
+    /// allowed, however large): large rows narrow the window instead of growing memory.
+    pub window_bytes: usize,
     /// Confirmed jobs are reported in one call once this many have gathered...
     pub report_batch: usize,
     /// ...or this long after the first of them, whichever comes first.
@@ -73,6 +79,7 @@ impl Default for PublisherConfig {
     fn default() -> Self {
         Self {
             window: 1000,
+            window_bytes: 8 * 1024 * 1024,
             report_batch: 500,
             report_interval: Duration::from_millis(20),
             reconnect: Backoff::default(),
@@ -141,7 +148,9 @@ impl Publisher {
         config: PublisherConfig,
     ) -> Self {
         let routes = Routes::new(event_types);
-        let (tx, rx) = mpsc::channel(config.window.max(1));
+        // Claimed jobs wait here, rows and all, until the window has room: a short queue is
+        // enough to keep the window full, and bounds memory however large the window is.
+        let (tx, rx) = mpsc::channel(config.window.clamp(1, HANDOFF));
         let status = Live::<PublisherStatus>::default();
         let metrics = PublisherMetrics::default();
         let worker = Worker {
@@ -156,6 +165,7 @@ impl Publisher {
             link: None,
             queue: VecDeque::new(),
             unconfirmed: HashMap::new(),
+            unconfirmed_bytes: 0,
             confirms: FuturesUnordered::new(),
             next_seq: 0,
             reports: Vec::new(),
@@ -218,12 +228,28 @@ impl Sink<Job> for Publisher {
     }
 }
 
-/// A published job awaiting its confirm.
+/// A published message awaiting its confirm. It keeps the encoded message, not the job's
+/// parsed row (several times its size), so it can be published again as it was.
 struct InFlight {
-    job: Job,
+    id: i64,
+    message: Message,
     published_at: Instant,
-    /// The producer span of this publish; it ends with the confirm.
-    _span: tracing::Span,
+}
+
+/// What waits to be published: a claimed job, or a message published before whose confirm
+/// was lost with its link.
+enum Outgoing {
+    Job(Job),
+    Again { id: i64, message: Message },
+}
+
+impl Outgoing {
+    fn id(&self) -> i64 {
+        match self {
+            Outgoing::Job(job) => job.id,
+            Outgoing::Again { id, .. } => *id,
+        }
+    }
 }
 
 /// An open connection and its confirm-mode channel.
@@ -240,7 +266,8 @@ struct Message {
     routing_key: ShortString,
     body: Vec<u8>,
     properties: BasicProperties,
-    span: tracing::Span,
+    /// The producer span of this publish; it ends with the confirm.
+    _span: tracing::Span,
 }
 
 /// The publishing task's state.
@@ -255,9 +282,11 @@ struct Worker<S> {
     input_open: bool,
     link: Option<Link>,
     /// Jobs to publish, those to publish again first.
-    queue: VecDeque<Job>,
+    queue: VecDeque<Outgoing>,
     /// Published jobs awaiting their confirm, by publish sequence, with when they went out.
     unconfirmed: HashMap<u64, InFlight>,
+    /// Bytes of their bodies.
+    unconfirmed_bytes: usize,
     confirms: FuturesUnordered<ConfirmFuture>,
     next_seq: u64,
     /// Outcomes gathered for the next report.
@@ -290,11 +319,10 @@ impl<S: Settle> Worker<S> {
                 }
                 continue;
             }
-            while self.unconfirmed.len() < self.config.window
-                && self.link.is_some()
-                && let Some(job) = self.queue.pop_front()
+            while self.has_room()
+                && let Some(next) = self.queue.pop_front()
             {
-                self.publish(job).await;
+                self.publish(next).await;
             }
             self.wait().await;
             if self.reports.len() >= self.config.report_batch
@@ -310,9 +338,16 @@ impl<S: Settle> Worker<S> {
         self.status.lock().connected = false;
     }
 
+    /// Whether another message may go out: a link, and room in the window (by count and by
+    /// bytes).
+    fn has_room(&self) -> bool {
+        self.link.is_some()
+            && window_has_room(self.unconfirmed.len(), self.unconfirmed_bytes, &self.config)
+    }
+
     /// Waits for the next thing to do: a confirm, a job (when there is room), a report due.
     async fn wait(&mut self) {
-        let room = self.unconfirmed.len() < self.config.window && self.link.is_some();
+        let room = self.has_room();
         let reports_due = self.reports_due;
         tokio::select! {
             biased;
@@ -320,7 +355,7 @@ impl<S: Settle> Worker<S> {
                 self.confirmed(seq, &answer).await;
             }
             job = self.rx.recv(), if self.input_open && room && self.queue.is_empty() => match job {
-                Some(job) => self.queue.push_back(job),
+                Some(job) => self.queue.push_back(Outgoing::Job(job)),
                 None => self.input_open = false,
             },
             () = sleep_until(reports_due), if reports_due.is_some() => {}
@@ -334,7 +369,7 @@ impl<S: Settle> Worker<S> {
     async fn give_up_closing(&mut self) -> bool {
         if self.rx.is_closed() {
             while let Ok(job) = self.rx.try_recv() {
-                self.queue.push_back(job);
+                self.queue.push_back(Outgoing::Job(job));
             }
             self.input_open = false;
         }
@@ -434,17 +469,20 @@ impl<S: Settle> Worker<S> {
             routing_key,
             body,
             properties,
-            span,
+            _span: span,
         })
     }
 
-    async fn publish(&mut self, job: Job) {
-        let message = match self.message(&job) {
-            Ok(message) => message,
-            Err((kind, reason, retry)) => return self.fail(kind, job.id, reason, retry),
+    async fn publish(&mut self, next: Outgoing) {
+        let (id, message) = match next {
+            Outgoing::Job(job) => match self.message(&job) {
+                Ok(message) => (job.id, message),
+                Err((kind, reason, retry)) => return self.fail(kind, job.id, reason, retry),
+            },
+            Outgoing::Again { id, message } => (id, message),
         };
         let Some(link) = self.link.as_ref() else {
-            self.queue.push_front(job);
+            self.queue.push_front(Outgoing::Again { id, message });
             return;
         };
         if !self.known_exchanges.contains(message.exchange.as_str()) {
@@ -457,12 +495,12 @@ impl<S: Settle> Worker<S> {
                         "exchange {:?} does not exist; declare the topology (benalsam-bridge does at start)",
                         message.exchange.as_str()
                     );
-                    self.fail("refused", job.id, reason, true);
+                    self.fail("refused", id, reason, true);
                     self.repair().await;
                     return;
                 }
                 Err(error) => {
-                    self.queue.push_front(job);
+                    self.queue.push_front(Outgoing::Again { id, message });
                     self.link_lost(Some(error));
                     return;
                 }
@@ -472,14 +510,14 @@ impl<S: Settle> Worker<S> {
         let published = link
             .channel
             .basic_publish(
-                message.exchange,
-                message.routing_key,
+                message.exchange.clone(),
+                message.routing_key.clone(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
                 &message.body,
-                message.properties,
+                message.properties.clone(),
             )
             .await;
         match published {
@@ -488,12 +526,13 @@ impl<S: Settle> Worker<S> {
                 self.metrics.jobs_published.inc();
                 let seq = self.next_seq;
                 self.next_seq += 1;
+                self.unconfirmed_bytes += message.body.len();
                 self.unconfirmed.insert(
                     seq,
                     InFlight {
-                        job,
+                        id,
+                        message,
                         published_at: publishing,
-                        _span: message.span,
                     },
                 );
                 self.confirms
@@ -504,7 +543,7 @@ impl<S: Settle> Worker<S> {
                 s.last_publish_at = Some(SystemTime::now());
             }
             Err(error) => {
-                self.queue.push_front(job);
+                self.queue.push_front(Outgoing::Again { id, message });
                 self.link_lost(Some(Error::amqp("publishing", error)));
             }
         }
@@ -513,11 +552,14 @@ impl<S: Settle> Worker<S> {
     async fn confirmed(&mut self, seq: u64, answer: &lapin::Result<Confirmation>) {
         // Gone if the link was reset meanwhile: the job is queued to be published again.
         let Some(InFlight {
-            job, published_at, ..
+            id,
+            message,
+            published_at,
         }) = self.unconfirmed.remove(&seq)
         else {
             return;
         };
+        self.unconfirmed_bytes -= message.body.len();
         metrics::observe(&self.metrics.confirm_duration, published_at.elapsed());
         {
             let mut s = self.status.lock();
@@ -525,13 +567,13 @@ impl<S: Settle> Worker<S> {
             s.last_confirm_at = Some(SystemTime::now());
         }
         match confirm::judge(answer) {
-            Verdict::Sent => self.gather(job.id, Outcome::Sent),
+            Verdict::Sent => self.gather(id, Outcome::Sent),
             Verdict::Refused {
                 kind,
                 reason,
                 closes_link,
             } => {
-                self.fail(kind, job.id, reason.clone(), true);
+                self.fail(kind, id, reason.clone(), true);
                 if closes_link {
                     self.link_lost(Some(Error::broker(reason)));
                 } else if kind == "unroutable" {
@@ -539,7 +581,7 @@ impl<S: Settle> Worker<S> {
                 }
             }
             Verdict::Unknown(reason) => {
-                self.queue.push_front(job);
+                self.queue.push_front(Outgoing::Again { id, message });
                 self.link_lost(Some(Error::broker(reason)));
             }
         }
@@ -593,15 +635,23 @@ impl<S: Settle> Worker<S> {
         self.link = None;
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
-        let mut orphans: Vec<Job> = self.unconfirmed.drain().map(|(_, f)| f.job).collect();
+        let mut orphans: Vec<Outgoing> = self
+            .unconfirmed
+            .drain()
+            .map(|(_, f)| Outgoing::Again {
+                id: f.id,
+                message: f.message,
+            })
+            .collect();
+        self.unconfirmed_bytes = 0;
         self.metrics.jobs_republished.inc_by(orphans.len() as u64);
-        orphans.sort_unstable_by_key(|j| std::cmp::Reverse(j.id));
+        orphans.sort_unstable_by_key(|o| std::cmp::Reverse(o.id()));
         let mut s = self.status.lock();
         s.connected = false;
         s.unconfirmed = 0;
         s.republished += orphans.len() as u64;
-        for job in orphans {
-            self.queue.push_front(job);
+        for orphan in orphans {
+            self.queue.push_front(orphan);
         }
     }
 
@@ -610,7 +660,7 @@ impl<S: Settle> Worker<S> {
         let reports: Vec<(i64, Outcome)> = self
             .queue
             .drain(..)
-            .map(|j| (j.id, Outcome::Released))
+            .map(|o| (o.id(), Outcome::Released))
             .collect();
         match self.settle.settle(&reports).await {
             Ok(settled) => tracing::warn!(
@@ -686,6 +736,12 @@ impl<S: Settle> Worker<S> {
     }
 }
 
+/// Whether the window has room for another message beside `count` unconfirmed ones of
+/// `bytes` in all: below both limits, and one message always fits, however large.
+fn window_has_room(count: usize, bytes: usize, config: &PublisherConfig) -> bool {
+    count == 0 || (count < config.window && bytes < config.window_bytes)
+}
+
 async fn open(url: &AmqpUrl, config: &PublisherConfig) -> Result<Link> {
     let connection = crate::connect::amqp(url, &config.connection_name).await?;
     if let Some(topology) = &config.topology {
@@ -731,5 +787,28 @@ async fn exchange_exists(connection: &Connection, exchange: ShortString) -> Resu
 async fn sleep_until(due: Option<Instant>) {
     if let Some(due) = due {
         tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_bounded_by_count_and_by_bytes_and_one_message_always_fits() {
+        let mut config = PublisherConfig::default();
+        config.window = 3;
+        config.window_bytes = 1000;
+        assert!(window_has_room(0, 0, &config));
+        assert!(window_has_room(2, 999, &config));
+        assert!(!window_has_room(3, 10, &config), "count");
+        assert!(!window_has_room(1, 1000, &config), "bytes");
+        config.window_bytes = 1;
+        config.window = 1;
+        assert!(
+            window_has_room(0, 0, &config),
+            "a message larger than the window still goes, alone"
+        );
+        assert!(!window_has_room(1, 5_000_000, &config));
     }
 }
