@@ -232,7 +232,7 @@ impl Sink<Job> for Publisher {
 /// parsed row (several times its size), so it can be published again as it was.
 struct InFlight {
     id: i64,
-    message: Message,
+    message: Box<Message>,
     published_at: Instant,
 }
 
@@ -240,7 +240,7 @@ struct InFlight {
 /// was lost with its link.
 enum Outgoing {
     Job(Job),
-    Again { id: i64, message: Message },
+    Again { id: i64, message: Box<Message> },
 }
 
 impl Outgoing {
@@ -476,7 +476,7 @@ impl<S: Settle> Worker<S> {
     async fn publish(&mut self, next: Outgoing) {
         let (id, message) = match next {
             Outgoing::Job(job) => match self.message(&job) {
-                Ok(message) => (job.id, message),
+                Ok(message) => (job.id, Box::new(message)),
                 Err((kind, reason, retry)) => return self.fail(kind, job.id, reason, retry),
             },
             Outgoing::Again { id, message } => (id, message),
@@ -796,9 +796,11 @@ mod tests {
 
     #[test]
     fn the_window_is_bounded_by_count_and_by_bytes_and_one_message_always_fits() {
-        let mut config = PublisherConfig::default();
-        config.window = 3;
-        config.window_bytes = 1000;
+        let mut config = PublisherConfig {
+            window: 3,
+            window_bytes: 1000,
+            ..PublisherConfig::default()
+        };
         assert!(window_has_room(0, 0, &config));
         assert!(window_has_room(2, 999, &config));
         assert!(!window_has_room(3, 10, &config), "count");
