@@ -15,8 +15,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
@@ -59,31 +57,6 @@ fn list(name: &str, default: &str) -> Result<Vec<usize>, BoxError> {
         .collect()
 }
 
-/// Raw `_bulk` of the documents in requests of `size`, `concurrency` at once: docs/s.
-async fn raw(
-    es: &Elasticsearch,
-    items: &[(benalsam_events::Action, i64)],
-    size: usize,
-    concurrency: usize,
-) -> Result<f64, BoxError> {
-    let bodies: Vec<Vec<u8>> = items.chunks(size).map(common::bulk_body).collect();
-    let started = Instant::now();
-    let mut answers = futures::stream::iter(bodies)
-        .map(|body| send(es, Method::Post, "/_bulk", body, "application/x-ndjson"))
-        .buffer_unordered(concurrency);
-    while let Some(answer) = answers.next().await {
-        let answer = answer?;
-        if answer["errors"] != false {
-            return Err(format!(
-                "raw bulk had errors: {}",
-                answer.to_string().chars().take(300).collect::<String>()
-            )
-            .into());
-        }
-    }
-    Ok(items.len() as f64 / started.elapsed().as_secs_f64())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let jobs: i64 = setting("BENCH_JOBS", 20_000)?;
@@ -122,7 +95,7 @@ async fn main() -> Result<(), BoxError> {
                 .iter()
                 .map(|e| Ok((documents.action(e)?, e.job_id)))
                 .collect::<Result<_, BoxError>>()?;
-            let raw = raw(&es, &items, size, concurrency).await?;
+            let raw = common::raw_bulk(&es, &items, size, concurrency).await?;
 
             // The consumer: the same envelopes waiting in the queue, into a fresh index.
             let alias = format!("{name}_c_{size}_{concurrency}");

@@ -3,14 +3,15 @@
 //! 1. The limit of each hop alone, on the same data: PostgreSQL inserts without and with the
 //!    trigger (concurrent writers), RabbitMQ publish-with-confirms and consume of the same
 //!    envelopes with a bare client, Elasticsearch `_bulk` of the same documents with a bare
-//!    client.
+//!    client (the best of 500 or 1,000 per request with 1–4 in flight).
 //! 2. The pipeline's capacity: the real `benalsam-bridge` and `benalsam-consumer` binaries
 //!    (separate processes, release build) start on the backlog the trigger inserts left, and
 //!    drain it: jobs/s from pending to indexed and completed.
 //! 3. The pipeline at full speed: writers run a mix of inserts, edits, status changes and
 //!    deletes while the binaries carry every change; throughput from the first commit to the
 //!    last job completed, latency from commit to indexed-and-completed, CPU seconds and peak
-//!    RSS of both processes.
+//!    RSS of both processes. CPU seconds per 1,000 jobs of every process (the binaries,
+//!    PostgreSQL, RabbitMQ, OpenSearch, this load generator) in phases 2 and 3.
 //! 4. The pipeline at a fixed rate of half the full-speed throughput: latency again.
 //!
 //! ```text
@@ -21,7 +22,9 @@
 //! Settings: `BENCH_OPS` (changes per full-speed run, default 40000), `BENCH_WRITERS`
 //! (default 4), `BENCH_MIX` (`insert,edit,status,delete` percentages, default `70,15,10,5`),
 //! `BENCH_RATE_SECONDS` (length of the fixed-rate run, default 20), `BENCH_RATE` (changes/s
-//! of that run; default half the full-speed throughput).
+//! of that run; default half the full-speed throughput), `BENCH_DESCRIPTION_BYTES` (size of
+//! each listing's description, default 280; e.g. 8000 with `BENCH_MIX=20,60,15,5` for an
+//! update-heavy mix of large rows).
 
 mod common;
 
@@ -32,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
-use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::index as search;
 use common::{BenchEnv, BoxError, setting};
 use futures::StreamExt;
@@ -70,6 +73,20 @@ fn mix() -> Result<Mix, BoxError> {
     }
 }
 
+/// The description of every inserted listing: `BENCH_DESCRIPTION_BYTES` long (default 280,
+/// the demo's size); larger values make large rows (an UPDATE's job carries two of them).
+fn description() -> Result<String, BoxError> {
+    let bytes: usize = setting("BENCH_DESCRIPTION_BYTES", 280)?;
+    let sentence = "Az kullanılmış, bakımlı, faturalı. ";
+    let mut text = sentence.repeat(bytes / sentence.len() + 1);
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    Ok(text)
+}
+
 /// One writer: `ops` changes, single-statement transactions, at full speed or paced.
 async fn writer(
     env: &BenchEnv,
@@ -85,7 +102,7 @@ async fn writer(
     let insert = db
         .prepare(&format!(
             "INSERT INTO {table} (user_id, title, description, category, status, latitude, longitude, location_city, attributes)
-             VALUES (gen_random_uuid(), $1, repeat('Az kullanılmış, bakımlı, faturalı. ', 8), 'spor', 'active', 41.0, 29.0, 'İstanbul', '{{\"renk\": \"kırmızı\"}}')
+             VALUES (gen_random_uuid(), $1, $2, 'spor', 'active', 41.0, 29.0, 'İstanbul', '{{\"renk\": \"kırmızı\"}}')
              RETURNING id::text"
         ))
         .await?;
@@ -102,6 +119,7 @@ async fn writer(
     let delete = db
         .prepare(&format!("DELETE FROM {table} WHERE id = $1::text::uuid"))
         .await?;
+    let description = description()?;
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut alive: Vec<String> = Vec::new();
     let mut ticks = pace.map(tokio::time::interval);
@@ -112,12 +130,16 @@ async fn writer(
         let roll = rng.u32(..100);
         if alive.is_empty() || roll < mix.insert {
             let row = db
-                .query_one(&insert, &[&format!("Satılık bisiklet {seed}-{n}")])
+                .query_one(
+                    &insert,
+                    &[&format!("Satılık bisiklet {seed}-{n}"), &description],
+                )
                 .await?;
             alive.push(row.get(0));
         } else if roll < mix.insert + mix.edit {
             let id = &alive[rng.usize(..alive.len())];
-            db.execute(&edit, &[id, &format!("Düzenlendi {n}")]).await?;
+            let edited = format!("Düzenlendi {n}. {description}");
+            db.execute(&edit, &[id, &edited]).await?;
         } else if roll < mix.insert + mix.edit + mix.status {
             let id = &alive[rng.usize(..alive.len())];
             let to = ["active", "sold", "inactive", "active"][rng.usize(..4)];
@@ -261,6 +283,95 @@ async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
         .get(0))
 }
 
+/// Who uses the CPU: each server, each binary and this load generator.
+const GROUPS: [&str; 6] = [
+    "benalsam-bridge",
+    "benalsam-consumer",
+    "PostgreSQL",
+    "RabbitMQ",
+    "OpenSearch",
+    "load generator (this bench)",
+];
+
+/// CPU seconds used so far by each of [`GROUPS`], from /proc. A process counts with its own
+/// time and its reaped children's (`cutime`, `cstime`), so PostgreSQL backends that came and
+/// went between two samples are counted (by the postmaster) and the difference of two
+/// samples is the CPU the group used between them.
+fn cpu_by_group(bridge: u32, consumer: u32) -> Result<[f64; 6], BoxError> {
+    let hz: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+        .trim()
+        .parse()?;
+    let me = std::process::id();
+    let mut seconds = [0.0; 6];
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end while we look: skip it (its time moves to its parent's cutime).
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        let group = match comm {
+            _ if pid == bridge => 0,
+            _ if pid == consumer => 1,
+            "postgres" => 2,
+            "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => 3,
+            "java" => {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if !String::from_utf8_lossy(&cmdline).contains("opensearch") {
+                    continue;
+                }
+                4
+            }
+            _ if pid == me => 5,
+            _ => continue,
+        };
+        // utime, stime, cutime, cstime: fields 14–17, the 12th–15th after the command.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..15)
+            .ok_or("short /proc stat")?
+            .iter()
+            .map(|f| f.parse::<f64>())
+            .sum::<Result<f64, _>>()?;
+        seconds[group] += ticks / hz;
+    }
+    Ok(seconds)
+}
+
+/// CPU seconds per 1,000 jobs of each group between two samples, as a table row's cells.
+fn cpu_per_thousand(before: [f64; 6], after: [f64; 6], jobs: f64) -> Vec<String> {
+    let mut cells: Vec<String> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| format!("{:.2}", (a - b) / jobs * 1000.0))
+        .collect();
+    let total: f64 = after.iter().sum::<f64>() - before.iter().sum::<f64>();
+    cells.push(format!("{:.2}", total / jobs * 1000.0));
+    cells
+}
+
+async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, alias: &str) {
+    let _ = es
+        .send(
+            Method::Delete,
+            &format!("/{alias}_v1"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<Vec<u8>>::None,
+            None,
+        )
+        .await;
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let ops: usize = setting("BENCH_OPS", 40_000)?;
@@ -271,9 +382,7 @@ async fn main() -> Result<(), BoxError> {
     let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
     let index = format!("{}_listings", env.name);
     let raw_index = format!("{}_raw", env.name);
-    for alias in [&index, &raw_index] {
-        search::ensure_index(&es, &common::listings(alias)).await?;
-    }
+    search::ensure_index(&es, &common::listings(&index)).await?;
     eprintln!("[1/4] each hop alone, {ops} rows / messages / documents");
 
     // PostgreSQL: the same inserts into copies of the table without the trigger and with the
@@ -373,36 +482,26 @@ async fn main() -> Result<(), BoxError> {
         .queue_delete(scratch.into(), QueueDeleteOptions::default())
         .await?;
 
-    // Elasticsearch: the same documents, bulk requests of 1,000.
-    let documents = common::listings(&raw_index);
-    let items: Vec<(benalsam_events::Action, i64)> = envelopes
-        .iter()
-        .map(|e| Ok((documents.action(e)?, e.job_id)))
-        .collect::<Result<_, BoxError>>()?;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    let started = Instant::now();
-    for chunk in items.chunks(1000) {
-        let answer: serde_json::Value = es
-            .send(
-                Method::Post,
-                "/_bulk",
-                headers.clone(),
-                Option::<&()>::None,
-                Some(common::bulk_body(chunk)),
-                None,
-            )
-            .await?
-            .json()
-            .await?;
-        if answer["errors"] != false {
-            return Err("the raw bulk had errors".into());
+    // Elasticsearch: the same documents as raw `_bulk` requests; the ceiling is the best of
+    // 500 or 1,000 per request with 1–4 in flight, each into a fresh index.
+    let mut bulked = (0.0f64, 0, 0);
+    for size in [500, 1000] {
+        for concurrency in 1..=4 {
+            let alias = format!("{raw_index}_{size}_{concurrency}");
+            search::ensure_index(&es, &common::listings(&alias)).await?;
+            let documents = common::listings(&alias);
+            let items: Vec<(benalsam_events::Action, i64)> = envelopes
+                .iter()
+                .map(|e| Ok((documents.action(e)?, e.job_id)))
+                .collect::<Result<_, BoxError>>()?;
+            let rate = common::raw_bulk(&es, &items, size, concurrency).await?;
+            if rate > bulked.0 {
+                bulked = (rate, size, concurrency);
+            }
+            delete_index(&es, &alias).await;
         }
     }
-    let bulked = items.len() as f64 / started.elapsed().as_secs_f64();
+    let (bulked, bulk_size, bulk_concurrency) = bulked;
 
     // The pipeline's capacity: the binaries drain the trigger inserts' backlog.
     eprintln!(
@@ -412,8 +511,11 @@ async fn main() -> Result<(), BoxError> {
     let drain_started = Instant::now();
     let bridge = Process::start("benalsam-bridge", &env, &index, 3901)?;
     let consumer_process = Process::start("benalsam-consumer", &env, &index, 3902)?;
+    let pids = (bridge.child.id(), consumer_process.child.id());
+    let cpu_start = cpu_by_group(pids.0, pids.1)?;
     wait_completed(&env, before).await?;
     let capacity = envelopes.len() as f64 / drain_started.elapsed().as_secs_f64();
+    let cpu_drained = cpu_by_group(pids.0, pids.1)?;
 
     // The pipeline at full speed.
     eprintln!("[3/4] the pipeline at full speed: {ops} changes from {writers} writers");
@@ -422,6 +524,7 @@ async fn main() -> Result<(), BoxError> {
     wait_completed(&env, first).await?;
     let (jobs, span, full) = job_stats(&env, first).await?;
     let pipeline = jobs as f64 / span;
+    let cpu_full = cpu_by_group(pids.0, pids.1)?;
     let (bridge_cpu, bridge_rss) = bridge.usage()?;
     let (consumer_cpu, consumer_rss) = consumer_process.usage()?;
 
@@ -476,7 +579,9 @@ async fn main() -> Result<(), BoxError> {
         format!("{consumed:.0} msg/s"),
     );
     row(
-        "Elasticsearch `_bulk` of 1,000 (bare client)",
+        &format!(
+            "Elasticsearch `_bulk` (bare client), best of 500 / 1,000 × 1–4 in flight: {bulk_size} × {bulk_concurrency}"
+        ),
         format!("{bulked:.0} docs/s"),
     );
     row(
@@ -508,17 +613,18 @@ async fn main() -> Result<(), BoxError> {
     println!("| benalsam-bridge: CPU, peak RSS | {bridge_cpu:.1} s, {bridge_rss:.1} MiB |");
     println!("| benalsam-consumer: CPU, peak RSS | {consumer_cpu:.1} s, {consumer_rss:.1} MiB |");
 
-    for alias in [&index, &raw_index] {
-        let _ = es
-            .send(
-                Method::Delete,
-                &format!("/{alias}_v1"),
-                HeaderMap::new(),
-                Option::<&()>::None,
-                Option::<Vec<u8>>::None,
-                None,
-            )
-            .await;
-    }
+    println!("\nCPU seconds per 1,000 jobs (user + system, from /proc):\n");
+    println!("| phase | {} | all |", GROUPS.join(" | "));
+    println!("|---|{}---:|", "---:|".repeat(GROUPS.len()));
+    println!(
+        "| backlog drained | {} |",
+        cpu_per_thousand(cpu_start, cpu_drained, envelopes.len() as f64).join(" | ")
+    );
+    println!(
+        "| full speed (writers included) | {} |",
+        cpu_per_thousand(cpu_drained, cpu_full, jobs as f64).join(" | ")
+    );
+
+    delete_index(&es, &index).await;
     env.cleanup().await
 }

@@ -170,3 +170,52 @@ pub fn bulk_body(actions: &[(Action, i64)]) -> Vec<u8> {
     }
     body
 }
+
+/// Raw `_bulk` of `items` into their index with a bare client: requests of `size`, their
+/// bodies encoded beforehand, `concurrency` in flight; documents per second.
+pub async fn raw_bulk(
+    es: &benalsam_events::elasticsearch::Elasticsearch,
+    items: &[(Action, i64)],
+    size: usize,
+    concurrency: usize,
+) -> Result<f64, BoxError> {
+    use benalsam_events::elasticsearch::http::Method;
+    use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+    use futures::StreamExt;
+
+    let bodies: Vec<Vec<u8>> = items.chunks(size.max(1)).map(bulk_body).collect();
+    let started = std::time::Instant::now();
+    let mut answers = futures::stream::iter(bodies)
+        .map(|body| async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            );
+            let answer: serde_json::Value = es
+                .send(
+                    Method::Post,
+                    "/_bulk",
+                    headers,
+                    Option::<&()>::None,
+                    Some(body),
+                    None,
+                )
+                .await?
+                .json()
+                .await?;
+            Ok::<_, BoxError>(answer)
+        })
+        .buffer_unordered(concurrency.max(1));
+    while let Some(answer) = answers.next().await {
+        let answer = answer?;
+        if answer["errors"] != false {
+            return Err(format!(
+                "raw bulk had errors: {}",
+                answer.to_string().chars().take(300).collect::<String>()
+            )
+            .into());
+        }
+    }
+    Ok(items.len() as f64 / started.elapsed().as_secs_f64())
+}
