@@ -645,7 +645,7 @@ impl Run {
         } = incoming;
         let (body, span) = match envelope {
             Err(error) => (Body::Malformed(error), tracing::Span::none()),
-            Ok(envelope) => {
+            Ok(mut envelope) => {
                 let span = consumer_span(&route.queue, &envelope, &delivery);
                 let action = match self.shared.event_types.get(envelope.table.as_ref()) {
                     _ if envelope.operation == Operation::Truncate => {
@@ -657,6 +657,10 @@ impl Run {
                         envelope.table
                     ))),
                 };
+                // The rows are in the document now (and in the delivery's bytes, for a dead
+                // letter): holding them parsed until the ack would double the memory of
+                // every message in hand.
+                envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
                 let body = Body::Change {
                     envelope: Box::new(envelope),
                     action,
