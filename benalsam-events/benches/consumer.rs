@@ -85,6 +85,7 @@ async fn main() -> Result<(), BoxError> {
     println!("| bulk size | in flight | raw _bulk docs/s | consumer msgs/s | consumer / raw |");
     println!("|---:|---:|---:|---:|---:|");
     let (mut ceiling, mut best) = ((0.0f64, 0, 0), (0.0f64, 0, 0));
+    let mut cpu_rows = Vec::new();
     for &size in &sizes {
         for &concurrency in &concurrencies {
             // Raw: the same documents into a fresh index.
@@ -95,12 +96,15 @@ async fn main() -> Result<(), BoxError> {
                 .iter()
                 .map(|e| Ok((documents.action(e)?, e.job_id)))
                 .collect::<Result<_, BoxError>>()?;
+            let cpu_before = common::cpu_by_process(&[("bench", std::process::id())])?;
             let raw = common::raw_bulk(&es, &items, size, concurrency).await?;
+            let cpu_raw = common::cpu_by_process(&[("bench", std::process::id())])?
+                .per_thousand(&cpu_before, items.len());
 
             // The consumer: the same envelopes waiting in the queue, into a fresh index.
             let alias = format!("{name}_c_{size}_{concurrency}");
             fresh_index(&es, &alias).await?;
-            let consumer = consume(
+            let (consumer, cpu_consumer) = consume(
                 &env,
                 &publish_channel,
                 &envelopes,
@@ -112,6 +116,7 @@ async fn main() -> Result<(), BoxError> {
                 concurrency,
             )
             .await?;
+            cpu_rows.push((size, concurrency, cpu_raw, cpu_consumer));
             println!(
                 "| {size} | {concurrency} | {raw:.0} | {consumer:.0} | {:.2} |",
                 consumer / raw
@@ -145,6 +150,19 @@ async fn main() -> Result<(), BoxError> {
         best.2,
         best.0 / ceiling.0
     );
+    println!(
+        "\nCPU seconds per 1,000 documents (user + system, from /proc; `bench` is this process: the bare client, or the consumer):\n"
+    );
+    let header = common::cpu_by_process(&[("bench", std::process::id())])?.header();
+    println!("| bulk size | in flight | run | {} |", header.join(" | "));
+    println!("|---:|---:|---|{}", "---:|".repeat(header.len()));
+    for (size, concurrency, raw, consumer) in cpu_rows {
+        println!("| {size} | {concurrency} | raw | {} |", raw.join(" | "));
+        println!(
+            "| {size} | {concurrency} | consumer | {} |",
+            consumer.join(" | ")
+        );
+    }
     env.cleanup().await
 }
 
@@ -161,7 +179,7 @@ async fn consume(
     alias: &str,
     size: usize,
     in_flight: usize,
-) -> Result<f64, BoxError> {
+) -> Result<(f64, Vec<String>), BoxError> {
     // The consumer checks every delivery against the outbox and indexes only jobs that
     // expect one: the jobs are `sent`, as the bridge leaves them.
     env.client
@@ -203,6 +221,7 @@ async fn consume(
     )?;
     let status = indexer.status();
     let shutdown = CancellationToken::new();
+    let cpu_before = common::cpu_by_process(&[("bench", std::process::id())])?;
     let started = Instant::now();
     let task = tokio::spawn(indexer.run(shutdown.clone()));
     let jobs = envelopes.len() as u64;
@@ -217,7 +236,9 @@ async fn consume(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = jobs as f64 / started.elapsed().as_secs_f64();
+    let cpu = common::cpu_by_process(&[("bench", std::process::id())])?
+        .per_thousand(&cpu_before, envelopes.len());
     shutdown.cancel();
     task.await?;
-    Ok(rate)
+    Ok((rate, cpu))
 }

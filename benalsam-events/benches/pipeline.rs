@@ -283,82 +283,6 @@ async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
         .get(0))
 }
 
-/// Who uses the CPU: each server, each binary and this load generator.
-const GROUPS: [&str; 6] = [
-    "benalsam-bridge",
-    "benalsam-consumer",
-    "PostgreSQL",
-    "RabbitMQ",
-    "OpenSearch",
-    "load generator (this bench)",
-];
-
-/// CPU seconds used so far by each of [`GROUPS`], from /proc. A process counts with its own
-/// time and its reaped children's (`cutime`, `cstime`), so PostgreSQL backends that came and
-/// went between two samples are counted (by the postmaster) and the difference of two
-/// samples is the CPU the group used between them.
-fn cpu_by_group(bridge: u32, consumer: u32) -> Result<[f64; 6], BoxError> {
-    let hz: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
-        .trim()
-        .parse()?;
-    let me = std::process::id();
-    let mut seconds = [0.0; 6];
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may end while we look: skip it (its time moves to its parent's cutime).
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map_or("", |(_, c)| c);
-        let group = match comm {
-            _ if pid == bridge => 0,
-            _ if pid == consumer => 1,
-            "postgres" => 2,
-            "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => 3,
-            "java" => {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if !String::from_utf8_lossy(&cmdline).contains("opensearch") {
-                    continue;
-                }
-                4
-            }
-            _ if pid == me => 5,
-            _ => continue,
-        };
-        // utime, stime, cutime, cstime: fields 14–17, the 12th–15th after the command.
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields
-            .get(11..15)
-            .ok_or("short /proc stat")?
-            .iter()
-            .map(|f| f.parse::<f64>())
-            .sum::<Result<f64, _>>()?;
-        seconds[group] += ticks / hz;
-    }
-    Ok(seconds)
-}
-
-/// CPU seconds per 1,000 jobs of each group between two samples, as a table row's cells.
-fn cpu_per_thousand(before: [f64; 6], after: [f64; 6], jobs: f64) -> Vec<String> {
-    let mut cells: Vec<String> = before
-        .iter()
-        .zip(after)
-        .map(|(b, a)| format!("{:.2}", (a - b) / jobs * 1000.0))
-        .collect();
-    let total: f64 = after.iter().sum::<f64>() - before.iter().sum::<f64>();
-    cells.push(format!("{:.2}", total / jobs * 1000.0));
-    cells
-}
-
 async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, alias: &str) {
     let _ = es
         .send(
@@ -511,11 +435,15 @@ async fn main() -> Result<(), BoxError> {
     let drain_started = Instant::now();
     let bridge = Process::start("benalsam-bridge", &env, &index, 3901)?;
     let consumer_process = Process::start("benalsam-consumer", &env, &index, 3902)?;
-    let pids = (bridge.child.id(), consumer_process.child.id());
-    let cpu_start = cpu_by_group(pids.0, pids.1)?;
+    let binaries = [
+        ("benalsam-bridge", bridge.child.id()),
+        ("benalsam-consumer", consumer_process.child.id()),
+        ("load generator (this bench)", std::process::id()),
+    ];
+    let cpu_start = common::cpu_by_process(&binaries)?;
     wait_completed(&env, before).await?;
     let capacity = envelopes.len() as f64 / drain_started.elapsed().as_secs_f64();
-    let cpu_drained = cpu_by_group(pids.0, pids.1)?;
+    let cpu_drained = common::cpu_by_process(&binaries)?;
 
     // The pipeline at full speed.
     eprintln!("[3/4] the pipeline at full speed: {ops} changes from {writers} writers");
@@ -524,7 +452,7 @@ async fn main() -> Result<(), BoxError> {
     wait_completed(&env, first).await?;
     let (jobs, span, full) = job_stats(&env, first).await?;
     let pipeline = jobs as f64 / span;
-    let cpu_full = cpu_by_group(pids.0, pids.1)?;
+    let cpu_full = common::cpu_by_process(&binaries)?;
     let (bridge_cpu, bridge_rss) = bridge.usage()?;
     let (consumer_cpu, consumer_rss) = consumer_process.usage()?;
 
@@ -614,15 +542,19 @@ async fn main() -> Result<(), BoxError> {
     println!("| benalsam-consumer: CPU, peak RSS | {consumer_cpu:.1} s, {consumer_rss:.1} MiB |");
 
     println!("\nCPU seconds per 1,000 jobs (user + system, from /proc):\n");
-    println!("| phase | {} | all |", GROUPS.join(" | "));
-    println!("|---|{}---:|", "---:|".repeat(GROUPS.len()));
+    println!("| phase | {} |", cpu_start.header().join(" | "));
+    println!("|---|{}", "---:|".repeat(cpu_start.header().len()));
     println!(
         "| backlog drained | {} |",
-        cpu_per_thousand(cpu_start, cpu_drained, envelopes.len() as f64).join(" | ")
+        cpu_drained
+            .per_thousand(&cpu_start, envelopes.len())
+            .join(" | ")
     );
     println!(
         "| full speed (writers included) | {} |",
-        cpu_per_thousand(cpu_drained, cpu_full, jobs as f64).join(" | ")
+        cpu_full
+            .per_thousand(&cpu_drained, jobs as usize)
+            .join(" | ")
     );
 
     delete_index(&es, &index).await;

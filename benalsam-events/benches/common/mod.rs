@@ -219,3 +219,96 @@ pub async fn raw_bulk(
     }
     Ok(items.len() as f64 / started.elapsed().as_secs_f64())
 }
+
+/// CPU seconds used so far by each of `own` processes (label, pid) and by each server
+/// (PostgreSQL, RabbitMQ, OpenSearch), from /proc.
+pub struct CpuSample(Vec<(String, f64)>);
+
+impl CpuSample {
+    /// The labels, then "all".
+    pub fn header(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self.0.iter().map(|(l, _)| l.clone()).collect();
+        labels.push("all".to_owned());
+        labels
+    }
+
+    /// CPU seconds per 1,000 jobs since `before`, per label and in all, as table cells.
+    pub fn per_thousand(&self, before: &CpuSample, jobs: usize) -> Vec<String> {
+        let per = |seconds: f64| format!("{:.2}", seconds / jobs.max(1) as f64 * 1000.0);
+        let deltas: Vec<f64> = self
+            .0
+            .iter()
+            .zip(&before.0)
+            .map(|((_, a), (_, b))| a - b)
+            .collect();
+        let mut cells: Vec<String> = deltas.iter().map(|d| per(*d)).collect();
+        cells.push(per(deltas.iter().sum()));
+        cells
+    }
+}
+
+/// Samples [`CpuSample`]. A process counts with its own time and its reaped children's
+/// (`cutime`, `cstime`), so PostgreSQL backends that came and went between two samples are
+/// counted (by the postmaster), and the difference of two samples is what each used between
+/// them.
+pub fn cpu_by_process(own: &[(&str, u32)]) -> Result<CpuSample, BoxError> {
+    let hz: f64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .parse()?;
+    let servers = ["PostgreSQL", "RabbitMQ", "OpenSearch"];
+    let mut seconds = vec![0.0; own.len() + servers.len()];
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end while we look: skip it (its time moves to its parent's cutime).
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        let group = if let Some(i) = own.iter().position(|(_, p)| *p == pid) {
+            i
+        } else {
+            own.len()
+                + match comm {
+                    "postgres" => 0,
+                    "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => 1,
+                    "java" => {
+                        let cmdline =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        if !String::from_utf8_lossy(&cmdline).contains("opensearch") {
+                            continue;
+                        }
+                        2
+                    }
+                    _ => continue,
+                }
+        };
+        // utime, stime, cutime, cstime: fields 14–17 of stat, the 12th–15th after the name.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..15)
+            .ok_or("short /proc stat")?
+            .iter()
+            .map(|f| f.parse::<f64>())
+            .sum::<Result<f64, _>>()?;
+        seconds[group] += ticks / hz;
+    }
+    let labels = own
+        .iter()
+        .map(|(l, _)| (*l).to_owned())
+        .chain(servers.iter().map(|s| (*s).to_owned()));
+    Ok(CpuSample(labels.zip(seconds).collect()))
+}
