@@ -274,6 +274,37 @@ pub(crate) enum Finished {
     Abandoned,
 }
 
+/// What the loop may wake for without a delivery: a batch's linger, a due retry, a probe, a
+/// depth check.
+#[derive(Debug, Clone, Copy)]
+struct Wake {
+    batch_closes: Option<Instant>,
+    batch_full: bool,
+    next_retry: Option<Instant>,
+    probe_at: Option<Instant>,
+    in_flight: usize,
+    max_in_flight: usize,
+    depth_check: Instant,
+}
+
+impl Wake {
+    /// The earliest moment at which waking could act. A batch whose linger is over but finds
+    /// every in-flight slot taken waits for a batch to finish (which wakes the loop anyway);
+    /// a due retry waits while the batch is full; a probe waits for the batch in flight.
+    /// Waking for them earlier would spin, taking the CPU the search engine needs.
+    fn at(self) -> Instant {
+        let room = self.probe_at.is_none() && self.in_flight < self.max_in_flight;
+        [
+            self.batch_closes.filter(|_| room),
+            self.next_retry.filter(|_| !self.batch_full),
+            self.probe_at.filter(|_| self.in_flight == 0),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.depth_check, Instant::min)
+    }
+}
+
 /// Consumes change messages into Elasticsearch: each delivery is decoded, checked against
 /// the outbox, batched into bulk requests, and acked once its outcome is recorded.
 pub struct Indexer {
@@ -541,18 +572,18 @@ impl Run {
         self.status().lock().connected = false;
     }
 
-    /// When to wake without a delivery: a batch's linger, a due retry, a probe, a depth check.
+    /// When to wake without a delivery (see [`Wake`]).
     fn wake_at(&self) -> Instant {
-        [
-            self.batcher.deadline(),
-            self.held.iter().map(|m| m.not_before).min(),
-            self.probe_at,
-            Some(self.next_depth_check),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(self.next_depth_check)
+        Wake {
+            batch_closes: self.batcher.deadline(),
+            batch_full: self.batcher.is_full(),
+            next_retry: self.held.iter().map(|m| m.not_before).min(),
+            probe_at: self.probe_at,
+            in_flight: self.in_flight.len(),
+            max_in_flight: self.shared.config.in_flight,
+            depth_check: self.next_depth_check,
+        }
+        .at()
     }
 
     /// Moves retries whose backoff is over into the batch being filled.
@@ -991,5 +1022,70 @@ async fn send(
             metrics::inc(&m.bulk_requests, "failed");
             Err(error)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_wakes_only_for_what_it_can_act_on() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let past = now - Duration::from_millis(1);
+        let wake = Wake {
+            batch_closes: Some(past),
+            batch_full: true,
+            next_retry: Some(past),
+            probe_at: None,
+            in_flight: 2,
+            max_in_flight: 2,
+            depth_check: later,
+        };
+        assert_eq!(
+            wake.at(),
+            later,
+            "a ready batch with no free slot and retries behind a full batch wait: no spin"
+        );
+        assert_eq!(
+            Wake {
+                in_flight: 1,
+                ..wake
+            }
+            .at(),
+            past,
+            "a free slot: the batch goes"
+        );
+        assert_eq!(
+            Wake {
+                batch_full: false,
+                batch_closes: None,
+                ..wake
+            }
+            .at(),
+            past,
+            "room in the batch: the retry goes in"
+        );
+        let open = Wake {
+            batch_closes: Some(past),
+            probe_at: Some(now),
+            in_flight: 1,
+            ..wake
+        };
+        assert_eq!(
+            open.at(),
+            later,
+            "the circuit is open and a batch is still out"
+        );
+        assert_eq!(
+            Wake {
+                in_flight: 0,
+                ..open
+            }
+            .at(),
+            now,
+            "then the probe is due"
+        );
     }
 }
