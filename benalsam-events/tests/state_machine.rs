@@ -48,6 +48,77 @@ async fn status(db: &TestSchema, job: i64) -> String {
 }
 
 #[tokio::test]
+async fn a_confirm_recorded_while_another_transaction_holds_the_job_waits_and_marks_it_sent() {
+    let db = TestSchema::new().await;
+    db.insert_listings(3).await;
+    let bridge = outbox(&db, "bridge");
+    let jobs: Vec<i64> = bridge
+        .claim(10)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    // Another bridge's claim read the middle job as pending before this claim committed: it
+    // keeps the row locked until its own transaction ends.
+    let mut other = benalsam_events::connect::postgres(&support::database_url())
+        .await
+        .expect("second connection");
+    let other_tx = other.transaction().await.expect("begin");
+    other_tx
+        .execute(
+            &format!(
+                "SELECT 1 FROM {}.elasticsearch_sync_queue WHERE id = $1 FOR UPDATE",
+                db.name
+            ),
+            &[&jobs[1]],
+        )
+        .await
+        .expect("lock the row");
+
+    let report = {
+        let bridge = bridge.clone();
+        let reports: Vec<(i64, Outcome)> = jobs.iter().map(|id| (*id, Outcome::Sent)).collect();
+        tokio::spawn(async move { bridge.settle(&reports).await })
+    };
+    // The mark waits for the lock (rather than skipping the job and leaving it processing).
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock'
+                   AND query LIKE '%' || $1 || '%elasticsearch_sync_queue%'",
+                &[&db.name],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the mark waits for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other_tx
+        .rollback()
+        .await
+        .expect("end the other transaction");
+    let settled = report.await.expect("no panic").expect("settled");
+    let mut changed = settled.changed.clone();
+    changed.sort_unstable();
+    assert_eq!(changed, jobs, "every job reported sent");
+    for job in jobs {
+        assert_eq!(status(&db, job).await, "sent");
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn a_confirm_recorded_after_the_consumer_failed_the_job_leaves_it_failed() {
     let db = TestSchema::new().await;
     db.insert_listings(1).await;

@@ -419,13 +419,61 @@ impl Outbox {
         }
     }
 
+    /// The second pass of marking jobs sent: the jobs the first pass skipped because another
+    /// transaction held them, and that are still this bridge's. Such a lock is short (a
+    /// consumer completing the job, after which `sent` no longer applies, or another bridge's
+    /// claim that read the row as pending before this bridge's claim committed and keeps it
+    /// locked until its own commit). Each is marked alone, waiting for that lock: a
+    /// statement holding one row at most cannot deadlock. Left out, such a job would stay
+    /// `processing` until its lease ran out and be published again.
+    async fn sent_after_wait(
+        &self,
+        conn: &Conn,
+        ids: &[i64],
+        marked: &[tokio_postgres::Row],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let marked: std::collections::HashSet<i64> = marked.iter().map(|r| r.get(0)).collect();
+        let skipped: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !marked.contains(id))
+            .collect();
+        let worker = &self.inner.config.worker_id;
+        let still_mine = conn
+            .client
+            .query(&conn.stmts.still_processing, &[&skipped, worker])
+            .await
+            .map_err(|e| Error::postgres("finding jobs the sent mark skipped", e))?;
+        let mut rows = Vec::new();
+        for row in still_mine {
+            let id: i64 = row.get(0);
+            rows.extend(
+                conn.client
+                    .query(&conn.stmts.sent_one, &[&id, worker])
+                    .await
+                    .map_err(|e| Error::postgres("marking a held job sent", e))?,
+            );
+        }
+        Ok(rows)
+    }
+
     /// Applies one kind of move to the jobs of `group`.
     async fn apply(&self, action: Move, group: &[&(i64, Outcome)]) -> Result<Vec<i64>> {
         let conn = self.conn().await?;
         let ids: Vec<i64> = group.iter().map(|(id, _)| *id).collect();
         let worker = &self.inner.config.worker_id;
         let rows = match action {
-            Move::Sent => conn.client.query(&conn.stmts.sent, &[&ids, worker]).await,
+            Move::Sent => {
+                let mut rows = conn
+                    .client
+                    .query(&conn.stmts.sent, &[&ids, worker])
+                    .await
+                    .map_err(|e| Error::postgres(action.describe(), e))?;
+                if rows.len() < ids.len() {
+                    rows.extend(self.sent_after_wait(&conn, &ids, &rows).await?);
+                }
+                Ok(rows)
+            }
             Move::Release => {
                 conn.client
                     .query(&conn.stmts.release, &[&ids, worker])
@@ -567,6 +615,8 @@ statements! {
     reclaim_expired: "reclaim",
     release: "release",
     sent: "sent",
+    still_processing: "still processing",
+    sent_one: "sent, one job",
     completed: "completed",
     publish_failed: "publish failed",
     dead_lettered: "dead lettered",
@@ -690,16 +740,31 @@ impl Sql {
                 Move::Release.to().as_str(),
                 Move::Release.guard(Some("$2"))
             ),
-            // A row another transaction is changing is skipped, not waited for: only a
-            // consumer completing or failing the job can hold it (every other move needs a
-            // state this bridge's lease excludes), and after that `sent` no longer applies.
-            // Waiting would stall the publisher behind a consumer that keeps up with it.
+            // A row another transaction holds is skipped, not waited for: mostly a consumer
+            // completing the job (after which `sent` no longer applies), and waiting for
+            // each of those would stall the publisher behind a consumer that keeps up with
+            // it. The jobs skipped that are still this bridge's are marked one by one after
+            // (see `sent_after_wait`).
             sent: format!(
                 "UPDATE {q} q SET status = '{}', sent_at = now(), locked_until = NULL,
                                   locked_by = NULL, next_attempt_at = NULL
                  FROM (SELECT id FROM {q} q WHERE q.id = ANY($1) AND {}
                        FOR UPDATE SKIP LOCKED) held
                  WHERE q.id = held.id
+                 RETURNING q.id",
+                Move::Sent.to().as_str(),
+                Move::Sent.guard(Some("$2"))
+            ),
+            // Jobs of this bridge still processing (read without locks), and one of them
+            // marked sent, waiting for its lock: the second pass of `sent` above.
+            still_processing: format!(
+                "SELECT q.id FROM {q} q WHERE q.id = ANY($1) AND {}",
+                Move::Sent.guard(Some("$2"))
+            ),
+            sent_one: format!(
+                "UPDATE {q} q SET status = '{}', sent_at = now(), locked_until = NULL,
+                                  locked_by = NULL, next_attempt_at = NULL
+                 WHERE q.id = $1 AND {}
                  RETURNING q.id",
                 Move::Sent.to().as_str(),
                 Move::Sent.guard(Some("$2"))
