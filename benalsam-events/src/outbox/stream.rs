@@ -291,7 +291,9 @@ const PRESENCE_PAUSE: Duration = Duration::from_secs(30);
 /// one is told: its job waits for the next writer that notifies, or for the poll, at most one
 /// poll interval (the rare race this design accepts instead of making every writer lock
 /// something the bridge waits on). A stream that claims only some tables marks only those;
-/// the writers of other tables keep waking idle bridges.
+/// the writers of other tables keep waking idle bridges. Idle bridges of the same tables are
+/// not woken while one is busy: they join at their next poll, and stay while their own
+/// claims come back full.
 #[derive(Debug, Default)]
 struct Presence {
     /// Until when the row says busy, by this process's clock: never later than the
