@@ -1,7 +1,8 @@
 //! The whole pipeline against the machine's own limits, in one run on the local stack.
 //!
 //! 1. The limit of each hop alone, on the same data: PostgreSQL inserts without and with the
-//!    trigger (concurrent writers), RabbitMQ publish-with-confirms and consume of the same
+//!    trigger (concurrent writers; the trigger without NOTIFY, with NOTIFY while a bridge is
+//!    marked busy so adaptive NOTIFY skips it, and with NOTIFY), RabbitMQ publish-with-confirms and consume of the same
 //!    envelopes with a bare client, Elasticsearch `_bulk` of the same documents with a bare
 //!    client (the best of 500 or 1,000 per request with 1–4 in flight).
 //! 2. The pipeline's capacity: the real `benalsam-bridge` and `benalsam-consumer` binaries
@@ -309,14 +310,19 @@ async fn main() -> Result<(), BoxError> {
     search::ensure_index(&es, &common::listings(&index)).await?;
     eprintln!("[1/4] each hop alone, {ops} rows / messages / documents");
 
-    // PostgreSQL: the same inserts into copies of the table without the trigger and with the
-    // trigger but no NOTIFY, then into the table itself (trigger with NOTIFY, the default).
+    // PostgreSQL: the same inserts into copies of the table without the trigger, with the
+    // trigger but no NOTIFY, and with the default trigger while a bridge is marked busy
+    // (adaptive NOTIFY skips the NOTIFY, the trigger still looks); then into the table itself
+    // (trigger with NOTIFY, nobody busy).
     env.client
         .batch_execute(
             "CREATE TABLE listings_plain (LIKE listings INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
              CREATE TABLE listings_quiet (LIKE listings INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
              CREATE TRIGGER listings_quiet_sync AFTER INSERT OR UPDATE OR DELETE ON listings_quiet
-                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'notify=off');",
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'notify=off');
+             CREATE TABLE listings_busy (LIKE listings INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
+             CREATE TRIGGER listings_busy_sync AFTER INSERT OR UPDATE OR DELETE ON listings_busy
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count');",
         )
         .await?;
     let inserts_only = Mix {
@@ -328,6 +334,17 @@ async fn main() -> Result<(), BoxError> {
     let plain = rate_of(write(&env, "listings_plain", writers, ops, inserts_only, None).await?);
     let before_quiet = max_job(&env).await?;
     let quiet = rate_of(write(&env, "listings_quiet", writers, ops, inserts_only, None).await?);
+    // A bridge of every table, busy for longer than the run: what a draining bridge writes.
+    env.client
+        .batch_execute(
+            "INSERT INTO benalsam_listeners (listener, tables, busy_until)
+             VALUES ('bench', NULL, now() + interval '1 hour')",
+        )
+        .await?;
+    let busy = rate_of(write(&env, "listings_busy", writers, ops, inserts_only, None).await?);
+    env.client
+        .batch_execute("DELETE FROM benalsam_listeners")
+        .await?;
     env.client
         .execute(
             "DELETE FROM elasticsearch_sync_queue WHERE id > $1",
@@ -492,7 +509,11 @@ async fn main() -> Result<(), BoxError> {
         format!("{quiet:.0} rows/s ({:.2} of without)", quiet / plain),
     );
     row(
-        "PostgreSQL inserts with trigger and NOTIFY (default)",
+        "PostgreSQL inserts with trigger and NOTIFY while a bridge is busy (adaptive, skipped)",
+        format!("{busy:.0} rows/s ({:.2} of without)", busy / plain),
+    );
+    row(
+        "PostgreSQL inserts with trigger and NOTIFY (default, no bridge busy)",
         format!(
             "{triggered:.0} rows/s ({:.2} of without)",
             triggered / plain

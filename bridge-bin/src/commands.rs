@@ -327,6 +327,15 @@ mod tests {
         assert!(cli.command.is_none());
         let run = RunOnly::try_parse_from(["benalsam-bridge run"]).expect("run defaults parse");
         assert_eq!(run.args.batch_size, 100);
+        assert!(run.args.adaptive_notify, "adaptive NOTIFY is on by default");
+        for (value, adaptive) in [("false", false), ("off", false), ("true", true)] {
+            let run = RunOnly::try_parse_from([
+                "benalsam-bridge run",
+                &format!("--adaptive-notify={value}"),
+            ])
+            .expect("a boolean");
+            assert_eq!(run.args.adaptive_notify, adaptive, "{value}");
+        }
         let status = Cli::try_parse_from([
             "benalsam-bridge",
             "status",

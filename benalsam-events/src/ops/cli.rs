@@ -357,6 +357,14 @@ pub struct BridgeArgs {
     #[arg(long, env = "BENALSAM_POLL_ONLY")]
     pub poll_only: bool,
 
+    /// While draining a backlog, mark the bridge busy so the triggers of its tables skip
+    /// NOTIFY (faster concurrent writes; a change committed as the bridge goes idle may wait
+    /// up to the poll interval); false: every change notifies
+    #[arg(long, env = "BENALSAM_ADAPTIVE_NOTIFY", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub adaptive_notify: bool,
+
     /// How long a claim is exclusive; a dead bridge's jobs are claimable again after it
     #[arg(long, env = "BENALSAM_LEASE", default_value = "60s", value_parser = parse_duration)]
     pub lease: Duration,
@@ -424,6 +432,7 @@ impl BridgeArgs {
                     channel: database.notify_channel.clone(),
                 }
             },
+            adaptive_notify: self.adaptive_notify,
             ..JobStreamConfig::default()
         };
         s.publisher = PublisherConfig {

@@ -3,7 +3,8 @@
 //!
 //! The SQL lives in the crate's `db/` folder and is compiled into the library, so a
 //! binary always carries the schema it was built for. It holds only what the library owns:
-//! the job table, the trigger function, the progress of backfills. [`migrate`] applies the
+//! the job table, the trigger function, the progress of backfills, the busy marks of bridges
+//! (adaptive NOTIFY). [`migrate`] applies the
 //! missing migrations in order, in one transaction, under an advisory lock (several processes
 //! starting at once migrate once), and records each in `benalsam_schema_migrations` with a
 //! checksum: editing a migration that a database already has is refused. In the same
@@ -44,6 +45,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_sync_queue.sql"),
     migration!(2, "0002_sync_trigger.sql"),
     migration!(3, "0003_backfill_progress.sql"),
+    migration!(4, "0004_adaptive_notify.sql"),
 ];
 
 /// What [`migrate`] did.

@@ -173,6 +173,10 @@ struct Inner {
     url: DatabaseUrl,
     config: OutboxConfig,
     sql: Sql,
+    /// The statements of [`Outbox::mark_busy`] and [`Outbox::mark_idle`], kept out of [`Sql`]
+    /// (whose statements are all prepared on connect).
+    sql_busy: String,
+    sql_idle: String,
     conn: Mutex<Option<Conn>>,
 }
 
@@ -203,11 +207,21 @@ impl Outbox {
             ));
         }
         let sql = Sql::for_schema(&config.schema);
+        let listeners = format!("\"{}\".benalsam_listeners", config.schema);
         Ok(Self {
             inner: Arc::new(Inner {
                 url,
-                config,
                 sql,
+                sql_busy: format!(
+                    "INSERT INTO {listeners} (listener, tables, busy_until)
+                     VALUES ($1, $2, now() + make_interval(secs => $3))
+                     ON CONFLICT (listener) DO UPDATE
+                     SET tables = EXCLUDED.tables, busy_until = EXCLUDED.busy_until"
+                ),
+                sql_idle: format!(
+                    "DELETE FROM {listeners} WHERE listener = $1 OR busy_until < now()"
+                ),
+                config,
                 conn: Mutex::new(None),
             }),
         })
@@ -455,6 +469,36 @@ impl Outbox {
             );
         }
         Ok(rows)
+    }
+
+    /// Tells writers that this outbox's claimer is draining its tables for the next `lease`:
+    /// their trigger skips the NOTIFY meanwhile (adaptive NOTIFY, migration 4). Renewing it
+    /// moves the end of the lease.
+    ///
+    /// Not a prepared statement of the connection: a schema without migration 4 must still
+    /// let the outbox connect and claim, with this one call failing (and writers notifying).
+    pub(crate) async fn mark_busy(&self, lease: Duration) -> Result<()> {
+        let conn = self.conn().await?;
+        let config = &self.inner.config;
+        conn.client
+            .execute(
+                &self.inner.sql_busy,
+                &[&config.worker_id, &config.tables, &lease.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| Error::postgres("marking the bridge busy (adaptive NOTIFY)", e))?;
+        Ok(())
+    }
+
+    /// Tells writers that this outbox's claimer waits for their NOTIFY again. Rows whose
+    /// lease ran out (bridges that died busy) go too: writers ignore them anyway.
+    pub(crate) async fn mark_idle(&self) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.client
+            .execute(&self.inner.sql_idle, &[&self.inner.config.worker_id])
+            .await
+            .map_err(|e| Error::postgres("marking the bridge idle (adaptive NOTIFY)", e))?;
+        Ok(())
     }
 
     /// Applies one kind of move to the jobs of `group`.

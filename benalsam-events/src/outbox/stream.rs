@@ -5,6 +5,10 @@
 //! while nobody listened is found then). It claims again at once while batches come back
 //! full, so a backlog drains at the speed of the consumer of the stream.
 //!
+//! While it drains a backlog it tells writers so (adaptive NOTIFY, see
+//! [`JobStreamConfig::adaptive_notify`]), and their triggers skip the NOTIFY, whose
+//! cluster-wide lock at commit is the trigger's main cost.
+//!
 //! Stopping: cancel the [`CancellationToken`] given to [`JobStream::new`]. The stream then
 //! ends after handing out nothing more; a batch it claimed but had not handed out is given
 //! back to `pending`. Batches already handed out belong to the caller, who reports what became
@@ -59,6 +63,13 @@ pub struct JobStreamConfig {
     pub wake: Wake,
     /// Delays between attempts while PostgreSQL is unreachable.
     pub reconnect: Backoff,
+    /// Adaptive NOTIFY (`BENALSAM_ADAPTIVE_NOTIFY`, with [`Wake::Listen`] only): while its
+    /// claims come back full, the stream marks itself busy in `benalsam_listeners` (a small
+    /// write every few seconds), and the triggers of its tables skip the NOTIFY, so writers
+    /// no longer commit one at a time. The price: a change committed in the instant the
+    /// stream goes idle may wait for the next notifying change or the poll interval. Off:
+    /// every change notifies, as before migration 4.
+    pub adaptive_notify: bool,
 }
 
 impl Default for JobStreamConfig {
@@ -70,6 +81,7 @@ impl Default for JobStreamConfig {
                 channel: DEFAULT_CHANNEL.to_owned(),
             },
             reconnect: Backoff::default(),
+            adaptive_notify: true,
         }
     }
 }
@@ -180,9 +192,14 @@ impl JobStream {
             }
             Wake::PollOnly => None,
         };
+        // Only a listening stream is woken by NOTIFY, so only it has something to say about
+        // whether writers need to send one.
+        let presence = (config.adaptive_notify && matches!(config.wake, Wake::Listen { .. }))
+            .then(Presence::default);
         let claimer = Claimer {
             outbox,
             config,
+            presence,
             wake,
             shutdown,
             status: status.clone(),
@@ -192,7 +209,13 @@ impl JobStream {
             next_housekeeping: Instant::now(),
         };
         let batches = futures::stream::unfold(claimer, |mut claimer| async move {
-            claimer.next_batch().await.map(|batch| (batch, claimer))
+            match claimer.next_batch().await {
+                Some(batch) => Some((batch, claimer)),
+                None => {
+                    claimer.leave().await;
+                    None
+                }
+            }
         });
         Ok(Self {
             batches: Box::pin(batches),
@@ -235,6 +258,49 @@ struct Claimer {
     /// The last claim came back short: wait for a wake-up before claiming again.
     drained: bool,
     next_housekeeping: Instant,
+    /// What writers were told about this stream; `None` without adaptive NOTIFY.
+    presence: Option<Presence>,
+}
+
+/// How long a busy mark lasts unless renewed. It bounds how long the writers of a bridge
+/// that died while busy skip their NOTIFY (the other bridges poll meanwhile, and the row is
+/// dropped on the next idle mark of any bridge); renewed once less than half of it is left,
+/// so a draining bridge writes its row every few seconds, not once per batch.
+const BUSY_LEASE: Duration = Duration::from_secs(5);
+
+/// After a busy or idle mark fails (a schema without migration 4, a role that may not write
+/// `benalsam_listeners`), how long the stream goes without marking: writers keep notifying
+/// meanwhile, and the warning comes twice a minute, not once per batch.
+const PRESENCE_PAUSE: Duration = Duration::from_secs(30);
+
+/// Adaptive NOTIFY: the stream's row in `benalsam_listeners`, as far as it knows.
+///
+/// ```text
+///  claim full ──► busy (row: busy_until = now + lease) ──► claim full … (renew at half)
+///                                                            │
+///                                                      claim short
+///                                                            ▼
+///                          idle (row deleted) ──► claim once more ──► wait: NOTIFY or poll
+///
+///  writer:  INSERT + trigger reads the row ─────────────── COMMIT
+///           read "busy" → no NOTIFY       read "idle" → NOTIFY
+/// ```
+///
+/// A writer skips its NOTIFY only when it read the row before the idle mark committed. If it
+/// commits before the last claim starts, that claim takes its job; if it commits after, no
+/// one is told: its job waits for the next writer that notifies, or for the poll, at most one
+/// poll interval (the rare race this design accepts instead of making every writer lock
+/// something the bridge waits on). A stream that claims only some tables marks only those;
+/// the writers of other tables keep waking idle bridges. Idle bridges of the same tables are
+/// not woken while one is busy: they join at their next poll, and stay while their own
+/// claims come back full.
+#[derive(Debug, Default)]
+struct Presence {
+    /// Until when the row says busy, by this process's clock: never later than the
+    /// database's, which adds the lease after this instant. `None`: no row (idle).
+    busy_until: Option<Instant>,
+    /// No marking before this, after a failure.
+    paused_until: Option<Instant>,
 }
 
 impl Claimer {
@@ -271,7 +337,15 @@ impl Claimer {
                     claimed
                         .get_or_create(&metrics::Kind { kind: "retry" })
                         .inc_by(retries);
-                    self.drained = jobs.len() < self.config.batch_size;
+                    let full = jobs.len() >= self.config.batch_size;
+                    self.drained = !full;
+                    if full {
+                        self.mark_busy().await;
+                    } else if self.mark_idle().await {
+                        // Writers that read "busy" before the idle mark may have committed
+                        // since this claim: one more claim finds them (see `Presence`).
+                        self.drained = false;
+                    }
                     if jobs.is_empty() {
                         continue;
                     }
@@ -283,6 +357,76 @@ impl Claimer {
                 }
                 Err(error) => self.failed(error).await,
             }
+        }
+    }
+
+    /// More work waits: tells writers not to notify for a while (renewing the mark once
+    /// half of it is gone).
+    async fn mark_busy(&mut self) {
+        let Some(presence) = self.presence.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if presence.paused_until.is_some_and(|t| now < t)
+            || presence
+                .busy_until
+                .is_some_and(|t| t.saturating_duration_since(now) >= BUSY_LEASE / 2)
+        {
+            return;
+        }
+        match self.outbox.mark_busy(BUSY_LEASE).await {
+            Ok(()) => {
+                if presence.busy_until.is_none() {
+                    tracing::debug!("draining: marked busy, writers skip NOTIFY");
+                }
+                presence.busy_until = Some(now + BUSY_LEASE);
+                presence.paused_until = None;
+            }
+            Err(error) => {
+                presence.busy_until = None;
+                presence.paused_until = Some(now + PRESENCE_PAUSE);
+                self.status.record_error(&error);
+                tracing::warn!(
+                    %error,
+                    retry_in = ?PRESENCE_PAUSE,
+                    "cannot mark the bridge busy; writers keep sending NOTIFY meanwhile"
+                );
+            }
+        }
+    }
+
+    /// The queue is drained: when writers were told not to notify, tells them to again.
+    /// True when it did (then one more claim is due before waiting).
+    async fn mark_idle(&mut self) -> bool {
+        let Some(presence) = self.presence.as_mut() else {
+            return false;
+        };
+        if presence.busy_until.take().is_none() {
+            return false;
+        }
+        // Forgotten whether or not the mark works: a failed one must not make the stream
+        // claim again and again without waiting. The row's lease runs out on its own.
+        tracing::debug!("drained: marking idle, writers notify again");
+        if let Err(error) = self.outbox.mark_idle().await {
+            presence.paused_until = Some(Instant::now() + PRESENCE_PAUSE);
+            self.status.record_error(&error);
+            tracing::warn!(
+                %error,
+                lease = ?BUSY_LEASE,
+                "cannot mark the bridge idle; writers skip NOTIFY until its busy mark runs out"
+            );
+        }
+        true
+    }
+
+    /// The stream ends: a busy mark goes, so writers notify the remaining bridges at once.
+    async fn leave(&mut self) {
+        if self
+            .presence
+            .as_ref()
+            .is_some_and(|p| p.busy_until.is_some())
+        {
+            self.mark_idle().await;
         }
     }
 
