@@ -327,6 +327,10 @@ mod tests {
         assert!(cli.command.is_none());
         let run = RunOnly::try_parse_from(["benalsam-bridge run"]).expect("run defaults parse");
         assert_eq!(run.args.batch_size, 100);
+        // The binary's publish window is the library's.
+        let library = benalsam_events::PublisherConfig::default();
+        assert_eq!(run.args.publish_window as usize, library.window);
+        assert_eq!(run.args.publish_window_bytes as usize, library.window_bytes);
         assert!(run.args.adaptive_notify, "adaptive NOTIFY is on by default");
         for (value, adaptive) in [("false", false), ("off", false), ("true", true)] {
             let run = RunOnly::try_parse_from([

@@ -214,7 +214,12 @@ mod tests {
         Cli::command().debug_assert();
         let run = RunOnly::try_parse_from(["benalsam-consumer run"]).expect("defaults parse");
         assert_eq!(run.args.searchable_statuses, None);
-        assert_eq!(run.args.bulk_size, 500);
+        // The binary's defaults are the library's.
+        let library = benalsam_events::IndexerConfig::default();
+        assert_eq!(run.args.bulk_size as usize, library.batch_size);
+        assert_eq!(run.args.prefetch, library.prefetch);
+        assert_eq!(run.args.bulk_in_flight as usize, library.in_flight);
+        assert_eq!(run.args.bulk_target, library.bulk_target);
         let run = RunOnly::try_parse_from([
             "benalsam-consumer run",
             "--searchable-statuses",

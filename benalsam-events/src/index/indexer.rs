@@ -94,11 +94,12 @@ pub struct IndexerConfig {
 impl Default for IndexerConfig {
     fn default() -> Self {
         Self {
-            // From the benchmarks (BENCHMARKS.md): 500 per request is as fast as 1,000 in the
-            // whole pipeline and keeps the consumer's peak RSS near 40 MiB instead of 54; a
-            // prefetch of twice that lets the next batch arrive while one is being written.
-            prefetch: 1000,
-            batch_size: 500,
+            // From the benchmarks (BENCHMARKS.md): two requests of 250 in flight drain a
+            // backlog as fast as 500 or 1,000 in the whole pipeline, and holding 500 messages
+            // (rather than 1,000) keeps the consumer under 50 MiB with 4 KB rows under an
+            // update-heavy load (every message carries the old and the new row).
+            prefetch: 500,
+            batch_size: 250,
             batch_bytes: 5 * 1024 * 1024,
             linger: Duration::from_millis(50),
             in_flight: 2,

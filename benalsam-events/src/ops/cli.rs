@@ -388,7 +388,7 @@ pub struct BridgeArgs {
     pub publish_window: u32,
 
     /// Most bytes of messages published and not yet confirmed (large rows narrow the window)
-    #[arg(long, env = "BENALSAM_PUBLISH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024,
+    #[arg(long, env = "BENALSAM_PUBLISH_WINDOW_BYTES", default_value_t = 4 * 1024 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub publish_window_bytes: u32,
 
@@ -483,12 +483,12 @@ pub struct ConsumerArgs {
     pub searchable_statuses: Option<Vec<String>>,
 
     /// Unacknowledged messages taken at once (basic.qos)
-    #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 1000,
+    #[arg(long, env = "BENALSAM_PREFETCH", default_value_t = 500,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
     /// Most actions per bulk request
-    #[arg(long, env = "BENALSAM_BULK_SIZE", default_value_t = 500,
+    #[arg(long, env = "BENALSAM_BULK_SIZE", default_value_t = 250,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub bulk_size: u32,
 

@@ -79,7 +79,7 @@ impl Default for PublisherConfig {
     fn default() -> Self {
         Self {
             window: 1000,
-            window_bytes: 8 * 1024 * 1024,
+            window_bytes: 4 * 1024 * 1024,
             report_batch: 500,
             report_interval: Duration::from_millis(20),
             reconnect: Backoff::default(),
