@@ -7,7 +7,7 @@
 //! it.
 //!
 //! For each phase it prints, per job:
-//! * the cluster's WAL (`pg_current_wal_lsn()` before and after) and its records and
+//! * the cluster's WAL (`pg_current_wal_insert_lsn()` before and after) and its records and
 //!   full-page images (`pg_stat_wal`). WAL is cluster-wide: whatever else runs on the server
 //!   meanwhile is counted too, so run it on a quiet server, a few times;
 //! * with `BENCH_ADMIN_URL` (a superuser, for `pg_walinspect`), the WAL of this run's own
@@ -203,6 +203,9 @@ impl Admin {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if from == to {
+            return Ok(BTreeMap::new());
+        }
         let rows = self
             .client
             .query(
@@ -321,7 +324,7 @@ struct Mark {
 async fn mark(client: &Client) -> Result<Mark, BoxError> {
     let row = client
         .query_one(
-            "SELECT pg_current_wal_lsn()::text, wal_records, wal_fpi FROM pg_stat_wal",
+            "SELECT pg_current_wal_insert_lsn()::text, wal_records, wal_fpi FROM pg_stat_wal",
             &[],
         )
         .await?;
