@@ -44,6 +44,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_sync_queue.sql"),
     migration!(2, "0002_sync_trigger.sql"),
     migration!(3, "0003_backfill_progress.sql"),
+    migration!(5, "0005_queue_fillfactor.sql"),
 ];
 
 /// What [`migrate`] did.
