@@ -109,6 +109,50 @@ async fn a_completed_job_is_final_and_a_consumer_may_complete_before_the_sent_ma
     db.drop().await;
 }
 
+#[tokio::test]
+async fn a_completed_job_keeps_no_payload_and_a_failed_one_keeps_it_for_its_retry() {
+    let db = TestSchema::new().await;
+    db.insert_listings(2).await;
+    let bridge = outbox(&db, "bridge");
+    let jobs: Vec<i64> = bridge
+        .claim(10)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let (done, refused) = (jobs[0], jobs[1]);
+    bridge
+        .settle(&[(done, Outcome::Completed), (refused, dead_lettered())])
+        .await
+        .expect("settle");
+    let payload = |job: i64| {
+        let client = &db.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT change_data FROM elasticsearch_sync_queue WHERE id = $1",
+                    &[&job],
+                )
+                .await
+                .expect("the job")
+                .get::<_, serde_json::Value>(0)
+        }
+    };
+    assert_eq!(payload(done).await, serde_json::json!({}));
+    assert!(payload(refused).await["title"].is_string());
+
+    // Retried, the failed job is published with its row again.
+    bridge
+        .retry_failed(&JobSelection::Jobs(vec![refused]))
+        .await
+        .expect("retry-failed");
+    let again = bridge.claim(10).await.expect("claim again");
+    assert_eq!(again.len(), 1);
+    assert!(again[0].change_data["title"].is_string());
+    db.drop().await;
+}
+
 /// The page of each job (the block of its row's current version), by id.
 async fn pages(db: &TestSchema) -> BTreeMap<i64, String> {
     db.client
