@@ -478,8 +478,10 @@ async fn one_run(
             }
             _ => BTreeMap::new(),
         };
-        if name == "insert" {
-            sizes(&client, jobs).await?;
+        match name {
+            "insert" => sizes(&client, jobs).await?,
+            "vacuum" => kept(&client).await?,
+            _ => {}
         }
         let now_versions = settled_versions(&client).await?;
         let versions = std::array::from_fn(|i| now_versions[i] - before_versions[i]);
@@ -546,6 +548,26 @@ async fn sizes(client: &Client, jobs: usize) -> Result<(), BoxError> {
         heap / 8192,
         jobs as f64 / (heap / 8192).max(1) as f64,
         toast / 8192
+    );
+    Ok(())
+}
+
+/// What the completed jobs take while they wait for the purge.
+async fn kept(client: &Client) -> Result<(), BoxError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(pg_column_size(q.*)), 0)::int8,
+                    pg_relation_size('elasticsearch_sync_queue')
+             FROM elasticsearch_sync_queue q",
+            &[],
+        )
+        .await?;
+    let (rows, heap): (i64, i64) = (row.get(0), row.get(1));
+    println!(
+        "completed and vacuumed: rows {} KiB in a heap of {} pages ({} KiB)",
+        rows / 1024,
+        heap / 8192,
+        heap / 1024
     );
     Ok(())
 }
