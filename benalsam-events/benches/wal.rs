@@ -106,15 +106,23 @@ async fn main() -> Result<(), BoxError> {
         }
     );
     let mut totals: Vec<Run> = Vec::new();
+    let mut outcome = Ok(());
     for run in 1..=runs {
         println!("\n## run {run}");
-        totals.push(one_run(&url, admin.as_ref(), jobs, checkpoints).await?);
+        match one_run(&url, admin.as_ref(), jobs, checkpoints).await {
+            Ok(run) => totals.push(run),
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
+        }
     }
     summary(&totals, admin.is_some());
+    // The extension goes even after a failed run: it lives in the shared database.
     if let Some(admin) = admin {
         admin.finish().await?;
     }
-    Ok(())
+    outcome
 }
 
 /// The superuser connection: checkpoints and `pg_walinspect`.
@@ -408,8 +416,38 @@ async fn one_run(
             "CREATE SCHEMA {schema}; SET search_path TO {schema}; {LISTINGS_SQL}"
         ))
         .await?;
-    let config = OutboxConfig::in_schema(&schema);
-    benalsam_events::outbox::migrate(&mut client, &config, &[EventType::listings()]).await?;
+    // The schema goes whether the run worked or not.
+    let run = phases(&mut client, url, &schema, admin, jobs, checkpoints).await;
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await?;
+    let run = run?;
+    print_run(&run, jobs, admin.is_some());
+    Ok(run
+        .into_iter()
+        .map(|(name, mut p)| {
+            // Per job from here on.
+            let per = |v: i64| v / jobs as i64;
+            p.cluster_bytes = per(p.cluster_bytes);
+            for v in p.attributed.values_mut() {
+                *v = (v.0, per(v.1), per(v.2));
+            }
+            (name, p)
+        })
+        .collect())
+}
+
+/// Migrates `schema` and takes its jobs through every phase; totals per phase.
+async fn phases(
+    client: &mut Client,
+    url: &DatabaseUrl,
+    schema: &str,
+    admin: Option<&Admin>,
+    jobs: usize,
+    checkpoints: Checkpoints,
+) -> Result<Run, BoxError> {
+    let config = OutboxConfig::in_schema(schema);
+    benalsam_events::outbox::migrate(client, &config, &[EventType::listings()]).await?;
     client
         .batch_execute(
             "ALTER TABLE elasticsearch_sync_queue
@@ -431,13 +469,13 @@ async fn one_run(
         .get(0);
     println!("queue table options: {}", options.unwrap_or_default());
     let relations = match admin {
-        Some(_) => Some(Relations::of(&client).await?),
+        Some(_) => Some(Relations::of(client).await?),
         None => None,
     };
 
     let mut results: Run = Vec::new();
     let mut ids: Vec<i64> = Vec::new();
-    let mut before_versions = settled_versions(&client).await?;
+    let mut before_versions = settled_versions(client).await?;
     for name in PHASES {
         let checkpoint = match checkpoints {
             Checkpoints::None => false,
@@ -445,16 +483,16 @@ async fn one_run(
             Checkpoints::Purge => name == "insert" || name == "purge",
         };
         if checkpoint {
-            self::checkpoint(&client, admin).await;
+            self::checkpoint(client, admin).await;
         }
-        let before = mark(&client).await?;
+        let before = mark(client).await?;
         let started = Instant::now();
         match name {
-            "insert" => insert(&client, jobs).await?,
-            "claim" => ids = claim(url, &schema, jobs).await?,
-            "sent" => sent(url, &schema, &ids).await?,
-            "completed" => completed(url, &schema, &ids).await?,
-            "purge" => purge(url, &schema, jobs).await?,
+            "insert" => insert(client, jobs).await?,
+            "claim" => ids = claim(url, schema, jobs).await?,
+            "sent" => sent(url, schema, &ids).await?,
+            "completed" => completed(url, schema, &ids).await?,
+            "purge" => purge(url, schema, jobs).await?,
             // The vacuum that removes the versions the marks left behind, as autovacuum
             // does minutes later; and the one that removes the purged rows.
             _ => {
@@ -464,7 +502,7 @@ async fn one_run(
             }
         }
         let seconds = started.elapsed().as_secs_f64();
-        let after = mark(&client).await?;
+        let after = mark(client).await?;
         let cluster_bytes: i64 = client
             .query_one(
                 "SELECT pg_wal_lsn_diff($2::text::pg_lsn, $1::text::pg_lsn)::int8",
@@ -479,11 +517,11 @@ async fn one_run(
             _ => BTreeMap::new(),
         };
         match name {
-            "insert" => sizes(&client, jobs).await?,
-            "vacuum" => kept(&client).await?,
+            "insert" => sizes(client, jobs).await?,
+            "vacuum" => kept(client).await?,
             _ => {}
         }
-        let now_versions = settled_versions(&client).await?;
+        let now_versions = settled_versions(client).await?;
         let versions = std::array::from_fn(|i| now_versions[i] - before_versions[i]);
         before_versions = now_versions;
         results.push((
@@ -498,22 +536,7 @@ async fn one_run(
             },
         ));
     }
-    print_run(&results, jobs, admin.is_some());
-    client
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await?;
-    Ok(results
-        .into_iter()
-        .map(|(name, mut p)| {
-            // Per job from here on.
-            let per = |v: i64| v / jobs as i64;
-            p.cluster_bytes = per(p.cluster_bytes);
-            for v in p.attributed.values_mut() {
-                *v = (v.0, per(v.1), per(v.2));
-            }
-            (name, p)
-        })
-        .collect())
+    Ok(results)
 }
 
 async fn checkpoint(client: &Client, admin: Option<&Admin>) {
