@@ -180,6 +180,80 @@ async fn a_completed_job_is_final_and_a_consumer_may_complete_before_the_sent_ma
     db.drop().await;
 }
 
+#[tokio::test]
+async fn a_completed_job_keeps_no_payload_and_a_failed_one_keeps_it_for_its_retry() {
+    let db = TestSchema::new().await;
+    db.insert_listings(2).await;
+    let bridge = outbox(&db, "bridge");
+    let jobs: Vec<i64> = bridge
+        .claim(10)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let (done, refused) = (jobs[0], jobs[1]);
+    bridge
+        .settle(&[(done, Outcome::Completed), (refused, dead_lettered())])
+        .await
+        .expect("settle");
+    let payload = |job: i64| {
+        let client = &db.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT change_data FROM elasticsearch_sync_queue WHERE id = $1",
+                    &[&job],
+                )
+                .await
+                .expect("the job")
+                .get::<_, serde_json::Value>(0)
+        }
+    };
+    assert_eq!(payload(done).await, serde_json::json!({}));
+    assert!(payload(refused).await["title"].is_string());
+
+    // Retried, the failed job is published with its row again.
+    bridge
+        .retry_failed(&JobSelection::Jobs(vec![refused]))
+        .await
+        .expect("retry-failed");
+    let again = bridge.claim(10).await.expect("claim again");
+    assert_eq!(again.len(), 1);
+    assert!(again[0].change_data["title"].is_string());
+    db.drop().await;
+}
+
+/// The page of each job (the block of its row's current version), by id.
+async fn pages(db: &TestSchema) -> BTreeMap<i64, String> {
+    db.client
+        .query(
+            "SELECT id, split_part(ctid::text, ',', 1) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await
+        .expect("read pages")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_writes_each_jobs_new_version_on_its_own_page() {
+    // The queue's fillfactor keeps room on every page for a second version of each of its
+    // jobs, so a claim (a batch, in one transaction) never moves a job to another page,
+    // where PostgreSQL would log the whole row instead of the bytes that changed.
+    let db = TestSchema::new().await;
+    db.insert_listings(60).await;
+    let before = pages(&db).await;
+    let claimed = outbox(&db, "bridge").claim(100).await.expect("claim");
+    assert_eq!(claimed.len(), 60);
+    assert_eq!(pages(&db).await, before);
+    let distinct: std::collections::BTreeSet<&String> = before.values().collect();
+    assert!(distinct.len() > 1, "the jobs fill more than one page");
+    db.drop().await;
+}
+
 /// Who may do what, to one of the jobs (by index) or to all of them.
 #[derive(Debug, Clone)]
 enum Step {

@@ -46,6 +46,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_sync_trigger.sql"),
     migration!(3, "0003_backfill_progress.sql"),
     migration!(4, "0004_adaptive_notify.sql"),
+    migration!(5, "0005_queue_fillfactor.sql"),
 ];
 
 /// What [`migrate`] did.

@@ -1,0 +1,18 @@
+-- Room on every page of the queue for the next version of each of its jobs.
+--
+-- A job is written four times (the trigger's insert, then claimed, sent, completed) and no
+-- mark can be a HOT update: each changes `status`, and every index of the queue has
+-- `status` in its predicate, which PostgreSQL counts as an indexed column. What a mark can
+-- still avoid is copying the whole row (the ~1 KB payload of a listing) into the WAL: when
+-- the new version lands on the same page as the old one, PostgreSQL logs only the bytes
+-- that differ, from `status` on; on another page it logs the whole row, and an extra lock
+-- record besides. Inserts fill a page only to the fillfactor, so half of each page is kept
+-- for the versions the marks add. A claim changes a batch of jobs at once and the versions
+-- it replaces are only removable after it commits, so the room must hold a second version
+-- of every job on the page: less than half (60, say) sends part of each batch to other
+-- pages.
+--
+-- Only pages filled from now on keep the room: rows already in the queue stay where they
+-- are (no rewrite, a SHARE UPDATE EXCLUSIVE lock that blocks neither writers nor the
+-- bridge), and their marks copy them as before until they are purged.
+ALTER TABLE elasticsearch_sync_queue SET (fillfactor = 50);
