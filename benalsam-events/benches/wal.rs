@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 /// Claim batch, as the bridge's `BENALSAM_BATCH_SIZE` default.
 const CLAIM_BATCH: usize = 100;
 /// Completions per report, as the consumer's `BENALSAM_BULK_SIZE` default.
-const COMPLETE_BATCH: usize = 500;
+const COMPLETE_BATCH: usize = 250;
 /// Rows per purge statement, as `benalsam-bridge purge --batch` default.
 const PURGE_BATCH: usize = 1000;
 /// Writer transactions in flight at once (each is still one row, one transaction).
