@@ -469,6 +469,7 @@ fn database_report(
             "lastClaimAt": rfc3339(s.last_claim_at),
             "lastJobAt": rfc3339(s.last_job_at),
             "claimed": s.claimed,
+            "draining": s.draining,
             "retried": s.retried,
             "reclaimed": s.reclaimed,
             "resent": resender.resent,

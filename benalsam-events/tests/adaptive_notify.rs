@@ -329,6 +329,7 @@ async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wake
         listener_rows(&db).await,
         vec![(worker.clone(), Some(vec!["listings".to_owned()]), true)]
     );
+    assert!(status.snapshot().draining, "the status says so too");
     // Held busy for longer than this test can take (the stream renews or deletes it), so a
     // slow machine cannot let it run out before the write below.
     db.client
@@ -359,6 +360,7 @@ async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wake
     }
     assert_eq!(taken, 251, "every job once");
     until_idle(&db).await;
+    assert!(!status.snapshot().draining, "idle again");
 
     // Idle: the next write notifies, and the stream (polling once an hour) claims it.
     tokio::time::timeout(PATIENCE, async {

@@ -103,6 +103,9 @@ pub struct JobStreamStatus {
     /// Pending jobs by table, every table (a table nobody routes keeps its jobs here),
     /// counted with the backlog.
     pub pending_by_table: Vec<(String, i64)>,
+    /// Whether writers are told to skip their NOTIFY because this stream is draining a
+    /// backlog (adaptive NOTIFY).
+    pub draining: bool,
     /// Jobs claimed in all.
     pub claimed: u64,
     /// Of those, retries of failed jobs.
@@ -381,10 +384,12 @@ impl Claimer {
                 }
                 presence.busy_until = Some(now + BUSY_LEASE);
                 presence.paused_until = None;
+                self.status.lock().draining = true;
             }
             Err(error) => {
                 presence.busy_until = None;
                 presence.paused_until = Some(now + PRESENCE_PAUSE);
+                self.status.lock().draining = false;
                 self.status.record_error(&error);
                 tracing::warn!(
                     %error,
@@ -404,6 +409,7 @@ impl Claimer {
         if presence.busy_until.take().is_none() {
             return false;
         }
+        self.status.lock().draining = false;
         // Forgotten whether or not the mark works: a failed one must not make the stream
         // claim again and again without waiting. The row's lease runs out on its own.
         tracing::debug!("drained: marking idle, writers notify again");
