@@ -382,7 +382,12 @@ fn rabbitmq_report(
     }
     let healthy = problems.is_empty();
     let message = if healthy {
-        format!("connected to {broker}; {} unconfirmed", s.unconfirmed)
+        // Of a list of brokers, the one in use.
+        format!(
+            "connected to {}; {} unconfirmed",
+            s.broker.as_deref().unwrap_or(broker),
+            s.unconfirmed
+        )
     } else {
         problems.join("; ")
     };
@@ -400,6 +405,7 @@ fn rabbitmq_report(
         json!({
             "connected": s.connected,
             "broker": broker,
+            "brokerInUse": s.broker,
             "published": s.published,
             "confirmed": s.confirmed,
             "failed": s.failed,

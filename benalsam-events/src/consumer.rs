@@ -325,7 +325,8 @@ fn elasticsearch_report(
 /// The RabbitMQ verdict: healthy while the consumer holds its channel.
 fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     let message = if s.connected {
-        format!("consuming from {broker}")
+        // Of a list of brokers, the one in use.
+        format!("consuming from {}", s.broker.as_deref().unwrap_or(broker))
     } else {
         format!(
             "not connected to {broker}{}",
@@ -337,6 +338,7 @@ fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     };
     let mut details = details(s);
     details["broker"] = json!(broker);
+    details["brokerInUse"] = json!(s.broker);
     details["connected"] = json!(s.connected);
     HealthReport::new("rabbitmq", s.connected, message, details)
 }
