@@ -745,4 +745,21 @@ mod tests {
         s.last_confirm_at = Some(now);
         assert!(rabbitmq_report(&s, WINDOW, "b", now).healthy);
     }
+
+    #[test]
+    fn of_several_brokers_health_names_the_one_in_use() {
+        let now = SystemTime::now();
+        let s = PublisherStatus {
+            connected: true,
+            broker: Some("amqp://u:***@mq2/%2f".into()),
+            ..PublisherStatus::default()
+        };
+        let r = rabbitmq_report(&s, WINDOW, "amqp://u:***@mq1/%2f,amqp://u:***@mq2/%2f", now);
+        assert!(
+            r.message.contains("connected to amqp://u:***@mq2/%2f;"),
+            "{}",
+            r.message
+        );
+        assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
+    }
 }

@@ -392,6 +392,18 @@ mod tests {
     }
 
     #[test]
+    fn of_several_brokers_health_names_the_one_in_use() {
+        let s = IndexerStatus {
+            connected: true,
+            broker: Some("amqp://u:***@mq2/%2f".into()),
+            ..IndexerStatus::default()
+        };
+        let r = rabbitmq_report(&s, "amqp://u:***@mq1/%2f,amqp://u:***@mq2/%2f");
+        assert_eq!(r.message, "consuming from amqp://u:***@mq2/%2f");
+        assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
+    }
+
+    #[test]
     fn rabbitmq_follows_the_channel() {
         let mut s = IndexerStatus::default();
         assert!(!rabbitmq_report(&s, "amqp://u:***@h").healthy);
