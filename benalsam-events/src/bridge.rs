@@ -382,7 +382,12 @@ fn rabbitmq_report(
     }
     let healthy = problems.is_empty();
     let message = if healthy {
-        format!("connected to {broker}; {} unconfirmed", s.unconfirmed)
+        // Of a list of brokers, the one in use.
+        format!(
+            "connected to {}; {} unconfirmed",
+            s.broker.as_deref().unwrap_or(broker),
+            s.unconfirmed
+        )
     } else {
         problems.join("; ")
     };
@@ -400,6 +405,7 @@ fn rabbitmq_report(
         json!({
             "connected": s.connected,
             "broker": broker,
+            "brokerInUse": s.broker,
             "published": s.published,
             "confirmed": s.confirmed,
             "failed": s.failed,
@@ -739,5 +745,22 @@ mod tests {
         );
         s.last_confirm_at = Some(now);
         assert!(rabbitmq_report(&s, WINDOW, "b", now).healthy);
+    }
+
+    #[test]
+    fn of_several_brokers_health_names_the_one_in_use() {
+        let now = SystemTime::now();
+        let s = PublisherStatus {
+            connected: true,
+            broker: Some("amqp://u:***@mq2/%2f".into()),
+            ..PublisherStatus::default()
+        };
+        let r = rabbitmq_report(&s, WINDOW, "amqp://u:***@mq1/%2f,amqp://u:***@mq2/%2f", now);
+        assert!(
+            r.message.contains("connected to amqp://u:***@mq2/%2f;"),
+            "{}",
+            r.message
+        );
+        assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
     }
 }

@@ -325,7 +325,8 @@ fn elasticsearch_report(
 /// The RabbitMQ verdict: healthy while the consumer holds its channel.
 fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     let message = if s.connected {
-        format!("consuming from {broker}")
+        // Of a list of brokers, the one in use.
+        format!("consuming from {}", s.broker.as_deref().unwrap_or(broker))
     } else {
         format!(
             "not connected to {broker}{}",
@@ -337,6 +338,7 @@ fn rabbitmq_report(s: &IndexerStatus, broker: &str) -> HealthReport {
     };
     let mut details = details(s);
     details["broker"] = json!(broker);
+    details["brokerInUse"] = json!(s.broker);
     details["connected"] = json!(s.connected);
     HealthReport::new("rabbitmq", s.connected, message, details)
 }
@@ -387,6 +389,18 @@ mod tests {
         let r = elasticsearch_report(&s, WINDOW, "es", now);
         assert!(!r.healthy);
         assert!(r.message.contains("PostgreSQL for 12s"), "{}", r.message);
+    }
+
+    #[test]
+    fn of_several_brokers_health_names_the_one_in_use() {
+        let s = IndexerStatus {
+            connected: true,
+            broker: Some("amqp://u:***@mq2/%2f".into()),
+            ..IndexerStatus::default()
+        };
+        let r = rabbitmq_report(&s, "amqp://u:***@mq1/%2f,amqp://u:***@mq2/%2f");
+        assert_eq!(r.message, "consuming from amqp://u:***@mq2/%2f");
+        assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
     }
 
     #[test]

@@ -19,7 +19,9 @@ use benalsam_events::{
 };
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
-use support::{Relay, TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
+use support::{
+    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, search_url, spawn_bridge,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -794,5 +796,92 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
         doc["_source"]["title"], "Gerçek başlık",
         "not frozen by the forged job id"
     );
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn a_dead_first_broker_address_is_passed_over_for_the_next() {
+    let (db, vhost, index) = setup().await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let listed = amqp_list(&[&dead_amqp(&vhost.url), &vhost.url]);
+    let indexer = consumer(
+        &listed,
+        &search_url(),
+        db.outbox(OutboxConfig::default()),
+        &index,
+        IndexerConfig::default(),
+    );
+    let status = indexer.status();
+    let stop_consumer = CancellationToken::new();
+    let task = tokio::spawn(indexer.run(stop_consumer.clone()));
+
+    db.insert_listings(20).await;
+    assert_eq!(wait_done(&db).await, (20, 0));
+    let snapshot = status.snapshot();
+    assert!(snapshot.connected, "{snapshot:?}");
+    assert_eq!(snapshot.broker, Some(vhost.url.redacted()), "{snapshot:?}");
+
+    stop_bridge.cancel();
+    stop_consumer.cancel();
+    tokio::time::timeout(PATIENCE, bridge)
+        .await
+        .expect("bridge stops in time")
+        .expect("no panic")
+        .expect("bridge drained");
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("consumer stops in time")
+        .expect("no panic");
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_completes() {
+    let (db, vhost, index) = setup().await;
+    // Two relays to the one broker stand for two nodes of a cluster.
+    let (first, first_url) = Relay::amqp(&vhost.url).await;
+    let (_second, second_url) = Relay::amqp(&vhost.url).await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let indexer = consumer(
+        &amqp_list(&[&first_url, &second_url]),
+        &search_url(),
+        db.outbox(OutboxConfig::default()),
+        &index,
+        IndexerConfig::default(),
+    );
+    let status = indexer.status();
+    let stop_consumer = CancellationToken::new();
+    let task = tokio::spawn(indexer.run(stop_consumer.clone()));
+
+    db.insert_listings(2000).await;
+    let started = Instant::now();
+    while status.snapshot().received < 200 {
+        assert!(started.elapsed() < PATIENCE, "consuming goes on");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(status.snapshot().broker, Some(first_url.redacted()));
+    // The first node goes away for good; deliveries it handed over without an ack come
+    // again through the second.
+    first.set_up(false);
+    assert_eq!(wait_done(&db).await, (2000, 0));
+    // Every job may be done before the loss is noticed: wait for the move itself.
+    let moved = Some(second_url.redacted());
+    let started = Instant::now();
+    while status.snapshot().broker != moved {
+        assert!(started.elapsed() < PATIENCE, "{:?}", status.snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    stop_bridge.cancel();
+    stop_consumer.cancel();
+    tokio::time::timeout(PATIENCE, bridge)
+        .await
+        .expect("bridge stops in time")
+        .expect("no panic")
+        .expect("bridge drained");
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("consumer stops in time")
+        .expect("no panic");
     teardown(db, vhost, index).await;
 }

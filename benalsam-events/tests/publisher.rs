@@ -17,7 +17,7 @@ use benalsam_events::{
 };
 use futures::{StreamExt, stream};
 use lapin::types::AMQPValue;
-use support::{Relay, TestSchema, TestVhost, drain_queue};
+use support::{Relay, TestSchema, TestVhost, amqp_list, dead_amqp, drain_queue};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -490,6 +490,83 @@ async fn an_oversized_message_fails_alone_with_its_reason() {
         .expect("failed job")
         .get(0);
     assert!(error.contains("limit of RabbitMQ"), "{error}");
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn a_dead_first_broker_address_is_passed_over_for_the_next() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(50).await;
+
+    let dead = dead_amqp(&vhost.url);
+    let bridge = Bridge::start_at(
+        db.outbox(OutboxConfig::default()),
+        &amqp_list(&[&dead, &vhost.url]),
+        vec![EventType::listings()],
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(counts.get("sent"), Some(&50), "{counts:?}");
+    let status = bridge.status.snapshot();
+    assert_eq!(status.broker, Some(vhost.url.redacted()), "{status:?}");
+    bridge.stop().await;
+    let ids: HashSet<i64> = drain_queue(&vhost.url, SYNC_QUEUE)
+        .await
+        .iter()
+        .map(job_id)
+        .collect();
+    assert_eq!(ids.len(), 50);
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn losing_one_broker_node_moves_to_the_next_and_loses_no_job() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    db.insert_listings(3000).await;
+
+    // Two relays to the one broker stand for two nodes of a cluster.
+    let (first, first_url) = Relay::amqp(&vhost.url).await;
+    let (_second, second_url) = Relay::amqp(&vhost.url).await;
+    let bridge = Bridge::start_at(
+        db.outbox(OutboxConfig::default()),
+        &amqp_list(&[&first_url, &second_url]),
+        vec![EventType::listings()],
+    );
+    let status = bridge.status.clone();
+    let started = std::time::Instant::now();
+    while status.snapshot().published < 500 {
+        assert!(started.elapsed() < PATIENCE, "publishing goes on");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(status.snapshot().broker, Some(first_url.redacted()));
+    // The first node goes away for good: its connections cut, new ones refused.
+    first.set_up(false);
+
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(counts.get("sent"), Some(&3000), "{counts:?}");
+    // Every job may be confirmed before the loss is noticed: wait for the move itself.
+    let moved = Some(second_url.redacted());
+    let started = std::time::Instant::now();
+    while status.snapshot().broker != moved {
+        assert!(started.elapsed() < PATIENCE, "{:?}", status.snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bridge.stop().await;
+
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
+    let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
+    let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, all, "every job reached the queue");
+    for d in &deliveries {
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|s| s.to_string()),
+            Some(format!("job_{}", job_id(d))),
+            "a duplicate carries the same messageId"
+        );
+    }
     db.drop().await;
     vhost.drop().await;
 }

@@ -24,11 +24,13 @@ pub(crate) const DEFAULT_ELASTICSEARCH_URL: &str = "http://127.0.0.1:9200";
 // `from_env` completes a URL read from the environment with the settings that cannot be in
 // it; `extra` fields hold those settings (empty after parsing).
 macro_rules! service_url {
-    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, default = $default:ident, schemes = [$($scheme:literal),+], example = $example:literal, check = $check:expr, from_env = $from_env:expr $(, extra { $($field:ident: $ty:ty),* })?) => {
+    ($(#[$doc:meta])* $name:ident, setting = $setting:literal, default = $default:ident, schemes = [$($scheme:literal),+], example = $example:literal, check = $check:expr, from_env = $from_env:expr, list = $list:expr $(, extra { $($field:ident: $ty:ty),* })?) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq)]
         pub struct $name {
             url: url::Url,
+            /// The addresses after the first, for a setting that takes a list (empty otherwise).
+            others: Vec<url::Url>,
             $($($field: $ty,)*)?
         }
 
@@ -36,14 +38,33 @@ macro_rules! service_url {
             /// The environment variable (and long flag, lowercased) this setting is read from.
             pub const SETTING: &'static str = $setting;
 
-            /// The full URL, password included: pass it to a client, never to a log.
+            /// The full URL, password included: pass it to a client, never to a log. Of a
+            /// list, the first address.
             pub fn expose(&self) -> &str {
                 self.url.as_str()
             }
 
-            /// The URL with its password masked.
+            /// The URL with its password masked; of a list, every address, comma-separated.
             pub fn redacted(&self) -> String {
-                redact_url(self.url.as_str())
+                let mut text = redact_url(self.url.as_str());
+                for other in &self.others {
+                    text.push(',');
+                    text.push_str(&redact_url(other.as_str()));
+                }
+                text
+            }
+
+            /// Each address of the setting on its own, in the order given (one for a single
+            /// URL).
+            pub fn addresses(&self) -> Vec<Self> {
+                std::iter::once(&self.url)
+                    .chain(&self.others)
+                    .map(|url| Self {
+                        url: url.clone(),
+                        others: Vec::new(),
+                        $($($field: self.$field.clone(),)*)?
+                    })
+                    .collect()
             }
 
             /// The parsed URL.
@@ -68,6 +89,17 @@ macro_rules! service_url {
             type Err = Error;
 
             fn from_str(raw: &str) -> Result<Self> {
+                let list: Option<fn(&str) -> Result<Self>> = $list;
+                match list {
+                    Some(list) if raw.contains(',') => list(raw),
+                    _ => Self::parse_one(raw),
+                }
+            }
+        }
+
+        impl $name {
+            /// Parses one URL.
+            fn parse_one(raw: &str) -> Result<Self> {
                 let parsed = url::Url::parse(raw).map_err(|e| Error::config(
                     $setting,
                     format!("{} is not a URL ({e}); expected e.g. {}", redact_url(raw), $example),
@@ -92,6 +124,7 @@ macro_rules! service_url {
                 $check(parsed.as_str())?;
                 Ok(Self {
                     url: parsed,
+                    others: Vec::new(),
                     $($($field: <$ty>::default(),)*)?
                 })
             }
@@ -134,7 +167,8 @@ service_url!(
     schemes = ["postgres", "postgresql"],
     example = "postgres://benalsam:benalsam@127.0.0.1:5432/benalsam",
     check = |url| split_postgres(url).map(drop),
-    from_env = Ok
+    from_env = Ok,
+    list = None
 );
 
 service_url!(
@@ -144,13 +178,19 @@ service_url!(
     /// or to the CA file (PEM) of the query parameter `cacertfile=<path>`, and name the URL's
     /// host. `certfile=<path>` and `keyfile=<path>` give a client certificate and its
     /// unencrypted key (PEM). The parameter names are those of RabbitMQ's URI specification.
+    ///
+    /// Several nodes of one cluster are given as a comma-separated list
+    /// (`amqp://u:p@mq1:5672/%2f,amqp://u:p@mq2:5672/%2f`; a comma in a password is written
+    /// `%2C`). Connections try them in turn, moving to the next when one fails or is lost.
+    /// Every entry is checked on its own and all must name the same vhost.
     AmqpUrl,
     setting = "RABBITMQ_URL",
     default = DEFAULT_RABBITMQ_URL,
     schemes = ["amqp", "amqps"],
     example = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f",
     check = |url| split_amqp(url).map(drop),
-    from_env = Ok
+    from_env = Ok,
+    list = Some(AmqpUrl::parse_list)
 );
 
 service_url!(
@@ -168,8 +208,62 @@ service_url!(
     example = "http://127.0.0.1:9200",
     check = |_| Ok::<(), Error>(()),
     from_env = SearchUrl::with_tls_from_env,
+    list = None,
     extra { tls: TlsFiles }
 );
+
+impl AmqpUrl {
+    /// Parses a comma-separated list of broker addresses. An error names the entry (by
+    /// position, and redacted) so the wrong one of a long list is found at once.
+    fn parse_list(raw: &str) -> Result<Self> {
+        let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
+        let total = entries.len();
+        let mut urls = Vec::with_capacity(total);
+        for (index, entry) in entries.into_iter().enumerate() {
+            let position = index + 1;
+            if entry.is_empty() {
+                return Err(Error::config(
+                    Self::SETTING,
+                    format!(
+                        "entry {position} of {total} is empty; separate addresses with one comma"
+                    ),
+                ));
+            }
+            let parsed = Self::parse_one(entry).map_err(|error| {
+                Error::config(
+                    Self::SETTING,
+                    format!(
+                        "entry {position} of {total} ({}): {error}",
+                        redact_url(entry)
+                    ),
+                )
+            })?;
+            urls.push(parsed.url);
+        }
+        let mut urls = urls.into_iter();
+        let Some(first) = urls.next() else {
+            return Err(Error::config(Self::SETTING, "no address given"));
+        };
+        let others: Vec<url::Url> = urls.collect();
+        // Failing over to another vhost would publish into, or consume from, another set of
+        // exchanges and queues without anyone noticing: the list must be one cluster's nodes.
+        for (index, other) in others.iter().enumerate() {
+            if other.path() != first.path() {
+                return Err(Error::config(
+                    Self::SETTING,
+                    format!(
+                        "entry {} of {total} ({}) names vhost path {:?}, entry 1 names {:?}; all entries must name the same vhost",
+                        index + 2,
+                        redact_url(other.as_str()),
+                        other.path(),
+                        first.path()
+                    ),
+                ));
+            }
+        }
+        Ok(Self { url: first, others })
+    }
+}
 
 /// The environment variable of [`SearchUrl::with_ca`].
 pub(crate) const ELASTICSEARCH_CA: &str = "ELASTICSEARCH_CA";
@@ -331,6 +425,44 @@ mod tests {
         );
         assert!(!debug.contains("secret"), "{debug}");
         assert_eq!(with.to_string(), url.to_string());
+    }
+
+    #[test]
+    fn a_list_of_brokers_is_read_each_entry_checked_and_every_password_hidden() {
+        let url: AmqpUrl =
+            "amqp://u:first-secret@mq1:5672/%2f, amqp://v:second-secret@mq2:5673/%2f"
+                .parse()
+                .expect("two addresses");
+        let addresses = url.addresses();
+        assert_eq!(addresses.len(), 2);
+        assert_eq!(addresses[1].url().port(), Some(5673));
+        assert!(addresses[1].expose().contains("second-secret"));
+        for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
+            assert!(
+                !shown.contains("first-secret") && !shown.contains("second-secret"),
+                "{shown}"
+            );
+            assert!(shown.contains("mq1") && shown.contains("mq2"), "{shown}");
+        }
+
+        let error = "amqp://u:p@mq1/%2f,http://u:hidden@mq2/%2f"
+            .parse::<AmqpUrl>()
+            .expect_err("the second entry is not amqp");
+        let text = error.to_string();
+        assert_eq!(error.setting(), Some("RABBITMQ_URL"));
+        assert!(
+            text.contains("entry 2 of 2") && text.contains("mq2"),
+            "{text}"
+        );
+        assert!(!text.contains("hidden"), "{text}");
+
+        let error = "amqp://u:p@mq1/%2f,amqp://u:p@mq2/other"
+            .parse::<AmqpUrl>()
+            .expect_err("another vhost");
+        assert!(error.to_string().contains("same vhost"), "{error}");
+        assert!("amqp://u:p@mq1/%2f,".parse::<AmqpUrl>().is_err());
+        // Only the broker setting takes a list.
+        assert!("http://a:9200,http://b:9200".parse::<SearchUrl>().is_err());
     }
 
     #[test]

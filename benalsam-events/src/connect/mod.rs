@@ -23,7 +23,8 @@ use crate::config::tls::{PgTls, SslMode, TlsFiles, split_amqp, split_postgres};
 use crate::config::{AmqpUrl, DatabaseUrl};
 use crate::{Error, Result};
 
-/// How long opening a PostgreSQL connection may take (unless the URL says `connect_timeout`).
+/// How long opening a PostgreSQL connection may take (unless the URL says `connect_timeout`),
+/// and opening a RabbitMQ connection to one address.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A PostgreSQL connection of the library (TLS or not, by the URL's `sslmode`).
@@ -146,16 +147,62 @@ fn pg_tls(tls: &PgTls) -> Result<MakeRustlsConnect> {
 ///
 /// An `amqps://` URL connects over TLS (see [`AmqpUrl`] for `cacertfile`, `certfile` and
 /// `keyfile`); a broker certificate that does not verify is an error that names `cacertfile`
-/// and is not retryable.
+/// and is not retryable. A URL listing several addresses tries them in order, each for at
+/// most the connect timeout, and fails with the last error when none answers.
 pub async fn amqp(url: &AmqpUrl, name: &str) -> Result<Connection> {
+    amqp_from(url, name, 0)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Like [`amqp`], trying the addresses of `url` in turn starting with the one at `start`
+/// (wrapping around): a caller that lost the link to one address passes the next, so a
+/// dead node is tried last rather than first. Returns the connection and the index of the
+/// address it reached.
+pub(crate) async fn amqp_from(
+    url: &AmqpUrl,
+    name: &str,
+    start: usize,
+) -> Result<(Connection, usize)> {
+    let addresses = url.addresses();
+    let count = addresses.len();
+    let mut last_error = None;
+    for step in 0..count {
+        let index = (start + step) % count;
+        let address = &addresses[index];
+        match amqp_one(address, name).await {
+            Ok(connection) => return Ok((connection, index)),
+            Err(error) => {
+                if count > 1 {
+                    tracing::warn!(broker = %address, %error, "RabbitMQ address unreachable, trying the next");
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::broker(format!("{url} lists no address"))))
+}
+
+/// One connection attempt to one address, bounded by [`CONNECT_TIMEOUT`]: a node that
+/// swallows packets must not hold up the others of the list.
+async fn amqp_one(url: &AmqpUrl, name: &str) -> Result<Connection> {
     let context = || format!("connecting to {url} as {name}");
     let (uri, files) = split_amqp(url.expose())?;
     let tls = amqp_tls(&files)?;
     let runtime = lapin::runtime::default_runtime().map_err(|e| Error::amqp(context(), e))?;
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect_with_config(&uri, properties, tls, runtime)
-        .await
-        .map_err(|e| Error::amqp_connect(context(), e))
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect_with_config(&uri, properties, tls, runtime),
+    )
+    .await
+    {
+        Ok(connected) => connected.map_err(|e| Error::amqp_connect(context(), e)),
+        Err(_) => Err(Error::broker(format!(
+            "{}: no answer within {CONNECT_TIMEOUT:?}",
+            context()
+        ))),
+    }
 }
 
 /// lapin's TLS settings of the files in an `amqps://` URL. lapin parses the PEM again, but

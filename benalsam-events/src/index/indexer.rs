@@ -119,6 +119,8 @@ impl Default for IndexerConfig {
 pub struct IndexerStatus {
     /// Whether it holds a consuming channel.
     pub connected: bool,
+    /// The broker address in use (redacted), or last used while disconnected.
+    pub broker: Option<String>,
     /// Since when the circuit breaker holds requests back (`None` while it is closed).
     pub circuit_open_since: Option<SystemTime>,
     /// Consecutive failures of the cluster as a whole (0 while the circuit is closed).
@@ -542,10 +544,12 @@ impl Run {
 
     async fn connect(&mut self, shutdown: &CancellationToken) -> bool {
         match self.source.connect().await {
-            Ok(()) => {
+            Ok(broker) => {
                 self.connect_failures = 0;
-                self.status().lock().connected = true;
-                tracing::info!("consuming");
+                tracing::info!(%broker, "consuming");
+                let mut s = self.status().lock();
+                s.connected = true;
+                s.broker = Some(broker);
                 true
             }
             Err(error) => {

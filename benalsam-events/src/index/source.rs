@@ -55,6 +55,10 @@ pub(crate) struct Source {
     prefetch: u16,
     name: String,
     link: Option<Link>,
+    /// Which of the URL's addresses the next connection tries first.
+    next_address: usize,
+    /// Which one the link is open to.
+    current_address: Option<usize>,
 }
 
 impl Source {
@@ -65,6 +69,8 @@ impl Source {
             prefetch,
             name,
             link: None,
+            next_address: 0,
+            current_address: None,
         }
     }
 
@@ -72,9 +78,13 @@ impl Source {
         self.link.is_some()
     }
 
-    /// Opens the link: a consuming channel with the prefetch, one consumer per queue.
-    pub(crate) async fn connect(&mut self) -> Result<()> {
-        let connection = crate::connect::amqp(&self.url, &self.name).await?;
+    /// Opens the link: a consuming channel with the prefetch, one consumer per queue. Returns
+    /// the address reached, redacted.
+    pub(crate) async fn connect(&mut self) -> Result<String> {
+        let (connection, index) =
+            crate::connect::amqp_from(&self.url, &self.name, self.next_address).await?;
+        // Set before the consumers start: a failure below moves the next attempt on too.
+        self.next_address = index + 1;
         let channel = connection
             .create_channel()
             .await
@@ -103,7 +113,13 @@ impl Source {
             deliveries,
             side,
         });
-        Ok(())
+        self.current_address = Some(index);
+        Ok(self
+            .url
+            .addresses()
+            .get(index)
+            .map(AmqpUrl::redacted)
+            .unwrap_or_default())
     }
 
     /// The next delivery; waits forever while there is none. Call only while connected.
@@ -133,6 +149,10 @@ impl Source {
     /// Drops the link; unacked deliveries go back to the queues.
     pub(crate) fn lost(&mut self) {
         self.link = None;
+        // The next connection starts with the address after the one just lost.
+        if let Some(index) = self.current_address.take() {
+            self.next_address = index + 1;
+        }
     }
 
     /// Messages waiting in each consumed queue and each dead-letter queue (`true`), when it

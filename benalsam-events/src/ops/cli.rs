@@ -132,7 +132,8 @@ impl ConfigArgs {
 #[non_exhaustive]
 pub struct RabbitArgs {
     /// RabbitMQ broker; amqps:// for TLS, with the URL parameters cacertfile, certfile,
-    /// keyfile [default: amqp://benalsam:***@127.0.0.1:5672/%2f]
+    /// keyfile; several nodes of one vhost comma-separated, tried in turn
+    /// [default: amqp://benalsam:***@127.0.0.1:5672/%2f]
     #[arg(
         long,
         global = true,

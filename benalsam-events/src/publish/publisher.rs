@@ -114,6 +114,8 @@ pub struct PublisherStatus {
     pub last_failure: Option<(SystemTime, String)>,
     /// Times the topology was declared again after a refusal.
     pub repairs: u64,
+    /// The broker address in use (redacted), or last used while disconnected.
+    pub broker: Option<String>,
     /// Connection attempts that failed, lost connections and failed reports.
     pub errors: u64,
     /// The last of those errors, and when.
@@ -171,6 +173,8 @@ impl Publisher {
             reports: Vec::new(),
             reports_due: None,
             connect_failures: 0,
+            next_address: 0,
+            current_address: None,
             known_exchanges: HashSet::new(),
             last_repair: None,
         };
@@ -294,6 +298,10 @@ struct Worker<S> {
     /// When gathered outcomes must be reported at the latest.
     reports_due: Option<Instant>,
     connect_failures: u32,
+    /// Which of the URL's addresses the next connection tries first.
+    next_address: usize,
+    /// Which one the link is open to.
+    current_address: Option<usize>,
     /// Exchanges seen to exist on the current link. Publishing to a missing exchange would
     /// make the broker close the channel, failing every other message in flight with it, so
     /// each exchange is checked once per link on a throwaway channel first.
@@ -383,12 +391,19 @@ impl<S: Settle> Worker<S> {
     /// Opens a connection and a confirm-mode channel (declaring the topology when it has
     /// one); on failure waits out the backoff.
     async fn connect(&mut self) -> bool {
-        match open(&self.url, &self.config).await {
-            Ok(link) => {
+        match open(&self.url, self.next_address, &self.config).await {
+            Ok((link, index)) => {
                 self.link = Some(link);
                 self.connect_failures = 0;
-                self.status.lock().connected = true;
-                tracing::info!(broker = %self.url, "publisher connected");
+                self.current_address = Some(index);
+                let broker = self.url.addresses().get(index).map(AmqpUrl::redacted);
+                tracing::info!(
+                    broker = broker.as_deref().unwrap_or_default(),
+                    "publisher connected"
+                );
+                let mut s = self.status.lock();
+                s.connected = true;
+                s.broker = broker;
                 true
             }
             Err(error) => {
@@ -633,6 +648,12 @@ impl<S: Settle> Worker<S> {
             tracing::warn!(%error, "publisher lost its channel; reconnecting");
         }
         self.link = None;
+        // The next connection starts with the address after the one just lost: a node that
+        // went away is tried again only once the others have been. With one address this is
+        // that address again.
+        if let Some(index) = self.current_address.take() {
+            self.next_address = index + 1;
+        }
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
         let mut orphans: Vec<Outgoing> = self
@@ -742,16 +763,22 @@ fn window_has_room(count: usize, bytes: usize, config: &PublisherConfig) -> bool
     count == 0 || (count < config.window && bytes < config.window_bytes)
 }
 
-async fn open(url: &AmqpUrl, config: &PublisherConfig) -> Result<Link> {
-    let connection = crate::connect::amqp(url, &config.connection_name).await?;
+/// Opens a link to the first address of `url` that answers, trying them from `start`;
+/// returns it with the index of that address.
+async fn open(url: &AmqpUrl, start: usize, config: &PublisherConfig) -> Result<(Link, usize)> {
+    let (connection, index) =
+        crate::connect::amqp_from(url, &config.connection_name, start).await?;
     if let Some(topology) = &config.topology {
         topology.declare(&connection).await?;
     }
     let channel = crate::connect::confirm_channel(&connection, "publishing").await?;
-    Ok(Link {
-        connection,
-        channel,
-    })
+    Ok((
+        Link {
+            connection,
+            channel,
+        },
+        index,
+    ))
 }
 
 /// Whether `exchange` exists, asked on a channel of its own (the broker closes a channel

@@ -501,6 +501,24 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A broker URL listing `urls` in order (the form of a multi-node `RABBITMQ_URL`).
+pub fn amqp_list(urls: &[&AmqpUrl]) -> AmqpUrl {
+    urls.iter()
+        .map(|u| u.expose())
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .expect("a valid list")
+}
+
+/// `target` on a local port nothing listens on: a broker node that is down.
+pub fn dead_amqp(target: &AmqpUrl) -> AmqpUrl {
+    let mut url = target.url().clone();
+    url.set_host(Some("127.0.0.1")).expect("host");
+    url.set_port(Some(free_port())).expect("port");
+    url.as_str().parse().expect("dead url")
+}
+
 /// Waits for a child process to exit, at most a minute.
 pub async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let started = std::time::Instant::now();
