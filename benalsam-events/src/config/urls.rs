@@ -91,7 +91,7 @@ macro_rules! service_url {
             fn from_str(raw: &str) -> Result<Self> {
                 let list: Option<fn(&str) -> Result<Self>> = $list;
                 match list {
-                    Some(list) if raw.contains(',') => list(raw),
+                    Some(list) if split_addresses(raw).len() > 1 => list(raw),
                     _ => Self::parse_one(raw),
                 }
             }
@@ -180,8 +180,9 @@ service_url!(
     /// unencrypted key (PEM). The parameter names are those of RabbitMQ's URI specification.
     ///
     /// Several nodes of one cluster are given as a comma-separated list
-    /// (`amqp://u:p@mq1:5672/%2f,amqp://u:p@mq2:5672/%2f`; a comma in a password is written
-    /// `%2C`). Connections try them in turn, moving to the next when one fails or is lost.
+    /// (`amqp://u:p@mq1:5672/%2f,amqp://u:p@mq2:5672/%2f`; a comma separates entries only
+    /// before a scheme, so a comma inside a password stays part of it). Connections try them
+    /// in turn, moving to the next when one fails or is lost.
     /// Every entry is checked on its own and all must name the same vhost.
     AmqpUrl,
     setting = "RABBITMQ_URL",
@@ -212,11 +213,39 @@ service_url!(
     extra { tls: TlsFiles }
 );
 
+/// The entries of a comma-separated list of URLs. A comma separates entries only where the
+/// next one starts with a scheme (`amqp://`, `x://`): a comma inside a password (legal in a
+/// URL's user information) leaves a single URL whole, rather than splitting its password
+/// into two "entries" whose pieces an error message would then show unmasked.
+fn split_addresses(raw: &str) -> Vec<&str> {
+    let starts_entry = |rest: &str| {
+        let rest = rest.trim_start();
+        rest.find("://").is_some_and(|end| {
+            let scheme = &rest[..end];
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+    };
+    let mut entries = Vec::new();
+    let mut start = 0;
+    for (at, _) in raw.match_indices(',') {
+        let next = &raw[at + 1..];
+        if next.trim().is_empty() || starts_entry(next) {
+            entries.push(raw[start..at].trim());
+            start = at + 1;
+        }
+    }
+    entries.push(raw[start..].trim());
+    entries
+}
+
 impl AmqpUrl {
     /// Parses a comma-separated list of broker addresses. An error names the entry (by
     /// position, and redacted) so the wrong one of a long list is found at once.
     fn parse_list(raw: &str) -> Result<Self> {
-        let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
+        let entries: Vec<&str> = split_addresses(raw);
         let total = entries.len();
         let mut urls = Vec::with_capacity(total);
         for (index, entry) in entries.into_iter().enumerate() {
@@ -461,6 +490,17 @@ mod tests {
             .expect_err("another vhost");
         assert!(error.to_string().contains("same vhost"), "{error}");
         assert!("amqp://u:p@mq1/%2f,".parse::<AmqpUrl>().is_err());
+
+        // A comma inside a password is part of it: one URL, and nothing of it shown.
+        let one: AmqpUrl = "amqp://u:pa,ss@mq1:5672/%2f".parse().expect("one address");
+        assert_eq!(one.addresses().len(), 1);
+        assert_eq!(one.url().password(), Some("pa,ss"));
+        let error = "amqp://u:pa,ss@mq1:5672/%2f,amqp://u:pa,ss@mq2:5672/other"
+            .parse::<AmqpUrl>()
+            .expect_err("another vhost");
+        let text = error.to_string();
+        assert!(text.contains("entry 2 of 2"), "{text}");
+        assert!(!text.contains("pa,ss") && !text.contains("ss@"), "{text}");
         // Only the broker setting takes a list.
         assert!("http://a:9200,http://b:9200".parse::<SearchUrl>().is_err());
     }
