@@ -20,7 +20,7 @@ use benalsam_events::{
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use support::{
-    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, search_url, spawn_bridge,
+    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, search_url, spawn_bridge, until,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -293,17 +293,20 @@ async fn an_elasticsearch_outage_fails_no_job_and_loses_nothing() {
     for _ in 0..3 {
         db.insert_listings(1000).await;
     }
-    let started = Instant::now();
-    while pipeline.indexer.snapshot().indexed < 200 {
-        assert!(started.elapsed() < PATIENCE, "indexing started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let live = &pipeline.indexer;
+    until(
+        "indexing starts",
+        || live.snapshot().indexed >= 200,
+        || live.snapshot(),
+    )
+    .await;
     relay.set_up(false); // Elasticsearch goes away mid-run
-    let started = Instant::now();
-    while pipeline.indexer.snapshot().circuit_open_since.is_none() {
-        assert!(started.elapsed() < PATIENCE, "the circuit opens");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(
+        "the circuit opens",
+        || live.snapshot().circuit_open_since.is_some(),
+        || live.snapshot(),
+    )
+    .await;
     let during = pipeline.indexer.snapshot();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = pipeline.indexer.snapshot();
@@ -854,11 +857,12 @@ async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_com
     let task = tokio::spawn(indexer.run(stop_consumer.clone()));
 
     db.insert_listings(2000).await;
-    let started = Instant::now();
-    while status.snapshot().received < 200 {
-        assert!(started.elapsed() < PATIENCE, "consuming goes on");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(
+        "consuming goes on",
+        || status.snapshot().received >= 200,
+        || status.snapshot(),
+    )
+    .await;
     assert_eq!(status.snapshot().broker, Some(first_url.redacted()));
     // The first node goes away for good; deliveries it handed over without an ack come
     // again through the second.
@@ -866,11 +870,12 @@ async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_com
     assert_eq!(wait_done(&db).await, (2000, 0));
     // Every job may be done before the loss is noticed: wait for the move itself.
     let moved = Some(second_url.redacted());
-    let started = Instant::now();
-    while status.snapshot().broker != moved {
-        assert!(started.elapsed() < PATIENCE, "{:?}", status.snapshot());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the consumer moves to the second broker",
+        || status.snapshot().broker == moved,
+        || status.snapshot(),
+    )
+    .await;
 
     stop_bridge.cancel();
     stop_consumer.cancel();

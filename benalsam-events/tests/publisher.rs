@@ -17,7 +17,7 @@ use benalsam_events::{
 };
 use futures::{StreamExt, stream};
 use lapin::types::AMQPValue;
-use support::{Relay, TestSchema, TestVhost, amqp_list, dead_amqp, drain_queue};
+use support::{Relay, TestSchema, TestVhost, amqp_list, dead_amqp, drain_queue, until};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -236,11 +236,12 @@ async fn connections_closed_by_the_broker_lose_no_job() {
     let status = bridge.status.clone();
     let mut cuts = 0;
     for threshold in [300, 1500] {
-        let started = std::time::Instant::now();
-        while status.snapshot().published < threshold {
-            assert!(started.elapsed() < PATIENCE, "publishing goes on");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until(
+            "publishing goes on",
+            || status.snapshot().published >= threshold,
+            || status.snapshot(),
+        )
+        .await;
         cuts += relay.cut();
     }
     assert!(cuts >= 2, "cut the publisher's connection twice");
@@ -536,11 +537,12 @@ async fn losing_one_broker_node_moves_to_the_next_and_loses_no_job() {
         vec![EventType::listings()],
     );
     let status = bridge.status.clone();
-    let started = std::time::Instant::now();
-    while status.snapshot().published < 500 {
-        assert!(started.elapsed() < PATIENCE, "publishing goes on");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(
+        "publishing goes on",
+        || status.snapshot().published >= 500,
+        || status.snapshot(),
+    )
+    .await;
     assert_eq!(status.snapshot().broker, Some(first_url.redacted()));
     // The first node goes away for good: its connections cut, new ones refused.
     first.set_up(false);
@@ -549,11 +551,12 @@ async fn losing_one_broker_node_moves_to_the_next_and_loses_no_job() {
     assert_eq!(counts.get("sent"), Some(&3000), "{counts:?}");
     // Every job may be confirmed before the loss is noticed: wait for the move itself.
     let moved = Some(second_url.redacted());
-    let started = std::time::Instant::now();
-    while status.snapshot().broker != moved {
-        assert!(started.elapsed() < PATIENCE, "{:?}", status.snapshot());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the publisher moves to the second broker",
+        || status.snapshot().broker == moved,
+        || status.snapshot(),
+    )
+    .await;
     bridge.stop().await;
 
     let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;

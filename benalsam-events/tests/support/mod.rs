@@ -641,3 +641,21 @@ impl TestVhost {
             .unwrap_or_default()
     }
 }
+
+/// Waits until `done()` holds, looking every few milliseconds, and fails naming `what` (and
+/// what `state()` says then) after 90 s: for conditions on a live status, never on time.
+pub async fn until<S: std::fmt::Debug>(
+    what: &str,
+    mut done: impl FnMut() -> bool,
+    state: impl Fn() -> S,
+) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "{what}: {:?}",
+            state()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
