@@ -47,18 +47,18 @@ async fn status(db: &TestSchema, job: i64) -> String {
         .get(0)
 }
 
+/// Claims every pending job (ten at most) as `bridge`: their ids.
+async fn claimed_ids(bridge: &Outbox) -> Vec<i64> {
+    let jobs = bridge.claim(10).await.expect("claim");
+    jobs.iter().map(|j| j.id).collect()
+}
+
 #[tokio::test]
 async fn a_confirm_recorded_while_another_transaction_holds_the_job_waits_and_marks_it_sent() {
     let db = TestSchema::new().await;
     db.insert_listings(3).await;
     let bridge = outbox(&db, "bridge");
-    let jobs: Vec<i64> = bridge
-        .claim(10)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let jobs = claimed_ids(&bridge).await;
     // Another bridge's claim read the middle job as pending before this claim committed: it
     // keeps the row locked until its own transaction ends.
     let mut other = benalsam_events::connect::postgres(&support::database_url())
@@ -185,13 +185,7 @@ async fn a_completed_job_keeps_no_payload_and_a_failed_one_keeps_it_for_its_retr
     let db = TestSchema::new().await;
     db.insert_listings(2).await;
     let bridge = outbox(&db, "bridge");
-    let jobs: Vec<i64> = bridge
-        .claim(10)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let jobs = claimed_ids(&bridge).await;
     let (done, refused) = (jobs[0], jobs[1]);
     bridge
         .settle(&[(done, Outcome::Completed), (refused, dead_lettered())])
