@@ -305,6 +305,34 @@ async fn next_batch(stream: &mut JobStream) -> Vec<Job> {
         .expect("the stream goes on")
 }
 
+type Batches = tokio::sync::mpsc::UnboundedReceiver<Vec<Job>>;
+
+/// Runs the stream in a task that hands its batches over.
+fn drain_in_background(mut stream: JobStream) -> (tokio::task::JoinHandle<()>, Batches) {
+    let (tx, claimed) = tokio::sync::mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move {
+        while let Some(batch) = stream.next().await {
+            if tx.send(batch).is_err() {
+                return;
+            }
+        }
+    });
+    (drain, claimed)
+}
+
+/// Receives batches until at least `jobs` jobs came; how many did.
+async fn take(claimed: &mut Batches, jobs: usize) -> usize {
+    let mut taken = 0;
+    while taken < jobs {
+        taken += tokio::time::timeout(PATIENCE, claimed.recv())
+            .await
+            .expect("the backlog drains")
+            .expect("the stream goes on")
+            .len();
+    }
+    taken
+}
+
 #[tokio::test]
 async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wakes_it() {
     let (db, mut listening) = setup().await;
@@ -342,22 +370,8 @@ async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wake
     );
 
     // The rest, that job included, drained by a task; the stream then marks itself idle.
-    let (tx, mut claimed) = tokio::sync::mpsc::unbounded_channel();
-    let drain = tokio::spawn(async move {
-        while let Some(batch) = stream.next().await {
-            if tx.send(batch).is_err() {
-                return;
-            }
-        }
-    });
-    let mut taken = 10;
-    while taken < 251 {
-        taken += tokio::time::timeout(PATIENCE, claimed.recv())
-            .await
-            .expect("the backlog drains")
-            .expect("the stream goes on")
-            .len();
-    }
+    let (drain, mut claimed) = drain_in_background(stream);
+    let taken = 10 + take(&mut claimed, 241).await;
     assert_eq!(taken, 251, "every job once");
     until_idle(&db).await;
     assert!(!status.snapshot().draining, "idle again");
@@ -421,22 +435,8 @@ async fn a_writer_that_saw_the_stream_busy_and_commits_after_it_went_idle_is_cla
     .await
     .expect("a write in an open transaction");
 
-    let (tx, mut claimed) = tokio::sync::mpsc::unbounded_channel();
-    let drain = tokio::spawn(async move {
-        while let Some(batch) = stream.next().await {
-            if tx.send(batch).is_err() {
-                return;
-            }
-        }
-    });
-    let mut taken = 0;
-    while taken < 10 {
-        taken += tokio::time::timeout(PATIENCE, claimed.recv())
-            .await
-            .expect("the backlog drains")
-            .expect("the stream goes on")
-            .len();
-    }
+    let (drain, mut claimed) = drain_in_background(stream);
+    take(&mut claimed, 10).await;
     until_idle(&db).await;
     assert!(
         !listening.notified_by(&late, "COMMIT").await,
