@@ -50,9 +50,22 @@ impl Pipeline {
         search: &SearchUrl,
         config: IndexerConfig,
     ) -> Self {
+        Self::start_consuming_from(db, vhost, index, search, &vhost.url, config)
+    }
+
+    /// The bridge publishes to the vhost; the consumer consumes through `consume_from`
+    /// (relays, a list of addresses).
+    fn start_consuming_from(
+        db: &TestSchema,
+        vhost: &TestVhost,
+        index: &TestIndex,
+        search: &SearchUrl,
+        consume_from: &AmqpUrl,
+        config: IndexerConfig,
+    ) -> Self {
         let (stop_bridge, bridge) = spawn_bridge(db, &vhost.url);
         let outbox = db.outbox(OutboxConfig::default());
-        let indexer = consumer(&vhost.url, search, outbox, index, {
+        let indexer = consumer(consume_from, search, outbox, index, {
             let mut c = config;
             c.circuit = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
             c.retry = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
@@ -805,36 +818,21 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
 #[tokio::test]
 async fn a_dead_first_broker_address_is_passed_over_for_the_next() {
     let (db, vhost, index) = setup().await;
-    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
     let listed = amqp_list(&[&dead_amqp(&vhost.url), &vhost.url]);
-    let indexer = consumer(
-        &listed,
-        &search_url(),
-        db.outbox(OutboxConfig::default()),
+    let pipeline = Pipeline::start_consuming_from(
+        &db,
+        &vhost,
         &index,
+        &search_url(),
+        &listed,
         IndexerConfig::default(),
     );
-    let status = indexer.status();
-    let stop_consumer = CancellationToken::new();
-    let task = tokio::spawn(indexer.run(stop_consumer.clone()));
-
     db.insert_listings(20).await;
     assert_eq!(wait_done(&db).await, (20, 0));
-    let snapshot = status.snapshot();
+    let snapshot = pipeline.indexer.snapshot();
     assert!(snapshot.connected, "{snapshot:?}");
     assert_eq!(snapshot.broker, Some(vhost.url.redacted()), "{snapshot:?}");
-
-    stop_bridge.cancel();
-    stop_consumer.cancel();
-    tokio::time::timeout(PATIENCE, bridge)
-        .await
-        .expect("bridge stops in time")
-        .expect("no panic")
-        .expect("bridge drained");
-    tokio::time::timeout(PATIENCE, task)
-        .await
-        .expect("consumer stops in time")
-        .expect("no panic");
+    pipeline.stop().await;
     teardown(db, vhost, index).await;
 }
 
@@ -844,17 +842,15 @@ async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_com
     // Two relays to the one broker stand for two nodes of a cluster.
     let (first, first_url) = Relay::amqp(&vhost.url).await;
     let (_second, second_url) = Relay::amqp(&vhost.url).await;
-    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let indexer = consumer(
-        &amqp_list(&[&first_url, &second_url]),
-        &search_url(),
-        db.outbox(OutboxConfig::default()),
+    let pipeline = Pipeline::start_consuming_from(
+        &db,
+        &vhost,
         &index,
+        &search_url(),
+        &amqp_list(&[&first_url, &second_url]),
         IndexerConfig::default(),
     );
-    let status = indexer.status();
-    let stop_consumer = CancellationToken::new();
-    let task = tokio::spawn(indexer.run(stop_consumer.clone()));
+    let status = pipeline.indexer.clone();
 
     db.insert_listings(2000).await;
     until(
@@ -876,17 +872,6 @@ async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_com
         || status.snapshot(),
     )
     .await;
-
-    stop_bridge.cancel();
-    stop_consumer.cancel();
-    tokio::time::timeout(PATIENCE, bridge)
-        .await
-        .expect("bridge stops in time")
-        .expect("no panic")
-        .expect("bridge drained");
-    tokio::time::timeout(PATIENCE, task)
-        .await
-        .expect("consumer stops in time")
-        .expect("no panic");
+    pipeline.stop().await;
     teardown(db, vhost, index).await;
 }

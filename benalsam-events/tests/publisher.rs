@@ -110,6 +110,22 @@ async fn wait_settled(db: &TestSchema, live: &[&str]) -> BTreeMap<String, usize>
     }
 }
 
+/// Every job of the schema reached the sync queue (some perhaps twice, after a lost link:
+/// then with the same messageId, so a consumer knows the duplicate).
+async fn every_job_reached_the_queue(db: &TestSchema, vhost: &TestVhost) {
+    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
+    let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
+    let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, all, "every job reached the queue");
+    for d in &deliveries {
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|s| s.to_string()),
+            Some(format!("job_{}", job_id(d))),
+            "a duplicate carries the same messageId"
+        );
+    }
+}
+
 fn job_id(delivery: &lapin::message::Delivery) -> i64 {
     Envelope::decode(&delivery.data)
         .expect("a valid envelope")
@@ -250,17 +266,7 @@ async fn connections_closed_by_the_broker_lose_no_job() {
     bridge.stop().await;
     assert!(status.snapshot().errors >= 1, "the cuts were noticed");
 
-    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
-    let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
-    let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids, all, "every job reached the queue");
-    for d in &deliveries {
-        assert_eq!(
-            d.properties.message_id().as_ref().map(|s| s.to_string()),
-            Some(format!("job_{}", job_id(d))),
-            "a duplicate carries the same messageId"
-        );
-    }
+    every_job_reached_the_queue(&db, &vhost).await;
     db.drop().await;
     vhost.drop().await;
 }
@@ -559,17 +565,7 @@ async fn losing_one_broker_node_moves_to_the_next_and_loses_no_job() {
     .await;
     bridge.stop().await;
 
-    let deliveries = drain_queue(&vhost.url, SYNC_QUEUE).await;
-    let ids: HashSet<i64> = deliveries.iter().map(job_id).collect();
-    let all: HashSet<i64> = db.statuses().await.into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids, all, "every job reached the queue");
-    for d in &deliveries {
-        assert_eq!(
-            d.properties.message_id().as_ref().map(|s| s.to_string()),
-            Some(format!("job_{}", job_id(d))),
-            "a duplicate carries the same messageId"
-        );
-    }
+    every_job_reached_the_queue(&db, &vhost).await;
     db.drop().await;
     vhost.drop().await;
 }
