@@ -47,6 +47,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_backfill_progress.sql"),
     migration!(4, "0004_adaptive_notify.sql"),
     migration!(5, "0005_queue_fillfactor.sql"),
+    migration!(6, "0006_relations.sql"),
 ];
 
 /// What [`migrate`] did.
