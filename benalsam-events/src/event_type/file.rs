@@ -526,4 +526,44 @@ stored_in = { type = "keyword", column = "warehouse" }
         assert_eq!(inventory.dead_letter_queue, "inventory.sync.dlq");
         assert_eq!(inventory.document.fields["stored_in"].column, "warehouse");
     }
+
+    const JOINED: &str = include_str!("../../../examples/joined_documents/listings.toml");
+
+    #[test]
+    fn the_joined_example_declares_three_relations_and_maps_them() {
+        let types = parse(JOINED, "listings.toml").expect("the joined example is valid");
+        let listings = &types[0];
+        let names: Vec<&str> = listings.relations.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["category_info", "photos", "seller"]);
+        let seller = &listings.relations[2];
+        assert_eq!((seller.local_columns.as_slice(), seller.related_columns.as_slice()), (&["user_id".to_owned()][..], &["id".to_owned()][..]));
+        let photos = &listings.relations[1];
+        assert_eq!(photos.local_columns, ["id"]);
+        assert_eq!(photos.related_columns, ["listing_id"]);
+        let body = listings.index_body();
+        let p = &body["mappings"]["properties"];
+        assert_eq!(p["seller"]["properties"]["rating"]["type"], "double");
+        assert_eq!(p["photos"]["properties"]["url"]["index"], false);
+        assert_eq!(p["category_info"]["properties"]["name"]["type"], "text");
+        assert_eq!(p["search_text"]["type"], "text");
+        assert!(listings.is_joined());
+    }
+
+    #[test]
+    fn relation_mistakes_name_the_file_the_line_and_the_key() {
+        let limited = JOINED.replace(
+            "references = [\"id\"]              # columns of users (default: its key)",
+            "limit = 2",
+        );
+        let err = parse(&limited, "j.toml").expect_err("a limit on a parent").to_string();
+        assert!(err.contains("j.toml:") && err.contains("relations.seller.limit"), "{err}");
+        let typo = JOINED.replace("foreign_key = [\"listing_id\"]", "foreign_keys = [\"listing_id\"]");
+        let err = parse(&typo, "j.toml").expect_err("a typo").to_string();
+        assert!(err.contains("foreign_keys"), "{err}");
+        let clash = JOINED.replace("[event_type.relations.photos]", "[event_type.relations.title]");
+        let err = parse(&clash, "j.toml").expect_err("a clash").to_string();
+        assert!(err.contains("relations.title.name") && err.contains("already has a field"), "{err}");
+        let origin = &parse(JOINED, "j.toml").expect("valid")[0].relations[0];
+        assert_eq!(origin.origin.as_deref(), Some("j.toml:9"), "the line of [[event_type]]");
+    }
 }

@@ -278,6 +278,16 @@ impl EventType {
         let fields: Vec<&str> = self.document.field_names().collect();
         for (i, relation) in self.relations.iter().enumerate() {
             relation.validate(&self.name, &fields)?;
+            let trigger = crate::outbox::relation_trigger_name(self, relation);
+            if trigger.len() > 63 {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: the trigger name {trigger} is over PostgreSQL's 63 bytes; shorten the event type's or the relation's name",
+                        relation.at(&self.name, "name")
+                    ),
+                ));
+            }
             if self.relations[..i].iter().any(|r| r.name == relation.name) {
                 return Err(Error::config(
                     "BENALSAM_CONFIG",

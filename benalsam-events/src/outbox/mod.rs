@@ -44,7 +44,7 @@ pub use fanout::{DEFAULT_FANOUT_PAGE, FanOutStatus};
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
-pub(crate) use migrate::missing_tables;
+pub(crate) use migrate::{missing_tables, relation_trigger_name};
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub(crate) use relations::{Read, check_catalog};
