@@ -61,7 +61,7 @@ DECLARE
     opt_name    text;
     key_column  text := 'id';
     ignored     text[] := '{}';
-    only        text[];
+    taken       text[];
     record_as   text;
     channel     text := 'benalsam_sync_queue';
     notify      text := 'on';
@@ -82,7 +82,7 @@ BEGIN
                 WHEN 'ignore' THEN ignored := string_to_array(substr(opt, length(opt_name) + 2), ',');
                 WHEN 'channel' THEN channel := substr(opt, length(opt_name) + 2);
                 WHEN 'notify' THEN notify := substr(opt, length(opt_name) + 2);
-                WHEN 'only' THEN only := string_to_array(substr(opt, length(opt_name) + 2), ',');
+                WHEN 'only' THEN taken := string_to_array(substr(opt, length(opt_name) + 2), ',');
                 WHEN 'as' THEN record_as := substr(opt, length(opt_name) + 2);
                 ELSE RAISE EXCEPTION 'add_to_sync_queue on %: unknown option "%" (known: key, ignore, channel, notify, only, as)',
                                      TG_TABLE_NAME, opt;
@@ -112,8 +112,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         new_row := to_jsonb(NEW);
         new_key := new_row ->> key_column;
-        IF only IS NOT NULL THEN
-            new_row := (SELECT jsonb_object_agg(c, new_row -> c) FROM unnest(only || key_column) c);
+        IF taken IS NOT NULL THEN
+            new_row := (SELECT jsonb_object_agg(c, new_row -> c) FROM unnest(taken || key_column) c);
         END IF;
         IF new_key IS NULL THEN
             RAISE EXCEPTION 'add_to_sync_queue on %: key column "%" is missing or NULL', TG_TABLE_NAME, key_column;
@@ -123,9 +123,9 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' THEN
         old_row := to_jsonb(OLD);
         new_row := to_jsonb(NEW);
-        IF only IS NOT NULL THEN
-            old_row := (SELECT jsonb_object_agg(c, old_row -> c) FROM unnest(only || key_column) c);
-            new_row := (SELECT jsonb_object_agg(c, new_row -> c) FROM unnest(only || key_column) c);
+        IF taken IS NOT NULL THEN
+            old_row := (SELECT jsonb_object_agg(c, old_row -> c) FROM unnest(taken || key_column) c);
+            new_row := (SELECT jsonb_object_agg(c, new_row -> c) FROM unnest(taken || key_column) c);
         END IF;
         -- No-op updates and updates of ignored columns only are not changes for search.
         IF (old_row - ignored) = (new_row - ignored) THEN
@@ -147,8 +147,8 @@ BEGIN
     ELSE
         old_row := to_jsonb(OLD);
         old_key := old_row ->> key_column;
-        IF only IS NOT NULL THEN
-            old_row := (SELECT jsonb_object_agg(c, old_row -> c) FROM unnest(only || key_column) c);
+        IF taken IS NOT NULL THEN
+            old_row := (SELECT jsonb_object_agg(c, old_row -> c) FROM unnest(taken || key_column) c);
         END IF;
         IF old_key IS NULL THEN
             RAISE EXCEPTION 'add_to_sync_queue on %: key column "%" is missing or NULL', TG_TABLE_NAME, key_column;

@@ -244,8 +244,8 @@ fn relation_of(
             Relation::parent(name, &raw.table, &foreign_key, &references)
         }
         RelationKindToml::Children => {
-            let mut children = Relation::children(name, &raw.table, &foreign_key, &references)
-                .nested(raw.nested);
+            let mut children =
+                Relation::children(name, &raw.table, &foreign_key, &references).nested(raw.nested);
             if let Some(order) = &raw.order_by {
                 children = children.order_by(order, raw.descending);
             }
@@ -257,7 +257,12 @@ fn relation_of(
     };
     relation.key = key;
     for (field_name, field) in &raw.fields {
-        let field = field_of(field_name, field, &format!("relations.{name}.fields.{field_name}"), at)?;
+        let field = field_of(
+            field_name,
+            field,
+            &format!("relations.{name}.fields.{field_name}"),
+            at,
+        )?;
         relation.fields.insert(field_name.clone(), field);
     }
     // "benalsam.toml:12": where the relation was declared, for the errors the database
@@ -536,7 +541,13 @@ stored_in = { type = "keyword", column = "warehouse" }
         let names: Vec<&str> = listings.relations.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["category_info", "photos", "seller"]);
         let seller = &listings.relations[2];
-        assert_eq!((seller.local_columns.as_slice(), seller.related_columns.as_slice()), (&["user_id".to_owned()][..], &["id".to_owned()][..]));
+        assert_eq!(
+            (
+                seller.local_columns.as_slice(),
+                seller.related_columns.as_slice()
+            ),
+            (&["user_id".to_owned()][..], &["id".to_owned()][..])
+        );
         let photos = &listings.relations[1];
         assert_eq!(photos.local_columns, ["id"]);
         assert_eq!(photos.related_columns, ["listing_id"]);
@@ -555,15 +566,33 @@ stored_in = { type = "keyword", column = "warehouse" }
             "references = [\"id\"]              # columns of users (default: its key)",
             "limit = 2",
         );
-        let err = parse(&limited, "j.toml").expect_err("a limit on a parent").to_string();
-        assert!(err.contains("j.toml:") && err.contains("relations.seller.limit"), "{err}");
-        let typo = JOINED.replace("foreign_key = [\"listing_id\"]", "foreign_keys = [\"listing_id\"]");
+        let err = parse(&limited, "j.toml")
+            .expect_err("a limit on a parent")
+            .to_string();
+        assert!(
+            err.contains("j.toml:") && err.contains("relations.seller.limit"),
+            "{err}"
+        );
+        let typo = JOINED.replace(
+            "foreign_key = [\"listing_id\"]",
+            "foreign_keys = [\"listing_id\"]",
+        );
         let err = parse(&typo, "j.toml").expect_err("a typo").to_string();
         assert!(err.contains("foreign_keys"), "{err}");
-        let clash = JOINED.replace("[event_type.relations.photos]", "[event_type.relations.title]");
+        let clash = JOINED.replace(
+            "[event_type.relations.photos]",
+            "[event_type.relations.title]",
+        );
         let err = parse(&clash, "j.toml").expect_err("a clash").to_string();
-        assert!(err.contains("relations.title.name") && err.contains("already has a field"), "{err}");
+        assert!(
+            err.contains("relations.title.name") && err.contains("already has a field"),
+            "{err}"
+        );
         let origin = &parse(JOINED, "j.toml").expect("valid")[0].relations[0];
-        assert_eq!(origin.origin.as_deref(), Some("j.toml:9"), "the line of [[event_type]]");
+        assert_eq!(
+            origin.origin.as_deref(),
+            Some("j.toml:9"),
+            "the line of [[event_type]]"
+        );
     }
 }

@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-pub(crate) use document::{Field, Row};
 pub use document::{DocumentSpec, FieldType};
+pub(crate) use document::{Field, Row};
 pub use relation::{Relation, RelationKind};
 
 use crate::config::validate_identifier;
@@ -215,10 +215,9 @@ impl EventType {
         if row.is_some() {
             for relation in &self.relations {
                 let read = related.get(&relation.name).unwrap_or(&Value::Null);
-                if let Some(value) = relation
-                    .value(read)
-                    .map_err(|why| BuildError(format!("record {id}: relation {}: {why}", relation.name)))?
-                {
+                if let Some(value) = relation.value(read).map_err(|why| {
+                    BuildError(format!("record {id}: relation {}: {why}", relation.name))
+                })? {
                     extra.insert(relation.name.clone(), value);
                 }
             }
@@ -291,7 +290,10 @@ impl EventType {
             if self.relations[..i].iter().any(|r| r.name == relation.name) {
                 return Err(Error::config(
                     "BENALSAM_CONFIG",
-                    format!("{}: the name is used twice", relation.at(&self.name, "name")),
+                    format!(
+                        "{}: the name is used twice",
+                        relation.at(&self.name, "name")
+                    ),
                 ));
             }
         }

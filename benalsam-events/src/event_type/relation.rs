@@ -106,13 +106,7 @@ impl Relation {
     /// A parent: the rows of `table` whose `references` columns equal the document row's
     /// `foreign_key` columns (`listings.user_id → users.id`).
     pub fn parent(name: &str, table: &str, foreign_key: &[&str], references: &[&str]) -> Self {
-        Self::new(
-            name,
-            table,
-            RelationKind::Parent,
-            foreign_key,
-            references,
-        )
+        Self::new(name, table, RelationKind::Parent, foreign_key, references)
     }
 
     /// Children: the rows of `table` whose `foreign_key` columns equal the document row's
@@ -191,8 +185,14 @@ impl Relation {
 
     /// Where to say a mistake is: the file and line, or the event type.
     pub(crate) fn at(&self, event_type: &str, key: &str) -> String {
-        let place = self.origin.as_deref().map_or(String::new(), |o| format!("{o}: "));
-        format!("{place}event type {event_type:?}, relations.{}.{key}", self.name)
+        let place = self
+            .origin
+            .as_deref()
+            .map_or(String::new(), |o| format!("{o}: "));
+        format!(
+            "{place}event type {event_type:?}, relations.{}.{key}",
+            self.name
+        )
     }
 
     /// The table name its jobs are recorded under: `<event type table>#<relation>`.
@@ -225,7 +225,12 @@ impl Relation {
     }
 
     /// The trigger's arguments on the related table.
-    pub(crate) fn trigger_options(&self, owner_table: &str, channel: &str, notify: bool) -> Vec<String> {
+    pub(crate) fn trigger_options(
+        &self,
+        owner_table: &str,
+        channel: &str,
+        notify: bool,
+    ) -> Vec<String> {
         let mut options = vec![
             format!("key={}", self.key),
             format!("only={}", self.columns().join(",")),
@@ -249,7 +254,10 @@ impl Relation {
     /// Checks what must hold before the catalog is asked, naming the key that does not.
     pub(crate) fn validate(&self, event_type: &str, document_fields: &[&str]) -> Result<()> {
         let refuse = |key: &str, why: String| {
-            Err(Error::config("BENALSAM_CONFIG", format!("{}: {why}", self.at(event_type, key))))
+            Err(Error::config(
+                "BENALSAM_CONFIG",
+                format!("{}: {why}", self.at(event_type, key)),
+            ))
         };
         validate_identifier("relation name", &self.name)?;
         let (schema, table) = self.split_table();
@@ -304,7 +312,9 @@ impl Relation {
             if *limit == 0 || *limit > MAX_CHILDREN {
                 return refuse(
                     "limit",
-                    format!("must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"),
+                    format!(
+                        "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
+                    ),
                 );
             }
             if let Some(order) = order_by {
@@ -386,7 +396,9 @@ impl Relation {
     fn object(&self, row: &Map<String, Value>) -> std::result::Result<Value, String> {
         let mut object = Map::new();
         for (name, field) in &self.fields {
-            if let Some(value) = field_value(name, field, row).map_err(|why| format!("{name}: {why}"))? {
+            if let Some(value) =
+                field_value(name, field, row).map_err(|why| format!("{name}: {why}"))?
+            {
                 object.insert(name.clone(), value);
             }
         }
@@ -400,11 +412,14 @@ mod tests {
 
     fn seller() -> Relation {
         Relation::parent("seller", "users", &["user_id"], &["id"])
-            .field("display_name", FieldType::Text {
-                analyzer: "standard".into(),
-                raw: false,
-                copy_to: Some("search_text".into()),
-            })
+            .field(
+                "display_name",
+                FieldType::Text {
+                    analyzer: "standard".into(),
+                    raw: false,
+                    copy_to: Some("search_text".into()),
+                },
+            )
             .field_from("stars", "rating", FieldType::Double)
     }
 
@@ -414,10 +429,21 @@ mod tests {
         assert_eq!(seller.columns(), ["display_name", "id", "rating"]);
         assert_eq!(
             seller.trigger_options("listings", "ch", true),
-            ["key=id", "only=display_name,id,rating", "as=listings#seller", "channel=ch"]
+            [
+                "key=id",
+                "only=display_name,id,rating",
+                "as=listings#seller",
+                "channel=ch"
+            ]
         );
         let images = Relation::children("images", "listing_images", &["listing_id"], &["id"])
-            .field("url", FieldType::Keyword { normalizer: None, indexed: false })
+            .field(
+                "url",
+                FieldType::Keyword {
+                    normalizer: None,
+                    indexed: false,
+                },
+            )
             .order_by("position", true)
             .limit(3);
         assert_eq!(images.local_columns, ["id"]);
@@ -435,9 +461,17 @@ mod tests {
         );
         assert_eq!(seller.value(&Value::Null).expect("valid"), None);
         let images = Relation::children("images", "listing_images", &["listing_id"], &["id"])
-            .field("url", FieldType::Keyword { normalizer: None, indexed: false });
+            .field(
+                "url",
+                FieldType::Keyword {
+                    normalizer: None,
+                    indexed: false,
+                },
+            );
         assert_eq!(
-            images.value(&json!([{"url": "a"}, {"url": null}])).expect("valid"),
+            images
+                .value(&json!([{"url": "a"}, {"url": null}]))
+                .expect("valid"),
             Some(json!([{"url": "a"}, {}]))
         );
         assert!(seller.value(&json!({"rating": "many"})).is_err());
@@ -447,7 +481,10 @@ mod tests {
     fn mistakes_are_named() {
         let mut bad = seller();
         bad.related_columns.push("other".into());
-        let err = bad.validate("listings", &[]).expect_err("uneven").to_string();
+        let err = bad
+            .validate("listings", &[])
+            .expect_err("uneven")
+            .to_string();
         assert!(err.contains("relations.seller.foreign_key"), "{err}");
         let err = seller()
             .validate("listings", &["seller"])
@@ -459,7 +496,10 @@ mod tests {
         let many = Relation::children("images", "i", &["listing_id"], &["id"])
             .field("url", FieldType::Long)
             .limit(MAX_CHILDREN + 1);
-        let err = many.validate("listings", &[]).expect_err("too many").to_string();
+        let err = many
+            .validate("listings", &[])
+            .expect_err("too many")
+            .to_string();
         assert!(err.contains("relations.images.limit"), "{err}");
         assert!(seller().validate("listings", &["title"]).is_ok());
     }

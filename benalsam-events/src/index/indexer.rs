@@ -831,8 +831,7 @@ async fn read_joined(
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        let read =
-            settle::retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
+        let read = settle::retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
         shared.status.lock().joined_reads += ids.len() as u64;
         for mut message in messages {
             let Body::Joined { envelope } = message.body else {

@@ -12,12 +12,12 @@ use futures::future::{BoxFuture, join_all};
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
 
+use crate::EventType;
 use crate::Result;
 use crate::index::dead_letter::{self, Why};
 use crate::index::indexer::{Body, Finished, Message, Shared};
 use crate::index::plan::{Decision, Done};
 use crate::ops::metrics;
-use crate::EventType;
 use crate::outbox::{Outbox, Outcome, Read, Recorded, Settle, Settled};
 
 /// The outbox as the indexer's stages use it: behind a pointer, so they can be tested with

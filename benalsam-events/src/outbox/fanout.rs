@@ -30,7 +30,9 @@ use crate::event_type::{EventType, Relation};
 use crate::ops::Live;
 use crate::ops::metrics::{Metrics, RelationLabel};
 use crate::outbox::relations::FanOutSql;
-use crate::outbox::{Job, JobStream, JobStreamConfig, Operation, Outbox, OutboxConfig, Outcome, Settle};
+use crate::outbox::{
+    Job, JobStream, JobStreamConfig, Operation, Outbox, OutboxConfig, Outcome, Settle,
+};
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
@@ -59,9 +61,18 @@ pub struct FanOutStatus {
 /// The fan-out's metric families.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct FanOutMetrics {
-    documents: prometheus_client::metrics::family::Family<RelationLabel, prometheus_client::metrics::counter::Counter>,
-    coalesced: prometheus_client::metrics::family::Family<RelationLabel, prometheus_client::metrics::counter::Counter>,
-    changes: prometheus_client::metrics::family::Family<RelationLabel, prometheus_client::metrics::counter::Counter>,
+    documents: prometheus_client::metrics::family::Family<
+        RelationLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    coalesced: prometheus_client::metrics::family::Family<
+        RelationLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    changes: prometheus_client::metrics::family::Family<
+        RelationLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
 }
 
 impl FanOutMetrics {
@@ -244,7 +255,11 @@ impl Worker {
         self.status.lock().current = Some((job.id, job.table_name.clone(), 0));
         let lease = self.outbox.config().lease.as_secs_f64();
         let worker = &self.outbox.config().worker_id;
-        let trace_id = job.traceparent.as_deref().and_then(|t| t.get(3..35)).map(str::to_owned);
+        let trace_id = job
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.get(3..35))
+            .map(str::to_owned);
         while tuple < rows.len() {
             if shutdown.is_cancelled() {
                 return Ok(false);
@@ -276,20 +291,34 @@ impl Worker {
                 None => {
                     tx.query_one(
                         &plan.sql.first,
-                        &[&rows[tuple], &self.page, &plan.documents, &trace_id, &job.traceparent],
+                        &[
+                            &rows[tuple],
+                            &self.page,
+                            &plan.documents,
+                            &trace_id,
+                            &job.traceparent,
+                        ],
                     )
                     .await
                 }
                 Some(last) => {
                     tx.query_one(
                         &plan.sql.next,
-                        &[&rows[tuple], &self.page, &plan.documents, &trace_id, &job.traceparent, last],
+                        &[
+                            &rows[tuple],
+                            &self.page,
+                            &plan.documents,
+                            &trace_id,
+                            &job.traceparent,
+                            last,
+                        ],
                     )
                     .await
                 }
             }
             .map_err(fail)?;
-            let (found, added, last): (i64, i64, Option<String>) = (page.get(0), page.get(1), page.get(2));
+            let (found, added, last): (i64, i64, Option<String>) =
+                (page.get(0), page.get(1), page.get(2));
             let (next_tuple, next_after) = if found < self.page {
                 (tuple + 1, None)
             } else {
@@ -305,14 +334,20 @@ impl Worker {
                 return Ok(false);
             }
             if added > 0 {
-                tx.execute("SELECT pg_notify($1, '')", &[&self.outbox.config().notify_channel])
-                    .await
-                    .map_err(fail)?;
+                tx.execute(
+                    "SELECT pg_notify($1, '')",
+                    &[&self.outbox.config().notify_channel],
+                )
+                .await
+                .map_err(fail)?;
             }
             tx.commit().await.map_err(fail)?;
             let (found, added) = (found.unsigned_abs(), added.unsigned_abs());
             self.metrics.documents.get_or_create(&label).inc_by(added);
-            self.metrics.coalesced.get_or_create(&label).inc_by(found - added.min(found));
+            self.metrics
+                .coalesced
+                .get_or_create(&label)
+                .inc_by(found - added.min(found));
             {
                 let mut s = self.status.lock();
                 s.documents_queued += added;
@@ -407,9 +442,15 @@ mod tests {
             Operation::Update,
             json!({"old": {"listing_id": 1, "url": "a"}, "new": {"listing_id": 1, "url": "b"}}),
         );
-        assert_eq!(related_rows(&edited, &images), vec![json!({"listing_id": 1, "url": "b"})]);
+        assert_eq!(
+            related_rows(&edited, &images),
+            vec![json!({"listing_id": 1, "url": "b"})]
+        );
         let added = job(Operation::Insert, json!({"listing_id": 3}));
-        assert_eq!(related_rows(&added, &images), vec![json!({"listing_id": 3})]);
+        assert_eq!(
+            related_rows(&added, &images),
+            vec![json!({"listing_id": 3})]
+        );
     }
 
     #[test]

@@ -238,7 +238,11 @@ async fn exists(client: &impl GenericClient, schema: &str, event_type: &EventTyp
 }
 
 /// Whether `schema.table` exists.
-async fn table_exists(client: &impl GenericClient, table_schema: &str, table: &str) -> Result<bool> {
+async fn table_exists(
+    client: &impl GenericClient,
+    table_schema: &str,
+    table: &str,
+) -> Result<bool> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

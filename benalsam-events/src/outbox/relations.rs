@@ -159,7 +159,12 @@ pub(crate) async fn read(
     event_type: &EventType,
     ids: &[String],
 ) -> Result<Read> {
-    let fail = |e| Error::postgres(format!("reading the joined documents of {}", event_type.name), e);
+    let fail = |e| {
+        Error::postgres(
+            format!("reading the joined documents of {}", event_type.name),
+            e,
+        )
+    };
     let tx = client.transaction().await.map_err(fail)?;
     tx.query_one(&sql.lock, &[&event_type.index.alias, &ids])
         .await
@@ -226,7 +231,10 @@ impl FanOutSql {
         };
         Self {
             first: page(""),
-            next: page(&format!(" AND d.\"{key}\" > {}", typed_key(&table, key, "$6::text"))),
+            next: page(&format!(
+                " AND d.\"{key}\" > {}",
+                typed_key(&table, key, "$6::text")
+            )),
             progress: format!(
                 "UPDATE {queue} SET change_data = change_data || jsonb_build_object('fanout', $2::jsonb), \
                  locked_until = now() + make_interval(secs => $3) \
@@ -258,10 +266,7 @@ pub(crate) async fn check_catalog(
             };
             let theirs = columns_of(client, schema, &relation.table).await?;
             if theirs.is_empty() {
-                return refuse(
-                    "table",
-                    format!("table {} does not exist", relation.table),
-                );
+                return refuse("table", format!("table {} does not exist", relation.table));
             }
             let (local_key, related_key) = match relation.kind {
                 RelationKind::Parent => ("foreign_key", "references"),
@@ -348,19 +353,36 @@ mod tests {
     fn a_read_locks_then_versions_then_selects_the_rows_with_their_relations() {
         let sql = ReadSql::new("app", &joined());
         assert!(sql.lock.contains("ORDER BY 1, 2"), "locks in one order");
-        assert!(sql.version.contains("'\"app\".elasticsearch_sync_queue', 'id'"));
+        assert!(
+            sql.version
+                .contains("'\"app\".elasticsearch_sync_queue', 'id'")
+        );
         let select = &sql.select;
-        assert!(select.contains("FROM \"app\".\"users\" r WHERE r.\"id\" = d.\"user_id\" LIMIT 1"), "{select}");
-        assert!(select.contains("FROM \"shop\".\"images\" r WHERE r.\"listing_id\" = d.\"id\""), "{select}");
-        assert!(select.contains("ORDER BY r.\"position\" DESC, r.\"id\" LIMIT 3"), "{select}");
-        assert!(select.contains("jsonb_populate_record(NULL::\"app\".\"listings\""), "typed keys keep the index usable");
+        assert!(
+            select.contains("FROM \"app\".\"users\" r WHERE r.\"id\" = d.\"user_id\" LIMIT 1"),
+            "{select}"
+        );
+        assert!(
+            select.contains("FROM \"shop\".\"images\" r WHERE r.\"listing_id\" = d.\"id\""),
+            "{select}"
+        );
+        assert!(
+            select.contains("ORDER BY r.\"position\" DESC, r.\"id\" LIMIT 3"),
+            "{select}"
+        );
+        assert!(
+            select.contains("jsonb_populate_record(NULL::\"app\".\"listings\""),
+            "typed keys keep the index usable"
+        );
     }
 
     #[test]
     fn a_fan_out_pages_by_key_and_skips_documents_already_waiting() {
         let event_type = joined();
         let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
-        assert!(sql.first.contains("d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""));
+        assert!(sql.first.contains(
+            "d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""
+        ));
         assert!(!sql.first.contains("$6"));
         assert!(sql.next.contains("d.\"id\" > "));
         assert!(sql.first.contains("NOT EXISTS"));
