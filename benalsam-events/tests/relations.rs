@@ -14,7 +14,10 @@ use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
-use support::{TestIndex, TestSchema, TestVhost, database_url, search_url, unique_name};
+use support::{
+    TestIndex, TestSchema, TestVhost, database_url, free_port, healthy, sample, scrape, search_url,
+    unique_name,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +51,8 @@ struct Joined {
     vhost: TestVhost,
     index: TestIndex,
     listings: EventType,
+    /// The bridge's health and metrics port.
+    port: u16,
     bridge: (CancellationToken, JoinHandle<benalsam_events::Result<()>>),
     consumer: Option<(CancellationToken, JoinHandle<benalsam_events::Result<()>>)>,
 }
@@ -82,6 +87,8 @@ impl Joined {
         settings.event_types = vec![listings.clone()];
         settings.migrate = true;
         settings.heartbeat_interval = None;
+        let port = free_port();
+        settings.health_addr = Some(([127, 0, 0, 1], port).into());
         let shutdown = CancellationToken::new();
         let bridge = tokio::spawn(bridge::run(settings, shutdown.clone()));
         let mut joined = Self {
@@ -89,6 +96,7 @@ impl Joined {
             vhost,
             index,
             listings,
+            port,
             bridge: (shutdown, bridge),
             consumer: None,
         };
@@ -559,6 +567,27 @@ async fn a_fan_out_of_twenty_thousand_documents() {
     assert_eq!(t.count(by("Fikret")).await, 0);
     assert_eq!(t.rebuilt().await.len(), N as usize);
     t.settled().await;
+    // Visible to the operator: the bridge's health and metrics count the fan-out.
+    let health = healthy(
+        t.port,
+        "/api/v1/health/database-trigger-bridge",
+        "database-trigger-bridge",
+    )
+    .await;
+    let fan_out = &health["details"]["fanOut"];
+    assert_eq!(fan_out["changesDone"], 1, "{health}");
+    assert_eq!(fan_out["documentsQueued"], N, "{health}");
+    assert_eq!(fan_out["current"], Value::Null);
+    let metrics = scrape(t.port).await;
+    let relation = [("relation", "listings#seller")];
+    assert_eq!(
+        sample(&metrics, "benalsam_fanout_documents_total", &relation),
+        N as f64
+    );
+    assert_eq!(
+        sample(&metrics, "benalsam_fanout_changes_total", &relation),
+        1.0
+    );
     t.stop().await;
 }
 
