@@ -58,8 +58,15 @@ pub enum RelationKind {
 /// change, so this bounds its size.
 pub(crate) const MAX_CHILDREN: u32 = 1000;
 
-/// Rows of another table that are part of an event type's documents. See the
-/// [module documentation](self).
+/// Rows of another table that are part of an event type's documents: a *parent* (many
+/// documents to one related row, an object field) or *children* (one document to many related
+/// rows, an array of objects, ordered and limited).
+///
+/// A change of a taken column of a related row records one job, which a bridge fans out to
+/// one `REBUILD` job per document that contains the row; the consumer then reads each
+/// document with its related rows from the database, versioned so that the index converges
+/// whatever the order of commits and deliveries (README, "Documents joined from related
+/// tables").
 ///
 /// ```
 /// use benalsam_events::EventType;
