@@ -156,6 +156,28 @@ async fn prepare(
             return Ok(false);
         }
     }
+    if settings.event_types.iter().any(EventType::is_joined) {
+        let checked = service
+            .step(
+                "checking the relations against the database",
+                shutdown,
+                || async {
+                    let client =
+                        crate::connect::postgres_as(&settings.database_url, "benalsam-check")
+                            .await?;
+                    crate::outbox::check_catalog(
+                        &client,
+                        &settings.outbox.schema,
+                        &settings.event_types,
+                    )
+                    .await
+                },
+            )
+            .await?;
+        if checked.is_none() {
+            return Ok(false);
+        }
+    }
     let queues: Vec<&str> = settings
         .event_types
         .iter()

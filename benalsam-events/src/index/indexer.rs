@@ -158,6 +158,8 @@ pub struct IndexerStatus {
     pub dlq_depth: Option<u32>,
     /// Deliveries refused because the outbox does not know their job as they tell it.
     pub unverified: u64,
+    /// Joined documents read from the database (every change of a joined event type).
+    pub joined_reads: u64,
     /// Since when outcomes cannot be recorded in PostgreSQL, and why (`None` while they can).
     pub outbox_failing: Option<(SystemTime, String)>,
     /// Errors: lost connections, failed bulk requests, failed reports.
@@ -187,17 +189,22 @@ pub(crate) enum Body {
     /// Not a valid envelope.
     Malformed(EnvelopeError),
     /// A change, and the action it asks of the index (or why it cannot become one; a
-    /// truncation asks for none).
+    /// truncation asks for none), written with `version` (the job id, or for a joined
+    /// document the version of its read).
     Change {
         envelope: Box<Envelope<'static>>,
         action: Result<Action, BuildError>,
+        version: i64,
     },
+    /// A change of a joined event type: its document is read from the database once the
+    /// delivery is verified, and becomes a `Change`.
+    Joined { envelope: Box<Envelope<'static>> },
 }
 
 impl Body {
     fn envelope(&self) -> Option<&Envelope<'static>> {
         match self {
-            Body::Change { envelope, .. } => Some(envelope),
+            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope),
             Body::Malformed(_) => None,
         }
     }
@@ -221,7 +228,7 @@ pub(crate) struct Message {
 impl Message {
     pub(crate) fn job_id(&self) -> Option<i64> {
         match &self.body {
-            Body::Change { envelope, .. } => Some(envelope.job_id),
+            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope.job_id),
             Body::Malformed(_) => None,
         }
     }
@@ -683,23 +690,36 @@ impl Run {
             Err(error) => (Body::Malformed(error), tracing::Span::none()),
             Ok(mut envelope) => {
                 let span = consumer_span(&route.queue, &envelope, &delivery);
-                let action = match self.shared.event_types.get(envelope.table.as_ref()) {
-                    _ if envelope.operation == Operation::Truncate => {
-                        Err(BuildError("a truncation is no document".to_owned()))
-                    }
-                    Some(event_type) => event_type.action(&envelope),
-                    None => Err(BuildError(format!(
-                        "no event type is configured for table {:?}; add one to the consumer",
-                        envelope.table
-                    ))),
-                };
+                let event_type = self.shared.event_types.get(envelope.table.as_ref());
                 // The rows are in the document now (and in the delivery's bytes, for a dead
                 // letter): holding them parsed until the ack would double the memory of
-                // every message in hand.
-                envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
-                let body = Body::Change {
-                    envelope: Box::new(envelope),
-                    action,
+                // every message in hand. A joined document is read from the database
+                // instead.
+                let body = match event_type {
+                    Some(t) if t.is_joined() && envelope.operation != Operation::Truncate => {
+                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
+                        Body::Joined {
+                            envelope: Box::new(envelope),
+                        }
+                    }
+                    _ => {
+                        let action = match event_type {
+                            _ if envelope.operation == Operation::Truncate => {
+                                Err(BuildError("a truncation is no document".to_owned()))
+                            }
+                            Some(event_type) => event_type.action(&envelope),
+                            None => Err(BuildError(format!(
+                                "no event type is configured for table {:?}; add one to the consumer",
+                                envelope.table
+                            ))),
+                        };
+                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
+                        Body::Change {
+                            version: envelope.job_id,
+                            envelope: Box::new(envelope),
+                            action,
+                        }
+                    }
                 };
                 (body, span)
             }
@@ -711,6 +731,8 @@ impl Run {
                 action: Ok(Action::Index { .. }),
                 ..
             } => delivery.data.len() + 128,
+            // Unknown until read: about a row with a few related ones.
+            Body::Joined { .. } => 4096,
             _ => 128,
         };
         self.batcher.push(
@@ -781,6 +803,60 @@ fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
     }
 }
 
+/// Reads the documents of joined messages from the database, one read per event type (so
+/// one version for its documents of the batch), and turns each message into a `Change`;
+/// with the reason, the messages whose document cannot be built. `None` when shutdown came
+/// while PostgreSQL was away.
+async fn read_joined(
+    shared: &Shared,
+    messages: Vec<Message>,
+) -> Option<Vec<(Message, Option<String>)>> {
+    let mut by_table: HashMap<String, Vec<Message>> = HashMap::new();
+    for message in messages {
+        if let Some(envelope) = message.body.envelope() {
+            by_table
+                .entry(envelope.table.to_string())
+                .or_default()
+                .push(message);
+        }
+    }
+    let mut out = Vec::new();
+    for (table, messages) in by_table {
+        let Some(event_type) = shared.event_types.get(&table) else {
+            continue;
+        };
+        let mut ids: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.body.envelope().map(|e| e.record_id.to_string()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let read = settle::retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
+        shared.status.lock().joined_reads += ids.len() as u64;
+        for mut message in messages {
+            let Body::Joined { envelope } = message.body else {
+                continue;
+            };
+            let id = envelope.record_id.to_string();
+            let found = read.rows.get(&id);
+            let action = event_type.joined_action(
+                id,
+                found.map(|(row, _)| row),
+                found.map_or(&serde_json::Map::new(), |(_, related)| related),
+                read.version,
+            );
+            let rejected = action.as_ref().err().map(ToString::to_string);
+            message.body = Body::Change {
+                envelope,
+                action,
+                version: read.version,
+            };
+            out.push((message, rejected));
+        }
+    }
+    Some(out)
+}
+
 /// Checks one batch against the outbox, writes it and settles every message of it.
 async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Message>) -> Finished {
     let Some(checks) = verify_batch(&shared, &batch).await else {
@@ -789,6 +865,7 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
     let mut sorted = settle::Sorted::default();
     let mut writable = Vec::new();
     let mut truncations = Vec::new();
+    let mut joined = Vec::new();
     for (message, check) in batch.into_iter().zip(checks) {
         match (check, &message.body) {
             (_, Body::Malformed(error)) => {
@@ -810,6 +887,7 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
                 truncations.push(message);
             }
             (Check::Deliver, Body::Change { action: Ok(_), .. }) => writable.push(message),
+            (Check::Deliver, Body::Joined { .. }) => joined.push(message),
             (
                 Check::Deliver,
                 Body::Change {
@@ -818,6 +896,17 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
             ) => {
                 let reason = error.to_string();
                 sorted.dead.push((message, Why::Rejected, reason));
+            }
+        }
+    }
+    if !joined.is_empty() {
+        let Some(read) = read_joined(&shared, joined).await else {
+            return Finished::Abandoned;
+        };
+        for (message, rejected) in read {
+            match rejected {
+                None => writable.push(message),
+                Some(reason) => sorted.dead.push((message, Why::Rejected, reason)),
             }
         }
     }
@@ -911,9 +1000,10 @@ async fn write(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>
         .iter()
         .filter_map(|m| match &m.body {
             Body::Change {
-                envelope,
                 action: Ok(action),
-            } => Some((action, envelope.job_id)),
+                version,
+                ..
+            } => Some((action, *version)),
             _ => None,
         })
         .collect();

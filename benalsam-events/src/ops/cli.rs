@@ -407,6 +407,12 @@ pub struct BridgeArgs {
     #[arg(long, env = "BENALSAM_RESEND_AFTER", default_value = "15m", value_parser = parse_duration)]
     pub resend_after: Duration,
 
+    /// Documents per page when a related row's change is fanned out to the documents that
+    /// contain it (event types with relations)
+    #[arg(long, env = "BENALSAM_FANOUT_PAGE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub fanout_page: u32,
+
     /// Health, heartbeats, migrations.
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -453,6 +459,7 @@ impl BridgeArgs {
         };
         s.topology = self.topology.config();
         s.resend_after = self.resend_after;
+        s.fanout_page = self.fanout_page as usize;
         s.migrate = self.service.migrate;
         s.health_addr = Some(self.service.health_addr.unwrap_or(BRIDGE_HEALTH_ADDR));
         s.health_window = self.service.health_window;

@@ -50,6 +50,12 @@ pub(crate) struct Table {
     pub(crate) table: String,
 }
 
+/// A relation label: the table name its jobs are recorded under (`listings#seller`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RelationLabel {
+    pub(crate) relation: String,
+}
+
 pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The text formats a scraper may ask for.
