@@ -70,6 +70,15 @@ pub(crate) struct Field {
 }
 
 impl Field {
+    /// Whether it uses the analyzer or normalizer `name`.
+    pub(crate) fn uses(&self, name: &str) -> bool {
+        match &self.kind {
+            FieldType::Text { analyzer, .. } => analyzer == name,
+            FieldType::Keyword { normalizer, .. } => normalizer.as_deref() == Some(name),
+            _ => false,
+        }
+    }
+
     /// The field, read from `column` (a rename).
     pub(crate) fn from_column(column: &str, kind: FieldType) -> Self {
         Self {
@@ -221,11 +230,7 @@ impl DocumentSpec {
     /// Whether a field uses the library's analyzer or normalizer (which the index must then
     /// define).
     pub(crate) fn uses(&self, name: &str) -> bool {
-        self.fields.values().any(|f| match &f.kind {
-            FieldType::Text { analyzer, .. } => analyzer == name,
-            FieldType::Keyword { normalizer, .. } => normalizer.as_deref() == Some(name),
-            _ => false,
-        })
+        self.fields.values().any(|f| f.uses(name))
     }
 }
 

@@ -375,11 +375,7 @@ impl Relation {
 
     /// Whether a field uses the library's analyzer or normalizer `name`.
     pub(crate) fn uses(&self, name: &str) -> bool {
-        self.fields.values().any(|f| match &f.kind {
-            FieldType::Text { analyzer, .. } => analyzer == name,
-            FieldType::Keyword { normalizer, .. } => normalizer.as_deref() == Some(name),
-            _ => false,
-        })
+        self.fields.values().any(|f| f.uses(name))
     }
 
     /// The document's value of this relation from what the database read: an object (or
