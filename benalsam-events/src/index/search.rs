@@ -37,12 +37,7 @@ use crate::{Error, Result};
 /// that is not retryable.
 pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
-    let basic = (!bare.username().is_empty()).then(|| {
-        (
-            bare.username().to_owned(),
-            bare.password().unwrap_or_default().to_owned(),
-        )
-    });
+    let basic = credentials(url)?;
     // Both calls only fail for URLs that cannot carry credentials, which have none.
     let _ = bare.set_username("");
     let _ = bare.set_password(None);
@@ -98,6 +93,31 @@ pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
         )
     })?;
     Ok(Elasticsearch::new(transport))
+}
+
+/// The user and password of `url`, if it names a user. A URL keeps its user information
+/// percent-encoded (`p%40ss` for `p@ss`, `a%3Bb` for `a;b`); Basic authentication carries
+/// it decoded.
+fn credentials(url: &SearchUrl) -> Result<Option<(String, String)>> {
+    let parsed = url.url();
+    if parsed.username().is_empty() {
+        return Ok(None);
+    }
+    let decoded = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| {
+                Error::config(
+                    SearchUrl::SETTING,
+                    format!("the user or password of {url} is not UTF-8 once decoded"),
+                )
+            })
+    };
+    Ok(Some((
+        decoded(parsed.username())?,
+        decoded(parsed.password().unwrap_or_default())?,
+    )))
 }
 
 /// An `Authorization: Basic` header, marked sensitive (kept out of debug output).
@@ -281,5 +301,27 @@ mod tests {
             "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
         );
         assert!(header.is_sensitive());
+    }
+
+    #[test]
+    fn credentials_are_sent_decoded() {
+        let url: SearchUrl = "http://app%40corp:p%40ss%3Bw%2Crd@es:9200"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            credentials(&url).expect("UTF-8"),
+            Some(("app@corp".to_owned(), "p@ss;w,rd".to_owned()))
+        );
+        let url: SearchUrl = "http://u:a;b@es:9200".parse().expect("valid");
+        assert_eq!(
+            credentials(&url).expect("UTF-8").map(|(_, p)| p),
+            Some("a;b".to_owned()),
+            "the parser encodes `;`; it is sent as written"
+        );
+        let none: SearchUrl = "http://es:9200".parse().expect("valid");
+        assert_eq!(credentials(&none).expect("no user"), None);
+        let bad: SearchUrl = "http://u:%FF@es:9200".parse().expect("valid URL");
+        let error = credentials(&bad).expect_err("not UTF-8");
+        assert_eq!(error.setting(), Some("ELASTICSEARCH_URL"));
     }
 }
