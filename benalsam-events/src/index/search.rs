@@ -23,6 +23,7 @@ use crate::config::{
 };
 use crate::connect::tls;
 use crate::error::Kind;
+use crate::index::SearchNodes;
 use crate::{Error, Result};
 
 /// A search client with a request timeout. Credentials in the URL become Basic
@@ -35,6 +36,9 @@ use crate::{Error, Result};
 /// setting (`ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT`, `ELASTICSEARCH_CLIENT_KEY`).
 /// A certificate refused later, by either side, fails requests with a configuration error
 /// that is not retryable.
+///
+/// Of a list of nodes, the client talks to the first; [`SearchNodes`] holds a client per
+/// node and moves between them.
 pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
     let basic = credentials(url)?;
@@ -133,14 +137,17 @@ fn basic_header(user: &str, password: &str) -> Result<HeaderValue> {
     Ok(value)
 }
 
-/// Sends one request and reads its JSON answer (`Null` for an empty body).
-pub(crate) async fn request(
+/// Sends one request to one node and reads its answer's bytes: `Err` only when the node gave
+/// no answer at all (refused, cut, timed out, a certificate refused). What the status means
+/// is the caller's business; [`SearchNodes`](super::SearchNodes) moves on to the next node
+/// on the failures that say a node is gone.
+pub(crate) async fn send(
     client: &Elasticsearch,
     method: Method,
     path: &str,
-    body: Option<Vec<u8>>,
+    body: Option<&[u8]>,
     content_type: &'static str,
-) -> Result<(StatusCode, Value)> {
+) -> Result<(StatusCode, Vec<u8>)> {
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     // The client takes the query string apart from the path (a `?` in the path would be
@@ -165,6 +172,16 @@ pub(crate) async fn request(
             e.to_string(),
         )
     })?;
+    // Without a copy when the buffer is the answer's alone (the usual case).
+    Ok((status, Vec::from(bytes)))
+}
+
+/// Reads an answer's body as JSON (`Null` for an empty body).
+pub(crate) fn parse_answer(
+    method: Method,
+    path: &str,
+    (status, bytes): (StatusCode, Vec<u8>),
+) -> Result<(StatusCode, Value)> {
     let value = if bytes.is_empty() {
         Value::Null
     } else {
@@ -181,31 +198,34 @@ pub(crate) async fn request(
     Ok((status, value))
 }
 
-/// Sends a JSON request.
-pub(crate) async fn json_request(
-    client: &Elasticsearch,
-    method: Method,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<(StatusCode, Value)> {
-    let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    request(client, method, path, body, "application/json").await
-}
-
 /// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
 /// with what its documents need (and the delete protection every index of the library gets).
 /// Returns the fields it added to an existing mapping (none for a new index, or one that
 /// already had them all); a field of another type is an error naming it.
+///
+/// The requests go to this one client's node; the consumer prepares its indexes on the
+/// first of its nodes that answers.
 pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Vec<String>> {
+    ensure_index_on(&SearchNodes::from(client.clone()), event_type).await
+}
+
+/// [`ensure_index`] through `nodes`: on the node in use, or the next that answers.
+pub(crate) async fn ensure_index_on(
+    nodes: &SearchNodes,
+    event_type: &EventType,
+) -> Result<Vec<String>> {
     let alias = &event_type.index.alias;
     let body = event_type.index_body();
-    let (status, _) = json_request(client, Method::Head, &format!("/{alias}"), None).await?;
+    let (status, _) = nodes
+        .json_request(Method::Head, &format!("/{alias}"), None)
+        .await?;
     if status == StatusCode::NOT_FOUND {
         let index = format!("{alias}_v1");
         let mut create = body.clone();
         create["aliases"] = json!({ alias.as_str(): { "is_write_index": true } });
-        let (status, answer) =
-            json_request(client, Method::Put, &format!("/{index}"), Some(&create)).await?;
+        let (status, answer) = nodes
+            .json_request(Method::Put, &format!("/{index}"), Some(&create))
+            .await?;
         if status.is_success() {
             tracing::info!(%index, %alias, "created the search index");
             return Ok(Vec::new());
@@ -219,16 +239,13 @@ pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Res
             ));
         }
     }
-    check_mapping(client, alias, &body["mappings"]["properties"]).await
+    check_mapping(nodes, alias, &body["mappings"]["properties"]).await
 }
 
-async fn check_mapping(
-    client: &Elasticsearch,
-    alias: &str,
-    expected: &Value,
-) -> Result<Vec<String>> {
-    let (status, mappings) =
-        json_request(client, Method::Get, &format!("/{alias}/_mapping"), None).await?;
+async fn check_mapping(nodes: &SearchNodes, alias: &str, expected: &Value) -> Result<Vec<String>> {
+    let (status, mappings) = nodes
+        .json_request(Method::Get, &format!("/{alias}/_mapping"), None)
+        .await?;
     if !status.is_success() {
         return Err(Error::search_response(
             format!("reading the mapping of {alias}"),
@@ -270,13 +287,9 @@ async fn check_mapping(
     let added: Vec<String> = missing.keys().cloned().collect();
     if !missing.is_empty() {
         let body = json!({ "properties": missing });
-        let (status, answer) = json_request(
-            client,
-            Method::Put,
-            &format!("/{alias}/_mapping"),
-            Some(&body),
-        )
-        .await?;
+        let (status, answer) = nodes
+            .json_request(Method::Put, &format!("/{alias}/_mapping"), Some(&body))
+            .await?;
         if !status.is_success() {
             return Err(Error::search_response(
                 format!("adding fields {added:?} to the mapping of {alias}"),
