@@ -31,7 +31,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use elasticsearch::Elasticsearch;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -52,7 +51,7 @@ use crate::index::source::{Event, Incoming, QueueRoute, Source};
 use crate::index::truncate;
 use crate::index::verify::{self, Check};
 use crate::index::writer::{self, WriteError};
-use crate::index::{Action, BuildError, plan};
+use crate::index::{Action, BuildError, SearchNodes, plan};
 use crate::ops::Live;
 use crate::ops::metrics::{self, IndexerMetrics, Metrics, Queue};
 use crate::ops::telemetry;
@@ -121,6 +120,9 @@ pub struct IndexerStatus {
     pub connected: bool,
     /// The broker address in use (redacted), or last used while disconnected.
     pub broker: Option<String>,
+    /// The search node in use (redacted): the one requests go to, or went to last. `None`
+    /// for a client given without its address.
+    pub search_node: Option<String>,
     /// Since when the circuit breaker holds requests back (`None` while it is closed).
     pub circuit_open_since: Option<SystemTime>,
     /// Consecutive failures of the cluster as a whole (0 while the circuit is closed).
@@ -236,7 +238,7 @@ impl Message {
 
 /// What the stages share: the clients, the settings, the status and metrics.
 pub(crate) struct Shared {
-    pub(crate) search: Elasticsearch,
+    pub(crate) search: SearchNodes,
     pub(crate) ledger: Arc<dyn Ledger>,
     /// The event types, by table.
     pub(crate) event_types: HashMap<String, EventType>,
@@ -320,7 +322,7 @@ impl Wake {
 pub struct Indexer {
     url: AmqpUrl,
     event_types: Vec<EventType>,
-    search: Elasticsearch,
+    search: SearchNodes,
     ledger: Arc<dyn Ledger>,
     config: IndexerConfig,
     status: Live<IndexerStatus>,
@@ -331,6 +333,7 @@ impl std::fmt::Debug for Indexer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Indexer")
             .field("url", &self.url)
+            .field("search", &self.search)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -339,9 +342,13 @@ impl std::fmt::Debug for Indexer {
 impl Indexer {
     /// An indexer of the queues of `event_types` into `search`, checking every delivery
     /// against `outbox` and reporting outcomes to it.
+    ///
+    /// `search` is one client (an [`Elasticsearch`](elasticsearch::Elasticsearch)) or the
+    /// [`SearchNodes`] of a cluster: requests go to one node, and move to the next when it
+    /// fails; the circuit opens only once every node failed.
     pub fn new(
         url: AmqpUrl,
-        search: Elasticsearch,
+        search: impl Into<SearchNodes>,
         outbox: Outbox,
         event_types: Vec<EventType>,
         config: IndexerConfig,
@@ -364,8 +371,17 @@ impl Indexer {
             ));
         }
         let schema = outbox.config().schema.clone();
+        let search = search.into();
         let status = Live::<IndexerStatus>::default();
-        status.lock().bulk_limit = config.batch_size;
+        {
+            let mut s = status.lock();
+            s.bulk_limit = config.batch_size;
+            s.search_node = search.in_use();
+        }
+        let metrics = IndexerMetrics {
+            search_node_switches: search.switches(),
+            ..IndexerMetrics::default()
+        };
         Ok(Self {
             url,
             event_types: event_types
@@ -376,7 +392,7 @@ impl Indexer {
             ledger: Arc::new(outbox),
             config,
             status,
-            metrics: IndexerMetrics::default(),
+            metrics,
         })
     }
 
@@ -428,6 +444,8 @@ impl Indexer {
         self.metrics
             .bulk_limit
             .set(i64::try_from(pace.size()).unwrap_or(i64::MAX));
+        // The start-up steps may have moved on from the first node.
+        self.status.lock().search_node = self.search.in_use();
         let shared = Arc::new(Shared {
             search: self.search,
             ledger: self.ledger,
@@ -971,9 +989,12 @@ async fn truncate(shared: &Shared, mut message: Message, sorted: &mut settle::So
             tracing::debug!(table, job, older = n, "truncation waits for older jobs");
             Err(None)
         }
-        Ok(_) => truncate::delete_older(&shared.search, &event_type.index.alias, job)
-            .await
-            .map_err(Some),
+        Ok(_) => {
+            let deleted =
+                truncate::delete_older(&shared.search, &event_type.index.alias, job).await;
+            shared.status.lock().search_node = shared.search.in_use();
+            deleted.map_err(Some)
+        }
         Err(error) => Err(Some(error.to_string())),
     };
     match result {
@@ -1102,7 +1123,10 @@ async fn send(
 ) -> Result<(plan::BulkResponse, Duration), WriteError> {
     let m = &shared.metrics;
     m.bulk_size.observe(actions as f64);
-    match writer::write(&shared.search, body).await {
+    let written = writer::write(&shared.search, &body).await;
+    // The request may have moved to another node, answered or not.
+    shared.status.lock().search_node = shared.search.in_use();
+    match written {
         Ok((response, took)) => {
             metrics::inc(&m.bulk_requests, "ok");
             metrics::observe(&m.bulk_duration, took);
