@@ -353,7 +353,7 @@ async fn run_query(
 ) -> Result<Value, Box<dyn std::error::Error>> {
     Ok(client
         .search(SearchParts::Index(&[index]))
-        .body(json!({"query": query, "size": 5, "sort": ["_score", {"budget": "desc"}]}))
+        .body(json!({"query": query, "size": 5, "track_total_hits": true, "sort": ["_score", {"budget": "desc"}]}))
         .send()
         .await?
         .json()

@@ -635,6 +635,72 @@ async fn a_wrong_foreign_key_stops_start_up_naming_the_file_and_the_key() {
     db.drop().await;
 }
 
+/// A relation taken out of the file loses its trigger at the next `migrate`, and the jobs
+/// it left waiting go with it: nothing records changes that nobody would claim.
+#[tokio::test]
+async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute(MARKETPLACE_SQL)
+        .await
+        .expect("the marketplace tables");
+    let file = std::env::temp_dir().join(format!("{}-joined.toml", db.name));
+    std::fs::write(&file, JOINED_TOML).expect("write");
+    let joined = EventType::from_file(&file).expect("valid");
+    let config = OutboxConfig::in_schema(&db.name);
+    let mut client = benalsam_events::connect::postgres(&database_url())
+        .await
+        .expect("PostgreSQL");
+    benalsam_events::outbox::migrate(&mut client, &config, &joined)
+        .await
+        .expect("migrate with three relations");
+    db.client
+        .batch_execute("INSERT INTO users (display_name) VALUES ('Gül')")
+        .await
+        .expect("a seller");
+    let jobs = |table: &'static str| {
+        let client = &db.client;
+        async move {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM elasticsearch_sync_queue WHERE table_name = $1",
+                    &[&table],
+                )
+                .await
+                .expect("count")
+                .get(0);
+            n
+        }
+    };
+    assert_eq!(jobs("listings#seller").await, 1);
+
+    let mut fewer = joined.clone();
+    fewer[0].relations.retain(|r| r.name != "seller");
+    let report = benalsam_events::outbox::migrate(&mut client, &config, &fewer)
+        .await
+        .expect("migrate without the seller");
+    assert_eq!(
+        report.removed_triggers,
+        vec![format!("{}.users.benalsam_listings_seller", db.name)]
+    );
+    assert_eq!(jobs("listings#seller").await, 0, "its waiting job is gone");
+    db.client
+        .batch_execute("UPDATE users SET display_name = 'Gül Ş.'")
+        .await
+        .expect("rename");
+    assert_eq!(
+        jobs("listings#seller").await,
+        0,
+        "no trigger records it any more"
+    );
+    let again = benalsam_events::outbox::migrate(&mut client, &config, &fewer)
+        .await
+        .expect("migrate again");
+    assert!(again.removed_triggers.is_empty());
+    let _ = std::fs::remove_file(file);
+    db.drop().await;
+}
+
 async fn migrate(db: &TestSchema, file: &Path) -> String {
     let types = EventType::from_file(file).expect("the file parses");
     let mut client = benalsam_events::connect::postgres(&database_url())

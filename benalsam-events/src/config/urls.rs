@@ -104,7 +104,11 @@ macro_rules! service_url {
                             $($($field: <$ty>::default(),)*)?
                         })
                     }
-                    _ => Self::parse_one(raw),
+                    Some(_) => {
+                        one_at_sign($setting, raw, "the address")?;
+                        Self::parse_one(raw)
+                    }
+                    None => Self::parse_one(raw),
                 }
             }
         }
@@ -261,6 +265,28 @@ fn split_addresses(raw: &str) -> Vec<&str> {
     entries
 }
 
+/// Refuses an address with more than one `@` before its host, for the settings that take a
+/// list: `http://u:p@a:9200,u:p@b:9200` (a second address without its scheme) parses as ONE
+/// address whose password swallowed the first host, which would drop a node and send a
+/// wrong password. The address is not shown: its password cannot be masked.
+fn one_at_sign(setting: &str, raw: &str, what: &str) -> Result<()> {
+    if authority(raw).matches('@').count() > 1 {
+        return Err(Error::config(
+            setting,
+            format!(
+                "{what} has more than one @ before its host: write an @ of a user name or password as %40, and start every address of a list with its scheme (http://…)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The authority of a URL's text (between `://` and the next `/`, `?` or `#`).
+fn authority(entry: &str) -> &str {
+    let rest = entry.split_once("://").map_or(entry, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
 /// Why an entry of a list cannot serve beside the first (`None`: it can), for the settings
 /// that take a list; the text completes "entry N of M (url) …".
 type Disagreement = fn(first: &url::Url, other: &url::Url) -> Option<String>;
@@ -285,6 +311,7 @@ fn parse_list(
                 format!("entry {position} of {total} is empty; separate addresses with one comma"),
             ));
         }
+        one_at_sign(setting, entry, &format!("entry {position} of {total}"))?;
         let parsed = parse_one(entry).map_err(|error| {
             Error::config(
                 setting,
@@ -559,6 +586,16 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("entry 2 of 2"), "{text}");
         assert!(!text.contains("pa,ss") && !text.contains("ss@"), "{text}");
+
+        // A second address without its scheme would swallow the first host into a password.
+        let error = "http://elastic:pw@es1:9200,elastic:pw@es2:9200"
+            .parse::<SearchUrl>()
+            .expect_err("an address without its scheme");
+        let text = error.to_string();
+        assert!(
+            text.contains("more than one @") && !text.contains("pw"),
+            "{text}"
+        );
     }
 
     #[test]

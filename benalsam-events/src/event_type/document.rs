@@ -131,6 +131,17 @@ impl DocumentSpec {
         self.fields.keys().map(String::as_str)
     }
 
+    /// The combined fields its text fields are copied into (`copy_to`).
+    pub(crate) fn copy_targets(&self) -> impl Iterator<Item = &str> {
+        self.fields.values().filter_map(|f| match &f.kind {
+            FieldType::Text {
+                copy_to: Some(target),
+                ..
+            } => Some(target.as_str()),
+            _ => None,
+        })
+    }
+
     /// The action for a change of a row of this spec's table. `status_column` is the event
     /// type's.
     pub(crate) fn build(

@@ -133,9 +133,14 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
         let raw = spanned.into_inner();
         let at = |key: &str| format!("{name}:{line}: event type {:?}, {key}", raw.name);
         let event_type = convert(&raw, &at)?;
-        event_type
-            .validate()
-            .map_err(|e| Error::config("BENALSAM_CONFIG", format!("{}: {e}", at("settings"))))?;
+        // An error that names the file already (a relation's) stays as it is.
+        event_type.validate().map_err(|e| {
+            if e.setting() == Some("BENALSAM_CONFIG") {
+                e
+            } else {
+                Error::config("BENALSAM_CONFIG", format!("{}: {e}", at("settings")))
+            }
+        })?;
         if let Some(other) = types.iter().find(|t| t.name == event_type.name) {
             return Err(Error::config(
                 "BENALSAM_CONFIG",
@@ -586,6 +591,27 @@ stored_in = { type = "keyword", column = "warehouse" }
         let err = parse(&clash, "j.toml").expect_err("a clash").to_string();
         assert!(
             err.contains("relations.title.name") && err.contains("already has a field"),
+            "{err}"
+        );
+        let copied = JOINED.replace(
+            "[event_type.relations.photos]",
+            "[event_type.relations.search_text]",
+        );
+        let err = parse(&copied, "j.toml")
+            .expect_err("a copy_to target")
+            .to_string();
+        assert!(err.contains("relations.search_text.name"), "{err}");
+        assert_eq!(
+            err.matches("BENALSAM_CONFIG").count(),
+            1,
+            "said once: {err}"
+        );
+        let quoted = JOINED.replace("fields.rating = ", "fields.\"rat'ing\" = ");
+        let err = parse(&quoted, "j.toml")
+            .expect_err("not an identifier")
+            .to_string();
+        assert!(
+            err.contains("relations.seller.fields.rat'ing") && err.contains("j.toml:9"),
             "{err}"
         );
         let origin = &parse(JOINED, "j.toml").expect("valid")[0].relations[0];

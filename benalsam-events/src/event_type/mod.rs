@@ -274,7 +274,15 @@ impl EventType {
             ));
         }
         validate_identifier("index alias", &self.index.alias)?;
-        let fields: Vec<&str> = self.document.field_names().collect();
+        // A relation's field may not take a name the document already uses: its own fields,
+        // and the combined fields their copy_to feed (also from other relations).
+        let mut fields: Vec<&str> = self.document.field_names().collect();
+        fields.extend(self.document.copy_targets());
+        fields.extend(
+            self.relations
+                .iter()
+                .flat_map(|r| r.copy_targets().map(|(target, _)| target)),
+        );
         for (i, relation) in self.relations.iter().enumerate() {
             relation.validate(&self.name, &fields)?;
             let trigger = crate::outbox::relation_trigger_name(self, relation);

@@ -266,15 +266,48 @@ impl Relation {
                 format!("{}: {why}", self.at(event_type, key)),
             ))
         };
-        validate_identifier("relation name", &self.name)?;
+        // Every name below reaches generated SQL: each must be a plain identifier.
+        let identifier = |key: &str, what: &str, name: &str| {
+            validate_identifier(what, name).map(drop).map_err(|_| {
+                Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: {what} {name:?} is not a plain lowercase identifier (a-z, 0-9, _; at most 63 bytes)",
+                        self.at(event_type, key)
+                    ),
+                )
+            })
+        };
+        identifier("name", "relation name", &self.name)?;
         let (schema, table) = self.split_table();
         if let Some(schema) = schema {
-            validate_identifier("relation table", schema)?;
+            identifier("table", "schema", schema)?;
         }
-        validate_identifier("relation table", table)?;
-        validate_identifier("relation key", &self.key)?;
-        for column in self.local_columns.iter().chain(&self.related_columns) {
-            validate_identifier("relation column", column)?;
+        identifier("table", "table", table)?;
+        identifier("key", "key", &self.key)?;
+        for column in &self.local_columns {
+            identifier("foreign_key", "column", column)?;
+        }
+        for column in &self.related_columns {
+            identifier("references", "column", column)?;
+        }
+        for (name, field) in &self.fields {
+            let key = format!("fields.{name}");
+            match &field.kind {
+                FieldType::GeoPoint { lat, lon } => {
+                    identifier(&key, "lat", lat)?;
+                    identifier(&key, "lon", lon)?;
+                }
+                _ if field.column.is_empty() => identifier(&key, "field (its column)", name)?,
+                _ => identifier(&key, "column", &field.column)?,
+            }
+        }
+        if let RelationKind::Children {
+            order_by: Some(order),
+            ..
+        } = &self.kind
+        {
+            identifier("order_by", "order_by", order)?;
         }
         if self.local_columns.is_empty() || self.local_columns.len() != self.related_columns.len() {
             return refuse(
@@ -298,9 +331,6 @@ impl Relation {
             );
         }
         for (name, field) in &self.fields {
-            if !field.column.is_empty() {
-                validate_identifier("relation field column", &field.column)?;
-            }
             if let FieldType::Text {
                 copy_to: Some(_), ..
             } = &field.kind
@@ -312,21 +342,15 @@ impl Relation {
                 );
             }
         }
-        if let RelationKind::Children {
-            limit, order_by, ..
-        } = &self.kind
+        if let RelationKind::Children { limit, .. } = &self.kind
+            && (*limit == 0 || *limit > MAX_CHILDREN)
         {
-            if *limit == 0 || *limit > MAX_CHILDREN {
-                return refuse(
-                    "limit",
-                    format!(
-                        "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
-                    ),
-                );
-            }
-            if let Some(order) = order_by {
-                validate_identifier("order_by", order)?;
-            }
+            return refuse(
+                "limit",
+                format!(
+                    "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
+                ),
+            );
         }
         Ok(())
     }

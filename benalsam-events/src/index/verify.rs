@@ -4,6 +4,7 @@
 //! | the outbox has | decision |
 //! |---|---|
 //! | no such job, or one of another table, record or operation | dead-lettered as "unknown or mismatched job"; no job is touched |
+//! | a relation's job (`<table>#<relation>`): the bridge's fan-out handles those, none is ever published | dead-lettered as unverified; the job is not touched |
 //! | the job `completed` | a duplicate: acked, not indexed |
 //! | the job `pending` (given back, or resent) | acked, not indexed: a bridge publishes it again |
 //! | a later TRUNCATE of the table | superseded: completed without indexing |
@@ -33,6 +34,14 @@ pub(crate) enum Check {
 
 /// Checks `envelope` against what the outbox has for its job id.
 pub(crate) fn check(envelope: &Envelope<'_>, recorded: Option<&Recorded>) -> Check {
+    // A forged delivery naming a fan-out in progress would otherwise pass (its job is
+    // `processing`) and fail it, leaving its documents stale.
+    if envelope.table.contains('#') {
+        return Check::Unverified(format!(
+            "job {} of {:?} belongs to a relation's fan-out, which is never published",
+            envelope.job_id, envelope.table
+        ));
+    }
     let Some(r) = recorded.filter(|r| r.table.is_some()) else {
         return Check::Unverified(format!(
             "unknown or mismatched job: the outbox has no job {}",
@@ -112,6 +121,24 @@ mod tests {
             ..recorded("sent")
         };
         assert_eq!(check(&e, Some(&truncated)), Check::Superseded);
+    }
+
+    #[test]
+    fn a_delivery_naming_a_relation_s_job_touches_nothing() {
+        let body = json!({
+            "messageId": "job_5", "jobId": 5, "schemaVersion": 1,
+            "routingKey": "listing.update", "table": "listings#seller", "operation": "UPDATE",
+            "recordId": "L1", "changeData": {"old": {}, "new": {}},
+            "occurredAt": "2026-11-27T12:00:00Z"
+        });
+        let forged = Envelope::decode(body.to_string().as_bytes()).expect("valid");
+        let fan_out = Recorded {
+            table: Some("listings#seller".into()),
+            ..recorded("processing")
+        };
+        assert!(
+            matches!(check(&forged, Some(&fan_out)), Check::Unverified(why) if why.contains("fan-out"))
+        );
     }
 
     #[test]

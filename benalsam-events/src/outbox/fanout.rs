@@ -254,6 +254,11 @@ impl Worker {
             relation: job.table_name.clone(),
         };
         self.status.lock().current = Some((job.id, job.table_name.clone(), 0));
+        if after.is_some() || tuple > 0 {
+            tracing::info!(job = job.id, relation = %job.table_name, after = ?after, "fan-out resumed where its last page ended");
+        } else {
+            tracing::info!(job = job.id, relation = %job.table_name, record = %job.record_id, "fan-out started");
+        }
         let lease = self.outbox.config().lease.as_secs_f64();
         let worker = &self.outbox.config().worker_id;
         let trace_id = job
@@ -368,6 +373,8 @@ impl Worker {
         }
         self.metrics.changes.get_or_create(&label).inc();
         let mut s = self.status.lock();
+        let documents = s.current.as_ref().map_or(0, |(_, _, n)| *n);
+        tracing::info!(job = job.id, relation = %job.table_name, documents, "fan-out finished");
         s.jobs_done += 1;
         s.current = None;
         s.last_progress_at = Some(SystemTime::now());
@@ -381,7 +388,10 @@ impl Worker {
     /// counting all three). Three counts rather than `status IN (…)`: each is answered from
     /// its state's partial index (the `IN` form cost PostgreSQL three times the CPU).
     async fn outstanding(&self, client: &tokio_postgres::Client, table: &str) -> Result<i64> {
-        let queue = format!("\"{}\".elasticsearch_sync_queue", self.outbox.config().schema);
+        let queue = format!(
+            "\"{}\".elasticsearch_sync_queue",
+            self.outbox.config().schema
+        );
         let count = |status: &str| {
             format!(
                 "(SELECT count(*) FROM {queue} WHERE status = '{status}' \

@@ -62,6 +62,9 @@ pub struct MigrationReport {
     pub triggers: Vec<String>,
     /// Tables of event types that do not exist (create them, then migrate again).
     pub missing_tables: Vec<String>,
+    /// Relation triggers dropped because the configuration no longer declares them
+    /// (`schema.table.trigger`), with the jobs of removed relations that waited.
+    pub removed_triggers: Vec<String>,
 }
 
 /// Applies the missing migrations to the outbox's schema (created if missing) and attaches
@@ -109,6 +112,7 @@ pub async fn migrate(
         already_applied: already_applied(&tx, schema).await?,
         triggers: Vec::new(),
         missing_tables: Vec::new(),
+        removed_triggers: Vec::new(),
     };
     for migration in MIGRATIONS
         .iter()
@@ -141,9 +145,15 @@ pub async fn migrate(
             if attach_relation(&tx, schema, &outbox.notify_channel, event_type, relation).await? {
                 report.triggers.push(relation.table.clone());
             } else {
-                report.missing_tables.push(relation.table.clone());
+                report.missing_tables.push(format!(
+                    "{} (relation {} of event type {})",
+                    relation.table, relation.name, event_type.name
+                ));
             }
         }
+        report
+            .removed_triggers
+            .extend(drop_removed_relations(&tx, schema, event_type).await?);
     }
     if report.missing_tables.is_empty() {
         super::check_catalog(&tx, schema, event_types).await?;
@@ -223,6 +233,75 @@ async fn attach_relation(
     Ok(true)
 }
 
+/// Drops the relation triggers of `event_type` that its relations no longer declare (a
+/// relation removed, renamed or moved to another table): left in place, each would record
+/// jobs that nothing claims. The waiting jobs of a relation that is gone are deleted with it.
+async fn drop_removed_relations(
+    tx: &Transaction<'_>,
+    schema: &str,
+    event_type: &EventType,
+) -> Result<Vec<String>> {
+    let fail = |e| Error::postgres("looking for relation triggers no longer declared", e);
+    let function = format!("\"{schema}\".add_to_sync_queue()");
+    let marker = format!("as={}#", event_type.table);
+    let rows = tx
+        .query(
+            "SELECT t.tgname::text, n.nspname::text, c.relname::text, encode(t.tgargs, 'escape')
+               FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE NOT t.tgisinternal AND t.tgfoid = to_regprocedure($1)
+                AND position($2 in encode(t.tgargs, 'escape')) > 0",
+            &[&function, &marker],
+        )
+        .await
+        .map_err(fail)?;
+    let declared = |name: &str, table_schema: &str, table: &str| {
+        event_type.relations.iter().any(|r| {
+            let (s, t) = r.split_table();
+            relation_trigger_name(event_type, r) == name
+                && s.unwrap_or(schema) == table_schema
+                && t == table
+        })
+    };
+    let mut removed = Vec::new();
+    for row in rows {
+        let (name, table_schema, table, args): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if declared(&name, &table_schema, &table) {
+            continue;
+        }
+        tx.batch_execute(&format!(
+            "DROP TRIGGER \"{name}\" ON \"{table_schema}\".\"{table}\""
+        ))
+        .await
+        .map_err(fail)?;
+        // Its jobs are `<table>#<relation>`: gone with the relation, unless the relation
+        // only moved to another table.
+        let job_table = args
+            .split("\\000")
+            .find_map(|a| a.strip_prefix("as="))
+            .unwrap_or_default()
+            .to_owned();
+        let still = event_type
+            .relations
+            .iter()
+            .any(|r| r.job_table(&event_type.table) == job_table);
+        if !job_table.is_empty() && !still {
+            tx.execute(
+                "DELETE FROM elasticsearch_sync_queue
+                  WHERE table_name = $1 AND status IN ('pending', 'processing', 'failed')",
+                &[&job_table],
+            )
+            .await
+            .map_err(fail)?;
+        }
+        tracing::info!(trigger = %name, table = %format!("{table_schema}.{table}"), "relation trigger dropped: the configuration no longer declares it");
+        removed.push(format!("{table_schema}.{table}.{name}"));
+    }
+    Ok(removed)
+}
+
 /// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
 pub(crate) fn relation_trigger_name(
     event_type: &EventType,
@@ -269,7 +348,10 @@ pub(crate) async fn missing_tables(
         for relation in &event_type.relations {
             let (table_schema, table) = relation.split_table();
             if !table_exists(&client, table_schema.unwrap_or(schema), table).await? {
-                missing.push(relation.table.clone());
+                missing.push(format!(
+                    "{} (relation {} of event type {})",
+                    relation.table, relation.name, event_type.name
+                ));
             }
         }
     }

@@ -308,7 +308,8 @@ pub(crate) async fn check_catalog(
     Ok(())
 }
 
-/// The columns of `table` with their types; empty when it does not exist.
+/// The columns of `table` with their types, without modifiers (`varchar(20)` joins
+/// `varchar(10)` as PostgreSQL allows); empty when it does not exist.
 async fn columns_of(
     client: &impl GenericClient,
     schema: &str,
@@ -317,7 +318,7 @@ async fn columns_of(
     let (table_schema, name) = table.split_once('.').unwrap_or((schema, table));
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+            "SELECT a.attname::text, format_type(a.atttypid, NULL)
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
