@@ -88,6 +88,7 @@ impl BridgeSettings {
             self.heartbeat_interval,
         )?;
         require_positive("BENALSAM_RESEND_AFTER", self.resend_after)?;
+        self.topology.validate()?;
         Ok(())
     }
 }
@@ -238,6 +239,7 @@ impl Parts {
             resend_after: settings.resend_after,
             broker: settings.rabbitmq_url.redacted(),
             database: settings.database_url.redacted(),
+            queue_type: settings.topology.queue_type,
         };
         Ok(Self {
             jobs,
@@ -318,16 +320,20 @@ struct BridgeMonitor {
     resend_after: Duration,
     broker: String,
     database: String,
+    /// The queue type it declares.
+    queue_type: crate::publish::QueueType,
 }
 
 impl BridgeMonitor {
     fn rabbitmq(&self) -> HealthReport {
-        rabbitmq_report(
+        let mut report = rabbitmq_report(
             &self.publisher.snapshot(),
             self.window,
             &self.broker,
             SystemTime::now(),
-        )
+        );
+        report.details["queueType"] = json!(self.queue_type.as_str());
+        report
     }
 
     fn database(&self) -> HealthReport {

@@ -42,6 +42,11 @@ pub struct ConsumerSettings {
     /// The event types whose queues it consumes, each into its own index (prepared at
     /// start). The bridge declares the topology; the consumer waits for its queues.
     pub event_types: Vec<EventType>,
+    /// The type of the queues it consumes (`BENALSAM_QUEUE_TYPE`), as the bridge declares
+    /// them. The consumer declares nothing and AMQP tells a client without the right to
+    /// declare nothing about a queue's type, so this is reported (health details,
+    /// `queueType`, and the start-up log), not checked: the bridge's declare is the check.
+    pub queue_type: crate::publish::QueueType,
     /// Apply the database migrations before starting.
     pub migrate: bool,
     /// Where the health endpoints listen; `None` for none.
@@ -63,6 +68,7 @@ impl ConsumerSettings {
             outbox: OutboxConfig::default(),
             indexer: IndexerConfig::default(),
             event_types: vec![EventType::listings()],
+            queue_type: crate::publish::QueueType::default(),
             migrate: false,
             health_addr: None,
             health_window: Duration::from_secs(30),
@@ -110,6 +116,7 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
         window: settings.health_window,
         search: settings.search_url.redacted(),
         broker: settings.rabbitmq_url.redacted(),
+        queue_type: settings.queue_type,
     };
     if let Some(interval) = settings.heartbeat_interval {
         let beat = consumer.clone();
@@ -236,6 +243,7 @@ struct ConsumerMonitor {
     window: Duration,
     search: String,
     broker: String,
+    queue_type: crate::publish::QueueType,
 }
 
 impl ConsumerMonitor {
@@ -249,7 +257,9 @@ impl ConsumerMonitor {
     }
 
     fn rabbitmq(&self) -> HealthReport {
-        rabbitmq_report(&self.indexer.snapshot(), &self.broker)
+        let mut report = rabbitmq_report(&self.indexer.snapshot(), &self.broker);
+        report.details["queueType"] = json!(self.queue_type.as_str());
+        report
     }
 }
 

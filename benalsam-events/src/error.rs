@@ -44,6 +44,20 @@ pub(crate) enum Kind {
         detail: String,
     },
 
+    #[error(
+        "RabbitMQ already has queue {queue} as a {existing} queue, but BENALSAM_QUEUE_TYPE asks \
+         for {wanted} queues, and a queue's type cannot change. Either run with \
+         BENALSAM_QUEUE_TYPE={existing}, or migrate the queues to {wanted} as the README's \
+         \"Changing the queue type\" describes (stop the bridges, let the consumers drain the \
+         queues, delete them, start with BENALSAM_QUEUE_TYPE={wanted}; the outbox sends again \
+         whatever was lost)"
+    )]
+    QueueTypeMismatch {
+        queue: String,
+        existing: crate::publish::QueueType,
+        wanted: crate::publish::QueueType,
+    },
+
     #[error("Elasticsearch: {context}: {reason}")]
     Search { context: String, reason: String },
 
@@ -233,7 +247,9 @@ impl Error {
     pub fn is_conflict(&self) -> bool {
         matches!(
             self.kind(),
-            Kind::TopologyConflict { .. } | Kind::MappingConflict { .. }
+            Kind::TopologyConflict { .. }
+                | Kind::QueueTypeMismatch { .. }
+                | Kind::MappingConflict { .. }
         )
     }
 
@@ -256,10 +272,22 @@ impl Error {
         matches!(self.kind(), Kind::Stopped { .. })
     }
 
+    /// The existing and the wanted type of a queue that is of the other type than
+    /// `BENALSAM_QUEUE_TYPE` asks for.
+    pub fn queue_types(&self) -> Option<(crate::publish::QueueType, crate::publish::QueueType)> {
+        match self.kind() {
+            Kind::QueueTypeMismatch {
+                existing, wanted, ..
+            } => Some((*existing, *wanted)),
+            _ => None,
+        }
+    }
+
     /// The argument a topology conflict names, when the broker said which one differs.
     pub fn conflicting_argument(&self) -> Option<&str> {
         match self.kind() {
             Kind::TopologyConflict { argument, .. } => argument.as_deref(),
+            Kind::QueueTypeMismatch { .. } => Some("x-queue-type"),
             Kind::MappingConflict { field, .. } => Some(field),
             _ => None,
         }

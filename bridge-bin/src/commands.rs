@@ -163,7 +163,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     let names: Vec<&str> = event_types.iter().map(|t| t.name.as_str()).collect();
     tracing::info!(database = %db.database_url, rabbitmq = %rabbitmq.rabbitmq_url,
-                   schema = %db.schema, event_types = %names.join(","), "starting");
+                   schema = %db.schema, event_types = %names.join(","),
+                   queue_type = %args.topology.queue_type.queue_type, "starting");
     let settings = args.settings(db, rabbitmq, event_types);
     bridge::run(settings, cli::shutdown_on_signals())
         .await

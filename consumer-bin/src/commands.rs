@@ -195,6 +195,7 @@ impl Cli {
             database = %self.database.database_url,
             rabbitmq = %self.rabbitmq.rabbitmq_url,
             elasticsearch = %self.search.elasticsearch_url,
+            queue_type = %settings.queue_type,
             "starting"
         );
         consumer::run(settings, cli::shutdown_on_signals())

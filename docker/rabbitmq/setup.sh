@@ -8,18 +8,21 @@
 #   RABBITMQ_VHOST     vhost of the permissions, URL-encoded (default %2f; the definitions
 #                      name their own vhost)
 #   COMPONENT_PASSWORD password of benalsam-bridge and benalsam-consumer (default benalsam123)
+#   DEFINITIONS        the definitions file, beside this script (default definitions.json;
+#                      definitions.quorum.json for BENALSAM_QUEUE_TYPE=quorum)
 set -eu
 api=${RABBITMQ_API:-http://rabbitmq:15672/api}
 admin=${RABBITMQ_ADMIN:-benalsam:benalsam123}
 vhost=${RABBITMQ_VHOST:-%2f}
 password=${COMPONENT_PASSWORD:-benalsam123}
 here=$(dirname "$0")
+definitions=${DEFINITIONS:-definitions.json}
 
 call() { # method path [json]
   if [ $# -gt 2 ]; then
     curl -fsS -u "$admin" -H content-type:application/json -X "$1" --data "$3" "$api$2"
   else
-    curl -fsS -u "$admin" -H content-type:application/json -X "$1" --data-binary @"$here/definitions.json" "$api$2"
+    curl -fsS -u "$admin" -H content-type:application/json -X "$1" --data-binary @"$here/$definitions" "$api$2"
   fi
 }
 # A regular expression as a JSON string: backslashes and quotes escaped.

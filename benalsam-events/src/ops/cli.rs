@@ -303,14 +303,24 @@ pub struct ServiceArgs {
     pub migrate: bool,
 }
 
+/// The queue type, which both binaries read.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct QueueTypeArgs {
+    /// Queue type: classic, or quorum for replicated queues on a cluster (a queue's type
+    /// cannot change: see the README's "Changing the queue type")
+    #[arg(long, env = "BENALSAM_QUEUE_TYPE", default_value = "classic",
+          value_parser = |s: &str| s.parse::<QueueType>().map_err(|e| e.to_string()))]
+    pub queue_type: QueueType,
+}
+
 /// The RabbitMQ topology's choices.
 #[derive(Debug, Clone, Args)]
 #[non_exhaustive]
 pub struct TopologyArgs {
-    /// Queue type: classic, or quorum for replicated queues on a cluster
-    #[arg(long, env = "BENALSAM_QUEUE_TYPE", default_value = "classic",
-          value_parser = |s: &str| s.parse::<QueueType>().map_err(|e| e.to_string()))]
-    pub queue_type: QueueType,
+    /// The queue type.
+    #[command(flatten)]
+    pub queue_type: QueueTypeArgs,
 
     /// Most messages kept in listing.status.changes (oldest dropped beyond)
     #[arg(long, env = "BENALSAM_STATUS_QUEUE_MAX_LENGTH", default_value_t = 100_000,
@@ -327,7 +337,7 @@ impl TopologyArgs {
     /// The topology's choices these flags make.
     pub fn config(&self) -> TopologyConfig {
         TopologyConfig {
-            queue_type: self.queue_type,
+            queue_type: self.queue_type.queue_type,
             status_queue_max_length: self.status_queue_max_length,
             health_queue_max_length: self.health_queue_max_length,
             ..TopologyConfig::default()
@@ -521,6 +531,10 @@ pub struct ConsumerArgs {
     #[arg(long, env = "BENALSAM_SEARCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub search_timeout: Duration,
 
+    /// The queue type the bridge declares (reported in the health details).
+    #[command(flatten)]
+    pub queue_type: QueueTypeArgs,
+
     /// Health, heartbeats, migrations.
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -555,6 +569,7 @@ impl ConsumerArgs {
             max_attempts: self.index_attempts,
             ..IndexerConfig::default()
         };
+        s.queue_type = self.queue_type.queue_type;
         s.migrate = self.service.migrate;
         s.health_addr = Some(self.service.health_addr.unwrap_or(CONSUMER_HEALTH_ADDR));
         s.health_window = self.service.health_window;
