@@ -271,6 +271,7 @@ impl Deployment {
             .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
             .env("BENALSAM_HEALTH_WINDOW", format!("{}s", WINDOW.as_secs()))
             .env("BENALSAM_POLL_INTERVAL", "200ms")
+            .env("BENALSAM_QUEUE_TYPE", "quorum")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(file);
@@ -285,7 +286,8 @@ impl Deployment {
         }
     }
 
-    /// A bridge whose broker list starts at node `first + 1`, declaring quorum queues.
+    /// A bridge whose broker list starts at node `first + 1`; it declares the queues
+    /// (quorum, as every binary here is told).
     fn bridge(&self, name: &str, first: usize) -> Running {
         self.spawn(
             bridge_binary(),
@@ -295,7 +297,6 @@ impl Deployment {
                     "RABBITMQ_URL",
                     self.cluster.amqp_list(&self.vhost.name, first),
                 ),
-                ("BENALSAM_QUEUE_TYPE", "quorum".to_owned()),
                 // A killed bridge's claimed jobs go to another one after 5 s, not 60.
                 ("BENALSAM_LEASE", "5s".to_owned()),
             ],
