@@ -1,15 +1,17 @@
 //! The live demo behind `scripts/demo`: writes a day of marketplace activity to `listings`,
 //! waits while the running bridge and consumer carry it into the search index, then shows
-//! what a person wants to see — search results (Turkish words matched through stemming) and
-//! the job table by status with the average processing time.
+//! what a person wants to see — search results (Turkish words matched through stemming),
+//! each listing with its seller and category joined from their own tables, a seller renamed
+//! and the results following, and the job table by status with the average processing time.
 //!
 //! # When to copy this
 //!
 //! Copy it to see how an application writes (plain SQL; the trigger does the rest) and how
 //! to query the index. It expects `benalsam-bridge` and `benalsam-consumer` to be running,
-//! which `scripts/demo` arranges. `demo setup` only creates the application's `listings`
-//! table (`examples/sql/listings.sql`), which the bridge's migration then attaches its
-//! trigger to.
+//! which `scripts/demo` arranges with `examples/joined_documents/listings.toml` (listings
+//! joined with their seller, category and photos). `demo setup` only creates the
+//! application's tables (`examples/sql/listings.sql`, `examples/joined_documents/marketplace.sql`),
+//! which the bridge's migration then attaches its triggers to.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +21,20 @@ use benalsam_events::tokio_postgres::types::ToSql;
 use benalsam_events::{Outbox, OutboxConfig, connect, index};
 use serde_json::{Value, json};
 
-/// The application's table: example schema, not the library's.
+/// The application's tables: example schema, not the library's.
 const LISTINGS_SQL: &str = include_str!("sql/listings.sql");
+const MARKETPLACE_SQL: &str = include_str!("joined_documents/marketplace.sql");
+
+/// The sellers, and the categories' Turkish names.
+const SELLERS: &[(&str, f64)] = &[("Ayşe K.", 4.8), ("Mehmet Y.", 4.2), ("Zeynep D.", 3.9)];
+const CATEGORIES: &[(&str, &str, &str)] = &[
+    ("spor", "Spor ve Outdoor", "Sports"),
+    ("kitap", "Kitap ve Dergi", "Books"),
+    ("mobilya", "Mobilya", "Furniture"),
+    ("elektronik", "Elektronik", "Electronics"),
+    ("bebek", "Anne ve Bebek", "Baby"),
+    ("antika", "Antika", "Antiques"),
+];
 
 /// One listing of the demo.
 struct Demo {
@@ -75,13 +89,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let database_url = DatabaseUrl::from_env()?;
     let search_url = SearchUrl::from_env()?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
-    let index = std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings".to_owned());
+    let index =
+        std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings_joined".to_owned());
     let db = connect::postgres(&database_url).await?;
     db.batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
     if std::env::args().nth(1).as_deref() == Some("setup") {
         db.batch_execute(LISTINGS_SQL).await?;
-        println!("the listings table is in schema {schema}");
+        db.batch_execute(MARKETPLACE_SQL).await?;
+        println!(
+            "the listings, users, categories and listing_images tables are in schema {schema}"
+        );
         return Ok(());
     }
     let first_job: i64 = db
@@ -96,9 +114,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "writing the demo workload: {} listings, then edits, approvals, sales and deletes",
         LISTINGS.len()
     );
+    let mut sellers = Vec::new();
+    for (name, rating) in SELLERS {
+        let row = db
+            .query_one(
+                "INSERT INTO users (display_name, rating) VALUES ($1, $2::float8::numeric) RETURNING id::text",
+                &[name, rating],
+            )
+            .await?;
+        sellers.push(row.get::<_, String>(0));
+    }
+    for (slug, tr, en) in CATEGORIES {
+        db.execute(
+            "INSERT INTO categories VALUES ($1, $2, $3) ON CONFLICT (slug) DO UPDATE SET name_tr = $2",
+            &[slug, tr, en],
+        )
+        .await?;
+    }
     let mut ids = Vec::new();
-    for l in LISTINGS {
-        let params: [&(dyn ToSql + Sync); 8] = [
+    for (i, l) in LISTINGS.iter().enumerate() {
+        let seller = &sellers[i % sellers.len()];
+        let params: [&(dyn ToSql + Sync); 9] = [
             &l.title,
             &l.description,
             &l.category,
@@ -107,18 +143,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &l.lat,
             &l.lon,
             &l.budget,
+            seller,
         ];
         let row = db
             .query_one(
                 "INSERT INTO listings (user_id, title, description, category, location, location_city,
                                        location_district, latitude, longitude, budget, status)
-                 VALUES (gen_random_uuid(), $1, $2, $3, $4 || ', ' || $5, $5, $4, $6, $7, $8::float8::numeric, 'pending_approval')
+                 VALUES ($9::text::uuid, $1, $2, $3, $4 || ', ' || $5, $5, $4, $6, $7, $8::float8::numeric, 'pending_approval')
                  RETURNING id::text",
                 &params,
             )
             .await?;
         ids.push(row.get::<_, String>(0));
     }
+    db.execute(
+        "INSERT INTO listing_images (listing_id, url, position)
+         SELECT id, 'https://img.example/' || id || '/' || n || '.jpg', n
+         FROM listings, generate_series(1, 2) AS n WHERE id::text = ANY($1)",
+        &[&ids],
+    )
+    .await?;
     // The moderators approve all but the last; sellers edit, sell and delete.
     let approved = &ids[..ids.len() - 1];
     db.execute(
@@ -153,7 +197,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(0);
     println!("{written} jobs recorded by the trigger (the view counter updates made none)");
 
-    // Wait while the bridge and the consumer carry them.
+    wait_done(&db, first_job).await?;
+
+    let client = index::client(&search_url, Duration::from_secs(10))?;
+    show_searches(&client, &db, &index).await?;
+
+    let renamed = "Ayşe Kaya";
+    println!("\nthe first seller changes her display name to {renamed:?} (one UPDATE of users):");
+    db.execute(
+        "UPDATE users SET display_name = $1 WHERE id::text = $2",
+        &[&renamed, &sellers[0]],
+    )
+    .await?;
+    wait_done(&db, first_job).await?;
+    refresh(&client, &index).await?;
+    let found = run_query(
+        &client,
+        &index,
+        json!({"match": {"seller.display_name": "Kaya"}}),
+    )
+    .await?;
+    print_hits("seller \"Kaya\" after the rename", &found);
+
+    let summary = Outbox::new(database_url.clone(), OutboxConfig::in_schema(&schema))?
+        .summary()
+        .await?;
+    println!(
+        "\njob table (SELECT status, count(*), avg(processed_at - created_at) … GROUP BY status):"
+    );
+    println!(
+        "  {:<12} {:>8} {:>22}",
+        "status", "jobs", "avg processing time"
+    );
+    for line in summary.by_status {
+        let avg = line
+            .avg_processing_seconds
+            .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
+        println!("  {:<12} {:>8} {:>22}", line.status, line.jobs, avg);
+    }
+    Ok(())
+}
+
+/// Waits while the bridge and the consumer carry every job since `first_job`.
+async fn wait_done(
+    db: &benalsam_events::tokio_postgres::Client,
+    first_job: i64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     loop {
         let row = db
@@ -177,17 +266,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    let client = index::client(&search_url, Duration::from_secs(10))?;
+    Ok(())
+}
+
+async fn refresh(
+    client: &benalsam_events::elasticsearch::Elasticsearch,
+    index: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     client
         .indices()
-        .refresh(benalsam_events::elasticsearch::indices::IndicesRefreshParts::Index(&[&index]))
+        .refresh(benalsam_events::elasticsearch::indices::IndicesRefreshParts::Index(&[index]))
         .send()
         .await?;
+    Ok(())
+}
+
+async fn show_searches(
+    client: &benalsam_events::elasticsearch::Elasticsearch,
+    db: &benalsam_events::tokio_postgres::Client,
+    index: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    refresh(client, index).await?;
     let searchable: i64 = db
         .query_one("SELECT count(*) FROM listings WHERE status = 'active'", &[])
         .await?
         .get(0);
-    let all = run_query(&client, &index, json!({"match_all": {}})).await?;
+    let all = run_query(client, index, json!({"match_all": {}})).await?;
     println!(
         "\nthe index {index} holds {} listings; the table has {searchable} active ones",
         all["hits"]["total"]["value"]
@@ -209,40 +313,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "\"bilgisayar\" (sold: gone from search)",
             json!({"match": {"search_text": "bilgisayar"}}),
         ),
+        (
+            "seller \"Ayşe\" (joined from users)",
+            json!({"match": {"seller.display_name": "Ayşe"}}),
+        ),
     ] {
-        let found = run_query(&client, &index, query).await?;
-        println!("\nsearch {label}: {} hits", found["hits"]["total"]["value"]);
-        for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
-            let s = &hit["_source"];
-            println!(
-                "  - {:<34} {:<10} {:>9} TRY  {}",
-                s["title"].as_str().unwrap_or(""),
-                s["location_city"].as_str().unwrap_or(""),
-                s["budget"]
-                    .as_f64()
-                    .map_or(String::new(), |b| format!("{b:.0}")),
-                s["status"].as_str().unwrap_or("")
-            );
-        }
-    }
-
-    let summary = Outbox::new(database_url.clone(), OutboxConfig::in_schema(&schema))?
-        .summary()
-        .await?;
-    println!(
-        "\njob table (SELECT status, count(*), avg(processed_at - created_at) … GROUP BY status):"
-    );
-    println!(
-        "  {:<12} {:>8} {:>22}",
-        "status", "jobs", "avg processing time"
-    );
-    for line in summary.by_status {
-        let avg = line
-            .avg_processing_seconds
-            .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
-        println!("  {:<12} {:>8} {:>22}", line.status, line.jobs, avg);
+        let found = run_query(client, index, query).await?;
+        print_hits(label, &found);
     }
     Ok(())
+}
+
+fn print_hits(label: &str, found: &Value) {
+    println!("\nsearch {label}: {} hits", found["hits"]["total"]["value"]);
+    for hit in found["hits"]["hits"].as_array().into_iter().flatten() {
+        let s = &hit["_source"];
+        println!(
+            "  - {:<34} {:<10} {:>9} TRY  {:<7} {:<10} {} ({}), {} photos",
+            s["title"].as_str().unwrap_or(""),
+            s["location_city"].as_str().unwrap_or(""),
+            s["budget"]
+                .as_f64()
+                .map_or(String::new(), |b| format!("{b:.0}")),
+            s["status"].as_str().unwrap_or(""),
+            s["category_info"]["name"].as_str().unwrap_or("-"),
+            s["seller"]["display_name"].as_str().unwrap_or("-"),
+            s["seller"]["rating"]
+                .as_f64()
+                .map_or("-".to_owned(), |r| format!("{r:.1}")),
+            s["photos"].as_array().map_or(0, Vec::len),
+        );
+    }
 }
 
 async fn run_query(

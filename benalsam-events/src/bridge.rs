@@ -22,7 +22,9 @@ use crate::EventType;
 use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
 use crate::ops::{HealthReport, Heartbeat, Live, Metrics, rfc3339, since};
-use crate::outbox::{JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig};
+use crate::outbox::{
+    FanOut, FanOutStatus, JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig,
+};
 use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
 use crate::service::{Check, Service, check};
 
@@ -58,6 +60,9 @@ pub struct BridgeSettings {
     pub resend_after: Duration,
     /// How long a shutdown may wait for the last confirms when RabbitMQ is away.
     pub shutdown_grace: Duration,
+    /// Documents per page when a related row's change fans out to the documents that
+    /// contain it (`BENALSAM_FANOUT_PAGE`); relations only.
+    pub fanout_page: usize,
 }
 
 impl BridgeSettings {
@@ -77,6 +82,7 @@ impl BridgeSettings {
             heartbeat_interval: Some(Duration::from_secs(30)),
             resend_after: Duration::from_secs(15 * 60),
             shutdown_grace: Duration::from_secs(30),
+            fanout_page: crate::outbox::DEFAULT_FANOUT_PAGE,
         }
     }
 
@@ -195,6 +201,7 @@ struct Parts {
     jobs: JobStream,
     publisher: Publisher,
     resender: Resender,
+    fan_out: Option<FanOut>,
     monitor: BridgeMonitor,
 }
 
@@ -226,12 +233,27 @@ impl Parts {
         )
         .with_metrics(&service.metrics);
         let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
+        let fan_out = FanOut::new(
+            &settings.database_url,
+            &settings.outbox,
+            &settings.stream,
+            &settings.event_types,
+            settings.fanout_page,
+            shutdown,
+        )?
+        .map(|f| f.with_metrics(&service.metrics));
         let monitor = BridgeMonitor {
+            // Its event types' tables, and the jobs of their relations (which its fan-out
+            // claims).
             routed: settings
                 .event_types
                 .iter()
-                .map(|t| t.table.clone())
+                .flat_map(|t| {
+                    std::iter::once(t.table.clone())
+                        .chain(t.relations.iter().map(|r| r.job_table(&t.table)))
+                })
                 .collect(),
+            fan_out: fan_out.as_ref().map(FanOut::status),
             stream: jobs.status(),
             publisher: publisher.status(),
             resender: resender.status(),
@@ -245,6 +267,7 @@ impl Parts {
             jobs,
             publisher,
             resender,
+            fan_out,
             monitor,
         })
     }
@@ -268,6 +291,9 @@ impl Parts {
             service.spawn(heartbeat.run(service.background()));
         }
         service.spawn(self.resender.run(service.background()));
+        if let Some(fan_out) = self.fan_out {
+            service.spawn(fan_out.run(service.background()));
+        }
         let _ = monitor.set(self.monitor);
         Ok((self.jobs, self.publisher))
     }
@@ -313,6 +339,8 @@ fn checks(monitor: &Arc<OnceLock<BridgeMonitor>>) -> Vec<Check> {
 struct BridgeMonitor {
     /// The tables this bridge claims.
     routed: Vec<String>,
+    /// Its fan-out, when its event types have relations.
+    fan_out: Option<Live<FanOutStatus>>,
     stream: Live<JobStreamStatus>,
     publisher: Live<PublisherStatus>,
     resender: Live<ResenderStatus>,
@@ -337,15 +365,20 @@ impl BridgeMonitor {
     }
 
     fn database(&self) -> HealthReport {
-        database_report(
+        let now = SystemTime::now();
+        let report = database_report(
             &self.stream.snapshot(),
             &self.routed,
             &self.resender.snapshot(),
             self.window,
             self.resend_after,
             &self.database,
-            SystemTime::now(),
-        )
+            now,
+        );
+        match &self.fan_out {
+            Some(fan_out) => with_fan_out(report, &fan_out.snapshot(), self.window, now),
+            None => report,
+        }
     }
 }
 
@@ -491,6 +524,48 @@ fn database_report(
             "lastError": s.last_error.as_ref().map(|(_, e)| e),
         }),
     )
+}
+
+/// The fan-out's part of the database verdict: its numbers in `fanOut`, and unhealthy when
+/// it failed within `window` and made no progress since (a related change that cannot reach
+/// its documents). Pure.
+fn with_fan_out(
+    mut report: HealthReport,
+    f: &FanOutStatus,
+    window: Duration,
+    now: SystemTime,
+) -> HealthReport {
+    if let Some((at, why)) = &f.last_error
+        && since(now, *at) <= window
+        && f.last_progress_at.is_none_or(|p| p < *at)
+    {
+        report.healthy = false;
+        let problem = format!(
+            "a related-row change cannot be fanned out to its documents: {why}; it is retried after its backoff"
+        );
+        report.message = if report.message.starts_with("jobs flow") {
+            problem
+        } else {
+            format!("{}; {problem}", report.message)
+        };
+    }
+    if let Some(details) = report.details.as_object_mut() {
+        details.insert(
+            "fanOut".to_owned(),
+            json!({
+                "changesDone": f.jobs_done,
+                "documentsQueued": f.documents_queued,
+                "documentsCoalesced": f.documents_coalesced,
+                "current": f.current.as_ref().map(|(job, relation, documents)| json!({
+                    "job": job, "relation": relation, "documents": documents
+                })),
+                "lastProgressAt": rfc3339(f.last_progress_at),
+                "errors": f.errors,
+                "lastError": f.last_error.as_ref().map(|(_, e)| e),
+            }),
+        );
+    }
+    report
 }
 
 /// What is wrong with the job stream's progress, each with what to look at.

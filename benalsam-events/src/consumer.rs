@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
-use crate::index::{Indexer, IndexerConfig, IndexerStatus, ensure_index};
+use crate::index::search::ensure_index_on;
+use crate::index::{Indexer, IndexerConfig, IndexerStatus, SearchNodes};
 use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::service::{Check, Service, check};
@@ -31,7 +32,8 @@ pub struct ConsumerSettings {
     pub database_url: DatabaseUrl,
     /// The broker.
     pub rabbitmq_url: AmqpUrl,
-    /// The search engine.
+    /// The search engine: one node, or several of one cluster (requests go to one, and
+    /// move to the next when it fails).
     pub search_url: SearchUrl,
     /// Timeout of one request to it.
     pub search_timeout: Duration,
@@ -94,7 +96,7 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
     settings.validate()?;
     let mut service = Service::new("benalsam-consumer", &shutdown);
     let monitor: Arc<OnceLock<ConsumerMonitor>> = Arc::default();
-    let search = crate::index::client(&settings.search_url, settings.search_timeout)?;
+    let search = SearchNodes::new(&settings.search_url, settings.search_timeout)?;
     // Built first, so /metrics lists every family from its first answer on.
     let outbox = Outbox::new(settings.database_url.clone(), settings.outbox.clone())?;
     let indexer = Indexer::new(
@@ -138,11 +140,12 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
 }
 
 /// The start-up steps: migrations when asked, the queues (declared by the bridge: waited
-/// for), the indexes. False when shutdown came first.
+/// for), the indexes (on the first search node that answers, which the indexer then starts
+/// with). False when shutdown came first.
 async fn prepare(
     settings: &ConsumerSettings,
     service: &Service,
-    search: &elasticsearch::Elasticsearch,
+    search: &SearchNodes,
     shutdown: &CancellationToken,
 ) -> Result<bool> {
     if settings.migrate {
@@ -153,6 +156,28 @@ async fn prepare(
             })
             .await?;
         if migrated.is_none() {
+            return Ok(false);
+        }
+    }
+    if settings.event_types.iter().any(EventType::is_joined) {
+        let checked = service
+            .step(
+                "checking the relations against the database",
+                shutdown,
+                || async {
+                    let client =
+                        crate::connect::postgres_as(&settings.database_url, "benalsam-check")
+                            .await?;
+                    crate::outbox::check_catalog(
+                        &client,
+                        &settings.outbox.schema,
+                        &settings.event_types,
+                    )
+                    .await
+                },
+            )
+            .await?;
+        if checked.is_none() {
             return Ok(false);
         }
     }
@@ -174,7 +199,7 @@ async fn prepare(
     for event_type in &settings.event_types {
         let step = format!("preparing the search index {}", event_type.index.alias);
         let prepared = service
-            .step(&step, shutdown, || ensure_index(search, event_type))
+            .step(&step, shutdown, || ensure_index_on(search, event_type))
             .await?;
         if prepared.is_none() {
             return Ok(false);
@@ -323,12 +348,17 @@ fn elasticsearch_report(
     }
     let healthy = problems.is_empty();
     let message = if healthy {
-        format!("indexing into {search}")
+        // Of a list of nodes, the one in use.
+        format!(
+            "indexing into {}",
+            s.search_node.as_deref().unwrap_or(search)
+        )
     } else {
         problems.join("; ")
     };
     let mut details = details(s);
     details["search"] = json!(search);
+    details["searchNodeInUse"] = json!(s.search_node);
     HealthReport::new("elasticsearch-service", healthy, message, details)
 }
 
@@ -411,6 +441,32 @@ mod tests {
         let r = rabbitmq_report(&s, "amqp://u:***@mq1/%2f,amqp://u:***@mq2/%2f");
         assert_eq!(r.message, "consuming from amqp://u:***@mq2/%2f");
         assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
+    }
+
+    #[test]
+    fn of_several_search_nodes_health_names_the_one_in_use() {
+        let s = IndexerStatus {
+            search_node: Some("http://u:***@es2:9200/".into()),
+            ..IndexerStatus::default()
+        };
+        let listed = "http://u:***@es1:9200/,http://u:***@es2:9200/";
+        let r = elasticsearch_report(&s, WINDOW, listed, SystemTime::now());
+        assert!(r.healthy);
+        assert_eq!(r.message, "indexing into http://u:***@es2:9200/");
+        assert_eq!(r.details["search"], listed);
+        assert_eq!(r.details["searchNodeInUse"], "http://u:***@es2:9200/");
+        let open = IndexerStatus {
+            circuit_open_since: Some(SystemTime::now()),
+            circuit_failures: 2,
+            ..s
+        };
+        let r = elasticsearch_report(&open, WINDOW, listed, SystemTime::now());
+        assert!(!r.healthy);
+        assert!(
+            r.message.contains(listed),
+            "every node failed: {}",
+            r.message
+        );
     }
 
     #[test]

@@ -22,11 +22,15 @@
 //! version. Only the [`Outbox`] changes a job's state; the publisher and the indexer report
 //! what happened ([`Outcome`]) through [`Settle`].
 //!
+//! A document joined from related tables ([`event_type::Relation`]) is read from the
+//! database when it is indexed, under a version drawn after a lock on the document; a
+//! related row's change is fanned out by the bridge to the documents that contain it.
+//!
 //! # Layout
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`event_type`] | [`EventType`]: one table from trigger to index, in code or from a TOML file; documents described as data |
+//! | [`event_type`] | [`EventType`]: one table from trigger to index, in code or from a TOML file; documents described as data, with relations to other tables |
 //! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations, the job state machine |
 //! | [`publish`] | jobs into messages: routing, the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
 //! | [`index`] | messages into the index: the [`Indexer`] and its stages, [`DocumentBuilder`], the search index, dead letters |

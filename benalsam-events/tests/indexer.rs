@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use benalsam_events::index::{
-    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus,
+    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus, SearchNodes,
 };
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::JobSelection;
@@ -20,7 +20,8 @@ use benalsam_events::{
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use support::{
-    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, search_url, spawn_bridge, until,
+    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, dead_search, search_list,
+    search_url, spawn_bridge, until,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -104,15 +105,9 @@ fn consumer(
     index: &TestIndex,
     config: IndexerConfig,
 ) -> Indexer {
-    let client = index::client(search, Duration::from_secs(10)).expect("client");
-    Indexer::new(
-        url.clone(),
-        client,
-        outbox,
-        vec![index.event_type()],
-        config,
-    )
-    .expect("valid settings")
+    let nodes = SearchNodes::new(search, Duration::from_secs(10)).expect("a client per node");
+    Indexer::new(url.clone(), nodes, outbox, vec![index.event_type()], config)
+        .expect("valid settings")
 }
 
 async fn declare(vhost: &TestVhost) {
@@ -873,5 +868,166 @@ async fn losing_one_broker_node_moves_the_consumer_to_the_next_and_every_job_com
     )
     .await;
     pipeline.stop().await;
+    teardown(db, vhost, index).await;
+}
+
+/// Every job completed, none failed, the DLQ empty, and the index holding exactly the
+/// searchable rows, each with the title the table has now.
+async fn assert_index_matches_the_table(db: &TestSchema, vhost: &TestVhost, index: &TestIndex) {
+    let statuses = db.statuses().await;
+    assert!(
+        statuses.iter().all(|(_, s)| s == "completed"),
+        "every job completed: {} of {}",
+        statuses.iter().filter(|(_, s)| s == "completed").count(),
+        statuses.len()
+    );
+    let titles: std::collections::BTreeMap<String, String> = db
+        .client
+        .query(
+            "SELECT id::text, title FROM listings WHERE status = 'active'",
+            &[],
+        )
+        .await
+        .expect("read listings")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let documents = index.documents().await;
+    assert_eq!(
+        documents.keys().collect::<Vec<_>>(),
+        titles.keys().collect::<Vec<_>>(),
+        "the index holds exactly the searchable rows"
+    );
+    for (id, title) in &titles {
+        assert_eq!(
+            documents[id]["title"], *title,
+            "document {id} has the row's title"
+        );
+    }
+    assert!(
+        DeadLetterQueue::new(vhost.url.clone(), DLQ)
+            .list(10)
+            .await
+            .expect("dlq")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_first_search_node_is_passed_over_for_the_next() {
+    let (db, vhost, index) = setup().await;
+    let listed = search_list(&[&dead_search(), &search_url()]);
+    let pipeline = Pipeline::start(&db, &vhost, &index, &listed);
+    db.insert_listings(300).await;
+    assert_eq!(wait_done(&db).await, (300, 0));
+    let status = pipeline.indexer.snapshot();
+    pipeline.stop().await;
+    assert_eq!(
+        status.search_node,
+        Some(search_url().redacted()),
+        "{status:?}"
+    );
+    assert_eq!(
+        (status.circuit_failures, status.errors),
+        (0, 0),
+        "the dead node was passed over, the cluster never counted down: {status:?}"
+    );
+    assert_index_matches_the_table(&db, &vhost, &index).await;
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn losing_one_search_node_mid_stream_moves_the_consumer_to_the_next_and_every_job_completes()
+{
+    let (db, vhost, index) = setup().await;
+    // Two relays to the one search node stand for two nodes of a cluster.
+    let (first, first_url) = Relay::search().await;
+    let (_second, second_url) = Relay::search().await;
+    let pipeline = Pipeline::start(
+        &db,
+        &vhost,
+        &index,
+        &search_list(&[&first_url, &second_url]),
+    );
+    let status = pipeline.indexer.clone();
+    for _ in 0..3 {
+        db.insert_listings(1000).await;
+    }
+    until(
+        "indexing starts on the first node",
+        || status.snapshot().indexed >= 300,
+        || status.snapshot(),
+    )
+    .await;
+    assert_eq!(status.snapshot().search_node, Some(first_url.redacted()));
+    // The first node goes away for good, requests in flight included; then every listing
+    // changes, so documents written through the first node are rewritten through the second.
+    drop(first);
+    db.client
+        .execute("UPDATE listings SET title = title || ' (yeni)'", &[])
+        .await
+        .expect("update every listing");
+    assert_eq!(wait_done(&db).await, (6000, 0));
+    let after = status.snapshot();
+    pipeline.stop().await;
+    assert_eq!(after.search_node, Some(second_url.redacted()), "{after:?}");
+    assert_eq!(
+        (after.circuit_failures, after.errors),
+        (0, 0),
+        "the second node took over within the requests: the circuit never opened: {after:?}"
+    );
+    assert_index_matches_the_table(&db, &vhost, &index).await;
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn with_every_search_node_down_the_circuit_opens_and_one_node_back_closes_it() {
+    let (db, vhost, index) = setup().await;
+    let (first, first_url) = Relay::search().await;
+    let (second, second_url) = Relay::search().await;
+    let pipeline = Pipeline::start(
+        &db,
+        &vhost,
+        &index,
+        &search_list(&[&first_url, &second_url]),
+    );
+    let status = pipeline.indexer.clone();
+    db.insert_listings(1000).await;
+    until(
+        "indexing starts",
+        || status.snapshot().indexed >= 100,
+        || status.snapshot(),
+    )
+    .await;
+    first.set_up(false);
+    second.set_up(false);
+    until(
+        "the circuit opens once every node failed",
+        || status.snapshot().circuit_open_since.is_some(),
+        || status.snapshot(),
+    )
+    .await;
+    // More work arrives while the cluster is away.
+    db.insert_listings(1000).await;
+    assert!(
+        db.statuses().await.iter().all(|(_, s)| s != "failed"),
+        "an outage fails no job"
+    );
+    // The node not in use comes back: the probes must go round to find it.
+    let (back, back_url) = if status.snapshot().search_node == Some(first_url.redacted()) {
+        (&second, &second_url)
+    } else {
+        (&first, &first_url)
+    };
+    back.set_up(true);
+    assert_eq!(wait_done(&db).await, (2000, 0));
+    let after = status.snapshot();
+    pipeline.stop().await;
+    assert_eq!(after.search_node, Some(back_url.redacted()), "{after:?}");
+    assert!(
+        after.circuit_open_since.is_none(),
+        "closed again: {after:?}"
+    );
+    assert_index_matches_the_table(&db, &vhost, &index).await;
     teardown(db, vhost, index).await;
 }

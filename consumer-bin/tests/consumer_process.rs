@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use benalsam_events::lapin::options::BasicPublishOptions;
 use benalsam_events::lapin::types::{AMQPValue, FieldTable, LongString};
 use benalsam_events::publish::TopologyConfig;
-use benalsam_events::{Envelope, Topology, connect, lapin};
+use benalsam_events::{Envelope, SearchUrl, Topology, connect, lapin};
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, drain_queue, free_port, search_url, terminate,
-    wait_exit,
+    TestIndex, TestSchema, TestVhost, database_url, dead_search, drain_queue, free_port,
+    search_url, terminate, wait_exit,
 };
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -157,6 +157,59 @@ async fn the_consumer_indexes_answers_health_and_stops_cleanly() {
     index.drop().await;
 }
 
+#[tokio::test]
+async fn of_several_search_nodes_the_consumer_uses_the_first_that_answers_and_health_names_it() {
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    declare(&vhost).await;
+    let (shutdown, bridge) = support::spawn_bridge(&db, &vhost.url);
+    // `expose` gives one address: the variable is the list's text.
+    let listed = format!("{},{}", dead_search().expose(), search_url().expose());
+    let port = free_port();
+    // The first node is down from the start: the index is checked on the second.
+    let mut child = consumer(&db, &vhost, &index, port)
+        .env("ELASTICSEARCH_URL", &listed)
+        .spawn()
+        .expect("start consumer");
+    db.insert_listings(200).await;
+    let started = Instant::now();
+    while db.count("completed").await < 200 {
+        assert!(started.elapsed() < PATIENCE, "200 jobs completed in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let health = support::healthy(
+        port,
+        "/api/v1/health/elasticsearch-service",
+        "elasticsearch-service",
+    )
+    .await;
+    let in_use = search_url().redacted();
+    assert_eq!(health["details"]["searchNodeInUse"], in_use, "{health}");
+    let listed: SearchUrl = listed.parse().expect("a list");
+    assert_eq!(health["details"]["search"], listed.redacted(), "{health}");
+    assert_eq!(
+        health["message"],
+        format!("indexing into {in_use}"),
+        "{health}"
+    );
+    let metrics = support::scrape(port).await;
+    assert_eq!(
+        support::sample(&metrics, "benalsam_search_node_switches_total", &[]),
+        1.0,
+        "one move, from the dead node to the second, and it stuck"
+    );
+    terminate(&child);
+    assert!(wait_exit(&mut child).await.success(), "clean exit");
+    shutdown.cancel();
+    bridge.await.expect("no panic").expect("bridge drained");
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
+}
+
 fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_benalsam-consumer"));
     command.args(args).env("RUST_LOG", "error");
@@ -259,7 +312,7 @@ async fn dlq_commands_list_reasons_and_replay() {
 
 #[test]
 fn bad_settings_stop_start_up_naming_the_setting() {
-    let cases: [(&str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str); 9] = [
         ("BENALSAM_SEARCH_TIMEOUT", "0s", "--search-timeout"),
         ("BENALSAM_BULK_LINGER", "0s", "--bulk-linger"),
         ("BENALSAM_HEALTH_WINDOW", "0s", "--health-window"),
@@ -276,6 +329,11 @@ fn bad_settings_stop_start_up_naming_the_setting() {
             "--searchable-statuses",
         ),
         ("BENALSAM_BULK_LINGER", "forever", "--bulk-linger"),
+        (
+            "ELASTICSEARCH_URL",
+            "http://search:hunter2@es1:9200,https://search:hunter2@es2:9200",
+            "ELASTICSEARCH_URL",
+        ),
     ];
     for (variable, value, named) in cases {
         let out = run_with(&[], &[(variable, value)]);

@@ -89,9 +89,21 @@ macro_rules! service_url {
             type Err = Error;
 
             fn from_str(raw: &str) -> Result<Self> {
-                let list: Option<fn(&str) -> Result<Self>> = $list;
-                match list {
-                    Some(list) if split_addresses(raw).len() > 1 => list(raw),
+                let agree: Option<Disagreement> = $list;
+                match agree {
+                    Some(agree) if split_addresses(raw).len() > 1 => {
+                        let (url, others) = parse_list(
+                            $setting,
+                            raw,
+                            |entry| Self::parse_one(entry).map(|one| one.url),
+                            agree,
+                        )?;
+                        Ok(Self {
+                            url,
+                            others,
+                            $($($field: <$ty>::default(),)*)?
+                        })
+                    }
                     _ => Self::parse_one(raw),
                 }
             }
@@ -191,7 +203,7 @@ service_url!(
     example = "amqp://benalsam:benalsam123@127.0.0.1:5672/%2f",
     check = |url| split_amqp(url).map(drop),
     from_env = Ok,
-    list = Some(AmqpUrl::parse_list)
+    list = Some(same_vhost)
 );
 
 service_url!(
@@ -202,6 +214,14 @@ service_url!(
     /// client certificate gets the one of [`SearchUrl::with_client_certificate`]. From the
     /// environment, `ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT` and
     /// `ELASTICSEARCH_CLIENT_KEY` set them.
+    ///
+    /// Several nodes of one cluster are given as a comma-separated list
+    /// (`http://u:p@es1:9200,http://u:p@es2:9200`; as for RabbitMQ, a comma separates entries
+    /// only before a scheme). The consumer sticks to one node and moves to the next when it
+    /// fails ([`SearchNodes`](crate::index::SearchNodes)). Every entry is checked on its own;
+    /// all must use the same scheme (the TLS files apply to every node, and a failover must
+    /// never fall back to plain HTTP) and carry the same user and password (one cluster, one
+    /// set of credentials: a node that would refuse them must not be failed over to).
     SearchUrl,
     setting = "ELASTICSEARCH_URL",
     default = DEFAULT_ELASTICSEARCH_URL,
@@ -209,7 +229,7 @@ service_url!(
     example = "http://127.0.0.1:9200",
     check = |_| Ok::<(), Error>(()),
     from_env = SearchUrl::with_tls_from_env,
-    list = None,
+    list = Some(same_scheme_and_credentials),
     extra { tls: TlsFiles }
 );
 
@@ -241,57 +261,95 @@ fn split_addresses(raw: &str) -> Vec<&str> {
     entries
 }
 
-impl AmqpUrl {
-    /// Parses a comma-separated list of broker addresses. An error names the entry (by
-    /// position, and redacted) so the wrong one of a long list is found at once.
-    fn parse_list(raw: &str) -> Result<Self> {
-        let entries: Vec<&str> = split_addresses(raw);
-        let total = entries.len();
-        let mut urls = Vec::with_capacity(total);
-        for (index, entry) in entries.into_iter().enumerate() {
-            let position = index + 1;
-            if entry.is_empty() {
-                return Err(Error::config(
-                    Self::SETTING,
-                    format!(
-                        "entry {position} of {total} is empty; separate addresses with one comma"
-                    ),
-                ));
-            }
-            let parsed = Self::parse_one(entry).map_err(|error| {
-                Error::config(
-                    Self::SETTING,
-                    format!(
-                        "entry {position} of {total} ({}): {error}",
-                        redact_url(entry)
-                    ),
-                )
-            })?;
-            urls.push(parsed.url);
+/// Why an entry of a list cannot serve beside the first (`None`: it can), for the settings
+/// that take a list; the text completes "entry N of M (url) …".
+type Disagreement = fn(first: &url::Url, other: &url::Url) -> Option<String>;
+
+/// Parses a comma-separated list of addresses of `setting`, each with `parse_one`, and
+/// checks each against the first with `agree`. An error names the entry (by position, and
+/// redacted) so the wrong one of a long list is found at once.
+fn parse_list(
+    setting: &str,
+    raw: &str,
+    parse_one: impl Fn(&str) -> Result<url::Url>,
+    agree: Disagreement,
+) -> Result<(url::Url, Vec<url::Url>)> {
+    let entries: Vec<&str> = split_addresses(raw);
+    let total = entries.len();
+    let mut urls = Vec::with_capacity(total);
+    for (index, entry) in entries.into_iter().enumerate() {
+        let position = index + 1;
+        if entry.is_empty() {
+            return Err(Error::config(
+                setting,
+                format!("entry {position} of {total} is empty; separate addresses with one comma"),
+            ));
         }
-        let mut urls = urls.into_iter();
-        let Some(first) = urls.next() else {
-            return Err(Error::config(Self::SETTING, "no address given"));
-        };
-        let others: Vec<url::Url> = urls.collect();
-        // Failing over to another vhost would publish into, or consume from, another set of
-        // exchanges and queues without anyone noticing: the list must be one cluster's nodes.
-        for (index, other) in others.iter().enumerate() {
-            if other.path() != first.path() {
-                return Err(Error::config(
-                    Self::SETTING,
-                    format!(
-                        "entry {} of {total} ({}) names vhost path {:?}, entry 1 names {:?}; all entries must name the same vhost",
-                        index + 2,
-                        redact_url(other.as_str()),
-                        other.path(),
-                        first.path()
-                    ),
-                ));
-            }
-        }
-        Ok(Self { url: first, others })
+        let parsed = parse_one(entry).map_err(|error| {
+            Error::config(
+                setting,
+                format!(
+                    "entry {position} of {total} ({}): {error}",
+                    redact_url(entry)
+                ),
+            )
+        })?;
+        urls.push(parsed);
     }
+    let mut urls = urls.into_iter();
+    let Some(first) = urls.next() else {
+        return Err(Error::config(setting, "no address given"));
+    };
+    let others: Vec<url::Url> = urls.collect();
+    for (index, other) in others.iter().enumerate() {
+        if let Some(why) = agree(&first, other) {
+            return Err(Error::config(
+                setting,
+                format!(
+                    "entry {} of {total} ({}) {why}",
+                    index + 2,
+                    redact_url(other.as_str()),
+                ),
+            ));
+        }
+    }
+    Ok((first, others))
+}
+
+/// Broker addresses must all name the same vhost: failing over to another vhost would
+/// publish into, or consume from, another set of exchanges and queues without anyone
+/// noticing. The list must be one cluster's nodes.
+fn same_vhost(first: &url::Url, other: &url::Url) -> Option<String> {
+    (other.path() != first.path()).then(|| {
+        format!(
+            "names vhost path {:?}, entry 1 names {:?}; all entries must name the same vhost",
+            other.path(),
+            first.path()
+        )
+    })
+}
+
+/// Search nodes must all use one scheme and one set of credentials. The TLS files apply to
+/// every node, and a failover that fell back to plain HTTP would send the credentials and
+/// the documents in clear; a node whose credentials differ would refuse every request with
+/// 401, which is a refused request, not an unavailable node: the documents would be
+/// dead-lettered instead of waiting. The password is compared, never shown.
+fn same_scheme_and_credentials(first: &url::Url, other: &url::Url) -> Option<String> {
+    if other.scheme() != first.scheme() {
+        return Some(format!(
+            "is {}://, entry 1 is {}://; all entries must use the same scheme",
+            other.scheme(),
+            first.scheme()
+        ));
+    }
+    if other.username() != first.username() || other.password() != first.password() {
+        return Some(
+            "carries other credentials than entry 1; every entry must carry the same user and \
+             password (or none)"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// The environment variable of [`SearchUrl::with_ca`].
@@ -501,8 +559,122 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("entry 2 of 2"), "{text}");
         assert!(!text.contains("pa,ss") && !text.contains("ss@"), "{text}");
-        // Only the broker setting takes a list.
-        assert!("http://a:9200,http://b:9200".parse::<SearchUrl>().is_err());
+    }
+
+    #[test]
+    fn a_list_of_search_nodes_is_read_each_entry_checked_and_every_password_hidden() {
+        let url: SearchUrl = "https://u:first-secret@es1:9200, https://u:first-secret@es2:9201"
+            .parse()
+            .expect("two nodes");
+        let addresses = url.addresses();
+        assert_eq!(addresses.len(), 2);
+        assert_eq!(addresses[0].url().host_str(), Some("es1"));
+        assert_eq!(addresses[1].url().port(), Some(9201));
+        assert!(addresses[1].expose().contains("first-secret"));
+        assert_eq!(url.expose(), addresses[0].expose(), "expose is the first");
+        for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
+            assert!(!shown.contains("first-secret"), "{shown}");
+            assert!(shown.contains("es1") && shown.contains("es2"), "{shown}");
+        }
+        assert_eq!(
+            url.redacted(),
+            "https://u:***@es1:9200/,https://u:***@es2:9201/"
+        );
+        // The TLS files go with every node.
+        let with = url.with_ca("/ca.pem");
+        assert!(
+            with.addresses()
+                .iter()
+                .all(|a| format!("{a:?}").contains("/ca.pem"))
+        );
+
+        let error = "http://es1:9200,ftp://u:hidden@es2"
+            .parse::<SearchUrl>()
+            .expect_err("the second entry is no search node");
+        let text = error.to_string();
+        assert_eq!(error.setting(), Some("ELASTICSEARCH_URL"));
+        assert!(
+            text.contains("entry 2 of 2") && text.contains("es2") && text.contains("\"ftp\""),
+            "{text}"
+        );
+        assert!(!text.contains("hidden"), "{text}");
+
+        let error = "https://u:p@es1:9200,http://u:p@es2:9200"
+            .parse::<SearchUrl>()
+            .expect_err("a mix of TLS and plain HTTP");
+        let text = error.to_string();
+        assert!(
+            text.contains("entry 2 of 2") && text.contains("same scheme"),
+            "{text}"
+        );
+
+        for other in [
+            "http://u:other-secret@es2:9200",
+            "http://v:first-secret@es2:9200",
+            "http://es2:9200",
+        ] {
+            let error = format!("http://u:first-secret@es1:9200,{other}")
+                .parse::<SearchUrl>()
+                .expect_err("other credentials");
+            let text = error.to_string();
+            assert!(
+                text.contains("entry 2 of 2") && text.contains("same user and password"),
+                "{text}"
+            );
+            assert!(
+                !text.contains("first-secret") && !text.contains("other-secret"),
+                "{text}"
+            );
+        }
+        assert!("http://es1:9200,".parse::<SearchUrl>().is_err());
+        assert!(" , http://es1:9200".parse::<SearchUrl>().is_err());
+
+        // A comma inside a password is part of it: one node, and nothing of it shown.
+        let one: SearchUrl = "http://u:pa,ss@es1:9200".parse().expect("one node");
+        assert_eq!(one.addresses().len(), 1);
+        assert_eq!(one.url().password(), Some("pa,ss"));
+        let two: SearchUrl = "http://u:pa,ss@es1:9200,http://u:pa,ss@es2:9200"
+            .parse()
+            .expect("two nodes, commas in both passwords");
+        assert_eq!(two.addresses().len(), 2);
+        assert_eq!(two.addresses()[1].url().password(), Some("pa,ss"));
+        assert!(!two.redacted().contains("pa,ss"), "{two}");
+        let error = "http://u:pa,ss@es1:9200,https://u:pa,ss@es2:9200"
+            .parse::<SearchUrl>()
+            .expect_err("another scheme");
+        let text = error.to_string();
+        assert!(text.contains("entry 2 of 2"), "{text}");
+        assert!(!text.contains("pa,ss") && !text.contains("ss@"), "{text}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the passwords (commas included), a list of nodes reads back as that many
+        /// addresses, each with its password, and no printed form shows one.
+        #[test]
+        fn no_password_of_a_node_list_is_ever_shown(
+            password in "[a-zA-Z0-9,;!*_-]{4,16}",
+            hosts in proptest::collection::vec("[a-z]{1,8}", 1..5),
+        ) {
+            let raw = hosts
+                .iter()
+                .map(|host| format!("https://user:{password}@{host}:9200"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let url: SearchUrl = raw.parse().expect("a valid list");
+            let addresses = url.addresses();
+            proptest::prop_assert_eq!(addresses.len(), hosts.len());
+            for (address, host) in addresses.iter().zip(&hosts) {
+                proptest::prop_assert_eq!(address.url().host_str(), Some(host.as_str()));
+                // The URL keeps a password percent-encoded (`;` as `%3B`).
+                let kept = address.url().password().map(|p| {
+                    percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned()
+                });
+                proptest::prop_assert_eq!(kept, Some(password.clone()));
+            }
+            for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
+                proptest::prop_assert!(!shown.contains(&password), "{}", shown);
+            }
+        }
     }
 
     #[test]

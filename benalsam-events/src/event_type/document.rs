@@ -70,6 +70,15 @@ pub(crate) struct Field {
 }
 
 impl Field {
+    /// Whether it uses the analyzer or normalizer `name`.
+    pub(crate) fn uses(&self, name: &str) -> bool {
+        match &self.kind {
+            FieldType::Text { analyzer, .. } => analyzer == name,
+            FieldType::Keyword { normalizer, .. } => normalizer.as_deref() == Some(name),
+            _ => false,
+        }
+    }
+
     /// The field, read from `column` (a rename).
     pub(crate) fn from_column(column: &str, kind: FieldType) -> Self {
         Self {
@@ -77,6 +86,18 @@ impl Field {
             kind,
         }
     }
+}
+
+/// One row to build a document from.
+pub(crate) struct Row<'a> {
+    /// The record's key, the document id.
+    pub(crate) id: String,
+    /// Whether the row is gone (the document is deleted).
+    pub(crate) deleted: bool,
+    /// The row's columns.
+    pub(crate) columns: &'a Value,
+    /// The version the document is written with (its `job_id` field).
+    pub(crate) version: i64,
 }
 
 /// How the rows of an event type become documents: fields by name, and which statuses are
@@ -118,15 +139,41 @@ impl DocumentSpec {
         status_column: Option<&str>,
         envelope: &Envelope<'_>,
     ) -> Result<Action, BuildError> {
-        let id = envelope.record_id.to_string();
-        let row = envelope.current_row();
+        self.build_row(
+            index,
+            status_column,
+            Row {
+                id: envelope.record_id.to_string(),
+                deleted: envelope.operation == Operation::Delete,
+                columns: envelope.current_row(),
+                version: envelope.job_id,
+            },
+            Map::new(),
+        )
+    }
+
+    /// The action for `row`, with `extra` fields (the relations of a joined document) added
+    /// to the document.
+    pub(crate) fn build_row(
+        &self,
+        index: &str,
+        status_column: Option<&str>,
+        row: Row<'_>,
+        extra: Map<String, Value>,
+    ) -> Result<Action, BuildError> {
+        let Row {
+            id,
+            deleted,
+            columns: row,
+            version,
+        } = row;
         let searchable = match (&self.searchable_statuses, status_column) {
             (Some(statuses), Some(column)) => row[column]
                 .as_str()
                 .is_some_and(|s| statuses.iter().any(|ok| ok == s)),
             _ => true,
         };
-        if envelope.operation == Operation::Delete || !searchable {
+        if deleted || !searchable {
             return Ok(Action::Delete {
                 index: index.to_owned(),
                 id,
@@ -144,7 +191,8 @@ impl DocumentSpec {
                 doc.insert(name.clone(), value);
             }
         }
-        doc.insert("job_id".to_owned(), json!(envelope.job_id));
+        doc.extend(extra);
+        doc.insert("job_id".to_owned(), json!(version));
         doc.insert(
             "indexed_at".to_owned(),
             json!(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
@@ -182,15 +230,11 @@ impl DocumentSpec {
     /// Whether a field uses the library's analyzer or normalizer (which the index must then
     /// define).
     pub(crate) fn uses(&self, name: &str) -> bool {
-        self.fields.values().any(|f| match &f.kind {
-            FieldType::Text { analyzer, .. } => analyzer == name,
-            FieldType::Keyword { normalizer, .. } => normalizer.as_deref() == Some(name),
-            _ => false,
-        })
+        self.fields.values().any(|f| f.uses(name))
     }
 }
 
-fn mapping(kind: &FieldType) -> Value {
+pub(super) fn mapping(kind: &FieldType) -> Value {
     match kind {
         FieldType::Text {
             analyzer,
@@ -232,7 +276,7 @@ fn mapping(kind: &FieldType) -> Value {
 
 /// The value of one field of a row, converted to its type; `None` when the column is NULL
 /// or absent.
-fn field_value(
+pub(super) fn field_value(
     name: &str,
     field: &Field,
     columns: &Map<String, Value>,

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{DocumentSpec, EventType, Field, FieldType, IndexSpec};
+use super::{DocumentSpec, EventType, Field, FieldType, IndexSpec, Relation};
 use crate::{Error, Result};
 
 /// The file: a list of `[[event_type]]` tables.
@@ -39,6 +39,33 @@ struct EventTypeToml {
     status_queue: Option<String>,
     index: Option<IndexToml>,
     document: Option<DocumentToml>,
+    #[serde(default)]
+    relations: BTreeMap<String, RelationToml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RelationKindToml {
+    Parent,
+    Children,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelationToml {
+    table: String,
+    kind: RelationKindToml,
+    foreign_key: Vec<String>,
+    references: Option<Vec<String>>,
+    key: Option<String>,
+    order_by: Option<String>,
+    #[serde(default)]
+    descending: bool,
+    limit: Option<u32>,
+    #[serde(default)]
+    nested: bool,
+    #[serde(default)]
+    fields: BTreeMap<String, FieldToml>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,7 +201,74 @@ fn convert(raw: &EventTypeToml, at: &dyn Fn(&str) -> String) -> Result<EventType
     if let Some(document) = &raw.document {
         t.document = document_spec(document, at)?;
     }
+    for (name, relation) in &raw.relations {
+        t.relations.push(relation_of(name, relation, &t.key, at)?);
+    }
     Ok(t)
+}
+
+fn relation_of(
+    name: &str,
+    raw: &RelationToml,
+    owner_key: &str,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Relation> {
+    let key = raw.key.clone().unwrap_or_else(|| "id".to_owned());
+    let foreign_key: Vec<&str> = raw.foreign_key.iter().map(String::as_str).collect();
+    let default_references = match raw.kind {
+        RelationKindToml::Parent => key.clone(),
+        RelationKindToml::Children => owner_key.to_owned(),
+    };
+    let references: Vec<&str> = match &raw.references {
+        Some(columns) => columns.iter().map(String::as_str).collect(),
+        None => vec![default_references.as_str()],
+    };
+    let refuse = |key: &str, why: &str| {
+        Error::config(
+            "BENALSAM_CONFIG",
+            format!("{}: {why}", at(&format!("relations.{name}.{key}"))),
+        )
+    };
+    let mut relation = match raw.kind {
+        RelationKindToml::Parent => {
+            for (key, given) in [
+                ("order_by", raw.order_by.is_some()),
+                ("descending", raw.descending),
+                ("limit", raw.limit.is_some()),
+                ("nested", raw.nested),
+            ] {
+                if given {
+                    return Err(refuse(key, "applies to kind = \"children\" only"));
+                }
+            }
+            Relation::parent(name, &raw.table, &foreign_key, &references)
+        }
+        RelationKindToml::Children => {
+            let mut children =
+                Relation::children(name, &raw.table, &foreign_key, &references).nested(raw.nested);
+            if let Some(order) = &raw.order_by {
+                children = children.order_by(order, raw.descending);
+            }
+            if let Some(limit) = raw.limit {
+                children = children.limit(limit);
+            }
+            children
+        }
+    };
+    relation.key = key;
+    for (field_name, field) in &raw.fields {
+        let field = field_of(
+            field_name,
+            field,
+            &format!("relations.{name}.fields.{field_name}"),
+            at,
+        )?;
+        relation.fields.insert(field_name.clone(), field);
+    }
+    // "benalsam.toml:12": where the relation was declared, for the errors the database
+    // catalog finds later.
+    relation.origin = at("").split(": event type").next().map(str::to_owned);
+    Ok(relation)
 }
 
 fn index_spec(raw: &IndexToml, alias: &str, at: &dyn Fn(&str) -> String) -> Result<IndexSpec> {
@@ -207,71 +301,80 @@ fn document_spec(raw: &DocumentToml, at: &dyn Fn(&str) -> String) -> Result<Docu
         ..DocumentSpec::default()
     };
     for (name, field) in &raw.fields {
-        let key = format!("document.fields.{name}");
-        let refuse = |why: &str| Error::config("BENALSAM_CONFIG", format!("{}: {why}", at(&key)));
-        let only = |allowed: &[&str]| -> Result<()> {
-            let given = [
-                ("analyzer", field.analyzer.is_some()),
-                ("raw", field.raw),
-                ("copy_to", field.copy_to.is_some()),
-                ("normalizer", field.normalizer.is_some()),
-                ("index", field.index.is_some()),
-                ("lat", field.lat.is_some()),
-                ("lon", field.lon.is_some()),
-            ];
-            match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
-                Some((k, _)) => Err(refuse(&format!("{k} does not apply to this type"))),
-                None => Ok(()),
-            }
-        };
-        let kind = match field.kind {
-            Kind::Text => {
-                only(&["analyzer", "raw", "copy_to"])?;
-                FieldType::Text {
-                    analyzer: field
-                        .analyzer
-                        .clone()
-                        .unwrap_or_else(|| "standard".to_owned()),
-                    raw: field.raw,
-                    copy_to: field.copy_to.clone(),
-                }
-            }
-            Kind::Keyword => {
-                only(&["normalizer", "index"])?;
-                FieldType::Keyword {
-                    normalizer: field.normalizer.clone(),
-                    indexed: field.index.unwrap_or(true),
-                }
-            }
-            Kind::Long => plain(&only, FieldType::Long)?,
-            Kind::Double => plain(&only, FieldType::Double)?,
-            Kind::Boolean => plain(&only, FieldType::Boolean)?,
-            Kind::Date => plain(&only, FieldType::Date)?,
-            Kind::Object => plain(&only, FieldType::Object)?,
-            Kind::GeoPoint => {
-                only(&["lat", "lon"])?;
-                let (Some(lat), Some(lon)) = (&field.lat, &field.lon) else {
-                    return Err(refuse("a geo_point needs lat and lon (the two columns)"));
-                };
-                FieldType::GeoPoint {
-                    lat: lat.clone(),
-                    lon: lon.clone(),
-                }
-            }
-        };
-        let column = field.column.clone().unwrap_or_default();
-        if matches!(kind, FieldType::GeoPoint { .. }) && !column.is_empty() {
-            return Err(refuse("a geo_point takes lat and lon, not column"));
-        }
-        if ["id", "job_id", "indexed_at"].contains(&name.as_str()) {
-            return Err(refuse(
-                "id, job_id and indexed_at are written by the library",
-            ));
-        }
-        spec.fields
-            .insert(name.clone(), Field::from_column(&column, kind));
+        let field = field_of(name, field, &format!("document.fields.{name}"), at)?;
+        spec.fields.insert(name.clone(), field);
     }
     Ok(spec)
+}
+
+/// One field of a document or of a relation's rows; `key` names it in errors.
+fn field_of(
+    name: &str,
+    field: &FieldToml,
+    key: &str,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Field> {
+    let refuse = |why: &str| Error::config("BENALSAM_CONFIG", format!("{}: {why}", at(key)));
+    let only = |allowed: &[&str]| -> Result<()> {
+        let given = [
+            ("analyzer", field.analyzer.is_some()),
+            ("raw", field.raw),
+            ("copy_to", field.copy_to.is_some()),
+            ("normalizer", field.normalizer.is_some()),
+            ("index", field.index.is_some()),
+            ("lat", field.lat.is_some()),
+            ("lon", field.lon.is_some()),
+        ];
+        match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+            Some((k, _)) => Err(refuse(&format!("{k} does not apply to this type"))),
+            None => Ok(()),
+        }
+    };
+    let kind = match field.kind {
+        Kind::Text => {
+            only(&["analyzer", "raw", "copy_to"])?;
+            FieldType::Text {
+                analyzer: field
+                    .analyzer
+                    .clone()
+                    .unwrap_or_else(|| "standard".to_owned()),
+                raw: field.raw,
+                copy_to: field.copy_to.clone(),
+            }
+        }
+        Kind::Keyword => {
+            only(&["normalizer", "index"])?;
+            FieldType::Keyword {
+                normalizer: field.normalizer.clone(),
+                indexed: field.index.unwrap_or(true),
+            }
+        }
+        Kind::Long => plain(&only, FieldType::Long)?,
+        Kind::Double => plain(&only, FieldType::Double)?,
+        Kind::Boolean => plain(&only, FieldType::Boolean)?,
+        Kind::Date => plain(&only, FieldType::Date)?,
+        Kind::Object => plain(&only, FieldType::Object)?,
+        Kind::GeoPoint => {
+            only(&["lat", "lon"])?;
+            let (Some(lat), Some(lon)) = (&field.lat, &field.lon) else {
+                return Err(refuse("a geo_point needs lat and lon (the two columns)"));
+            };
+            FieldType::GeoPoint {
+                lat: lat.clone(),
+                lon: lon.clone(),
+            }
+        }
+    };
+    let column = field.column.clone().unwrap_or_default();
+    if matches!(kind, FieldType::GeoPoint { .. }) && !column.is_empty() {
+        return Err(refuse("a geo_point takes lat and lon, not column"));
+    }
+    if ["id", "job_id", "indexed_at"].contains(&name) {
+        return Err(refuse(
+            "id, job_id and indexed_at are written by the library",
+        ));
+    }
+    Ok(Field::from_column(&column, kind))
 }
 
 fn plain(only: &dyn Fn(&[&str]) -> Result<()>, kind: FieldType) -> Result<FieldType> {
@@ -427,5 +530,69 @@ stored_in = { type = "keyword", column = "warehouse" }
         assert_eq!(inventory.queue, "inventory.sync");
         assert_eq!(inventory.dead_letter_queue, "inventory.sync.dlq");
         assert_eq!(inventory.document.fields["stored_in"].column, "warehouse");
+    }
+
+    const JOINED: &str = include_str!("../../../examples/joined_documents/listings.toml");
+
+    #[test]
+    fn the_joined_example_declares_three_relations_and_maps_them() {
+        let types = parse(JOINED, "listings.toml").expect("the joined example is valid");
+        let listings = &types[0];
+        let names: Vec<&str> = listings.relations.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["category_info", "photos", "seller"]);
+        let seller = &listings.relations[2];
+        assert_eq!(
+            (
+                seller.local_columns.as_slice(),
+                seller.related_columns.as_slice()
+            ),
+            (&["user_id".to_owned()][..], &["id".to_owned()][..])
+        );
+        let photos = &listings.relations[1];
+        assert_eq!(photos.local_columns, ["id"]);
+        assert_eq!(photos.related_columns, ["listing_id"]);
+        let body = listings.index_body();
+        let p = &body["mappings"]["properties"];
+        assert_eq!(p["seller"]["properties"]["rating"]["type"], "double");
+        assert_eq!(p["photos"]["properties"]["url"]["index"], false);
+        assert_eq!(p["category_info"]["properties"]["name"]["type"], "text");
+        assert_eq!(p["search_text"]["type"], "text");
+        assert!(listings.is_joined());
+    }
+
+    #[test]
+    fn relation_mistakes_name_the_file_the_line_and_the_key() {
+        let limited = JOINED.replace(
+            "references = [\"id\"]              # columns of users (default: its key)",
+            "limit = 2",
+        );
+        let err = parse(&limited, "j.toml")
+            .expect_err("a limit on a parent")
+            .to_string();
+        assert!(
+            err.contains("j.toml:") && err.contains("relations.seller.limit"),
+            "{err}"
+        );
+        let typo = JOINED.replace(
+            "foreign_key = [\"listing_id\"]",
+            "foreign_keys = [\"listing_id\"]",
+        );
+        let err = parse(&typo, "j.toml").expect_err("a typo").to_string();
+        assert!(err.contains("foreign_keys"), "{err}");
+        let clash = JOINED.replace(
+            "[event_type.relations.photos]",
+            "[event_type.relations.title]",
+        );
+        let err = parse(&clash, "j.toml").expect_err("a clash").to_string();
+        assert!(
+            err.contains("relations.title.name") && err.contains("already has a field"),
+            "{err}"
+        );
+        let origin = &parse(JOINED, "j.toml").expect("valid")[0].relations[0];
+        assert_eq!(
+            origin.origin.as_deref(),
+            Some("j.toml:9"),
+            "the line of [[event_type]]"
+        );
     }
 }

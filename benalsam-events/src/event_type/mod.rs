@@ -28,14 +28,16 @@
 
 mod document;
 mod file;
+mod relation;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-pub(crate) use document::Field;
 pub use document::{DocumentSpec, FieldType};
+pub(crate) use document::{Field, Row};
+pub use relation::{Relation, RelationKind};
 
 use crate::config::validate_identifier;
 use crate::index::{Action, BuildError, DocumentBuilder};
@@ -110,6 +112,9 @@ pub struct EventType {
     pub index: IndexSpec,
     /// How its rows become documents (unless it has a builder of its own).
     pub document: DocumentSpec,
+    /// Rows of other tables that are part of its documents ([`Relation`]). With any, every
+    /// document is read from the database when it is indexed (a *joined* event type).
+    pub relations: Vec<Relation>,
     builder: Option<(Arc<dyn DocumentBuilder>, Value)>,
 }
 
@@ -148,6 +153,7 @@ impl EventType {
             status_queue: None,
             index: IndexSpec::new(&format!("benalsam_{name}")),
             document: DocumentSpec::default(),
+            relations: Vec::new(),
             builder: None,
         }
     }
@@ -181,6 +187,53 @@ impl EventType {
     ) -> Self {
         self.builder = Some((Arc::new(builder), properties));
         self
+    }
+
+    /// Adds a relation: rows of another table in every document. See [`Relation`].
+    pub fn with_relation(mut self, relation: Relation) -> Self {
+        self.relations.push(relation);
+        self
+    }
+
+    /// Whether its documents are joined from several tables (it has relations): they are
+    /// then read from the database when indexed, not taken from the message.
+    pub fn is_joined(&self) -> bool {
+        !self.relations.is_empty()
+    }
+
+    /// The action for a joined document read from the database: `row` is the event type's
+    /// row (`None`: gone), `related` the relations' values by name, `version` the number it
+    /// is written with.
+    pub(crate) fn joined_action(
+        &self,
+        id: String,
+        row: Option<&Value>,
+        related: &serde_json::Map<String, Value>,
+        version: i64,
+    ) -> std::result::Result<Action, BuildError> {
+        let mut extra = serde_json::Map::new();
+        if row.is_some() {
+            for relation in &self.relations {
+                let read = related.get(&relation.name).unwrap_or(&Value::Null);
+                if let Some(value) = relation.value(read).map_err(|why| {
+                    BuildError(format!("record {id}: relation {}: {why}", relation.name))
+                })? {
+                    extra.insert(relation.name.clone(), value);
+                }
+            }
+        }
+        let empty = Value::Object(serde_json::Map::new());
+        self.document.build_row(
+            &self.index.alias,
+            self.status_column.as_deref(),
+            Row {
+                id,
+                deleted: row.is_none(),
+                columns: row.unwrap_or(&empty),
+                version,
+            },
+            extra,
+        )
     }
 
     /// Reads the event types of a TOML file, checking every key (an unknown key, a wrong
@@ -221,6 +274,38 @@ impl EventType {
             ));
         }
         validate_identifier("index alias", &self.index.alias)?;
+        let fields: Vec<&str> = self.document.field_names().collect();
+        for (i, relation) in self.relations.iter().enumerate() {
+            relation.validate(&self.name, &fields)?;
+            let trigger = crate::outbox::relation_trigger_name(self, relation);
+            if trigger.len() > 63 {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: the trigger name {trigger} is over PostgreSQL's 63 bytes; shorten the event type's or the relation's name",
+                        relation.at(&self.name, "name")
+                    ),
+                ));
+            }
+            if self.relations[..i].iter().any(|r| r.name == relation.name) {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: the name is used twice",
+                        relation.at(&self.name, "name")
+                    ),
+                ));
+            }
+        }
+        if self.is_joined() && self.builder.is_some() {
+            return Err(Error::config(
+                "relations",
+                format!(
+                    "event type {}: a custom document builder cannot have relations (its documents are built from the message)",
+                    self.name
+                ),
+            ));
+        }
         if self.document.searchable_statuses.is_some() && self.status_column.is_none() {
             return Err(Error::config(
                 "searchable_statuses",
@@ -288,9 +373,25 @@ impl EventType {
                 }
                 properties
             }
-            None => self.document.properties(),
+            None => {
+                let mut properties = self.document.properties();
+                if let Some(map) = properties.as_object_mut() {
+                    for relation in &self.relations {
+                        map.insert(relation.name.clone(), relation.properties());
+                        for (target, analyzer) in relation.copy_targets() {
+                            map.entry(target.to_owned())
+                                .or_insert(json!({ "type": "text", "analyzer": analyzer }));
+                        }
+                    }
+                }
+                properties
+            }
         };
-        let uses = |name: &str| self.builder.is_some() || self.document.uses(name);
+        let uses = |name: &str| {
+            self.builder.is_some()
+                || self.document.uses(name)
+                || self.relations.iter().any(|r| r.uses(name))
+        };
         let mut analysis = serde_json::Map::new();
         if uses(document::TURKISH) {
             analysis.insert(

@@ -31,7 +31,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use elasticsearch::Elasticsearch;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -52,7 +51,7 @@ use crate::index::source::{Event, Incoming, QueueRoute, Source};
 use crate::index::truncate;
 use crate::index::verify::{self, Check};
 use crate::index::writer::{self, WriteError};
-use crate::index::{Action, BuildError, plan};
+use crate::index::{Action, BuildError, SearchNodes, plan};
 use crate::ops::Live;
 use crate::ops::metrics::{self, IndexerMetrics, Metrics, Queue};
 use crate::ops::telemetry;
@@ -121,6 +120,9 @@ pub struct IndexerStatus {
     pub connected: bool,
     /// The broker address in use (redacted), or last used while disconnected.
     pub broker: Option<String>,
+    /// The search node in use (redacted): the one requests go to, or went to last. `None`
+    /// for a client given without its address.
+    pub search_node: Option<String>,
     /// Since when the circuit breaker holds requests back (`None` while it is closed).
     pub circuit_open_since: Option<SystemTime>,
     /// Consecutive failures of the cluster as a whole (0 while the circuit is closed).
@@ -158,6 +160,8 @@ pub struct IndexerStatus {
     pub dlq_depth: Option<u32>,
     /// Deliveries refused because the outbox does not know their job as they tell it.
     pub unverified: u64,
+    /// Joined documents read from the database (every change of a joined event type).
+    pub joined_reads: u64,
     /// Since when outcomes cannot be recorded in PostgreSQL, and why (`None` while they can).
     pub outbox_failing: Option<(SystemTime, String)>,
     /// Errors: lost connections, failed bulk requests, failed reports.
@@ -187,17 +191,22 @@ pub(crate) enum Body {
     /// Not a valid envelope.
     Malformed(EnvelopeError),
     /// A change, and the action it asks of the index (or why it cannot become one; a
-    /// truncation asks for none).
+    /// truncation asks for none), written with `version` (the job id, or for a joined
+    /// document the version of its read).
     Change {
         envelope: Box<Envelope<'static>>,
         action: Result<Action, BuildError>,
+        version: i64,
     },
+    /// A change of a joined event type: its document is read from the database once the
+    /// delivery is verified, and becomes a `Change`.
+    Joined { envelope: Box<Envelope<'static>> },
 }
 
 impl Body {
     fn envelope(&self) -> Option<&Envelope<'static>> {
         match self {
-            Body::Change { envelope, .. } => Some(envelope),
+            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope),
             Body::Malformed(_) => None,
         }
     }
@@ -221,7 +230,7 @@ pub(crate) struct Message {
 impl Message {
     pub(crate) fn job_id(&self) -> Option<i64> {
         match &self.body {
-            Body::Change { envelope, .. } => Some(envelope.job_id),
+            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope.job_id),
             Body::Malformed(_) => None,
         }
     }
@@ -229,7 +238,7 @@ impl Message {
 
 /// What the stages share: the clients, the settings, the status and metrics.
 pub(crate) struct Shared {
-    pub(crate) search: Elasticsearch,
+    pub(crate) search: SearchNodes,
     pub(crate) ledger: Arc<dyn Ledger>,
     /// The event types, by table.
     pub(crate) event_types: HashMap<String, EventType>,
@@ -313,7 +322,7 @@ impl Wake {
 pub struct Indexer {
     url: AmqpUrl,
     event_types: Vec<EventType>,
-    search: Elasticsearch,
+    search: SearchNodes,
     ledger: Arc<dyn Ledger>,
     config: IndexerConfig,
     status: Live<IndexerStatus>,
@@ -324,6 +333,7 @@ impl std::fmt::Debug for Indexer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Indexer")
             .field("url", &self.url)
+            .field("search", &self.search)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -332,9 +342,13 @@ impl std::fmt::Debug for Indexer {
 impl Indexer {
     /// An indexer of the queues of `event_types` into `search`, checking every delivery
     /// against `outbox` and reporting outcomes to it.
+    ///
+    /// `search` is one client (an [`Elasticsearch`](elasticsearch::Elasticsearch)) or the
+    /// [`SearchNodes`] of a cluster: requests go to one node, and move to the next when it
+    /// fails; the circuit opens only once every node failed.
     pub fn new(
         url: AmqpUrl,
-        search: Elasticsearch,
+        search: impl Into<SearchNodes>,
         outbox: Outbox,
         event_types: Vec<EventType>,
         config: IndexerConfig,
@@ -357,8 +371,17 @@ impl Indexer {
             ));
         }
         let schema = outbox.config().schema.clone();
+        let search = search.into();
         let status = Live::<IndexerStatus>::default();
-        status.lock().bulk_limit = config.batch_size;
+        {
+            let mut s = status.lock();
+            s.bulk_limit = config.batch_size;
+            s.search_node = search.in_use();
+        }
+        let metrics = IndexerMetrics {
+            search_node_switches: search.switches(),
+            ..IndexerMetrics::default()
+        };
         Ok(Self {
             url,
             event_types: event_types
@@ -369,7 +392,7 @@ impl Indexer {
             ledger: Arc::new(outbox),
             config,
             status,
-            metrics: IndexerMetrics::default(),
+            metrics,
         })
     }
 
@@ -421,6 +444,8 @@ impl Indexer {
         self.metrics
             .bulk_limit
             .set(i64::try_from(pace.size()).unwrap_or(i64::MAX));
+        // The start-up steps may have moved on from the first node.
+        self.status.lock().search_node = self.search.in_use();
         let shared = Arc::new(Shared {
             search: self.search,
             ledger: self.ledger,
@@ -683,23 +708,36 @@ impl Run {
             Err(error) => (Body::Malformed(error), tracing::Span::none()),
             Ok(mut envelope) => {
                 let span = consumer_span(&route.queue, &envelope, &delivery);
-                let action = match self.shared.event_types.get(envelope.table.as_ref()) {
-                    _ if envelope.operation == Operation::Truncate => {
-                        Err(BuildError("a truncation is no document".to_owned()))
-                    }
-                    Some(event_type) => event_type.action(&envelope),
-                    None => Err(BuildError(format!(
-                        "no event type is configured for table {:?}; add one to the consumer",
-                        envelope.table
-                    ))),
-                };
+                let event_type = self.shared.event_types.get(envelope.table.as_ref());
                 // The rows are in the document now (and in the delivery's bytes, for a dead
                 // letter): holding them parsed until the ack would double the memory of
-                // every message in hand.
-                envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
-                let body = Body::Change {
-                    envelope: Box::new(envelope),
-                    action,
+                // every message in hand. A joined document is read from the database
+                // instead.
+                let body = match event_type {
+                    Some(t) if t.is_joined() && envelope.operation != Operation::Truncate => {
+                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
+                        Body::Joined {
+                            envelope: Box::new(envelope),
+                        }
+                    }
+                    _ => {
+                        let action = match event_type {
+                            _ if envelope.operation == Operation::Truncate => {
+                                Err(BuildError("a truncation is no document".to_owned()))
+                            }
+                            Some(event_type) => event_type.action(&envelope),
+                            None => Err(BuildError(format!(
+                                "no event type is configured for table {:?}; add one to the consumer",
+                                envelope.table
+                            ))),
+                        };
+                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
+                        Body::Change {
+                            version: envelope.job_id,
+                            envelope: Box::new(envelope),
+                            action,
+                        }
+                    }
                 };
                 (body, span)
             }
@@ -711,6 +749,8 @@ impl Run {
                 action: Ok(Action::Index { .. }),
                 ..
             } => delivery.data.len() + 128,
+            // Unknown until read: about a row with a few related ones.
+            Body::Joined { .. } => 4096,
             _ => 128,
         };
         self.batcher.push(
@@ -781,6 +821,60 @@ fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
     }
 }
 
+/// Reads the documents of joined messages from the database, one read per event type (so
+/// one version for its documents of the batch), and turns each message into a `Change`;
+/// with the reason, the messages whose document cannot be built. `None` when shutdown came
+/// while PostgreSQL was away.
+async fn read_joined(
+    shared: &Shared,
+    messages: Vec<Message>,
+) -> Option<Vec<(Message, Option<String>)>> {
+    let mut by_table: HashMap<String, Vec<Message>> = HashMap::new();
+    for message in messages {
+        if let Some(envelope) = message.body.envelope() {
+            by_table
+                .entry(envelope.table.to_string())
+                .or_default()
+                .push(message);
+        }
+    }
+    let mut out = Vec::new();
+    for (table, messages) in by_table {
+        let Some(event_type) = shared.event_types.get(&table) else {
+            continue;
+        };
+        let mut ids: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.body.envelope().map(|e| e.record_id.to_string()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let read = settle::retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
+        shared.status.lock().joined_reads += ids.len() as u64;
+        for mut message in messages {
+            let Body::Joined { envelope } = message.body else {
+                continue;
+            };
+            let id = envelope.record_id.to_string();
+            let found = read.rows.get(&id);
+            let action = event_type.joined_action(
+                id,
+                found.map(|(row, _)| row),
+                found.map_or(&serde_json::Map::new(), |(_, related)| related),
+                read.version,
+            );
+            let rejected = action.as_ref().err().map(ToString::to_string);
+            message.body = Body::Change {
+                envelope,
+                action,
+                version: read.version,
+            };
+            out.push((message, rejected));
+        }
+    }
+    Some(out)
+}
+
 /// Checks one batch against the outbox, writes it and settles every message of it.
 async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Message>) -> Finished {
     let Some(checks) = verify_batch(&shared, &batch).await else {
@@ -789,6 +883,7 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
     let mut sorted = settle::Sorted::default();
     let mut writable = Vec::new();
     let mut truncations = Vec::new();
+    let mut joined = Vec::new();
     for (message, check) in batch.into_iter().zip(checks) {
         match (check, &message.body) {
             (_, Body::Malformed(error)) => {
@@ -810,6 +905,7 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
                 truncations.push(message);
             }
             (Check::Deliver, Body::Change { action: Ok(_), .. }) => writable.push(message),
+            (Check::Deliver, Body::Joined { .. }) => joined.push(message),
             (
                 Check::Deliver,
                 Body::Change {
@@ -818,6 +914,17 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
             ) => {
                 let reason = error.to_string();
                 sorted.dead.push((message, Why::Rejected, reason));
+            }
+        }
+    }
+    if !joined.is_empty() {
+        let Some(read) = read_joined(&shared, joined).await else {
+            return Finished::Abandoned;
+        };
+        for (message, rejected) in read {
+            match rejected {
+                None => writable.push(message),
+                Some(reason) => sorted.dead.push((message, Why::Rejected, reason)),
             }
         }
     }
@@ -882,9 +989,12 @@ async fn truncate(shared: &Shared, mut message: Message, sorted: &mut settle::So
             tracing::debug!(table, job, older = n, "truncation waits for older jobs");
             Err(None)
         }
-        Ok(_) => truncate::delete_older(&shared.search, &event_type.index.alias, job)
-            .await
-            .map_err(Some),
+        Ok(_) => {
+            let deleted =
+                truncate::delete_older(&shared.search, &event_type.index.alias, job).await;
+            shared.status.lock().search_node = shared.search.in_use();
+            deleted.map_err(Some)
+        }
         Err(error) => Err(Some(error.to_string())),
     };
     match result {
@@ -911,9 +1021,10 @@ async fn write(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>
         .iter()
         .filter_map(|m| match &m.body {
             Body::Change {
-                envelope,
                 action: Ok(action),
-            } => Some((action, envelope.job_id)),
+                version,
+                ..
+            } => Some((action, *version)),
             _ => None,
         })
         .collect();
@@ -1012,7 +1123,10 @@ async fn send(
 ) -> Result<(plan::BulkResponse, Duration), WriteError> {
     let m = &shared.metrics;
     m.bulk_size.observe(actions as f64);
-    match writer::write(&shared.search, body).await {
+    let written = writer::write(&shared.search, &body).await;
+    // The request may have moved to another node, answered or not.
+    shared.status.lock().search_node = shared.search.in_use();
+    match written {
         Ok((response, took)) => {
             metrics::inc(&m.bulk_requests, "ok");
             metrics::observe(&m.bulk_duration, took);

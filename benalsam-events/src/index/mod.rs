@@ -10,6 +10,7 @@
 //! | pace | sizes the next bulk requests from the engine's answer times and busy refusals |
 //! | verify | checks every delivery against the outbox: the wire is not trusted |
 //! | writer | encodes a `_bulk` request and sends it (HTTP only) |
+//! | nodes | sends every request to the search node in use, moving to the next when one fails ([`SearchNodes`]) |
 //! | plan | reads the typed answer and decides each item once: done, retry or dead (pure) |
 //! | settle | reports outcomes to the outbox, publishes dead letters, then acks |
 //! | circuit | holds everything back while the cluster as a whole is down |
@@ -27,11 +28,13 @@ mod documents;
 #[cfg(feature = "consumer")]
 mod indexer;
 #[cfg(feature = "consumer")]
+mod nodes;
+#[cfg(feature = "consumer")]
 mod pace;
 #[cfg(feature = "consumer")]
 mod plan;
 #[cfg(feature = "consumer")]
-mod search;
+pub(crate) mod search;
 #[cfg(feature = "consumer")]
 mod settle;
 #[cfg(feature = "consumer")]
@@ -47,5 +50,7 @@ pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
 pub use documents::{Action, BuildError, DocumentBuilder};
 #[cfg(feature = "consumer")]
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};
+#[cfg(feature = "consumer")]
+pub use nodes::SearchNodes;
 #[cfg(feature = "consumer")]
 pub use search::{client, ensure_index};

@@ -23,6 +23,7 @@ use crate::config::{
 };
 use crate::connect::tls;
 use crate::error::Kind;
+use crate::index::SearchNodes;
 use crate::{Error, Result};
 
 /// A search client with a request timeout. Credentials in the URL become Basic
@@ -35,14 +36,12 @@ use crate::{Error, Result};
 /// setting (`ELASTICSEARCH_CA`, `ELASTICSEARCH_CLIENT_CERT`, `ELASTICSEARCH_CLIENT_KEY`).
 /// A certificate refused later, by either side, fails requests with a configuration error
 /// that is not retryable.
+///
+/// Of a list of nodes, the client talks to the first; [`SearchNodes`] holds a client per
+/// node and moves between them.
 pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
-    let basic = (!bare.username().is_empty()).then(|| {
-        (
-            bare.username().to_owned(),
-            bare.password().unwrap_or_default().to_owned(),
-        )
-    });
+    let basic = credentials(url)?;
     // Both calls only fail for URLs that cannot carry credentials, which have none.
     let _ = bare.set_username("");
     let _ = bare.set_password(None);
@@ -100,6 +99,31 @@ pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     Ok(Elasticsearch::new(transport))
 }
 
+/// The user and password of `url`, if it names a user. A URL keeps its user information
+/// percent-encoded (`p%40ss` for `p@ss`, `a%3Bb` for `a;b`); Basic authentication carries
+/// it decoded.
+fn credentials(url: &SearchUrl) -> Result<Option<(String, String)>> {
+    let parsed = url.url();
+    if parsed.username().is_empty() {
+        return Ok(None);
+    }
+    let decoded = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| {
+                Error::config(
+                    SearchUrl::SETTING,
+                    format!("the user or password of {url} is not UTF-8 once decoded"),
+                )
+            })
+    };
+    Ok(Some((
+        decoded(parsed.username())?,
+        decoded(parsed.password().unwrap_or_default())?,
+    )))
+}
+
 /// An `Authorization: Basic` header, marked sensitive (kept out of debug output).
 fn basic_header(user: &str, password: &str) -> Result<HeaderValue> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
@@ -113,14 +137,17 @@ fn basic_header(user: &str, password: &str) -> Result<HeaderValue> {
     Ok(value)
 }
 
-/// Sends one request and reads its JSON answer (`Null` for an empty body).
-pub(crate) async fn request(
+/// Sends one request to one node and reads its answer's bytes: `Err` only when the node gave
+/// no answer at all (refused, cut, timed out, a certificate refused). What the status means
+/// is the caller's business; [`SearchNodes`](super::SearchNodes) moves on to the next node
+/// on the failures that say a node is gone.
+pub(crate) async fn send(
     client: &Elasticsearch,
     method: Method,
     path: &str,
-    body: Option<Vec<u8>>,
+    body: Option<&[u8]>,
     content_type: &'static str,
-) -> Result<(StatusCode, Value)> {
+) -> Result<(StatusCode, Vec<u8>)> {
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     // The client takes the query string apart from the path (a `?` in the path would be
@@ -145,6 +172,16 @@ pub(crate) async fn request(
             e.to_string(),
         )
     })?;
+    // Without a copy when the buffer is the answer's alone (the usual case).
+    Ok((status, Vec::from(bytes)))
+}
+
+/// Reads an answer's body as JSON (`Null` for an empty body).
+pub(crate) fn parse_answer(
+    method: Method,
+    path: &str,
+    (status, bytes): (StatusCode, Vec<u8>),
+) -> Result<(StatusCode, Value)> {
     let value = if bytes.is_empty() {
         Value::Null
     } else {
@@ -161,31 +198,34 @@ pub(crate) async fn request(
     Ok((status, value))
 }
 
-/// Sends a JSON request.
-pub(crate) async fn json_request(
-    client: &Elasticsearch,
-    method: Method,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<(StatusCode, Value)> {
-    let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-    request(client, method, path, body, "application/json").await
-}
-
 /// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
 /// with what its documents need (and the delete protection every index of the library gets).
 /// Returns the fields it added to an existing mapping (none for a new index, or one that
 /// already had them all); a field of another type is an error naming it.
+///
+/// The requests go to this one client's node; the consumer prepares its indexes on the
+/// first of its nodes that answers.
 pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Vec<String>> {
+    ensure_index_on(&SearchNodes::from(client.clone()), event_type).await
+}
+
+/// [`ensure_index`] through `nodes`: on the node in use, or the next that answers.
+pub(crate) async fn ensure_index_on(
+    nodes: &SearchNodes,
+    event_type: &EventType,
+) -> Result<Vec<String>> {
     let alias = &event_type.index.alias;
     let body = event_type.index_body();
-    let (status, _) = json_request(client, Method::Head, &format!("/{alias}"), None).await?;
+    let (status, _) = nodes
+        .json_request(Method::Head, &format!("/{alias}"), None)
+        .await?;
     if status == StatusCode::NOT_FOUND {
         let index = format!("{alias}_v1");
         let mut create = body.clone();
         create["aliases"] = json!({ alias.as_str(): { "is_write_index": true } });
-        let (status, answer) =
-            json_request(client, Method::Put, &format!("/{index}"), Some(&create)).await?;
+        let (status, answer) = nodes
+            .json_request(Method::Put, &format!("/{index}"), Some(&create))
+            .await?;
         if status.is_success() {
             tracing::info!(%index, %alias, "created the search index");
             return Ok(Vec::new());
@@ -199,16 +239,13 @@ pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Res
             ));
         }
     }
-    check_mapping(client, alias, &body["mappings"]["properties"]).await
+    check_mapping(nodes, alias, &body["mappings"]["properties"]).await
 }
 
-async fn check_mapping(
-    client: &Elasticsearch,
-    alias: &str,
-    expected: &Value,
-) -> Result<Vec<String>> {
-    let (status, mappings) =
-        json_request(client, Method::Get, &format!("/{alias}/_mapping"), None).await?;
+async fn check_mapping(nodes: &SearchNodes, alias: &str, expected: &Value) -> Result<Vec<String>> {
+    let (status, mappings) = nodes
+        .json_request(Method::Get, &format!("/{alias}/_mapping"), None)
+        .await?;
     if !status.is_success() {
         return Err(Error::search_response(
             format!("reading the mapping of {alias}"),
@@ -250,13 +287,9 @@ async fn check_mapping(
     let added: Vec<String> = missing.keys().cloned().collect();
     if !missing.is_empty() {
         let body = json!({ "properties": missing });
-        let (status, answer) = json_request(
-            client,
-            Method::Put,
-            &format!("/{alias}/_mapping"),
-            Some(&body),
-        )
-        .await?;
+        let (status, answer) = nodes
+            .json_request(Method::Put, &format!("/{alias}/_mapping"), Some(&body))
+            .await?;
         if !status.is_success() {
             return Err(Error::search_response(
                 format!("adding fields {added:?} to the mapping of {alias}"),
@@ -281,5 +314,27 @@ mod tests {
             "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
         );
         assert!(header.is_sensitive());
+    }
+
+    #[test]
+    fn credentials_are_sent_decoded() {
+        let url: SearchUrl = "http://app%40corp:p%40ss%3Bw%2Crd@es:9200"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            credentials(&url).expect("UTF-8"),
+            Some(("app@corp".to_owned(), "p@ss;w,rd".to_owned()))
+        );
+        let url: SearchUrl = "http://u:a;b@es:9200".parse().expect("valid");
+        assert_eq!(
+            credentials(&url).expect("UTF-8").map(|(_, p)| p),
+            Some("a;b".to_owned()),
+            "the parser encodes `;`; it is sent as written"
+        );
+        let none: SearchUrl = "http://es:9200".parse().expect("valid");
+        assert_eq!(credentials(&none).expect("no user"), None);
+        let bad: SearchUrl = "http://u:%FF@es:9200".parse().expect("valid URL");
+        let error = credentials(&bad).expect_err("not UTF-8");
+        assert_eq!(error.setting(), Some("ELASTICSEARCH_URL"));
     }
 }

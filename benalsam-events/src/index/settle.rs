@@ -12,12 +12,13 @@ use futures::future::{BoxFuture, join_all};
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
 
+use crate::EventType;
 use crate::Result;
 use crate::index::dead_letter::{self, Why};
 use crate::index::indexer::{Body, Finished, Message, Shared};
 use crate::index::plan::{Decision, Done};
 use crate::ops::metrics;
-use crate::outbox::{Outbox, Outcome, Recorded, Settle, Settled};
+use crate::outbox::{Outbox, Outcome, Read, Recorded, Settle, Settled};
 
 /// The outbox as the indexer's stages use it: behind a pointer, so they can be tested with
 /// a ledger of their own.
@@ -26,6 +27,11 @@ pub(crate) trait Ledger: Send + Sync + 'static {
     fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>>;
     fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>>;
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
+    fn read_joined<'a>(
+        &'a self,
+        event_type: &'a EventType,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Read>>;
 }
 
 impl Ledger for Outbox {
@@ -43,6 +49,14 @@ impl Ledger for Outbox {
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(Outbox::ping(self))
+    }
+
+    fn read_joined<'a>(
+        &'a self,
+        event_type: &'a EventType,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Read>> {
+        Box::pin(Outbox::read_joined(self, event_type, ids))
     }
 }
 
@@ -101,7 +115,10 @@ impl Sorted {
 }
 
 fn count_done(shared: &Shared, message: &Message, done: Done) {
-    let Body::Change { envelope, action } = &message.body else {
+    let Body::Change {
+        envelope, action, ..
+    } = &message.body
+    else {
         return;
     };
     let delete = action.as_ref().is_ok_and(|a| a.is_delete());

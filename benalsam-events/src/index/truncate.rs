@@ -8,13 +8,10 @@
 //! - the delete leaves a tombstone at the truncation's version, so an older write still on
 //!   its way is refused as stale (for `gc_deletes`, which outlasts every retry).
 
-use elasticsearch::Elasticsearch;
 use elasticsearch::http::Method;
 use serde_json::json;
 
-use crate::index::Action;
-use crate::index::search::json_request;
-use crate::index::writer;
+use crate::index::{Action, SearchNodes, writer};
 
 /// Documents looked up and deleted per round.
 const PAGE: usize = 1000;
@@ -22,7 +19,7 @@ const PAGE: usize = 1000;
 /// Deletes the documents of `alias` written by jobs older than `job`; returns how many. An
 /// error says what failed, for the operator; the caller tries again later.
 pub(crate) async fn delete_older(
-    search: &Elasticsearch,
+    search: &SearchNodes,
     alias: &str,
     job: i64,
 ) -> Result<u64, String> {
@@ -37,7 +34,7 @@ pub(crate) async fn delete_older(
             .map(|(index, id)| Action::Delete { index, id })
             .collect();
         let body = writer::encode(actions.iter().map(|a| (a, job)));
-        let (answer, _) = writer::write(search, body).await.map_err(|e| match e {
+        let (answer, _) = writer::write(search, &body).await.map_err(|e| match e {
             writer::WriteError::Unavailable(why) | writer::WriteError::Refused(why) => why,
         })?;
         for item in &answer.items {
@@ -60,12 +57,13 @@ pub(crate) async fn delete_older(
 /// The (index, id) of up to a page of documents written before `job`, after a refresh so
 /// the deletes of the previous round are not found again.
 async fn find_older(
-    search: &Elasticsearch,
+    search: &SearchNodes,
     alias: &str,
     job: i64,
 ) -> Result<Vec<(String, String)>, String> {
     let failed = |what: &str, detail: String| format!("{what} {alias}: {detail}");
-    let (status, answer) = json_request(search, Method::Post, &format!("/{alias}/_refresh"), None)
+    let (status, answer) = search
+        .json_request(Method::Post, &format!("/{alias}/_refresh"), None)
         .await
         .map_err(|e| failed("refreshing", e.to_string()))?;
     if !status.is_success() {
@@ -76,14 +74,10 @@ async fn find_older(
         "size": PAGE,
         "_source": false
     });
-    let (status, answer) = json_request(
-        search,
-        Method::Post,
-        &format!("/{alias}/_search"),
-        Some(&query),
-    )
-    .await
-    .map_err(|e| failed("searching", e.to_string()))?;
+    let (status, answer) = search
+        .json_request(Method::Post, &format!("/{alias}/_search"), Some(&query))
+        .await
+        .map_err(|e| failed("searching", e.to_string()))?;
     if !status.is_success() {
         return Err(failed("searching", format!("{status} {answer}")));
     }

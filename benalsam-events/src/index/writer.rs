@@ -8,17 +8,17 @@
 
 use std::time::Instant;
 
-use elasticsearch::Elasticsearch;
 use elasticsearch::http::Method;
 use serde::Serialize;
 
-use crate::index::Action;
 use crate::index::plan::BulkResponse;
+use crate::index::{Action, SearchNodes};
 
 /// Why a bulk request as a whole failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WriteError {
-    /// No answer, or busy / unavailable (429, 5xx): the circuit breaker's business.
+    /// No answer from any node, or busy / unavailable (429, 5xx): the circuit breaker's
+    /// business.
     Unavailable(String),
     /// The cluster answered and refused the request itself (another 4xx, or an answer that
     /// is not a bulk answer): something in the batch is wrong, not the cluster.
@@ -62,21 +62,19 @@ pub(crate) fn encode<'a>(actions: impl IntoIterator<Item = (&'a Action, i64)>) -
     body
 }
 
-/// Sends one `_bulk` request.
+/// Sends one `_bulk` request, to the node in use or, when nodes fail it, the next that
+/// answers (see [`SearchNodes`]); `took` includes the failed nodes' time.
 pub(crate) async fn write(
-    client: &Elasticsearch,
-    body: Vec<u8>,
+    search: &SearchNodes,
+    body: &[u8],
 ) -> Result<(BulkResponse, std::time::Duration), WriteError> {
+    const PATH: &str = "/_bulk";
     let started = Instant::now();
-    let (status, answer) = crate::index::search::request(
-        client,
-        Method::Post,
-        "/_bulk",
-        Some(body),
-        "application/x-ndjson",
-    )
-    .await
-    .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+    let answer = search
+        .send(Method::Post, PATH, Some(body), "application/x-ndjson")
+        .await
+        .and_then(|answer| crate::index::search::parse_answer(Method::Post, PATH, answer));
+    let (status, answer) = answer.map_err(|e| WriteError::Unavailable(e.to_string()))?;
     let took = started.elapsed();
     if !status.is_success() {
         let why = format!("bulk request answered {status}: {answer}");

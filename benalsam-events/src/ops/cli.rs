@@ -150,7 +150,9 @@ pub struct RabbitArgs {
 #[derive(Debug, Clone, Args)]
 #[non_exhaustive]
 pub struct SearchArgs {
-    /// Elasticsearch (or OpenSearch) node, http:// or https://
+    /// Elasticsearch (or OpenSearch) node, http:// or https://; several nodes of one cluster
+    /// comma-separated (one scheme, one user and password): requests go to one, and move to
+    /// the next when it fails
     #[arg(
         long,
         global = true,
@@ -407,6 +409,12 @@ pub struct BridgeArgs {
     #[arg(long, env = "BENALSAM_RESEND_AFTER", default_value = "15m", value_parser = parse_duration)]
     pub resend_after: Duration,
 
+    /// Documents per page when a related row's change is fanned out to the documents that
+    /// contain it (event types with relations)
+    #[arg(long, env = "BENALSAM_FANOUT_PAGE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub fanout_page: u32,
+
     /// Health, heartbeats, migrations.
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -453,6 +461,7 @@ impl BridgeArgs {
         };
         s.topology = self.topology.config();
         s.resend_after = self.resend_after;
+        s.fanout_page = self.fanout_page as usize;
         s.migrate = self.service.migrate;
         s.health_addr = Some(self.service.health_addr.unwrap_or(BRIDGE_HEALTH_ADDR));
         s.health_window = self.service.health_window;
@@ -734,6 +743,31 @@ mod tests {
             .with_client_certificate("/etc/pki/client.pem", "/etc/pki/client-key.pem");
         assert_eq!(parsed.search.search_url(), expected);
         assert!(format!("{expected:?}").contains("/etc/pki/ca.pem"));
+    }
+
+    #[test]
+    fn a_list_of_search_nodes_takes_the_tls_files_for_each() {
+        let parsed = Search::try_parse_from([
+            "test",
+            "--elasticsearch-url=https://u:s3cret@es1:9200,https://u:s3cret@es2:9200",
+            "--elasticsearch-ca=/etc/pki/ca.pem",
+        ])
+        .expect("valid flags");
+        let nodes = parsed.search.search_url().addresses();
+        assert_eq!(nodes.len(), 2);
+        for node in &nodes {
+            let debug = format!("{node:?}");
+            assert!(debug.contains("/etc/pki/ca.pem"), "{debug}");
+            assert!(!debug.contains("s3cret"), "{debug}");
+        }
+        let error = Search::try_parse_from([
+            "test",
+            "--elasticsearch-url=https://u:s3cret@es1:9200,http://u:s3cret@es2:9200",
+        ])
+        .expect_err("TLS for one node only");
+        let text = error.to_string();
+        assert!(text.contains("same scheme"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub(crate) struct Table {
     pub(crate) table: String,
 }
 
+/// A relation label: the table name its jobs are recorded under (`listings#seller`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RelationLabel {
+    pub(crate) relation: String,
+}
+
 pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The text formats a scraper may ask for.
@@ -465,6 +471,8 @@ pub(crate) struct IndexerMetrics {
     pub(crate) bulk_items: Family<Kind, Counter>,
     pub(crate) jobs_completed: Counter,
     pub(crate) circuit_open: Gauge,
+    /// Moves from one search node to the next (shared with the indexer's `SearchNodes`).
+    pub(crate) search_node_switches: Counter,
     pub(crate) end_to_end_latency: Histogram,
     pub(crate) queue_messages: Family<Queue, Gauge>,
 }
@@ -482,6 +490,7 @@ impl Default for IndexerMetrics {
             bulk_items: Family::default(),
             jobs_completed: Counter::default(),
             circuit_open: Gauge::default(),
+            search_node_switches: Counter::default(),
             end_to_end_latency: Histogram::new(exponential_buckets(0.005, 2.0, 18)),
             queue_messages: Family::default(),
         }
@@ -564,6 +573,12 @@ impl IndexerMetrics {
             "1 while the circuit breaker holds requests to Elasticsearch back",
             None,
             self.circuit_open.clone(),
+        );
+        metrics.register(
+            "search_node_switches",
+            "Moves from a search node that failed a request to the next",
+            None,
+            self.search_node_switches.clone(),
         );
         metrics.register(
             "end_to_end_latency",

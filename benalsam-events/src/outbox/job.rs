@@ -18,6 +18,9 @@ pub enum Operation {
     Delete,
     /// The table was emptied; `record_id` is `*`, `change_data` is `{}`.
     Truncate,
+    /// A row of a related table changed (a relation's fan-out wrote this job): the document
+    /// of `record_id` is read from the database again. `change_data` is `{}`.
+    Rebuild,
 }
 
 impl Operation {
@@ -28,6 +31,7 @@ impl Operation {
             Operation::Update => "UPDATE",
             Operation::Delete => "DELETE",
             Operation::Truncate => "TRUNCATE",
+            Operation::Rebuild => "REBUILD",
         }
     }
 }
@@ -46,6 +50,7 @@ impl Operation {
             "UPDATE" => Some(Operation::Update),
             "DELETE" => Some(Operation::Delete),
             "TRUNCATE" => Some(Operation::Truncate),
+            "REBUILD" => Some(Operation::Rebuild),
             _ => None,
         }
     }

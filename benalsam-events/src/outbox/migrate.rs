@@ -47,6 +47,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_backfill_progress.sql"),
     migration!(4, "0004_adaptive_notify.sql"),
     migration!(5, "0005_queue_fillfactor.sql"),
+    migration!(6, "0006_relations.sql"),
 ];
 
 /// What [`migrate`] did.
@@ -136,6 +137,16 @@ pub async fn migrate(
         } else {
             report.missing_tables.push(event_type.table.clone());
         }
+        for relation in &event_type.relations {
+            if attach_relation(&tx, schema, &outbox.notify_channel, event_type, relation).await? {
+                report.triggers.push(relation.table.clone());
+            } else {
+                report.missing_tables.push(relation.table.clone());
+            }
+        }
+    }
+    if report.missing_tables.is_empty() {
+        super::check_catalog(&tx, schema, event_types).await?;
     }
     tx.commit()
         .await
@@ -180,10 +191,58 @@ async fn attach(
     Ok(true)
 }
 
+/// Attaches the relation's trigger to its table (rows only: a TRUNCATE of a related table
+/// is not followed, see the README); false when the table does not exist. Named after the
+/// event type and the relation, so two event types' relations on one table keep their own.
+async fn attach_relation(
+    tx: &Transaction<'_>,
+    schema: &str,
+    channel: &str,
+    event_type: &EventType,
+    relation: &crate::event_type::Relation,
+) -> Result<bool> {
+    let (table_schema, table) = relation.split_table();
+    if !table_exists(tx, table_schema.unwrap_or(schema), table).await? {
+        return Ok(false);
+    }
+    let target = format!("\"{}\".\"{table}\"", table_schema.unwrap_or(schema));
+    let options = relation
+        .trigger_options(&event_type.table, channel, event_type.notify)
+        .iter()
+        .map(|o| format!("'{o}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let name = relation_trigger_name(event_type, relation);
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE TRIGGER \"{name}\"
+             AFTER INSERT OR UPDATE OR DELETE ON {target}
+             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
+    ))
+    .await
+    .map_err(|e| Error::postgres(format!("attaching the relation trigger to {target}"), e))?;
+    Ok(true)
+}
+
+/// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
+pub(crate) fn relation_trigger_name(
+    event_type: &EventType,
+    relation: &crate::event_type::Relation,
+) -> String {
+    format!("benalsam_{}_{}", event_type.name, relation.name)
+}
+
 /// Whether the table of `event_type` exists (a bare name is in `schema`).
 async fn exists(client: &impl GenericClient, schema: &str, event_type: &EventType) -> Result<bool> {
     let (table_schema, table) = event_type.split_table();
-    let table_schema = table_schema.unwrap_or(schema);
+    table_exists(client, table_schema.unwrap_or(schema), table).await
+}
+
+/// Whether `schema.table` exists.
+async fn table_exists(
+    client: &impl GenericClient,
+    table_schema: &str,
+    table: &str,
+) -> Result<bool> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -191,7 +250,7 @@ async fn exists(client: &impl GenericClient, schema: &str, event_type: &EventTyp
             &[&table_schema, &table],
         )
         .await
-        .map_err(|e| Error::postgres(format!("looking up table {}", event_type.table), e))?
+        .map_err(|e| Error::postgres(format!("looking up table {table_schema}.{table}"), e))?
         .get(0))
 }
 
@@ -207,6 +266,15 @@ pub(crate) async fn missing_tables(
         if !exists(&client, schema, event_type).await? {
             missing.push(event_type.table.clone());
         }
+        for relation in &event_type.relations {
+            let (table_schema, table) = relation.split_table();
+            if !table_exists(&client, table_schema.unwrap_or(schema), table).await? {
+                missing.push(relation.table.clone());
+            }
+        }
+    }
+    if missing.is_empty() {
+        super::check_catalog(&client, schema, event_types).await?;
     }
     Ok(missing)
 }

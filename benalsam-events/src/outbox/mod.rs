@@ -29,20 +29,25 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
+mod fanout;
 mod job;
 mod listener;
 mod maintenance;
 mod migrate;
 mod queue;
+mod relations;
 pub(crate) mod state;
 mod stream;
 
+pub(crate) use fanout::FanOut;
+pub use fanout::{DEFAULT_FANOUT_PAGE, FanOutStatus};
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
-pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
+pub(crate) use migrate::{missing_tables, relation_trigger_name};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
+pub(crate) use relations::{Read, check_catalog};
 pub(crate) use stream::DEFAULT_CHANNEL;
 pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};

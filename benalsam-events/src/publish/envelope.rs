@@ -135,7 +135,9 @@ impl<'a> Envelope<'a> {
     pub fn current_row(&self) -> &Value {
         match self.operation {
             Operation::Update => &self.change_data["new"],
-            Operation::Insert | Operation::Delete | Operation::Truncate => &self.change_data,
+            Operation::Insert | Operation::Delete | Operation::Truncate | Operation::Rebuild => {
+                &self.change_data
+            }
         }
     }
 
@@ -231,7 +233,7 @@ impl Envelope<'static> {
             ));
         }
         let row_ok = match self.operation {
-            Operation::Insert | Operation::Delete | Operation::Truncate => {
+            Operation::Insert | Operation::Delete | Operation::Truncate | Operation::Rebuild => {
                 self.change_data.is_object()
             }
             Operation::Update => {

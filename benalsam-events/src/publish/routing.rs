@@ -25,7 +25,9 @@ impl EventType {
     /// Where a job goes, and the status it carries.
     pub(crate) fn route(&self, job: &Job) -> Route {
         let (current, previous) = match job.operation {
-            Operation::Insert | Operation::Delete | Operation::Truncate => (&job.change_data, None),
+            Operation::Insert | Operation::Delete | Operation::Truncate | Operation::Rebuild => {
+                (&job.change_data, None)
+            }
             Operation::Update => (&job.change_data["new"], Some(&job.change_data["old"])),
         };
         let status = self.status_of(current);
@@ -36,6 +38,7 @@ impl EventType {
             (Operation::Insert, _) => format!("{}.insert", self.routing_prefix),
             (Operation::Delete, _) => format!("{}.delete", self.routing_prefix),
             (Operation::Truncate, _) => format!("{}.truncate", self.routing_prefix),
+            (Operation::Rebuild, _) => format!("{}.rebuild", self.routing_prefix),
             (Operation::Update, Some(new)) if status_changed => {
                 format!("{}.status.{}", self.routing_prefix, routing_word(new))
             }

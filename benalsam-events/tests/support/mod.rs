@@ -418,6 +418,31 @@ impl TestIndex {
         ids
     }
 
+    /// The `_source` of every document, by id, after a refresh (up to 10,000).
+    pub async fn documents(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        self.call(
+            benalsam_events::elasticsearch::http::Method::Post,
+            &format!("/{}/_refresh", self.alias),
+            None,
+        )
+        .await;
+        let answer = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Post,
+                &format!("/{}/_search", self.alias),
+                Some(serde_json::json!({ "query": { "match_all": {} }, "size": 10000 })),
+            )
+            .await;
+        answer["hits"]["hits"]
+            .as_array()
+            .map(|hits| {
+                hits.iter()
+                    .filter_map(|h| Some((h["_id"].as_str()?.to_owned(), h["_source"].clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Changes index settings (e.g. to provoke a mapping error).
     pub async fn put_settings(&self, settings: serde_json::Value) {
         let answer = self
@@ -517,6 +542,23 @@ pub fn dead_amqp(target: &AmqpUrl) -> AmqpUrl {
     url.set_host(Some("127.0.0.1")).expect("host");
     url.set_port(Some(free_port())).expect("port");
     url.as_str().parse().expect("dead url")
+}
+
+/// A search URL listing `urls` in order (the form of a multi-node `ELASTICSEARCH_URL`).
+pub fn search_list(urls: &[&SearchUrl]) -> SearchUrl {
+    urls.iter()
+        .map(|u| u.expose())
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .expect("a valid list")
+}
+
+/// A search node on a local port nothing listens on: a node that is down.
+pub fn dead_search() -> SearchUrl {
+    format!("http://127.0.0.1:{}", free_port())
+        .parse()
+        .expect("dead url")
 }
 
 /// Waits for a child process to exit, at most a minute.

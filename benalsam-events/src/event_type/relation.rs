@@ -1,0 +1,509 @@
+//! Relations: rows of other tables that are part of an event type's documents.
+//!
+//! A listing's document may carry its seller (a *parent*: `listings.user_id → users.id`,
+//! many listings to one user) and its first images (*children*: `listing_images.listing_id →
+//! listings.id`, one listing to many images, ordered and limited). A relation names the
+//! related table, the columns that join it, and the fields taken from its rows, which are
+//! described exactly like the document's own fields.
+//!
+//! How a change of a related row reaches the documents:
+//!
+//! ```text
+//! UPDATE users SET display_name = … ──► trigger (only=<taken columns>, as=listings#seller)
+//!        one job `listings#seller`, never published
+//!                          │
+//! bridge fan-out ──────────┘ pages through listings WHERE user_id = <the user>,
+//!        one REBUILD job per listing, in batches (one transaction per page)
+//!                          │
+//! publisher ──► queue ──► consumer: reads each listing with its seller and images from
+//!        the database (joined), and writes it with a version taken under a lock
+//! ```
+//!
+//! Why the consumer reads the rows rather than the message: a document made of several rows
+//! has no single change whose job id orders it. Every write of a joined document is instead a
+//! fresh read of the committed rows, versioned by a number drawn from the outbox's id
+//! sequence *after* taking a lock on the document and *before* the read (see
+//! `outbox/rebuild.rs` for the argument).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use super::document::{Field, FieldType, field_value, mapping};
+use crate::config::validate_identifier;
+use crate::{Error, Result};
+
+/// How the related rows belong to a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelationKind {
+    /// Many documents to one related row (a listing's seller): the field is an object, or
+    /// absent when no row matches.
+    Parent,
+    /// One document to many related rows (a listing's images): the field is an array of
+    /// objects, in `order_by` order, at most `limit` of them.
+    Children {
+        /// The column that orders the rows (then the related table's key); `None`: the key.
+        order_by: Option<String>,
+        /// Whether the order is descending.
+        descending: bool,
+        /// The most rows a document takes.
+        limit: u32,
+        /// Mapped as `nested` (each object matched on its own) rather than `object`.
+        nested: bool,
+    },
+}
+
+/// The most child rows a document may take: the document is read and written whole at every
+/// change, so this bounds its size.
+pub(crate) const MAX_CHILDREN: u32 = 1000;
+
+/// Rows of another table that are part of an event type's documents: a *parent* (many
+/// documents to one related row, an object field) or *children* (one document to many related
+/// rows, an array of objects, ordered and limited).
+///
+/// A change of a taken column of a related row records one job, which a bridge fans out to
+/// one `REBUILD` job per document that contains the row; the consumer then reads each
+/// document with its related rows from the database, versioned so that the index converges
+/// whatever the order of commits and deliveries (README, "Documents joined from related
+/// tables").
+///
+/// ```
+/// use benalsam_events::EventType;
+/// use benalsam_events::event_type::{FieldType, Relation};
+///
+/// let text = || FieldType::Text { analyzer: "standard".into(), raw: false, copy_to: None };
+/// let listings = EventType::listings()
+///     .with_relation(
+///         Relation::parent("seller", "users", &["user_id"], &["id"])
+///             .field("display_name", text())
+///             .field("rating", FieldType::Double),
+///     )
+///     .with_relation(
+///         Relation::children("images", "listing_images", &["listing_id"], &["id"])
+///             .field("url", FieldType::Keyword { normalizer: None, indexed: false })
+///             .order_by("position", false)
+///             .limit(5),
+///     );
+/// assert_eq!(listings.relations.len(), 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Relation {
+    /// The document field that holds the related rows.
+    pub name: String,
+    /// The related table: bare when it lives in the outbox's schema, `schema.table`
+    /// otherwise.
+    pub table: String,
+    /// Parent or children.
+    pub kind: RelationKind,
+    /// The columns of the event type's table...
+    pub local_columns: Vec<String>,
+    /// ...equal to these columns of the related table, pairwise.
+    pub related_columns: Vec<String>,
+    /// The related table's key (its jobs' record id); default `id`.
+    pub key: String,
+    /// The fields taken from each related row, by name.
+    pub(crate) fields: BTreeMap<String, Field>,
+    /// Where it was declared (`benalsam.toml:12`), for errors found later in the catalog.
+    pub(crate) origin: Option<String>,
+}
+
+impl Relation {
+    /// A parent: the rows of `table` whose `references` columns equal the document row's
+    /// `foreign_key` columns (`listings.user_id → users.id`).
+    pub fn parent(name: &str, table: &str, foreign_key: &[&str], references: &[&str]) -> Self {
+        Self::new(name, table, RelationKind::Parent, foreign_key, references)
+    }
+
+    /// Children: the rows of `table` whose `foreign_key` columns equal the document row's
+    /// `references` columns (`listing_images.listing_id → listings.id`), ordered by the
+    /// related table's key and at most 10 until told otherwise.
+    pub fn children(name: &str, table: &str, foreign_key: &[&str], references: &[&str]) -> Self {
+        let kind = RelationKind::Children {
+            order_by: None,
+            descending: false,
+            limit: 10,
+            nested: false,
+        };
+        Self::new(name, table, kind, references, foreign_key)
+    }
+
+    fn new(name: &str, table: &str, kind: RelationKind, local: &[&str], related: &[&str]) -> Self {
+        let owned = |columns: &[&str]| columns.iter().map(|c| (*c).to_owned()).collect();
+        Self {
+            name: name.to_owned(),
+            table: table.to_owned(),
+            kind,
+            local_columns: owned(local),
+            related_columns: owned(related),
+            key: "id".to_owned(),
+            fields: BTreeMap::new(),
+            origin: None,
+        }
+    }
+
+    /// Adds a field named like its column of the related table.
+    pub fn field(self, name: &str, kind: FieldType) -> Self {
+        self.field_from(name, "", kind)
+    }
+
+    /// Adds a field `name` read from `column` of the related table.
+    pub fn field_from(mut self, name: &str, column: &str, kind: FieldType) -> Self {
+        self.fields
+            .insert(name.to_owned(), Field::from_column(column, kind));
+        self
+    }
+
+    /// Children: the column that orders them (ties broken by the key).
+    pub fn order_by(mut self, column: &str, descending: bool) -> Self {
+        if let RelationKind::Children {
+            order_by,
+            descending: desc,
+            ..
+        } = &mut self.kind
+        {
+            *order_by = Some(column.to_owned());
+            *desc = descending;
+        }
+        self
+    }
+
+    /// Children: the most rows a document takes.
+    pub fn limit(mut self, most: u32) -> Self {
+        if let RelationKind::Children { limit, .. } = &mut self.kind {
+            *limit = most;
+        }
+        self
+    }
+
+    /// Children: mapped as `nested`.
+    pub fn nested(mut self, yes: bool) -> Self {
+        if let RelationKind::Children { nested, .. } = &mut self.kind {
+            *nested = yes;
+        }
+        self
+    }
+
+    /// The names of its fields.
+    pub fn field_names(&self) -> impl Iterator<Item = &str> {
+        self.fields.keys().map(String::as_str)
+    }
+
+    /// Where to say a mistake is: the file and line, or the event type.
+    pub(crate) fn at(&self, event_type: &str, key: &str) -> String {
+        let place = self
+            .origin
+            .as_deref()
+            .map_or(String::new(), |o| format!("{o}: "));
+        format!(
+            "{place}event type {event_type:?}, relations.{}.{key}",
+            self.name
+        )
+    }
+
+    /// The table name its jobs are recorded under: `<event type table>#<relation>`.
+    pub(crate) fn job_table(&self, owner_table: &str) -> String {
+        format!("{owner_table}#{}", self.name)
+    }
+
+    /// The columns of the related table it reads: the joined ones, its key, the order and
+    /// every field's; a change of any other column enqueues nothing.
+    pub(crate) fn columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = self.related_columns.clone();
+        columns.push(self.key.clone());
+        if let RelationKind::Children {
+            order_by: Some(order),
+            ..
+        } = &self.kind
+        {
+            columns.push(order.clone());
+        }
+        for (name, field) in &self.fields {
+            match &field.kind {
+                FieldType::GeoPoint { lat, lon } => columns.extend([lat.clone(), lon.clone()]),
+                _ if field.column.is_empty() => columns.push(name.clone()),
+                _ => columns.push(field.column.clone()),
+            }
+        }
+        columns.sort();
+        columns.dedup();
+        columns
+    }
+
+    /// The trigger's arguments on the related table.
+    pub(crate) fn trigger_options(
+        &self,
+        owner_table: &str,
+        channel: &str,
+        notify: bool,
+    ) -> Vec<String> {
+        let mut options = vec![
+            format!("key={}", self.key),
+            format!("only={}", self.columns().join(",")),
+            format!("as={}", self.job_table(owner_table)),
+            format!("channel={channel}"),
+        ];
+        if !notify {
+            options.push("notify=off".to_owned());
+        }
+        options
+    }
+
+    /// The schema (when qualified) and the table name.
+    pub(crate) fn split_table(&self) -> (Option<&str>, &str) {
+        match self.table.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, &self.table),
+        }
+    }
+
+    /// Checks what must hold before the catalog is asked, naming the key that does not.
+    pub(crate) fn validate(&self, event_type: &str, document_fields: &[&str]) -> Result<()> {
+        let refuse = |key: &str, why: String| {
+            Err(Error::config(
+                "BENALSAM_CONFIG",
+                format!("{}: {why}", self.at(event_type, key)),
+            ))
+        };
+        validate_identifier("relation name", &self.name)?;
+        let (schema, table) = self.split_table();
+        if let Some(schema) = schema {
+            validate_identifier("relation table", schema)?;
+        }
+        validate_identifier("relation table", table)?;
+        validate_identifier("relation key", &self.key)?;
+        for column in self.local_columns.iter().chain(&self.related_columns) {
+            validate_identifier("relation column", column)?;
+        }
+        if self.local_columns.is_empty() || self.local_columns.len() != self.related_columns.len() {
+            return refuse(
+                "foreign_key",
+                format!(
+                    "foreign_key and references must name as many columns, at least one (given {} and {})",
+                    self.foreign_key().len(),
+                    self.references().len()
+                ),
+            );
+        }
+        if self.fields.is_empty() {
+            return refuse("fields", "a relation takes at least one field".to_owned());
+        }
+        if document_fields.contains(&self.name.as_str())
+            || ["id", "job_id", "indexed_at"].contains(&self.name.as_str())
+        {
+            return refuse(
+                "name",
+                format!("the document already has a field {:?}", self.name),
+            );
+        }
+        for (name, field) in &self.fields {
+            if !field.column.is_empty() {
+                validate_identifier("relation field column", &field.column)?;
+            }
+            if let FieldType::Text {
+                copy_to: Some(_), ..
+            } = &field.kind
+                && matches!(self.kind, RelationKind::Children { nested: true, .. })
+            {
+                return refuse(
+                    &format!("fields.{name}"),
+                    "copy_to does not reach the document from a nested relation".to_owned(),
+                );
+            }
+        }
+        if let RelationKind::Children {
+            limit, order_by, ..
+        } = &self.kind
+        {
+            if *limit == 0 || *limit > MAX_CHILDREN {
+                return refuse(
+                    "limit",
+                    format!(
+                        "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
+                    ),
+                );
+            }
+            if let Some(order) = order_by {
+                validate_identifier("order_by", order)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The columns on the referencing side, as declared.
+    fn foreign_key(&self) -> &[String] {
+        match self.kind {
+            RelationKind::Parent => &self.local_columns,
+            RelationKind::Children { .. } => &self.related_columns,
+        }
+    }
+
+    /// The columns on the referenced side, as declared.
+    fn references(&self) -> &[String] {
+        match self.kind {
+            RelationKind::Parent => &self.related_columns,
+            RelationKind::Children { .. } => &self.local_columns,
+        }
+    }
+
+    /// The mapping of its field.
+    pub(crate) fn properties(&self) -> Value {
+        let mut properties = Map::new();
+        for (name, field) in &self.fields {
+            properties.insert(name.clone(), mapping(&field.kind));
+        }
+        match self.kind {
+            RelationKind::Children { nested: true, .. } => {
+                json!({ "type": "nested", "properties": properties })
+            }
+            _ => json!({ "type": "object", "properties": properties }),
+        }
+    }
+
+    /// The copy_to targets of its fields, with their analyzers (root fields of the document).
+    pub(crate) fn copy_targets(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.fields.values().filter_map(|f| match &f.kind {
+            FieldType::Text {
+                analyzer,
+                copy_to: Some(target),
+                ..
+            } => Some((target.as_str(), analyzer.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Whether a field uses the library's analyzer or normalizer `name`.
+    pub(crate) fn uses(&self, name: &str) -> bool {
+        self.fields.values().any(|f| f.uses(name))
+    }
+
+    /// The document's value of this relation from what the database read: an object (or
+    /// null) for a parent, an array of objects for children. `None`: no field.
+    pub(crate) fn value(&self, read: &Value) -> std::result::Result<Option<Value>, String> {
+        match (&self.kind, read) {
+            (_, Value::Null) => Ok(None),
+            (RelationKind::Parent, Value::Object(row)) => self.object(row).map(Some),
+            (RelationKind::Children { .. }, Value::Array(rows)) => rows
+                .iter()
+                .map(|row| match row {
+                    Value::Object(row) => self.object(row),
+                    other => Err(format!("a related row is not an object: {other}")),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(|objects| Some(Value::Array(objects))),
+            (_, other) => Err(format!("unexpected related rows: {other}")),
+        }
+    }
+
+    fn object(&self, row: &Map<String, Value>) -> std::result::Result<Value, String> {
+        let mut object = Map::new();
+        for (name, field) in &self.fields {
+            if let Some(value) =
+                field_value(name, field, row).map_err(|why| format!("{name}: {why}"))?
+            {
+                object.insert(name.clone(), value);
+            }
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seller() -> Relation {
+        Relation::parent("seller", "users", &["user_id"], &["id"])
+            .field(
+                "display_name",
+                FieldType::Text {
+                    analyzer: "standard".into(),
+                    raw: false,
+                    copy_to: Some("search_text".into()),
+                },
+            )
+            .field_from("stars", "rating", FieldType::Double)
+    }
+
+    #[test]
+    fn a_relation_reads_only_its_columns_and_records_its_jobs_apart() {
+        let seller = seller();
+        assert_eq!(seller.columns(), ["display_name", "id", "rating"]);
+        assert_eq!(
+            seller.trigger_options("listings", "ch", true),
+            [
+                "key=id",
+                "only=display_name,id,rating",
+                "as=listings#seller",
+                "channel=ch"
+            ]
+        );
+        let images = Relation::children("images", "listing_images", &["listing_id"], &["id"])
+            .field(
+                "url",
+                FieldType::Keyword {
+                    normalizer: None,
+                    indexed: false,
+                },
+            )
+            .order_by("position", true)
+            .limit(3);
+        assert_eq!(images.local_columns, ["id"]);
+        assert_eq!(images.related_columns, ["listing_id"]);
+        assert_eq!(images.columns(), ["id", "listing_id", "position", "url"]);
+    }
+
+    #[test]
+    fn values_take_the_declared_fields() {
+        let seller = seller();
+        let read = json!({"display_name": "Ayşe", "rating": "4.5", "id": 7, "email": "x"});
+        assert_eq!(
+            seller.value(&read).expect("valid"),
+            Some(json!({"display_name": "Ayşe", "stars": 4.5}))
+        );
+        assert_eq!(seller.value(&Value::Null).expect("valid"), None);
+        let images = Relation::children("images", "listing_images", &["listing_id"], &["id"])
+            .field(
+                "url",
+                FieldType::Keyword {
+                    normalizer: None,
+                    indexed: false,
+                },
+            );
+        assert_eq!(
+            images
+                .value(&json!([{"url": "a"}, {"url": null}]))
+                .expect("valid"),
+            Some(json!([{"url": "a"}, {}]))
+        );
+        assert!(seller.value(&json!({"rating": "many"})).is_err());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let mut bad = seller();
+        bad.related_columns.push("other".into());
+        let err = bad
+            .validate("listings", &[])
+            .expect_err("uneven")
+            .to_string();
+        assert!(err.contains("relations.seller.foreign_key"), "{err}");
+        let err = seller()
+            .validate("listings", &["seller"])
+            .expect_err("a clash")
+            .to_string();
+        assert!(err.contains("already has a field"), "{err}");
+        let none = Relation::parent("seller", "users", &["user_id"], &["id"]);
+        assert!(none.validate("listings", &[]).is_err());
+        let many = Relation::children("images", "i", &["listing_id"], &["id"])
+            .field("url", FieldType::Long)
+            .limit(MAX_CHILDREN + 1);
+        let err = many
+            .validate("listings", &[])
+            .expect_err("too many")
+            .to_string();
+        assert!(err.contains("relations.images.limit"), "{err}");
+        assert!(seller().validate("listings", &["title"]).is_ok());
+    }
+}

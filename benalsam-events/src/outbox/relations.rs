@@ -1,0 +1,391 @@
+//! Joined documents in the database: reading a document with its related rows under a
+//! version, paging a related row's change out to the documents that contain it, and checking
+//! relations against the catalog.
+//!
+//! # Why a joined document converges, whatever the order of commits and deliveries
+//!
+//! A document built from one row is versioned by the job id of the change: PostgreSQL gives a
+//! later change of the same row a larger id (the trigger runs under the row lock). A joined
+//! document has no such order: a seller rename and a listing edit are changes of different
+//! rows, and their ids say nothing about which one the other saw. So a joined document is
+//! never built from a message. Every job of a joined event type (its own INSERT, UPDATE,
+//! DELETE, and the REBUILD jobs of the fan-out) means "read this document again", and the
+//! consumer reads it in one transaction:
+//!
+//! 1. `pg_advisory_xact_lock` on every document of the batch (sorted, so two consumers never
+//!    wait on each other in a circle);
+//! 2. `v = nextval` of the outbox's id sequence;
+//! 3. one `SELECT` of the rows with their related rows (READ COMMITTED: its snapshot is taken
+//!    when this statement starts, after 1 and 2);
+//! 4. commit (the locks go).
+//!
+//! and writes each document with `version = v` (`version_type=external`). Two reads of the
+//! same document are serialized by the lock, so the one with the larger `v` took its snapshot
+//! later and saw every commit the other saw. The index keeps the largest version, hence the
+//! newest snapshot; a write of an older read arriving late is refused with 409.
+//!
+//! Every committed change is followed by a read that starts after its commit: a job is only
+//! claimed once its transaction committed, and the fan-out reads the documents of a related
+//! row after the related row's change committed (a document that joins or leaves the related
+//! row later has a change of its own). So the last read of every document sees every change,
+//! and the index converges to the joined view of the committed rows. A redelivery is one more
+//! fresh read, never an old state. `v` comes from the same sequence as job ids, so versions of
+//! documents written before the event type was joined stay below the new ones.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+use tokio_postgres::GenericClient;
+
+use crate::event_type::{EventType, Relation, RelationKind};
+use crate::{Error, Result};
+
+/// `"schema"."table"` of a table named bare (in `schema`) or schema-qualified.
+fn qualified(schema: &str, table: &str) -> String {
+    match table.split_once('.') {
+        Some((s, t)) => format!("\"{s}\".\"{t}\""),
+        None => format!("\"{schema}\".\"{table}\""),
+    }
+}
+
+/// `jsonb_build_object('a', r."a", …)` of `columns` of the row alias `r`.
+fn object_of(alias: &str, columns: &[String]) -> String {
+    let pairs: Vec<String> = columns
+        .iter()
+        .map(|c| format!("'{c}', {alias}.\"{c}\""))
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// `a."x" = b."y" AND …` over the relation's column pairs (`d` the document row, `r` the
+/// related row).
+fn join_condition(relation: &Relation) -> String {
+    relation
+        .local_columns
+        .iter()
+        .zip(&relation.related_columns)
+        .map(|(local, related)| format!("r.\"{related}\" = d.\"{local}\""))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The key column of `event_type`'s table, typed, from the text `expr`.
+fn typed_key(table: &str, key: &str, expr: &str) -> String {
+    format!("(jsonb_populate_record(NULL::{table}, jsonb_build_object('{key}', {expr}))).\"{key}\"")
+}
+
+/// The SQL that reads joined documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadSql {
+    /// Locks the documents: `$1` the index alias, `$2` the record ids.
+    pub(crate) lock: String,
+    /// The version: the next value of the outbox's id sequence.
+    pub(crate) version: String,
+    /// The rows: `$1` the record ids; answers `id`, `row`, `related`.
+    pub(crate) select: String,
+}
+
+impl ReadSql {
+    pub(crate) fn new(schema: &str, event_type: &EventType) -> Self {
+        let table = qualified(schema, &event_type.table);
+        let key = &event_type.key;
+        let related: Vec<String> = event_type
+            .relations
+            .iter()
+            .map(|relation| {
+                let source = qualified(schema, &relation.table);
+                let object = object_of("r", &relation.columns());
+                let on = join_condition(relation);
+                let value = match &relation.kind {
+                    RelationKind::Parent => {
+                        format!("(SELECT {object} FROM {source} r WHERE {on} LIMIT 1)")
+                    }
+                    RelationKind::Children {
+                        order_by,
+                        descending,
+                        limit,
+                        ..
+                    } => {
+                        let direction = if *descending { " DESC" } else { "" };
+                        let order = match order_by {
+                            Some(column) => {
+                                format!("r.\"{column}\"{direction}, r.\"{}\"", relation.key)
+                            }
+                            None => format!("r.\"{}\"{direction}", relation.key),
+                        };
+                        format!(
+                            "(SELECT coalesce(jsonb_agg(x.o ORDER BY x.n), '[]'::jsonb) FROM \
+                             (SELECT {object} AS o, row_number() OVER (ORDER BY {order}) AS n \
+                             FROM {source} r WHERE {on} ORDER BY {order} LIMIT {limit}) x)"
+                        )
+                    }
+                };
+                format!("'{}', {value}", relation.name)
+            })
+            .collect();
+        let sequence = format!("\"{schema}\".elasticsearch_sync_queue");
+        Self {
+            lock: "SELECT count(pg_advisory_xact_lock(l.a, l.b)) FROM \
+                   (SELECT DISTINCT hashtext($1::text) AS a, hashtext(u.k) AS b \
+                   FROM unnest($2::text[]) AS u(k) ORDER BY 1, 2) l"
+                .to_owned(),
+            version: format!("SELECT nextval(pg_get_serial_sequence('{sequence}', 'id'))"),
+            select: format!(
+                "SELECT to_jsonb(d.\"{key}\") #>> '{{}}' AS id, to_jsonb(d) AS row, \
+                 jsonb_build_object({}) AS related \
+                 FROM {table} d WHERE d.\"{key}\" IN \
+                 (SELECT {} FROM unnest($1::text[]) AS u(k))",
+                related.join(", "),
+                typed_key(&table, key, "u.k"),
+            ),
+        }
+    }
+}
+
+/// Documents read from the database under one version.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Read {
+    /// The version every document of this read is written with.
+    pub(crate) version: i64,
+    /// By record id: the row and the relations' values. An id that is not here has no row.
+    pub(crate) rows: HashMap<String, (Value, Map<String, Value>)>,
+}
+
+/// Reads the documents `ids` of `event_type` in one transaction on `client` (see the module
+/// documentation for why in this order).
+pub(crate) async fn read(
+    client: &mut tokio_postgres::Client,
+    sql: &ReadSql,
+    event_type: &EventType,
+    ids: &[String],
+) -> Result<Read> {
+    let fail = |e| {
+        Error::postgres(
+            format!("reading the joined documents of {}", event_type.name),
+            e,
+        )
+    };
+    let tx = client.transaction().await.map_err(fail)?;
+    tx.query_one(&sql.lock, &[&event_type.index.alias, &ids])
+        .await
+        .map_err(fail)?;
+    let version: i64 = tx.query_one(&sql.version, &[]).await.map_err(fail)?.get(0);
+    let found = tx.query(&sql.select, &[&ids]).await.map_err(fail)?;
+    tx.commit().await.map_err(fail)?;
+    let mut rows = HashMap::with_capacity(found.len());
+    for row in found {
+        let id: String = row.get(0);
+        let columns: Value = row.get(1);
+        let related = match row.get::<_, Value>(2) {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        rows.insert(id, (columns, related));
+    }
+    Ok(Read { version, rows })
+}
+
+/// The SQL of one relation's fan-out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FanOutSql {
+    /// One page of REBUILD jobs: `$1` the related row, `$2` the page size, `$3` the job
+    /// table name of the documents, `$4` trace id, `$5` traceparent (and `$6` the last key
+    /// of the previous page, in `next`). Answers: documents in the page, jobs added, the
+    /// page's last key.
+    pub(crate) first: String,
+    pub(crate) next: String,
+    /// Records progress and renews the lease: `$1` job id, `$2` progress, `$3` lease
+    /// seconds, `$4` worker id. Zero rows: the job is no longer this worker's.
+    pub(crate) progress: String,
+}
+
+impl FanOutSql {
+    pub(crate) fn new(schema: &str, event_type: &EventType, relation: &Relation) -> Self {
+        let table = qualified(schema, &event_type.table);
+        let related = qualified(schema, &relation.table);
+        let key = &event_type.key;
+        let queue = format!("\"{schema}\".elasticsearch_sync_queue");
+        let matches = relation
+            .local_columns
+            .iter()
+            .zip(&relation.related_columns)
+            .map(|(local, other)| {
+                format!("d.\"{local}\" = (jsonb_populate_record(NULL::{related}, $1::jsonb)).\"{other}\"")
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let page = |after: &str| {
+            format!(
+                "WITH page AS ( \
+                   SELECT d.\"{key}\" AS k FROM {table} d WHERE {matches}{after} \
+                   ORDER BY d.\"{key}\" LIMIT $2), \
+                 added AS ( \
+                   INSERT INTO {queue} (table_name, operation, record_id, change_data, trace_id, traceparent) \
+                   SELECT $3::text, 'REBUILD', to_jsonb(p.k) #>> '{{}}', '{{}}'::jsonb, $4::text, $5::text FROM page p \
+                   WHERE NOT EXISTS (SELECT 1 FROM {queue} q WHERE q.table_name = $3::text \
+                     AND q.record_id = to_jsonb(p.k) #>> '{{}}' AND q.status = 'pending' AND q.operation = 'REBUILD') \
+                   RETURNING 1) \
+                 SELECT (SELECT count(*) FROM page), (SELECT count(*) FROM added), \
+                        (SELECT to_jsonb(k) #>> '{{}}' FROM page ORDER BY k DESC LIMIT 1)"
+            )
+        };
+        Self {
+            first: page(""),
+            next: page(&format!(
+                " AND d.\"{key}\" > {}",
+                typed_key(&table, key, "$6::text")
+            )),
+            progress: format!(
+                "UPDATE {queue} SET change_data = change_data || jsonb_build_object('fanout', $2::jsonb), \
+                 locked_until = now() + make_interval(secs => $3) \
+                 WHERE id = $1 AND status = 'processing' AND locked_by = $4"
+            ),
+        }
+    }
+}
+
+/// Checks every relation of `event_types` against the database's catalog: the tables and
+/// columns exist and the joined columns have the same types. The error names where the
+/// relation was declared and the key.
+pub(crate) async fn check_catalog(
+    client: &impl GenericClient,
+    schema: &str,
+    event_types: &[EventType],
+) -> Result<()> {
+    for event_type in event_types {
+        if event_type.relations.is_empty() {
+            continue;
+        }
+        let own = columns_of(client, schema, &event_type.table).await?;
+        for relation in &event_type.relations {
+            let refuse = |key: &str, why: String| {
+                Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!("{}: {why}", relation.at(&event_type.name, key)),
+                ))
+            };
+            let theirs = columns_of(client, schema, &relation.table).await?;
+            if theirs.is_empty() {
+                return refuse("table", format!("table {} does not exist", relation.table));
+            }
+            let (local_key, related_key) = match relation.kind {
+                RelationKind::Parent => ("foreign_key", "references"),
+                RelationKind::Children { .. } => ("references", "foreign_key"),
+            };
+            for (local, related) in relation.local_columns.iter().zip(&relation.related_columns) {
+                let Some(local_type) = own.get(local) else {
+                    return refuse(
+                        local_key,
+                        format!("table {} has no column {local}", event_type.table),
+                    );
+                };
+                let Some(related_type) = theirs.get(related) else {
+                    return refuse(
+                        related_key,
+                        format!("table {} has no column {related}", relation.table),
+                    );
+                };
+                if local_type != related_type {
+                    return refuse(
+                        local_key,
+                        format!(
+                            "{}.{local} is {local_type} but {}.{related} is {related_type}; joined columns must have the same type",
+                            event_type.table, relation.table
+                        ),
+                    );
+                }
+            }
+            for column in relation.columns() {
+                if !theirs.contains_key(&column) {
+                    return refuse(
+                        "fields",
+                        format!("table {} has no column {column}", relation.table),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The columns of `table` with their types; empty when it does not exist.
+async fn columns_of(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+) -> Result<HashMap<String, String>> {
+    let (table_schema, name) = table.split_once('.').unwrap_or((schema, table));
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+                AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table_schema, &name],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the columns of {table}"), e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_type::FieldType;
+
+    fn joined() -> EventType {
+        EventType::new("listings", "listings")
+            .with_relation(
+                Relation::parent("seller", "users", &["user_id"], &["id"])
+                    .field("name", FieldType::Long),
+            )
+            .with_relation(
+                Relation::children("images", "shop.images", &["listing_id"], &["id"])
+                    .field("url", FieldType::Long)
+                    .order_by("position", true)
+                    .limit(3),
+            )
+    }
+
+    #[test]
+    fn a_read_locks_then_versions_then_selects_the_rows_with_their_relations() {
+        let sql = ReadSql::new("app", &joined());
+        assert!(sql.lock.contains("ORDER BY 1, 2"), "locks in one order");
+        assert!(
+            sql.version
+                .contains("'\"app\".elasticsearch_sync_queue', 'id'")
+        );
+        let select = &sql.select;
+        assert!(
+            select.contains("FROM \"app\".\"users\" r WHERE r.\"id\" = d.\"user_id\" LIMIT 1"),
+            "{select}"
+        );
+        assert!(
+            select.contains("FROM \"shop\".\"images\" r WHERE r.\"listing_id\" = d.\"id\""),
+            "{select}"
+        );
+        assert!(
+            select.contains("ORDER BY r.\"position\" DESC, r.\"id\" LIMIT 3"),
+            "{select}"
+        );
+        assert!(
+            select.contains("jsonb_populate_record(NULL::\"app\".\"listings\""),
+            "typed keys keep the index usable"
+        );
+    }
+
+    #[test]
+    fn a_fan_out_pages_by_key_and_skips_documents_already_waiting() {
+        let event_type = joined();
+        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        assert!(sql.first.contains(
+            "d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""
+        ));
+        assert!(!sql.first.contains("$6"));
+        assert!(sql.next.contains("d.\"id\" > "));
+        assert!(sql.first.contains("NOT EXISTS"));
+        assert!(sql.progress.contains("locked_by = $4"));
+    }
+}
