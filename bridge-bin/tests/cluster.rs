@@ -986,7 +986,7 @@ async fn consumer_counters(consumers: &[Running]) -> BTreeMap<&'static str, i64>
 #[ignore = "cluster: run by scripts/test with scripts/stack up --cluster"]
 async fn three_bridges_and_three_consumers_do_no_duplicate_harm() {
     const HOT: i64 = 30;
-    const OPS: usize = 1_000;
+    const OPS: usize = 800;
     let deployment = Deployment::new("three_by_three").await;
     // Rows every writer changes: concurrent updates of the same rows, whose jobs the three
     // bridges claim and the three consumers index in whatever order they get them.
@@ -1043,7 +1043,7 @@ async fn three_bridges_and_three_consumers_do_no_duplicate_harm() {
     }
     // Then the completion time of every job completed so far; a job completed a second time
     // (moved back and completed again) would show a later one at the end.
-    deployment.wait_completed(1_500).await;
+    deployment.wait_completed(1_200).await;
     let early: BTreeMap<i64, String> = completion_times(&deployment.db).await;
     let changes = work.finish().await;
     deployment.wait_drained().await;
