@@ -1,0 +1,893 @@
+//! Joined documents (relations) on the local stack, in one run: what a related-row change
+//! costs when it fans out to many documents, whether it holds up other changes meanwhile,
+//! and what a joined document costs per change against a plain one.
+//!
+//! The real `benalsam-bridge` and `benalsam-consumer` binaries (release build, separate
+//! processes) run with `--config examples/joined_documents/listings.toml` (a copy whose
+//! index alias is this run's own) on a schema, vhost and indices of their own:
+//!
+//! 1. Capacity: a backlog of `BENCH_CAPACITY_JOBS` listing inserts drained by the binaries
+//!    with the default (plain) listings, then the same number again with the joined
+//!    configuration (seller, category, two photos per listing): jobs/s, CPU seconds per
+//!    1,000 jobs of every process, peak RSS.
+//! 2. The fan-out of one seller rename to N listings (`BENCH_FANOUT_SIZES`, default
+//!    `20000,100000`): from the rename's commit until every document shows the new name
+//!    (a `_count` on `seller.display_name.raw`, polled every 250 ms without forcing a
+//!    refresh), split into "the fan-out wrote every REBUILD job" (its job completed) and
+//!    "every REBUILD job indexed and completed" (from the queue's timestamps); peak RSS of
+//!    both binaries during it (sampled every 100 ms) against before it; CPU seconds per 1,000
+//!    documents of every process; outbox row bytes and WAL bytes per document.
+//! 3. Other work meanwhile: a writer edits the titles of other sellers' listings at
+//!    `BENCH_EDIT_RATE` per second (default 20) for `BENCH_EDIT_SECONDS` (default 20) with
+//!    nothing else running, then during the largest fan-out; latency from each edit's commit
+//!    until a search finds the new title (one `terms` search of every edit still unseen,
+//!    every 100 ms), and commit → completed from the queue.
+//!
+//! ```text
+//! scripts/stack up
+//! cargo build --release --bins
+//! cargo bench -p benalsam-events --bench fanout
+//! ```
+//! `BENCH_FANOUT_PAGE` starts the bridge with that `BENALSAM_FANOUT_PAGE` (default: the
+//! bridge's own, 500).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use benalsam_events::config::SearchUrl;
+use benalsam_events::elasticsearch::Elasticsearch;
+use benalsam_events::elasticsearch::http::Method;
+use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use benalsam_events::index as search;
+use benalsam_events::{EventType, OutboxConfig};
+use common::{BenchEnv, BoxError, setting};
+use serde_json::{Value, json};
+
+const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
+const JOINED_TOML: &str = include_str!("../../examples/joined_documents/listings.toml");
+const JOINED_ALIAS: &str = "benalsam_listings_joined";
+/// Sellers of the listings that are not fanned out (capacity backlogs, edits).
+const OTHER_SELLERS: usize = 200;
+
+fn binary(name: &str) -> Result<PathBuf, BoxError> {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release").join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bin", name])
+            .status()?;
+        if !status.success() {
+            return Err(format!("cannot build {name}").into());
+        }
+    }
+    Ok(path)
+}
+
+/// Which event types the binaries run with.
+#[derive(Clone, Copy, PartialEq)]
+enum Config<'a> {
+    /// The built-in listings, indexed into this alias.
+    Plain(&'a str),
+    /// The event-type file.
+    Joined(&'a Path),
+}
+
+/// One of the binaries, running.
+struct Service {
+    child: Child,
+}
+
+impl Service {
+    fn start(name: &str, env: &BenchEnv, config: Config<'_>) -> Result<Self, BoxError> {
+        // A free port for its health endpoints: other benches may run beside this one.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = Command::new(binary(name)?);
+        command
+            .env("DATABASE_URL", env.db_url.expose())
+            .env("BENALSAM_SCHEMA", &env.name)
+            .env("RABBITMQ_URL", env.url.expose())
+            .env("ELASTICSEARCH_URL", SearchUrl::from_env()?.expose())
+            .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match config {
+            Config::Plain(alias) => {
+                command.env("BENALSAM_INDEX", alias);
+            }
+            Config::Joined(file) => {
+                command.arg("--config").arg(file);
+            }
+        }
+        if let Ok(page) = std::env::var("BENCH_FANOUT_PAGE") {
+            command.env("BENALSAM_FANOUT_PAGE", page);
+        }
+        Ok(Self {
+            child: command.spawn()?,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A field of /proc/<pid>/status in MiB (`VmRSS`, `VmHWM`).
+fn memory_mib(pid: u32, field: &str) -> Result<f64, BoxError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Samples the RSS of `pids` every 100 ms until stopped; the largest of each.
+struct RssPeak {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+impl RssPeak {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak = vec![0.0f64; pids.len()];
+            loop {
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    if let Ok(rss) = memory_mib(*pid, "VmRSS") {
+                        *p = p.max(rss);
+                    }
+                }
+                if flag.load(Ordering::Relaxed) {
+                    return peak;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> Result<Vec<f64>, BoxError> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// A search-engine request with a JSON body; the answer as JSON.
+async fn es_json(
+    es: &Elasticsearch,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, BoxError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(es
+        .send(
+            method,
+            path,
+            headers,
+            Option::<&()>::None,
+            body.map(|b| b.to_string()),
+            None,
+        )
+        .await?
+        .json::<Value>()
+        .await?)
+}
+
+/// Documents of `alias` whose seller is called `name`, as a search sees them now.
+async fn count_by_seller(es: &Elasticsearch, alias: &str, name: &str) -> Result<u64, BoxError> {
+    let answer = es_json(
+        es,
+        Method::Post,
+        &format!("/{alias}/_count"),
+        Some(json!({"query": {"term": {"seller.display_name.raw": name}}})),
+    )
+    .await?;
+    answer["count"]
+        .as_u64()
+        .ok_or_else(|| format!("no count in {answer}").into())
+}
+
+async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
+    Ok(env
+        .client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Waits until every job after `first` is completed.
+async fn wait_completed(env: &BenchEnv, first: i64) -> Result<(), BoxError> {
+    let started = Instant::now();
+    loop {
+        let open: i64 = env
+            .client
+            .query_one(
+                "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'",
+                &[&first],
+            )
+            .await?
+            .get(0);
+        if open == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err(format!("{open} jobs still open after 30 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts `n` active listings of the demo's size for `sellers` (round robin), each with two
+/// photos, in one transaction. The photos go in with the relation trigger off: they are part
+/// of the rows the documents are read from, not changes to carry.
+async fn insert_listings(env: &BenchEnv, sellers: &[String], n: i64) -> Result<(), BoxError> {
+    let db = benalsam_events::connect::postgres(&env.db_url).await?;
+    db.batch_execute(&format!(
+        "SET search_path TO {}; BEGIN; ALTER TABLE listing_images DISABLE TRIGGER USER",
+        env.name
+    ))
+    .await?;
+    db.execute(
+        "CREATE TEMP TABLE new_listings ON COMMIT DROP AS
+         WITH added AS (
+           INSERT INTO listings (user_id, title, description, category, status, latitude, longitude, attributes, location_city)
+           SELECT ($2::text[])[1 + i % array_length($2::text[], 1)]::uuid, 'Satılık ikinci el bisiklet ' || i,
+                  repeat('Az kullanılmış, bakımlı, faturalı. ', 8), 'spor', 'active', 41.0, 29.0,
+                  '{\"renk\": \"kırmızı\", \"vites\": 21}', 'İstanbul'
+           FROM generate_series(1, $1::bigint) AS i
+           RETURNING id)
+         SELECT id FROM added",
+        &[&n, &sellers],
+    )
+    .await?;
+    db.batch_execute(
+        "INSERT INTO listing_images (listing_id, url, position)
+         SELECT l.id, 'https://cdn.example.com/listings/' || l.id || '/' || p || '.jpg', p
+         FROM new_listings l, generate_series(1, 2) AS p;
+         ALTER TABLE listing_images ENABLE TRIGGER USER;
+         COMMIT",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Users called `names`; their ids.
+async fn users(env: &BenchEnv, names: &[String]) -> Result<Vec<String>, BoxError> {
+    let rows = env
+        .client
+        .query(
+            "INSERT INTO users (display_name, rating, email)
+             SELECT n, 4.5, 'satici@example.com' FROM unnest($1::text[]) AS n
+             RETURNING id::text",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// What a run of edits measured.
+struct Edits {
+    count: usize,
+    /// Commit → found by a search, ms, sorted.
+    searchable: Vec<f64>,
+    /// Commit (transaction start) → completed, from the queue: p50, p99, max in ms.
+    completed: [f64; 3],
+}
+
+/// Edits titles of `listings` (round robin) at `rate` per second until `stop` is set or
+/// `seconds` passed, and finds each new title by searching until every one is found.
+#[allow(clippy::too_many_arguments)]
+async fn edits(
+    env: &BenchEnv,
+    es: &Elasticsearch,
+    alias: &str,
+    listings: &[String],
+    rate: f64,
+    seconds: f64,
+    stop: Arc<AtomicBool>,
+    tag: &str,
+) -> Result<Edits, BoxError> {
+    let first = max_job(env).await?;
+    let db = benalsam_events::connect::postgres(&env.db_url).await?;
+    db.batch_execute(&format!("SET search_path TO {}", env.name))
+        .await?;
+    let edit = db
+        .prepare("UPDATE listings SET title = $2, updated_at = now() WHERE id = $1::text::uuid")
+        .await?;
+    let unseen: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let writing = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (unseen, writing) = (unseen.clone(), writing.clone());
+        async move {
+            let mut found = Vec::new();
+            let started = Instant::now();
+            loop {
+                let titles: Vec<String> = unseen
+                    .lock()
+                    .map_err(|_| "poisoned")?
+                    .iter()
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                if titles.is_empty() && !writing.load(Ordering::Relaxed) {
+                    return Ok::<_, BoxError>(found);
+                }
+                if started.elapsed() > Duration::from_secs(1800) {
+                    return Err("edits not searchable after 30 minutes".into());
+                }
+                if !titles.is_empty() {
+                    let answer = es_json(
+                        es,
+                        Method::Post,
+                        &format!("/{alias}/_search"),
+                        Some(json!({
+                            "size": titles.len(),
+                            "_source": ["title"],
+                            "query": {"terms": {"title.raw": titles}},
+                        })),
+                    )
+                    .await?;
+                    let now = Instant::now();
+                    let hits = answer["hits"]["hits"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let mut unseen = unseen.lock().map_err(|_| "poisoned")?;
+                    for hit in hits {
+                        if let Some(title) = hit["_source"]["title"].as_str()
+                            && let Some(i) = unseen.iter().position(|(t, _)| t == title)
+                        {
+                            let (_, committed) = unseen.swap_remove(i);
+                            found.push((now - committed).as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let write = async {
+        let started = Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut count = 0usize;
+        while !stop.load(Ordering::Relaxed) && started.elapsed().as_secs_f64() < seconds {
+            ticks.tick().await;
+            let title = format!("Düzenlendi {tag} {count}");
+            let written = db
+                .execute(&edit, &[&listings[count % listings.len()], &title])
+                .await;
+            if let Err(error) = written {
+                writing.store(false, Ordering::Relaxed);
+                return Err::<usize, BoxError>(error.into());
+            }
+            let committed = Instant::now();
+            unseen
+                .lock()
+                .map_err(|_| "poisoned")?
+                .push((title, committed));
+            count += 1;
+        }
+        writing.store(false, Ordering::Relaxed);
+        Ok(count)
+    };
+    let (searchable, count) = tokio::join!(watcher, write);
+    let (mut searchable, count) = (searchable?, count?);
+    searchable.sort_by(f64::total_cmp);
+    wait_completed(env, first).await?;
+    let row = env
+        .client
+        .query_one(
+            "SELECT percentile_cont(ARRAY[0.5, 0.99, 1.0]) WITHIN GROUP
+                        (ORDER BY extract(epoch FROM completed_at - created_at) * 1000)
+             FROM elasticsearch_sync_queue
+             WHERE id > $1 AND table_name = 'listings' AND operation = 'UPDATE'",
+            &[&first],
+        )
+        .await?;
+    let p: Vec<f64> = row.get(0);
+    Ok(Edits {
+        count,
+        searchable,
+        completed: [p[0], p[1], p[2]],
+    })
+}
+
+/// What a drained backlog measured.
+struct Drain {
+    jobs: i64,
+    rate: f64,
+    cpu: Vec<String>,
+    rss: Vec<f64>,
+    /// Average stored size of one of the backlog's jobs (`pg_column_size` of the row).
+    row_bytes: f64,
+}
+
+/// Inserts `n` listings, starts both binaries on them, waits until every job is completed;
+/// the binaries keep running when `keep` (returned), else stop.
+async fn drain(
+    env: &BenchEnv,
+    sellers: &[String],
+    n: i64,
+    config: Config<'_>,
+    keep: bool,
+) -> Result<(Drain, Option<(Service, Service)>), BoxError> {
+    let first = max_job(env).await?;
+    insert_listings(env, sellers, n).await?;
+    let row_bytes: f64 = env
+        .client
+        .query_one(
+            "SELECT avg(pg_column_size(q.*))::float8 FROM elasticsearch_sync_queue q WHERE id > $1",
+            &[&first],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let bridge = Service::start("benalsam-bridge", env, config)?;
+    let consumer = Service::start("benalsam-consumer", env, config)?;
+    let own = [
+        ("benalsam-bridge", bridge.pid()),
+        ("benalsam-consumer", consumer.pid()),
+        ("load generator (this bench)", std::process::id()),
+    ];
+    let before = common::cpu_by_process(&own)?;
+    let peak = RssPeak::start(vec![bridge.pid(), consumer.pid()]);
+    wait_completed(env, first).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = common::cpu_by_process(&own)?;
+    let rss = peak.finish().await?;
+    let jobs: i64 = env
+        .client
+        .query_one(
+            "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1",
+            &[&first],
+        )
+        .await?
+        .get(0);
+    for row in env
+        .client
+        .query(
+            "SELECT table_name || ' ' || operation, count(*) FROM elasticsearch_sync_queue
+             WHERE id > $1 GROUP BY 1 ORDER BY 1",
+            &[&first],
+        )
+        .await?
+    {
+        eprintln!("    {}: {}", row.get::<_, String>(0), row.get::<_, i64>(1));
+    }
+    let result = Drain {
+        jobs,
+        rate: jobs as f64 / elapsed,
+        cpu: after.per_thousand(&before, jobs as usize),
+        rss,
+        row_bytes,
+    };
+    if keep {
+        Ok((result, Some((bridge, consumer))))
+    } else {
+        bridge.stop();
+        consumer.stop();
+        Ok((result, None))
+    }
+}
+
+/// What one fan-out measured.
+struct FanOut {
+    documents: i64,
+    /// Rename committed → the fan-out wrote its last page (its job completed), s.
+    written: f64,
+    /// → the last REBUILD job indexed and completed, s.
+    indexed: f64,
+    /// → a search counts every document with the new name, s (wall clock).
+    searchable: f64,
+    rss_before: Vec<f64>,
+    rss_peak: Vec<f64>,
+    cpu: Vec<String>,
+    /// Average stored size of a REBUILD job (after it completed), bytes.
+    row_bytes: f64,
+    /// WAL the server wrote during the fan-out, per document (everything on the server).
+    wal_per_document: f64,
+    /// Edits of other listings measured meanwhile.
+    edits: Option<Edits>,
+}
+
+/// Renames `seller` (who has `n` listings) to `name` and measures until every document
+/// shows it; `edits` runs the edit writer meanwhile on those listings.
+#[allow(clippy::too_many_arguments)]
+async fn fan_out(
+    env: &BenchEnv,
+    es: &Elasticsearch,
+    alias: &str,
+    services: &(Service, Service),
+    seller: &str,
+    name: &str,
+    n: i64,
+    edit: Option<(&[String], f64)>,
+) -> Result<FanOut, BoxError> {
+    let first = max_job(env).await?;
+    let own = [
+        ("benalsam-bridge", services.0.pid()),
+        ("benalsam-consumer", services.1.pid()),
+        ("load generator (this bench)", std::process::id()),
+    ];
+    let pids = vec![services.0.pid(), services.1.pid()];
+    let rss_before = vec![memory_mib(pids[0], "VmRSS")?, memory_mib(pids[1], "VmRSS")?];
+    let wal_before: String = env
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let before = common::cpu_by_process(&own)?;
+    let peak = RssPeak::start(pids);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    env.client
+        .execute(
+            "UPDATE users SET display_name = $2 WHERE id = $1::text::uuid",
+            &[&seller, &name],
+        )
+        .await?;
+    let writer = edit.map(|(listings, rate)| {
+        edits(
+            env,
+            es,
+            alias,
+            listings,
+            rate,
+            f64::INFINITY,
+            stop.clone(),
+            name,
+        )
+    });
+    let watch = async {
+        loop {
+            let seen = count_by_seller(es, alias, name).await?;
+            if seen >= n as u64 {
+                let took = started.elapsed().as_secs_f64();
+                stop.store(true, Ordering::Relaxed);
+                return Ok::<_, BoxError>(took);
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                return Err(format!("{seen} of {n} renamed after 30 minutes").into());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let (searchable, edits) = match writer {
+        Some(writer) => {
+            let (searchable, edits) = tokio::join!(watch, writer);
+            (searchable?, Some(edits?))
+        }
+        None => (watch.await?, None),
+    };
+    let after = common::cpu_by_process(&own)?;
+    let rss_peak = peak.finish().await?;
+    wait_completed(env, first).await?;
+    let wal: f64 = env
+        .client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+            &[&wal_before],
+        )
+        .await?
+        .get(0);
+    let row = env
+        .client
+        .query_one(
+            "SELECT extract(epoch FROM completed_at - created_at)::float8
+             FROM elasticsearch_sync_queue WHERE id > $1 AND table_name = 'listings#seller'",
+            &[&first],
+        )
+        .await?;
+    let written: f64 = row.get(0);
+    let row = env
+        .client
+        .query_one(
+            "SELECT count(*),
+                    extract(epoch FROM max(q.completed_at) - (SELECT created_at FROM elasticsearch_sync_queue
+                        WHERE id > $1 AND table_name = 'listings#seller'))::float8,
+                    avg(pg_column_size(q.*))::float8
+             FROM elasticsearch_sync_queue q WHERE id > $1 AND operation = 'REBUILD'",
+            &[&first],
+        )
+        .await?;
+    let documents: i64 = row.get(0);
+    Ok(FanOut {
+        documents,
+        written,
+        indexed: row.get(1),
+        searchable,
+        rss_before,
+        rss_peak,
+        cpu: after.per_thousand(&before, documents as usize),
+        row_bytes: row.get(2),
+        wal_per_document: wal / documents.max(1) as f64,
+        edits,
+    })
+}
+
+async fn delete_index(es: &Elasticsearch, alias: &str) {
+    let _ = es
+        .send(
+            Method::Delete,
+            &format!("/{alias}_v1"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<Vec<u8>>::None,
+            None,
+        )
+        .await;
+}
+
+fn ms(sorted: &[f64]) -> String {
+    format!(
+        "{:.0} / {:.0} / {:.0} ms",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let capacity_jobs: i64 = setting("BENCH_CAPACITY_JOBS", 20_000)?;
+    let edit_rate: f64 = setting("BENCH_EDIT_RATE", 20.0)?;
+    let edit_seconds: f64 = setting("BENCH_EDIT_SECONDS", 20.0)?;
+    let mut sizes: Vec<i64> = std::env::var("BENCH_FANOUT_SIZES")
+        .unwrap_or_else(|_| "20000,100000".to_owned())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+    sizes.sort_unstable();
+    let largest = sizes.last().copied().ok_or("BENCH_FANOUT_SIZES is empty")?;
+
+    let mut env = BenchEnv::new("bench_fanout").await?;
+    let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
+    let plain_alias = format!("{}_plain", env.name);
+    let joined_alias = format!("{}_joined", env.name);
+    let file = std::env::temp_dir().join(format!("{}.toml", env.name));
+    std::fs::write(&file, JOINED_TOML.replace(JOINED_ALIAS, &joined_alias))?;
+    let joined = EventType::from_file(&file)?;
+    env.client.batch_execute(MARKETPLACE_SQL).await?;
+    benalsam_events::outbox::migrate(
+        &mut env.client,
+        &OutboxConfig::in_schema(&env.name),
+        &joined,
+    )
+    .await?;
+    env.client
+        .batch_execute("INSERT INTO categories VALUES ('spor', 'Spor', 'Sports')")
+        .await?;
+    let names: Vec<String> = (1..=OTHER_SELLERS).map(|i| format!("Satıcı {i}")).collect();
+    let others = users(&env, &names).await?;
+    let sizes_named: Vec<String> = sizes.iter().map(|n| format!("Mağaza {n}")).collect();
+    let stores = users(&env, &sizes_named).await?;
+    // The sellers and the category were added before any listing: their fan-outs would
+    // find nothing now, but the plain run leaves them waiting and the joined bridge would
+    // then rebuild every listing of both backlogs.
+    env.client
+        .batch_execute("DELETE FROM elasticsearch_sync_queue WHERE table_name LIKE 'listings#%'")
+        .await?;
+
+    eprintln!("[1/4] capacity: {capacity_jobs} listing inserts, plain, then joined");
+    let (plain, _) = drain(
+        &env,
+        &others,
+        capacity_jobs,
+        Config::Plain(&plain_alias),
+        false,
+    )
+    .await?;
+    delete_index(&es, &plain_alias).await;
+    let edited_first = max_job(&env).await?;
+    let (joined_drain, services) =
+        drain(&env, &others, capacity_jobs, Config::Joined(&file), true).await?;
+    let services = services.ok_or("the joined binaries")?;
+    // Listings to edit: active, other sellers', in the joined index.
+    let editable: Vec<String> = env
+        .client
+        .query(
+            "SELECT record_id FROM elasticsearch_sync_queue WHERE id > $1 AND table_name = 'listings'
+             ORDER BY id LIMIT 2000",
+            &[&edited_first],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    eprintln!(
+        "[2/4] the fan-out sellers' listings: {} in all",
+        sizes.iter().sum::<i64>()
+    );
+    let first = max_job(&env).await?;
+    let seeding = Instant::now();
+    for (store, n) in stores.iter().zip(&sizes) {
+        insert_listings(&env, std::slice::from_ref(store), *n).await?;
+    }
+    wait_completed(&env, first).await?;
+    let seeded = sizes.iter().sum::<i64>() as f64 / seeding.elapsed().as_secs_f64();
+
+    eprintln!("[3/4] edits at {edit_rate}/s for {edit_seconds} s, nothing else running");
+    let quiet = edits(
+        &env,
+        &es,
+        &joined_alias,
+        &editable,
+        edit_rate,
+        edit_seconds,
+        Arc::new(AtomicBool::new(false)),
+        "quiet",
+    )
+    .await?;
+
+    let mut fan_outs = Vec::new();
+    for (store, n) in stores.iter().zip(&sizes) {
+        eprintln!("[4/4] a seller of {n} listings renamed");
+        let edit = (*n == largest).then_some((editable.as_slice(), edit_rate));
+        let renamed = format!("Mağaza {n} Yeni");
+        fan_outs.push(
+            fan_out(
+                &env,
+                &es,
+                &joined_alias,
+                &services,
+                store,
+                &renamed,
+                *n,
+                edit,
+            )
+            .await?,
+        );
+    }
+    let (bridge, consumer) = services;
+    let hwm = [
+        memory_mib(bridge.pid(), "VmHWM")?,
+        memory_mib(consumer.pid(), "VmHWM")?,
+    ];
+    bridge.stop();
+    consumer.stop();
+
+    let page = std::env::var("BENCH_FANOUT_PAGE").unwrap_or_else(|_| "500 (default)".into());
+    println!("\nFan-out of one seller rename (BENALSAM_FANOUT_PAGE {page}):\n");
+    println!(
+        "| documents | rename → all REBUILD jobs written | → all indexed | → all searchable | documents/s | RSS bridge / consumer before → peak during |"
+    );
+    println!("|---:|---:|---:|---:|---:|---|");
+    for f in &fan_outs {
+        println!(
+            "| {} | {:.1} s | {:.1} s | {:.1} s | {:.0} | {:.1} / {:.1} → {:.1} / {:.1} MiB |",
+            f.documents,
+            f.written,
+            f.indexed,
+            f.searchable,
+            f.documents as f64 / f.searchable,
+            f.rss_before[0],
+            f.rss_before[1],
+            f.rss_peak[0],
+            f.rss_peak[1],
+        );
+    }
+    println!(
+        "\n(Peak RSS over the whole run, VmHWM: bridge {:.1} MiB, consumer {:.1} MiB; the {largest}-document fan-out ran with the edit writer.)",
+        hwm[0], hwm[1]
+    );
+
+    let header = [
+        "benalsam-bridge",
+        "benalsam-consumer",
+        "load generator (this bench)",
+        "PostgreSQL",
+        "RabbitMQ",
+        "OpenSearch",
+        "all",
+    ];
+    println!("\nCPU seconds per 1,000 documents / jobs (user + system, from /proc):\n");
+    println!("| run | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(header.len()));
+    for f in &fan_outs {
+        println!(
+            "| fan-out of {} documents | {} |",
+            f.documents,
+            f.cpu.join(" | ")
+        );
+    }
+    println!(
+        "| backlog of {} inserts, plain | {} |",
+        plain.jobs,
+        plain.cpu.join(" | ")
+    );
+    println!(
+        "| backlog of {} inserts, joined | {} |",
+        joined_drain.jobs,
+        joined_drain.cpu.join(" | ")
+    );
+
+    println!("\nCapacity, a backlog of listing inserts drained (binaries started on it):\n");
+    println!("| configuration | jobs | jobs/s | peak RSS bridge / consumer |");
+    println!("|---|---:|---:|---|");
+    for (label, d) in [
+        ("plain (built-in listings)", &plain),
+        ("joined", &joined_drain),
+    ] {
+        println!(
+            "| {label} | {} | {:.0} | {:.1} / {:.1} MiB |",
+            d.jobs, d.rate, d.rss[0], d.rss[1]
+        );
+    }
+    println!(
+        "| joined, the fan-out sellers' listings (inserts of 2 photos each timed too, binaries already running) | {} | {seeded:.0} | |",
+        sizes.iter().sum::<i64>()
+    );
+
+    println!("\nEdits of other sellers' listings at {edit_rate}/s:\n");
+    println!(
+        "| while | edits | commit → searchable p50 / p99 / max | commit → completed p50 / p99 / max |"
+    );
+    println!("|---|---:|---:|---:|");
+    let mut rows = vec![("nothing else", &quiet)];
+    if let Some(e) = fan_outs.last().and_then(|f| f.edits.as_ref()) {
+        rows.push(("the largest fan-out", e));
+    }
+    for (label, e) in rows {
+        println!(
+            "| {label} | {} | {} | {:.0} / {:.0} / {:.0} ms |",
+            e.count,
+            ms(&e.searchable),
+            e.completed[0],
+            e.completed[1],
+            e.completed[2]
+        );
+    }
+
+    println!("\nOutbox rows and WAL:\n");
+    println!("| job | stored row (pg_column_size) | WAL per document, whole server |");
+    println!("|---|---:|---:|");
+    println!(
+        "| listing insert (pending, demo size) | {:.0} B | |",
+        joined_drain.row_bytes
+    );
+    for f in &fan_outs {
+        println!(
+            "| REBUILD, fan-out of {} (completed) | {:.0} B | {:.0} B |",
+            f.documents, f.row_bytes, f.wal_per_document
+        );
+    }
+
+    delete_index(&es, &joined_alias).await;
+    let _ = std::fs::remove_file(&file);
+    env.cleanup().await
+}
