@@ -20,6 +20,7 @@
 //! time: each kills nodes the others would use). Without the cluster's variables
 //! (`eval "$(scripts/stack env)"` of that folder) they fail, naming what is missing.
 
+#[allow(dead_code)] // its unbounded `stop`: these tests give a binary a minute to exit
 mod binaries;
 #[path = "../../benalsam-events/tests/support/mod.rs"]
 mod support;
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use benalsam_events::config::AmqpUrl;
-use binaries::{Guarded, bridge_binary, consumer_binary, stop};
+use binaries::{Guarded, bridge_binary, consumer_binary};
 use serde_json::{Value, json};
 use support::{TestSchema, TestVhost, database_url, free_port, management, unique_name};
 use tokio_util::sync::CancellationToken;
@@ -213,6 +214,22 @@ struct Running {
 }
 
 impl Running {
+    /// Stops the binary as an orchestrator would (SIGTERM); it must exit within a minute.
+    /// A binary that does not is a failure of the test, not a hang of the run.
+    async fn stop(mut self) {
+        support::terminate(&self.child);
+        let started = Instant::now();
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} exits within 60 s of SIGTERM; log {}",
+                self.name,
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `/readyz` answers 200; a binary that exits meanwhile fails the test with
     /// its log.
     async fn ready(&mut self) {
@@ -338,6 +355,11 @@ impl Deployment {
             .await
             .expect("queue as JSON");
         assert_eq!(queue["type"], "quorum", "{queue}");
+        assert_eq!(
+            queue["members"].as_array().map(Vec::len),
+            Some(3),
+            "a replica on each node: {queue}"
+        );
         let settings = self
             .cluster
             .search_call(
@@ -935,8 +957,8 @@ async fn survive(test: &str, fault: Fault) {
         flowing.as_secs_f64(),
         restart.as_secs_f64()
     );
-    stop(bridge.child);
-    stop(consumer.child);
+    bridge.stop().await;
+    consumer.stop().await;
     let red = assert_green_within_window(test, &verdicts, killed);
     eprintln!("{test}: red observed: {red}");
     deployment.assert_converged().await;
@@ -1057,7 +1079,7 @@ async fn three_bridges_and_three_consumers_do_no_duplicate_harm() {
         reclaimed += body["details"]["reclaimed"].as_i64().unwrap_or(0);
     }
     for running in bridges.into_iter().chain(consumers) {
-        stop(running.child);
+        running.stop().await;
     }
 
     let jobs = deployment.assert_converged().await;
