@@ -47,14 +47,24 @@ pub struct BenchEnv {
 
 impl BenchEnv {
     pub async fn new(prefix: &str) -> Result<Self, BoxError> {
+        Self::with_topology(prefix, &TopologyConfig::default()).await
+    }
+
+    /// The same with a topology of its own choosing (quorum queues on a cluster).
+    pub async fn with_topology(prefix: &str, topology: &TopologyConfig) -> Result<Self, BoxError> {
         let db_url = DatabaseUrl::from_env()?;
         let base = AmqpUrl::from_env()?;
         let name = format!("{prefix}_{}", std::process::id());
         let http = reqwest::Client::new();
-        let mgmt = format!(
-            "http://{}:15672/api",
-            base.url().host_str().unwrap_or("127.0.0.1")
-        );
+        // `scripts/stack env` names the management API of a stack on other ports (or of a
+        // cluster's node 1); the default stack's otherwise.
+        let mgmt = match std::env::var("RABBITMQ_MANAGEMENT_URL") {
+            Ok(url) if !url.is_empty() => format!("{}/api", url.trim_end_matches('/')),
+            _ => format!(
+                "http://{}:15672/api",
+                base.url().host_str().unwrap_or("127.0.0.1")
+            ),
+        };
         let user = base.url().username().to_owned();
         let password = base.url().password().unwrap_or_default().to_owned();
         http.put(format!("{mgmt}/vhosts/{name}"))
@@ -72,9 +82,7 @@ impl BenchEnv {
         vhost.set_path(&format!("/{name}"));
         let url: AmqpUrl = vhost.as_str().parse()?;
         let connection = connect::amqp(&url, "bench").await?;
-        Topology::benalsam(&TopologyConfig::default())
-            .declare(&connection)
-            .await?;
+        Topology::benalsam(topology).declare(&connection).await?;
         let mut client = connect::postgres(&db_url).await?;
         client
             .batch_execute(&format!(
@@ -252,6 +260,13 @@ impl CpuSample {
 /// counted (by the postmaster), and the difference of two samples is what each used between
 /// them.
 pub fn cpu_by_process(own: &[(&str, u32)]) -> Result<CpuSample, BoxError> {
+    cpu_by_process_of(own, None)
+}
+
+/// [`cpu_by_process`], counting only the servers of one stack: those whose command line, or
+/// their parent's or grandparent's (PostgreSQL's backends, Erlang's helpers), contains
+/// `stack` (its state folder), so other stacks on the same machine are left out.
+pub fn cpu_by_process_of(own: &[(&str, u32)], stack: Option<&str>) -> Result<CpuSample, BoxError> {
     let hz: f64 = String::from_utf8(
         std::process::Command::new("getconf")
             .arg("CLK_TCK")
@@ -278,6 +293,12 @@ pub fn cpu_by_process(own: &[(&str, u32)]) -> Result<CpuSample, BoxError> {
             continue;
         };
         let comm = head.split_once('(').map_or("", |(_, c)| c);
+        if let Some(stack) = stack
+            && !own.iter().any(|(_, p)| *p == pid)
+            && !of_stack(pid, stack)
+        {
+            continue;
+        }
         let group = if let Some(i) = own.iter().position(|(_, p)| *p == pid) {
             i
         } else {
@@ -311,4 +332,30 @@ pub fn cpu_by_process(own: &[(&str, u32)]) -> Result<CpuSample, BoxError> {
         .map(|(l, _)| (*l).to_owned())
         .chain(servers.iter().map(|s| (*s).to_owned()));
     Ok(CpuSample(labels.zip(seconds).collect()))
+}
+
+/// Whether `pid`, its parent or its grandparent runs with `stack` in its command line.
+fn of_stack(pid: u32, stack: &str) -> bool {
+    let mut pid = pid;
+    for _ in 0..3 {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(stack) {
+            return true;
+        }
+        // The parent: the second field after the command name in /proc/<pid>/stat.
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            })
+        else {
+            return false;
+        };
+        if parent <= 1 {
+            return false;
+        }
+        pid = parent;
+    }
+    false
 }

@@ -52,6 +52,15 @@ const HANDOFF: usize = 128;
 /// How soon after one repair of the topology another may be tried.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long every confirm may be a nack before the channel is replaced. RabbitMQ 3.10 can
+/// leave a channel that began publishing to a quorum queue while the queue elected a new
+/// leader (its old leader's node killed) nacking every publish after the election, for as
+/// long as the channel lives (the cluster tests met it: minutes of nacks, until the jobs
+/// would have run out of attempts); a new channel publishes normally. A queue that is full
+/// (`reject-publish` under a length policy) nacks on a new channel too: the replacement
+/// then only costs a reconnect every few seconds.
+const NACKED_CHANNEL: Duration = Duration::from_secs(5);
+
 /// Settings of a [`Publisher`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -177,6 +186,7 @@ impl Publisher {
             current_address: None,
             known_exchanges: HashSet::new(),
             last_repair: None,
+            nacked_since: None,
         };
         Self {
             sender: PollSender::new(tx),
@@ -307,6 +317,8 @@ struct Worker<S> {
     /// each exchange is checked once per link on a throwaway channel first.
     known_exchanges: HashSet<String>,
     last_repair: Option<Instant>,
+    /// The first nack since the last positive confirm (see [`NACKED_CHANNEL`]).
+    nacked_since: Option<Instant>,
 }
 
 impl<S: Settle> Worker<S> {
@@ -582,15 +594,26 @@ impl<S: Settle> Worker<S> {
             s.last_confirm_at = Some(SystemTime::now());
         }
         match confirm::judge(answer) {
-            Verdict::Sent => self.gather(id, Outcome::Sent),
+            Verdict::Sent => {
+                self.nacked_since = None;
+                self.gather(id, Outcome::Sent);
+            }
             Verdict::Refused {
                 kind,
                 reason,
                 closes_link,
             } => {
                 self.fail(kind, id, reason.clone(), true);
+                let nacked_long = kind == "nack"
+                    && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
+                        >= NACKED_CHANNEL;
                 if closes_link {
                     self.link_lost(Some(Error::broker(reason)));
+                } else if nacked_long {
+                    self.link_lost(Some(Error::broker(format!(
+                        "every publish nacked for {} s; opening a new channel",
+                        NACKED_CHANNEL.as_secs()
+                    ))));
                 } else if kind == "unroutable" {
                     self.repair().await;
                 }
@@ -648,6 +671,7 @@ impl<S: Settle> Worker<S> {
             tracing::warn!(%error, "publisher lost its channel; reconnecting");
         }
         self.link = None;
+        self.nacked_since = None;
         // The next connection starts with the address after the one just lost: a node that
         // went away is tried again only once the others have been. With one address this is
         // that address again.
