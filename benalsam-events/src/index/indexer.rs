@@ -568,7 +568,13 @@ impl Run {
     }
 
     async fn connect(&mut self, shutdown: &CancellationToken) -> bool {
-        match self.source.connect().await {
+        // A shutdown is let through while connecting (a cluster test saw a consumer ignore
+        // SIGTERM while its channel was being set up on a node that had just come back).
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return false,
+            attempt = self.source.connect() => attempt,
+        };
+        match attempt {
             Ok(broker) => {
                 self.connect_failures = 0;
                 tracing::info!(%broker, "consuming");

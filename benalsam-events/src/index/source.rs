@@ -81,33 +81,57 @@ impl Source {
     /// Opens the link: a consuming channel with the prefetch, one consumer per queue. Returns
     /// the address reached, redacted.
     pub(crate) async fn connect(&mut self) -> Result<String> {
+        const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
         let (connection, index) =
             crate::connect::amqp_from(&self.url, &self.name, self.next_address).await?;
         // Set before the consumers start: a failure below moves the next attempt on too.
         self.next_address = index + 1;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| Error::amqp("opening the consuming channel", e))?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Error::amqp("setting the prefetch", e))?;
-        let mut deliveries = SelectAll::new();
-        for route in &self.queues {
-            let consumer = channel
-                .basic_consume(
-                    short(&route.queue)?,
-                    short(&format!("{} {}", self.name, route.queue))?,
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+        // Setting up can wait on the broker without end (a `basic.consume` of a quorum queue
+        // whose leader is being elected, on a node that just came back): bounded, so the next
+        // attempt goes to the next address.
+        let setup = async {
+            let channel = connection
+                .create_channel()
                 .await
-                .map_err(|e| Error::amqp(format!("consuming {}", route.queue), e))?;
-            let route = Arc::clone(route);
-            deliveries.push(consumer.map(move |d| (Arc::clone(&route), d)).boxed());
-        }
-        let side = crate::connect::confirm_channel(&connection, "dead-letter").await?;
+                .map_err(|e| Error::amqp("opening the consuming channel", e))?;
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| Error::amqp("setting the prefetch", e))?;
+            let mut deliveries = SelectAll::new();
+            for route in &self.queues {
+                let consumer = channel
+                    .basic_consume(
+                        short(&route.queue)?,
+                        short(&format!("{} {}", self.name, route.queue))?,
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| Error::amqp(format!("consuming {}", route.queue), e))?;
+                let route = Arc::clone(route);
+                deliveries.push(consumer.map(move |d| (Arc::clone(&route), d)).boxed());
+            }
+            let side = crate::connect::confirm_channel(&connection, "dead-letter").await?;
+            Ok::<_, Error>((deliveries, side))
+        };
+        let (deliveries, side) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+            Ok(Ok(set_up)) => set_up,
+            failed => {
+                // Not left open on a node that does not serve: the next attempt goes on.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    connection.close(200, "setup failed".into()),
+                )
+                .await;
+                return Err(match failed {
+                    Ok(Err(error)) => error,
+                    _ => Error::broker(format!(
+                        "the consuming channel was not set up within {SETUP_TIMEOUT:?}"
+                    )),
+                });
+            }
+        };
         self.link = Some(Link {
             connection,
             deliveries,
