@@ -33,7 +33,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,7 @@ use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use benalsam_events::index as search;
 use benalsam_events::{EventType, OutboxConfig};
-use common::{BenchEnv, BoxError, setting};
+use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use serde_json::{Value, json};
 
 const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
@@ -53,22 +53,6 @@ const JOINED_TOML: &str = include_str!("../../examples/joined_documents/listings
 const JOINED_ALIAS: &str = "benalsam_listings_joined";
 /// Sellers of the listings that are not fanned out (capacity backlogs, edits).
 const OTHER_SELLERS: usize = 200;
-
-fn binary(name: &str) -> Result<PathBuf, BoxError> {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release").join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--bin", name])
-            .status()?;
-        if !status.success() {
-            return Err(format!("cannot build {name}").into());
-        }
-    }
-    Ok(path)
-}
 
 /// Which event types the binaries run with.
 #[derive(Clone, Copy, PartialEq)]
@@ -120,11 +104,8 @@ impl Service {
         self.child.id()
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+    fn stop(self) {
+        common::stop(self.child);
     }
 }
 
@@ -208,39 +189,6 @@ async fn count_by_seller(es: &Elasticsearch, alias: &str, name: &str) -> Result<
     answer["count"]
         .as_u64()
         .ok_or_else(|| format!("no count in {answer}").into())
-}
-
-async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
-    Ok(env
-        .client
-        .query_one(
-            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
-            &[],
-        )
-        .await?
-        .get(0))
-}
-
-/// Waits until every job after `first` is completed.
-async fn wait_completed(env: &BenchEnv, first: i64) -> Result<(), BoxError> {
-    let started = Instant::now();
-    loop {
-        let open: i64 = env
-            .client
-            .query_one(
-                "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'",
-                &[&first],
-            )
-            .await?
-            .get(0);
-        if open == 0 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            return Err(format!("{open} jobs still open after 30 minutes").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Inserts `n` active listings of the demo's size for `sellers` (round robin), each with two
@@ -407,7 +355,7 @@ async fn edits(
     let (searchable, count) = tokio::join!(watcher, write);
     let (mut searchable, count) = (searchable?, count?);
     searchable.sort_by(f64::total_cmp);
-    wait_completed(env, first).await?;
+    wait_completed(env, first, Duration::from_secs(1800)).await?;
     let row = env
         .client
         .query_one(
@@ -465,7 +413,7 @@ async fn drain(
     ];
     let before = common::cpu_by_process(&own)?;
     let peak = RssPeak::start(vec![bridge.pid(), consumer.pid()]);
-    wait_completed(env, first).await?;
+    wait_completed(env, first, Duration::from_secs(1800)).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let after = common::cpu_by_process(&own)?;
     let rss = peak.finish().await?;
@@ -595,7 +543,7 @@ async fn fan_out(
     };
     let after = common::cpu_by_process(&own)?;
     let rss_peak = peak.finish().await?;
-    wait_completed(env, first).await?;
+    wait_completed(env, first, Duration::from_secs(1800)).await?;
     let wal: f64 = env
         .client
         .query_one(
@@ -738,7 +686,7 @@ async fn main() -> Result<(), BoxError> {
     for (store, n) in stores.iter().zip(&sizes) {
         insert_listings(&env, std::slice::from_ref(store), *n).await?;
     }
-    wait_completed(&env, first).await?;
+    wait_completed(&env, first, Duration::from_secs(1800)).await?;
     let seeded = sizes.iter().sum::<i64>() as f64 / seeding.elapsed().as_secs_f64();
 
     eprintln!("[3/4] edits at {edit_rate}/s for {edit_seconds} s, nothing else running");

@@ -30,7 +30,6 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,7 +37,7 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::index as search;
-use common::{BenchEnv, BoxError, setting};
+use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -171,22 +170,6 @@ async fn write(
     Ok(started.elapsed())
 }
 
-fn binary(name: &str) -> Result<PathBuf, BoxError> {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release").join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--bin", name])
-            .status()?;
-        if !status.success() {
-            return Err(format!("cannot build {name}").into());
-        }
-    }
-    Ok(path)
-}
-
 struct Process {
     child: Child,
 }
@@ -228,30 +211,8 @@ impl Process {
         Ok((ticks / hz, hwm_kib / 1024.0))
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until every job after `first` is completed; returns when the last one was.
-async fn wait_completed(env: &BenchEnv, first: i64) -> Result<(), BoxError> {
-    let started = Instant::now();
-    loop {
-        let open: i64 = env
-            .client
-            .query_one("SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'", &[&first])
-            .await?
-            .get(0);
-        if open == 0 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(900) {
-            return Err(format!("{open} jobs still open after 15 minutes").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    fn stop(self) {
+        common::stop(self.child);
     }
 }
 
@@ -271,17 +232,6 @@ async fn job_stats(env: &BenchEnv, first: i64) -> Result<(i64, f64, [f64; 4]), B
         .await?;
     let p: Vec<f64> = row.get(2);
     Ok((row.get(0), row.get(1), [p[0], p[1], p[2], p[3]]))
-}
-
-async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
-    Ok(env
-        .client
-        .query_one(
-            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
-            &[],
-        )
-        .await?
-        .get(0))
 }
 
 async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, alias: &str) {
@@ -458,7 +408,7 @@ async fn main() -> Result<(), BoxError> {
         ("load generator (this bench)", std::process::id()),
     ];
     let cpu_start = common::cpu_by_process(&binaries)?;
-    wait_completed(&env, before).await?;
+    wait_completed(&env, before, Duration::from_secs(900)).await?;
     let capacity = envelopes.len() as f64 / drain_started.elapsed().as_secs_f64();
     let cpu_drained = common::cpu_by_process(&binaries)?;
 
@@ -466,7 +416,7 @@ async fn main() -> Result<(), BoxError> {
     eprintln!("[3/4] the pipeline at full speed: {ops} changes from {writers} writers");
     let first = max_job(&env).await?;
     let written = write(&env, "listings", writers, ops, mix, None).await?;
-    wait_completed(&env, first).await?;
+    wait_completed(&env, first, Duration::from_secs(900)).await?;
     let (jobs, span, full) = job_stats(&env, first).await?;
     let pipeline = jobs as f64 / span;
     let cpu_full = common::cpu_by_process(&binaries)?;
@@ -482,7 +432,7 @@ async fn main() -> Result<(), BoxError> {
     eprintln!("[4/4] the pipeline at a fixed {rate:.0} changes/s for {rate_seconds} s");
     let first = max_job(&env).await?;
     write(&env, "listings", writers, paced_ops, mix, Some(rate)).await?;
-    wait_completed(&env, first).await?;
+    wait_completed(&env, first, Duration::from_secs(900)).await?;
     let (_, _, half) = job_stats(&env, first).await?;
     bridge.stop();
     consumer_process.stop();

@@ -33,7 +33,6 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,7 @@ use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::index as search;
 use benalsam_events::publish::{QueueType, TopologyConfig};
 use benalsam_events::{AmqpUrl, Outbox, OutboxConfig, Outcome, Settle};
-use common::{BenchEnv, BoxError, CpuSample, setting};
+use common::{BenchEnv, BoxError, CpuSample, binary, max_job, setting, wait_completed};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -55,22 +54,6 @@ fn cluster_var(name: &str) -> Result<String, BoxError> {
         .ok_or_else(|| {
             format!("{name} is not set: run on the cluster (scripts/stack up --cluster; eval \"$(scripts/stack env)\")").into()
         })
-}
-
-fn binary(name: &str) -> Result<PathBuf, BoxError> {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release").join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--bin", name])
-            .status()?;
-        if !status.success() {
-            return Err(format!("cannot build {name}").into());
-        }
-    }
-    Ok(path)
 }
 
 /// The cluster's addresses and the benchmark's own vhost and index.
@@ -146,11 +129,8 @@ impl Process {
         })
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+    fn stop(self) {
+        common::stop(self.child);
     }
 }
 
@@ -226,38 +206,6 @@ async fn idle_cpu(cluster: &Cluster, seconds: u64) -> Result<f64, BoxError> {
         .ok_or("no cells")?
         .parse()?;
     Ok(all / seconds as f64)
-}
-
-async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
-    Ok(env
-        .client
-        .query_one(
-            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
-            &[],
-        )
-        .await?
-        .get(0))
-}
-
-async fn wait_completed(env: &BenchEnv, after: i64) -> Result<(), BoxError> {
-    let started = Instant::now();
-    loop {
-        let open: i64 = env
-            .client
-            .query_one(
-                "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'",
-                &[&after],
-            )
-            .await?
-            .get(0);
-        if open == 0 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(900) {
-            return Err(format!("{open} jobs still open after 15 minutes").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The outbox alone: `claimers` side by side claim batches of 100, mark them sent and
@@ -525,7 +473,7 @@ async fn main() -> Result<(), BoxError> {
         let started = Instant::now();
         let processes = deploy(&cluster, &env, &alias, k)?;
         let before = cpu(&cluster, &processes)?;
-        wait_completed(&env, first).await?;
+        wait_completed(&env, first, Duration::from_secs(900)).await?;
         let rate = jobs as f64 / started.elapsed().as_secs_f64();
         let after = cpu(&cluster, &processes)?;
         drains.push((k, rate, before, after));
@@ -536,7 +484,7 @@ async fn main() -> Result<(), BoxError> {
         let first = max_job(&env).await?;
         let before = cpu(&cluster, &processes)?;
         write(&env, writers, ops).await?;
-        wait_completed(&env, first).await?;
+        wait_completed(&env, first, Duration::from_secs(900)).await?;
         let after = cpu(&cluster, &processes)?;
         let (count, span, p50, p99) = job_stats(&env, first).await?;
         lives.push((k, count, span, p50, p99, before, after));

@@ -359,3 +359,67 @@ fn of_stack(pid: u32, stack: &str) -> bool {
     }
     false
 }
+
+/// A bundled binary of the release build (`benalsam-bridge`, `benalsam-consumer`), built
+/// first when missing.
+pub fn binary(name: &str) -> Result<std::path::PathBuf, BoxError> {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release").join(name);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "--bin", name])
+            .status()?;
+        if !status.success() {
+            return Err(format!("cannot build {name}").into());
+        }
+    }
+    Ok(path)
+}
+
+/// Stops a binary as an orchestrator would (SIGTERM) and waits for it.
+pub fn stop(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// The newest job id (0 for none): jobs after it are the next phase's.
+pub async fn max_job(env: &BenchEnv) -> Result<i64, BoxError> {
+    Ok(env
+        .client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Waits until every job after `first` is completed, for at most `limit`.
+pub async fn wait_completed(
+    env: &BenchEnv,
+    first: i64,
+    limit: std::time::Duration,
+) -> Result<(), BoxError> {
+    let started = std::time::Instant::now();
+    loop {
+        let open: i64 = env
+            .client
+            .query_one(
+                "SELECT count(*) FROM elasticsearch_sync_queue WHERE id > $1 AND status <> 'completed'",
+                &[&first],
+            )
+            .await?
+            .get(0);
+        if open == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(format!("{open} jobs still open after {limit:?}").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
