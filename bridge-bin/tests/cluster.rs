@@ -20,7 +20,7 @@
 //! time: each kills nodes the others would use). Without the cluster's variables
 //! (`eval "$(scripts/stack env)"` of that folder) they fail, naming what is missing.
 
-#[allow(dead_code)] // its unbounded `stop`: these tests give a binary a minute to exit
+// (`binaries::stop` waits without bound; these tests give a binary a minute to exit.)
 mod binaries;
 #[path = "../../benalsam-events/tests/support/mod.rs"]
 mod support;
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use benalsam_events::config::AmqpUrl;
-use binaries::{Guarded, bridge_binary, consumer_binary};
+use binaries::{Guarded, answer, bridge_binary, consumer_binary, wait_until};
 use serde_json::{Value, json};
 use support::{TestSchema, TestVhost, database_url, free_port, management, unique_name};
 use tokio_util::sync::CancellationToken;
@@ -579,36 +579,6 @@ impl Deployment {
     }
 }
 
-/// The answer of `path`: status and JSON body; `None` while nothing answers.
-async fn answer(port: u16, path: &str) -> Option<(u16, Value)> {
-    let response = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.unwrap_or_default()))
-}
-
-/// Waits until the answer of `path` satisfies `check`; returns the body.
-async fn wait_until(port: u16, path: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let now = answer(port, path).await;
-        if let Some((got, body)) = &now
-            && check(*got, body)
-        {
-            return body.clone();
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{path} on :{port} did not answer as expected; last: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// One health answer seen by the watcher.
 #[derive(Debug, Clone)]
 struct Verdict {
@@ -879,7 +849,7 @@ enum Fault {
 /// The address a binary uses right now: `brokerInUse` of a `rabbitmq` endpoint or
 /// `searchNodeInUse` of the consumer's `elasticsearch-service`, once it is connected.
 async fn in_use(running: &Running, path: &str, field: &str) -> String {
-    let body = wait_until(running.port, path, |status, body| {
+    let body = wait_until(running.port, path, PATIENCE, |status, body| {
         status == 200 && body["details"][field].is_string()
     })
     .await;
@@ -912,7 +882,7 @@ async fn survive(test: &str, fault: Fault) {
         (&consumer, INDEXING),
         (&consumer, RABBITMQ),
     ] {
-        wait_until(running.port, path, |status, _| status == 200).await;
+        wait_until(running.port, path, PATIENCE, |status, _| status == 200).await;
     }
 
     let (kind, running, path, field) = match fault {
@@ -930,7 +900,7 @@ async fn survive(test: &str, fault: Fault) {
     kill_node(kind, node);
 
     // The binary moves to another node, and work goes on while the node is down.
-    let after = wait_until(running.port, path, |status, body| {
+    let after = wait_until(running.port, path, PATIENCE, |status, body| {
         status == 200
             && body["details"][field]
                 .as_str()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::DatabaseUrl;
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{EventType, Topology};
-use binaries::{bridge_binary, consumer_binary, stop};
+use binaries::{answer, bridge_binary, consumer_binary, stop, wait_until};
 use serde_json::Value;
 use support::{
     Relay, TestIndex, TestSchema, TestVhost, database_url, free_port, management, search_url,
@@ -51,41 +51,9 @@ fn start(binary: PathBuf, env: &[(&str, String)]) -> Running {
     }
 }
 
-/// The answer of `path`: status and JSON body; `None` while nothing answers.
-async fn answer(port: u16, path: &str) -> Option<(u16, Value)> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.unwrap_or_default()))
-}
-
 /// Waits until `path` answers `status`; returns the body.
 async fn wait_for(port: u16, path: &str, status: u16, within: Duration) -> Value {
     wait_until(port, path, within, |got, _| got == status).await
-}
-
-/// Waits until the answer of `path` satisfies `check`; returns the body.
-async fn wait_until(
-    port: u16,
-    path: &str,
-    within: Duration,
-    check: impl Fn(u16, &Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let now = answer(port, path).await;
-        if let Some((got, body)) = &now
-            && check(*got, body)
-        {
-            return body.clone();
-        }
-        assert!(
-            started.elapsed() < within,
-            "{path} did not answer as expected within {within:?}; last: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Waits until `n` jobs are completed.

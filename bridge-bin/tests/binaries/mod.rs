@@ -1,4 +1,5 @@
 //! The two binaries as processes, for the tests of this package.
+#![allow(dead_code)] // each test binary uses a part
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -65,4 +66,40 @@ pub fn stop(mut child: Guarded) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// The answer of `path` on a binary's health port: status and JSON body; `None` while
+/// nothing answers (within 2 s).
+pub async fn answer(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(std::time::Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or_default()))
+}
+
+/// Waits until the answer of `path` satisfies `check`, for at most `within`; returns the body.
+pub async fn wait_until(
+    port: u16,
+    path: &str,
+    within: std::time::Duration,
+    check: impl Fn(u16, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let now = answer(port, path).await;
+        if let Some((got, body)) = &now
+            && check(*got, body)
+        {
+            return body.clone();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{path} on :{port} did not answer as expected within {within:?}; last: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
