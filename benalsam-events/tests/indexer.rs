@@ -20,8 +20,8 @@ use benalsam_events::{
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use support::{
-    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, dead_search, search_list,
-    search_url, spawn_bridge, until,
+    Relay, TestIndex, TestSchema, TestVhost, amqp_list, dead_amqp, dead_search, publish,
+    search_list, search_url, spawn_bridge, until,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -212,25 +212,6 @@ async fn every_kind_of_change_shows_up_in_the_index() {
     teardown(db, vhost, index).await;
 }
 
-/// Publishes the envelope of `job` directly, as a late or repeated delivery would arrive.
-async fn publish_envelope(url: &AmqpUrl, envelope: &Envelope<'_>) {
-    let connection = connect::amqp(url, "test publish").await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_publish(
-            LISTINGS_EXCHANGE.into(),
-            envelope.routing_key.as_ref().into(),
-            BasicPublishOptions::default(),
-            &envelope.to_bytes(),
-            envelope.properties("test", None),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("sent");
-    let _ = connection.close(200, "ok".into()).await;
-}
-
 #[tokio::test]
 async fn an_older_or_repeated_change_never_overwrites_a_newer_one() {
     let (db, vhost, index) = setup().await;
@@ -249,9 +230,9 @@ async fn an_older_or_repeated_change_never_overwrites_a_newer_one() {
         .map(|j| Envelope::of(j, &EventType::listings()))
         .collect();
     // Newest first, then the older one, then the newest again.
-    publish_envelope(&vhost.url, &envelopes[1]).await;
-    publish_envelope(&vhost.url, &envelopes[0]).await;
-    publish_envelope(&vhost.url, &envelopes[1]).await;
+    publish(&vhost.url, &envelopes[1]).await.expect("published");
+    publish(&vhost.url, &envelopes[0]).await.expect("published");
+    publish(&vhost.url, &envelopes[1]).await.expect("published");
 
     let indexer = consumer(
         &vhost.url,
@@ -749,7 +730,7 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
         forged(pending_job, "someone-else"),
         forged(777_777, "ghost"),
     ] {
-        publish_envelope(&vhost.url, &envelope).await;
+        publish(&vhost.url, &envelope).await.expect("published");
     }
     let started = Instant::now();
     let letters = loop {

@@ -12,9 +12,8 @@ use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{AmqpUrl, Envelope, OutboxConfig, Topology};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::json;
-use support::{TestIndex, TestSchema, TestVhost, database_url, management, search_url};
+use support::{TestIndex, TestSchema, TestVhost, database_url, management, publish, search_url};
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -160,40 +159,6 @@ async fn the_components_work_with_least_privilege_and_the_consumer_cannot_publis
     db.drop().await;
     vhost.drop().await;
     index.drop().await;
-}
-
-/// Publishes `envelope` to the listings exchange as the user of `url`, waiting for the
-/// broker's confirm; the broker's refusal as text.
-async fn publish(url: &AmqpUrl, envelope: &Envelope<'_>) -> Result<(), String> {
-    let connection = benalsam_events::connect::amqp(url, "test publisher")
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let confirm = channel
-        .basic_publish(
-            "benalsam.listings".into(),
-            envelope.routing_key.as_ref().into(),
-            BasicPublishOptions::default(),
-            &envelope.to_bytes(),
-            envelope.properties("test", None),
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = connection.close(200, "ok".into()).await;
-    if confirm.is_ack() {
-        Ok(())
-    } else {
-        Err(format!("not confirmed: {confirm:?}"))
-    }
 }
 
 #[tokio::test]

@@ -701,3 +701,42 @@ pub async fn until<S: std::fmt::Debug>(
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
+
+/// Publishes `envelope` to `benalsam.listings` with publisher confirms, as any broker client
+/// with write permission could (a forgery, in the tests that use it).
+/// Publishes `envelope` to the listings exchange as the user of `url`, waiting for the
+/// broker's confirm; the broker's refusal as text.
+pub async fn publish(
+    url: &AmqpUrl,
+    envelope: &benalsam_events::Envelope<'_>,
+) -> Result<(), String> {
+    let connection = benalsam_events::connect::amqp(url, "test publisher")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let confirm = channel
+        .basic_publish(
+            "benalsam.listings".into(),
+            envelope.routing_key.as_ref().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &envelope.to_bytes(),
+            envelope.properties("test", None),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = connection.close(200, "ok".into()).await;
+    if confirm.is_ack() {
+        Ok(())
+    } else {
+        Err(format!("not confirmed: {confirm:?}"))
+    }
+}
