@@ -15,8 +15,8 @@ use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, free_port, healthy, sample, scrape, search_url,
-    unique_name,
+    TestIndex, TestSchema, TestVhost, database_url, free_port, healthy, publish, sample, scrape,
+    search_url, unique_name,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -633,6 +633,75 @@ async fn a_wrong_foreign_key_stops_start_up_naming_the_file_and_the_key() {
     let _ = std::fs::remove_file(typo);
     let _ = std::fs::remove_file(mistyped);
     db.drop().await;
+}
+
+/// A broker client that names a fan-out in progress (its job is `processing`, held by a
+/// bridge) cannot touch it: the delivery is dead-lettered as unverified and the job stays
+/// as it was. Before, the consumer failed the job and its documents kept the old name.
+#[tokio::test]
+async fn a_forged_delivery_naming_a_fan_out_touches_nothing() {
+    let t = Joined::start().await;
+    // A fan-out another bridge holds for an hour.
+    let job: i64 = t
+        .db
+        .client
+        .query_one(
+            "INSERT INTO elasticsearch_sync_queue
+                 (table_name, operation, record_id, change_data, status, locked_until, locked_by)
+             VALUES ('listings#seller', 'UPDATE', 'u1', '{\"fanout\": {\"tuple\": 0, \"after\": null}}',
+                     'processing', now() + interval '1 hour', 'another bridge')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("a fan-out in progress")
+        .get(0);
+    // The bridge has declared the topology once a listing went through.
+    let user = t.user("Hakan", "4.0").await;
+    let id = t.listing(&user, "Sandalye", "active").await;
+    t.doc_until(&id, "the pipeline runs", |d| {
+        seller_name(d) == Some("Hakan")
+    })
+    .await;
+    let forged = benalsam_events::Envelope::decode(
+        json!({
+            "messageId": format!("job_{job}"), "jobId": job, "schemaVersion": 1,
+            "routingKey": "listing.update", "table": "listings#seller", "operation": "UPDATE",
+            "recordId": "u1", "changeData": {"old": {}, "new": {}},
+            "occurredAt": "2026-11-28T00:00:00Z"
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("well-formed");
+    publish(&t.vhost.url, &forged)
+        .await
+        .expect("the administrator may publish");
+    let dlq =
+        benalsam_events::index::DeadLetterQueue::new(t.vhost.url.clone(), "elasticsearch.sync.dlq");
+    let letter = eventually("the forgery dead-lettered", || async {
+        let letters = dlq.list(10).await.map_err(|e| e.to_string())?;
+        letters
+            .into_iter()
+            .find(|l| l.job_id == Some(job))
+            .ok_or_else(|| "no dead letter yet".to_owned())
+    })
+    .await;
+    assert_eq!(letter.kind.as_deref(), Some("unverified"), "{letter:?}");
+    let row =
+        t.db.client
+            .query_one(
+                "SELECT status, retry_count, locked_by FROM elasticsearch_sync_queue WHERE id = $1",
+                &[&job],
+            )
+            .await
+            .expect("the job");
+    let (status, retries, holder): (String, i32, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (status.as_str(), retries, holder.as_str()),
+        ("processing", 0, "another bridge")
+    );
+    t.stop().await;
 }
 
 /// A relation taken out of the file loses its trigger at the next `migrate`, and the jobs

@@ -968,7 +968,11 @@ async fn verify_batch(shared: &Shared, batch: &[Message]) -> Option<Vec<Check>> 
         batch
             .iter()
             .map(|m| match m.body.envelope() {
-                Some(envelope) => verify::check(envelope, by_id.get(&envelope.job_id).copied()),
+                Some(envelope) => verify::check(
+                    envelope,
+                    by_id.get(&envelope.job_id).copied(),
+                    shared.event_types.contains_key(envelope.table.as_ref()),
+                ),
                 None => Check::Deliver,
             })
             .collect(),

@@ -4,7 +4,7 @@
 //! | the outbox has | decision |
 //! |---|---|
 //! | no such job, or one of another table, record or operation | dead-lettered as "unknown or mismatched job"; no job is touched |
-//! | a relation's job (`<table>#<relation>`): the bridge's fan-out handles those, none is ever published | dead-lettered as unverified; the job is not touched |
+//! | a table this consumer does not index (another consumer's, or a relation's `<table>#<relation>` job, which the bridge's fan-out handles and never publishes) | dead-lettered as unverified; the job is not touched |
 //! | the job `completed` | a duplicate: acked, not indexed |
 //! | the job `pending` (given back, or resent) | acked, not indexed: a bridge publishes it again |
 //! | a later TRUNCATE of the table | superseded: completed without indexing |
@@ -33,13 +33,18 @@ pub(crate) enum Check {
 }
 
 /// Checks `envelope` against what the outbox has for its job id.
-pub(crate) fn check(envelope: &Envelope<'_>, recorded: Option<&Recorded>) -> Check {
-    // A forged delivery naming a fan-out in progress would otherwise pass (its job is
-    // `processing`) and fail it, leaving its documents stale.
-    if envelope.table.contains('#') {
+pub(crate) fn check(
+    envelope: &Envelope<'_>,
+    recorded: Option<&Recorded>,
+    indexed_here: bool,
+) -> Check {
+    // Only a job this consumer is meant to complete may be touched: otherwise a forged
+    // delivery naming another consumer's job, or a fan-out in progress (`processing`), would
+    // pass the checks below and fail it.
+    if !indexed_here {
         return Check::Unverified(format!(
-            "job {} of {:?} belongs to a relation's fan-out, which is never published",
-            envelope.job_id, envelope.table
+            "this consumer indexes no table {:?} (a relation's job is never published; another table needs its event type in this consumer's configuration)",
+            envelope.table
         ));
     }
     let Some(r) = recorded.filter(|r| r.table.is_some()) else {
@@ -109,22 +114,25 @@ mod tests {
         let e = envelope(5, "L1");
         for status in ["processing", "sent", "failed"] {
             assert_eq!(
-                check(&e, Some(&recorded(status))),
+                check(&e, Some(&recorded(status)), true),
                 Check::Deliver,
                 "{status}"
             );
         }
-        assert_eq!(check(&e, Some(&recorded("completed"))), Check::Duplicate);
-        assert_eq!(check(&e, Some(&recorded("pending"))), Check::NotYet);
+        assert_eq!(
+            check(&e, Some(&recorded("completed")), true),
+            Check::Duplicate
+        );
+        assert_eq!(check(&e, Some(&recorded("pending")), true), Check::NotYet);
         let truncated = Recorded {
             truncated_after: true,
             ..recorded("sent")
         };
-        assert_eq!(check(&e, Some(&truncated)), Check::Superseded);
+        assert_eq!(check(&e, Some(&truncated), true), Check::Superseded);
     }
 
     #[test]
-    fn a_delivery_naming_a_relation_s_job_touches_nothing() {
+    fn a_delivery_for_a_table_this_consumer_does_not_index_touches_nothing() {
         let body = json!({
             "messageId": "job_5", "jobId": 5, "schemaVersion": 1,
             "routingKey": "listing.update", "table": "listings#seller", "operation": "UPDATE",
@@ -137,13 +145,13 @@ mod tests {
             ..recorded("processing")
         };
         assert!(
-            matches!(check(&forged, Some(&fan_out)), Check::Unverified(why) if why.contains("fan-out"))
+            matches!(check(&forged, Some(&fan_out), false), Check::Unverified(why) if why.contains("never published"))
         );
     }
 
     #[test]
     fn a_forged_message_is_refused_with_the_reason() {
-        let unknown = check(&envelope(9_000_000_000_000_000_000, "L1"), None);
+        let unknown = check(&envelope(9_000_000_000_000_000_000, "L1"), None, true);
         assert!(
             matches!(&unknown, Check::Unverified(why) if why.contains("no job")),
             "{unknown:?}"
@@ -153,10 +161,10 @@ mod tests {
             ..recorded("sent")
         };
         assert!(matches!(
-            check(&envelope(5, "L1"), Some(&missing)),
+            check(&envelope(5, "L1"), Some(&missing), true),
             Check::Unverified(_)
         ));
-        let other_record = check(&envelope(5, "L2"), Some(&recorded("pending")));
+        let other_record = check(&envelope(5, "L2"), Some(&recorded("pending")), true);
         assert!(
             matches!(&other_record, Check::Unverified(why) if why.contains("record") && why.contains("L2")),
             "{other_record:?}"
@@ -166,7 +174,7 @@ mod tests {
             ..recorded("sent")
         };
         assert!(matches!(
-            check(&envelope(5, "L1"), Some(&delete)),
+            check(&envelope(5, "L1"), Some(&delete), true),
             Check::Unverified(_)
         ));
     }
