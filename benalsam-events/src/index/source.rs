@@ -127,7 +127,7 @@ impl Source {
                 return Err(match failed {
                     Ok(Err(error)) => error,
                     _ => Error::broker(format!(
-                        "the consuming channel was not set up within {SETUP_TIMEOUT:?}"
+                        "the consuming channel was not set up within {SETUP_TIMEOUT:?}; the next broker address is tried"
                     )),
                 });
             }

@@ -276,7 +276,7 @@ impl Worker {
                 _ => crate::connect::postgres_as(&self.url, "benalsam-fanout").await?,
             };
             let conn = client.insert(conn);
-            if self.outstanding(conn, &plan.documents).await? > 2 * self.page {
+            if self.outstanding(conn, plan).await? > 2 * self.page {
                 // Let the table's REBUILD jobs reach the index first; keep the lease
                 // meanwhile (renewed every quarter lease, not at every wait).
                 if renewed.elapsed() > self.outbox.config().lease / 4 {
@@ -381,31 +381,15 @@ impl Worker {
         Ok(true)
     }
 
-    /// REBUILD jobs of `table` not yet indexed: pending, claimed or sent. Counting only the
+    /// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting only the
     /// pending ones let the bridge move a fan-out into RabbitMQ faster than the consumer
     /// indexes it, and every other change of the table queued behind it there (measured:
     /// edits of other listings took 25 s at p50 during a 100,000-document fan-out, 1.8 s
     /// counting all three). Three counts rather than `status IN (…)`: each is answered from
     /// its state's partial index (the `IN` form cost PostgreSQL three times the CPU).
-    async fn outstanding(&self, client: &tokio_postgres::Client, table: &str) -> Result<i64> {
-        let queue = format!(
-            "\"{}\".elasticsearch_sync_queue",
-            self.outbox.config().schema
-        );
-        let count = |status: &str| {
-            format!(
-                "(SELECT count(*) FROM {queue} WHERE status = '{status}' \
-                 AND table_name = $1 AND operation = 'REBUILD')"
-            )
-        };
-        let sql = format!(
-            "SELECT {} + {} + {}",
-            count("pending"),
-            count("processing"),
-            count("sent")
-        );
+    async fn outstanding(&self, client: &tokio_postgres::Client, plan: &Plan) -> Result<i64> {
         Ok(client
-            .query_one(&sql, &[&table])
+            .query_one(&plan.sql.outstanding, &[&plan.documents])
             .await
             .map_err(|e| Error::postgres("counting the REBUILD jobs not yet indexed", e))?
             .get(0))

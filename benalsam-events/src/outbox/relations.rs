@@ -197,6 +197,10 @@ pub(crate) struct FanOutSql {
     /// Records progress and renews the lease: `$1` job id, `$2` progress, `$3` lease
     /// seconds, `$4` worker id. Zero rows: the job is no longer this worker's.
     pub(crate) progress: String,
+    /// REBUILD jobs of the documents' table `$1` not yet indexed (pending, claimed or sent).
+    /// Three counts rather than `status IN (…)`: each is answered from its state's partial
+    /// index (the `IN` form cost PostgreSQL three times the CPU).
+    pub(crate) outstanding: String,
 }
 
 impl FanOutSql {
@@ -235,6 +239,20 @@ impl FanOutSql {
                 " AND d.\"{key}\" > {}",
                 typed_key(&table, key, "$6::text")
             )),
+            outstanding: {
+                let count = |status: &str| {
+                    format!(
+                        "(SELECT count(*) FROM {queue} WHERE status = '{status}' \
+                         AND table_name = $1 AND operation = 'REBUILD')"
+                    )
+                };
+                format!(
+                    "SELECT {} + {} + {}",
+                    count("pending"),
+                    count("processing"),
+                    count("sent")
+                )
+            },
             progress: format!(
                 "UPDATE {queue} SET change_data = change_data || jsonb_build_object('fanout', $2::jsonb), \
                  locked_until = now() + make_interval(secs => $3) \
