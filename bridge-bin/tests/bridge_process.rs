@@ -262,3 +262,8 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
         }
     }
 }
+
+#[test]
+fn a_run_setting_before_the_subcommand_says_where_it_belongs() {
+    support::misplaced_run_settings_are_explained(env!("CARGO_BIN_EXE_benalsam-bridge"));
+}

@@ -4,11 +4,9 @@
 
 mod commands;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = commands::Cli::parse();
+    let cli: commands::Cli = benalsam_events::ops::cli::parse();
     let _telemetry =
         benalsam_events::ops::telemetry::init("benalsam-consumer", cli.log.log_format)?;
     cli.run().await

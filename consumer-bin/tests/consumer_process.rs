@@ -530,3 +530,8 @@ async fn metrics_pass_promtool_each_binary_exports_its_own_and_the_dashboard_use
     vhost.drop().await;
     index.drop().await;
 }
+
+#[test]
+fn a_run_setting_before_the_subcommand_says_where_it_belongs() {
+    support::misplaced_run_settings_are_explained(env!("CARGO_BIN_EXE_benalsam-consumer"));
+}

@@ -689,6 +689,61 @@ impl Progress {
     }
 }
 
+/// Parses a binary's command line, like [`clap::Parser::parse`], saying where a misplaced
+/// setting belongs.
+///
+/// The settings of running a service belong to its `run` subcommand, so
+/// `benalsam-bridge --migrate` is refused like any unknown flag; instead of clap's bare
+/// "unexpected argument", the error then names the subcommand and shows the corrected form
+/// (`benalsam-bridge [OPTIONS] run --migrate …`). The corrected form is built from the
+/// definition, not from the command line given, so no value typed there (a URL with its
+/// password) is echoed.
+pub fn parse<C: clap::Parser>() -> C {
+    parse_from(std::env::args_os()).unwrap_or_else(|error| error.exit())
+}
+
+/// [`parse`] over the given arguments (the first is the program's name).
+pub fn parse_from<C, I, T>(args: I) -> Result<C, clap::Error>
+where
+    C: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    C::try_parse_from(args).map_err(|error| misplaced::<C>(&error).unwrap_or(error))
+}
+
+/// The error for a setting of `run` given where it does not belong, if `error` is one.
+fn misplaced<C: clap::CommandFactory>(error: &clap::Error) -> Option<clap::Error> {
+    use clap::error::{ContextKind, ContextValue};
+    if error.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(given)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let flag = given.split('=').next()?.strip_prefix("--")?;
+    let mut command = C::command();
+    command.build();
+    let name = command.get_name().to_owned();
+    let run = command.find_subcommand("run")?;
+    let arg = run.get_arguments().find(|a| a.get_long() == Some(flag))?;
+    let value = arg
+        .get_value_names()
+        .filter(|_| arg.get_action().takes_values())
+        .map(|names| format!(" <{}>", names.join("> <")))
+        .unwrap_or_default();
+    Some(command.error(
+        ErrorKind::UnknownArgument,
+        format!(
+            "`--{flag}` is a setting of `run`, which takes it after the subcommand:\n\n    {name} [OPTIONS] run --{flag}{value} …\n\n(without a subcommand, `run` runs with its settings from the environment: {env})",
+            env = arg
+                .get_env()
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "none for this one".into()),
+        ),
+    ))
+}
+
 /// Installs handlers for SIGINT and SIGTERM that cancel the returned token.
 pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();

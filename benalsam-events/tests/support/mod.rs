@@ -740,3 +740,51 @@ pub async fn publish(
         Err(format!("not confirmed: {confirm:?}"))
     }
 }
+
+/// Checks that every setting of `binary`'s `run` subcommand, given before the subcommand,
+/// is refused with an error naming `run` and showing where it goes (and never starts the
+/// service): what an operator sees after `benalsam-bridge --migrate`.
+pub fn misplaced_run_settings_are_explained(binary: &str) {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(binary)
+            .args(args)
+            .output()
+            .expect("the binary runs");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        long_flags(&String::from_utf8_lossy(&out.stdout))
+    };
+    let (top, run) = (help(&["--help"]), help(&["run", "--help"]));
+    let run_only: Vec<&String> = run.iter().filter(|f| !top.contains(f)).collect();
+    assert!(run_only.len() >= 5, "run has its own settings: {run:?}");
+    for flag in run_only {
+        let out = std::process::Command::new(binary)
+            .arg(flag)
+            .arg("x")
+            .env_clear()
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{flag}` is a setting of `run`"))
+                && stderr.contains(&format!("run {flag}")),
+            "{flag}: {stderr}"
+        );
+    }
+}
+
+/// The long flags (`--name`) a `--help` text lists.
+fn long_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            // `-v, --verbose` or `--verbose`
+            let line = match line.split_once(", --") {
+                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
+                _ => line.strip_prefix("--")?,
+            };
+            let name = line.split([' ', '=', '[', '<']).next()?;
+            (!name.is_empty() && name != "help" && name != "version").then(|| format!("--{name}"))
+        })
+        .collect()
+}
