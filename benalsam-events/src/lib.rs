@@ -42,7 +42,13 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
+//! | `bridge` | yes | [`bridge::run`] and what only the bridge needs: claiming, publishing, the fan-out of relations |
+//! | `consumer` | yes | [`consumer::run`], the `Indexer` and the DLQ tools: RabbitMQ → Elasticsearch, with the Elasticsearch client |
+//! | `otlp` | yes | exporting traces over OTLP/HTTP when the standard `OTEL_*` variables ask for it |
 //! | `cli` | no | `ops::cli`: the flags and environment variables of the bundled binaries |
+//!
+//! A service that only publishes builds with `default-features = false, features =
+//! ["bridge"]` and carries no search client.
 //!
 //! # Quick start: the outbox as a stream
 //!

@@ -1,7 +1,8 @@
 //! Versioned SQL migrations, applied once each, and the sync trigger on each event type's
 //! table.
 //!
-//! The SQL lives in the crate's `db/` folder and is compiled into the library, so a
+//! The SQL lives in the repository's `db/` folder (the crate's `db/` links there, so the
+//! published crate carries it) and is compiled into the library, so a
 //! binary always carries the schema it was built for. It holds only what the library owns:
 //! the job table, the trigger function, the progress of backfills, the busy marks of bridges
 //! (adaptive NOTIFY). [`migrate`] applies the
