@@ -507,6 +507,7 @@ fn database_report(
             "connected": s.connected,
             "listening": s.listening,
             "pending": s.backlog.map(|b| b.pending),
+            "processing": s.backlog.map(|b| b.processing),
             "retrying": s.backlog.map(|b| b.retrying),
             "sent": s.backlog.map(|b| b.sent),
             "oldestPendingAgeSeconds": backlog.oldest_pending_age.map(|d| d.as_secs_f64()),
@@ -592,8 +593,13 @@ fn database_problems(
     // Failed jobs waiting out their backoff are not work that should move yet.
     let moved = s.last_job_at.is_some_and(|t| since(now, t) <= window);
     if backlog.pending > 0 && !moved {
+        // Jobs claimed into a publisher that stopped taking more wait as well.
+        let claimed = match backlog.processing {
+            0 => String::new(),
+            n => format!(" (and {n} claimed are not yet confirmed)"),
+        };
         problems.push(format!(
-            "{} jobs wait and none was claimed for over {}s: is RabbitMQ reachable? (see /api/v1/health/rabbitmq)",
+            "{} jobs wait and none was claimed for over {}s{claimed}: is RabbitMQ reachable? (see /api/v1/health/rabbitmq)",
             backlog.pending,
             window.as_secs()
         ));

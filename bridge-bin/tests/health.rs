@@ -331,3 +331,70 @@ async fn start_up_waiting_for_the_search_engine_answers_503_starting_then_200() 
     db.drop().await;
     vhost.drop().await;
 }
+
+#[tokio::test]
+async fn the_backlog_figures_come_from_the_database_while_the_broker_is_away() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let (broker, through_relay) = Relay::amqp(&vhost.url).await;
+    let mut environment = env(&db, &vhost, &database_url());
+    environment.retain(|(k, _)| *k != "RABBITMQ_URL");
+    environment.push(("RABBITMQ_URL", through_relay.expose().to_owned()));
+    environment.push(("BENALSAM_HEALTH_WINDOW", "5s".to_owned()));
+    let bridge = start(bridge_binary(), &environment);
+    wait_for(bridge.port, "/readyz", 200, PATIENCE).await;
+    db.insert_listings(3).await;
+    let started = Instant::now();
+    while db.count("sent").await < 3 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "3 jobs sent before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    broker.set_up(false);
+    db.insert_listings(250).await;
+    // The gauges and the health answer follow the outbox, not the publisher: 250 waiting
+    // (pending, or claimed into the publisher's buffer before it stopped taking more), the
+    // oldest of them ageing, and the verdict red with the true count.
+    let started = Instant::now();
+    loop {
+        let scrape = support::scrape(bridge.port).await;
+        let waiting = ["pending", "processing"]
+            .map(|status| support::sample(&scrape, "benalsam_queue_jobs", &[("status", status)]))
+            .iter()
+            .sum::<f64>();
+        let age = support::sample(&scrape, "benalsam_queue_oldest_pending_age_seconds", &[]);
+        if waiting >= 250.0 && age >= 2.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the gauges show the backlog while the broker is away: waiting {waiting}, oldest {age} s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let red = wait_for(bridge.port, BRIDGE, 503, PATIENCE).await;
+    let details = &red["details"];
+    let waiting =
+        details["pending"].as_i64().unwrap_or(0) + details["processing"].as_i64().unwrap_or(0);
+    assert!(waiting >= 250, "{red}");
+    assert!(
+        red["message"].as_str().unwrap_or("").contains("jobs wait"),
+        "{red}"
+    );
+
+    broker.set_up(true);
+    let started = Instant::now();
+    while db.count("sent").await < 253 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the backlog sent after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(bridge.port, BRIDGE, 200, PATIENCE).await;
+    stop(bridge.child);
+    db.drop().await;
+    vhost.drop().await;
+}

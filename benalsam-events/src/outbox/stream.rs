@@ -149,6 +149,7 @@ pub struct JobStream {
     status: Live<JobStreamStatus>,
     metrics: StreamMetrics,
     _listener: Option<Listener>,
+    _census: CensusTask,
 }
 
 impl std::fmt::Debug for JobStream {
@@ -199,6 +200,13 @@ impl JobStream {
         // whether writers need to send one.
         let presence = (config.adaptive_notify && matches!(config.wake, Wake::Listen { .. }))
             .then(Presence::default);
+        let census = Census {
+            outbox: outbox.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            every: config.poll_interval,
+        }
+        .spawn(shutdown.clone());
         let claimer = Claimer {
             outbox,
             config,
@@ -225,6 +233,7 @@ impl JobStream {
             status,
             metrics,
             _listener: listener,
+            _census: census,
         })
     }
 
@@ -436,7 +445,7 @@ impl Claimer {
         }
     }
 
-    /// Reclaims expired leases and counts the backlog.
+    /// Reclaims expired leases.
     async fn housekeeping(&mut self) -> Result<()> {
         const RECLAIM_LIMIT: usize = 1000;
         let reclaimed = self.outbox.reclaim_expired(RECLAIM_LIMIT).await?;
@@ -451,6 +460,72 @@ impl Claimer {
             // They are pending again: claim them now, not at the next tick.
             self.drained = false;
         }
+        Ok(())
+    }
+
+    /// Records an error and waits out the backoff (or the shutdown).
+    async fn failed(&mut self, error: Error) {
+        self.status.lock().connected = false;
+        self.status.record_error(&error);
+        let delay = self.config.reconnect.delay(self.failures);
+        tracing::warn!(%error, retry_in = ?delay, "job stream cannot reach the outbox");
+        self.failures = self.failures.saturating_add(1);
+        // After the outage, sweep at once.
+        self.drained = false;
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    async fn give_back(&self, jobs: &[Job]) {
+        let reports: Vec<(i64, Outcome)> = jobs.iter().map(|j| (j.id, Outcome::Released)).collect();
+        match self.outbox.settle(&reports).await {
+            Ok(settled) => tracing::info!(
+                released = settled.changed.len(),
+                "shutting down: gave claimed jobs back"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                count = reports.len(),
+                "shutting down: could not give claimed jobs back; they return when their lease expires"
+            ),
+        }
+    }
+}
+
+/// Counts the backlog on a timer of its own, every poll interval until shutdown.
+///
+/// Not in the claimer's loop: that loop runs only while someone pulls batches, and a
+/// publisher waiting for its broker pulls none. Counted there, the figures froze at the last
+/// count for the whole outage (one pending job while thousands waited), and the backlog alert
+/// could not fire during the very outage it is meant for. The database answers whatever the
+/// broker does.
+struct Census {
+    outbox: Outbox,
+    status: Live<JobStreamStatus>,
+    metrics: StreamMetrics,
+    every: Duration,
+}
+
+impl Census {
+    fn spawn(self, shutdown: CancellationToken) -> CensusTask {
+        CensusTask(tokio::spawn(async move {
+            loop {
+                if let Err(error) = self.count().await {
+                    // The claimer reports the outage (health, metrics, a warning); this only
+                    // keeps the last figures until the database answers again.
+                    tracing::debug!(%error, "cannot count the backlog");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(self.every) => {}
+                }
+            }
+        }))
+    }
+
+    async fn count(&self) -> Result<()> {
         let backlog = self.outbox.backlog().await?;
         let by_table = self.outbox.pending_by_table().await?;
         for (table, jobs) in &by_table {
@@ -494,34 +569,13 @@ impl Claimer {
         m.oldest_sent_age.set(seconds(backlog.oldest_sent_age));
         Ok(())
     }
+}
 
-    /// Records an error and waits out the backoff (or the shutdown).
-    async fn failed(&mut self, error: Error) {
-        self.status.lock().connected = false;
-        self.status.record_error(&error);
-        let delay = self.config.reconnect.delay(self.failures);
-        tracing::warn!(%error, retry_in = ?delay, "job stream cannot reach the outbox");
-        self.failures = self.failures.saturating_add(1);
-        // After the outage, sweep at once.
-        self.drained = false;
-        tokio::select! {
-            () = self.shutdown.cancelled() => {}
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
+/// The census task, stopped with its stream.
+struct CensusTask(tokio::task::JoinHandle<()>);
 
-    async fn give_back(&self, jobs: &[Job]) {
-        let reports: Vec<(i64, Outcome)> = jobs.iter().map(|j| (j.id, Outcome::Released)).collect();
-        match self.outbox.settle(&reports).await {
-            Ok(settled) => tracing::info!(
-                released = settled.changed.len(),
-                "shutting down: gave claimed jobs back"
-            ),
-            Err(error) => tracing::warn!(
-                %error,
-                count = reports.len(),
-                "shutting down: could not give claimed jobs back; they return when their lease expires"
-            ),
-        }
+impl Drop for CensusTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
