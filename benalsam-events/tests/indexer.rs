@@ -456,7 +456,12 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
     let job = letters[0].job_id.expect("job id");
     let report = DeadLetterQueue::new(vhost.url.clone(), DLQ)
-        .replay(&JobSelection::Jobs(vec![job]), |_, _| {})
+        .replay(
+            &db.outbox(OutboxConfig::default()),
+            &[index.event_type()],
+            &JobSelection::Jobs(vec![job]),
+            |_, _| {},
+        )
         .await
         .expect("replay");
     assert_eq!(report.replayed, 1);

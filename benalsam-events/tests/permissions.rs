@@ -387,6 +387,12 @@ async fn a_dead_letter_planted_by_the_consumers_user_is_never_replayed_into_anot
         .expect("dlq");
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].body.contains("inventory_items"), "{left:?}");
+    assert_eq!(report.replayed, 1);
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert!(
+        report.refused[0].reason.contains("inventory_items"),
+        "the refusal says why: {report:?}"
+    );
     db.drop().await;
     vhost.drop().await;
 }
@@ -394,13 +400,18 @@ async fn a_dead_letter_planted_by_the_consumers_user_is_never_replayed_into_anot
 /// `dlq replay --job <job>` as the administrator.
 async fn replay_job(
     vhost: &TestVhost,
-    _db: &TestSchema,
-    _event_types: &[EventType],
+    db: &TestSchema,
+    event_types: &[EventType],
     queue: &str,
     job: i64,
 ) -> ReplayReport {
     DeadLetterQueue::new(vhost.url.clone(), queue)
-        .replay(&JobSelection::Jobs(vec![job]), |_, _| {})
+        .replay(
+            &db.outbox(OutboxConfig::default()),
+            event_types,
+            &JobSelection::Jobs(vec![job]),
+            |_, _| {},
+        )
         .await
         .expect("replay")
 }
