@@ -492,3 +492,57 @@ async fn replay(
     let _ = connection.close(200, "replayed".into()).await;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outbox::Operation;
+
+    fn letter(table: &str) -> std::result::Result<Envelope<'static>, String> {
+        let body = json!({
+            "messageId": "job_5", "jobId": 5, "schemaVersion": 1,
+            "routingKey": "inventory.insert", "table": table, "operation": "INSERT",
+            "recordId": "L1", "changeData": {"title": "forged"},
+            "occurredAt": "2026-11-27T12:00:00Z"
+        });
+        Envelope::parse(body.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    fn recorded(status: &str) -> Recorded {
+        Recorded {
+            id: 5,
+            table: Some("listings".into()),
+            operation: Some(Operation::Insert),
+            record_id: Some("L1".into()),
+            status: Some(status.into()),
+            truncated_after: false,
+            change_data: Some(json!({"title": "genuine", "status": "active"})),
+            created_at: Some(std::time::SystemTime::UNIX_EPOCH),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_letter_is_replayed_only_as_the_outbox_has_its_job_and_routed_by_the_configuration() {
+        let types = [
+            EventType::listings(),
+            EventType::new("inventory", "inventory_items"),
+        ];
+        let (job, event_type) =
+            checked(&letter("listings"), Some(&recorded("failed")), &types).expect("replayable");
+        assert_eq!(job.change_data["title"], "genuine");
+        assert_eq!(event_type.route(&job).exchange, "benalsam.listings");
+        let refused = |letter, recorded: Option<&Recorded>| {
+            checked(&letter, recorded, &types).expect_err("refused")
+        };
+        assert!(refused(letter("inventory_items"), Some(&recorded("failed"))).contains("table"));
+        assert!(refused(letter("listings"), Some(&recorded("completed"))).contains("completed"));
+        assert!(refused(letter("listings"), Some(&recorded("pending"))).contains("pending"));
+        assert!(refused(letter("listings"), None).contains("no job"));
+        assert!(refused(Err("not a valid envelope".into()), None).contains("not a valid"));
+        let unconfigured = checked(&letter("listings"), Some(&recorded("failed")), &types[1..]);
+        assert!(unconfigured.is_err());
+    }
+}
