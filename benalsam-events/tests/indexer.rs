@@ -15,7 +15,7 @@ use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
     AmqpUrl, Backoff, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig, SearchUrl,
-    Topology, connect,
+    Settle, Topology, connect,
 };
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
@@ -456,7 +456,12 @@ async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_f
     assert_eq!(letters[0].kind.as_deref(), Some("rejected"));
     let job = letters[0].job_id.expect("job id");
     let report = DeadLetterQueue::new(vhost.url.clone(), DLQ)
-        .replay(&JobSelection::Jobs(vec![job]), |_, _| {})
+        .replay(
+            &db.outbox(OutboxConfig::default()),
+            &[index.event_type()],
+            &JobSelection::Jobs(vec![job]),
+            |_, _| {},
+        )
         .await
         .expect("replay");
     assert_eq!(report.replayed, 1);
@@ -788,6 +793,283 @@ async fn forged_messages_are_dead_lettered_and_touch_neither_the_index_nor_any_j
         doc["_source"]["title"], "Gerçek başlık",
         "not frozen by the forged job id"
     );
+    teardown(db, vhost, index).await;
+}
+
+/// The title forgeries give a listing, to look for in the index.
+const SPAM: &str = "Bedava telefon, hemen tıkla";
+
+/// An UPDATE of `record` under `job` that approves it with a spam title: well-formed, as a
+/// client with write on the exchange (the bridge's own user suffices) could publish it.
+fn forged_approval(job: i64, record: &str) -> Envelope<'static> {
+    let row = |title: &str, status: &str| {
+        json!({ "id": record, "title": title, "status": status, "description": "",
+                "user_id": "00000000-0000-0000-0000-000000000000", "category": "elektronik" })
+    };
+    let body = json!({
+        "messageId": format!("job_{job}"), "jobId": job, "schemaVersion": 1,
+        "routingKey": "listing.status.active", "table": "listings", "operation": "UPDATE",
+        "recordId": record,
+        "changeData": { "old": row("Onay bekliyor", "pending_approval"), "new": row(SPAM, "active") },
+        "status": "active", "previousStatus": "pending_approval",
+        "occurredAt": "2026-11-28T00:00:00Z"
+    });
+    Envelope::decode(body.to_string().as_bytes()).expect("well-formed")
+}
+
+/// A listing waiting for approval, as the application writes it; its id.
+async fn insert_pending_listing(db: &TestSchema) -> String {
+    db.client
+        .query_one(
+            "INSERT INTO listings (user_id, title, category, status)
+             VALUES (gen_random_uuid(), 'Onay bekliyor', 'elektronik', 'pending_approval')
+             RETURNING id::text",
+            &[],
+        )
+        .await
+        .expect("a pending listing")
+        .get(0)
+}
+
+/// The application's edit of one listing.
+async fn edit(db: &TestSchema, id: &str, set: &str) {
+    db.client
+        .batch_execute(&format!("UPDATE listings SET {set} WHERE id = '{id}'"))
+        .await
+        .expect("an edit");
+}
+
+/// The newest job id so far.
+async fn last_job(db: &TestSchema) -> i64 {
+    db.client
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await
+        .expect("last job")
+        .get(0)
+}
+
+/// Waits until `job` is in `status`.
+async fn wait_status(db: &TestSchema, job: i64, status: &str) {
+    let started = Instant::now();
+    loop {
+        let statuses = db.statuses().await;
+        if statuses.iter().any(|(id, s)| *id == job && s == status) {
+            return;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "job {job} never became {status}: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The title and status the index holds for `id`, `None` without a document.
+async fn indexed(index: &TestIndex, id: &str) -> Option<(String, String)> {
+    let doc = index.get(id).await?;
+    let field = |name: &str| doc["_source"][name].as_str().unwrap_or("").to_owned();
+    Some((field("title"), field("status")))
+}
+
+#[tokio::test]
+async fn forgeries_queued_ahead_for_the_next_job_ids_index_only_what_the_outbox_has() {
+    let (db, vhost, index) = setup().await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let id = insert_pending_listing(&db).await;
+    wait_published(&db).await;
+    // While the consumer lags, forged approvals for the next three job ids wait in the queue
+    // ahead of anything real.
+    let next = last_job(&db).await + 1;
+    for job in next..next + 3 {
+        publish(&vhost.url, &forged_approval(job, &id))
+            .await
+            .expect("published");
+    }
+    // The application's next edits get those ids: a new title (still waiting for
+    // approval), then the approval.
+    edit(&db, &id, "title = 'Gerçek başlık'").await;
+    edit(&db, &id, "status = 'active'").await;
+    assert_eq!(
+        last_job(&db).await,
+        next + 1,
+        "the edits got the forged ids"
+    );
+    wait_published(&db).await;
+
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        db.outbox(OutboxConfig::default()),
+        &index,
+        IndexerConfig::default(),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(indexer.run(stop.clone()));
+    assert_eq!(wait_done(&db).await, (3, 0));
+    // The forgery for a job id nobody has yet is dead-lettered as unknown.
+    let letters = eventually_letters(&vhost, 1).await;
+    assert_eq!(
+        letters[0].kind.as_deref(),
+        Some("unverified"),
+        "{letters:?}"
+    );
+    stop_bridge.cancel();
+    stop.cancel();
+    bridge.await.expect("no panic").expect("drained");
+    running.await.expect("no panic");
+    assert_eq!(
+        indexed(&index, &id).await,
+        Some(("Gerçek başlık".to_owned(), "active".to_owned())),
+        "the index holds the row as the application wrote it, not the forgery"
+    );
+    teardown(db, vhost, index).await;
+}
+
+/// Waits until the DLQ holds `n` letters; returns them.
+async fn eventually_letters(vhost: &TestVhost, n: usize) -> Vec<index::DeadLetter> {
+    let started = Instant::now();
+    loop {
+        let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+            .list(n + 10)
+            .await
+            .expect("dlq");
+        if letters.len() >= n {
+            return letters;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{n} dead letters: {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_forged_copy_delivered_before_the_genuine_one_indexes_the_outbox_content() {
+    let (db, vhost, index) = setup().await;
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        db.outbox(OutboxConfig::default()),
+        &index,
+        IndexerConfig::default(),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(indexer.run(stop.clone()));
+    let id = insert_pending_listing(&db).await;
+    edit(&db, &id, "status = 'active'").await;
+    // A bridge's claim: both jobs are in flight (`processing`), their messages not yet
+    // published when the forgeries come.
+    let outbox = db.outbox(OutboxConfig::default());
+    let jobs = outbox.claim(10).await.expect("claim");
+    assert_eq!(jobs.len(), 2);
+    let approval = jobs[1].id;
+    publish(&vhost.url, &forged_approval(approval, &id))
+        .await
+        .expect("published");
+    wait_status(&db, approval, "completed").await;
+    // Then the genuine messages, as the bridge publishes them, and more forgeries.
+    for job in &jobs {
+        publish(&vhost.url, &Envelope::of(job, &EventType::listings()))
+            .await
+            .expect("published");
+    }
+    outbox
+        .settle(&support::reports(
+            &jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            benalsam_events::Outcome::Sent,
+        ))
+        .await
+        .expect("sent");
+    publish(&vhost.url, &forged_approval(approval, &id))
+        .await
+        .expect("published");
+    assert_eq!(wait_done(&db).await, (2, 0));
+    assert_eq!(
+        indexed(&index, &id).await,
+        Some(("Onay bekliyor".to_owned(), "active".to_owned())),
+        "the index holds the row as the application wrote it, not the forgery"
+    );
+
+    // A job whose publish failed for good is not completed with invented content either.
+    edit(&db, &id, "title = 'Yeni başlık'").await;
+    let failed = outbox.claim(10).await.expect("claim").remove(0).id;
+    outbox
+        .settle(&[(
+            failed,
+            benalsam_events::Outcome::Failed {
+                error: "refused".to_owned(),
+                retry: false,
+            },
+        )])
+        .await
+        .expect("failed");
+    wait_status(&db, failed, "failed").await;
+    let mut forged = forged_approval(failed, &id);
+    forged.routing_key = "listing.update".into();
+    publish(&vhost.url, &forged).await.expect("published");
+    wait_status(&db, failed, "completed").await;
+    stop.cancel();
+    running.await.expect("no panic");
+    assert_eq!(
+        indexed(&index, &id).await,
+        Some(("Yeni başlık".to_owned(), "active".to_owned())),
+        "a failed job's forgery indexes the outbox's row"
+    );
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
+async fn a_genuine_message_taken_from_the_queue_and_replaced_by_a_forgery_indexes_the_outbox_content()
+ {
+    let (db, vhost, index) = setup().await;
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    let id = insert_pending_listing(&db).await;
+    edit(&db, &id, "status = 'active'").await;
+    wait_published(&db).await;
+    stop_bridge.cancel();
+    bridge.await.expect("no panic").expect("drained");
+    // Someone who may consume the queue takes the genuine messages and puts a forgery in
+    // the approval's place.
+    let taken = support::drain_queue(&vhost.url, "elasticsearch.sync").await;
+    assert_eq!(taken.len(), 2);
+    let approval = last_job(&db).await;
+    publish(&vhost.url, &forged_approval(approval, &id))
+        .await
+        .expect("published");
+
+    let indexer = consumer(
+        &vhost.url,
+        &search_url(),
+        db.outbox(OutboxConfig::default()),
+        &index,
+        IndexerConfig::default(),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(indexer.run(stop.clone()));
+    wait_status(&db, approval, "completed").await;
+    assert_eq!(
+        indexed(&index, &id).await,
+        Some(("Onay bekliyor".to_owned(), "active".to_owned())),
+        "the index holds the row as the application wrote it, not the forgery"
+    );
+    // The stolen insert is only late: the resender (here without its wait) publishes it
+    // again, and it completes.
+    let outbox = db.outbox(OutboxConfig::default());
+    let resent = outbox
+        .resend_stale_sent(Duration::ZERO, 10)
+        .await
+        .expect("resend");
+    assert_eq!(resent, vec![approval - 1]);
+    let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
+    assert_eq!(wait_done(&db).await, (2, 0));
+    stop_bridge.cancel();
+    stop.cancel();
+    bridge.await.expect("no panic").expect("drained");
+    running.await.expect("no panic");
     teardown(db, vhost, index).await;
 }
 

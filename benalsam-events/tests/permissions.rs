@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::index::{DeadLetterQueue, ReplayReport};
+use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
-use benalsam_events::{AmqpUrl, Envelope, OutboxConfig, Topology};
+use benalsam_events::{
+    AmqpUrl, Envelope, EventType, OutboxConfig, Outcome, Settle, Topology, lapin,
+};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, management, publish, search_url};
 use tokio_util::sync::CancellationToken;
@@ -222,4 +226,192 @@ async fn the_compose_setup_script_loads_the_topology_and_grants_the_shipped_perm
     }
     let _ = std::fs::remove_dir_all(&dir);
     vhost.drop().await;
+}
+
+/// Publishes `body` with `headers` to `exchange` as the user of `url`, confirmed.
+async fn plant(
+    url: &AmqpUrl,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    headers: &[(&str, lapin::types::AMQPValue)],
+) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection = benalsam_events::connect::amqp(url, "planter")
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut table = lapin::types::FieldTable::default();
+    for (key, value) in headers {
+        table.insert((*key).into(), value.clone());
+    }
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_headers(table),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_planted_by_the_consumers_user_is_never_replayed_into_another_exchange() {
+    use lapin::types::{AMQPValue, LongString};
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let listings = EventType::listings();
+    let inventory = EventType::new("inventory", "inventory_items");
+    let event_types = vec![listings.clone(), inventory.clone()];
+    let topology = Topology::for_event_types(&event_types, &TopologyConfig::default());
+    let admin = benalsam_events::connect::amqp(&vhost.url, "admin")
+        .await
+        .expect("connect");
+    topology.declare(&admin).await.expect("declare");
+    let _ = admin.close(200, "ok".into()).await;
+    let consumer_line = topology
+        .permissions()
+        .lines()
+        .nth(1)
+        .expect("consumer")
+        .to_owned();
+    let fields: Vec<&str> = consumer_line.split('\t').collect();
+    let consumer_url = grant(&vhost, fields[0], fields[1], fields[2], fields[3]).await;
+
+    // A real listing whose job the consumer dead-lettered: the operator will replay it.
+    let id = db.insert_listings(1).await.remove(0);
+    let outbox = db.outbox(OutboxConfig::default());
+    let job = outbox.claim(1).await.expect("claim").remove(0);
+    outbox
+        .settle(&[(
+            job.id,
+            Outcome::DeadLettered {
+                error: "mapper_parsing_exception".into(),
+            },
+        )])
+        .await
+        .expect("failed");
+
+    // The consumer's user plants two letters naming that job and the inventory exchange:
+    // an invented inventory change, and the listing with a spam title.
+    let headers = |routing_key: &str| {
+        vec![
+            (
+                "x-original-exchange",
+                AMQPValue::LongString(LongString::from(inventory.exchange.as_str())),
+            ),
+            (
+                "x-original-routing-key",
+                AMQPValue::LongString(LongString::from(routing_key)),
+            ),
+            ("x-job-id", AMQPValue::LongLongInt(job.id)),
+            (
+                "x-dead-letter-kind",
+                AMQPValue::LongString(LongString::from("rejected")),
+            ),
+        ]
+    };
+    let invented = json!({
+        "messageId": format!("job_{}", job.id), "jobId": job.id, "schemaVersion": 1,
+        "routingKey": "inventory.insert", "table": "inventory_items", "operation": "INSERT",
+        "recordId": "SKU-1", "changeData": { "sku": "SKU-1", "name": "Sahte ürün" },
+        "occurredAt": "2026-11-28T00:00:00Z"
+    });
+    let mut spam = Envelope::of(&job, &listings).to_bytes();
+    spam = String::from_utf8(spam)
+        .expect("utf-8")
+        .replace("İlan 1", "Bedava telefon")
+        .into_bytes();
+    for (body, key) in [
+        (invented.to_string().into_bytes(), "inventory.insert"),
+        (spam, "inventory.update"),
+    ] {
+        plant(
+            &consumer_url,
+            &listings.dead_letter_exchange,
+            key,
+            &body,
+            &headers(key),
+        )
+        .await;
+    }
+    let started = Instant::now();
+    while DeadLetterQueue::new(vhost.url.clone(), &listings.dead_letter_queue)
+        .list(10)
+        .await
+        .expect("dlq")
+        .len()
+        < 2
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the planted letters are in the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The administrator replays the job.
+    let report = replay_job(
+        &vhost,
+        &db,
+        &event_types,
+        &listings.dead_letter_queue,
+        job.id,
+    )
+    .await;
+    let into_inventory = support::drain_queue(&vhost.url, &inventory.queue).await;
+    assert!(
+        into_inventory.is_empty(),
+        "nothing reached the inventory exchange: {report:?}"
+    );
+    // The genuine job went where the configuration routes it, as the outbox has it; the
+    // invented change was refused and left in the DLQ.
+    let into_listings = support::drain_queue(&vhost.url, &listings.queue).await;
+    assert_eq!(into_listings.len(), 1, "{report:?}");
+    assert_eq!(into_listings[0].routing_key.as_str(), "listing.insert");
+    let replayed = Envelope::decode(&into_listings[0].data).expect("an envelope");
+    assert_eq!(replayed.change_data["title"], "İlan 1");
+    assert_eq!(replayed.record_id, id);
+    let left = DeadLetterQueue::new(vhost.url.clone(), &listings.dead_letter_queue)
+        .list(10)
+        .await
+        .expect("dlq");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].body.contains("inventory_items"), "{left:?}");
+    assert_eq!(report.replayed, 1);
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert!(
+        report.refused[0].reason.contains("inventory_items"),
+        "the refusal says why: {report:?}"
+    );
+    db.drop().await;
+    vhost.drop().await;
+}
+
+/// `dlq replay --job <job>` as the administrator.
+async fn replay_job(
+    vhost: &TestVhost,
+    db: &TestSchema,
+    event_types: &[EventType],
+    queue: &str,
+    job: i64,
+) -> ReplayReport {
+    DeadLetterQueue::new(vhost.url.clone(), queue)
+        .replay(
+            &db.outbox(OutboxConfig::default()),
+            event_types,
+            &JobSelection::Jobs(vec![job]),
+            |_, _| {},
+        )
+        .await
+        .expect("replay")
 }

@@ -57,7 +57,9 @@ enum Dlq {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Publish dead-lettered messages back to their exchange, then remove them from the DLQ
+    /// Publish the jobs of dead-lettered messages again, then remove them from the DLQ: only
+    /// jobs the outbox has as the message names them and not completed, built from the
+    /// outbox's row, to the exchange and routing key of their event type
     Replay {
         #[command(flatten)]
         which: WhichDlq,
@@ -142,6 +144,9 @@ impl Cli {
                     .list(limit)
                     .await
                     .with_context(|| format!("listing {queue}"))?;
+                if letters.is_empty() {
+                    println!("the DLQ {queue} is empty");
+                }
                 for letter in letters {
                     println!(
                         "job {:>10}  {:<18} {:<28} {}\n    {}",
@@ -165,22 +170,51 @@ impl Cli {
                 } else {
                     JobSelection::Jobs(jobs.clone())
                 };
+                // Where a job goes and what it holds come from the configuration and the
+                // outbox, never from the dead letter (anyone who may dead-letter could have
+                // written it).
+                let event_types = self.config.event_types()?;
+                let outbox = self.database.outbox()?;
                 let mut progress = cli::Progress::new(queue, "messages");
                 let report = DeadLetterQueue::new(rabbit.clone(), queue)
-                    .replay(&selection, |done, total| progress.update(done, total))
+                    .replay(&outbox, &event_types, &selection, |done, total| {
+                        progress.update(done, total);
+                    })
                     .await
                     .with_context(|| format!("replaying {queue}"))?;
                 progress.finish();
-                println!("replayed {}, kept {}", report.replayed, report.kept);
-                if report.replayed < jobs.len() {
-                    anyhow::bail!(
-                        "asked to replay {} jobs, {} found in {queue}",
-                        jobs.len(),
-                        report.replayed
+                println!(
+                    "replayed {}, kept {}, refused {}",
+                    report.replayed,
+                    report.kept,
+                    report.refused.len()
+                );
+                for refused in &report.refused {
+                    println!(
+                        "refused job {} (left in the DLQ): {}",
+                        refused.job_id.map_or("-".to_owned(), |id| id.to_string()),
+                        refused.reason
                     );
                 }
-                if all && report.replayed == 0 {
-                    anyhow::bail!("there is nothing to replay: {queue} is empty");
+                let mut problems = Vec::new();
+                if !report.missing.is_empty() {
+                    let ids: Vec<String> = report.missing.iter().map(i64::to_string).collect();
+                    problems.push(format!(
+                        "no dead letter of job {} is in {queue} (see `dlq list`)",
+                        ids.join(", ")
+                    ));
+                }
+                if !report.refused.is_empty() {
+                    problems.push(format!(
+                        "{} dead letters were refused and left in {queue}, for the reasons above",
+                        report.refused.len()
+                    ));
+                }
+                if all && report.replayed == 0 && report.refused.is_empty() {
+                    problems.push(format!("there is nothing to replay: {queue} is empty"));
+                }
+                if !problems.is_empty() {
+                    anyhow::bail!(problems.join("; "));
                 }
                 Ok(())
             }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use benalsam_events::lapin::options::BasicPublishOptions;
 use benalsam_events::lapin::types::{AMQPValue, FieldTable, LongString};
 use benalsam_events::publish::TopologyConfig;
-use benalsam_events::{Envelope, SearchUrl, Topology, connect, lapin};
+use benalsam_events::{
+    Envelope, EventType, OutboxConfig, Outcome, SearchUrl, Settle, Topology, connect, lapin,
+};
 use support::{
     TestIndex, TestSchema, TestVhost, database_url, dead_search, drain_queue, free_port,
     search_url, terminate, wait_exit,
@@ -219,12 +221,9 @@ fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().expect("runs")
 }
 
-#[tokio::test]
-async fn dlq_commands_list_reasons_and_replay() {
-    let vhost = TestVhost::new().await;
-    declare(&vhost).await;
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
+/// Publishes a dead letter to the listings' dead-letter exchange, as the consumer does (or
+/// anyone who may).
+async fn dead_letter(channel: &lapin::Channel, body: &[u8], job: i64, routing_key: &str) {
     let mut headers = FieldTable::default();
     headers.insert(
         "x-dead-letter-kind".into(),
@@ -234,20 +233,58 @@ async fn dlq_commands_list_reasons_and_replay() {
         "x-dead-letter-reason".into(),
         AMQPValue::LongString(LongString::from("mapper_parsing_exception: bad")),
     );
-    headers.insert("x-job-id".into(), AMQPValue::LongLongInt(77));
+    headers.insert("x-job-id".into(), AMQPValue::LongLongInt(job));
     channel
         .basic_publish(
             DEAD_LETTER_EXCHANGE.into(),
-            "listing.update".into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
-            br#"{"jobId": 77}"#,
+            body,
             lapin::BasicProperties::default().with_headers(headers),
         )
         .await
         .expect("publish")
         .await
         .expect("confirmed");
-    // Wait until the broker counts it in the DLQ (a count, not a pause).
+}
+
+#[tokio::test]
+async fn dlq_commands_list_reasons_and_replay() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    let database = database_url();
+    let env = [
+        ("RABBITMQ_URL", vhost.url.expose()),
+        ("DATABASE_URL", database.expose()),
+        ("BENALSAM_SCHEMA", db.name.as_str()),
+    ];
+    let listed = run_with(&["dlq", "list"], &env);
+    assert!(
+        listed.status.success()
+            && String::from_utf8_lossy(&listed.stdout)
+                .contains("the DLQ elasticsearch.sync.dlq is empty"),
+        "an empty DLQ says so: {listed:?}"
+    );
+
+    // A job the consumer dead-lettered, with its letter; and a letter naming no real job.
+    db.insert_listings(1).await;
+    let outbox = db.outbox(OutboxConfig::default());
+    let job = outbox.claim(1).await.expect("claim").remove(0);
+    outbox
+        .settle(&[(
+            job.id,
+            Outcome::DeadLettered {
+                error: "mapper_parsing_exception: bad".to_owned(),
+            },
+        )])
+        .await
+        .expect("failed");
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let genuine = Envelope::of(&job, &EventType::listings());
+    dead_letter(&channel, &genuine.to_bytes(), job.id, "listing.insert").await;
+    dead_letter(&channel, br#"{"jobId": 77}"#, 77, "listing.update").await;
+    // Wait until the broker counts them in the DLQ (a count, not a pause).
     let started = Instant::now();
     loop {
         let queue = channel
@@ -261,15 +298,14 @@ async fn dlq_commands_list_reasons_and_replay() {
             )
             .await
             .expect("the DLQ exists");
-        if queue.message_count() == 1 {
+        if queue.message_count() == 2 {
             break;
         }
-        assert!(started.elapsed() < PATIENCE, "the dead letter is counted");
+        assert!(started.elapsed() < PATIENCE, "the dead letters are counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = connection.close(200, "ok".into()).await;
 
-    let env = [("RABBITMQ_URL", vhost.url.expose())];
     let listed = run_with(&["dlq", "list"], &env);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(
@@ -278,13 +314,14 @@ async fn dlq_commands_list_reasons_and_replay() {
         String::from_utf8_lossy(&listed.stderr)
     );
     assert!(
-        text.contains("77")
+        text.contains(&job.id.to_string())
+            && text.contains("77")
             && text.contains("mapper_parsing_exception: bad")
             && text.contains("rejected"),
         "{text}"
     );
 
-    let replayed = run_with(&["dlq", "replay", "--job", "77"], &env);
+    let replayed = run_with(&["dlq", "replay", "--job", &job.id.to_string()], &env);
     assert!(
         replayed.status.success(),
         "{}",
@@ -292,21 +329,32 @@ async fn dlq_commands_list_reasons_and_replay() {
     );
     assert!(String::from_utf8_lossy(&replayed.stdout).contains("replayed 1"));
     let back = drain_queue(&vhost.url, SYNC_QUEUE).await;
-    assert_eq!(back.len(), 1, "the message is back on elasticsearch.sync");
-    assert_eq!(back[0].routing_key.as_str(), "listing.update");
+    assert_eq!(back.len(), 1, "the job is back on elasticsearch.sync");
+    assert_eq!(back[0].routing_key.as_str(), "listing.insert");
 
-    // Nothing left: an unknown id and a replay of nothing fail, saying so.
-    for (args, says) in [
-        (&["dlq", "replay", "--job", "12345"][..], "found"),
-        (&["dlq", "replay", "--all"][..], "nothing to replay"),
-    ] {
-        let out = run_with(args, &env);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains(says),
-            "{args:?}: {stderr}"
-        );
-    }
+    // An id without a letter is named; the letter naming no real job is refused with its
+    // reason and stays.
+    let out = run_with(&["dlq", "replay", "--job", "12345", "--job", "54321"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("12345, 54321") && stderr.contains(DLQ),
+        "{stderr}"
+    );
+    let out = run_with(&["dlq", "replay", "--all"], &env);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success()
+            && stdout.contains("refused job 77")
+            && stdout.contains("not a valid envelope")
+            && stderr.contains("refused"),
+        "{stdout}{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&run_with(&["dlq", "list"], &env).stdout).contains("77"));
+    assert!(drain_queue(&vhost.url, SYNC_QUEUE).await.is_empty());
+    db.drop().await;
     vhost.drop().await;
 }
 

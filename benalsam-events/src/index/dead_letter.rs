@@ -10,11 +10,19 @@
 //! |---|---|
 //! | `x-dead-letter-kind` | `malformed` (not a valid envelope), `unverified` (a job the outbox does not know as the message tells it), `rejected` (a permanent Elasticsearch error, or a row that is no document), `retries-exhausted` |
 //! | `x-dead-letter-reason` | the reason, for a person |
-//! | `x-original-exchange`, `x-original-routing-key` | where to replay it |
+//! | `x-original-exchange`, `x-original-routing-key` | where it was first published (shown by `dlq list`; a replay does not use them) |
 //! | `x-dead-lettered-at` | when, RFC 3339 |
 //!
 //! Messages dead-lettered by RabbitMQ itself (a quorum queue's delivery limit) carry its
 //! `x-first-death-reason` instead; the tools read both.
+//!
+//! Whoever may write to a dead-letter exchange (the consumer's broker user) can put anything
+//! in a DLQ, headers included, so a replay trusts none of it: a dead letter only names a job
+//! (its body's `jobId`, `table`, `recordId`, `operation`), which is checked against the outbox
+//! as the consumer checks a delivery; the message published is that job's, built from the
+//! outbox's row, to the exchange and routing key the configured event type of its table
+//! gives it, as the bridge would publish it. A letter that fails a check is not published: it
+//! stays in the DLQ and the replay reports it with the reason.
 
 use std::time::SystemTime;
 
@@ -24,9 +32,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::AmqpUrl;
-use crate::outbox::JobSelection;
-use crate::publish::{JOB_ID_HEADER, LISTINGS_EXCHANGE};
-use crate::{Error, Result};
+use crate::index::verify::{self, Check};
+use crate::outbox::{Job, JobSelection, Outbox, Recorded};
+use crate::publish::{Envelope, JOB_ID_HEADER, LISTINGS_EXCHANGE};
+use crate::{Error, EventType, Result};
 
 /// Header: what kind of failure.
 const KIND_HEADER: &str = "x-dead-letter-kind";
@@ -197,7 +206,8 @@ fn describe(message: &BasicGetMessage) -> DeadLetter {
         .ok()
         .and_then(|v| v["jobId"].as_i64());
     DeadLetter {
-        job_id: header_i64(&headers, JOB_ID_HEADER).or(body_job),
+        // The body's job is the one a replay acts on (the header is anyone's to set).
+        job_id: body_job.or_else(|| header_i64(&headers, JOB_ID_HEADER)),
         kind: header_str(&headers, KIND_HEADER)
             .or_else(|| header_str(&headers, "x-first-death-reason")),
         reason: header_str(&headers, REASON_HEADER),
@@ -254,14 +264,34 @@ impl DeadLetterQueue {
         list(&self.url, &self.queue, limit).await
     }
 
-    /// Sends the selected messages back where they were first published, then removes them.
-    /// Calls `progress` with the messages looked at so far and the queue's depth at the start.
+    /// Publishes the jobs of the selected dead letters again, then removes the letters.
+    ///
+    /// A letter is replayed only when its job exists in `outbox` as the letter tells it
+    /// (table, record, operation), is not completed, and its table has one of
+    /// `event_types`: the message published is the job's own, built from the outbox's row,
+    /// to the exchange and routing key its event type gives it (never those the letter's
+    /// headers name). `JobSelection::Jobs` selects by the job the letter's body names. Letters
+    /// that fail a check stay in the DLQ and are listed in [`ReplayReport::refused`]; asked-for
+    /// jobs without a letter in [`ReplayReport::missing`]. Calls `progress` with the messages
+    /// looked at so far and the queue's depth at the start.
     pub async fn replay(
         &self,
+        outbox: &Outbox,
+        event_types: &[EventType],
         selection: &JobSelection,
         progress: impl FnMut(u64, u64),
     ) -> Result<ReplayReport> {
-        replay(&self.url, &self.queue, selection, progress).await
+        replay(
+            &self.url,
+            &self.queue,
+            &Replay {
+                outbox,
+                event_types,
+                selection,
+            },
+            progress,
+        )
+        .await
     }
 }
 
@@ -283,63 +313,236 @@ async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter
 }
 
 /// What a replay did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReplayReport {
-    /// Messages published back to their exchange and removed from the DLQ.
+    /// Jobs published again (confirmed), their letters removed from the DLQ.
     pub replayed: usize,
-    /// Messages left in the DLQ (not selected).
+    /// Letters left in the DLQ because they were not selected.
     pub kept: usize,
+    /// Selected letters that failed a check: not published, left in the DLQ.
+    pub refused: Vec<RefusedLetter>,
+    /// Jobs asked for (`JobSelection::Jobs`) that no letter of the DLQ names.
+    pub missing: Vec<i64>,
 }
 
-/// Publishes the selected dead letters of `queue` back to the exchange and routing key they
-/// were first published with (confirmed), then removes them from the DLQ. The others stay.
+/// A dead letter a replay refused to publish, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusedLetter {
+    /// The job its body names, if it names one.
+    pub job_id: Option<i64>,
+    /// Why it was not replayed.
+    pub reason: String,
+}
+
+/// What a replay needs besides the queue.
+struct Replay<'a> {
+    outbox: &'a Outbox,
+    event_types: &'a [EventType],
+    selection: &'a JobSelection,
+}
+
+/// Letters read and checked at once: one outbox query for each such group.
+const REPLAY_CHUNK: u32 = 100;
+
+/// Whether `letter` may be replayed, given what the outbox has for the job its body names:
+/// the job (as the outbox has it) and its event type, or why not. The same checks as the
+/// consumer's for a delivery.
+fn checked<'t>(
+    letter: &Result<Envelope<'static>, String>,
+    recorded: Option<&Recorded>,
+    event_types: &'t [EventType],
+) -> std::result::Result<(Job, &'t EventType), String> {
+    let envelope = letter.as_ref().map_err(Clone::clone)?;
+    let event_type = event_types
+        .iter()
+        .find(|t| t.table == envelope.table.as_ref());
+    match verify::check(envelope, recorded, event_type.is_some()) {
+        Check::Deliver | Check::Superseded => {}
+        Check::Duplicate => {
+            return Err(format!(
+                "job {} is completed already: nothing to replay",
+                envelope.job_id
+            ));
+        }
+        Check::NotYet => {
+            return Err(format!(
+                "job {} is pending: the bridge publishes it again",
+                envelope.job_id
+            ));
+        }
+        Check::Unverified(reason) => return Err(reason),
+    }
+    let (Some(event_type), Some(job)) = (event_type, recorded.and_then(Recorded::job)) else {
+        return Err(format!(
+            "the outbox holds no row for job {}",
+            envelope.job_id
+        ));
+    };
+    Ok((job, event_type))
+}
+
+/// Publishes the jobs of the selected dead letters of `queue` again (see
+/// [`DeadLetterQueue::replay`]), then removes those letters. The others stay.
 async fn replay(
     url: &AmqpUrl,
     queue: &str,
-    selection: &JobSelection,
+    replay: &Replay<'_>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ReplayReport> {
     let (connection, channel, count) = open(url, queue, "benalsam dlq replay").await?;
     let publisher = crate::connect::confirm_channel(&connection, "replay").await?;
     let mut report = ReplayReport::default();
-    for seen in 0..count {
+    let mut found = std::collections::BTreeSet::new();
+    let mut seen = 0;
+    'chunks: while seen < count {
         progress(u64::from(seen), u64::from(count));
-        let message = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(|e| Error::amqp("reading the DLQ", e))?;
-        let Some(message) = message else { break };
-        let letter = describe(&message);
-        let selected = match selection {
-            JobSelection::All => true,
-            JobSelection::Jobs(_) => letter.job_id.is_some_and(|id| selection.contains(id)),
-        };
-        if !selected {
-            report.kept += 1;
-            continue;
+        // A chunk of letters, held unacknowledged (so the next get takes the next one);
+        // those not replayed go back to the queue when the channel closes.
+        let mut chunk = Vec::new();
+        while seen < count && chunk.len() < REPLAY_CHUNK as usize {
+            let message = channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(|e| Error::amqp("reading the DLQ", e))?;
+            let Some(message) = message else {
+                if chunk.is_empty() {
+                    break 'chunks;
+                }
+                seen = count;
+                break;
+            };
+            seen += 1;
+            let letter = Envelope::parse(&message.delivery.data)
+                .map_err(|e| format!("{e}: it names no job to replay"));
+            // The job its body names (as `dlq list` shows it), even when the body is no
+            // valid envelope: such a letter is selected, then refused with the reason.
+            let named = match &letter {
+                Ok(envelope) => Some(envelope.job_id),
+                Err(_) => describe(&message).job_id,
+            };
+            let selected = match replay.selection {
+                JobSelection::All => true,
+                JobSelection::Jobs(_) => named.is_some_and(|id| replay.selection.contains(id)),
+            };
+            if selected {
+                chunk.push((message, named, letter));
+            } else {
+                report.kept += 1;
+            }
         }
-        let delivery = &message.delivery;
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let replays = header_i64(&headers, REPLAYED_HEADER).unwrap_or(0) + 1;
-        headers.insert(REPLAYED_HEADER.into(), AMQPValue::LongLongInt(replays));
-        let properties = delivery.properties.clone().with_headers(headers);
-        confirm(
-            &publisher,
-            &letter.exchange,
-            &letter.routing_key,
-            &delivery.data,
-            properties,
-            "replaying a dead letter",
-        )
-        .await?;
-        delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|e| Error::amqp("removing a replayed message from the DLQ", e))?;
-        report.replayed += 1;
+        let ids: Vec<i64> = chunk
+            .iter()
+            .filter_map(|(_, _, letter)| letter.as_ref().ok().map(|e| e.job_id))
+            .collect();
+        let recorded: std::collections::HashMap<i64, Recorded> = replay
+            .outbox
+            .lookup(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        for (message, job_id, letter) in chunk {
+            found.extend(job_id);
+            let recorded = letter.as_ref().ok().and_then(|e| recorded.get(&e.job_id));
+            let (job, event_type) = match checked(&letter, recorded, replay.event_types) {
+                Ok(checked) => checked,
+                Err(reason) => {
+                    report.refused.push(RefusedLetter { job_id, reason });
+                    continue;
+                }
+            };
+            let delivery = &message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let replays = header_i64(&headers, REPLAYED_HEADER).unwrap_or(0) + 1;
+            let route = event_type.route(&job);
+            let (exchange, routing_key) = (route.exchange.clone(), route.routing_key.clone());
+            let envelope = Envelope::routed(&job, route);
+            let mut properties = envelope.properties("benalsam-replay", job.traceparent.as_deref());
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(REPLAYED_HEADER.into(), AMQPValue::LongLongInt(replays));
+            properties = properties.with_headers(headers);
+            confirm(
+                &publisher,
+                &exchange,
+                &routing_key,
+                &envelope.to_bytes(),
+                properties,
+                "replaying a dead letter",
+            )
+            .await?;
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| Error::amqp("removing a replayed message from the DLQ", e))?;
+            report.replayed += 1;
+        }
     }
     progress(u64::from(count), u64::from(count));
+    if let JobSelection::Jobs(ids) = replay.selection {
+        report.missing = ids
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect();
+        report.missing.sort_unstable();
+        report.missing.dedup();
+    }
     let _ = connection.close(200, "replayed".into()).await;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outbox::Operation;
+
+    fn letter(table: &str) -> std::result::Result<Envelope<'static>, String> {
+        let body = json!({
+            "messageId": "job_5", "jobId": 5, "schemaVersion": 1,
+            "routingKey": "inventory.insert", "table": table, "operation": "INSERT",
+            "recordId": "L1", "changeData": {"title": "forged"},
+            "occurredAt": "2026-11-27T12:00:00Z"
+        });
+        Envelope::parse(body.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    fn recorded(status: &str) -> Recorded {
+        Recorded {
+            id: 5,
+            table: Some("listings".into()),
+            operation: Some(Operation::Insert),
+            record_id: Some("L1".into()),
+            status: Some(status.into()),
+            truncated_after: false,
+            change_data: Some(json!({"title": "genuine", "status": "active"})),
+            created_at: Some(std::time::SystemTime::UNIX_EPOCH),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_letter_is_replayed_only_as_the_outbox_has_its_job_and_routed_by_the_configuration() {
+        let types = [
+            EventType::listings(),
+            EventType::new("inventory", "inventory_items"),
+        ];
+        let (job, event_type) =
+            checked(&letter("listings"), Some(&recorded("failed")), &types).expect("replayable");
+        assert_eq!(job.change_data["title"], "genuine");
+        assert_eq!(event_type.route(&job).exchange, "benalsam.listings");
+        let refused = |letter, recorded: Option<&Recorded>| {
+            checked(&letter, recorded, &types).expect_err("refused")
+        };
+        assert!(refused(letter("inventory_items"), Some(&recorded("failed"))).contains("table"));
+        assert!(refused(letter("listings"), Some(&recorded("completed"))).contains("completed"));
+        assert!(refused(letter("listings"), Some(&recorded("pending"))).contains("pending"));
+        assert!(refused(letter("listings"), None).contains("no job"));
+        assert!(refused(Err("not a valid envelope".into()), None).contains("not a valid"));
+        let unconfigured = checked(&letter("listings"), Some(&recorded("failed")), &types[1..]);
+        assert!(unconfigured.is_err());
+    }
 }

@@ -1,12 +1,12 @@
 //! [`Indexer`]: consumes change messages into Elasticsearch bulk requests, as stages.
 //!
 //! ```text
-//!  source ───► build ───► batcher ───► ┌ verify ─► write ─► plan ─► settle ┐ × in_flight
-//!  (consume,   (envelope   (count,      │ (against  (_bulk)  (decide  (completed,
-//!   decode,     → action)   bytes,      │  the               each     dead letters,
-//!   reconnect)              linger)     │  outbox)           item)    then acks)
-//!                              ▲        └────────────────────────────────────┘
-//!                              └──── retries, after their backoff ◄───┘
+//!  source ───► batcher ───► ┌ verify ───► build ──► write ─► plan ─► settle ┐ × in_flight
+//!  (consume,   (count,      │ (against    (from the  (_bulk)  (decide  (completed,
+//!   decode,     bytes,      │  the outbox, outbox's           each     dead letters,
+//!   reconnect)  linger)     │  one query)  row)               item)    then acks)
+//!                 ▲         └──────────────────────────────────────────────┘
+//!                 └──── retries, after their backoff ◄───┘
 //!
 //!  every item unavailable, or no answer ──► circuit open: hold the batch, take nothing
 //!  new, probe with backoff, resume (an outage fails no job)
@@ -16,9 +16,11 @@
 //! event type into that type's index. Up to `in_flight` batches are written and settled at
 //! once: the order of writes does not matter, because every write carries its job id as
 //! external version. Every delivery is checked against the outbox first
-//! ([`verify`](super::verify)). A message that is not a valid envelope, not a job the outbox
-//! knows, or whose row cannot become a document, is dead-lettered with the reason; the
-//! indexer never stops on input.
+//! ([`verify`](super::verify)), and its document is built from the outbox's copy of the
+//! job's row (a joined one from the rows read from the database), never from the message's
+//! own copy. A message that is not a valid envelope, not a job the outbox knows, or whose
+//! row cannot become a document, is dead-lettered with the reason; the indexer never stops
+//! on input.
 //!
 //! A TRUNCATE empties its event type's index of everything older than it: once no older job
 //! of the table is still on its way, a delete-by-query removes the documents whose `job_id`
@@ -55,7 +57,7 @@ use crate::index::{Action, BuildError, SearchNodes, plan};
 use crate::ops::Live;
 use crate::ops::metrics::{self, IndexerMetrics, Metrics, Queue};
 use crate::ops::telemetry;
-use crate::outbox::{Operation, Outbox};
+use crate::outbox::{Operation, Outbox, Recorded};
 use crate::publish::{Envelope, EnvelopeError, TRACEPARENT_HEADER};
 use crate::{Error, EventType, Result};
 
@@ -186,27 +188,29 @@ impl Live<IndexerStatus> {
     }
 }
 
-/// What a message holds once decoded and built.
+/// What a message holds once decoded, and once built.
 pub(crate) enum Body {
     /// Not a valid envelope.
     Malformed(EnvelopeError),
-    /// A change, and the action it asks of the index (or why it cannot become one; a
-    /// truncation asks for none), written with `version` (the job id, or for a joined
-    /// document the version of its read).
+    /// A change as the message names it (its job, table, record, operation), its row
+    /// dropped: the document is built once the delivery is verified, from the outbox's copy
+    /// of the row (or, for a joined event type, from the rows read from the database), and
+    /// it becomes a `Change`. A truncation stays as it is: it asks for no document.
+    Verifying { envelope: Box<Envelope<'static>> },
+    /// A verified change, and the action it asks of the index (or why it cannot become
+    /// one), written with `version` (the job id, or for a joined document the version of
+    /// its read).
     Change {
         envelope: Box<Envelope<'static>>,
         action: Result<Action, BuildError>,
         version: i64,
     },
-    /// A change of a joined event type: its document is read from the database once the
-    /// delivery is verified, and becomes a `Change`.
-    Joined { envelope: Box<Envelope<'static>> },
 }
 
 impl Body {
     fn envelope(&self) -> Option<&Envelope<'static>> {
         match self {
-            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope),
+            Body::Change { envelope, .. } | Body::Verifying { envelope } => Some(envelope),
             Body::Malformed(_) => None,
         }
     }
@@ -230,7 +234,7 @@ pub(crate) struct Message {
 impl Message {
     pub(crate) fn job_id(&self) -> Option<i64> {
         match &self.body {
-            Body::Change { envelope, .. } | Body::Joined { envelope } => Some(envelope.job_id),
+            Body::Change { envelope, .. } | Body::Verifying { envelope } => Some(envelope.job_id),
             Body::Malformed(_) => None,
         }
     }
@@ -701,7 +705,7 @@ impl Run {
         }
     }
 
-    /// Decodes and builds one delivery into the batch being filled.
+    /// Decodes one delivery into the batch being filled.
     fn admit(&mut self, incoming: Incoming) {
         self.status().lock().received += 1;
         self.shared.metrics.deliveries_received.inc();
@@ -710,54 +714,34 @@ impl Run {
             route,
             envelope,
         } = incoming;
-        let (body, span) = match envelope {
-            Err(error) => (Body::Malformed(error), tracing::Span::none()),
+        let (body, span, bytes) = match envelope {
+            Err(error) => (Body::Malformed(error), tracing::Span::none(), 128),
             Ok(mut envelope) => {
                 let span = consumer_span(&route.queue, &envelope, &delivery);
-                let event_type = self.shared.event_types.get(envelope.table.as_ref());
-                // The rows are in the document now (and in the delivery's bytes, for a dead
-                // letter): holding them parsed until the ack would double the memory of
-                // every message in hand. A joined document is read from the database
-                // instead.
-                let body = match event_type {
-                    Some(t) if t.is_joined() && envelope.operation != Operation::Truncate => {
-                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
-                        Body::Joined {
-                            envelope: Box::new(envelope),
-                        }
-                    }
-                    _ => {
-                        let action = match event_type {
-                            _ if envelope.operation == Operation::Truncate => {
-                                Err(BuildError("a truncation is no document".to_owned()))
-                            }
-                            Some(event_type) => event_type.action(&envelope),
-                            None => Err(BuildError(format!(
-                                "no event type is configured for table {:?}; add one to the consumer",
-                                envelope.table
-                            ))),
-                        };
-                        envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
-                        Body::Change {
-                            version: envelope.job_id,
-                            envelope: Box::new(envelope),
-                            action,
-                        }
-                    }
+                // The message's rows are never used (the wire is not trusted: the document
+                // is built from the outbox's copy once the job is verified), and holding
+                // them parsed until the ack would double the memory of every message in
+                // hand; a dead letter keeps the delivery's bytes.
+                envelope.change_data = std::borrow::Cow::Owned(serde_json::Value::Null);
+                let joined = self
+                    .shared
+                    .event_types
+                    .get(envelope.table.as_ref())
+                    .is_some_and(EventType::is_joined);
+                let bytes = match envelope.operation {
+                    Operation::Truncate | Operation::Delete => 128,
+                    // Unknown until read: about a row with a few related ones.
+                    _ if joined => 4096,
+                    // A genuine message carries the outbox's row (an UPDATE two of them), so
+                    // its size bounds the document's and the batch's byte limit holds without
+                    // serialising each document an extra time.
+                    _ => delivery.data.len() + 128,
                 };
-                (body, span)
+                let body = Body::Verifying {
+                    envelope: Box::new(envelope),
+                };
+                (body, span, bytes)
             }
-        };
-        // The message's size bounds the document's (an UPDATE carries two rows), so the
-        // batch's byte limit holds without serialising each document an extra time.
-        let bytes = match &body {
-            Body::Change {
-                action: Ok(Action::Index { .. }),
-                ..
-            } => delivery.data.len() + 128,
-            // Unknown until read: about a row with a few related ones.
-            Body::Joined { .. } => 4096,
-            _ => 128,
         };
         self.batcher.push(
             Message {
@@ -858,7 +842,7 @@ async fn read_joined(
         let read = settle::retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
         shared.status.lock().joined_reads += ids.len() as u64;
         for mut message in messages {
-            let Body::Joined { envelope } = message.body else {
+            let Body::Verifying { envelope } = message.body else {
                 continue;
             };
             let id = envelope.record_id.to_string();
@@ -881,16 +865,28 @@ async fn read_joined(
     Some(out)
 }
 
-/// Checks one batch against the outbox, writes it and settles every message of it.
+/// Checks one batch against the outbox, builds its documents from the outbox's rows,
+/// writes it and settles every message of it.
 async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Message>) -> Finished {
-    let Some(checks) = verify_batch(&shared, &batch).await else {
+    let Some((checks, recorded)) = verify_batch(&shared, &batch).await else {
         return Finished::Abandoned;
     };
     let mut sorted = settle::Sorted::default();
     let mut writable = Vec::new();
     let mut truncations = Vec::new();
     let mut joined = Vec::new();
-    for (message, check) in batch.into_iter().zip(checks) {
+    for (mut message, check) in batch.into_iter().zip(checks) {
+        if check == Check::Deliver
+            && let Body::Verifying { envelope } = &message.body
+            && envelope.operation != Operation::Truncate
+            && !shared
+                .event_types
+                .get(envelope.table.as_ref())
+                .is_some_and(EventType::is_joined)
+        {
+            let job = message.job_id().and_then(|id| recorded.get(&id));
+            message = build(&shared, message, job);
+        }
         match (check, &message.body) {
             (_, Body::Malformed(error)) => {
                 let reason = error.to_string();
@@ -905,13 +901,13 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
                 shared.status.lock().superseded += 1;
                 sorted.covered.push(message);
             }
-            (Check::Deliver, Body::Change { envelope, .. })
+            (Check::Deliver, Body::Verifying { envelope })
                 if envelope.operation == Operation::Truncate =>
             {
                 truncations.push(message);
             }
+            (Check::Deliver, Body::Verifying { .. }) => joined.push(message),
             (Check::Deliver, Body::Change { action: Ok(_), .. }) => writable.push(message),
-            (Check::Deliver, Body::Joined { .. }) => joined.push(message),
             (
                 Check::Deliver,
                 Body::Change {
@@ -957,26 +953,66 @@ async fn process(shared: Arc<Shared>, channel: Option<Channel>, batch: Vec<Messa
     settle::settle(&shared, channel.as_ref(), sorted).await
 }
 
-/// Asks the outbox about every change of the batch (one query), retrying while it is away;
-/// `None` when shutdown came first.
-async fn verify_batch(shared: &Shared, batch: &[Message]) -> Option<Vec<Check>> {
+/// Asks the outbox about every change of the batch (one query, which also brings the rows
+/// of the jobs that expect a delivery), retrying while it is away; `None` when shutdown
+/// came first.
+async fn verify_batch(
+    shared: &Shared,
+    batch: &[Message],
+) -> Option<(Vec<Check>, HashMap<i64, Recorded>)> {
     let ids: Vec<i64> = batch.iter().filter_map(Message::job_id).collect();
     let recorded = settle::retrying(shared, || shared.ledger.lookup(&ids)).await?;
-    let by_id: HashMap<i64, &crate::outbox::Recorded> =
-        recorded.iter().map(|r| (r.id, r)).collect();
-    Some(
-        batch
-            .iter()
-            .map(|m| match m.body.envelope() {
-                Some(envelope) => verify::check(
-                    envelope,
-                    by_id.get(&envelope.job_id).copied(),
-                    shared.event_types.contains_key(envelope.table.as_ref()),
-                ),
-                None => Check::Deliver,
-            })
-            .collect(),
-    )
+    let by_id: HashMap<i64, Recorded> = recorded.into_iter().map(|r| (r.id, r)).collect();
+    let checks = batch
+        .iter()
+        .map(|m| match m.body.envelope() {
+            Some(envelope) => verify::check(
+                envelope,
+                by_id.get(&envelope.job_id),
+                shared.event_types.contains_key(envelope.table.as_ref()),
+            ),
+            None => Check::Deliver,
+        })
+        .collect();
+    Some((checks, by_id))
+}
+
+/// Builds the document of a verified change from the outbox's copy of its job, as the
+/// bridge built the message from it: what the message itself carries never reaches the
+/// index, so a forged copy of a real job can only deliver the genuine change. A message
+/// built already (a retry) is left as it is.
+fn build(shared: &Shared, mut message: Message, recorded: Option<&Recorded>) -> Message {
+    let mut envelope = match message.body {
+        Body::Verifying { envelope } => envelope,
+        other => {
+            message.body = other;
+            return message;
+        }
+    };
+    let action = match (
+        shared.event_types.get(envelope.table.as_ref()),
+        recorded.and_then(Recorded::job),
+    ) {
+        (Some(event_type), Some(job)) => {
+            // The latency metric counts from the commit the outbox recorded, too.
+            envelope.occurred_at = job.created_at;
+            event_type.action(&Envelope::of(&job, event_type))
+        }
+        (None, _) => Err(BuildError(format!(
+            "no event type is configured for table {:?}; add one to the consumer",
+            envelope.table
+        ))),
+        (Some(_), None) => Err(BuildError(format!(
+            "the outbox holds no row for job {} to build its document from",
+            envelope.job_id
+        ))),
+    };
+    message.body = Body::Change {
+        version: envelope.job_id,
+        envelope,
+        action,
+    };
+    message
 }
 
 /// Empties the index of a truncated table of everything older than the truncation, once no

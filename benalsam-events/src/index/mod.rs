@@ -41,12 +41,11 @@ mod settle;
 mod source;
 #[cfg(feature = "consumer")]
 mod truncate;
-#[cfg(feature = "consumer")]
 mod verify;
 #[cfg(feature = "consumer")]
 mod writer;
 
-pub use dead_letter::{DeadLetter, DeadLetterQueue, ReplayReport};
+pub use dead_letter::{DeadLetter, DeadLetterQueue, RefusedLetter, ReplayReport};
 pub use documents::{Action, BuildError, DocumentBuilder};
 #[cfg(feature = "consumer")]
 pub use indexer::{Indexer, IndexerConfig, IndexerStatus};

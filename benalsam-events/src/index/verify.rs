@@ -8,11 +8,13 @@
 //! | the job `completed` | a duplicate: acked, not indexed |
 //! | the job `pending` (given back, or resent) | acked, not indexed: a bridge publishes it again |
 //! | a later TRUNCATE of the table | superseded: completed without indexing |
-//! | the job `processing`, `sent` or `failed` | delivered |
+//! | the job `processing`, `sent` or `failed` | delivered: the document is built from the outbox's row of the job (returned by the same query), never from the message's `changeData` |
 //!
-//! A broker client that can publish to the exchange therefore cannot invent a change, move a
-//! document to another record, complete a job that was never published, or freeze a document
-//! with a job id from the future: it can only send again what the bridge already published.
+//! A broker client that can publish to the exchange therefore cannot invent a change, alter
+//! one (whichever copy of a real job arrives first, the index gets the row the application
+//! wrote), move a document to another record, complete a job that was never published, or
+//! freeze a document with a job id from the future: it can only make the consumer index a
+//! real job's change as the outbox has it.
 
 use crate::outbox::Recorded;
 use crate::publish::Envelope;
@@ -106,6 +108,9 @@ mod tests {
             record_id: Some("L1".into()),
             status: Some(status.into()),
             truncated_after: false,
+            change_data: Some(json!({"old": {}, "new": {}})),
+            created_at: Some(std::time::SystemTime::UNIX_EPOCH),
+            traceparent: None,
         }
     }
 

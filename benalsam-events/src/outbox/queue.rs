@@ -128,7 +128,7 @@ pub trait Settle: Send + Sync + 'static {
     fn settle(&self, reports: &[(i64, Outcome)]) -> impl Future<Output = Result<Settled>> + Send;
 }
 
-/// A job as the outbox has it, to check a delivery against.
+/// A job as the outbox has it, to check a delivery against and to build its document from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Recorded {
     pub(crate) id: i64,
@@ -139,6 +139,31 @@ pub(crate) struct Recorded {
     pub(crate) status: Option<String>,
     /// Whether its table was truncated by a later job (the change is superseded).
     pub(crate) truncated_after: bool,
+    /// The job's row, while the job expects a delivery (`processing`, `sent`, `failed`):
+    /// the document is built from it, never from the message's copy. `None` otherwise
+    /// (nothing is indexed then, and a completed job's row is emptied anyway).
+    pub(crate) change_data: Option<serde_json::Value>,
+    /// When the change was committed.
+    pub(crate) created_at: Option<SystemTime>,
+    /// The writer's trace context.
+    pub(crate) traceparent: Option<String>,
+}
+
+impl Recorded {
+    /// The job as the outbox has it, when it exists and its row was read.
+    pub(crate) fn job(&self) -> Option<Job> {
+        Some(Job {
+            id: self.id,
+            table_name: self.table.clone()?,
+            operation: self.operation?,
+            record_id: self.record_id.clone()?,
+            change_data: self.change_data.clone()?,
+            retry_count: 0,
+            created_at: self.created_at?,
+            traceparent: self.traceparent.clone(),
+            claim: ClaimKind::Fresh,
+        })
+    }
 }
 
 /// Live work in the queue, for health checks and metrics: the pending work of the outbox's
@@ -390,6 +415,9 @@ impl Outbox {
                     record_id: r.get(3),
                     status: r.get(4),
                     truncated_after: r.get(5),
+                    change_data: r.get(6),
+                    created_at: r.get(7),
+                    traceparent: r.get(8),
                 }
             })
             .collect())
@@ -786,9 +814,15 @@ impl Sql {
             // Each delivered job as the outbox has it, and whether a later TRUNCATE of its
             // table supersedes it. One row per id asked, found or not.
             verify: format!(
+                // The row comes with the check (one query per batch): the consumer builds
+                // the document from it, so a message's own copy never reaches the index.
+                // Only jobs that expect a delivery need it; duplicates cost no row.
                 "SELECT c.id, q.table_name, q.operation, q.record_id, q.status,
                         EXISTS (SELECT 1 FROM {truncations} t
-                                WHERE t.table_name = q.table_name AND t.job_id > q.id)
+                                WHERE t.table_name = q.table_name AND t.job_id > q.id),
+                        CASE WHEN q.status IN ('processing', 'sent', 'failed')
+                             THEN q.change_data END,
+                        q.created_at, q.traceparent
                  FROM unnest($1::bigint[]) AS c(id) LEFT JOIN {q} q ON q.id = c.id"
             ),
             truncate_pending: format!(
@@ -846,8 +880,8 @@ impl Sql {
                 Move::Sent.guard(Some("$2"))
             ),
             // The payload goes with the mark: nothing reads a completed job's change_data
-            // again (completed is final, and deliveries are checked against the table,
-            // operation, record and status only). The row that waits for the purge shrinks
+            // again (completed is final: a delivery of it is a duplicate, whose document is
+            // not built). The row that waits for the purge shrinks
             // from the payload's size to ~0.2 KB, and with it the page images that the purge
             // writes after a checkpoint, the biggest part of a job's WAL once the marks
             // stay on their page (benches/wal.rs).

@@ -12,6 +12,11 @@
 //!
 //! `messageId` is `job_<jobId>` on every publish of a job, so duplicates can be recognised.
 //! [`Envelope::decode`] checks a body against the schema it claims before anything uses it.
+//!
+//! The bundled consumer trusts only the job's identity (`jobId`, `table`, `recordId`,
+//! `operation`), checks it against the outbox and builds the document from the outbox's
+//! copy of the row: `changeData` and the other fields are informational for it (kept, with
+//! the schema version, for other consumers).
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
@@ -59,7 +64,8 @@ pub struct Envelope<'a> {
     pub operation: Operation,
     /// The row's key, as text.
     pub record_id: Cow<'a, str>,
-    /// The row (INSERT), `{old, new}` (UPDATE), the old row (DELETE).
+    /// The row (INSERT), `{old, new}` (UPDATE), the old row (DELETE). Informational: the
+    /// bundled consumer builds documents from the outbox's copy.
     pub change_data: Cow<'a, Value>,
     /// The row's status after the change (before it, for a DELETE), for tables with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
