@@ -359,9 +359,7 @@ impl Indexer {
                 "an indexer needs at least one",
             ));
         }
-        for event_type in &event_types {
-            event_type.validate()?;
-        }
+        crate::event_type::validate_all(&event_types)?;
         require_positive("BENALSAM_BULK_LINGER", config.linger)?;
         require_positive("BENALSAM_BULK_TARGET", config.bulk_target)?;
         if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {

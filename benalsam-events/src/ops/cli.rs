@@ -488,7 +488,7 @@ pub struct ConsumerArgs {
     /// Without BENALSAM_CONFIG: alias of the listings index (created as <alias>_v1 when
     /// missing) [default: benalsam_listings]
     #[arg(long, env = "BENALSAM_INDEX",
-          value_parser = |s: &str| validate_identifier("BENALSAM_INDEX", s).map(str::to_owned).map_err(|e| e.to_string()))]
+          value_parser = |s: &str| crate::event_type::index_alias("BENALSAM_INDEX", s).map(|()| s.to_owned()).map_err(|e| e.to_string()))]
     pub index: Option<String>,
 
     /// Without BENALSAM_CONFIG: replicas of a newly created listings index (0 keeps a single
