@@ -88,6 +88,10 @@ pub struct IndexerConfig {
     pub reconnect: Backoff,
     /// The connection's name in the management UI.
     pub connection_name: String,
+    /// Largest delivery read (`BENALSAM_MAX_MESSAGE_BYTES`); a larger one is dead-lettered
+    /// unread. The deliveries held at once are at most `prefetch` times the broker's
+    /// `max_message_size`: set that to this value to bound them.
+    pub max_message_bytes: usize,
 }
 
 impl Default for IndexerConfig {
@@ -108,6 +112,7 @@ impl Default for IndexerConfig {
             circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             reconnect: Backoff::default(),
             connection_name: "benalsam-consumer".to_owned(),
+            max_message_bytes: crate::publish::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -431,7 +436,8 @@ impl Indexer {
             routes,
             self.config.prefetch,
             self.config.connection_name.clone(),
-        );
+        )
+        .with_max_message_bytes(self.config.max_message_bytes);
         let limits = Limits {
             count: self.config.batch_size,
             bytes: self.config.batch_bytes,
