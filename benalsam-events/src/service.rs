@@ -45,9 +45,7 @@ pub(crate) fn validate(
             format!("a {service} needs at least one (BENALSAM_CONFIG)"),
         ));
     }
-    for event_type in event_types {
-        event_type.validate()?;
-    }
+    crate::event_type::validate_all(event_types)?;
     crate::config::require_positive("BENALSAM_HEALTH_WINDOW", health_window)?;
     if let Some(interval) = heartbeat_interval {
         crate::config::require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;

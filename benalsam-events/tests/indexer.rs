@@ -406,6 +406,59 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_
 }
 
 #[tokio::test]
+async fn a_forged_ten_mib_delivery_is_dead_lettered_unread_naming_the_limit() {
+    let (db, vhost, index) = setup().await;
+    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    // A well-formed envelope, but 10 MiB: over the consumer's limit (1 MiB by default).
+    let mut huge = forged(1, "huge");
+    huge.change_data = std::borrow::Cow::Owned(
+        json!({ "id": "huge", "description": "x".repeat(10 * 1024 * 1024) }),
+    );
+    channel
+        .basic_publish(
+            LISTINGS_EXCHANGE.into(),
+            "listing.insert".into(),
+            BasicPublishOptions::default(),
+            &huge.to_bytes(),
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("sent");
+    let pipeline = Pipeline::start(&db, &vhost, &index, &search_url());
+    db.insert_listings(5).await;
+    let (completed, failed) = wait_done(&db).await;
+    assert_eq!((completed, failed), (5, 0), "the consumer kept going");
+    let started = Instant::now();
+    let letters = loop {
+        let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)
+            .list(10)
+            .await
+            .expect("dlq");
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the oversized delivery is dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    pipeline.stop().await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let reason = letters[0].reason.as_deref().unwrap_or("");
+    assert_eq!(letters[0].kind.as_deref(), Some("malformed"), "{reason}");
+    assert!(
+        reason.contains("1048576-byte limit") && reason.contains("BENALSAM_MAX_MESSAGE_BYTES"),
+        "{reason}"
+    );
+    assert!(index.get("huge").await.is_none());
+    teardown(db, vhost, index).await;
+}
+
+#[tokio::test]
 async fn a_rejected_document_fails_alone_and_completes_when_replayed_after_the_fix() {
     let (db, vhost, index) = setup().await;
     // Room for no new field: a listing bringing a new attribute is refused by the index.

@@ -463,15 +463,55 @@ async fn closing_while_rabbitmq_is_away_gives_the_jobs_back_instead_of_hanging()
     vhost.drop().await;
 }
 
+/// The failed job of the schema (there must be one): its id, attempts and error.
+async fn the_failed_job(db: &TestSchema) -> (i64, i32, String) {
+    let row = db
+        .client
+        .query_one(
+            "SELECT id, retry_count, error_message FROM elasticsearch_sync_queue WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .expect("one failed job");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// With the bridge still running: more jobs flow after the failure (so it has claimed again
+/// since), the failed job has not moved, and no copy of it reached the queue.
+async fn failed_once_and_for_good(db: &TestSchema, vhost: &TestVhost, failed: (i64, i32, String)) {
+    db.insert_listings(3).await;
+    let counts = wait_settled(db, &["pending", "processing"]).await;
+    assert_eq!(
+        (counts.get("sent"), counts.get("failed")),
+        (Some(&6), Some(&1)),
+        "the other jobs flow: {counts:?}"
+    );
+    assert_eq!(
+        the_failed_job(db).await,
+        failed,
+        "failed once, not tried again"
+    );
+    let ids: HashSet<i64> = drain_queue(&vhost.url, SYNC_QUEUE)
+        .await
+        .iter()
+        .map(job_id)
+        .collect();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    assert!(
+        !ids.contains(&failed.0),
+        "the refused job was never published"
+    );
+}
+
 #[tokio::test]
-async fn an_oversized_message_fails_alone_with_its_reason() {
+async fn a_ten_mib_row_fails_its_job_once_naming_the_limit_and_the_others_flow() {
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
     declare(&vhost).await;
     db.insert_listings(3).await;
     db.client
         .batch_execute(
             "INSERT INTO listings (user_id, title, category, status, description)
-             VALUES (gen_random_uuid(), 'Dev', 'x', 'active', repeat('x', 17 * 1024 * 1024))",
+             VALUES (gen_random_uuid(), 'Dev', 'x', 'active', repeat('x', 10 * 1024 * 1024))",
         )
         .await
         .expect("a huge row");
@@ -481,22 +521,58 @@ async fn an_oversized_message_fails_alone_with_its_reason() {
         vec![EventType::listings()],
     );
     let counts = wait_settled(&db, &["pending", "processing"]).await;
-    bridge.stop().await;
     assert_eq!(
         (counts.get("sent"), counts.get("failed")),
         (Some(&3), Some(&1)),
         "{counts:?}"
     );
-    let error: String = db
-        .client
-        .query_one(
-            "SELECT error_message FROM elasticsearch_sync_queue WHERE status = 'failed'",
-            &[],
+    let failed = the_failed_job(&db).await;
+    assert!(
+        failed.2.contains("1048576-byte limit") && failed.2.contains("BENALSAM_MAX_MESSAGE_BYTES"),
+        "{failed:?}"
+    );
+    failed_once_and_for_good(&db, &vhost, failed).await;
+    bridge.stop().await;
+    db.drop().await;
+    vhost.drop().await;
+}
+
+#[tokio::test]
+async fn a_600_byte_key_fails_its_job_once_and_is_never_published() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    declare(&vhost).await;
+    // A table whose key is text: one row with a key the index cannot take as a document id.
+    db.client
+        .batch_execute(
+            "CREATE TABLE notes (id text PRIMARY KEY, body text);
+             CREATE TRIGGER notes_sync AFTER INSERT OR UPDATE OR DELETE ON notes
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue();
+             INSERT INTO notes VALUES (repeat('k', 600), 'long key');",
         )
         .await
-        .expect("failed job")
-        .get(0);
-    assert!(error.contains("limit of RabbitMQ"), "{error}");
+        .expect("notes");
+    db.insert_listings(3).await;
+    let mut notes = EventType::new("notes", "notes");
+    notes.exchange = benalsam_events::EventType::listings().exchange;
+    notes.routing_prefix = "listing".into();
+    let bridge = Bridge::start(
+        db.outbox(OutboxConfig::default()),
+        &vhost,
+        vec![EventType::listings(), notes],
+    );
+    let counts = wait_settled(&db, &["pending", "processing"]).await;
+    assert_eq!(
+        (counts.get("sent"), counts.get("failed")),
+        (Some(&3), Some(&1)),
+        "{counts:?}"
+    );
+    let failed = the_failed_job(&db).await;
+    assert!(
+        failed.2.contains("600 bytes") && failed.2.contains("at most 512"),
+        "{failed:?}"
+    );
+    failed_once_and_for_good(&db, &vhost, failed).await;
+    bridge.stop().await;
     db.drop().await;
     vhost.drop().await;
 }

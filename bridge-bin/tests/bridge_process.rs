@@ -248,6 +248,17 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
             .map(|(_, t)| t);
         assert!(matches!(tag, Some(t) if t != "latest"), "{image} is pinned");
     }
+    // Published ports answer the machine, not its network.
+    for line in compose.lines().filter(|l| l.trim().starts_with("ports:")) {
+        let published: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        assert!(!published.is_empty(), "{line}");
+        for port in published {
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{port} is published beyond the machine"
+            );
+        }
+    }
     // Everything before the consumer's service is shared or the bridge's.
     let bridge_part = compose.split("\n  consumer:").next().unwrap_or(compose);
     let help = help(&[]);

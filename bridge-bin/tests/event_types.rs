@@ -368,6 +368,77 @@ async fn a_file_with_a_typo_or_a_table_that_does_not_exist_stops_with_a_clear_er
     vhost.drop().await;
 }
 
+/// Runs a binary to its end, or kills it after a minute (a binary that accepted a bad file
+/// would run on): its exit status (`None` when killed) and what it wrote to stderr.
+fn run_bounded(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
+    let stderr = std::env::temp_dir().join(format!("{}.stderr", unique_name("benalsam")));
+    let file = std::fs::File::create(&stderr).expect("a file for stderr");
+    let mut child: binaries::Guarded = command
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("the binary starts")
+        .into();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(child);
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let _ = std::fs::remove_file(stderr);
+    (status, text)
+}
+
+#[tokio::test]
+async fn an_index_alias_of_all_or_shared_by_two_event_types_stops_start_naming_the_key() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let deployment = Deployment {
+        schema: db.name.clone(),
+        vhost: vhost.url.clone(),
+    };
+    // `_all` would make the consumer put its mapping on every index of the cluster.
+    for alias in ["_all", "benalsam_*", "a,b", "Listings"] {
+        let file = write_config(&format!(
+            "{INVENTORY_TOML}\n[event_type.index]\nalias = \"{alias}\"\n"
+        ));
+        for binary in [consumer_binary(), bridge_binary()] {
+            let (status, err) = run_bounded(deployment.command(binary, Some(&file)).arg("run"));
+            assert!(
+                status.is_some_and(|s| !s.success()),
+                "{alias}: refused at start, not run ({status:?}): {err}"
+            );
+            assert!(
+                err.contains(&format!("{}:1:", file.display()))
+                    && err.contains("index.alias")
+                    && err.contains(alias),
+                "{alias}: {err}"
+            );
+        }
+        let _ = std::fs::remove_file(file);
+    }
+    // Two event types behind one alias would write each other's documents.
+    let shared = write_config(&example_config("shared_alias", "shared_alias"));
+    let (status, err) = run_bounded(
+        deployment
+            .command(consumer_binary(), Some(&shared))
+            .arg("run"),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("index.alias") && err.contains("shared_alias") && err.contains("own alias"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(shared);
+    db.drop().await;
+    vhost.drop().await;
+}
+
 #[tokio::test]
 async fn backfill_by_event_type_enqueues_the_rows_that_predate_the_trigger_with_progress() {
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);

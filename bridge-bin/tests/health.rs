@@ -398,3 +398,131 @@ async fn the_backlog_figures_come_from_the_database_while_the_broker_is_away() {
     db.drop().await;
     vhost.drop().await;
 }
+
+/// Opens `n` connections to `port` that each send half a request head and then nothing.
+/// Connections the server does not take (out of descriptors, over its limit) wait in the
+/// kernel's backlog or are refused; those are left out.
+fn half_requests(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..n)
+        .filter_map(|_| {
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+            let _ = stream.write_all(b"GET /livez HTTP/1.1\r\nHost: slow\r\n");
+            Some(stream)
+        })
+        .collect()
+}
+
+/// Whether the server closed `stream`: a read ends (end of stream or reset) by `deadline`.
+fn closed_by_the_server(mut stream: &std::net::TcpStream, deadline: Instant) -> bool {
+    use std::io::Read;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {} // a 408 or similar before the close
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_after_the_header_timeout_while_livez_answers() {
+    use benalsam_events::ops::{HealthServer, Readiness};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let port = listener.local_addr().expect("address").port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(
+        HealthServer::new("test", Readiness::default()).run(listener, shutdown.clone()),
+    );
+    let slow = tokio::task::spawn_blocking(move || half_requests(port, 320))
+        .await
+        .expect("clients");
+    assert!(slow.len() >= 300, "{} slow clients connected", slow.len());
+    // While they hang, a probe is still answered.
+    wait_for(port, "/livez", 200, PATIENCE).await;
+    // And the server hangs up on each of them once its head did not arrive in time.
+    let deadline = Instant::now() + PATIENCE;
+    let open = tokio::task::spawn_blocking(move || {
+        slow.iter()
+            .filter(|s| !closed_by_the_server(s, deadline))
+            .count()
+    })
+    .await
+    .expect("reads");
+    assert_eq!(open, 0, "half-sent requests left open by the server");
+    wait_for(port, "/livez", 200, PATIENCE).await;
+    shutdown.cancel();
+    server.await.expect("the server stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_health_server_backs_off_logs_rarely_and_recovers() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let log = std::env::temp_dir().join(format!("{}.log", support::unique_name("bridge")));
+    let port = free_port();
+    // The real binary with 64 descriptors: a few hundred connections exhaust them, so its
+    // accepts fail with EMFILE for as long as the clients hold them.
+    let mut command = Command::new("prlimit");
+    command
+        .arg("--nofile=64")
+        .arg("--")
+        .arg(bridge_binary())
+        .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .env_remove("BENALSAM_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    for (k, v) in env(&db, &vhost, &database_url()) {
+        command.env(k, v);
+    }
+    let bridge: binaries::Guarded = command.spawn().expect("the bridge starts").into();
+    wait_for(port, "/readyz", 200, PATIENCE).await;
+
+    let flood = tokio::task::spawn_blocking(move || {
+        let mut held = Vec::new();
+        // Keep opening for a while: the header timeout frees descriptors and the flood
+        // takes them again, as a hostile client would.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(12) {
+            // Within the listen backlog, so connecting never waits on a full queue.
+            if held.len() < 800 {
+                held.extend(half_requests(port, 100));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        held.len()
+    });
+    let held = flood.await.expect("the flood");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let accept_warnings = text.lines().filter(|l| l.contains("health server")).count();
+    assert!(
+        accept_warnings < 20,
+        "{accept_warnings} warnings about accepting in 12 s; the log must not explode"
+    );
+    assert!(
+        text.contains("accepting connections fails"),
+        "the descriptors ran out ({held} connections held): {}",
+        text.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    // The clients are gone (closed above): it answers again.
+    wait_for(port, "/livez", 200, PATIENCE).await;
+    stop(bridge);
+    let _ = std::fs::remove_file(log);
+    db.drop().await;
+    vhost.drop().await;
+}

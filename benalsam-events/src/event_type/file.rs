@@ -151,6 +151,21 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
                 ),
             ));
         }
+        if let Some(other) = types
+            .iter()
+            .find(|t| super::aliases_collide(&t.index.alias, &event_type.index.alias))
+        {
+            return Err(Error::config(
+                "BENALSAM_CONFIG",
+                format!(
+                    "{}: {:?} would write the index of event type {} (alias {:?}); give each event type its own alias",
+                    at("index.alias"),
+                    event_type.index.alias,
+                    other.name,
+                    other.index.alias
+                ),
+            ));
+        }
         if let Some(other) = types.iter().find(|t| t.table == event_type.table) {
             return Err(Error::config(
                 "BENALSAM_CONFIG",
@@ -278,6 +293,12 @@ fn relation_of(
 
 fn index_spec(raw: &IndexToml, alias: &str, at: &dyn Fn(&str) -> String) -> Result<IndexSpec> {
     let mut spec = IndexSpec::new(raw.alias.as_deref().unwrap_or(alias));
+    if let Some(why) = super::alias_problem(&spec.alias) {
+        return Err(Error::config(
+            "BENALSAM_CONFIG",
+            format!("{}: {why}", at("index.alias")),
+        ));
+    }
     spec.shards = raw.shards.unwrap_or(1);
     spec.replicas = raw.replicas.unwrap_or(0);
     if spec.shards == 0 {

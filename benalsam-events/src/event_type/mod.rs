@@ -273,7 +273,7 @@ impl EventType {
                 ),
             ));
         }
-        validate_identifier("index alias", &self.index.alias)?;
+        index_alias("index.alias", &self.index.alias)?;
         // A relation's field may not take a name the document already uses: its own fields,
         // and the combined fields their copy_to feed (also from other relations).
         let mut fields: Vec<&str> = self.document.field_names().collect();
@@ -446,6 +446,100 @@ impl EventType {
     }
 }
 
+/// Checks event types together: each valid, and no two writing one index. Two event types
+/// behind one alias would put each other's documents (and mappings) in one index; an alias
+/// that is another's versioned index name (`<alias>_v1`) would write into that index.
+pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
+    for (i, event_type) in event_types.iter().enumerate() {
+        event_type.validate()?;
+        if let Some(other) = event_types[..i]
+            .iter()
+            .find(|o| aliases_collide(&o.index.alias, &event_type.index.alias))
+        {
+            return Err(Error::config(
+                "index.alias",
+                format!(
+                    "event types {} and {} would write one index ({:?} and {:?}); give each its own alias",
+                    other.name, event_type.name, other.index.alias, event_type.index.alias
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the indices behind aliases `a` and `b` can be the same name: the same alias, or
+/// one alias being the other's versioned index (`<alias>_v<N>`).
+pub(crate) fn aliases_collide(a: &str, b: &str) -> bool {
+    let versioned = |alias: &str, other: &str| {
+        other
+            .strip_prefix(alias)
+            .and_then(|rest| rest.strip_prefix("_v"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    a == b || versioned(a, b) || versioned(b, a)
+}
+
+/// Bytes kept free after an alias for its versioned index's suffix (`_v` and up to ten digits).
+const VERSION_SUFFIX_ROOM: usize = 12;
+
+/// Checks an index alias by the search engine's rules for index and alias names, leaving
+/// room for the `_v<N>` suffix of the index behind it.
+pub(crate) fn index_alias(setting: &str, alias: &str) -> Result<()> {
+    alias_problem(alias).map_or(Ok(()), |why| Err(Error::config(setting, why)))
+}
+
+/// What is wrong with `alias` as an index alias, if anything.
+fn alias_problem(alias: &str) -> Option<String> {
+    index_name(alias, 255 - VERSION_SUFFIX_ROOM)
+        .err()
+        .map(|why| format!("{alias:?} is not a usable index name: {why}"))
+}
+
+/// Why `name` is not a name Elasticsearch and OpenSearch accept for an index or alias that
+/// this library may create and write (their rules, plus a refusal of what addresses more than
+/// one index, `_all` and wildcards, or belongs to the engine: names starting with `_` or `.`).
+/// A request to `PUT /_all/_mapping` changes every index of the cluster, another
+/// application's included; a name that merely works is not enough.
+pub(crate) fn index_name(name: &str, max_bytes: usize) -> std::result::Result<(), String> {
+    const FORBIDDEN: &[char] = &['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'];
+    if name.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if name.len() > max_bytes {
+        return Err(format!(
+            "it is {} bytes; at most {max_bytes} (the engine's limit is 255, and the index behind an alias adds _v<N>)",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("\".\" and \"..\" are not index names".to_owned());
+    }
+    if let Some(first) = name
+        .chars()
+        .next()
+        .filter(|c| matches!(c, '_' | '-' | '+' | '.'))
+    {
+        return Err(format!(
+            "it may not start with {first:?} (_all and names starting with _ or . belong to the engine; - and + are refused by it)"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| FORBIDDEN.contains(c)) {
+        return Err(format!(
+            "it may not contain {c:?} (wildcards, lists and separators address other indices): none of \\ / * ? \" < > | , # : or a space"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "it may not contain {c:?} (no spaces or control characters)"
+        ));
+    }
+    if name.chars().any(char::is_uppercase) {
+        return Err("it must be lowercase".to_owned());
+    }
+    Ok(())
+}
+
 /// Checks a RabbitMQ name (exchange, queue, routing prefix): not empty, at most 255 bytes,
 /// printable, not one of the broker's own (`amq.`).
 fn amqp_name(setting: &str, name: &str) -> Result<()> {
@@ -484,6 +578,88 @@ mod tests {
             bad.validate().expect_err("no status column").setting(),
             Some("searchable_statuses")
         );
+    }
+
+    #[test]
+    fn index_names_follow_the_engine_s_rules_and_address_one_index() {
+        for good in [
+            "benalsam_listings",
+            "orders-2026",
+            "a",
+            "shop.orders",
+            "çarşı",
+            "x1",
+        ] {
+            assert_eq!(index_name(good, 243), Ok(()), "{good}");
+        }
+        let long = "a".repeat(244);
+        for bad in [
+            "_all",
+            "*",
+            "listings*",
+            "list?ngs",
+            "_x",
+            "-x",
+            "+x",
+            ".x",
+            ".",
+            "..",
+            "a,b",
+            "Listings",
+            "a/b",
+            "a\\b",
+            "a b",
+            "a#b",
+            "a:b",
+            "a\"b",
+            "a<b",
+            "a>b",
+            "a|b",
+            "",
+            "a\tb",
+            long.as_str(),
+        ] {
+            assert!(index_name(bad, 243).is_err(), "{bad:?} is refused");
+        }
+        let mut all = EventType::new("orders", "orders");
+        all.index.alias = "_all".to_owned();
+        let error = all.validate().expect_err("_all refused");
+        assert_eq!(error.setting(), Some("index.alias"));
+        assert!(error.to_string().contains("_all"), "{error}");
+    }
+
+    #[test]
+    fn two_event_types_may_not_write_one_index() {
+        let orders = EventType::new("orders", "orders");
+        let mut again = EventType::new("orders2", "orders2");
+        again.index.alias = orders.index.alias.clone();
+        let error = validate_all(&[orders.clone(), again.clone()]).expect_err("shared alias");
+        assert_eq!(error.setting(), Some("index.alias"));
+        again.index.alias = format!("{}_v1", orders.index.alias);
+        assert!(
+            validate_all(&[orders.clone(), again.clone()]).is_err(),
+            "the versioned index"
+        );
+        again.index.alias = format!("{}_v", orders.index.alias);
+        assert!(
+            validate_all(&[orders, again]).is_ok(),
+            "not a versioned name"
+        );
+        assert!(!aliases_collide("a", "ab") && aliases_collide("a_v12", "a"));
+    }
+
+    proptest::proptest! {
+        /// Whatever a name holds, an accepted one is one concrete index the engine allows.
+        #[test]
+        fn an_accepted_index_name_addresses_exactly_one_index(name in "\\PC{0,20}|[a-z_.*,-]{0,6}") {
+            if index_name(&name, 243).is_ok() {
+                proptest::prop_assert!(!name.is_empty() && name.len() <= 243);
+                proptest::prop_assert!(!name.starts_with(['_', '-', '+', '.']));
+                proptest::prop_assert!(!name.contains(['*', '?', ',', ' ', '/', '\\', '"', '<', '>', '|', '#', ':']));
+                proptest::prop_assert_eq!(name.to_lowercase(), name.clone());
+                proptest::prop_assert!(name != "_all");
+            }
+        }
     }
 
     #[test]

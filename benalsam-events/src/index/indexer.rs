@@ -90,6 +90,10 @@ pub struct IndexerConfig {
     pub reconnect: Backoff,
     /// The connection's name in the management UI.
     pub connection_name: String,
+    /// Largest delivery read (`BENALSAM_MAX_MESSAGE_BYTES`); a larger one is dead-lettered
+    /// unread. The deliveries held at once are at most `prefetch` times the broker's
+    /// `max_message_size`: set that to this value to bound them.
+    pub max_message_bytes: usize,
 }
 
 impl Default for IndexerConfig {
@@ -110,6 +114,7 @@ impl Default for IndexerConfig {
             circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             reconnect: Backoff::default(),
             connection_name: "benalsam-consumer".to_owned(),
+            max_message_bytes: crate::publish::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -363,9 +368,7 @@ impl Indexer {
                 "an indexer needs at least one",
             ));
         }
-        for event_type in &event_types {
-            event_type.validate()?;
-        }
+        crate::event_type::validate_all(&event_types)?;
         require_positive("BENALSAM_BULK_LINGER", config.linger)?;
         require_positive("BENALSAM_BULK_TARGET", config.bulk_target)?;
         if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {
@@ -437,7 +440,8 @@ impl Indexer {
             routes,
             self.config.prefetch,
             self.config.connection_name.clone(),
-        );
+        )
+        .with_max_message_bytes(self.config.max_message_bytes);
         let limits = Limits {
             count: self.config.batch_size,
             bytes: self.config.batch_bytes,

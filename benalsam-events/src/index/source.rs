@@ -53,6 +53,8 @@ pub(crate) struct Source {
     url: AmqpUrl,
     queues: Vec<Arc<QueueRoute>>,
     prefetch: u16,
+    /// Larger deliveries are not parsed: they are refused as too large.
+    max_message_bytes: usize,
     name: String,
     link: Option<Link>,
     /// Which of the URL's addresses the next connection tries first.
@@ -67,11 +69,18 @@ impl Source {
             url,
             queues: queues.into_iter().map(Arc::new).collect(),
             prefetch,
+            max_message_bytes: crate::publish::DEFAULT_MAX_MESSAGE_BYTES,
             name,
             link: None,
             next_address: 0,
             current_address: None,
         }
+    }
+
+    /// Refuses deliveries over `limit` bytes without parsing them.
+    pub(crate) fn with_max_message_bytes(mut self, limit: usize) -> Self {
+        self.max_message_bytes = limit;
+        self
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -153,7 +162,15 @@ impl Source {
         };
         match link.deliveries.next().await {
             Some((route, Ok(delivery))) => {
-                let envelope = Envelope::parse(&delivery.data);
+                // Parsing would take several times the body's size again.
+                let envelope = if delivery.data.len() > self.max_message_bytes {
+                    Err(EnvelopeError::TooLarge {
+                        bytes: delivery.data.len(),
+                        limit: self.max_message_bytes,
+                    })
+                } else {
+                    Envelope::parse(&delivery.data)
+                };
                 Event::Delivery(Box::new(Incoming {
                     delivery,
                     route,

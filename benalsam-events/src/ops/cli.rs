@@ -283,7 +283,8 @@ const BRIDGE_HEALTH_ADDR: SocketAddr =
 const CONSUMER_HEALTH_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3002);
 
-/// What the services share: health endpoints, heartbeats, migrations at start.
+/// What the services share: health endpoints, heartbeats, migrations at start, the message
+/// size limit.
 #[derive(Debug, Clone, Args)]
 #[non_exhaustive]
 pub struct ServiceArgs {
@@ -303,6 +304,13 @@ pub struct ServiceArgs {
     /// Apply the database migrations before starting
     #[arg(long, env = "BENALSAM_MIGRATE")]
     pub migrate: bool,
+
+    /// Largest message in bytes: the bridge fails a job whose message would be larger (once,
+    /// with the reason), the consumer dead-letters a larger delivery unread. Keep RabbitMQ's
+    /// max_message_size at this value: the consumer then holds at most prefetch times it
+    #[arg(long, env = "BENALSAM_MAX_MESSAGE_BYTES", default_value_t = crate::publish::DEFAULT_MAX_MESSAGE_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(4096..=512 * 1024 * 1024))]
+    pub max_message_bytes: u64,
 }
 
 /// The queue type, which both binaries read.
@@ -457,6 +465,8 @@ impl BridgeArgs {
         s.publisher = PublisherConfig {
             window: self.publish_window as usize,
             window_bytes: self.publish_window_bytes as usize,
+            max_message_bytes: usize::try_from(self.service.max_message_bytes)
+                .unwrap_or(usize::MAX),
             ..PublisherConfig::default()
         };
         s.topology = self.topology.config();
@@ -488,7 +498,7 @@ pub struct ConsumerArgs {
     /// Without BENALSAM_CONFIG: alias of the listings index (created as <alias>_v1 when
     /// missing) [default: benalsam_listings]
     #[arg(long, env = "BENALSAM_INDEX",
-          value_parser = |s: &str| validate_identifier("BENALSAM_INDEX", s).map(str::to_owned).map_err(|e| e.to_string()))]
+          value_parser = |s: &str| crate::event_type::index_alias("BENALSAM_INDEX", s).map(|()| s.to_owned()).map_err(|e| e.to_string()))]
     pub index: Option<String>,
 
     /// Without BENALSAM_CONFIG: replicas of a newly created listings index (0 keeps a single
@@ -576,6 +586,8 @@ impl ConsumerArgs {
             in_flight: self.bulk_in_flight as usize,
             bulk_target: self.bulk_target,
             max_attempts: self.index_attempts,
+            max_message_bytes: usize::try_from(self.service.max_message_bytes)
+                .unwrap_or(usize::MAX),
             ..IndexerConfig::default()
         };
         s.queue_type = self.queue_type.queue_type;

@@ -12,24 +12,55 @@
 //! The server starts before anything else ([`Readiness`] says what start-up is doing), so an
 //! orchestrator gets an answer from the first moment. It takes a bound listener and a
 //! shutdown token, so a test or an embedding service runs it in-process on any port.
+//!
+//! It is bounded, so a client that opens connections and never finishes a request cannot
+//! take the process's file descriptors or its log: a request's head must arrive within
+//! [`HEADER_READ_TIMEOUT`] and fit [`MAX_HEAD_BYTES`], a connection lives at most
+//! [`CONNECTION_LIFETIME`], at most [`MAX_CONNECTIONS`] are open at a time (one more is
+//! closed at once), and when accepting fails (out of file descriptors) the server waits,
+//! doubling from 10 ms to 1 s, and warns at most once per [`ACCEPT_LOG_INTERVAL`] with the
+//! count of failures since.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::metrics::{Format, Metrics};
+
+/// How long a client has to send a request's head (line and headers), from the moment the
+/// server waits for it: probes and scrapers send theirs at once.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connection may stay open, requests and keep-alive included; a scraper that
+/// keeps its connection reconnects after it.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Most connections open at a time. Probes and scrapers need a handful; the limit keeps the
+/// descriptors of a process (1,024 by default on Linux) for its real work.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Largest request head read (the engine's smallest buffer): the requests served are a path
+/// and a few headers.
+pub const MAX_HEAD_BYTES: usize = 8192;
+
+/// Most headers in a request.
+const MAX_HEADERS: usize = 32;
+
+/// At most one warning about failing accepts per this interval.
+pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One health answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -146,28 +177,55 @@ impl HealthServer {
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let routes = Arc::new(self);
         let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut failing = AcceptFailures::default();
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS);
         loop {
-            let (stream, _peer) = tokio::select! {
+            let stream = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
+                    Ok((stream, _peer)) => {
+                        failing.recovered();
+                        stream
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "health server: accept failed");
-                        continue;
+                        // Out of descriptors (EMFILE, ENFILE) or memory the next accept fails
+                        // the same way at once: wait instead of spinning, and say so rarely.
+                        let pause = failing.failed(&error, Instant::now());
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(pause) => continue,
+                        }
                     }
                 },
+            };
+            // Over the limit the connection is closed at once: waiting would hold its
+            // descriptor, which is what the limit protects.
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                drop(stream);
+                continue;
             };
             let routes = Arc::clone(&routes);
             let service = service_fn(move |request| {
                 let routes = Arc::clone(&routes);
                 async move { Ok::<_, Infallible>(routes.answer(&request)) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "health server: connection ended with an error");
+                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "health server: connection ended with an error");
+                    }
+                    Ok(Ok(())) => {}
+                    Err(_) => tracing::debug!("health server: connection closed at its lifetime"),
                 }
+                drop(slot);
             });
         }
         graceful.shutdown().await;
@@ -269,6 +327,53 @@ impl HealthServer {
     }
 }
 
+/// Failing accepts in a row: how long to wait before the next, and when to warn.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// Failures since the last accepted connection.
+    in_a_row: u32,
+    /// Failures since the last warning.
+    unreported: u64,
+    last_warning: Option<Instant>,
+}
+
+impl AcceptFailures {
+    /// Records a failure at `now`; returns how long to wait before accepting again: 10 ms,
+    /// doubling up to 1 s. Warns at most once per [`ACCEPT_LOG_INTERVAL`], counting the
+    /// failures it did not report.
+    fn failed(&mut self, error: &std::io::Error, now: Instant) -> Duration {
+        self.unreported += 1;
+        let due = self
+            .last_warning
+            .is_none_or(|at| now.saturating_duration_since(at) >= ACCEPT_LOG_INTERVAL);
+        if due {
+            tracing::warn!(
+                %error,
+                failures = self.unreported,
+                "health server: accepting connections fails (out of file descriptors?); retrying with backoff, next warning in {} s at the earliest",
+                ACCEPT_LOG_INTERVAL.as_secs()
+            );
+            self.unreported = 0;
+            self.last_warning = Some(now);
+        }
+        let pause = accept_backoff(self.in_a_row);
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        pause
+    }
+
+    /// A connection was accepted: the next failure waits the shortest time again.
+    fn recovered(&mut self) {
+        self.in_a_row = 0;
+    }
+}
+
+/// The wait after `n` failed accepts in a row: 10 ms doubling, at most 1 s.
+fn accept_backoff(n: u32) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1u32 << n.min(7))
+        .min(Duration::from_secs(1))
+}
+
 fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -304,6 +409,32 @@ mod tests {
                 .expect("body")
                 .to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn failing_accepts_back_off_to_a_second_and_warn_rarely() {
+        assert_eq!(accept_backoff(0), Duration::from_millis(10));
+        assert_eq!(accept_backoff(1), Duration::from_millis(20));
+        assert_eq!(accept_backoff(6), Duration::from_millis(640));
+        assert_eq!(accept_backoff(7), Duration::from_secs(1));
+        assert_eq!(accept_backoff(u32::MAX), Duration::from_secs(1));
+
+        let error = std::io::Error::from_raw_os_error(24); // EMFILE
+        let start = Instant::now();
+        let mut failures = AcceptFailures::default();
+        let mut waited = Duration::ZERO;
+        let mut warnings = 0;
+        for i in 0..1000u64 {
+            let now = start + Duration::from_millis(i * 10);
+            let before = failures.last_warning;
+            waited += failures.failed(&error, now);
+            warnings += usize::from(failures.last_warning != before);
+        }
+        assert_eq!(warnings, 1, "one warning per interval, the rest counted");
+        assert_eq!(failures.unreported, 999);
+        assert!(waited > Duration::from_secs(900), "backed off: {waited:?}");
+        failures.recovered();
+        assert_eq!(failures.failed(&error, start), Duration::from_millis(10));
     }
 
     #[test]

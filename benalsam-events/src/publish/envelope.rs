@@ -35,6 +35,16 @@ pub(crate) const SCHEMA_VERSION: u32 = 1;
 /// Envelope schemas this build can read.
 const READABLE_SCHEMA_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
+/// Default of the largest message body the bridge publishes and the consumer reads
+/// (`BENALSAM_MAX_MESSAGE_BYTES`). 1 MiB: a fifth of a default bulk request (5 MiB), room for
+/// an UPDATE's old and new row of about 0.5 MiB each (the rows measured are near 4 KB), and
+/// with the default prefetch (500) it bounds the deliveries a consumer holds to 500 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Longest record key a message may carry: the search engines refuse document ids over 512
+/// bytes, and with them the whole bulk request.
+pub(crate) const MAX_RECORD_ID_BYTES: usize = 512;
+
 /// Header carrying the W3C trace context.
 pub(crate) const TRACEPARENT_HEADER: &str = "traceparent";
 /// Header carrying the job id, so tools can find the job without parsing the body.
@@ -101,6 +111,16 @@ pub(crate) enum EnvelopeError {
     /// Well-formed, but its fields contradict each other.
     #[error("invalid envelope: {0}")]
     Invalid(String),
+    /// Larger than the consumer reads: not parsed at all.
+    #[error(
+        "the message is {bytes} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); it was not read"
+    )]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl<'a> Envelope<'a> {
@@ -231,12 +251,8 @@ impl Envelope<'static> {
         if self.record_id.is_empty() || self.table.is_empty() {
             return invalid("table and recordId must not be empty".to_owned());
         }
-        // Elasticsearch refuses document ids over 512 bytes, and with them the whole request.
-        if self.record_id.len() > 512 {
-            return invalid(format!(
-                "recordId is {} bytes; a document id has at most 512",
-                self.record_id.len()
-            ));
+        if let Some(why) = record_id_problem(&self.record_id) {
+            return invalid(why);
         }
         let row_ok = match self.operation {
             Operation::Insert | Operation::Delete | Operation::Truncate | Operation::Rebuild => {
@@ -259,6 +275,16 @@ impl Envelope<'static> {
         }
         Ok(())
     }
+}
+
+/// Why `record_id` cannot be carried to the index, if it cannot (see [`MAX_RECORD_ID_BYTES`]).
+pub(crate) fn record_id_problem(record_id: &str) -> Option<String> {
+    (record_id.len() > MAX_RECORD_ID_BYTES).then(|| {
+        format!(
+            "the record key is {} bytes; a search document id has at most {MAX_RECORD_ID_BYTES} (the engine's limit)",
+            record_id.len()
+        )
+    })
 }
 
 /// RFC 3339 with microseconds on the wire. Times outside 1970..=9999 (which the formatter

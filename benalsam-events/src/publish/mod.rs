@@ -14,10 +14,10 @@ mod publisher;
 mod routing;
 mod topology;
 
-pub use envelope::Envelope;
 pub(crate) use envelope::EnvelopeError;
 #[cfg(test)]
 pub(crate) use envelope::SCHEMA_VERSION;
+pub use envelope::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
 pub(crate) use routing::{LISTINGS_EXCHANGE, Route, Routes};

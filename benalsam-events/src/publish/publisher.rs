@@ -39,12 +39,9 @@ use crate::ops::metrics::{self, Metrics, PublisherMetrics};
 use crate::ops::telemetry;
 use crate::outbox::{Job, Outcome, Settle};
 use crate::publish::confirm::{self, Verdict};
-use crate::publish::envelope::trace_id_of;
+use crate::publish::envelope::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
 use crate::publish::{Envelope, Routes, Topology};
 use crate::{Error, EventType, Result};
-
-/// Largest message body published: RabbitMQ 4's default `max_message_size` (3.x allows 128 MiB).
-pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Most claimed jobs waiting for the publishing task.
 const HANDOFF: usize = 128;
@@ -82,6 +79,10 @@ pub struct PublisherConfig {
     pub connection_name: String,
     /// Declared on every new connection and after a refusal that says it is missing.
     pub topology: Option<Topology>,
+    /// Largest message body published (`BENALSAM_MAX_MESSAGE_BYTES`): a job whose message
+    /// would be larger fails at once, with the reason, and is not tried again. Keep it at or
+    /// under the broker's `max_message_size` and the consumers' limit.
+    pub max_message_bytes: usize,
 }
 
 impl Default for PublisherConfig {
@@ -95,6 +96,7 @@ impl Default for PublisherConfig {
             app_id: "benalsam-bridge".to_owned(),
             connection_name: "benalsam-bridge publisher".to_owned(),
             topology: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -443,6 +445,15 @@ impl<S: Settle> Worker<S> {
                 false,
             ));
         };
+        // A key the index cannot take would be refused by every consumer and resent for
+        // ever: the job fails here, once, with the reason.
+        if let Some(why) = record_id_problem(&job.record_id) {
+            return Err((
+                "refused",
+                format!("{why}; use a shorter key column for this table"),
+                false,
+            ));
+        }
         let route = event_type.route(job);
         let (Ok(exchange), Ok(routing_key)) = (
             ShortString::try_new(route.exchange.as_str()),
@@ -480,11 +491,12 @@ impl<S: Settle> Worker<S> {
         let body = envelope.to_bytes();
         // The broker closes the whole channel on an oversized message, failing every other
         // message in flight with it; refuse it here, alone, with a reason.
-        if body.len() > MAX_MESSAGE_BYTES {
+        let limit = self.config.max_message_bytes;
+        if body.len() > limit {
             return Err((
                 "refused",
                 format!(
-                    "the message is {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit of RabbitMQ 4; shrink the row or ignore its large columns",
+                    "the message is {} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); ignore the table's large columns or raise the limit (and the broker's max_message_size with it)",
                     body.len()
                 ),
                 false,
