@@ -740,3 +740,6 @@ pub async fn publish(
         Err(format!("not confirmed: {confirm:?}"))
     }
 }
+
+/// PostgreSQL roles of the tests (least privilege), created by the superuser.
+pub mod roles;
