@@ -4,11 +4,10 @@
 
 mod commands;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = commands::Cli::parse();
+    // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE.
+    let cli: commands::Cli = benalsam_events::config::parse_with_secret_files();
     let _telemetry =
         benalsam_events::ops::telemetry::init("benalsam-consumer", cli.log.log_format)?;
     cli.run().await

@@ -72,12 +72,11 @@ macro_rules! service_url {
                 &self.url
             }
 
-            /// Reads the setting from its environment variable; unset, the local stack's
-            /// (`scripts/stack`).
+            /// Reads the setting from its environment variable, or from the file its
+            /// `_FILE` variable names (Docker and Kubernetes secrets; both set is an
+            /// error); neither set, the local stack's (`scripts/stack`).
             pub fn from_env() -> Result<Self> {
-                let parsed: Self = std::env::var($setting)
-                    .ok()
-                    .filter(|v| !v.is_empty())
+                let parsed: Self = super::secret_file::env_or_file($setting)?
                     .as_deref()
                     .unwrap_or($default)
                     .parse()?;

@@ -40,6 +40,11 @@ impl TestRole {
         Self { name, password }
     }
 
+    /// The role's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     /// The stack's `DATABASE_URL` with this role's name and password.
     pub fn url(&self) -> DatabaseUrl {
         let mut url = database_url().url().clone();
