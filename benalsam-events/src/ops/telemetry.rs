@@ -93,7 +93,7 @@ fn otel_requested(var: impl Fn(&str) -> Option<String>) -> bool {
 ///
 /// Log lines go to stderr, filtered by `RUST_LOG` (default `info`; an invalid value is
 /// reported in the first log line and `info` used; the AMQP client's crates stop at debug,
-/// see [`wire_cap`]). Text is coloured only on a terminal and
+/// as their trace lines carry the broker password). Text is coloured only on a terminal and
 /// never when `NO_COLOR` is set; JSON lines are flat objects with `timestamp`, `level`,
 /// `target`, `service`, `version`, `message` and the event's fields.
 pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
