@@ -107,6 +107,7 @@ impl BridgeSettings {
 /// an error; an unreachable service is waited for.
 pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> Result<()> {
     settings.validate()?;
+    crate::connect::log_transports(&settings.database_url, &settings.rabbitmq_url, None);
     let schema = settings.outbox.schema.clone();
     settings.event_types = settings
         .event_types

@@ -94,6 +94,11 @@ impl ConsumerSettings {
 /// recorded and acked first.
 pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Result<()> {
     settings.validate()?;
+    crate::connect::log_transports(
+        &settings.database_url,
+        &settings.rabbitmq_url,
+        Some(&settings.search_url),
+    );
     let mut service = Service::new("benalsam-consumer", &shutdown);
     let monitor: Arc<OnceLock<ConsumerMonitor>> = Arc::default();
     let search = SearchNodes::new(&settings.search_url, settings.search_timeout)?;

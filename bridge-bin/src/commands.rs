@@ -52,6 +52,16 @@ enum Command {
         #[command(flatten)]
         topology: TopologyArgs,
     },
+    /// Print the GRANT statements giving the bridge's and the consumer's PostgreSQL roles the
+    /// least privileges their work needs on the outbox (run them as the outbox's owner)
+    Grants {
+        /// The bridge's role
+        #[arg(long, value_name = "ROLE", required_unless_present = "consumer_role")]
+        bridge_role: Option<String>,
+        /// The consumer's role
+        #[arg(long, value_name = "ROLE")]
+        consumer_role: Option<String>,
+    },
     /// Summarise the job table: jobs by status, average processing time, oldest pending,
     /// pending jobs by table
     Status,
@@ -110,6 +120,21 @@ impl Cli {
             }
             Some(Command::Run(ref args)) => run(args, db, &self.rabbitmq, event_types()?).await,
             Some(Command::Migrate) => migrate(db, &event_types()?).await,
+            Some(Command::Grants {
+                ref bridge_role,
+                ref consumer_role,
+            }) => {
+                print!(
+                    "{}",
+                    benalsam_events::outbox::grants(
+                        db.outbox()?.config(),
+                        &event_types()?,
+                        bridge_role.as_deref(),
+                        consumer_role.as_deref(),
+                    )?
+                );
+                Ok(())
+            }
             Some(Command::Topology {
                 ref vhost,
                 permissions,

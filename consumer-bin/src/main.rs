@@ -6,6 +6,8 @@ mod commands;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE,
+    // saying where a misplaced run setting belongs.
     let cli: commands::Cli = benalsam_events::ops::cli::parse();
     let _telemetry =
         benalsam_events::ops::telemetry::init("benalsam-consumer", cli.log.log_format)?;

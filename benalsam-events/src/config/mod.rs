@@ -2,11 +2,15 @@
 //! password), and checks shared by every setting the library takes.
 
 mod redact;
+mod secret_file;
 pub(crate) mod tls;
 mod urls;
 
 use std::time::Duration;
 
+pub use secret_file::env_or_file;
+#[cfg(feature = "cli")]
+pub use secret_file::{parse_with_secret_files, try_parse_with_secret_files};
 pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
 #[cfg(feature = "cli")]
 pub(crate) use urls::{DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL};

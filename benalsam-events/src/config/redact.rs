@@ -15,43 +15,125 @@ pub(crate) fn redact_url(url: &str) -> String {
     mask_query_passwords(&mask_userinfo(url))
 }
 
+/// Returns a value that did not parse as a URL with everything that may be a password
+/// masked, for the error that says so.
+///
+/// A malformed value has no reliable structure: `postgres:/u:pw@h/db` (one slash),
+/// `u:pw@h` (no scheme), libpq's `host=h password=pw`, `amqp://u:pw` (the host forgotten,
+/// the password now where a port would be). Besides what [`redact_url`] masks, whatever
+/// follows a colon after the host position is masked when there is no `@` at all.
+pub(crate) fn redact_unparsed(raw: &str) -> String {
+    let masked = redact_url(raw);
+    let start = userinfo_start(&masked);
+    let rest = &masked[start..];
+    if rest.contains('@') {
+        return masked;
+    }
+    match rest.find(':') {
+        Some(colon) => {
+            let after = &rest[colon + 1..];
+            let end = after.find(['/', '?', '#', ' ']).unwrap_or(after.len());
+            if after[..end].is_empty() || after[..end] == *MASK {
+                return masked;
+            }
+            format!("{}:{MASK}{}", &masked[..start + colon], &after[end..])
+        }
+        None => masked,
+    }
+}
+
+/// Where the user information would begin: after the scheme (`letter *(letter / digit / + -
+/// .) ":"`) and the slashes that follow it, however many; at 0 without a scheme.
+fn userinfo_start(raw: &str) -> usize {
+    let scheme_len = raw
+        .char_indices()
+        .take_while(|(i, c)| {
+            if *i == 0 {
+                c.is_ascii_alphabetic()
+            } else {
+                c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')
+            }
+        })
+        .count();
+    if scheme_len == 0 || !raw[scheme_len..].starts_with(':') {
+        return 0;
+    }
+    let after = &raw[scheme_len + 1..];
+    scheme_len + 1 + (after.len() - after.trim_start_matches(['/', '\\']).len())
+}
+
+/// Masks the password of the user information: everything between the user name (up to the
+/// first `:` or `@`) and the *last* `@` of the text.
 fn mask_userinfo(raw: &str) -> String {
-    let Some(scheme_end) = raw.find("://") else {
+    let start = userinfo_start(raw);
+    let rest = &raw[start..];
+    let Some(at) = rest.rfind('@') else {
         return raw.to_owned();
     };
-    let start = scheme_end + 3;
-    let rest = &raw[start..];
-    match rest.rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:{MASK}{}", &raw[..start], &rest[at..]),
-                None => raw.to_owned(),
-            }
-        }
+    let userinfo = &rest[..at];
+    match userinfo.find([':', '@']) {
+        Some(end) => format!(
+            "{}{}:{MASK}{}",
+            &raw[..start],
+            &userinfo[..end],
+            &rest[at..]
+        ),
         None => raw.to_owned(),
     }
 }
 
+/// Masks the values of `password` and `sslpassword` parameters: in a URL's query (after `?`,
+/// `&` or `;`) and in libpq's key=value form (after a space, or first), with spaces around
+/// the `=` and quoted values as libpq allows them. Names are matched without regard to case.
 fn mask_query_passwords(raw: &str) -> String {
+    let lower = raw.to_ascii_lowercase();
     let mut out = String::with_capacity(raw.len());
-    let mut rest = raw;
-    while let Some(found) = rest.find("password=") {
-        let value_start = found + "password=".len();
-        // `password=` and libpq's `sslpassword=` (the key's passphrase) are parameters of
-        // their own; `oldpassword=` is not.
-        let before = &rest[..found];
+    let mut done = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find("password").map(|f| f + search) {
+        let name_end = found + "password".len();
+        search = name_end;
+        // `password` and libpq's `sslpassword` (the key's passphrase) are parameters of their
+        // own; `oldpassword` is not.
+        let before = &lower[..found];
         let name_start = before.strip_suffix("ssl").unwrap_or(before);
-        let preceded = name_start.is_empty() || name_start.ends_with(['?', '&', ';']);
-        out.push_str(&rest[..value_start]);
-        rest = &rest[value_start..];
-        if preceded {
-            let end = rest.find(['&', '#', ';']).unwrap_or(rest.len());
-            out.push_str(MASK);
-            rest = &rest[end..];
+        let in_query = name_start.ends_with(['?', '&', ';']);
+        let preceded =
+            in_query || name_start.is_empty() || name_start.ends_with(char::is_whitespace);
+        let after = &lower[name_end..];
+        let spaces = after.len() - after.trim_start().len();
+        if !preceded || !after[spaces..].starts_with('=') {
+            continue;
         }
+        let value_start = name_end + spaces + 1;
+        let value = &raw[value_start..];
+        let blank = value.len() - value.trim_start().len();
+        let value = &value[blank..];
+        let len = if let Some(quoted) = value.strip_prefix('\'') {
+            // A quoted value ends at the first quote not escaped by a backslash.
+            let mut escaped = false;
+            let close = quoted.char_indices().find(|(_, c)| {
+                let end = !escaped && *c == '\'';
+                escaped = !escaped && *c == '\\';
+                end
+            });
+            close.map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            // A query's value ends at the next parameter (or the fragment); libpq's
+            // key=value form separates by white space only.
+            let end: &[char] = if in_query {
+                &['&', '#', ' ', '\t', '\n']
+            } else {
+                &[' ', '\t', '\n']
+            };
+            value.find(end).unwrap_or(value.len())
+        };
+        out.push_str(&raw[done..value_start + blank]);
+        out.push_str(MASK);
+        done = value_start + blank + len;
+        search = done.max(search);
     }
-    out.push_str(rest);
+    out.push_str(&raw[done..]);
     out
 }
 

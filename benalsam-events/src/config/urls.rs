@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::redact::redact_url;
+use super::redact::{redact_unparsed, redact_url};
 use super::tls::{ClientFiles, TlsFiles, split_amqp, split_postgres};
 use crate::{Error, Result};
 
@@ -72,12 +72,11 @@ macro_rules! service_url {
                 &self.url
             }
 
-            /// Reads the setting from its environment variable; unset, the local stack's
-            /// (`scripts/stack`).
+            /// Reads the setting from its environment variable, or from the file its
+            /// `_FILE` variable names (Docker and Kubernetes secrets; both set is an
+            /// error); neither set, the local stack's (`scripts/stack`).
             pub fn from_env() -> Result<Self> {
-                let parsed: Self = std::env::var($setting)
-                    .ok()
-                    .filter(|v| !v.is_empty())
+                let parsed: Self = super::secret_file::env_or_file($setting)?
                     .as_deref()
                     .unwrap_or($default)
                     .parse()?;
@@ -118,7 +117,7 @@ macro_rules! service_url {
             fn parse_one(raw: &str) -> Result<Self> {
                 let parsed = url::Url::parse(raw).map_err(|e| Error::config(
                     $setting,
-                    format!("{} is not a URL ({e}); expected e.g. {}", redact_url(raw), $example),
+                    format!("{} is not a URL ({e}); expected e.g. {}", redact_unparsed(raw), $example),
                 ))?;
                 let schemes: &[&str] = &[$($scheme),+];
                 if !schemes.contains(&parsed.scheme()) {
@@ -134,7 +133,7 @@ macro_rules! service_url {
                 if parsed.host_str().is_none_or(str::is_empty) {
                     return Err(Error::config(
                         $setting,
-                        format!("{} names no host; expected e.g. {}", redact_url(raw), $example),
+                        format!("{} names no host; expected e.g. {}", redact_unparsed(raw), $example),
                     ));
                 }
                 $check(parsed.as_str())?;
@@ -317,7 +316,7 @@ fn parse_list(
                 setting,
                 format!(
                     "entry {position} of {total} ({}): {error}",
-                    redact_url(entry)
+                    redact_unparsed(entry)
                 ),
             )
         })?;
@@ -710,6 +709,110 @@ mod tests {
             }
             for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
                 proptest::prop_assert!(!shown.contains(&password), "{}", shown);
+            }
+        }
+    }
+
+    /// Values an operator may get wrong, `{u}` the user, `{p}` the password, `{h}` the host.
+    const MALFORMED: &[&str] = &[
+        "postgres:/{u}:{p}@{h}/db",
+        "postgres:{u}:{p}@{h}/db",
+        "postgres//{u}:{p}@{h}/db",
+        "postgres:///{u}:{p}@{h}/db",
+        "postgres://{u}:{p}@",
+        "postgres://{u}:{p}@/db",
+        "postgres://{u}:{p}@[{h}/db",
+        "postgres://{u}:{p}@{h}:99999/db",
+        "postgres://{u}:{p}",
+        "postgres://{u}:{p}/db",
+        "postgres ://{u}:{p}@{h}/db",
+        " postgres://{u}:{p}@{h}/db",
+        "postgres://{u}:{p}@{h}/db?sslmode=allow",
+        "postgres://{u}:{p}@{h}/db?sslmode=verify-full",
+        "postgres://{h}/db?password={p}&sslmode=bogus",
+        "postgres://{h}/db?sslmode=allow&password={p}",
+        "postgres://{u}:{p}@{h}/db,postgres://{u}:{p}@{h}/db",
+        "{u}:{p}@{h}/db",
+        "{u}:{p}@{h}",
+        "host={h} user={u} password={p} dbname=db",
+        "host={h} password = {p} dbname=db",
+        "host={h} password='{p}' dbname=db",
+        "host={h} PASSWORD={p}",
+        "password={p}",
+        "amqp:/{u}:{p}@{h}",
+        "amqp:{u}:{p}@{h}",
+        "amqp://{u}:{p}@{h}:notaport/%2f",
+        "amqp://{u}:{p}@",
+        "amqp://{u}:{p}",
+        "amqps://{u}:{p}@{h}/%2f?certfile=%2Fc.pem",
+        "amqp://{u}:{p}@{h}/%2f,amqp://{u}:{p}@{h}/other",
+        "amqp://{u}:{p}@{h}/%2f,{u}:{p}@{h}/%2f",
+        "http:/{u}:{p}@{h}:9200",
+        "http://{u}:{p}@{h}:9200,{u}:{p}@{h}:9201",
+        "https://{u}:{p}@{h}:9200,http://{u}:{p}@{h}:9200",
+        "http://{u}:{p}@{h}:92x0",
+        "ftp://{u}:{p}@{h}",
+    ];
+
+    /// Every printed form of parsing `raw` as each kind of URL: the error, or the value.
+    fn shown(raw: &str) -> Vec<String> {
+        fn forms<T: std::fmt::Display + std::fmt::Debug>(parsed: Result<T>) -> [String; 2] {
+            match parsed {
+                Ok(value) => [value.to_string(), format!("{value:?}")],
+                Err(error) => [error.to_string(), format!("{error:?}")],
+            }
+        }
+        let mut all = Vec::new();
+        all.extend(forms(raw.parse::<DatabaseUrl>()));
+        all.extend(forms(raw.parse::<AmqpUrl>()));
+        all.extend(forms(raw.parse::<SearchUrl>()));
+        all
+    }
+
+    #[test]
+    fn malformed_urls_never_show_their_password() {
+        for shape in MALFORMED {
+            let raw = shape
+                .replace("{u}", "app")
+                .replace("{p}", "Hunter2secret")
+                .replace("{h}", "db");
+            for text in shown(&raw) {
+                assert!(!text.contains("Hunter2secret"), "{raw} -> {text}");
+                assert!(!text.contains("unter2"), "{raw} -> {text}");
+            }
+        }
+        // What is shown still helps: the scheme, the user and the host.
+        let error = "postgres:/app:Hunter2secret@db/x"
+            .parse::<DatabaseUrl>()
+            .expect_err("no host");
+        assert!(
+            error.to_string().contains("postgres:/app:***@db/x"),
+            "{error}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the password (URL delimiters included) and the shape, no error and no
+        /// printed value shows it.
+        #[test]
+        fn no_password_is_ever_shown_whatever_the_shape(
+            shape in proptest::sample::select(MALFORMED),
+            user in "[a-z]{1,8}",
+            host in "[a-z]{1,8}",
+            password in "[A-Z][0-9][A-Za-z0-9!$*_~.,;:/?#%@+=-]{4,14}",
+        ) {
+            // libpq's unquoted values end at a space or a quote, and a quoted one at its
+            // closing quote: such a password is not one value there.
+            let raw = shape
+                .replace("{u}", &user)
+                .replace("{p}", &password)
+                .replace("{h}", &host);
+            // Its first four characters (an upper-case letter and a digit among them, which
+            // no message has) show whether a part of it leaked.
+            let head: String = password.chars().take(4).collect();
+            for text in shown(&raw) {
+                proptest::prop_assert!(!text.contains(&password), "{} -> {}", raw, text);
+                proptest::prop_assert!(!text.contains(&head), "{} -> {}", raw, text);
             }
         }
     }

@@ -249,3 +249,78 @@ pub(crate) async fn confirm_channel(connection: &Connection, purpose: &str) -> R
         .map_err(|e| Error::amqp(format!("enabling confirms on the {purpose} channel"), e))?;
     Ok(channel)
 }
+
+/// How the connections of a URL travel, for the start-up log: `None` when every one is
+/// encrypted and its certificate checked, otherwise what an operator should know.
+#[cfg_attr(not(any(feature = "bridge", feature = "consumer")), allow(dead_code))]
+fn database_transport(url: &DatabaseUrl) -> Option<String> {
+    let (_, tls) = split_postgres(url.expose()).ok()?;
+    match (tls.mode, &tls.files.ca) {
+        (SslMode::Disable, _) => Some("plaintext (sslmode=disable)".to_owned()),
+        (SslMode::Prefer, _) => Some(
+            "plaintext when the server offers no TLS, and the certificate is not checked when \
+             it does (sslmode=prefer, the default); set sslmode=verify-full with sslrootcert"
+                .to_owned(),
+        ),
+        (SslMode::Require, None) => Some(
+            "TLS, but the server's certificate is not checked (sslmode=require without \
+             sslrootcert)"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
+/// Logs, once at start, each connection of `service` that is plaintext or whose certificate
+/// is not checked (a warning), so a deployment that meant TLS and forgot it is seen at once.
+/// URLs are shown redacted.
+#[cfg_attr(not(any(feature = "bridge", feature = "consumer")), allow(dead_code))]
+pub(crate) fn log_transports(
+    database: &DatabaseUrl,
+    broker: &AmqpUrl,
+    search: Option<&crate::config::SearchUrl>,
+) {
+    match database_transport(database) {
+        Some(how) => tracing::warn!(database = %database, "PostgreSQL connections: {how}"),
+        None => {
+            tracing::info!(database = %database, "PostgreSQL connections: TLS, certificate checked")
+        }
+    }
+    for address in broker.addresses() {
+        if address.url().scheme() == "amqps" {
+            tracing::info!(rabbitmq = %address, "RabbitMQ connection: TLS, certificate checked");
+        } else {
+            tracing::warn!(rabbitmq = %address, "RabbitMQ connection: plaintext (amqp://); use amqps:// for TLS");
+        }
+    }
+    if let Some(search) = search {
+        if search.url().scheme() == "https" {
+            tracing::info!(search = %search, "search connections: TLS, certificate checked");
+        } else {
+            tracing::warn!(search = %search, "search connections: plaintext (http://); use https:// for TLS");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transport_of_each_sslmode_is_described() {
+        let of = |url: &str| database_transport(&url.parse().expect("a database URL"));
+        assert!(of("postgres://u@db/x").is_some_and(|t| t.contains("sslmode=prefer")));
+        assert!(
+            of("postgres://u@db/x?sslmode=disable").is_some_and(|t| t.starts_with("plaintext"))
+        );
+        assert!(of("postgres://u@db/x?sslmode=require").is_some_and(|t| t.contains("not checked")));
+        assert_eq!(
+            of("postgres://u@db/x?sslmode=verify-full&sslrootcert=%2Fca.pem"),
+            None
+        );
+        assert_eq!(
+            of("postgres://u@db/x?sslmode=require&sslrootcert=%2Fca.pem"),
+            None
+        );
+    }
+}

@@ -701,8 +701,9 @@ impl Progress {
     }
 }
 
-/// Parses a binary's command line, like [`clap::Parser::parse`], saying where a misplaced
-/// setting belongs.
+/// Parses a binary's command line, like [`clap::Parser::parse`], with the secrets' `*_FILE`
+/// variables ([`crate::config::parse_with_secret_files`]), saying where a misplaced setting
+/// belongs.
 ///
 /// The settings of running a service belong to its `run` subcommand, so
 /// `benalsam-bridge --migrate` is refused like any unknown flag; instead of clap's bare
@@ -721,7 +722,8 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    C::try_parse_from(args).map_err(|error| misplaced::<C>(&error).unwrap_or(error))
+    crate::config::try_parse_with_secret_files::<C, _, _>(args)
+        .map_err(|error| misplaced::<C>(&error).unwrap_or(error))
 }
 
 /// The error for a setting of `run` given where it does not belong, if `error` is one.

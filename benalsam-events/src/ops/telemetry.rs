@@ -16,6 +16,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -91,7 +92,8 @@ fn otel_requested(var: impl Fn(&str) -> Option<String>) -> bool {
 /// Installs logging (and tracing export when asked) for the process `service`.
 ///
 /// Log lines go to stderr, filtered by `RUST_LOG` (default `info`; an invalid value is
-/// reported in the first log line and `info` used). Text is coloured only on a terminal and
+/// reported in the first log line and `info` used; the AMQP client's crates stop at debug,
+/// as their trace lines carry the broker password). Text is coloured only on a terminal and
 /// never when `NO_COLOR` is set; JSON lines are flat objects with `timestamp`, `level`,
 /// `target`, `service`, `version`, `message` and the event's fields.
 pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
@@ -102,6 +104,7 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
         },
         _ => (EnvFilter::new("info"), None),
     };
+    let filter = filter.and(wire_cap());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
         LogFormat::Text => fmt.with_ansi(colour_wanted()).with_filter(filter).boxed(),
@@ -131,6 +134,19 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry> {
         tracing::warn!("RUST_LOG {bad}; logging at info instead");
     }
     Ok(Telemetry { provider })
+}
+
+/// The AMQP client's crates log every frame at trace level, the connection's `StartOk` too,
+/// whose SASL response holds the broker's user and password (printed as a byte array). So
+/// whatever `RUST_LOG` asks, their lines stop at debug: `RUST_LOG=trace` must never put a
+/// password into the logs. There is no opt-in; to see frames, capture the traffic instead.
+/// (Targets match by prefix: `amq_protocol` covers `amq_protocol_tcp`, `_uri`, `_types`.)
+fn wire_cap() -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::LevelFilter;
+    tracing_subscriber::filter::Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("lapin", LevelFilter::DEBUG)
+        .with_target("amq_protocol", LevelFilter::DEBUG)
 }
 
 /// The tracer provider exporting over OTLP/HTTP, as the standard OTEL_* variables say.

@@ -49,6 +49,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_adaptive_notify.sql"),
     migration!(5, "0005_queue_fillfactor.sql"),
     migration!(6, "0006_relations.sql"),
+    migration!(7, "0007_trigger_security_definer.sql"),
 ];
 
 /// What [`migrate`] did.

@@ -5,7 +5,8 @@
 //!   the only thing that changes a job's state, along the moves of the state diagram below.
 //! * [`JobStream`] turns the outbox into a `Stream` of claimed batches, woken by
 //!   LISTEN/NOTIFY and by polling, surviving lost connections.
-//! * [`migrate`] installs the job table and the trigger function; the outbox's maintenance
+//! * [`migrate`] installs the job table and the trigger function; [`grants`] gives the SQL
+//!   granting the bridge's and the consumer's roles what they need; the outbox's maintenance
 //!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],
 //!   [`Outbox::purge_completed`]) serve operators.
 //!
@@ -30,6 +31,7 @@
 //! [`Settled::unchanged`].
 
 mod fanout;
+mod grants;
 mod job;
 mod listener;
 mod maintenance;
@@ -41,6 +43,7 @@ mod stream;
 
 pub(crate) use fanout::FanOut;
 pub use fanout::{DEFAULT_FANOUT_PAGE, FanOutStatus};
+pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};

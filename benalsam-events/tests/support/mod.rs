@@ -788,3 +788,5 @@ fn long_flags(help: &str) -> Vec<String> {
         })
         .collect()
 }
+/// PostgreSQL roles of the tests (least privilege), created by the superuser.
+pub mod roles;
