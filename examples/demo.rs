@@ -4,6 +4,13 @@
 //! each listing with its seller and category joined from their own tables, a seller renamed
 //! and the results following, and the job table by status with the average processing time.
 //!
+//! It checks what it shows: each search has its expected hits (the two bicycle listings for
+//! `bisiklet`, the Istanbul ones for the geo search, none for the sold computer, the seller's
+//! listings under her old and her new name), and every job of the run must be completed.
+//! A miss is printed with what was expected and what came, and the demo exits non-zero, so
+//! `scripts/demo` (and CI, which runs it) fails. A rerun first removes the listings and
+//! sellers of the earlier run, so it shows (and checks) the same results.
+//!
 //! # When to copy this
 //!
 //! Copy it to see how an application writes (plain SQL; the trigger does the rest) and how
@@ -35,6 +42,9 @@ const CATEGORIES: &[(&str, &str, &str)] = &[
     ("bebek", "Anne ve Bebek", "Baby"),
     ("antika", "Antika", "Antiques"),
 ];
+
+/// The first seller's new display name.
+const RENAMED: &str = "Ayşe Kaya";
 
 /// One listing of the demo.
 struct Demo {
@@ -109,6 +119,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?
         .get(0);
+    let mut checks = Checks::default();
+    remove_earlier_run(&db).await?;
 
     println!(
         "writing the demo workload: {} listings, then edits, approvals, sales and deletes",
@@ -200,13 +212,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     wait_done(&db, first_job).await?;
 
     let client = index::client(&search_url, Duration::from_secs(10))?;
-    show_searches(&client, &db, &index).await?;
+    show_searches(&client, &db, &index, &mut checks).await?;
 
-    let renamed = "Ayşe Kaya";
-    println!("\nthe first seller changes her display name to {renamed:?} (one UPDATE of users):");
+    println!("\nthe first seller changes her display name to {RENAMED:?} (one UPDATE of users):");
     db.execute(
         "UPDATE users SET display_name = $1 WHERE id::text = $2",
-        &[&renamed, &sellers[0]],
+        &[&RENAMED, &sellers[0]],
     )
     .await?;
     wait_done(&db, first_job).await?;
@@ -217,7 +228,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         json!({"match": {"seller.display_name": "Kaya"}}),
     )
     .await?;
-    print_hits("seller \"Kaya\" after the rename", &found);
+    let label = "seller \"Kaya\" after the rename";
+    print_hits(label, &found);
+    checks.hits(label, &found, SELLER_0_ACTIVE);
 
     let summary = Outbox::new(database_url.clone(), OutboxConfig::in_schema(&schema))?
         .summary()
@@ -234,6 +247,124 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .avg_processing_seconds
             .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
         println!("  {:<12} {:>8} {:>22}", line.status, line.jobs, avg);
+    }
+    // Every job of this run completed: none failed, none left pending, claimed or sent.
+    let unfinished = db
+        .query(
+            "SELECT status, count(*) FROM elasticsearch_sync_queue
+             WHERE id > $1 AND status <> 'completed' GROUP BY status ORDER BY status",
+            &[&first_job],
+        )
+        .await?;
+    let unfinished: Vec<String> = unfinished
+        .iter()
+        .map(|row| format!("{} {}", row.get::<_, i64>(1), row.get::<_, String>(0)))
+        .collect();
+    checks.expect(
+        "the jobs of this run",
+        "all completed",
+        &if unfinished.is_empty() {
+            "all completed".to_owned()
+        } else {
+            unfinished.join(", ")
+        },
+    );
+    checks.finish()
+}
+
+/// The titles the searches must find (the listings are written by [`LISTINGS`]' order: the
+/// first seller has the 1st, 4th, 7th and 10th; the 7th is sold, the 8th deleted, the last
+/// never approved).
+const BICYCLES: &[&str] = &[
+    "Az kullanılmış dağ bisikleti",
+    "Çocuk bisikletleri (2 adet)",
+];
+const BOOKS: &[&str] = &["İkinci el roman kitapları", "Üniversite hazırlık kitapları"];
+/// Within 15 km of Kadıköy: the active listings of Istanbul (the Ataşehir computer is sold).
+const ISTANBUL: &[&str] = &[
+    "Az kullanılmış dağ bisikleti",
+    "Elektrikli scooter",
+    "Üniversite hazırlık kitapları",
+];
+const SELLER_0_ACTIVE: &[&str] = &[
+    "Az kullanılmış dağ bisikleti",
+    "Kamp çadırı 4 kişilik",
+    "Üniversite hazırlık kitapları",
+];
+
+/// What the demo expected and what it saw; a miss is reported at the end, and fails the run.
+#[derive(Default)]
+struct Checks {
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn expect(&mut self, what: &str, expected: &str, got: &str) {
+        if expected == got {
+            self.passed += 1;
+        } else {
+            self.failed
+                .push(format!("{what}: expected {expected}, got {got}"));
+        }
+    }
+
+    /// The hits of a search must be exactly the listings titled `expected`.
+    fn hits(&mut self, label: &str, found: &Value, expected: &[&str]) {
+        let mut want: Vec<&str> = expected.to_vec();
+        want.sort_unstable();
+        let mut got: Vec<&str> = found["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|hit| hit["_source"]["title"].as_str().unwrap_or("(no title)"))
+            .collect();
+        got.sort_unstable();
+        let total = found["hits"]["total"]["value"].as_u64().unwrap_or(0);
+        let shown = |titles: &[&str], n: u64| format!("{n} hits {titles:?}");
+        self.expect(
+            &format!("search {label}"),
+            &shown(&want, want.len() as u64),
+            &shown(&got, total),
+        );
+    }
+
+    fn finish(self) -> Result<(), Box<dyn std::error::Error>> {
+        if self.failed.is_empty() {
+            println!("\nall {} checks passed", self.passed);
+            return Ok(());
+        }
+        for failure in &self.failed {
+            eprintln!("demo check failed: {failure}");
+        }
+        eprintln!(
+            "{} of {} checks failed (above): what the demo shows is not what it should",
+            self.failed.len(),
+            self.failed.len() + self.passed
+        );
+        // The exit code is the verdict scripts/demo (and CI) go by.
+        std::process::exit(1)
+    }
+}
+
+/// Removes the listings, photos and sellers an earlier run of the demo wrote (found by the
+/// sellers' names), so a rerun shows the same results; their jobs take them out of the index.
+async fn remove_earlier_run(
+    db: &benalsam_events::tokio_postgres::Client,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut names: Vec<&str> = SELLERS.iter().map(|(name, _)| *name).collect();
+    names.push(RENAMED);
+    let removed = db
+        .execute(
+            "WITH sellers AS (SELECT id FROM users WHERE display_name = ANY($1)),
+                  gone AS (DELETE FROM listings WHERE user_id IN (SELECT id FROM sellers) RETURNING id),
+                  photos AS (DELETE FROM listing_images WHERE listing_id IN (SELECT id FROM gone))
+             DELETE FROM users WHERE id IN (SELECT id FROM sellers)",
+            &[&names],
+        )
+        .await?;
+    if removed > 0 {
+        println!("removing the listings and {removed} sellers of an earlier run of the demo");
     }
     Ok(())
 }
@@ -285,6 +416,7 @@ async fn show_searches(
     client: &benalsam_events::elasticsearch::Elasticsearch,
     db: &benalsam_events::tokio_postgres::Client,
     index: &str,
+    checks: &mut Checks,
 ) -> Result<(), Box<dyn std::error::Error>> {
     refresh(client, index).await?;
     let searchable: i64 = db
@@ -296,30 +428,44 @@ async fn show_searches(
         "\nthe index {index} holds {} listings; the table has {searchable} active ones",
         all["hits"]["total"]["value"]
     );
-    for (label, query) in [
+    checks.expect(
+        &format!("listings in {index}"),
+        &format!("{searchable} (the active ones of the table)"),
+        &format!(
+            "{} (the active ones of the table)",
+            all["hits"]["total"]["value"]
+        ),
+    );
+    for (label, query, expected) in [
         (
             "\"bisiklet\" (finds \"bisikleti\", \"bisikletleri\")",
             json!({"match": {"search_text": "bisiklet"}}),
+            BICYCLES,
         ),
         (
             "\"kitap\" (finds \"kitapları\")",
             json!({"match": {"search_text": "kitap"}}),
+            BOOKS,
         ),
         (
             "anything within 15 km of Kadıköy",
             json!({"bool": {"filter": {"geo_distance": {"distance": "15km", "geo_location": {"lat": 40.990, "lon": 29.029}}}}}),
+            ISTANBUL,
         ),
         (
             "\"bilgisayar\" (sold: gone from search)",
             json!({"match": {"search_text": "bilgisayar"}}),
+            &[],
         ),
         (
             "seller \"Ayşe\" (joined from users)",
             json!({"match": {"seller.display_name": "Ayşe"}}),
+            SELLER_0_ACTIVE,
         ),
     ] {
         let found = run_query(client, index, query).await?;
         print_hits(label, &found);
+        checks.hits(label, &found, expected);
     }
     Ok(())
 }
