@@ -12,19 +12,7 @@
 //!
 //! # The life of a job
 //!
-//! ```text
-//!                    ┌── Released, lease expired ─┐
-//!                    ▼                            │
-//!   trigger ────► pending ───── Claim ─────► processing ──── Sent ────► sent
-//!                  ▲   ▲                        │   ▲                    │
-//!                  │   │          PublishFailed │   │ ClaimRetry         │
-//!                  │   │                        ▼   │ (backoff over)     │
-//!                  │   └── RetryFailed ───── failed ◄── DeadLettered ────┤
-//!                  │                         (also from processing)      │
-//!                  └─────────── Resend (sent, never completed) ──────────┘
-//!
-//!   Completed: from pending, processing, sent or failed ──► completed (final)
-//! ```
+#![doc = include_str!("../../docs/job-states.md")]
 //!
 //! A report that its job's state does not allow (a confirm arriving after a consumer failed
 //! the job, anything about a completed job) changes nothing and comes back in

@@ -1,18 +1,6 @@
 //! The life of a job, and the one place that says which moves are legal.
 //!
-//! ```text
-//!                    ┌── Released, lease expired ─┐
-//!                    ▼                            │
-//!   trigger ────► pending ───── Claim ─────► processing ──── Sent ────► sent
-//!                  ▲   ▲                        │   ▲                    │
-//!                  │   │          PublishFailed │   │ ClaimRetry         │
-//!                  │   │                        ▼   │ (backoff over)     │
-//!                  │   └── RetryFailed ───── failed ◄── DeadLettered ────┤
-//!                  │                         (also from processing)      │
-//!                  └─────────── Resend (sent, never completed) ──────────┘
-//!
-//!   Completed: from pending, processing, sent or failed ──► completed (final)
-//! ```
+#![doc = include_str!("../../docs/job-states.md")]
 //!
 //! Every move names the states it may leave ([`Move::from`]); anything else is refused and
 //! reported as unchanged, so a late or duplicated report can never move a job backwards:
