@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
-use crate::index::search::ensure_index_on;
-use crate::index::{Indexer, IndexerConfig, IndexerStatus, SearchNodes};
+use crate::consume::{Indexer, IndexerConfig, IndexerStatus};
 use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
+use crate::search::{SearchNodes, ensure_index_on};
 use crate::service::{Check, Service, check};
 use crate::{EventType, Result};
 

@@ -83,14 +83,15 @@ mod backoff;
 pub mod bridge;
 pub mod config;
 pub mod connect;
+pub mod consume;
 #[cfg(feature = "consumer")]
 pub mod consumer;
 mod error;
 pub mod event_type;
-pub mod index;
 pub mod ops;
 pub mod outbox;
 pub mod publish;
+pub mod search;
 #[cfg(any(feature = "bridge", feature = "consumer"))]
 mod service;
 
@@ -102,11 +103,11 @@ pub use tokio_postgres;
 
 pub use backoff::Backoff;
 pub use config::{AmqpUrl, DatabaseUrl, SearchUrl};
+#[cfg(feature = "consumer")]
+pub use consume::{Indexer, IndexerConfig};
 pub use error::{Error, Result};
 pub use event_type::EventType;
-pub use index::{Action, DocumentBuilder};
-#[cfg(feature = "consumer")]
-pub use index::{Indexer, IndexerConfig};
+pub use event_type::{Action, BuildError, DocumentBuilder};
 pub use ops::Metrics;
 pub use outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 pub use publish::{Envelope, Publisher, PublisherConfig, Topology};

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use crate::index::{Action, BuildError};
+use crate::event_type::{Action, BuildError};
 use crate::outbox::Operation;
 use crate::publish::Envelope;
 

@@ -26,6 +26,7 @@
 //! assert_eq!(orders.index.alias, "benalsam_orders");
 //! ```
 
+mod change;
 mod document;
 mod file;
 mod relation;
@@ -35,12 +36,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+pub use change::{Action, BuildError, DocumentBuilder};
 pub use document::{DocumentSpec, FieldType};
 pub(crate) use document::{Field, Row};
 pub use relation::{Relation, RelationKind};
 
 use crate::config::validate_identifier;
-use crate::index::{Action, BuildError, DocumentBuilder};
 use crate::publish::{Envelope, LISTINGS_EXCHANGE};
 use crate::{Error, Result};
 
