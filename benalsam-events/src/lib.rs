@@ -79,21 +79,23 @@
 )]
 
 mod backoff;
-#[cfg(feature = "bridge")]
-pub mod bridge;
 pub mod config;
 pub mod connect;
 pub mod consume;
-#[cfg(feature = "consumer")]
-pub mod consumer;
 mod error;
 pub mod event_type;
 pub mod ops;
 pub mod outbox;
 pub mod publish;
+mod queue_type;
 pub mod search;
 #[cfg(any(feature = "bridge", feature = "consumer"))]
 mod service;
+
+#[cfg(feature = "bridge")]
+pub use service::bridge;
+#[cfg(feature = "consumer")]
+pub use service::consumer;
 
 // The clients whose types appear in this API, so users need not match versions by hand.
 #[cfg(feature = "consumer")]

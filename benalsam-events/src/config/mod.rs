@@ -1,12 +1,14 @@
 //! Settings: where the services are (URLs that validate themselves and never print a
 //! password), and checks shared by every setting the library takes.
 
+mod queue;
 mod redact;
 pub(crate) mod tls;
 mod urls;
 
 use std::time::Duration;
 
+pub use crate::queue_type::QueueType;
 pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
 #[cfg(feature = "cli")]
 pub(crate) use urls::{DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL};

@@ -102,7 +102,7 @@ impl Default for IndexerConfig {
             circuit: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             reconnect: Backoff::default(),
             connection_name: "benalsam-consumer".to_owned(),
-            max_message_bytes: crate::publish::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: crate::event_type::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }

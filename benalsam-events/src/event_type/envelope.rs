@@ -1,4 +1,5 @@
-//! The event envelope: the JSON body of every message, and its AMQP properties.
+//! The event envelope: the JSON body of every message (its AMQP properties are the
+//! publisher's business).
 //!
 //! ```json
 //! {
@@ -19,16 +20,13 @@
 //! the schema version, for other consumers).
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::EventType;
-use crate::outbox::{Job, Operation};
-use crate::publish::Route;
+use crate::error::EnvelopeError;
+use crate::event_type::Operation;
 
 /// The envelope schema this build writes.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
@@ -45,16 +43,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// bytes, and with them the whole bulk request.
 pub(crate) const MAX_RECORD_ID_BYTES: usize = 512;
 
-/// Header carrying the W3C trace context.
-pub(crate) const TRACEPARENT_HEADER: &str = "traceparent";
-/// Header carrying the job id, so tools can find the job without parsing the body.
-pub(crate) const JOB_ID_HEADER: &str = "x-job-id";
-/// Header carrying the envelope schema version.
-const SCHEMA_VERSION_HEADER: &str = "x-schema-version";
-
 /// The body of a change message.
 ///
-/// Built from a [`Job`] by borrowing it ([`Envelope::of`]), so publishing copies no row;
+/// Built from a [`Job`](crate::Job) by borrowing it ([`Envelope::of`]), so publishing copies no row;
 /// [`Envelope::decode`] makes an owned one from a message body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -91,66 +82,7 @@ pub struct Envelope<'a> {
     pub trace_id: Option<Cow<'a, str>>,
 }
 
-/// Why a message body is not a usable envelope.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum EnvelopeError {
-    /// Not JSON, or not the envelope's shape.
-    #[error("not a valid envelope: {0}")]
-    Malformed(String),
-    /// A schema version this build cannot read.
-    #[error("envelope schema version {found} is not supported (this build reads {min}..={max})")]
-    UnsupportedVersion {
-        /// The version in the message.
-        found: u32,
-        /// Oldest readable.
-        min: u32,
-        /// Newest readable.
-        max: u32,
-    },
-    /// Well-formed, but its fields contradict each other.
-    #[error("invalid envelope: {0}")]
-    Invalid(String),
-    /// Larger than the consumer reads: not parsed at all.
-    #[error(
-        "the message is {bytes} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); it was not read"
-    )]
-    TooLarge {
-        /// Its size.
-        bytes: usize,
-        /// The limit.
-        limit: usize,
-    },
-}
-
 impl<'a> Envelope<'a> {
-    /// The envelope of `job` as `event_type` routes it, borrowing the job's row.
-    pub fn of(job: &'a Job, event_type: &EventType) -> Self {
-        Self::routed(job, event_type.route(job))
-    }
-
-    /// The envelope of `job` routed by `route`.
-    pub(crate) fn routed(job: &'a Job, route: Route) -> Self {
-        Self {
-            message_id: Cow::Owned(job.message_id()),
-            job_id: job.id,
-            schema_version: SCHEMA_VERSION,
-            routing_key: Cow::Owned(route.routing_key),
-            table: Cow::Borrowed(&job.table_name),
-            operation: job.operation,
-            record_id: Cow::Borrowed(&job.record_id),
-            change_data: Cow::Borrowed(&job.change_data),
-            status: route.status.map(Cow::Owned),
-            previous_status: route.previous_status.map(Cow::Owned),
-            occurred_at: job.created_at,
-            trace_id: job
-                .traceparent
-                .as_deref()
-                .and_then(trace_id_of)
-                .map(Cow::Borrowed),
-        }
-    }
-
     /// The JSON body.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serialising plain data with string keys cannot fail.
@@ -165,45 +97,6 @@ impl<'a> Envelope<'a> {
                 &self.change_data
             }
         }
-    }
-
-    /// The AMQP properties of this envelope's message: persistent, JSON, with the job id and
-    /// (when known) the trace context in headers.
-    pub fn properties(&self, app_id: &str, traceparent: Option<&str>) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        headers.insert(JOB_ID_HEADER.into(), AMQPValue::LongLongInt(self.job_id));
-        headers.insert(
-            SCHEMA_VERSION_HEADER.into(),
-            AMQPValue::LongUInt(self.schema_version),
-        );
-        if let Some(parent) = traceparent {
-            headers.insert(
-                TRACEPARENT_HEADER.into(),
-                AMQPValue::LongString(LongString::from(parent)),
-            );
-        }
-        let timestamp = self
-            .occurred_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
-        // Both are checked to fit a short string before publishing (routing keys by the
-        // publisher, app ids by their settings); an overlong one is left out, not a panic.
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_timestamp(timestamp)
-            .with_headers(headers);
-        if let Ok(id) = ShortString::try_new(self.message_id.as_ref()) {
-            properties = properties.with_message_id(id);
-        }
-        if let Ok(kind) = ShortString::try_new(self.routing_key.as_ref()) {
-            properties = properties.with_type(kind);
-        }
-        if let Ok(app) = ShortString::try_new(app_id) {
-            properties = properties.with_app_id(app);
-        }
-        properties
     }
 }
 
@@ -329,9 +222,14 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
+    use std::time::Duration;
+
+    use lapin::types::AMQPValue;
+
     use super::*;
     use crate::EventType;
-    use crate::outbox::ClaimKind;
+    use crate::outbox::{ClaimKind, Job};
+    use crate::publish::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 
     fn job() -> Job {
         Job {

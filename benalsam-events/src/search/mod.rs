@@ -9,6 +9,7 @@
 //! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |
 //! | bulk | encodes a `_bulk` request and sends it |
 //! | plan | reads the bulk answer and decides each item once: done, retry or dead (pure) |
+//! | mapping | an event type's index settings and mapping |
 //! | delete | deletes the documents older than a truncation |
 
 #[cfg(feature = "consumer")]
@@ -17,6 +18,7 @@ pub(crate) mod bulk;
 mod client;
 #[cfg(feature = "consumer")]
 pub(crate) mod delete;
+mod mapping;
 #[cfg(feature = "consumer")]
 mod nodes;
 #[cfg(feature = "consumer")]
