@@ -19,9 +19,9 @@
 //! curl 'http://127.0.0.1:9200/benalsam_inventory/_search?q=name:bardak'
 //! ```
 
+use benalsam_events::BuildError;
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
-use benalsam_events::index::BuildError;
 use benalsam_events::outbox::Operation;
 use benalsam_events::{
     Action, AmqpUrl, DatabaseUrl, DocumentBuilder, Envelope, EventType, OutboxConfig, SearchUrl,

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::{DatabaseUrl, SearchUrl};
 use benalsam_events::elasticsearch::SearchParts;
 use benalsam_events::tokio_postgres::types::ToSql;
-use benalsam_events::{Outbox, OutboxConfig, connect, index};
+use benalsam_events::{Outbox, OutboxConfig, connect, search};
 use serde_json::{Value, json};
 
 /// The application's tables: example schema, not the library's.
@@ -211,7 +211,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     wait_done(&db, first_job).await?;
 
-    let client = index::client(&search_url, Duration::from_secs(10))?;
+    let client = search::client(&search_url, Duration::from_secs(10))?;
     show_searches(&client, &db, &index, &mut checks).await?;
 
     println!("\nthe first seller changes her display name to {RENAMED:?} (one UPDATE of users):");

@@ -19,7 +19,7 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::index as search;
+use benalsam_events::search;
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
 use common::{BenchEnv, BoxError, listings, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};

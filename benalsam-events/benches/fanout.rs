@@ -43,7 +43,7 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::index as search;
+use benalsam_events::search;
 use benalsam_events::{EventType, OutboxConfig};
 use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use serde_json::{Value, json};

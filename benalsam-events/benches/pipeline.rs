@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::HeaderMap;
-use benalsam_events::index as search;
+use benalsam_events::search;
 use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use futures::StreamExt;
 use lapin::options::{

@@ -54,8 +54,8 @@ pub(crate) enum Kind {
     )]
     QueueTypeMismatch {
         queue: String,
-        existing: crate::publish::QueueType,
-        wanted: crate::publish::QueueType,
+        existing: crate::queue_type::QueueType,
+        wanted: crate::queue_type::QueueType,
     },
 
     #[error("Elasticsearch: {context}: {reason}")]
@@ -97,7 +97,7 @@ pub(crate) enum Kind {
     UnknownMigration { schema: String, version: i32 },
 
     #[error("{0}")]
-    Envelope(crate::publish::EnvelopeError),
+    Envelope(EnvelopeError),
 
     #[error("{service}: {context}: {problem}; check {check}")]
     Tls {
@@ -274,7 +274,9 @@ impl Error {
 
     /// The existing and the wanted type of a queue that is of the other type than
     /// `BENALSAM_QUEUE_TYPE` asks for.
-    pub fn queue_types(&self) -> Option<(crate::publish::QueueType, crate::publish::QueueType)> {
+    pub fn queue_types(
+        &self,
+    ) -> Option<(crate::queue_type::QueueType, crate::queue_type::QueueType)> {
         match self.kind() {
             Kind::QueueTypeMismatch {
                 existing, wanted, ..
@@ -365,12 +367,12 @@ impl Tls {
     const SEARCH: Self = Self {
         service: "Elasticsearch",
         server: (
-            crate::config::ELASTICSEARCH_CA,
+            "ELASTICSEARCH_CA",
             "ELASTICSEARCH_CA (the CA that signed the node's certificate; without it only public \
              CAs are trusted) and that the host of ELASTICSEARCH_URL is a name in that certificate",
         ),
         client: (
-            crate::config::ELASTICSEARCH_CLIENT_CERT,
+            "ELASTICSEARCH_CLIENT_CERT",
             "ELASTICSEARCH_CLIENT_CERT and ELASTICSEARCH_CLIENT_KEY (a client certificate the \
              node's CA trusts)",
         ),
@@ -474,6 +476,38 @@ impl fmt::Display for PgDetail<'_> {
         }
         Ok(())
     }
+}
+
+/// Why a message body is not a usable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum EnvelopeError {
+    /// Not JSON, or not the envelope's shape.
+    #[error("not a valid envelope: {0}")]
+    Malformed(String),
+    /// A schema version this build cannot read.
+    #[error("envelope schema version {found} is not supported (this build reads {min}..={max})")]
+    UnsupportedVersion {
+        /// The version in the message.
+        found: u32,
+        /// Oldest readable.
+        min: u32,
+        /// Newest readable.
+        max: u32,
+    },
+    /// Well-formed, but its fields contradict each other.
+    #[error("invalid envelope: {0}")]
+    Invalid(String),
+    /// Larger than the consumer reads: not parsed at all.
+    #[error(
+        "the message is {bytes} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); it was not read"
+    )]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 #[cfg(test)]

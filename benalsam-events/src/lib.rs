@@ -28,15 +28,19 @@
 //!
 //! # Layout
 //!
+//! Each folder is one floor and imports only the floors below it (`scripts/floors` checks
+//! it), from the top:
+//!
 //! | module | what it holds |
 //! |---|---|
-//! | [`event_type`] | [`EventType`]: one table from trigger to index, in code or from a TOML file; documents described as data, with relations to other tables |
-//! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations, the job state machine |
-//! | [`publish`] | jobs into messages: routing, the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
-//! | [`index`] | messages into the index: the [`Indexer`] and its stages, [`DocumentBuilder`], the search index, dead letters |
-//! | [`ops`] | running it: health answers and server, heartbeats, [`Metrics`], logs and traces, the CLI settings (`cli`) |
-//! | [`bridge`], [`consumer`] | the two services as functions: [`bridge::run`], [`consumer::run`] |
-//! | [`config`], [`connect`] | service URLs that never print a password; opening connections |
+//! | [`bridge`], [`consumer`] | the two services as functions: [`bridge::run`], [`consumer::run`] (and their health verdicts, heartbeats) |
+//! | [`consume`] | messages into the index, one file per stage: source → admit → batch → verify → build / join → write → truncate → settle, composed by the [`Indexer`]; dead letters |
+//! | [`publish`] | jobs into messages: routing, the AMQP side of the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
+//! | [`search`] | everything that speaks the search engine's dialect: client and nodes, bulk requests and answers, mappings, delete queries |
+//! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations and grants, the job state machine, the fan-out of relations |
+//! | [`event_type`] | the model: [`EventType`] (one table from trigger to index, in code or from a TOML file), documents as data, relations, the change data ([`Envelope`], [`Action`], [`DocumentBuilder`]) |
+//! | [`ops`] | observability: health answers and server, [`Metrics`], logs and traces (and, for now, the CLI settings of the binaries, feature `cli`) |
+//! | [`config`], [`connect`] | service URLs that never print a password, secrets from files; opening connections |
 //!
 //! # Features
 //!
@@ -79,20 +83,23 @@
 )]
 
 mod backoff;
-#[cfg(feature = "bridge")]
-pub mod bridge;
 pub mod config;
 pub mod connect;
-#[cfg(feature = "consumer")]
-pub mod consumer;
+pub mod consume;
 mod error;
 pub mod event_type;
-pub mod index;
 pub mod ops;
 pub mod outbox;
 pub mod publish;
+mod queue_type;
+pub mod search;
 #[cfg(any(feature = "bridge", feature = "consumer"))]
 mod service;
+
+#[cfg(feature = "bridge")]
+pub use service::bridge;
+#[cfg(feature = "consumer")]
+pub use service::consumer;
 
 // The clients whose types appear in this API, so users need not match versions by hand.
 #[cfg(feature = "consumer")]
@@ -102,11 +109,11 @@ pub use tokio_postgres;
 
 pub use backoff::Backoff;
 pub use config::{AmqpUrl, DatabaseUrl, SearchUrl};
+#[cfg(feature = "consumer")]
+pub use consume::{Indexer, IndexerConfig};
 pub use error::{Error, Result};
 pub use event_type::EventType;
-pub use index::{Action, DocumentBuilder};
-#[cfg(feature = "consumer")]
-pub use index::{Indexer, IndexerConfig};
+pub use event_type::{Action, BuildError, DocumentBuilder};
 pub use ops::Metrics;
 pub use outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 pub use publish::{Envelope, Publisher, PublisherConfig, Topology};

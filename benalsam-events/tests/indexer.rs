@@ -7,12 +7,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::index::{
-    self, Action, BuildError, DeadLetterQueue, DocumentBuilder, IndexerStatus, SearchNodes,
-};
+use benalsam_events::consume::{self, DeadLetterQueue, IndexerStatus};
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
+use benalsam_events::search::{self, SearchNodes};
+use benalsam_events::{Action, BuildError, DocumentBuilder};
 use benalsam_events::{
     AmqpUrl, Backoff, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig, SearchUrl,
     Settle, Topology, connect,
@@ -557,7 +557,7 @@ impl DocumentBuilder for LongIds {
 async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     let (db, vhost, index) = setup().await;
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = index::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,
@@ -982,7 +982,7 @@ async fn forgeries_queued_ahead_for_the_next_job_ids_index_only_what_the_outbox_
 }
 
 /// Waits until the DLQ holds `n` letters; returns them.
-async fn eventually_letters(vhost: &TestVhost, n: usize) -> Vec<index::DeadLetter> {
+async fn eventually_letters(vhost: &TestVhost, n: usize) -> Vec<consume::DeadLetter> {
     let started = Instant::now();
     loop {
         let letters = DeadLetterQueue::new(vhost.url.clone(), DLQ)

@@ -9,8 +9,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use benalsam_events::bridge::{self, BridgeSettings};
+use benalsam_events::consume::{DeadLetterQueue, ReplayReport};
 use benalsam_events::consumer::{self, ConsumerSettings};
-use benalsam_events::index::{DeadLetterQueue, ReplayReport};
 use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
@@ -114,7 +114,7 @@ async fn the_components_work_with_least_privilege_and_the_consumer_cannot_publis
                 .expect("the administrator may publish");
             forged_sent = true;
         }
-        let letters = benalsam_events::index::DeadLetterQueue::new(
+        let letters = benalsam_events::consume::DeadLetterQueue::new(
             vhost.url.clone(),
             "elasticsearch.sync.dlq",
         )

@@ -8,8 +8,9 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use benalsam_events::index::{self, DeadLetterQueue};
+use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::publish::{QueueType, TopologyConfig};
+use benalsam_events::search;
 use benalsam_events::{
     Backoff, Envelope, EventType, Indexer, IndexerConfig, JobStream, JobStreamConfig, OutboxConfig,
     Publisher, PublisherConfig, Topology, connect,
@@ -211,7 +212,7 @@ async fn the_whole_pipeline_runs_on_quorum_queues() {
     let bridge = bridge(&db, &vhost);
     let indexer = Indexer::new(
         vhost.url.clone(),
-        index::client(&search_url(), Duration::from_secs(10)).expect("client"),
+        search::client(&search_url(), Duration::from_secs(10)).expect("client"),
         db.outbox(OutboxConfig::default()),
         vec![index.event_type()],
         IndexerConfig::default(),
@@ -299,7 +300,7 @@ async fn dead_letters_of_the_consumer_and_of_the_broker_reach_the_dlq_with_their
     publish_raw(&vhost, b"{not json").await;
     let indexer = Indexer::new(
         vhost.url.clone(),
-        index::client(&search_url(), Duration::from_secs(10)).expect("client"),
+        search::client(&search_url(), Duration::from_secs(10)).expect("client"),
         db.outbox(OutboxConfig::default()),
         vec![index.event_type()],
         IndexerConfig::default(),

@@ -79,7 +79,7 @@ impl Joined {
         let _ = std::fs::remove_file(&file);
         let index = TestIndex {
             alias,
-            client: benalsam_events::index::client(&search_url(), Duration::from_secs(30))
+            client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
                 .expect("search client"),
         };
         let mut settings = BridgeSettings::new(database_url(), vhost.url.clone());
@@ -677,8 +677,10 @@ async fn a_forged_delivery_naming_a_fan_out_touches_nothing() {
     publish(&t.vhost.url, &forged)
         .await
         .expect("the administrator may publish");
-    let dlq =
-        benalsam_events::index::DeadLetterQueue::new(t.vhost.url.clone(), "elasticsearch.sync.dlq");
+    let dlq = benalsam_events::consume::DeadLetterQueue::new(
+        t.vhost.url.clone(),
+        "elasticsearch.sync.dlq",
+    );
     let letter = eventually("the forgery dead-lettered", || async {
         let letters = dlq.list(10).await.map_err(|e| e.to_string())?;
         letters

@@ -53,10 +53,10 @@ async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
 
 #[tokio::test]
 async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
-    use benalsam_events::index::ensure_index;
+    use benalsam_events::search::ensure_index;
     let url = search_url();
     let client =
-        benalsam_events::index::client(&url, std::time::Duration::from_secs(10)).expect("client");
+        benalsam_events::search::client(&url, std::time::Duration::from_secs(10)).expect("client");
     let alias = unique_name("test-conflict");
     // Someone made the index by hand, with `status` as full text.
     let made = client
@@ -101,7 +101,7 @@ impl benalsam_events::DocumentBuilder for AsIs {
     fn build(
         &self,
         envelope: &benalsam_events::Envelope<'_>,
-    ) -> Result<benalsam_events::Action, benalsam_events::index::BuildError> {
+    ) -> Result<benalsam_events::Action, benalsam_events::BuildError> {
         Ok(benalsam_events::Action::Index {
             index: "unused".to_owned(),
             id: envelope.record_id.to_string(),
@@ -113,7 +113,7 @@ impl benalsam_events::DocumentBuilder for AsIs {
 #[tokio::test]
 async fn every_index_the_library_creates_keeps_deletes_long_enough_whatever_builds_its_documents() {
     use benalsam_events::EventType;
-    let client = benalsam_events::index::client(&search_url(), std::time::Duration::from_secs(10))
+    let client = benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(10))
         .expect("client");
     let mut configured = EventType::new("notes", "notes");
     configured.index.alias = unique_name("test-notes");
@@ -121,7 +121,7 @@ async fn every_index_the_library_creates_keeps_deletes_long_enough_whatever_buil
         EventType::new("pages", "pages").with_builder(AsIs, json!({ "body": { "type": "text" } }));
     custom.index.alias = unique_name("test-pages");
     for event_type in [&configured, &custom] {
-        benalsam_events::index::ensure_index(&client, event_type)
+        benalsam_events::search::ensure_index(&client, event_type)
             .await
             .expect("created");
         let index = format!("{}_v1", event_type.index.alias);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::outbox::Wake;
-use benalsam_events::{AmqpUrl, DatabaseUrl, Error, OutboxConfig, SearchUrl, connect, index};
+use benalsam_events::{AmqpUrl, DatabaseUrl, Error, OutboxConfig, SearchUrl, connect, search};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, free_port, query_path, tls_env, unique_name};
 use tokio_util::sync::CancellationToken;
@@ -260,8 +260,8 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
     // Search: the wrong CA, and none.
     let node: SearchUrl = tls_env("ELASTICSEARCH_TLS_URL").parse().expect("valid");
     for url in [node.clone().with_ca(wrong_ca()), node] {
-        let client = index::client(&url, Duration::from_secs(10)).expect("client");
-        let error = index::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
+        let client = search::client(&url, Duration::from_secs(10)).expect("client");
+        let error = search::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
             .await
             .expect_err("refused");
         assert_refused(
@@ -275,8 +275,8 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
 #[tokio::test]
 async fn a_node_that_asks_for_a_client_certificate_gets_one() {
     let alias = unique_name("t");
-    let with = index::client(&search_mtls_url(), Duration::from_secs(10)).expect("client");
-    index::ensure_index(&with, &TestIndex::listings(&alias))
+    let with = search::client(&search_mtls_url(), Duration::from_secs(10)).expect("client");
+    search::ensure_index(&with, &TestIndex::listings(&alias))
         .await
         .expect("mutual TLS");
 
@@ -284,8 +284,8 @@ async fn a_node_that_asks_for_a_client_certificate_gets_one() {
         .parse::<SearchUrl>()
         .expect("valid")
         .with_ca(tls_env("BENALSAM_TLS_CA"));
-    let client = index::client(&without, Duration::from_secs(10)).expect("client");
-    let error = index::ensure_index(&client, &TestIndex::listings(&alias))
+    let client = search::client(&without, Duration::from_secs(10)).expect("client");
+    let error = search::ensure_index(&client, &TestIndex::listings(&alias))
         .await
         .expect_err("no client certificate");
     // TLS 1.3: the relay's refusal arrives as an alert after the handshake, with the request.
@@ -377,17 +377,17 @@ async fn settings_that_cannot_work_are_configuration_errors_naming_them() {
     config_error(error, "RABBITMQ_URL", &["amqps://"]);
 
     let node: SearchUrl = tls_env("ELASTICSEARCH_TLS_URL").parse().expect("valid");
-    let error = index::client(&node.clone().with_ca(&missing), Duration::from_secs(1))
+    let error = search::client(&node.clone().with_ca(&missing), Duration::from_secs(1))
         .expect_err("no such file");
     config_error(error, "ELASTICSEARCH_CA", &[&missing]);
-    let error = index::client(
+    let error = search::client(
         &node.with_client_certificate(tls_env("BENALSAM_TLS_CLIENT_CERT"), &missing),
         Duration::from_secs(1),
     )
     .expect_err("no such key");
     config_error(error, "ELASTICSEARCH_CLIENT_KEY", &[&missing]);
     let plain: SearchUrl = "http://127.0.0.1:9200".parse().expect("valid");
-    let error = index::client(
+    let error = search::client(
         &plain.with_ca(tls_env("BENALSAM_TLS_CA")),
         Duration::from_secs(1),
     )
@@ -418,12 +418,12 @@ async fn a_tls_service_that_is_down_stays_retryable() {
     let mut node = url::Url::parse(&tls_env("ELASTICSEARCH_TLS_URL")).expect("url");
     node.set_port(Some(port)).expect("port");
     let node: SearchUrl = node.as_str().parse().expect("valid");
-    let client = index::client(
+    let client = search::client(
         &node.with_ca(tls_env("BENALSAM_TLS_CA")),
         Duration::from_secs(5),
     )
     .expect("client");
-    let error = index::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
+    let error = search::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
         .await
         .expect_err("nothing listens");
     assert!(error.is_retryable() && !error.is_config(), "{error}");

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::index;
+use benalsam_events::search;
 use benalsam_events::{Indexer, IndexerConfig, OutboxConfig, Topology, connect};
 use opentelemetry::trace::{SpanKind, TracerProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -42,7 +42,7 @@ async fn a_change_is_one_trace_from_the_writer_to_the_index() {
             .expect("declare");
     }
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = index::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::index::DeadLetterQueue;
+use benalsam_events::consume::DeadLetterQueue;
 use binaries::{bridge_binary, consumer_binary, stop};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url};

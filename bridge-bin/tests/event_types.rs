@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use benalsam_events::index::DeadLetterQueue;
+use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::{Envelope, EventType};
 use binaries::{bridge_binary, consumer_binary, stop};
 use lapin::options::BasicPublishOptions;

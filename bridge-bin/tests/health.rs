@@ -323,7 +323,7 @@ async fn start_up_waiting_for_the_search_engine_answers_503_starting_then_200() 
     stop(consumer.child);
     let index = TestIndex {
         alias,
-        client: benalsam_events::index::client(&search_url(), Duration::from_secs(10))
+        client: benalsam_events::search::client(&search_url(), Duration::from_secs(10))
             .expect("client"),
     };
     index.drop().await;

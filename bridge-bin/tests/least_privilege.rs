@@ -70,7 +70,7 @@ impl Setup {
         .expect("the owner migrates");
         let index = TestIndex {
             alias,
-            client: benalsam_events::index::client(&search_url(), Duration::from_secs(30))
+            client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
                 .expect("search client"),
         };
         let (bridge, consumer, writer) = (

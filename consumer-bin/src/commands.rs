@@ -1,8 +1,8 @@
 //! The command line of `benalsam-consumer`: `run` (the default) and the dead-letter tools.
 
 use anyhow::Context;
+use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
-use benalsam_events::index::DeadLetterQueue;
 use benalsam_events::ops::cli::{
     self, ConfigArgs, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
 };

@@ -221,7 +221,7 @@ service_url!(
     /// Several nodes of one cluster are given as a comma-separated list
     /// (`http://u:p@es1:9200,http://u:p@es2:9200`; as for RabbitMQ, a comma separates entries
     /// only before a scheme). The consumer sticks to one node and moves to the next when it
-    /// fails ([`SearchNodes`](crate::index::SearchNodes)). Every entry is checked on its own;
+    /// fails ([`SearchNodes`](crate::search::SearchNodes)). Every entry is checked on its own;
     /// all must use the same scheme (the TLS files apply to every node, and a failover must
     /// never fall back to plain HTTP) and carry the same user and password (one cluster, one
     /// set of credentials: a node that would refuse them must not be failed over to).

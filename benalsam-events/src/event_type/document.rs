@@ -7,9 +7,8 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use crate::index::{Action, BuildError};
-use crate::outbox::Operation;
-use crate::publish::Envelope;
+use crate::event_type::{Action, BuildError};
+use crate::event_type::{Envelope, Operation};
 
 /// The analyzer the library defines for Turkish text (standard tokenizer, apostrophe,
 /// Turkish lowercase, Turkish stop words, Turkish stemmer).
@@ -215,73 +214,10 @@ impl DocumentSpec {
         })
     }
 
-    /// The mapping properties of the documents (with `id`, `job_id`, `indexed_at` and every
-    /// combined `copy_to` field).
-    pub fn properties(&self) -> Value {
-        let mut properties = Map::new();
-        for (name, field) in &self.fields {
-            properties.insert(name.clone(), mapping(&field.kind));
-            if let FieldType::Text {
-                analyzer,
-                copy_to: Some(target),
-                ..
-            } = &field.kind
-            {
-                properties
-                    .entry(target.clone())
-                    .or_insert_with(|| json!({ "type": "text", "analyzer": analyzer }));
-            }
-        }
-        properties.insert("id".to_owned(), json!({ "type": "keyword" }));
-        properties.insert("job_id".to_owned(), json!({ "type": "long" }));
-        properties.insert("indexed_at".to_owned(), json!({ "type": "date" }));
-        Value::Object(properties)
-    }
-
     /// Whether a field uses the library's analyzer or normalizer (which the index must then
     /// define).
     pub(crate) fn uses(&self, name: &str) -> bool {
         self.fields.values().any(|f| f.uses(name))
-    }
-}
-
-pub(super) fn mapping(kind: &FieldType) -> Value {
-    match kind {
-        FieldType::Text {
-            analyzer,
-            raw,
-            copy_to,
-        } => {
-            let mut text = json!({ "type": "text", "analyzer": analyzer });
-            if let Some(target) = copy_to {
-                text["copy_to"] = json!(target);
-            }
-            if *raw {
-                text["fields"] = json!({ "raw": { "type": "keyword", "ignore_above": 256 } });
-            }
-            text
-        }
-        FieldType::Keyword {
-            normalizer,
-            indexed,
-        } => {
-            let mut keyword = json!({ "type": "keyword" });
-            if let Some(normalizer) = normalizer {
-                keyword["normalizer"] = json!(normalizer);
-            }
-            if !indexed {
-                keyword["index"] = json!(false);
-            }
-            keyword
-        }
-        FieldType::Long => json!({ "type": "long" }),
-        FieldType::Double => json!({ "type": "double" }),
-        FieldType::Boolean => json!({ "type": "boolean" }),
-        FieldType::Date => json!({ "type": "date" }),
-        // Free-form attributes are searchable as exact values; a value of another type than
-        // the first one seen under the same key is a mapping error (dead-lettered).
-        FieldType::Object => json!({ "type": "object", "dynamic": true }),
-        FieldType::GeoPoint { .. } => json!({ "type": "geo_point" }),
     }
 }
 
@@ -414,7 +350,7 @@ mod tests {
 
     fn envelope(operation: Operation, change_data: Value) -> Envelope<'static> {
         let body = json!({
-            "messageId": "job_9", "jobId": 9, "schemaVersion": crate::publish::SCHEMA_VERSION,
+            "messageId": "job_9", "jobId": 9, "schemaVersion": crate::event_type::SCHEMA_VERSION,
             "routingKey": "listing.update", "table": "listings", "operation": operation,
             "recordId": "L1", "changeData": change_data, "occurredAt": "2026-11-27T12:00:00Z"
         });

@@ -26,23 +26,30 @@
 //! assert_eq!(orders.index.alias, "benalsam_orders");
 //! ```
 
+mod change;
 mod document;
+mod envelope;
 mod file;
 mod relation;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
+pub use change::{Action, BuildError, DocumentBuilder, Operation};
 pub use document::{DocumentSpec, FieldType};
-pub(crate) use document::{Field, Row};
+pub(crate) use document::{Field, LOWERCASE, Row, TURKISH};
+pub use envelope::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
+pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
+pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
 
 use crate::config::validate_identifier;
-use crate::index::{Action, BuildError, DocumentBuilder};
-use crate::publish::{Envelope, LISTINGS_EXCHANGE};
 use crate::{Error, Result};
+
+/// The exchange of listing events, as the architecture document names it.
+pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 
 /// The index of an event type, behind its alias.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +122,7 @@ pub struct EventType {
     /// Rows of other tables that are part of its documents ([`Relation`]). With any, every
     /// document is read from the database when it is indexed (a *joined* event type).
     pub relations: Vec<Relation>,
-    builder: Option<(Arc<dyn DocumentBuilder>, Value)>,
+    pub(crate) builder: Option<(Arc<dyn DocumentBuilder>, Value)>,
 }
 
 impl std::fmt::Debug for EventType {
@@ -285,7 +292,7 @@ impl EventType {
         );
         for (i, relation) in self.relations.iter().enumerate() {
             relation.validate(&self.name, &fields)?;
-            let trigger = crate::outbox::relation_trigger_name(self, relation);
+            let trigger = relation::relation_trigger_name(self, relation);
             if trigger.len() > 63 {
                 return Err(Error::config(
                     "BENALSAM_CONFIG",
@@ -367,82 +374,6 @@ impl EventType {
                 .document
                 .build(&self.index.alias, self.status_column.as_deref(), envelope),
         }
-    }
-
-    /// The settings and mappings of its index.
-    pub(crate) fn index_body(&self) -> Value {
-        let properties = match &self.builder {
-            Some((_, properties)) => {
-                let mut properties = properties.clone();
-                if let Some(map) = properties.as_object_mut() {
-                    map.entry("id").or_insert(json!({ "type": "keyword" }));
-                    map.entry("job_id").or_insert(json!({ "type": "long" }));
-                    map.entry("indexed_at").or_insert(json!({ "type": "date" }));
-                }
-                properties
-            }
-            None => {
-                let mut properties = self.document.properties();
-                if let Some(map) = properties.as_object_mut() {
-                    for relation in &self.relations {
-                        map.insert(relation.name.clone(), relation.properties());
-                        for (target, analyzer) in relation.copy_targets() {
-                            map.entry(target.to_owned())
-                                .or_insert(json!({ "type": "text", "analyzer": analyzer }));
-                        }
-                    }
-                }
-                properties
-            }
-        };
-        let uses = |name: &str| {
-            self.builder.is_some()
-                || self.document.uses(name)
-                || self.relations.iter().any(|r| r.uses(name))
-        };
-        let mut analysis = serde_json::Map::new();
-        if uses(document::TURKISH) {
-            analysis.insert(
-                "filter".into(),
-                json!({
-                    "benalsam_turkish_lowercase": { "type": "lowercase", "language": "turkish" },
-                    "benalsam_turkish_stop": { "type": "stop", "stopwords": "_turkish_" },
-                    "benalsam_turkish_stemmer": { "type": "stemmer", "language": "turkish" }
-                }),
-            );
-            analysis.insert(
-                "analyzer".into(),
-                json!({ document::TURKISH: {
-                    "type": "custom",
-                    "tokenizer": "standard",
-                    "filter": ["apostrophe", "benalsam_turkish_lowercase",
-                               "benalsam_turkish_stop", "benalsam_turkish_stemmer"]
-                }}),
-            );
-        }
-        if uses(document::LOWERCASE) {
-            analysis.insert(
-                "normalizer".into(),
-                json!({ document::LOWERCASE: { "type": "custom", "filter": ["lowercase"] } }),
-            );
-        }
-        let mut settings = json!({
-            "number_of_shards": self.index.shards,
-            "number_of_replicas": self.index.replicas,
-            "refresh_interval": self.index.refresh_interval,
-            "gc_deletes": format!("{}s", self.index.gc_deletes.max(MIN_GC_DELETES).as_secs()),
-        });
-        if !analysis.is_empty() {
-            settings["analysis"] = Value::Object(analysis);
-        }
-        json!({
-            "settings": settings,
-            "mappings": {
-                // A field the document builder does not know is a bug, not a new field.
-                "dynamic": "strict",
-                "properties": properties
-            }
-        })
     }
 }
 
@@ -560,6 +491,8 @@ fn amqp_name(setting: &str, name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

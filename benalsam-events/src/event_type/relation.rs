@@ -27,9 +27,9 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
-use super::document::{Field, FieldType, field_value, mapping};
+use super::document::{Field, FieldType, field_value};
 use crate::config::validate_identifier;
 use crate::{Error, Result};
 
@@ -371,20 +371,6 @@ impl Relation {
         }
     }
 
-    /// The mapping of its field.
-    pub(crate) fn properties(&self) -> Value {
-        let mut properties = Map::new();
-        for (name, field) in &self.fields {
-            properties.insert(name.clone(), mapping(&field.kind));
-        }
-        match self.kind {
-            RelationKind::Children { nested: true, .. } => {
-                json!({ "type": "nested", "properties": properties })
-            }
-            _ => json!({ "type": "object", "properties": properties }),
-        }
-    }
-
     /// The copy_to targets of its fields, with their analyzers (root fields of the document).
     pub(crate) fn copy_targets(&self) -> impl Iterator<Item = (&str, &str)> {
         self.fields.values().filter_map(|f| match &f.kind {
@@ -433,8 +419,15 @@ impl Relation {
     }
 }
 
+/// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
+pub(crate) fn relation_trigger_name(event_type: &crate::EventType, relation: &Relation) -> String {
+    format!("benalsam_{}_{}", event_type.name, relation.name)
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn seller() -> Relation {

@@ -31,9 +31,9 @@ use crate::config::{
     validate_identifier, validate_schema,
 };
 #[cfg(feature = "consumer")]
-use crate::consumer::ConsumerSettings;
+use crate::consume::IndexerConfig;
 #[cfg(feature = "consumer")]
-use crate::index::IndexerConfig;
+use crate::consumer::ConsumerSettings;
 use crate::ops::telemetry::LogFormat;
 use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
 use crate::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};

@@ -4,13 +4,11 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 mod health;
-mod heartbeat;
 pub(crate) mod metrics;
 mod status;
 pub mod telemetry;
 
 pub use health::{HealthReport, HealthServer, Readiness};
 pub(crate) use health::{rfc3339, since};
-pub(crate) use heartbeat::Heartbeat;
 pub use metrics::Metrics;
 pub use status::Live;

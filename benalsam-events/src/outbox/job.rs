@@ -5,56 +5,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-/// What happened to the row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-#[non_exhaustive]
-pub enum Operation {
-    /// The row was inserted; `change_data` is the new row.
-    Insert,
-    /// The row changed; `change_data` is `{"old": …, "new": …}`.
-    Update,
-    /// The row was deleted; `change_data` is the old row.
-    Delete,
-    /// The table was emptied; `record_id` is `*`, `change_data` is `{}`.
-    Truncate,
-    /// A row of a related table changed (a relation's fan-out wrote this job): the document
-    /// of `record_id` is read from the database again. `change_data` is `{}`.
-    Rebuild,
-}
-
-impl Operation {
-    /// The spelling used in the queue table (`INSERT`, `UPDATE`, `DELETE`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Insert => "INSERT",
-            Operation::Update => "UPDATE",
-            Operation::Delete => "DELETE",
-            Operation::Truncate => "TRUNCATE",
-            Operation::Rebuild => "REBUILD",
-        }
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Operation {
-    /// The operation spelled `text` in the queue table.
-    pub(crate) fn parse(text: &str) -> Option<Self> {
-        match text {
-            "INSERT" => Some(Operation::Insert),
-            "UPDATE" => Some(Operation::Update),
-            "DELETE" => Some(Operation::Delete),
-            "TRUNCATE" => Some(Operation::Truncate),
-            "REBUILD" => Some(Operation::Rebuild),
-            _ => None,
-        }
-    }
-}
+pub use crate::event_type::Operation;
 
 /// Where a job is in its life: `pending → processing → sent → completed`, or `failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

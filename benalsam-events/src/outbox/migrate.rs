@@ -17,6 +17,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::config::validate_schema;
 use crate::error::Kind;
+use crate::event_type::relation_trigger_name;
 use crate::outbox::OutboxConfig;
 use crate::{Error, EventType, Result};
 
@@ -302,14 +303,6 @@ async fn drop_removed_relations(
         removed.push(format!("{table_schema}.{table}.{name}"));
     }
     Ok(removed)
-}
-
-/// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
-pub(crate) fn relation_trigger_name(
-    event_type: &EventType,
-    relation: &crate::event_type::Relation,
-) -> String {
-    format!("benalsam_{}_{}", event_type.name, relation.name)
 }
 
 /// Whether the table of `event_type` exists (a bare name is in `schema`).

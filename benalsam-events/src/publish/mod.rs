@@ -14,12 +14,12 @@ mod publisher;
 mod routing;
 mod topology;
 
-pub(crate) use envelope::EnvelopeError;
-#[cfg(test)]
-pub(crate) use envelope::SCHEMA_VERSION;
-pub use envelope::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
+pub use crate::config::QueueType;
+pub(crate) use crate::error::EnvelopeError;
+pub(crate) use crate::event_type::LISTINGS_EXCHANGE;
+pub use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
-pub(crate) use routing::{LISTINGS_EXCHANGE, Route, Routes};
+pub(crate) use routing::{Route, Routes};
 pub(crate) use topology::SYSTEM_EXCHANGE;
-pub use topology::{QueueType, Topology, TopologyConfig};
+pub use topology::{Topology, TopologyConfig};

@@ -34,12 +34,12 @@ use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
 use crate::config::AmqpUrl;
+use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
 use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, PublisherMetrics};
 use crate::ops::telemetry;
 use crate::outbox::{Job, Outcome, Settle};
 use crate::publish::confirm::{self, Verdict};
-use crate::publish::envelope::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
 use crate::publish::{Envelope, Routes, Topology};
 use crate::{Error, EventType, Result};
 

@@ -18,9 +18,6 @@ use serde_json::Value;
 use crate::EventType;
 use crate::outbox::{Job, Operation};
 
-/// The exchange of listing events, as the architecture document names it.
-pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
-
 impl EventType {
     /// Where a job goes, and the status it carries.
     pub(crate) fn route(&self, job: &Job) -> Route {

@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ExchangeKind};
 use serde_json::{Value, json};
 
+use crate::config::QueueType;
 use crate::error::Kind;
 use crate::{Error, EventType, Result};
 
@@ -29,48 +30,6 @@ use crate::{Error, EventType, Result};
 pub(crate) const SYSTEM_EXCHANGE: &str = "benalsam.system";
 /// Heartbeats of the binaries.
 pub(crate) const HEALTH_QUEUE: &str = "system.health";
-
-/// Classic or quorum queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum QueueType {
-    /// One copy on one node; the fastest, and all a single-node broker offers.
-    #[default]
-    Classic,
-    /// Replicated (Raft) across a cluster's nodes; survives the loss of a node.
-    Quorum,
-}
-
-impl QueueType {
-    /// The `x-queue-type` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
-    }
-}
-
-impl std::str::FromStr for QueueType {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "classic" => Ok(QueueType::Classic),
-            "quorum" => Ok(QueueType::Quorum),
-            other => Err(Error::config(
-                "BENALSAM_QUEUE_TYPE",
-                format!("{other:?} is not a queue type; use \"classic\" or \"quorum\""),
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for QueueType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Choices a deployment makes about the topology.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -337,9 +337,9 @@ impl TestIndex {
     pub async fn new() -> Self {
         let alias = unique_name("t");
         let client =
-            benalsam_events::index::client(&search_url(), std::time::Duration::from_secs(30))
+            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
                 .expect("search client");
-        benalsam_events::index::ensure_index(&client, &Self::listings(&alias))
+        benalsam_events::search::ensure_index(&client, &Self::listings(&alias))
             .await
             .expect("index bootstrap (is the stack up?)");
         Self { alias, client }

@@ -1,5 +1,6 @@
 //! The wire is not trusted: every delivery is checked against the outbox before it touches
-//! the index (one query per batch). Pure, so the decisions are tested without services.
+//! the index (one query per batch, [`verify`]). The decision ([`check`]) is pure, so it is
+//! tested without services.
 //!
 //! | the outbox has | decision |
 //! |---|---|
@@ -16,6 +17,17 @@
 //! freeze a document with a job id from the future: it can only make the consumer index a
 //! real job's change as the outbox has it.
 
+#[cfg(feature = "consumer")]
+use std::collections::HashMap;
+
+#[cfg(feature = "consumer")]
+use crate::consume::dead_letter::Why;
+#[cfg(feature = "consumer")]
+use crate::consume::message::{Body, Message};
+#[cfg(feature = "consumer")]
+use crate::consume::settle::Sorted;
+#[cfg(feature = "consumer")]
+use crate::consume::shared::{Shared, retrying};
 use crate::outbox::Recorded;
 use crate::publish::Envelope;
 
@@ -81,6 +93,58 @@ pub(crate) fn check(
         _ if r.truncated_after => Check::Superseded,
         _ => Check::Deliver,
     }
+}
+
+/// A batch after verification: the messages to deliver, in the batch's order, with the
+/// outbox's rows of their jobs; the others filed already.
+#[cfg(feature = "consumer")]
+pub(super) struct Verified {
+    pub(super) deliver: Vec<Message>,
+    pub(super) recorded: HashMap<i64, Recorded>,
+    pub(super) sorted: Sorted,
+}
+
+/// Asks the outbox about every change of the batch (one query, which also brings the rows
+/// of the jobs that expect a delivery), retrying while it is away, and files each message by
+/// its [`Check`]; `None` when shutdown came first.
+#[cfg(feature = "consumer")]
+pub(super) async fn verify(shared: &Shared, batch: Vec<Message>) -> Option<Verified> {
+    let ids: Vec<i64> = batch.iter().filter_map(Message::job_id).collect();
+    let recorded = retrying(shared, || shared.ledger.lookup(&ids)).await?;
+    let recorded: HashMap<i64, Recorded> = recorded.into_iter().map(|r| (r.id, r)).collect();
+    let mut sorted = Sorted::default();
+    let mut deliver = Vec::new();
+    for message in batch {
+        let check = match message.body.envelope() {
+            Some(envelope) => check(
+                envelope,
+                recorded.get(&envelope.job_id),
+                shared.event_types.contains_key(envelope.table.as_ref()),
+            ),
+            None => Check::Deliver,
+        };
+        match (check, &message.body) {
+            (_, Body::Malformed(error)) => {
+                let reason = error.to_string();
+                sorted.dead.push((message, Why::Malformed, reason));
+            }
+            (Check::Unverified(reason), _) => {
+                shared.status.lock().unverified += 1;
+                sorted.dead.push((message, Why::Unverified, reason));
+            }
+            (Check::Duplicate | Check::NotYet, _) => sorted.skipped.push(message),
+            (Check::Superseded, _) => {
+                shared.status.lock().superseded += 1;
+                sorted.covered.push(message);
+            }
+            (Check::Deliver, _) => deliver.push(message),
+        }
+    }
+    Some(Verified {
+        deliver,
+        recorded,
+        sorted,
+    })
 }
 
 #[cfg(test)]

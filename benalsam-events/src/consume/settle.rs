@@ -5,60 +5,18 @@
 //! is one report to the outbox, retried while PostgreSQL is away: a message is never acked
 //! before its outcome is recorded, so a crash anywhere means a (harmless) redelivery.
 
-use std::future::Future;
 use std::time::SystemTime;
 
-use futures::future::{BoxFuture, join_all};
+use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
 
-use crate::EventType;
-use crate::Result;
-use crate::index::dead_letter::{self, Why};
-use crate::index::indexer::{Body, Finished, Message, Shared};
-use crate::index::plan::{Decision, Done};
+use crate::consume::dead_letter::{self, Why};
+use crate::consume::message::{Body, Finished, Message};
+use crate::consume::shared::{Shared, retrying};
 use crate::ops::metrics;
-use crate::outbox::{Outbox, Outcome, Read, Recorded, Settle, Settled};
-
-/// The outbox as the indexer's stages use it: behind a pointer, so they can be tested with
-/// a ledger of their own.
-pub(crate) trait Ledger: Send + Sync + 'static {
-    fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>>;
-    fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>>;
-    fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>>;
-    fn ping(&self) -> BoxFuture<'_, Result<()>>;
-    fn read_joined<'a>(
-        &'a self,
-        event_type: &'a EventType,
-        ids: &'a [String],
-    ) -> BoxFuture<'a, Result<Read>>;
-}
-
-impl Ledger for Outbox {
-    fn report<'a>(&'a self, reports: &'a [(i64, Outcome)]) -> BoxFuture<'a, Result<Settled>> {
-        Box::pin(self.settle(reports))
-    }
-
-    fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>> {
-        Box::pin(Outbox::lookup(self, jobs))
-    }
-
-    fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>> {
-        Box::pin(Outbox::unsettled_before(self, table, job))
-    }
-
-    fn ping(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Outbox::ping(self))
-    }
-
-    fn read_joined<'a>(
-        &'a self,
-        event_type: &'a EventType,
-        ids: &'a [String],
-    ) -> BoxFuture<'a, Result<Read>> {
-        Box::pin(Outbox::read_joined(self, event_type, ids))
-    }
-}
+use crate::outbox::Outcome;
+use crate::search::plan::{Decision, Done};
 
 /// The messages of a batch, sorted by what happens to them.
 #[derive(Default)]
@@ -246,47 +204,6 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
         || retrying(shared, || shared.ledger.report(reports))
             .await
             .is_some()
-}
-
-/// Records that the outbox does not answer (since when, and why): the consumer's health
-/// turns red until it answers again.
-pub(crate) fn outbox_failing(shared: &Shared, error: &crate::Error) {
-    let reason = error.to_string();
-    shared.status.error(&reason);
-    shared
-        .status
-        .lock()
-        .outbox_failing
-        .get_or_insert_with(|| (SystemTime::now(), reason));
-}
-
-/// Runs a call to the outbox until it answers, waiting out the backoff between attempts;
-/// `None` if shutdown came first. While it fails, the status says since when (the consumer's
-/// health turns red).
-pub(crate) async fn retrying<T, F, Fut>(shared: &Shared, mut call: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let mut attempt = 0;
-    loop {
-        match call().await {
-            Ok(value) => {
-                shared.status.lock().outbox_failing = None;
-                return Some(value);
-            }
-            Err(error) => {
-                outbox_failing(shared, &error);
-                let wait = shared.config.reconnect.delay(attempt);
-                attempt += 1;
-                tracing::warn!(%error, retry_in = ?wait, "cannot reach the outbox; holding the acks");
-                tokio::select! {
-                    () = shared.shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-    }
 }
 
 /// Acks messages, all sent together: one at a time would wait on the connection's loop each

@@ -2,6 +2,12 @@
 //! from the first moment, the start-up steps it reports, the metrics registry and the
 //! background tasks that end with the service.
 
+#[cfg(feature = "bridge")]
+pub mod bridge;
+#[cfg(feature = "consumer")]
+pub mod consumer;
+mod heartbeat;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -12,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::{Backoff, retry};
 use crate::ops::{HealthReport, HealthServer, Metrics, Readiness};
 use crate::{Error, Result};
+
+pub(crate) use heartbeat::Heartbeat;
 
 /// A health check, by path.
 pub(crate) type Check = (&'static str, Arc<dyn Fn() -> HealthReport + Send + Sync>);

@@ -17,10 +17,11 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpUrl, DatabaseUrl, SearchUrl, require_positive};
-use crate::index::search::ensure_index_on;
-use crate::index::{Indexer, IndexerConfig, IndexerStatus, SearchNodes};
-use crate::ops::{HealthReport, Heartbeat, Live, rfc3339, since};
+use crate::consume::{Indexer, IndexerConfig, IndexerStatus};
+use crate::ops::{HealthReport, Live, rfc3339, since};
 use crate::outbox::{Outbox, OutboxConfig};
+use crate::search::{SearchNodes, ensure_index_on};
+use crate::service::Heartbeat;
 use crate::service::{Check, Service, check};
 use crate::{EventType, Result};
 
@@ -48,7 +49,7 @@ pub struct ConsumerSettings {
     /// them. The consumer declares nothing and AMQP tells a client without the right to
     /// declare nothing about a queue's type, so this is reported (health details,
     /// `queueType`, and the start-up log), not checked: the bridge's declare is the check.
-    pub queue_type: crate::publish::QueueType,
+    pub queue_type: crate::config::QueueType,
     /// Apply the database migrations before starting.
     pub migrate: bool,
     /// Where the health endpoints listen; `None` for none.
@@ -70,7 +71,7 @@ impl ConsumerSettings {
             outbox: OutboxConfig::default(),
             indexer: IndexerConfig::default(),
             event_types: vec![EventType::listings()],
-            queue_type: crate::publish::QueueType::default(),
+            queue_type: crate::config::QueueType::default(),
             migrate: false,
             health_addr: None,
             health_window: Duration::from_secs(30),
@@ -273,7 +274,7 @@ struct ConsumerMonitor {
     window: Duration,
     search: String,
     broker: String,
-    queue_type: crate::publish::QueueType,
+    queue_type: crate::config::QueueType,
 }
 
 impl ConsumerMonitor {

@@ -11,7 +11,8 @@
 use elasticsearch::http::Method;
 use serde_json::json;
 
-use crate::index::{Action, SearchNodes, writer};
+use crate::event_type::Action;
+use crate::search::{SearchNodes, bulk as writer};
 
 /// Documents looked up and deleted per round.
 const PAGE: usize = 1000;

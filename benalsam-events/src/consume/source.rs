@@ -69,7 +69,7 @@ impl Source {
             url,
             queues: queues.into_iter().map(Arc::new).collect(),
             prefetch,
-            max_message_bytes: crate::publish::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: crate::event_type::DEFAULT_MAX_MESSAGE_BYTES,
             name,
             link: None,
             next_address: 0,

@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use crate::EventType;
 use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
-use crate::ops::{HealthReport, Heartbeat, Live, Metrics, rfc3339, since};
+use crate::ops::{HealthReport, Live, Metrics, rfc3339, since};
 use crate::outbox::{
     FanOut, FanOutStatus, JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig,
 };
 use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
+use crate::service::Heartbeat;
 use crate::service::{Check, Service, check};
 
 /// Everything [`run`] needs.
@@ -350,7 +351,7 @@ struct BridgeMonitor {
     broker: String,
     database: String,
     /// The queue type it declares.
-    queue_type: crate::publish::QueueType,
+    queue_type: crate::config::QueueType,
 }
 
 impl BridgeMonitor {

@@ -32,7 +32,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::AmqpUrl;
-use crate::index::verify::{self, Check};
+use crate::consume::verify::{self, Check};
 use crate::outbox::{Job, JobSelection, Outbox, Recorded};
 use crate::publish::{Envelope, JOB_ID_HEADER, LISTINGS_EXCHANGE};
 use crate::{Error, EventType, Result};

@@ -23,7 +23,7 @@ use crate::config::{
 };
 use crate::connect::tls;
 use crate::error::Kind;
-use crate::index::SearchNodes;
+use crate::search::SearchNodes;
 use crate::{Error, Result};
 
 /// A search client with a request timeout. Credentials in the URL become Basic

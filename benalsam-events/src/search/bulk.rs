@@ -11,8 +11,9 @@ use std::time::Instant;
 use elasticsearch::http::Method;
 use serde::Serialize;
 
-use crate::index::plan::BulkResponse;
-use crate::index::{Action, SearchNodes};
+use crate::event_type::Action;
+use crate::search::SearchNodes;
+use crate::search::plan::BulkResponse;
 
 /// Why a bulk request as a whole failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +74,7 @@ pub(crate) async fn write(
     let answer = search
         .send(Method::Post, PATH, Some(body), "application/x-ndjson")
         .await
-        .and_then(|answer| crate::index::search::parse_answer(Method::Post, PATH, answer));
+        .and_then(|answer| crate::search::parse_answer(Method::Post, PATH, answer));
     let (status, answer) = answer.map_err(|e| WriteError::Unavailable(e.to_string()))?;
     let took = started.elapsed();
     if !status.is_success() {

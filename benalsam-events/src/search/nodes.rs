@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use crate::Result;
 use crate::config::SearchUrl;
-use crate::index::search;
+use crate::search::client as search;
 
 /// The search nodes of one cluster, each with its own client, and the one in use.
 ///
@@ -85,7 +85,7 @@ impl SearchNodes {
             .iter()
             .map(|address| {
                 Ok(Node {
-                    client: super::client(address, timeout)?,
+                    client: search::client(address, timeout)?,
                     name: Some(address.redacted()),
                 })
             })

@@ -1,0 +1,32 @@
+//! Everything that speaks the search engine's dialect (Elasticsearch, OpenSearch): the
+//! client and its nodes, the `_bulk` request and its typed answer, the index's mapping, and
+//! the queries that empty an index after a `TRUNCATE`. The consumer's stages call into this
+//! folder and never build engine JSON themselves, so a second engine is this folder's work.
+//!
+//! | file | holds |
+//! |---|---|
+//! | client | a client per URL, and [`ensure_index`]: an index behind its alias, with its mapping |
+//! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |
+//! | bulk | encodes a `_bulk` request and sends it |
+//! | plan | reads the bulk answer and decides each item once: done, retry or dead (pure) |
+//! | mapping | an event type's index settings and mapping |
+//! | delete | deletes the documents older than a truncation |
+
+#[cfg(feature = "consumer")]
+pub(crate) mod bulk;
+#[cfg(feature = "consumer")]
+mod client;
+#[cfg(feature = "consumer")]
+pub(crate) mod delete;
+mod mapping;
+#[cfg(feature = "consumer")]
+mod nodes;
+#[cfg(feature = "consumer")]
+pub(crate) mod plan;
+
+#[cfg(feature = "consumer")]
+pub use client::{client, ensure_index};
+#[cfg(feature = "consumer")]
+pub(crate) use client::{ensure_index_on, parse_answer};
+#[cfg(feature = "consumer")]
+pub use nodes::SearchNodes;
