@@ -261,8 +261,10 @@ async fn a_backlog_that_takes_many_windows_to_drain_stays_green_throughout() {
                 );
             }
         }
+        // A safety net, not a speed check: a loaded machine drains slowly, and the test is
+        // about health while it drains, however long that takes.
         assert!(
-            started.elapsed() < Duration::from_secs(300),
+            started.elapsed() < Duration::from_secs(900),
             "the backlog drains"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
