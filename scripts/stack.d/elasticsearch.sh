@@ -13,7 +13,8 @@
 #                       RabbitMQ come from another stack: scripts/test runs each engine so)
 #
 # The engine, its security and the search-only layout are recorded in <state>/search-engine by
-# `up`; later commands on the folder (env, status, down, up without --engine) follow it. `env`
+# `up`, with the search node's ports; later commands on the folder (env, status, down, up
+# without --engine) follow it, and take those ports unless given BENALSAM_SEARCH_*PORT. `env`
 # says which engine runs: BENALSAM_SEARCH_ENGINE=elasticsearch-8.19.0, opensearch-2.19.6.
 #
 # Elasticsearch comes as the integration-test zip from Maven Central
@@ -50,6 +51,11 @@ engine_paths() {
         engine=*) recorded=${line#engine=} ;;
         security=*) security=${line#security=} ;;
         search_only=*) only=${line#search_only=} ;;
+        # The ports of the search node, for commands given no BENALSAM_SEARCH_*PORT.
+        search_port=*) [ -n "${BENALSAM_SEARCH_PORT:-}" ] || SEARCH_PORT=${line#*=} ;;
+        search_transport_port=*) [ -n "${BENALSAM_SEARCH_TRANSPORT_PORT:-}" ] || SEARCH_TRANSPORT_PORT=${line#*=} ;;
+        search_tls_port=*) [ -n "${BENALSAM_SEARCH_TLS_PORT:-}" ] || SEARCH_TLS_PORT=${line#*=} ;;
+        search_mtls_port=*) [ -n "${BENALSAM_SEARCH_MTLS_PORT:-}" ] || SEARCH_MTLS_PORT=${line#*=} ;;
       esac
     done <"$STATE/search-engine"
   fi
@@ -65,6 +71,9 @@ engine_paths() {
     *) die "search engine '$engine': say opensearch, elasticsearch-8 ($ES8_VERSION) or elasticsearch-9 ($ES9_VERSION)" ;;
   esac
   SEARCH_ENGINE_KEY=$engine SEARCH_VERSION=$version SEARCH_SECURITY=$security SEARCH_ONLY=$only
+  ELASTICSEARCH_URL="http://127.0.0.1:$SEARCH_PORT"
+  ELASTICSEARCH_TLS_URL="https://localhost:$SEARCH_TLS_PORT"
+  ELASTICSEARCH_MTLS_URL="https://localhost:$SEARCH_MTLS_PORT"
   [ "$SEARCH_ENGINE" = elasticsearch ] || { SEARCH_SECURITY=0; return 0; }
   local node=$STATE/elasticsearch-${version%%.*}
   SEARCH_HOME=$STATE/elasticsearch-$version
@@ -103,6 +112,8 @@ refuse_other_engine() {
 record_engine() {
   printf 'engine=%s\nsecurity=%s\nsearch_only=%s\n' "$SEARCH_ENGINE_KEY" "$SEARCH_SECURITY" "$SEARCH_ONLY" \
     >"$STATE/search-engine"
+  printf 'search_port=%s\nsearch_transport_port=%s\nsearch_tls_port=%s\nsearch_mtls_port=%s\n' \
+    "$SEARCH_PORT" "$SEARCH_TRANSPORT_PORT" "$SEARCH_TLS_PORT" "$SEARCH_MTLS_PORT" >>"$STATE/search-engine"
 }
 
 # A JDK new enough for the engine: BENALSAM_SEARCH_JAVA_HOME, else the oldest one new enough
