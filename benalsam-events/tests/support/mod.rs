@@ -377,10 +377,11 @@ impl Relay {
             target.url().port().unwrap_or(9200)
         );
         let relay = Self::start(upstream).await;
-        let url = format!("http://127.0.0.1:{}", relay.port)
-            .parse()
-            .expect("relay url");
-        (relay, url)
+        // The node's scheme, user and host name (an https:// node's TLS passes through the
+        // relay, and its certificate names the host), on the relay's port.
+        let mut url = target.url().clone();
+        url.set_port(Some(relay.port)).expect("a port");
+        (relay, with_search_ca(url.as_str()))
     }
 
     /// Cuts every relayed connection; returns how many there were.
@@ -622,19 +623,31 @@ pub fn dead_amqp(target: &AmqpUrl) -> AmqpUrl {
 
 /// A search URL listing `urls` in order (the form of a multi-node `ELASTICSEARCH_URL`).
 pub fn search_list(urls: &[&SearchUrl]) -> SearchUrl {
-    urls.iter()
-        .map(|u| u.expose())
-        .collect::<Vec<_>>()
-        .join(",")
-        .parse()
-        .expect("a valid list")
+    with_search_ca(
+        &urls
+            .iter()
+            .map(|u| u.expose())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// A search URL with the CA of `ELASTICSEARCH_CA` (a node with security on, whose certificate
+/// the stack's CA signed), as `search_url()` has it.
+pub fn with_search_ca(url: &str) -> SearchUrl {
+    let url: SearchUrl = url.parse().expect("a valid search URL");
+    match std::env::var_os("ELASTICSEARCH_CA").filter(|v| !v.is_empty()) {
+        Some(ca) => url.with_ca(ca),
+        None => url,
+    }
 }
 
 /// A search node on a local port nothing listens on: a node that is down.
 pub fn dead_search() -> SearchUrl {
-    format!("http://127.0.0.1:{}", free_port())
-        .parse()
-        .expect("dead url")
+    // Of the live node's scheme: a list mixes no schemes.
+    let mut url = search_url().url().clone();
+    url.set_port(Some(free_port())).expect("a port");
+    with_search_ca(url.as_str())
 }
 
 /// Waits for a child process to exit, at most a minute.
