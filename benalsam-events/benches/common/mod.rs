@@ -17,7 +17,10 @@ use benalsam_events::{
 pub fn listings(alias: &str) -> benalsam_events::EventType {
     let mut listings = benalsam_events::EventType::listings();
     alias.clone_into(&mut listings.index.alias);
-    if let Some(analyzer) = std::env::var("BENCH_ANALYZER").ok().filter(|a| !a.is_empty()) {
+    if let Some(analyzer) = std::env::var("BENCH_ANALYZER")
+        .ok()
+        .filter(|a| !a.is_empty())
+    {
         let properties = listings.document.properties();
         let names: Vec<String> = listings.document.field_names().map(str::to_owned).collect();
         for name in names {
