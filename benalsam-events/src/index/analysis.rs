@@ -196,10 +196,10 @@ fn unknown_component(reason: &str) -> Option<(Component, &str)> {
         "failed to find analyzer type ",
         "analyzer ",
     ] {
-        if let Some(name) = bracketed(prefix) {
-            if prefix != "analyzer " || reason.contains("has not been configured") {
-                return Some((Component::Analyzer, name));
-            }
+        if let Some(name) = bracketed(prefix)
+            && (prefix != "analyzer " || reason.contains("has not been configured"))
+        {
+            return Some((Component::Analyzer, name));
         }
     }
     None
