@@ -20,6 +20,8 @@
 //! for one: list its messages with their reasons, replay them.
 
 #[cfg(feature = "consumer")]
+mod analysis;
+#[cfg(feature = "consumer")]
 mod batch;
 #[cfg(feature = "consumer")]
 mod circuit;
