@@ -200,11 +200,16 @@ async fn every_kind_of_change_shows_up_in_the_index() {
         v.sort();
         v
     });
-    // The content edit is there, and found through Turkish stemming ("bisiklet" ~ "bisikletler").
+    // The content edit is there, and found through Turkish stemming ("bisiklet" ~
+    // "bisikletler"), which needs analysis-common; without it (built-in `standard` analysis),
+    // through the word as written.
+    let word = if support::has_analysis_common() {
+        "bisiklet"
+    } else {
+        "bisikletler"
+    };
     assert_eq!(
-        index
-            .search(json!({"match": {"search_text": "bisiklet"}}))
-            .await,
+        index.search(json!({"match": {"search_text": word}})).await,
         vec![ids[0].clone()]
     );
     let doc = index.get(&ids[0]).await.expect("indexed");
@@ -564,7 +569,7 @@ async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
         db.outbox(OutboxConfig::default()),
         vec![index.event_type().with_builder(
             LongIds(index.event_type()),
-            EventType::listings().document.properties(),
+            index.event_type().document.properties(),
         )],
         {
             let mut c = IndexerConfig::default();

@@ -9,8 +9,38 @@ use benalsam_events::elasticsearch::params::Refresh;
 use serde_json::json;
 use support::{TestIndex, search_url, unique_name};
 
+/// Needs the `analysis-common` module (the Turkish analysis): on an engine without it, the
+/// product's mapping must be refused at start, naming the module, and leave no index behind.
 #[tokio::test]
 async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
+    if !support::has_analysis_common() {
+        let client =
+            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
+                .expect("client");
+        let alias = unique_name("t-turkish");
+        let mut listings = benalsam_events::EventType::listings();
+        alias.clone_into(&mut listings.index.alias);
+        let error = benalsam_events::search::ensure_index(&client, &listings)
+            .await
+            .expect_err("the Turkish analysis needs analysis-common");
+        let text = error.to_string();
+        assert!(error.is_config(), "{text}");
+        assert!(
+            text.contains(
+                "the `benalsam_turkish` analyzer needs the analysis-common module, which every \
+                 standard Elasticsearch/OpenSearch distribution ships"
+            ),
+            "{text}"
+        );
+        let exists = client
+            .indices()
+            .exists(benalsam_events::elasticsearch::indices::IndicesExistsParts::Index(&[&alias]))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(exists.status_code().as_u16(), 404, "no index left behind");
+        return;
+    }
     // The product's own mapping, created by the library's bootstrap.
     let index = support::TestIndex::new().await;
     let document = json!({

@@ -253,6 +253,7 @@ cmd_up_cluster() {
   if single_running; then
     die "the single-node stack of $STATE runs on the ports of node 1: stop it first (scripts/stack down), or give the cluster another BENALSAM_STACK_DIR"
   fi
+  [ "$SEARCH_ENGINE" = opensearch ] || die "cluster mode runs OpenSearch only; --engine $SEARCH_ENGINE_KEY is for the single-node layout"
   load_cluster_settings strict
   check_settings cluster_port_settings
   cluster_layout

@@ -93,6 +93,7 @@ resolve_state_dir() {
   DATABASE_TLS_URL="postgres://$PG_USER:$PG_PASSWORD@localhost:$PG_PORT/$PG_DB?sslmode=verify-full&sslrootcert=$(url_encoded "$TLS_CA")"
   # cacertfile: the binaries trust only public CAs without it, and refuse the stack's broker.
   RABBITMQ_TLS_URL="amqps://$RABBIT_USER:$RABBIT_PASSWORD@localhost:$AMQPS_PORT/%2f?cacertfile=$(url_encoded "$TLS_CA")"
+  engine_paths
 }
 
 # Percent-encodes all but the characters a URL query value may hold as they are.

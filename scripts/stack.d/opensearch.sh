@@ -57,9 +57,13 @@ search_pid() { [ -s "$SEARCH_PID" ] && cat "$SEARCH_PID"; }
 
 search_running() { local pid; pid=$(search_pid) && kill -0 "$pid" 2>/dev/null; }
 
-search_health() { curl -fsS -m 5 "$ELASTICSEARCH_URL/_cluster/health" 2>/dev/null | grep -oE '"status":"[a-z]+"' | cut -d'"' -f4; }
+search_health() {
+  if [ "$SEARCH_ENGINE" = elasticsearch ]; then es_health; return; fi
+  curl -fsS -m 5 "$ELASTICSEARCH_URL/_cluster/health" 2>/dev/null | grep -oE '"status":"[a-z]+"' | cut -d'"' -f4
+}
 
 start_search() {
+  if [ "$SEARCH_ENGINE" = elasticsearch ]; then start_elasticsearch; return; fi
   install_opensearch
   mkdir -p "$SEARCH_DATA" "$SEARCH_LOGS"; own_state
   if ! search_running; then
@@ -98,6 +102,7 @@ start_search() {
 }
 
 check_search() {
+  if [ "$SEARCH_ENGINE" = elasticsearch ]; then check_elasticsearch; return; fi
   local status; status=$(search_health || true)
   case "$status" in green|yellow) ;; *) die "OpenSearch cluster health is '${status:-no answer}'; see $SEARCH_LOG" ;; esac
   curl -fsS -m 10 -H 'content-type: application/json' "$ELASTICSEARCH_URL/_analyze" \
@@ -107,7 +112,7 @@ check_search() {
 
 stop_search() {
   if search_running; then
-    say "stopping OpenSearch"
+    say "stopping the search node ($(search_engine_label))"
     local pid; pid=$(search_pid)
     kill "$pid"
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done

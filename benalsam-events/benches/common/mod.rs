@@ -10,9 +10,33 @@ use benalsam_events::{
 
 /// The listings event type, indexed into `alias`.
 #[allow(dead_code)] // not every bench uses it
+///
+/// `BENCH_ANALYZER` (say `standard`) replaces the Turkish analysis of its text fields, for an
+/// engine without the analysis-common module (Elasticsearch's integration-test zip) and for
+/// runs that compare such an engine with one that has it on the same mapping.
 pub fn listings(alias: &str) -> benalsam_events::EventType {
     let mut listings = benalsam_events::EventType::listings();
     alias.clone_into(&mut listings.index.alias);
+    if let Some(analyzer) = std::env::var("BENCH_ANALYZER")
+        .ok()
+        .filter(|a| !a.is_empty())
+    {
+        let properties = listings.document.properties();
+        let names: Vec<String> = listings.document.field_names().map(str::to_owned).collect();
+        for name in names {
+            let mapping = &properties[name.as_str()];
+            if mapping["analyzer"] == "benalsam_turkish" {
+                listings.document = listings.document.field(
+                    &name,
+                    benalsam_events::event_type::FieldType::Text {
+                        analyzer: analyzer.clone(),
+                        raw: mapping["fields"]["raw"].is_object(),
+                        copy_to: mapping["copy_to"].as_str().map(str::to_owned),
+                    },
+                );
+            }
+        }
+    }
     listings
 }
 
@@ -309,7 +333,9 @@ pub fn cpu_by_process_of(own: &[(&str, u32)], stack: Option<&str>) -> Result<Cpu
                     "java" => {
                         let cmdline =
                             std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                        if !String::from_utf8_lossy(&cmdline).contains("opensearch") {
+                        // The search node, whichever engine runs it.
+                        let cmdline = String::from_utf8_lossy(&cmdline);
+                        if !cmdline.contains("opensearch") && !cmdline.contains("elasticsearch") {
                             continue;
                         }
                         2

@@ -645,4 +645,27 @@ mod tests {
         );
         assert_eq!(body["mappings"]["properties"]["job_id"]["type"], "long");
     }
+
+    #[test]
+    fn a_custom_mapping_gets_the_turkish_analysis_only_when_it_names_it() {
+        #[derive(Debug)]
+        struct Nothing;
+        impl DocumentBuilder for Nothing {
+            fn build(&self, _: &Envelope<'_>) -> std::result::Result<Action, BuildError> {
+                Err(BuildError("nothing".into()))
+            }
+        }
+        // Engines without analysis-common refuse an index defining it, used or not.
+        let plain =
+            EventType::new("x", "x").with_builder(Nothing, json!({"name": {"type": "text"}}));
+        assert!(plain.index_body()["settings"]["analysis"].is_null());
+        let turkish = EventType::new("x", "x").with_builder(
+            Nothing,
+            json!({"name": {"type": "text", "analyzer": "benalsam_turkish"},
+                   "city": {"type": "keyword", "normalizer": "benalsam_lowercase"}}),
+        );
+        let analysis = &turkish.index_body()["settings"]["analysis"];
+        assert!(analysis["analyzer"]["benalsam_turkish"].is_object());
+        assert!(analysis["normalizer"]["benalsam_lowercase"].is_object());
+    }
 }

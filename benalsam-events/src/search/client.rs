@@ -232,6 +232,11 @@ pub(crate) async fn ensure_index_on(
         }
         // Another consumer created it first: fall through to checking it.
         if answer["error"]["type"] != "resource_already_exists_exception" {
+            if let Some(error) =
+                super::analysis::missing_module(&index, &create, status.as_u16(), &answer)
+            {
+                return Err(error);
+            }
             return Err(Error::search_response(
                 format!("creating index {index}"),
                 status.as_u16(),

@@ -36,8 +36,16 @@ impl EventType {
                 properties
             }
         };
+        // A builder's own mapping gets the library's analyzer or normalizer only when it names
+        // them: the Turkish analysis needs the analysis-common module, which trimmed engines
+        // lack, and an index that does not use it must not fail for it there.
+        let builder_uses = |name: &str| {
+            self.builder
+                .as_ref()
+                .is_some_and(|(_, mapping)| mapping.to_string().contains(&format!("\"{name}\"")))
+        };
         let uses = |name: &str| {
-            self.builder.is_some()
+            builder_uses(name)
                 || self.document.uses(name)
                 || self.relations.iter().any(|r| r.uses(name))
         };

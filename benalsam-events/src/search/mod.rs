@@ -9,9 +9,12 @@
 //! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |
 //! | bulk | encodes a `_bulk` request and sends it |
 //! | plan | reads the bulk answer and decides each item once: done, retry or dead (pure) |
+//! | analysis | which analysis a mapping needs, and the error naming the missing module when the engine lacks it |
 //! | mapping | an event type's index settings and mapping |
 //! | delete | deletes the documents older than a truncation |
 
+#[cfg(feature = "consumer")]
+mod analysis;
 #[cfg(feature = "consumer")]
 pub(crate) mod bulk;
 #[cfg(feature = "consumer")]

@@ -19,6 +19,82 @@ pub fn search_url() -> SearchUrl {
     SearchUrl::from_env().expect("ELASTICSEARCH_URL is valid")
 }
 
+/// Whether the search engine has the `analysis-common` module (the Turkish analysis of the
+/// listings mapping), as its nodes list their modules. Elasticsearch's integration-test zip
+/// (`scripts/stack up --engine elasticsearch-8`) lacks it: there the listings event type of the
+/// tests uses the built-in `standard` analyzer ([`builtin_analysis`]), and the tests of the
+/// Turkish analysis check instead that the real mapping is refused naming the module. Asked
+/// once per test binary, on a thread of its own (the callers may be inside a runtime).
+pub fn has_analysis_common() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let client = benalsam_events::search::client(
+                    &search_url(),
+                    std::time::Duration::from_secs(30),
+                )
+                .expect("search client");
+                let response = client
+                    .send(
+                        benalsam_events::elasticsearch::http::Method::Get,
+                        "/_nodes/plugins",
+                        benalsam_events::elasticsearch::http::headers::HeaderMap::new(),
+                        Some(&[("filter_path", "nodes.*.modules.name")]),
+                        Option::<&[u8]>::None,
+                        None,
+                    )
+                    .await
+                    .expect("search node answers _nodes/plugins (is the stack up?)");
+                let nodes: serde_json::Value = response.json().await.expect("JSON");
+                let nodes = nodes["nodes"].as_object().expect("nodes in _nodes/plugins");
+                // Every node must have it: a shard may land on any.
+                !nodes.is_empty()
+                    && nodes.values().all(|node| {
+                        node["modules"].as_array().is_some_and(|modules| {
+                            modules.iter().any(|m| m["name"] == "analysis-common")
+                        })
+                    })
+            })
+        })
+        .join()
+        .expect("the module check finished")
+    })
+}
+
+/// `event_type` with the built-in `standard` analyzer in place of the library's
+/// `benalsam_turkish` (which needs `analysis-common`) when the engine lacks that module;
+/// unchanged otherwise.
+pub fn builtin_analysis(mut event_type: benalsam_events::EventType) -> benalsam_events::EventType {
+    if has_analysis_common() {
+        return event_type;
+    }
+    let properties = event_type.document.properties();
+    let names: Vec<String> = event_type
+        .document
+        .field_names()
+        .map(str::to_owned)
+        .collect();
+    for name in names {
+        let mapping = &properties[name.as_str()];
+        if mapping["analyzer"] == "benalsam_turkish" {
+            event_type.document = event_type.document.field(
+                &name,
+                benalsam_events::event_type::FieldType::Text {
+                    analyzer: "standard".to_owned(),
+                    raw: mapping["fields"]["raw"].is_object(),
+                    copy_to: mapping["copy_to"].as_str().map(str::to_owned),
+                },
+            );
+        }
+    }
+    event_type
+}
+
 /// A name no other test (in this run or an earlier one) uses: `<prefix>_<pid>_<n>_<micros>`,
 /// lowercase, valid as a schema, queue or index name.
 pub fn unique_name(prefix: &str) -> String {
@@ -301,10 +377,11 @@ impl Relay {
             target.url().port().unwrap_or(9200)
         );
         let relay = Self::start(upstream).await;
-        let url = format!("http://127.0.0.1:{}", relay.port)
-            .parse()
-            .expect("relay url");
-        (relay, url)
+        // The node's scheme, user and host name (an https:// node's TLS passes through the
+        // relay, and its certificate names the host), on the relay's port.
+        let mut url = target.url().clone();
+        url.set_port(Some(relay.port)).expect("a port");
+        (relay, with_search_ca(url.as_str()))
     }
 
     /// Cuts every relayed connection; returns how many there were.
@@ -347,7 +424,7 @@ impl TestIndex {
 
     /// The listings event type, indexed into `alias`.
     pub fn listings(alias: &str) -> benalsam_events::EventType {
-        let mut listings = benalsam_events::EventType::listings();
+        let mut listings = builtin_analysis(benalsam_events::EventType::listings());
         alias.clone_into(&mut listings.index.alias);
         listings
     }
@@ -546,19 +623,31 @@ pub fn dead_amqp(target: &AmqpUrl) -> AmqpUrl {
 
 /// A search URL listing `urls` in order (the form of a multi-node `ELASTICSEARCH_URL`).
 pub fn search_list(urls: &[&SearchUrl]) -> SearchUrl {
-    urls.iter()
-        .map(|u| u.expose())
-        .collect::<Vec<_>>()
-        .join(",")
-        .parse()
-        .expect("a valid list")
+    with_search_ca(
+        &urls
+            .iter()
+            .map(|u| u.expose())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// A search URL with the CA of `ELASTICSEARCH_CA` (a node with security on, whose certificate
+/// the stack's CA signed), as `search_url()` has it.
+pub fn with_search_ca(url: &str) -> SearchUrl {
+    let url: SearchUrl = url.parse().expect("a valid search URL");
+    match std::env::var_os("ELASTICSEARCH_CA").filter(|v| !v.is_empty()) {
+        Some(ca) => url.with_ca(ca),
+        None => url,
+    }
 }
 
 /// A search node on a local port nothing listens on: a node that is down.
 pub fn dead_search() -> SearchUrl {
-    format!("http://127.0.0.1:{}", free_port())
-        .parse()
-        .expect("dead url")
+    // Of the live node's scheme: a list mixes no schemes.
+    let mut url = search_url().url().clone();
+    url.set_port(Some(free_port())).expect("a port");
+    with_search_ca(url.as_str())
 }
 
 /// Waits for a child process to exit, at most a minute.
