@@ -427,14 +427,22 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
         options.lease,
         if options.cluster { ", cluster" } else { "" }
     );
-    // The release builds (scripts/soak builds them first), or those of another folder.
-    let (bridge_path, consumer_path) = match std::env::var_os("BENALSAM_SOAK_BIN_DIR") {
-        Some(dir) => (
-            PathBuf::from(&dir).join("benalsam-bridge"),
-            PathBuf::from(&dir).join("benalsam-consumer"),
-        ),
+    // The binaries of the harness's own profile (target/release under `cargo bench`, which
+    // scripts/soak builds first; target/debug under `cargo test --bench soak`, as
+    // scripts/test runs it after the workspace's tests), or those of BENALSAM_SOAK_BIN_DIR.
+    let own = std::env::current_exe()?
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(std::path::Path::to_path_buf);
+    let dir = std::env::var_os("BENALSAM_SOAK_BIN_DIR")
+        .map(PathBuf::from)
+        .or(own)
+        .filter(|d| d.join("benalsam-bridge").exists() && d.join("benalsam-consumer").exists());
+    let (bridge_path, consumer_path) = match dir {
+        Some(dir) => (dir.join("benalsam-bridge"), dir.join("benalsam-consumer")),
         None => (binary("benalsam-bridge")?, binary("benalsam-consumer")?),
     };
+    println!("soak: binaries {}", bridge_path.with_file_name("").display());
     let mut topology = TopologyConfig::default();
     topology.queue_type = if options.cluster {
         QueueType::Quorum
