@@ -54,7 +54,8 @@ use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "scripts/soak [--seed N] [--jobs N | --duration 10m] [--writers 4] \
 [--fault-every 30s] [--faults binaries|all|KIND,KIND…] [--services] [--cluster] \
-[--max-backlog 20000] [--truncate-every N] [--lease 60s] [--settle 10m] [--rss-every 5s] [--keep]";
+[--max-backlog 20000] [--truncate-every N] [--lease 60s] [--settle 10m] [--rss-every 5s] [--keep] \
+[--sabotage: spoil three documents before the check, which must then find 1 lost, 1 stale, 1 ghost]";
 
 const FAULT_KINDS: [&str; 10] = [
     "bridge-kill",
@@ -87,6 +88,7 @@ struct Options {
     settle: Duration,
     rss_every: Duration,
     keep: bool,
+    sabotage: bool,
 }
 
 impl Options {
@@ -109,6 +111,7 @@ impl Options {
             settle: Duration::from_secs(600),
             rss_every: Duration::from_secs(5),
             keep: false,
+            sabotage: false,
         };
         let mut faults = None;
         let mut args = std::env::args().skip(1);
@@ -146,6 +149,7 @@ impl Options {
                 "--settle" => options.settle = duration(value()?)?,
                 "--rss-every" => options.rss_every = duration(value()?)?,
                 "--keep" => options.keep = true,
+                "--sabotage" => options.sabotage = true,
                 "--help" | "-h" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -403,12 +407,15 @@ fn stack(args: &[&str]) -> Result<String, BoxError> {
 
 /// A list variable of the cluster (`RABBITMQ_URLS`, `ELASTICSEARCH_URLS`).
 fn cluster_list(name: &str) -> Result<Vec<String>, BoxError> {
-    let value = std::env::var(name).ok().filter(|v| !v.is_empty()).ok_or_else(|| {
-        format!(
-            "--cluster: {name} is not set; start the clusters (scripts/stack up --cluster) and \
+    let value = std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "--cluster: {name} is not set; start the clusters (scripts/stack up --cluster) and \
              eval \"$(scripts/stack env)\" of its folder"
-        )
-    })?;
+            )
+        })?;
     Ok(value.split(',').map(|u| u.trim().to_owned()).collect())
 }
 
@@ -442,7 +449,10 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
         Some(dir) => (dir.join("benalsam-bridge"), dir.join("benalsam-consumer")),
         None => (binary("benalsam-bridge")?, binary("benalsam-consumer")?),
     };
-    println!("soak: binaries {}", bridge_path.with_file_name("").display());
+    println!(
+        "soak: binaries {}",
+        bridge_path.with_file_name("").display()
+    );
     let mut topology = TopologyConfig::default();
     topology.queue_type = if options.cluster {
         QueueType::Quorum
@@ -665,16 +675,20 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
         }
     }
 
+    if options.sabotage {
+        sabotage(&env, &search_node, &alias).await?;
+    }
     let check = check(&env, &search_node, &alias).await?;
-    let clean = check.clean() && settled;
+    let clean = if options.sabotage {
+        // The checker's own test: it must find exactly what was spoiled.
+        let found = (check.lost.len(), check.stale.len(), check.ghost.len());
+        println!("soak: sabotaged 1 lost, 1 stale, 1 ghost; the check found {found:?}");
+        found == (1, 1, 1) && check.stuck == 0 && settled
+    } else {
+        check.clean() && settled
+    };
     report(
-        &options,
-        &shared,
-        &binaries,
-        &check,
-        writing,
-        reclaimed,
-        &logs,
+        &options, &shared, &binaries, &check, writing, reclaimed, &logs,
     )?;
     drop(binaries);
     if clean && !options.keep {
@@ -739,7 +753,10 @@ async fn fault(
             let down = Duration::from_millis(rng.u64(0..3_000));
             tokio::time::sleep(down).await;
             b.start()?;
-            shared.note(format!("{kind}: down {:.1} s, started again", down.as_secs_f64()));
+            shared.note(format!(
+                "{kind}: down {:.1} s, started again",
+                down.as_secs_f64()
+            ));
         }
         "bridge-pause" | "consumer-pause" => {
             let role = if kind.starts_with("bridge") {
@@ -1135,6 +1152,52 @@ async fn settle(env: &BenchEnv, limit: Duration, shared: &Shared) -> Result<bool
     }
 }
 
+/// Spoils the index as a defect would: one searchable row's document deleted (lost),
+/// another's content changed under a newer version (stale), and a document of no row (ghost).
+async fn sabotage(env: &BenchEnv, search: &str, alias: &str) -> Result<(), BoxError> {
+    let client = connect_in(&env.db_url, &env.name).await?;
+    let rows = client
+        .query(
+            "SELECT id::text FROM listings WHERE status = 'active' ORDER BY id LIMIT 2",
+            &[],
+        )
+        .await?;
+    if rows.len() < 2 {
+        return Err("--sabotage needs two searchable rows at the end".into());
+    }
+    let (gone, spoiled): (String, String) = (rows[0].get(0), rows[1].get(0));
+    let http = reqwest::Client::new();
+    http.delete(format!("{search}/{alias}/_doc/{gone}?refresh=true"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let answer: Value = http
+        .get(format!("{search}/{alias}/_doc/{spoiled}"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut source = answer["_source"].clone();
+    source["description"] = json!("spoiled");
+    let version = answer["_version"].as_i64().unwrap_or(0) + 1;
+    http.put(format!(
+        "{search}/{alias}/_doc/{spoiled}?version={version}&version_type=external&refresh=true"
+    ))
+    .json(&source)
+    .send()
+    .await?
+    .error_for_status()?;
+    source["description"] = json!("a row that never was");
+    http.put(format!(
+        "{search}/{alias}/_doc/ghost-of-the-sabotage?refresh=true"
+    ))
+    .json(&source)
+    .send()
+    .await?
+    .error_for_status()?;
+    Ok(())
+}
+
 /// What the check found.
 #[derive(Debug, Default)]
 struct Check {
@@ -1289,7 +1352,10 @@ async fn check(env: &BenchEnv, search: &str, alias: &str) -> Result<Check, BoxEr
         .filter(|(id, r)| r.2 == "active" && !seen.contains(*id))
         .map(|(id, r)| format!("{id} (latest job {})", r.3))
         .collect();
-    check.dead_letters = env.queue_depth("elasticsearch.sync.dlq").await.unwrap_or(-1);
+    check.dead_letters = env
+        .queue_depth("elasticsearch.sync.dlq")
+        .await
+        .unwrap_or(-1);
     Ok(check)
 }
 
@@ -1334,7 +1400,10 @@ fn report(
         shared.truncations.load(Ordering::Relaxed),
         shared.writer_errors.load(Ordering::Relaxed),
         if shared.backlog_pauses.load(Ordering::Relaxed) {
-            format!(", writers paused at times (backlog over {})", options.max_backlog)
+            format!(
+                ", writers paused at times (backlog over {})",
+                options.max_backlog
+            )
         } else {
             String::new()
         }
@@ -1365,7 +1434,11 @@ fn report(
         check.rows, check.searchable, check.documents
     );
     let _ = writeln!(out, "lost      {}", check.lost.len());
-    let _ = writeln!(out, "ghost     {} (documents of gone or unsearchable rows)", check.ghost.len());
+    let _ = writeln!(
+        out,
+        "ghost     {} (documents of gone or unsearchable rows)",
+        check.ghost.len()
+    );
     let _ = writeln!(out, "stale     {}", check.stale.len());
     let _ = writeln!(out, "stuck     {}", check.stuck);
     let _ = writeln!(
@@ -1376,7 +1449,11 @@ fn report(
     for e in &check.errors {
         let _ = writeln!(out, "          {e}");
     }
-    for (what, list) in [("lost", &check.lost), ("ghost", &check.ghost), ("stale", &check.stale)] {
+    for (what, list) in [
+        ("lost", &check.lost),
+        ("ghost", &check.ghost),
+        ("stale", &check.stale),
+    ] {
         for item in list.iter().take(10) {
             let _ = writeln!(out, "  {what}: {item}");
         }
@@ -1412,7 +1489,11 @@ fn report(
                     &samples,
                     who,
                     end * i as f64 / 10.0,
-                    if i == 9 { f64::INFINITY } else { end * (i + 1) as f64 / 10.0 },
+                    if i == 9 {
+                        f64::INFINITY
+                    } else {
+                        end * (i + 1) as f64 / 10.0
+                    },
                 )
                 .map_or("-".to_owned(), |m| format!("{m:.1}"))
             })
@@ -1428,7 +1509,13 @@ fn report(
     let _ = writeln!(
         out,
         "verdict   {}",
-        if check.clean() { "0 lost, 0 ghost, 0 stale, 0 stuck" } else { "FAILED" }
+        if check.clean() {
+            "0 lost, 0 ghost, 0 stale, 0 stuck"
+        } else if options.sabotage {
+            "spoiled on purpose (--sabotage): see the line above the result"
+        } else {
+            "FAILED"
+        }
     );
     print!("{out}");
     std::fs::write(logs.join("result.txt"), out)?;

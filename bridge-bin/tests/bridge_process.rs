@@ -329,7 +329,11 @@ async fn jobs_held_by_a_killed_bridge_are_reclaimed_by_another_when_the_lease_ru
         last = now;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(db.count("sent").await, 0, "nothing published: the broker is away");
+    assert_eq!(
+        db.count("sent").await,
+        0,
+        "nothing published: the broker is away"
+    );
     first.kill().expect("SIGKILL"); // holding them, with no chance to give them back
     first.wait().expect("reaped");
     let held_at_kill = held(&db).await;
@@ -373,7 +377,10 @@ async fn jobs_held_by_a_killed_bridge_are_reclaimed_by_another_when_the_lease_ru
         .await
         .expect("count")
         .get(0);
-    assert_eq!(early, 0, "no held job was published before its lease ran out");
+    assert_eq!(
+        early, 0,
+        "no held job was published before its lease ran out"
+    );
     assert_eq!(db.count("processing").await, 0, "nothing left claimed");
     let ids: HashSet<i64> = drain_queue(&vhost.url, SYNC_QUEUE)
         .await

@@ -688,12 +688,19 @@ async fn a_consumer_killed_between_the_bulk_answer_and_the_settle_completes_ever
     pid.store(first.id(), Ordering::SeqCst);
     let ids = db.insert_listings(300).await;
     let status = wait_exit(&mut first).await;
-    assert!(struck.load(Ordering::SeqCst), "killed by the relay: {status}");
+    assert!(
+        struck.load(Ordering::SeqCst),
+        "killed by the relay: {status}"
+    );
 
     // The window was hit: the index has the first batch, the outbox knows of none of it.
     let written = index.documents().await.len();
     assert!(written > 0, "the bulk request was applied");
-    assert_eq!(db.count("completed").await, 0, "no job recorded as completed");
+    assert_eq!(
+        db.count("completed").await,
+        0,
+        "no job recorded as completed"
+    );
 
     // More changes while no consumer runs: edits and deletes of rows just indexed.
     for id in &ids[..50] {
@@ -739,7 +746,10 @@ async fn a_consumer_killed_between_the_bulk_answer_and_the_settle_completes_ever
 
     assert_eq!(db.count("completed").await, jobs, "every job completed");
     assert_eq!(db.count("failed").await, 0);
-    assert!(drain_queue(&vhost.url, DLQ).await.is_empty(), "no dead letter");
+    assert!(
+        drain_queue(&vhost.url, DLQ).await.is_empty(),
+        "no dead letter"
+    );
     // The writes the search node had already applied came back and were refused by their
     // version, not applied twice.
     let superseded = health["details"]["superseded"].as_u64().unwrap_or(0);
