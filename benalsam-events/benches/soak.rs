@@ -621,6 +621,9 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
             continue;
         }
         let kind = options.faults[rng.usize(..options.faults.len())];
+        // From this fault's start: a long fault (a pause, a slow SIGTERM) does not stretch
+        // the gap to the next one.
+        next_fault = Instant::now() + jittered(&mut rng, options.fault_every);
         fault(
             kind,
             &mut rng,
@@ -637,7 +640,6 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
             .expect("faults")
             .entry(kind)
             .or_default() += 1;
-        next_fault = Instant::now() + jittered(&mut rng, options.fault_every);
     }
     let mut written = 0;
     for w in writers {
