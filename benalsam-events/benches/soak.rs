@@ -450,8 +450,13 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
         None => (binary("benalsam-bridge")?, binary("benalsam-consumer")?),
     };
     println!(
-        "soak: binaries {}",
-        bridge_path.with_file_name("").display()
+        "soak: binaries {}{}",
+        bridge_path.with_file_name("").display(),
+        if bridge_path.components().any(|c| c.as_os_str() == "debug") {
+            " (debug builds: their RSS is not the release figure the README gives)"
+        } else {
+            ""
+        }
     );
     let mut topology = TopologyConfig::default();
     topology.queue_type = if options.cluster {
