@@ -278,3 +278,116 @@ fn the_compose_file_pins_its_images_and_uses_settings_the_binaries_know() {
 fn a_run_setting_before_the_subcommand_says_where_it_belongs() {
     support::misplaced_run_settings_are_explained(env!("CARGO_BIN_EXE_benalsam-bridge"));
 }
+
+/// Jobs claimed under a lease and not given back.
+async fn held(db: &TestSchema) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM elasticsearch_sync_queue
+             WHERE status = 'processing' AND locked_by IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// The lease path: a bridge killed while it holds claimed jobs it could not publish (its
+/// broker unreachable) leaves them `processing` under its lease; once the lease runs out,
+/// another bridge reclaims them and publishes them, and nothing is lost. README: "A bridge
+/// that dies holding jobs loses them to the next claimer when the lease expires."
+#[tokio::test]
+async fn jobs_held_by_a_killed_bridge_are_reclaimed_by_another_when_the_lease_runs_out() {
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let (relay, through_relay) = support::Relay::amqp(&vhost.url).await;
+    let port = free_port();
+    let mut first = bridge(&db, &vhost, port)
+        .env("RABBITMQ_URL", through_relay.expose())
+        .spawn()
+        .expect("start bridge");
+    // Connected, then the broker goes away; the jobs written now are claimed (the
+    // hand-off to the publisher takes a bounded number) but cannot be published.
+    let started = Instant::now();
+    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(started.elapsed() < PATIENCE, "the first bridge is ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.set_up(false);
+    insert_in_transactions(&db, 1, 1000).await;
+    // The bridge claims until its hand-off is full; it holds them as long as it lives.
+    let started = Instant::now();
+    let mut last = -1;
+    loop {
+        let now = held(&db).await;
+        if now >= 100 && now == last {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the bridge claims jobs");
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        db.count("sent").await,
+        0,
+        "nothing published: the broker is away"
+    );
+    first.kill().expect("SIGKILL"); // holding them, with no chance to give them back
+    first.wait().expect("reaped");
+    let held_at_kill = held(&db).await;
+    assert!(held_at_kill >= 100, "{held_at_kill} jobs held at the kill");
+    // Their leases, to check that none was taken before its end.
+    db.client
+        .batch_execute(
+            "CREATE TABLE held AS SELECT id, locked_until FROM elasticsearch_sync_queue
+             WHERE status = 'processing'",
+        )
+        .await
+        .expect("remember the held jobs");
+
+    // Another bridge, with the broker: it takes the free jobs at once and the held ones when
+    // their 2 s lease has run out.
+    let port = free_port();
+    let mut second = bridge(&db, &vhost, port).spawn().expect("start bridge");
+    wait_for_sent(&db, 1000).await;
+    let metrics = support::scrape(port).await;
+    let reclaimed = support::sample(&metrics, "benalsam_jobs_reclaimed_total", &[]);
+    let health = support::healthy(
+        port,
+        "/api/v1/health/database-trigger-bridge",
+        "database-trigger-bridge",
+    )
+    .await;
+    terminate(&second);
+    assert!(wait_exit(&mut second).await.success());
+    assert_eq!(
+        reclaimed, held_at_kill as f64,
+        "every held job was reclaimed after its lease, none earlier"
+    );
+    assert_eq!(health["details"]["reclaimed"].as_f64(), Some(reclaimed));
+    let early: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM held h JOIN elasticsearch_sync_queue q USING (id)
+             WHERE q.sent_at IS NULL OR q.sent_at < h.locked_until",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        early, 0,
+        "no held job was published before its lease ran out"
+    );
+    assert_eq!(db.count("processing").await, 0, "nothing left claimed");
+    let ids: HashSet<i64> = drain_queue(&vhost.url, SYNC_QUEUE)
+        .await
+        .iter()
+        .map(|d| Envelope::decode(&d.data).expect("envelope").job_id)
+        .collect();
+    assert_eq!(ids.len(), 1000, "every job reached the queue");
+    db.drop().await;
+    vhost.drop().await;
+}

@@ -583,3 +583,211 @@ async fn metrics_pass_promtool_each_binary_exports_its_own_and_the_dashboard_use
 fn a_run_setting_before_the_subcommand_says_where_it_belongs() {
     support::misplaced_run_settings_are_explained(env!("CARGO_BIN_EXE_benalsam-consumer"));
 }
+
+/// A relay in front of the search node that SIGKILLs the process `pid` names the moment the
+/// answer to its first `_bulk` request arrives, and never passes that answer on: the search
+/// node has applied the writes, the consumer dies before it can record them. Later
+/// connections are relayed untouched. Returns the port and whether it struck.
+async fn kill_at_the_bulk_answer(
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let target = search_url();
+    let upstream = format!(
+        "{}:{}",
+        target.url().host_str().unwrap_or("127.0.0.1"),
+        target.url().port().unwrap_or(9200)
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let struck = Arc::new(AtomicBool::new(false));
+    let fired = Arc::clone(&struck);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (pid, fired) = (Arc::clone(&pid), Arc::clone(&fired));
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_server, mut to_server) = outbound.into_split();
+                // Set once a `_bulk` request went up this connection: HTTP/1.1 answers in
+                // order and the client sends one request at a time on a connection, so the
+                // next bytes down are its answer.
+                let bulk = Arc::new(AtomicBool::new(false));
+                let asked = Arc::clone(&bulk);
+                let up = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n].windows(5).any(|w| w == b"_bulk") {
+                            asked.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n) = from_server.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if bulk.load(Ordering::SeqCst) && !fired.swap(true, Ordering::SeqCst) {
+                            let pid = pid.load(Ordering::SeqCst).to_string();
+                            let killed = Command::new("kill").args(["-KILL", &pid]).status();
+                            assert!(killed.is_ok_and(|s| s.success()), "kill -9 {pid}");
+                            return;
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+    (port, struck)
+}
+
+/// The consumer's riskiest moment: the search node applied a bulk request and the consumer
+/// dies before it marks those jobs completed and acks their messages. Restarted, it gets
+/// them again from the broker; the search node refuses the writes it already has (their
+/// version is the job id), every job completes once, and the index equals the rows.
+#[tokio::test]
+async fn a_consumer_killed_between_the_bulk_answer_and_the_settle_completes_everything_after_a_restart()
+ {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let (db, vhost, index) = (
+        TestSchema::new().await,
+        TestVhost::new().await,
+        TestIndex::new().await,
+    );
+    declare(&vhost).await;
+    let (shutdown, bridge) = support::spawn_bridge(&db, &vhost.url);
+    let pid = Arc::new(AtomicU32::new(0));
+    let (trap, struck) = kill_at_the_bulk_answer(Arc::clone(&pid)).await;
+    let mut first = consumer(&db, &vhost, &index, free_port())
+        .env("ELASTICSEARCH_URL", format!("http://127.0.0.1:{trap}"))
+        .spawn()
+        .expect("start consumer");
+    pid.store(first.id(), Ordering::SeqCst);
+    let ids = db.insert_listings(300).await;
+    let status = wait_exit(&mut first).await;
+    assert!(
+        struck.load(Ordering::SeqCst),
+        "killed by the relay: {status}"
+    );
+
+    // The window was hit: the index has the first batch, the outbox knows of none of it.
+    let written = index.documents().await.len();
+    assert!(written > 0, "the bulk request was applied");
+    assert_eq!(
+        db.count("completed").await,
+        0,
+        "no job recorded as completed"
+    );
+
+    // More changes while no consumer runs: edits and deletes of rows just indexed.
+    for id in &ids[..50] {
+        db.client
+            .execute(
+                "UPDATE listings SET description = 'Düzenlendi' WHERE id::text = $1",
+                &[id],
+            )
+            .await
+            .expect("edit");
+    }
+    for id in &ids[50..80] {
+        db.client
+            .execute("DELETE FROM listings WHERE id::text = $1", &[id])
+            .await
+            .expect("delete");
+    }
+    let jobs = 300 + 50 + 30;
+
+    let port = free_port();
+    let mut second = consumer(&db, &vhost, &index, port)
+        .spawn()
+        .expect("restart consumer");
+    let started = Instant::now();
+    while db.count("completed").await < jobs {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{jobs} jobs completed in time: {:?}",
+            db.statuses().await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let health = support::healthy(
+        port,
+        "/api/v1/health/elasticsearch-service",
+        "elasticsearch-service",
+    )
+    .await;
+    terminate(&second);
+    assert!(wait_exit(&mut second).await.success(), "clean exit");
+    shutdown.cancel();
+    bridge.await.expect("no panic").expect("bridge drained");
+
+    assert_eq!(db.count("completed").await, jobs, "every job completed");
+    assert_eq!(db.count("failed").await, 0);
+    assert!(
+        drain_queue(&vhost.url, DLQ).await.is_empty(),
+        "no dead letter"
+    );
+    // The writes the search node had already applied came back and were refused by their
+    // version, not applied twice.
+    let superseded = health["details"]["superseded"].as_u64().unwrap_or(0);
+    assert!(
+        superseded >= written as u64,
+        "{written} writes applied before the kill, {superseded} refused as superseded: {health}"
+    );
+
+    // The index equals the rows: each row's document, with its content and its latest job.
+    let rows: std::collections::BTreeMap<String, (String, i64)> = db
+        .client
+        .query(
+            "SELECT l.id::text, l.description, max(q.id) FROM listings l
+             JOIN elasticsearch_sync_queue q ON q.record_id = l.id::text GROUP BY l.id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let documents: std::collections::BTreeMap<String, (String, i64)> = index
+        .documents()
+        .await
+        .into_iter()
+        .map(|(id, source)| {
+            (
+                id,
+                (
+                    source["description"].as_str().unwrap_or("").to_owned(),
+                    source["job_id"].as_i64().unwrap_or(-1),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), 270);
+    assert_eq!(documents, rows, "the index equals the rows");
+    db.drop().await;
+    vhost.drop().await;
+    index.drop().await;
+}

@@ -162,6 +162,20 @@ impl BenchEnv {
         Ok(envelopes)
     }
 
+    /// The messages a queue of this vhost holds, from the management API.
+    pub async fn queue_depth(&self, queue: &str) -> Result<i64, BoxError> {
+        let answer: serde_json::Value = self
+            .http
+            .get(format!("{}/queues/{}/{queue}", self.mgmt, self.name))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(answer["messages"].as_i64().unwrap_or(0))
+    }
+
     pub async fn cleanup(self) -> Result<(), BoxError> {
         self.client
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
