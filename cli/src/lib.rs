@@ -374,6 +374,26 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "BENALSAM_MAX_MESSAGE_BYTES",
     ),
     (
+        "TopologyConfig::status_queue_max_length",
+        "--status-queue-max-length",
+        "BENALSAM_STATUS_QUEUE_MAX_LENGTH",
+    ),
+    (
+        "TopologyConfig::health_queue_max_length",
+        "--health-queue-max-length",
+        "BENALSAM_HEALTH_QUEUE_MAX_LENGTH",
+    ),
+    (
+        "BridgeSettings::health_addr",
+        "--health-addr",
+        "BENALSAM_HEALTH_ADDR",
+    ),
+    (
+        "ConsumerSettings::health_addr",
+        "--health-addr",
+        "BENALSAM_HEALTH_ADDR",
+    ),
+    (
         "BridgeSettings::resend_after",
         "--resend-after",
         "BENALSAM_RESEND_AFTER",
@@ -987,6 +1007,20 @@ mod tests {
     struct Search {
         #[command(flatten)]
         search: SearchArgs,
+    }
+
+    #[test]
+    fn a_library_setting_is_named_as_the_operator_sets_it() {
+        let mut config = OutboxConfig::default();
+        config.lease = Duration::ZERO;
+        let error = config.validate().expect_err("a zero lease");
+        assert_eq!(error.setting(), Some("OutboxConfig::lease"));
+        let text = describe(&error);
+        assert!(text.contains("--lease (BENALSAM_LEASE)"), "{text}");
+        assert!(!text.contains("OutboxConfig"), "{text}");
+        let named = name_the_setting(anyhow::Error::new(error).context("running the bridge"));
+        let shown = format!("{named:?}");
+        assert!(shown.contains("BENALSAM_LEASE"), "{shown}");
     }
 
     #[test]

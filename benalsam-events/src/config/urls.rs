@@ -456,9 +456,9 @@ impl SearchUrl {
     }
 }
 
-/// Validates a PostgreSQL schema name used to place the tables (`BENALSAM_SCHEMA`).
+/// Validates a PostgreSQL schema name used to place the tables ([`OutboxConfig::schema`](crate::OutboxConfig::schema)).
 pub(crate) fn validate_schema(schema: &str) -> Result<&str> {
-    validate_identifier("BENALSAM_SCHEMA", schema)
+    validate_identifier("OutboxConfig::schema", schema)
 }
 
 /// Validates a name that goes into SQL text (a schema, a NOTIFY channel): only plain

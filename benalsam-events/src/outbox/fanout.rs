@@ -160,7 +160,10 @@ impl FanOut {
             return Ok(None);
         }
         if page == 0 {
-            return Err(Error::config("BENALSAM_FANOUT_PAGE", "must be at least 1"));
+            return Err(Error::config(
+                "BridgeSettings::fanout_page",
+                "must be at least 1",
+            ));
         }
         let mut config = outbox.clone();
         config.tables = Some(plans.keys().cloned().collect());

@@ -54,18 +54,21 @@ impl OutboxConfig {
     /// retry waits longer than zero, at least one attempt.
     pub fn validate(&self) -> Result<()> {
         validate_schema(&self.schema)?;
-        validate_identifier("BENALSAM_NOTIFY_CHANNEL", &self.notify_channel)?;
+        validate_identifier("OutboxConfig::notify_channel", &self.notify_channel)?;
         if self.max_attempts == 0 {
-            return Err(Error::config("max attempts", "must be at least 1"));
+            return Err(Error::config(
+                "OutboxConfig::max_attempts",
+                "must be at least 1",
+            ));
         }
-        crate::config::require_positive("BENALSAM_LEASE", self.lease)?;
+        crate::config::require_positive("OutboxConfig::lease", self.lease)?;
         let backoff = self.retry_backoff;
-        crate::config::require_positive("BENALSAM_RETRY_INITIAL", backoff.initial)?;
+        crate::config::require_positive("OutboxConfig::retry_backoff.initial", backoff.initial)?;
         if backoff.initial > backoff.max {
             return Err(Error::config(
-                "BENALSAM_RETRY_INITIAL",
+                "OutboxConfig::retry_backoff.initial",
                 format!(
-                    "{:?} is longer than BENALSAM_RETRY_MAX ({:?})",
+                    "{:?} is longer than OutboxConfig::retry_backoff.max ({:?})",
                     backoff.initial, backoff.max
                 ),
             ));
@@ -987,7 +990,7 @@ mod tests {
             ..OutboxConfig::default()
         };
         let err = Outbox::new(url, config).expect_err("zero lease");
-        assert!(err.to_string().contains("BENALSAM_LEASE"), "{err}");
+        assert!(err.to_string().contains("OutboxConfig::lease"), "{err}");
     }
 
     #[test]
