@@ -37,7 +37,7 @@ use crate::outbox::{
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
-pub const DEFAULT_FANOUT_PAGE: usize = 500;
+pub(crate) const DEFAULT_FANOUT_PAGE: usize = 500;
 
 /// What the fan-out has been doing, for health checks.
 #[derive(Debug, Clone, Default, PartialEq)]
