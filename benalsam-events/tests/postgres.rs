@@ -140,7 +140,7 @@ async fn a_bad_schema_name_is_refused_before_touching_the_database() {
     let err = migrate(&mut client, "x; DROP TABLE listings")
         .await
         .expect_err("not an identifier");
-    assert!(err.to_string().contains("BENALSAM_SCHEMA"), "{err}");
+    assert!(err.to_string().contains("OutboxConfig::schema"), "{err}");
 }
 
 #[tokio::test]

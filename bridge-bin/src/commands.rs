@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use benalsam_events::ops::cli::{
-    self, BridgeArgs, ConfigArgs, DatabaseArgs, LogArgs, RabbitArgs, TopologyArgs,
+use benalsam_cli::{
+    self as cli, BridgeArgs, ConfigArgs, DatabaseArgs, LogArgs, RabbitArgs, TopologyArgs,
 };
 use benalsam_events::outbox::JobSelection;
 use benalsam_events::{EventType, bridge};

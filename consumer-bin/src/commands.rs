@@ -1,11 +1,11 @@
 //! The command line of `benalsam-consumer`: `run` (the default) and the dead-letter tools.
 
 use anyhow::Context;
+use benalsam_cli::{
+    self as cli, ConfigArgs, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
+};
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
-use benalsam_events::ops::cli::{
-    self, ConfigArgs, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
-};
 use benalsam_events::outbox::JobSelection;
 use clap::{Parser, Subcommand};
 

@@ -8,8 +8,8 @@ mod commands;
 async fn main() -> anyhow::Result<()> {
     // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE,
     // saying where a misplaced run setting belongs.
-    let cli: commands::Cli = benalsam_events::ops::cli::parse();
+    let cli: commands::Cli = benalsam_cli::parse();
     let _telemetry =
         benalsam_events::ops::telemetry::init("benalsam-consumer", cli.log.log_format)?;
-    cli.run().await
+    cli.run().await.map_err(benalsam_cli::name_the_setting)
 }

@@ -11,11 +11,7 @@ use std::time::Duration;
 
 pub use crate::queue_type::QueueType;
 pub use secret_file::env_or_file;
-#[cfg(feature = "cli")]
-pub use secret_file::{parse_with_secret_files, try_parse_with_secret_files};
 pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
-#[cfg(feature = "cli")]
-pub(crate) use urls::{DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL};
 pub(crate) use urls::{
     ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, validate_identifier,
     validate_schema,

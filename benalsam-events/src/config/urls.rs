@@ -38,6 +38,11 @@ macro_rules! service_url {
             /// The environment variable (and long flag, lowercased) this setting is read from.
             pub const SETTING: &'static str = $setting;
 
+            /// The local stack's address (`scripts/stack`), what [`Self::from_env`] reads
+            /// when the setting is not given. It carries the stack's password: show it
+            /// redacted.
+            pub const DEFAULT: &'static str = $default;
+
             /// The full URL, password included: pass it to a client, never to a log. Of a
             /// list, the first address.
             pub fn expose(&self) -> &str {
@@ -451,9 +456,9 @@ impl SearchUrl {
     }
 }
 
-/// Validates a PostgreSQL schema name used to place the tables (`BENALSAM_SCHEMA`).
+/// Validates a PostgreSQL schema name used to place the tables ([`OutboxConfig::schema`](crate::OutboxConfig::schema)).
 pub(crate) fn validate_schema(schema: &str) -> Result<&str> {
-    validate_identifier("BENALSAM_SCHEMA", schema)
+    validate_identifier("OutboxConfig::schema", schema)
 }
 
 /// Validates a name that goes into SQL text (a schema, a NOTIFY channel): only plain

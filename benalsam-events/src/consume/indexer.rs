@@ -150,8 +150,8 @@ impl Indexer {
             ));
         }
         crate::event_type::validate_all(&event_types)?;
-        require_positive("BENALSAM_BULK_LINGER", config.linger)?;
-        require_positive("BENALSAM_BULK_TARGET", config.bulk_target)?;
+        require_positive("IndexerConfig::linger", config.linger)?;
+        require_positive("IndexerConfig::bulk_target", config.bulk_target)?;
         if config.batch_size == 0 || config.in_flight == 0 || config.max_attempts == 0 {
             return Err(Error::config(
                 "indexer",

@@ -251,7 +251,7 @@ impl EventType {
     }
 
     /// Checks what must hold for the event type to work, naming the setting that does not.
-    pub(crate) fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         validate_identifier("event type name", &self.name)?;
         let (schema, table) = self.split_table();
         if let Some(schema) = schema {

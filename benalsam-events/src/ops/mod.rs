@@ -1,8 +1,5 @@
-//! Operating the pipeline: health answers, heartbeats, metrics, logs and traces, and (with
-//! the `cli` feature) the command-line settings the binaries share.
+//! Operating the pipeline: health answers, heartbeats, metrics, logs and traces.
 
-#[cfg(feature = "cli")]
-pub mod cli;
 mod health;
 pub(crate) mod metrics;
 mod status;

@@ -37,7 +37,7 @@ use crate::outbox::{
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
-pub const DEFAULT_FANOUT_PAGE: usize = 500;
+pub(crate) const DEFAULT_FANOUT_PAGE: usize = 500;
 
 /// What the fan-out has been doing, for health checks.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -160,7 +160,10 @@ impl FanOut {
             return Ok(None);
         }
         if page == 0 {
-            return Err(Error::config("BENALSAM_FANOUT_PAGE", "must be at least 1"));
+            return Err(Error::config(
+                "BridgeSettings::fanout_page",
+                "must be at least 1",
+            ));
         }
         let mut config = outbox.clone();
         config.tables = Some(plans.keys().cloned().collect());

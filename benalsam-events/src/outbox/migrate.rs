@@ -82,7 +82,7 @@ pub async fn migrate(
     event_types: &[EventType],
 ) -> Result<MigrationReport> {
     let schema = validate_schema(&outbox.schema)?;
-    crate::config::validate_identifier("BENALSAM_NOTIFY_CHANNEL", &outbox.notify_channel)?;
+    crate::config::validate_identifier("OutboxConfig::notify_channel", &outbox.notify_channel)?;
     let tx = client
         .transaction()
         .await

@@ -29,8 +29,9 @@ mod relations;
 pub(crate) mod state;
 mod stream;
 
+pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
-pub use fanout::{DEFAULT_FANOUT_PAGE, FanOutStatus};
+pub use fanout::FanOutStatus;
 pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};

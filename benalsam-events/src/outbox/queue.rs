@@ -49,6 +49,32 @@ impl OutboxConfig {
             ..Self::default()
         }
     }
+
+    /// Checks the settings as [`Outbox::new`] does: names that go into SQL text, a lease and
+    /// retry waits longer than zero, at least one attempt.
+    pub fn validate(&self) -> Result<()> {
+        validate_schema(&self.schema)?;
+        validate_identifier("OutboxConfig::notify_channel", &self.notify_channel)?;
+        if self.max_attempts == 0 {
+            return Err(Error::config(
+                "OutboxConfig::max_attempts",
+                "must be at least 1",
+            ));
+        }
+        crate::config::require_positive("OutboxConfig::lease", self.lease)?;
+        let backoff = self.retry_backoff;
+        crate::config::require_positive("OutboxConfig::retry_backoff.initial", backoff.initial)?;
+        if backoff.initial > backoff.max {
+            return Err(Error::config(
+                "OutboxConfig::retry_backoff.initial",
+                format!(
+                    "{:?} is longer than OutboxConfig::retry_backoff.max ({:?})",
+                    backoff.initial, backoff.max
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for OutboxConfig {
@@ -218,23 +244,7 @@ struct Conn {
 impl Outbox {
     /// An outbox over `url`. Nothing is opened until the first call.
     pub fn new(url: DatabaseUrl, config: OutboxConfig) -> Result<Self> {
-        validate_schema(&config.schema)?;
-        validate_identifier("BENALSAM_NOTIFY_CHANNEL", &config.notify_channel)?;
-        if config.max_attempts == 0 {
-            return Err(Error::config("max attempts", "must be at least 1"));
-        }
-        crate::config::require_positive("BENALSAM_LEASE", config.lease)?;
-        let backoff = config.retry_backoff;
-        crate::config::require_positive("BENALSAM_RETRY_INITIAL", backoff.initial)?;
-        if backoff.initial > backoff.max {
-            return Err(Error::config(
-                "BENALSAM_RETRY_INITIAL",
-                format!(
-                    "{:?} is longer than BENALSAM_RETRY_MAX ({:?})",
-                    backoff.initial, backoff.max
-                ),
-            ));
-        }
+        config.validate()?;
         let sql = Sql::for_schema(&config.schema);
         let listeners = format!("\"{}\".benalsam_listeners", config.schema);
         Ok(Self {
@@ -980,7 +990,7 @@ mod tests {
             ..OutboxConfig::default()
         };
         let err = Outbox::new(url, config).expect_err("zero lease");
-        assert!(err.to_string().contains("BENALSAM_LEASE"), "{err}");
+        assert!(err.to_string().contains("OutboxConfig::lease"), "{err}");
     }
 
     #[test]

@@ -170,9 +170,12 @@ impl JobStream {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         if config.batch_size == 0 {
-            return Err(Error::config("BENALSAM_BATCH_SIZE", "must be at least 1"));
+            return Err(Error::config(
+                "JobStreamConfig::batch_size",
+                "must be at least 1",
+            ));
         }
-        require_positive("BENALSAM_POLL_INTERVAL", config.poll_interval)?;
+        require_positive("JobStreamConfig::poll_interval", config.poll_interval)?;
         let status = Live::<JobStreamStatus>::default();
         let metrics = StreamMetrics::default();
         // The series of the tables it claims exist from the start, at zero.

@@ -69,11 +69,11 @@ impl TopologyConfig {
     pub fn validate(&self) -> Result<()> {
         let positive = [
             (
-                "BENALSAM_STATUS_QUEUE_MAX_LENGTH",
+                "TopologyConfig::status_queue_max_length",
                 self.status_queue_max_length > 0,
             ),
             (
-                "BENALSAM_HEALTH_QUEUE_MAX_LENGTH",
+                "TopologyConfig::health_queue_max_length",
                 self.health_queue_max_length > 0,
             ),
             (
@@ -899,7 +899,10 @@ mod tests {
             ..TopologyConfig::default()
         };
         let error = config.validate().expect_err("no room");
-        assert_eq!(error.setting(), Some("BENALSAM_STATUS_QUEUE_MAX_LENGTH"));
+        assert_eq!(
+            error.setting(),
+            Some("TopologyConfig::status_queue_max_length")
+        );
     }
 
     #[test]

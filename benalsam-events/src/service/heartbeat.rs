@@ -39,7 +39,10 @@ impl Heartbeat {
         interval: Duration,
         report: impl Fn() -> HealthReport + Send + Sync + 'static,
     ) -> Result<Self> {
-        require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
+        require_positive(
+            &format!("{}::heartbeat_interval", super::settings_type(service)),
+            interval,
+        )?;
         Ok(Self {
             url,
             service: service.to_owned(),

@@ -41,6 +41,16 @@ pub(crate) fn check<M: Send + Sync + 'static>(
 
 /// Checks what every service needs: at least one event type, each of them valid, and
 /// positive health and heartbeat intervals. `service` names it in the error.
+/// The settings type of `service` (`bridge`, `benalsam-consumer`, ...), which the errors
+/// about its fields name.
+pub(crate) fn settings_type(service: &str) -> &'static str {
+    if service.contains("bridge") {
+        "BridgeSettings"
+    } else {
+        "ConsumerSettings"
+    }
+}
+
 pub(crate) fn validate(
     service: &str,
     event_types: &[crate::EventType],
@@ -54,9 +64,10 @@ pub(crate) fn validate(
         ));
     }
     crate::event_type::validate_all(event_types)?;
-    crate::config::require_positive("BENALSAM_HEALTH_WINDOW", health_window)?;
+    let settings = settings_type(service);
+    crate::config::require_positive(&format!("{settings}::health_window"), health_window)?;
     if let Some(interval) = heartbeat_interval {
-        crate::config::require_positive("BENALSAM_HEARTBEAT_INTERVAL", interval)?;
+        crate::config::require_positive(&format!("{settings}::heartbeat_interval"), interval)?;
     }
     Ok(())
 }
@@ -95,7 +106,7 @@ impl Service {
         };
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             Error::config(
-                "BENALSAM_HEALTH_ADDR",
+                format!("{}::health_addr", settings_type(name)),
                 format!("cannot listen on {addr}: {e}"),
             )
         })?;

@@ -94,7 +94,7 @@ impl BridgeSettings {
             self.health_window,
             self.heartbeat_interval,
         )?;
-        require_positive("BENALSAM_RESEND_AFTER", self.resend_after)?;
+        require_positive("BridgeSettings::resend_after", self.resend_after)?;
         self.topology.validate()?;
         Ok(())
     }
@@ -652,7 +652,7 @@ pub(crate) struct Resender {
 impl Resender {
     /// A resender of jobs sent more than `after` ago (which must be longer than zero).
     pub(crate) fn new(outbox: Outbox, after: Duration) -> Result<Self> {
-        require_positive("BENALSAM_RESEND_AFTER", after)?;
+        require_positive("BridgeSettings::resend_after", after)?;
         Ok(Self {
             outbox,
             after,

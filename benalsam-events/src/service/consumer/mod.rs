@@ -86,7 +86,7 @@ impl ConsumerSettings {
             self.health_window,
             self.heartbeat_interval,
         )?;
-        require_positive("BENALSAM_SEARCH_TIMEOUT", self.search_timeout)?;
+        require_positive("ConsumerSettings::search_timeout", self.search_timeout)?;
         Ok(())
     }
 }

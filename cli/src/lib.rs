@@ -1,10 +1,13 @@
-//! Command-line and environment settings shared by the binaries (feature `cli`).
+//! The command line of the bundled binaries (`benalsam-bridge`, `benalsam-consumer`): the
+//! flags and environment variables they share, secrets from `*_FILE` variables, progress
+//! lines of long operator commands and shutdown on signals. Not published: the library
+//! (`benalsam-events`) takes typed settings, and these are one way to fill them.
 //!
 //! Connection settings are global: accepted before or after a subcommand, and listed in each
 //! subcommand's help. The settings of running a service belong to its `run` subcommand (which
 //! is also what runs when no subcommand is given, from the environment), so an operator
 //! command never fails on a run-time setting it does not use. Values are parsed into the
-//! validated types of [`crate::config`], so a bad value stops start-up with a message naming
+//! validated types of [`benalsam_events::config`], so a bad value stops start-up with a message naming
 //! the flag; help never prints a password (environment values are hidden, defaults shown
 //! redacted). Defaults point at the local stack of `scripts/stack`.
 
@@ -24,20 +27,25 @@ use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 
 #[cfg(feature = "bridge")]
-use crate::bridge::BridgeSettings;
-use crate::config::{
-    AmqpUrl, DEFAULT_DATABASE_URL, DEFAULT_ELASTICSEARCH_URL, DEFAULT_RABBITMQ_URL, DatabaseUrl,
-    ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
-    validate_identifier, validate_schema,
-};
+use benalsam_events::bridge::BridgeSettings;
+use benalsam_events::config::{AmqpUrl, DatabaseUrl, SearchUrl};
 #[cfg(feature = "consumer")]
-use crate::consume::IndexerConfig;
+use benalsam_events::consume::IndexerConfig;
 #[cfg(feature = "consumer")]
-use crate::consumer::ConsumerSettings;
-use crate::ops::telemetry::LogFormat;
-use crate::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
-use crate::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
-use crate::{Error, EventType};
+use benalsam_events::consumer::ConsumerSettings;
+use benalsam_events::ops::telemetry::LogFormat;
+use benalsam_events::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
+use benalsam_events::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
+use benalsam_events::{Error, EventType};
+
+mod secret_file;
+
+pub use secret_file::{parse_with_secret_files, try_parse_with_secret_files};
+
+/// The variables of the search engine's TLS files, which `SearchUrl::from_env` reads too.
+const ELASTICSEARCH_CA: &str = "ELASTICSEARCH_CA";
+const ELASTICSEARCH_CLIENT_CERT: &str = "ELASTICSEARCH_CLIENT_CERT";
+const ELASTICSEARCH_CLIENT_KEY: &str = "ELASTICSEARCH_CLIENT_KEY";
 
 /// PostgreSQL settings.
 #[derive(Debug, Clone, Args)]
@@ -50,7 +58,7 @@ pub struct DatabaseArgs {
         long,
         global = true,
         env = DatabaseUrl::SETTING,
-        default_value = DEFAULT_DATABASE_URL,
+        default_value = DatabaseUrl::DEFAULT,
         value_parser = SecretParser::<DatabaseUrl>::new(),
         hide_default_value = true,
         hide_env_values = true
@@ -63,13 +71,13 @@ pub struct DatabaseArgs {
 
     /// NOTIFY channel of the trigger (channel= option)
     #[arg(long, global = true, env = "BENALSAM_NOTIFY_CHANNEL",
-          default_value = crate::outbox::DEFAULT_CHANNEL, value_parser = parse_channel)]
+          default_value = OutboxConfig::default().notify_channel, value_parser = parse_channel)]
     pub notify_channel: String,
 }
 
 impl DatabaseArgs {
     /// The outbox these settings name, for operator commands (defaults otherwise).
-    pub fn outbox(&self) -> crate::Result<Outbox> {
+    pub fn outbox(&self) -> benalsam_events::Result<Outbox> {
         Outbox::new(self.database_url.clone(), self.outbox_config())
     }
 
@@ -84,9 +92,9 @@ impl DatabaseArgs {
     pub async fn migrate(
         &self,
         event_types: &[EventType],
-    ) -> crate::Result<crate::outbox::MigrationReport> {
-        let mut client = crate::connect::postgres(&self.database_url).await?;
-        crate::outbox::migrate(&mut client, &self.outbox_config(), event_types).await
+    ) -> benalsam_events::Result<benalsam_events::outbox::MigrationReport> {
+        let mut client = benalsam_events::connect::postgres(&self.database_url).await?;
+        benalsam_events::outbox::migrate(&mut client, &self.outbox_config(), event_types).await
     }
 }
 
@@ -102,7 +110,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// The event types of the file, or the listings.
-    pub fn event_types(&self) -> crate::Result<Vec<EventType>> {
+    pub fn event_types(&self) -> benalsam_events::Result<Vec<EventType>> {
         match &self.config {
             Some(path) => EventType::from_file(path),
             None => Ok(vec![EventType::listings()]),
@@ -110,7 +118,7 @@ impl ConfigArgs {
     }
 
     /// The event types, the one named `name` only when given.
-    pub fn select(&self, name: Option<&str>) -> crate::Result<Vec<EventType>> {
+    pub fn select(&self, name: Option<&str>) -> benalsam_events::Result<Vec<EventType>> {
         let all = self.event_types()?;
         let Some(name) = name else {
             return Ok(all);
@@ -138,7 +146,7 @@ pub struct RabbitArgs {
         long,
         global = true,
         env = AmqpUrl::SETTING,
-        default_value = DEFAULT_RABBITMQ_URL,
+        default_value = AmqpUrl::DEFAULT,
         value_parser = SecretParser::<AmqpUrl>::new(),
         hide_default_value = true,
         hide_env_values = true
@@ -157,7 +165,7 @@ pub struct SearchArgs {
         long,
         global = true,
         env = SearchUrl::SETTING,
-        default_value = DEFAULT_ELASTICSEARCH_URL,
+        default_value = SearchUrl::DEFAULT,
         value_parser = SecretParser::<SearchUrl>::new(),
         hide_env_values = true
     )]
@@ -226,7 +234,7 @@ impl<T> Clone for SecretParser<T> {
 
 impl<T> TypedValueParser for SecretParser<T>
 where
-    T: FromStr<Err = crate::Error> + Clone + Send + Sync + 'static,
+    T: FromStr<Err = Error> + Clone + Send + Sync + 'static,
 {
     type Value = T;
 
@@ -252,15 +260,225 @@ where
 }
 
 fn parse_schema(raw: &str) -> Result<String, String> {
-    validate_schema(raw)
-        .map(str::to_owned)
-        .map_err(|e| e.to_string())
+    OutboxConfig::in_schema(raw)
+        .validate()
+        .map(|()| raw.to_owned())
+        .map_err(|e| describe(&e))
 }
 
 fn parse_channel(raw: &str) -> Result<String, String> {
-    validate_identifier("BENALSAM_NOTIFY_CHANNEL", raw)
-        .map(str::to_owned)
-        .map_err(|e| e.to_string())
+    let mut config = OutboxConfig::default();
+    raw.clone_into(&mut config.notify_channel);
+    config
+        .validate()
+        .map(|()| raw.to_owned())
+        .map_err(|e| describe(&e))
+}
+
+#[cfg(feature = "consumer")]
+fn parse_index(raw: &str) -> Result<String, String> {
+    let mut listings = EventType::listings();
+    raw.clone_into(&mut listings.index.alias);
+    listings
+        .validate()
+        .map(|()| raw.to_owned())
+        // The event type's error names its key (`index.alias`); here the operator set
+        // --index.
+        .map_err(|e| renamed(&e, "--index", "BENALSAM_INDEX"))
+}
+
+/// The library's settings (its config types' fields, as its errors name them) and the flag
+/// and variable of the binaries that set each one.
+const SETTINGS: &[(&str, &str, &str)] = &[
+    ("OutboxConfig::schema", "--schema", "BENALSAM_SCHEMA"),
+    (
+        "OutboxConfig::notify_channel",
+        "--notify-channel",
+        "BENALSAM_NOTIFY_CHANNEL",
+    ),
+    ("OutboxConfig::lease", "--lease", "BENALSAM_LEASE"),
+    (
+        "OutboxConfig::max_attempts",
+        "--max-attempts",
+        "BENALSAM_MAX_ATTEMPTS",
+    ),
+    (
+        "OutboxConfig::retry_backoff.initial",
+        "--retry-initial",
+        "BENALSAM_RETRY_INITIAL",
+    ),
+    (
+        "OutboxConfig::retry_backoff.max",
+        "--retry-max",
+        "BENALSAM_RETRY_MAX",
+    ),
+    (
+        "JobStreamConfig::batch_size",
+        "--batch-size",
+        "BENALSAM_BATCH_SIZE",
+    ),
+    (
+        "JobStreamConfig::poll_interval",
+        "--poll-interval",
+        "BENALSAM_POLL_INTERVAL",
+    ),
+    (
+        "PublisherConfig::window",
+        "--publish-window",
+        "BENALSAM_PUBLISH_WINDOW",
+    ),
+    (
+        "PublisherConfig::window_bytes",
+        "--publish-window-bytes",
+        "BENALSAM_PUBLISH_WINDOW_BYTES",
+    ),
+    (
+        "PublisherConfig::max_message_bytes",
+        "--max-message-bytes",
+        "BENALSAM_MAX_MESSAGE_BYTES",
+    ),
+    ("IndexerConfig::prefetch", "--prefetch", "BENALSAM_PREFETCH"),
+    (
+        "IndexerConfig::batch_size",
+        "--bulk-size",
+        "BENALSAM_BULK_SIZE",
+    ),
+    (
+        "IndexerConfig::batch_bytes",
+        "--bulk-bytes",
+        "BENALSAM_BULK_BYTES",
+    ),
+    (
+        "IndexerConfig::linger",
+        "--bulk-linger",
+        "BENALSAM_BULK_LINGER",
+    ),
+    (
+        "IndexerConfig::in_flight",
+        "--bulk-in-flight",
+        "BENALSAM_BULK_IN_FLIGHT",
+    ),
+    (
+        "IndexerConfig::bulk_target",
+        "--bulk-target",
+        "BENALSAM_BULK_TARGET",
+    ),
+    (
+        "IndexerConfig::max_attempts",
+        "--index-attempts",
+        "BENALSAM_INDEX_ATTEMPTS",
+    ),
+    (
+        "IndexerConfig::max_message_bytes",
+        "--max-message-bytes",
+        "BENALSAM_MAX_MESSAGE_BYTES",
+    ),
+    (
+        "TopologyConfig::status_queue_max_length",
+        "--status-queue-max-length",
+        "BENALSAM_STATUS_QUEUE_MAX_LENGTH",
+    ),
+    (
+        "TopologyConfig::health_queue_max_length",
+        "--health-queue-max-length",
+        "BENALSAM_HEALTH_QUEUE_MAX_LENGTH",
+    ),
+    (
+        "BridgeSettings::health_addr",
+        "--health-addr",
+        "BENALSAM_HEALTH_ADDR",
+    ),
+    (
+        "ConsumerSettings::health_addr",
+        "--health-addr",
+        "BENALSAM_HEALTH_ADDR",
+    ),
+    (
+        "BridgeSettings::resend_after",
+        "--resend-after",
+        "BENALSAM_RESEND_AFTER",
+    ),
+    (
+        "BridgeSettings::fanout_page",
+        "--fanout-page",
+        "BENALSAM_FANOUT_PAGE",
+    ),
+    (
+        "BridgeSettings::health_window",
+        "--health-window",
+        "BENALSAM_HEALTH_WINDOW",
+    ),
+    (
+        "BridgeSettings::heartbeat_interval",
+        "--heartbeat-interval",
+        "BENALSAM_HEARTBEAT_INTERVAL",
+    ),
+    (
+        "ConsumerSettings::search_timeout",
+        "--search-timeout",
+        "BENALSAM_SEARCH_TIMEOUT",
+    ),
+    (
+        "ConsumerSettings::health_window",
+        "--health-window",
+        "BENALSAM_HEALTH_WINDOW",
+    ),
+    (
+        "ConsumerSettings::heartbeat_interval",
+        "--heartbeat-interval",
+        "BENALSAM_HEARTBEAT_INTERVAL",
+    ),
+];
+
+/// The flag and variable of the binaries that set the library's `setting`, if one does.
+pub fn flag_of(setting: &str) -> Option<(&'static str, &'static str)> {
+    SETTINGS
+        .iter()
+        .find(|(field, _, _)| *field == setting)
+        .map(|(_, flag, variable)| (*flag, *variable))
+}
+
+/// `error` as the operator of a binary should read it: a configuration error about a field
+/// of the library's settings names the flag and variable that set it instead.
+pub fn describe(error: &Error) -> String {
+    match error.setting().and_then(flag_of) {
+        Some((flag, variable)) => renamed(error, flag, variable),
+        None => error.to_string(),
+    }
+}
+
+/// `error`, a configuration error, with its setting named as `flag` (`variable`).
+fn renamed(error: &Error, flag: &str, variable: &str) -> String {
+    let text = error.to_string();
+    let Some(setting) = error.setting() else {
+        return text;
+    };
+    let named = format!("{flag} ({variable})");
+    match text.strip_prefix(&format!("invalid setting {setting}: ")) {
+        Some(reason) => format!(
+            "invalid setting {named}: {}",
+            reason.replace(setting, &named)
+        ),
+        None => text.replace(setting, &named),
+    }
+}
+
+/// An error of a binary with the library's settings named as the operator sets them: when a
+/// configuration error in its chain is about a field one of the flags sets, the flag and
+/// variable are put in front.
+pub fn name_the_setting(error: anyhow::Error) -> anyhow::Error {
+    let named = error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<Error>())
+        .find_map(|e| {
+            e.setting()
+                .and_then(flag_of)
+                .map(|names| (describe(e), names))
+        });
+    match named {
+        Some((described, _)) => error.context(described),
+        None => error,
+    }
 }
 
 /// Parses a duration such as `500ms`, `1s`, `15m`, `1h 30m`; zero is refused (no setting of
@@ -308,7 +526,7 @@ pub struct ServiceArgs {
     /// Largest message in bytes: the bridge fails a job whose message would be larger (once,
     /// with the reason), the consumer dead-letters a larger delivery unread. Keep RabbitMQ's
     /// max_message_size at this value: the consumer then holds at most prefetch times it
-    #[arg(long, env = "BENALSAM_MAX_MESSAGE_BYTES", default_value_t = crate::publish::DEFAULT_MAX_MESSAGE_BYTES as u64,
+    #[arg(long, env = "BENALSAM_MAX_MESSAGE_BYTES", default_value_t = benalsam_events::publish::DEFAULT_MAX_MESSAGE_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(4096..=512 * 1024 * 1024))]
     pub max_message_bytes: u64,
 }
@@ -346,12 +564,11 @@ pub struct TopologyArgs {
 impl TopologyArgs {
     /// The topology's choices these flags make.
     pub fn config(&self) -> TopologyConfig {
-        TopologyConfig {
-            queue_type: self.queue_type.queue_type,
-            status_queue_max_length: self.status_queue_max_length,
-            health_queue_max_length: self.health_queue_max_length,
-            ..TopologyConfig::default()
-        }
+        let mut config = TopologyConfig::default();
+        config.queue_type = self.queue_type.queue_type;
+        config.status_queue_max_length = self.status_queue_max_length;
+        config.health_queue_max_length = self.health_queue_max_length;
+        config
     }
 
     /// The topology of `event_types` with these choices.
@@ -447,28 +664,26 @@ impl BridgeArgs {
         s.outbox = database.outbox_config();
         s.outbox.lease = self.lease;
         s.outbox.max_attempts = self.max_attempts;
-        s.outbox.retry_backoff = crate::Backoff::new(self.retry_initial, self.retry_max);
+        s.outbox.retry_backoff = benalsam_events::Backoff::new(self.retry_initial, self.retry_max);
         s.outbox.worker_id = format!("benalsam-bridge {}", s.outbox.worker_id);
-        s.stream = JobStreamConfig {
-            batch_size: self.batch_size as usize,
-            poll_interval: self.poll_interval,
-            wake: if self.poll_only {
-                Wake::PollOnly
-            } else {
-                Wake::Listen {
-                    channel: database.notify_channel.clone(),
-                }
-            },
-            adaptive_notify: self.adaptive_notify,
-            ..JobStreamConfig::default()
+        let mut stream = JobStreamConfig::default();
+        stream.batch_size = self.batch_size as usize;
+        stream.poll_interval = self.poll_interval;
+        stream.wake = if self.poll_only {
+            Wake::PollOnly
+        } else {
+            Wake::Listen {
+                channel: database.notify_channel.clone(),
+            }
         };
-        s.publisher = PublisherConfig {
-            window: self.publish_window as usize,
-            window_bytes: self.publish_window_bytes as usize,
-            max_message_bytes: usize::try_from(self.service.max_message_bytes)
-                .unwrap_or(usize::MAX),
-            ..PublisherConfig::default()
-        };
+        stream.adaptive_notify = self.adaptive_notify;
+        s.stream = stream;
+        let mut publisher = PublisherConfig::default();
+        publisher.window = self.publish_window as usize;
+        publisher.window_bytes = self.publish_window_bytes as usize;
+        publisher.max_message_bytes =
+            usize::try_from(self.service.max_message_bytes).unwrap_or(usize::MAX);
+        s.publisher = publisher;
         s.topology = self.topology.config();
         s.resend_after = self.resend_after;
         s.fanout_page = self.fanout_page as usize;
@@ -498,7 +713,7 @@ pub struct ConsumerArgs {
     /// Without BENALSAM_CONFIG: alias of the listings index (created as <alias>_v1 when
     /// missing) [default: benalsam_listings]
     #[arg(long, env = "BENALSAM_INDEX",
-          value_parser = |s: &str| crate::event_type::index_alias("BENALSAM_INDEX", s).map(|()| s.to_owned()).map_err(|e| e.to_string()))]
+          value_parser = parse_index)]
     pub index: Option<String>,
 
     /// Without BENALSAM_CONFIG: replicas of a newly created listings index (0 keeps a single
@@ -569,7 +784,7 @@ impl ConsumerArgs {
         rabbitmq: &RabbitArgs,
         search: &SearchArgs,
         config: &ConfigArgs,
-    ) -> crate::Result<ConsumerSettings> {
+    ) -> benalsam_events::Result<ConsumerSettings> {
         let mut s = ConsumerSettings::new(
             database.database_url.clone(),
             rabbitmq.rabbitmq_url.clone(),
@@ -578,18 +793,17 @@ impl ConsumerArgs {
         s.outbox = database.outbox_config();
         s.search_timeout = self.search_timeout;
         s.event_types = self.event_types(config)?;
-        s.indexer = IndexerConfig {
-            prefetch: self.prefetch,
-            batch_size: self.bulk_size as usize,
-            batch_bytes: self.bulk_bytes as usize,
-            linger: self.bulk_linger,
-            in_flight: self.bulk_in_flight as usize,
-            bulk_target: self.bulk_target,
-            max_attempts: self.index_attempts,
-            max_message_bytes: usize::try_from(self.service.max_message_bytes)
-                .unwrap_or(usize::MAX),
-            ..IndexerConfig::default()
-        };
+        let mut indexer = IndexerConfig::default();
+        indexer.prefetch = self.prefetch;
+        indexer.batch_size = self.bulk_size as usize;
+        indexer.batch_bytes = self.bulk_bytes as usize;
+        indexer.linger = self.bulk_linger;
+        indexer.in_flight = self.bulk_in_flight as usize;
+        indexer.bulk_target = self.bulk_target;
+        indexer.max_attempts = self.index_attempts;
+        indexer.max_message_bytes =
+            usize::try_from(self.service.max_message_bytes).unwrap_or(usize::MAX);
+        s.indexer = indexer;
         s.queue_type = self.queue_type.queue_type;
         s.migrate = self.service.migrate;
         s.health_addr = Some(self.service.health_addr.unwrap_or(CONSUMER_HEALTH_ADDR));
@@ -599,7 +813,7 @@ impl ConsumerArgs {
     }
 
     /// The event types: the file's, or the listings with the settings above.
-    fn event_types(&self, config: &ConfigArgs) -> crate::Result<Vec<EventType>> {
+    fn event_types(&self, config: &ConfigArgs) -> benalsam_events::Result<Vec<EventType>> {
         if config.config.is_some() {
             let given = [
                 ("BENALSAM_INDEX", self.index.is_some()),
@@ -702,7 +916,7 @@ impl Progress {
 }
 
 /// Parses a binary's command line, like [`clap::Parser::parse`], with the secrets' `*_FILE`
-/// variables ([`crate::config::parse_with_secret_files`]), saying where a misplaced setting
+/// variables ([`parse_with_secret_files`]), saying where a misplaced setting
 /// belongs.
 ///
 /// The settings of running a service belong to its `run` subcommand, so
@@ -722,7 +936,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    crate::config::try_parse_with_secret_files::<C, _, _>(args)
+    try_parse_with_secret_files::<C, _, _>(args)
         .map_err(|error| misplaced::<C>(&error).unwrap_or(error))
 }
 
@@ -793,6 +1007,20 @@ mod tests {
     struct Search {
         #[command(flatten)]
         search: SearchArgs,
+    }
+
+    #[test]
+    fn a_library_setting_is_named_as_the_operator_sets_it() {
+        let mut config = OutboxConfig::default();
+        config.lease = Duration::ZERO;
+        let error = config.validate().expect_err("a zero lease");
+        assert_eq!(error.setting(), Some("OutboxConfig::lease"));
+        let text = describe(&error);
+        assert!(text.contains("--lease (BENALSAM_LEASE)"), "{text}");
+        assert!(!text.contains("OutboxConfig"), "{text}");
+        let named = name_the_setting(anyhow::Error::new(error).context("running the bridge"));
+        let shown = format!("{named:?}");
+        assert!(shown.contains("BENALSAM_LEASE"), "{shown}");
     }
 
     #[test]
