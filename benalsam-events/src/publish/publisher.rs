@@ -39,7 +39,7 @@ use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, PublisherMetrics};
 use crate::ops::telemetry;
 use crate::outbox::{Job, Outcome, Settle};
-use crate::publish::confirm::{self, Verdict};
+use crate::publish::confirm::{self, Refusal, Verdict};
 use crate::publish::{Envelope, Routes, Topology};
 use crate::{Error, EventType, Result};
 
@@ -200,7 +200,8 @@ impl Publisher {
 
     /// Records publishes, confirms and failures in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics.register(metrics);
+        self.metrics
+            .register(metrics, &Refusal::ALL.map(Refusal::as_str));
         self
     }
 
@@ -434,10 +435,10 @@ impl<S: Settle> Worker<S> {
     }
 
     /// The message of `job`, or why it cannot be one.
-    fn message(&self, job: &Job) -> Result<Message, (&'static str, String, bool)> {
+    fn message(&self, job: &Job) -> Result<Message, (Refusal, String, bool)> {
         let Some(event_type) = self.routes.for_table(&job.table_name) else {
             return Err((
-                "unrouted_table",
+                Refusal::UnroutedTable,
                 format!(
                     "no event type is configured for table {:?}; add one to the bridge's routes",
                     job.table_name
@@ -449,7 +450,7 @@ impl<S: Settle> Worker<S> {
         // ever: the job fails here, once, with the reason.
         if let Some(why) = record_id_problem(&job.record_id) {
             return Err((
-                "refused",
+                Refusal::Refused,
                 format!("{why}; use a shorter key column for this table"),
                 false,
             ));
@@ -460,7 +461,7 @@ impl<S: Settle> Worker<S> {
             ShortString::try_new(route.routing_key.as_str()),
         ) else {
             return Err((
-                "unrouted_table",
+                Refusal::UnroutedTable,
                 format!(
                     "routing key {:?} is longer than 255 bytes",
                     route.routing_key
@@ -494,7 +495,7 @@ impl<S: Settle> Worker<S> {
         let limit = self.config.max_message_bytes;
         if body.len() > limit {
             return Err((
-                "refused",
+                Refusal::Refused,
                 format!(
                     "the message is {} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); ignore the table's large columns or raise the limit (and the broker's max_message_size with it)",
                     body.len()
@@ -534,7 +535,7 @@ impl<S: Settle> Worker<S> {
                         "exchange {:?} does not exist; declare the topology (benalsam-bridge does at start)",
                         message.exchange.as_str()
                     );
-                    self.fail("refused", id, reason, true);
+                    self.fail(Refusal::Refused, id, reason, true);
                     self.repair().await;
                     return;
                 }
@@ -616,7 +617,7 @@ impl<S: Settle> Worker<S> {
                 closes_link,
             } => {
                 self.fail(kind, id, reason.clone(), true);
-                let nacked_long = kind == "nack"
+                let nacked_long = kind == Refusal::Nack
                     && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
                         >= NACKED_CHANNEL;
                 if closes_link {
@@ -626,7 +627,7 @@ impl<S: Settle> Worker<S> {
                         "every publish nacked for {} s; opening a new channel",
                         NACKED_CHANNEL.as_secs()
                     ))));
-                } else if kind == "unroutable" {
+                } else if kind == Refusal::Unroutable {
                     self.repair().await;
                 }
             }
@@ -669,9 +670,9 @@ impl<S: Settle> Worker<S> {
             .get_or_insert(Instant::now() + self.config.report_interval);
     }
 
-    fn fail(&mut self, kind: &'static str, id: i64, error: String, retry: bool) {
+    fn fail(&mut self, kind: Refusal, id: i64, error: String, retry: bool) {
         tracing::warn!(job = id, %error, retry, "publish failed");
-        metrics::inc(&self.metrics.jobs_publish_failed, kind);
+        metrics::inc(&self.metrics.jobs_publish_failed, kind.as_str());
         self.status.lock().last_failure = Some((SystemTime::now(), error.clone()));
         self.gather(id, Outcome::Failed { error, retry });
     }
