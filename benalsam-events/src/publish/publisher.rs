@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
-use crate::config::AmqpUrl;
+use crate::config::{Addresses, AmqpUrl};
 use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
 use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, PublisherMetrics};
@@ -184,8 +184,7 @@ impl Publisher {
             reports: Vec::new(),
             reports_due: None,
             connect_failures: 0,
-            next_address: 0,
-            current_address: None,
+            addresses: Addresses::default(),
             known_exchanges: HashSet::new(),
             last_repair: None,
             nacked_since: None,
@@ -312,9 +311,7 @@ struct Worker<S> {
     reports_due: Option<Instant>,
     connect_failures: u32,
     /// Which of the URL's addresses the next connection tries first.
-    next_address: usize,
-    /// Which one the link is open to.
-    current_address: Option<usize>,
+    addresses: Addresses,
     /// Exchanges seen to exist on the current link. Publishing to a missing exchange would
     /// make the broker close the channel, failing every other message in flight with it, so
     /// each exchange is checked once per link on a throwaway channel first.
@@ -406,11 +403,11 @@ impl<S: Settle> Worker<S> {
     /// Opens a connection and a confirm-mode channel (declaring the topology when it has
     /// one); on failure waits out the backoff.
     async fn connect(&mut self) -> bool {
-        match open(&self.url, self.next_address, &self.config).await {
+        match open(&self.url, self.addresses.next(), &self.config).await {
             Ok((link, index)) => {
                 self.link = Some(link);
                 self.connect_failures = 0;
-                self.current_address = Some(index);
+                self.addresses.connected(index);
                 let broker = self.url.addresses().get(index).map(AmqpUrl::redacted);
                 tracing::info!(
                     broker = broker.as_deref().unwrap_or_default(),
@@ -688,9 +685,7 @@ impl<S: Settle> Worker<S> {
         // The next connection starts with the address after the one just lost: a node that
         // went away is tried again only once the others have been. With one address this is
         // that address again.
-        if let Some(index) = self.current_address.take() {
-            self.next_address = index + 1;
-        }
+        self.addresses.advance();
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
         let mut orphans: Vec<Outgoing> = self
