@@ -35,9 +35,9 @@ use tokio_util::sync::PollSender;
 use crate::backoff::Backoff;
 use crate::config::{Addresses, AmqpUrl};
 use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
-use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, PublisherMetrics};
 use crate::ops::telemetry;
+use crate::ops::{CountsErrors, Live};
 use crate::outbox::{Job, Outcome, Settle};
 use crate::publish::confirm::{self, Refusal, Verdict};
 use crate::publish::{Envelope, Routes, Topology};
@@ -133,11 +133,9 @@ pub struct PublisherStatus {
     pub last_error: Option<(SystemTime, String)>,
 }
 
-impl Live<PublisherStatus> {
-    fn error(&self, error: &Error) {
-        let mut s = self.lock();
-        s.errors += 1;
-        s.last_error = Some((SystemTime::now(), error.to_string()));
+impl CountsErrors for PublisherStatus {
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
+        (&mut self.errors, &mut self.last_error)
     }
 }
 
@@ -419,7 +417,7 @@ impl<S: Settle> Worker<S> {
                 true
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 let delay = self.config.reconnect.delay(self.connect_failures);
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "publisher cannot reach RabbitMQ");
@@ -655,7 +653,7 @@ impl<S: Settle> Worker<S> {
                 tracing::warn!("a publish found the topology incomplete; declared it again");
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 tracing::warn!(%error, "cannot declare the topology again");
             }
         }
@@ -677,7 +675,7 @@ impl<S: Settle> Worker<S> {
     /// Drops the link; its unconfirmed jobs are published again on the next one.
     fn link_lost(&mut self, error: Option<Error>) {
         if let Some(error) = &error {
-            self.status.error(error);
+            self.status.record_error(error);
             tracing::warn!(%error, "publisher lost its channel; reconnecting");
         }
         self.link = None;
@@ -756,7 +754,7 @@ impl<S: Settle> Worker<S> {
                 true
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 tracing::warn!(%error, "cannot report publish outcomes; will retry");
                 let wait = self
                     .config
