@@ -1,6 +1,7 @@
 //! Settings: where the services are (URLs that validate themselves and never print a
 //! password), and checks shared by every setting the library takes.
 
+mod addresses;
 mod queue;
 mod redact;
 mod secret_file;
@@ -10,6 +11,7 @@ mod urls;
 use std::time::Duration;
 
 pub use crate::queue_type::QueueType;
+pub(crate) use addresses::Addresses;
 pub use secret_file::env_or_file;
 pub use urls::{AmqpUrl, DatabaseUrl, SearchUrl};
 pub(crate) use urls::{

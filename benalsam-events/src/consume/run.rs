@@ -164,7 +164,7 @@ impl Run {
                 true
             }
             Err(error) => {
-                self.status().error(&error.to_string());
+                self.status().record_error(error.to_string());
                 let delay = self.shared.config.reconnect.delay(self.connect_failures);
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "consumer cannot reach RabbitMQ");
@@ -178,7 +178,7 @@ impl Run {
     }
 
     fn link_lost(&mut self, why: &str) {
-        self.status().error(why);
+        self.status().record_error(why);
         tracing::warn!(reason = why, "consumer lost its channel; reconnecting");
         self.source.lost();
         // The broker hands unacked messages back: whatever waits here comes again.
@@ -273,7 +273,7 @@ impl Run {
                 self.probe_at = Some(Instant::now() + wait);
                 self.status().circuit(self.breaker.state());
                 self.shared.metrics.circuit_open.set(1);
-                self.status().error(&reason);
+                self.status().record_error(&reason);
                 tracing::warn!(%reason, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");
                 self.outage.push_front(batch);
             }

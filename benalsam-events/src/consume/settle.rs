@@ -167,7 +167,9 @@ async fn dead_letter(
         match result {
             Ok(()) => sent.push((message, why, reason)),
             Err(error) => {
-                shared.status.error(&format!("dead-lettering: {error}"));
+                shared
+                    .status
+                    .record_error(format!("dead-lettering: {error}"));
                 link_broken = true;
             }
         }

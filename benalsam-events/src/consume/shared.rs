@@ -97,7 +97,7 @@ impl Ledger for Outbox {
 /// turns red until it answers again.
 pub(crate) fn outbox_failing(shared: &Shared, error: &crate::Error) {
     let reason = error.to_string();
-    shared.status.error(&reason);
+    shared.status.record_error(&reason);
     shared
         .status
         .lock()

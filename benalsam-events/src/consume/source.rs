@@ -10,7 +10,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
-use crate::config::AmqpUrl;
+use crate::config::{Addresses, AmqpUrl};
 use crate::publish::{Envelope, EnvelopeError};
 use crate::{Error, Result};
 
@@ -58,9 +58,7 @@ pub(crate) struct Source {
     name: String,
     link: Option<Link>,
     /// Which of the URL's addresses the next connection tries first.
-    next_address: usize,
-    /// Which one the link is open to.
-    current_address: Option<usize>,
+    addresses: Addresses,
 }
 
 impl Source {
@@ -72,8 +70,7 @@ impl Source {
             max_message_bytes: crate::event_type::DEFAULT_MAX_MESSAGE_BYTES,
             name,
             link: None,
-            next_address: 0,
-            current_address: None,
+            addresses: Addresses::default(),
         }
     }
 
@@ -92,9 +89,9 @@ impl Source {
     pub(crate) async fn connect(&mut self) -> Result<String> {
         const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
         let (connection, index) =
-            crate::connect::amqp_from(&self.url, &self.name, self.next_address).await?;
+            crate::connect::amqp_from(&self.url, &self.name, self.addresses.next()).await?;
         // Set before the consumers start: a failure below moves the next attempt on too.
-        self.next_address = index + 1;
+        self.addresses.reached(index);
         // Setting up can wait on the broker without end (a `basic.consume` of a quorum queue
         // whose leader is being elected, on a node that just came back): bounded, so the next
         // attempt goes to the next address.
@@ -146,7 +143,7 @@ impl Source {
             deliveries,
             side,
         });
-        self.current_address = Some(index);
+        self.addresses.connected(index);
         Ok(self
             .url
             .addresses()
@@ -191,9 +188,7 @@ impl Source {
     pub(crate) fn lost(&mut self) {
         self.link = None;
         // The next connection starts with the address after the one just lost.
-        if let Some(index) = self.current_address.take() {
-            self.next_address = index + 1;
-        }
+        self.addresses.advance();
     }
 
     /// Messages waiting in each consumed queue and each dead-letter queue (`true`), when it

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::consume::circuit::CircuitState;
-use crate::ops::Live;
+use crate::ops::{CountsErrors, Live};
 
 /// What an indexer has been doing, for health checks.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,10 +71,10 @@ impl Live<IndexerStatus> {
             CircuitState::Open { failures, since } => (Some(since), failures),
         };
     }
+}
 
-    pub(crate) fn error(&self, error: &str) {
-        let mut s = self.lock();
-        s.errors += 1;
-        s.last_error = Some((SystemTime::now(), error.to_owned()));
+impl CountsErrors for IndexerStatus {
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
+        (&mut self.errors, &mut self.last_error)
     }
 }

@@ -55,7 +55,7 @@ async fn truncate_one(shared: &Shared, mut message: Message, sorted: &mut Sorted
             // Not expected: say so, and keep trying (the index must not keep the old rows).
             if let Some(why) = failure {
                 tracing::warn!(table, job, reason = %why, "truncation cannot be applied yet; retrying");
-                shared.status.error(&why);
+                shared.status.record_error(&why);
             }
             message.not_before = Instant::now() + Duration::from_secs(1);
             sorted.held.push(message);

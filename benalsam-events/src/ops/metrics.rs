@@ -414,11 +414,10 @@ impl Default for PublisherMetrics {
 }
 
 impl PublisherMetrics {
-    pub(crate) fn register(&self, metrics: &Metrics) {
-        precreate(
-            &self.jobs_publish_failed,
-            &["unroutable", "nack", "refused", "unrouted_table"],
-        );
+    /// Registers the families into `metrics`, with a series at zero for each of the
+    /// publisher's `failure_kinds`.
+    pub(crate) fn register(&self, metrics: &Metrics, failure_kinds: &[&'static str]) {
+        precreate(&self.jobs_publish_failed, failure_kinds);
         metrics.register(
             "jobs_published",
             "Messages published to RabbitMQ, republications included",

@@ -8,4 +8,5 @@ pub mod telemetry;
 pub use health::{HealthReport, HealthServer, Readiness};
 pub(crate) use health::{rfc3339, since};
 pub use metrics::Metrics;
+pub(crate) use status::CountsErrors;
 pub use status::Live;

@@ -2,6 +2,7 @@
 //! read copies of it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 /// The live status of a running part: plain data behind a shared lock, written by the part,
 /// read (as copies) by health checks. Cheap to clone; clones see the same status.
@@ -27,5 +28,21 @@ impl<T: Clone> Live<T> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A status that counts its errors and keeps the last one, with when.
+pub trait CountsErrors {
+    /// Its error count and its last error.
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>);
+}
+
+impl<T: Clone + CountsErrors> Live<T> {
+    /// Counts `error` and keeps it as the last one.
+    pub(crate) fn record_error(&self, error: impl std::fmt::Display) {
+        let mut s = self.lock();
+        let (errors, last_error) = s.error_fields();
+        *errors += 1;
+        *last_error = Some((SystemTime::now(), error.to_string()));
     }
 }

@@ -26,6 +26,7 @@ mod maintenance;
 mod migrate;
 mod queue;
 mod relations;
+mod resender;
 pub(crate) mod state;
 mod stream;
 
@@ -41,5 +42,6 @@ pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
 pub(crate) use relations::{Read, check_catalog};
+pub(crate) use resender::{Resender, ResenderStatus};
 pub(crate) use stream::DEFAULT_CHANNEL;
 pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};

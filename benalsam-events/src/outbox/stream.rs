@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{require_positive, validate_identifier};
-use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, StreamMetrics};
+use crate::ops::{CountsErrors, Live};
 use crate::outbox::listener::Listener;
 use crate::outbox::{Backlog, ClaimKind, Job, Outbox, Outcome, Settle};
 use crate::{Error, Result};
@@ -118,15 +118,15 @@ pub struct JobStreamStatus {
     pub last_error: Option<(SystemTime, String)>,
 }
 
+impl CountsErrors for JobStreamStatus {
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
+        (&mut self.errors, &mut self.last_error)
+    }
+}
+
 impl Live<JobStreamStatus> {
     pub(crate) fn set_listening(&self, up: bool) {
         self.lock().listening = Some(up);
-    }
-
-    pub(crate) fn record_error(&self, error: &Error) {
-        let mut s = self.lock();
-        s.errors += 1;
-        s.last_error = Some((SystemTime::now(), error.to_string()));
     }
 
     fn record_claim(&self, jobs: &[Job]) {

@@ -11,6 +11,40 @@
 
 use lapin::Confirmation;
 
+/// Why the broker, or the publisher itself, refused a job: the `jobs_publish_failed` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Acked with the message returned: no queue is bound for its key.
+    Unroutable,
+    /// Nacked (or the channel was not in confirm mode).
+    Nack,
+    /// Refused by the channel (a missing exchange), or by the publisher (a key or a
+    /// message too large).
+    Refused,
+    /// No event type routes the job's table, or its routing key is too long.
+    UnroutedTable,
+}
+
+impl Refusal {
+    /// Every kind, for the metric series that exist from the start.
+    pub(crate) const ALL: [Self; 4] = [
+        Self::Unroutable,
+        Self::Nack,
+        Self::Refused,
+        Self::UnroutedTable,
+    ];
+
+    /// The metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Unroutable => "unroutable",
+            Self::Nack => "nack",
+            Self::Refused => "refused",
+            Self::UnroutedTable => "unrouted_table",
+        }
+    }
+}
+
 /// The meaning of one confirm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -18,8 +52,8 @@ pub(crate) enum Verdict {
     Sent,
     /// The broker refused the message itself.
     Refused {
-        /// The `jobs_publish_failed` label.
-        kind: &'static str,
+        /// Its kind, the `jobs_publish_failed` label.
+        kind: Refusal,
         /// Why, for the job's `error_message`.
         reason: String,
         /// Whether the channel went with it (a soft channel error).
@@ -34,7 +68,7 @@ pub(crate) fn judge(answer: &lapin::Result<Confirmation>) -> Verdict {
     match answer {
         Ok(Confirmation::Ack(None)) => Verdict::Sent,
         Ok(Confirmation::Ack(Some(returned))) => Verdict::Refused {
-            kind: "unroutable",
+            kind: Refusal::Unroutable,
             reason: format!(
                 "unroutable: no queue is bound to exchange {} for routing key {} (broker returned {} {})",
                 returned.delivery.exchange,
@@ -45,12 +79,12 @@ pub(crate) fn judge(answer: &lapin::Result<Confirmation>) -> Verdict {
             closes_link: false,
         },
         Ok(Confirmation::Nack(_)) => Verdict::Refused {
-            kind: "nack",
+            kind: Refusal::Nack,
             reason: "the broker refused the message (nack)".to_owned(),
             closes_link: false,
         },
         Ok(Confirmation::NotRequested) => Verdict::Refused {
-            kind: "nack",
+            kind: Refusal::Nack,
             reason: "the channel was not in confirm mode".to_owned(),
             closes_link: false,
         },
@@ -61,7 +95,7 @@ pub(crate) fn judge(answer: &lapin::Result<Confirmation>) -> Verdict {
                 if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) =>
             {
                 Verdict::Refused {
-                    kind: "refused",
+                    kind: Refusal::Refused,
                     reason: format!("RabbitMQ closed the channel: {}", amqp.get_message()),
                     closes_link: true,
                 }
@@ -101,14 +135,17 @@ mod tests {
         else {
             panic!("a returned message is a refusal");
         };
-        assert_eq!(kind, "unroutable");
+        assert_eq!(kind.as_str(), "unroutable");
         assert!(
             reason.contains("listing.insert") && reason.contains("312"),
             "{reason}"
         );
         assert!(matches!(
             judge(&Ok(Confirmation::Nack(None))),
-            Verdict::Refused { kind: "nack", .. }
+            Verdict::Refused {
+                kind: Refusal::Nack,
+                ..
+            }
         ));
 
         let missing_exchange = lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
@@ -118,7 +155,7 @@ mod tests {
         assert!(matches!(
             judge(&Err(missing_exchange)),
             Verdict::Refused {
-                kind: "refused",
+                kind: Refusal::Refused,
                 closes_link: true,
                 ..
             }

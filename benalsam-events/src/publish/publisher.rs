@@ -33,13 +33,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
-use crate::config::AmqpUrl;
+use crate::config::{Addresses, AmqpUrl};
 use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
-use crate::ops::Live;
 use crate::ops::metrics::{self, Metrics, PublisherMetrics};
 use crate::ops::telemetry;
+use crate::ops::{CountsErrors, Live};
 use crate::outbox::{Job, Outcome, Settle};
-use crate::publish::confirm::{self, Verdict};
+use crate::publish::confirm::{self, Refusal, Verdict};
 use crate::publish::{Envelope, Routes, Topology};
 use crate::{Error, EventType, Result};
 
@@ -133,11 +133,9 @@ pub struct PublisherStatus {
     pub last_error: Option<(SystemTime, String)>,
 }
 
-impl Live<PublisherStatus> {
-    fn error(&self, error: &Error) {
-        let mut s = self.lock();
-        s.errors += 1;
-        s.last_error = Some((SystemTime::now(), error.to_string()));
+impl CountsErrors for PublisherStatus {
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
+        (&mut self.errors, &mut self.last_error)
     }
 }
 
@@ -184,8 +182,7 @@ impl Publisher {
             reports: Vec::new(),
             reports_due: None,
             connect_failures: 0,
-            next_address: 0,
-            current_address: None,
+            addresses: Addresses::default(),
             known_exchanges: HashSet::new(),
             last_repair: None,
             nacked_since: None,
@@ -200,7 +197,8 @@ impl Publisher {
 
     /// Records publishes, confirms and failures in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics.register(metrics);
+        self.metrics
+            .register(metrics, &Refusal::ALL.map(Refusal::as_str));
         self
     }
 
@@ -311,9 +309,7 @@ struct Worker<S> {
     reports_due: Option<Instant>,
     connect_failures: u32,
     /// Which of the URL's addresses the next connection tries first.
-    next_address: usize,
-    /// Which one the link is open to.
-    current_address: Option<usize>,
+    addresses: Addresses,
     /// Exchanges seen to exist on the current link. Publishing to a missing exchange would
     /// make the broker close the channel, failing every other message in flight with it, so
     /// each exchange is checked once per link on a throwaway channel first.
@@ -405,11 +401,11 @@ impl<S: Settle> Worker<S> {
     /// Opens a connection and a confirm-mode channel (declaring the topology when it has
     /// one); on failure waits out the backoff.
     async fn connect(&mut self) -> bool {
-        match open(&self.url, self.next_address, &self.config).await {
+        match open(&self.url, self.addresses.next(), &self.config).await {
             Ok((link, index)) => {
                 self.link = Some(link);
                 self.connect_failures = 0;
-                self.current_address = Some(index);
+                self.addresses.connected(index);
                 let broker = self.url.addresses().get(index).map(AmqpUrl::redacted);
                 tracing::info!(
                     broker = broker.as_deref().unwrap_or_default(),
@@ -421,7 +417,7 @@ impl<S: Settle> Worker<S> {
                 true
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 let delay = self.config.reconnect.delay(self.connect_failures);
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "publisher cannot reach RabbitMQ");
@@ -434,10 +430,10 @@ impl<S: Settle> Worker<S> {
     }
 
     /// The message of `job`, or why it cannot be one.
-    fn message(&self, job: &Job) -> Result<Message, (&'static str, String, bool)> {
+    fn message(&self, job: &Job) -> Result<Message, (Refusal, String, bool)> {
         let Some(event_type) = self.routes.for_table(&job.table_name) else {
             return Err((
-                "unrouted_table",
+                Refusal::UnroutedTable,
                 format!(
                     "no event type is configured for table {:?}; add one to the bridge's routes",
                     job.table_name
@@ -449,7 +445,7 @@ impl<S: Settle> Worker<S> {
         // ever: the job fails here, once, with the reason.
         if let Some(why) = record_id_problem(&job.record_id) {
             return Err((
-                "refused",
+                Refusal::Refused,
                 format!("{why}; use a shorter key column for this table"),
                 false,
             ));
@@ -460,7 +456,7 @@ impl<S: Settle> Worker<S> {
             ShortString::try_new(route.routing_key.as_str()),
         ) else {
             return Err((
-                "unrouted_table",
+                Refusal::UnroutedTable,
                 format!(
                     "routing key {:?} is longer than 255 bytes",
                     route.routing_key
@@ -494,7 +490,7 @@ impl<S: Settle> Worker<S> {
         let limit = self.config.max_message_bytes;
         if body.len() > limit {
             return Err((
-                "refused",
+                Refusal::Refused,
                 format!(
                     "the message is {} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); ignore the table's large columns or raise the limit (and the broker's max_message_size with it)",
                     body.len()
@@ -534,7 +530,7 @@ impl<S: Settle> Worker<S> {
                         "exchange {:?} does not exist; declare the topology (benalsam-bridge does at start)",
                         message.exchange.as_str()
                     );
-                    self.fail("refused", id, reason, true);
+                    self.fail(Refusal::Refused, id, reason, true);
                     self.repair().await;
                     return;
                 }
@@ -616,7 +612,7 @@ impl<S: Settle> Worker<S> {
                 closes_link,
             } => {
                 self.fail(kind, id, reason.clone(), true);
-                let nacked_long = kind == "nack"
+                let nacked_long = kind == Refusal::Nack
                     && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
                         >= NACKED_CHANNEL;
                 if closes_link {
@@ -626,7 +622,7 @@ impl<S: Settle> Worker<S> {
                         "every publish nacked for {} s; opening a new channel",
                         NACKED_CHANNEL.as_secs()
                     ))));
-                } else if kind == "unroutable" {
+                } else if kind == Refusal::Unroutable {
                     self.repair().await;
                 }
             }
@@ -657,7 +653,7 @@ impl<S: Settle> Worker<S> {
                 tracing::warn!("a publish found the topology incomplete; declared it again");
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 tracing::warn!(%error, "cannot declare the topology again");
             }
         }
@@ -669,9 +665,9 @@ impl<S: Settle> Worker<S> {
             .get_or_insert(Instant::now() + self.config.report_interval);
     }
 
-    fn fail(&mut self, kind: &'static str, id: i64, error: String, retry: bool) {
+    fn fail(&mut self, kind: Refusal, id: i64, error: String, retry: bool) {
         tracing::warn!(job = id, %error, retry, "publish failed");
-        metrics::inc(&self.metrics.jobs_publish_failed, kind);
+        metrics::inc(&self.metrics.jobs_publish_failed, kind.as_str());
         self.status.lock().last_failure = Some((SystemTime::now(), error.clone()));
         self.gather(id, Outcome::Failed { error, retry });
     }
@@ -679,7 +675,7 @@ impl<S: Settle> Worker<S> {
     /// Drops the link; its unconfirmed jobs are published again on the next one.
     fn link_lost(&mut self, error: Option<Error>) {
         if let Some(error) = &error {
-            self.status.error(error);
+            self.status.record_error(error);
             tracing::warn!(%error, "publisher lost its channel; reconnecting");
         }
         self.link = None;
@@ -687,9 +683,7 @@ impl<S: Settle> Worker<S> {
         // The next connection starts with the address after the one just lost: a node that
         // went away is tried again only once the others have been. With one address this is
         // that address again.
-        if let Some(index) = self.current_address.take() {
-            self.next_address = index + 1;
-        }
+        self.addresses.advance();
         self.known_exchanges.clear();
         self.confirms = FuturesUnordered::new();
         let mut orphans: Vec<Outgoing> = self
@@ -760,7 +754,7 @@ impl<S: Settle> Worker<S> {
                 true
             }
             Err(error) => {
-                self.status.error(&error);
+                self.status.record_error(&error);
                 tracing::warn!(%error, "cannot report publish outcomes; will retry");
                 let wait = self
                     .config
