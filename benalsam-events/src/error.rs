@@ -47,7 +47,7 @@ pub(crate) enum Kind {
     #[error(
         "RabbitMQ already has queue {queue} as a {existing} queue, but BENALSAM_QUEUE_TYPE asks \
          for {wanted} queues, and a queue's type cannot change. Either run with \
-         BENALSAM_QUEUE_TYPE={existing}, or migrate the queues to {wanted} as the README's \
+         BENALSAM_QUEUE_TYPE={existing}, or migrate the queues to {wanted} as docs/topology.md's \
          \"Changing the queue type\" describes (stop the bridges, let the consumers drain the \
          queues, delete them, start with BENALSAM_QUEUE_TYPE={wanted}; the outbox sends again \
          whatever was lost)"

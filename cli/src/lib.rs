@@ -536,7 +536,7 @@ pub struct ServiceArgs {
 #[non_exhaustive]
 pub struct QueueTypeArgs {
     /// Queue type: classic, or quorum for replicated queues on a cluster (a queue's type
-    /// cannot change: see the README's "Changing the queue type")
+    /// cannot change: see "Changing the queue type" in docs/topology.md)
     #[arg(long, env = "BENALSAM_QUEUE_TYPE", default_value = "classic",
           value_parser = |s: &str| s.parse::<QueueType>().map_err(|e| e.to_string()))]
     pub queue_type: QueueType,
