@@ -2,7 +2,7 @@
 //!
 //! The outbox's tables belong to the role that ran [`migrate`](super::migrate); the services
 //! may run as roles of their own with only what their work needs. What each needs was measured
-//! against the real database (`bridge-bin/tests/least_privilege.rs` runs both binaries as roles
+//! against the real database (`system-tests/tests/least_privilege.rs` runs both binaries as roles
 //! holding exactly these grants, and nothing more):
 //!
 //! | role | on the outbox | on the event types' tables |

@@ -1,30 +1,41 @@
-//! The two binaries as processes, for the tests of this package.
+//! The two binaries as processes, for the system tests.
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The bridge binary of this package.
+/// The bridge binary, as `cargo build --workspace --bins` left it.
 pub fn bridge_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_benalsam-bridge"))
+    binary("benalsam-bridge")
 }
 
-/// The consumer binary, built next to the bridge (built now if this package was tested alone).
+/// The consumer binary, as `cargo build --workspace --bins` left it.
 pub fn consumer_binary() -> PathBuf {
-    let path = bridge_binary().with_file_name("benalsam-consumer");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "benalsam-consumer",
-                "--bin",
-                "benalsam-consumer",
-            ])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building benalsam-consumer");
-    }
+    binary("benalsam-consumer")
+}
+
+/// A binary of the workspace, already built: `BENALSAM_BIN_DIR` when set (a release build,
+/// say), else the profile folder this test runs from (`target/debug/deps/<test>` sits two
+/// levels below `target/debug/<binary>`). These tests never build anything themselves:
+/// `scripts/test` builds the binaries first, so one build serves every test, and a test
+/// never waits on a cargo lock.
+fn binary(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("BENALSAM_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::current_exe()
+            .expect("the test knows its own path")
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("the test runs from <target>/<profile>/deps")
+            .to_path_buf(),
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does), \
+         or point BENALSAM_BIN_DIR at the folder that has it",
+        path.display()
+    );
     path
 }
 

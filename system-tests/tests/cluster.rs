@@ -16,7 +16,7 @@
 //! Every test here is `#[ignore]`d: plain `cargo test --workspace` runs against the
 //! single-node stack, where these tests cannot run. `scripts/test` brings the cluster up in
 //! a state folder and on ports of its own after the single-node suite and runs them with
-//! `cargo test -p benalsam-bridge --test cluster -- --ignored --test-threads=1` (one at a
+//! `cargo test -p benalsam-system-tests --test cluster -- --ignored --test-threads=1` (one at a
 //! time: each kills nodes the others would use). Without the cluster's variables
 //! (`eval "$(scripts/stack env)"` of that folder) they fail, naming what is missing.
 
