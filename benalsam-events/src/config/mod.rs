@@ -6,6 +6,7 @@ mod queue;
 mod redact;
 mod secret_file;
 pub(crate) mod tls;
+mod url_list;
 mod urls;
 
 use std::time::Duration;
