@@ -27,15 +27,18 @@
 use std::time::SystemTime;
 
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::AmqpUrl;
-use crate::consume::verify::{self, Check};
-use crate::outbox::{Job, JobSelection, Outbox, Recorded};
-use crate::publish::{Envelope, JOB_ID_HEADER, LISTINGS_EXCHANGE};
+use crate::outbox::{JobSelection, Outbox};
+use crate::publish::{JOB_ID_HEADER, LISTINGS_EXCHANGE};
 use crate::{Error, EventType, Result};
+
+mod replay;
+
+pub use replay::{RefusedLetter, ReplayReport};
 
 /// Header: what kind of failure.
 const KIND_HEADER: &str = "x-dead-letter-kind";
@@ -281,10 +284,10 @@ impl DeadLetterQueue {
         selection: &JobSelection,
         progress: impl FnMut(u64, u64),
     ) -> Result<ReplayReport> {
-        replay(
+        replay::replay(
             &self.url,
             &self.queue,
-            &Replay {
+            &replay::Replay {
                 outbox,
                 event_types,
                 selection,
@@ -312,193 +315,15 @@ async fn list(url: &AmqpUrl, queue: &str, limit: usize) -> Result<Vec<DeadLetter
     Ok(letters)
 }
 
-/// What a replay did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ReplayReport {
-    /// Jobs published again (confirmed), their letters removed from the DLQ.
-    pub replayed: usize,
-    /// Letters left in the DLQ because they were not selected.
-    pub kept: usize,
-    /// Selected letters that failed a check: not published, left in the DLQ.
-    pub refused: Vec<RefusedLetter>,
-    /// Jobs asked for (`JobSelection::Jobs`) that no letter of the DLQ names.
-    pub missing: Vec<i64>,
-}
-
-/// A dead letter a replay refused to publish, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RefusedLetter {
-    /// The job its body names, if it names one.
-    pub job_id: Option<i64>,
-    /// Why it was not replayed.
-    pub reason: String,
-}
-
-/// What a replay needs besides the queue.
-struct Replay<'a> {
-    outbox: &'a Outbox,
-    event_types: &'a [EventType],
-    selection: &'a JobSelection,
-}
-
-/// Letters read and checked at once: one outbox query for each such group.
-const REPLAY_CHUNK: u32 = 100;
-
-/// Whether `letter` may be replayed, given what the outbox has for the job its body names:
-/// the job (as the outbox has it) and its event type, or why not. The same checks as the
-/// consumer's for a delivery.
-fn checked<'t>(
-    letter: &Result<Envelope<'static>, String>,
-    recorded: Option<&Recorded>,
-    event_types: &'t [EventType],
-) -> std::result::Result<(Job, &'t EventType), String> {
-    let envelope = letter.as_ref().map_err(Clone::clone)?;
-    let event_type = event_types
-        .iter()
-        .find(|t| t.table == envelope.table.as_ref());
-    match verify::check(envelope, recorded, event_type.is_some()) {
-        Check::Deliver | Check::Superseded => {}
-        Check::Duplicate => {
-            return Err(format!(
-                "job {} is completed already: nothing to replay",
-                envelope.job_id
-            ));
-        }
-        Check::NotYet => {
-            return Err(format!(
-                "job {} is pending: the bridge publishes it again",
-                envelope.job_id
-            ));
-        }
-        Check::Unverified(reason) => return Err(reason),
-    }
-    let (Some(event_type), Some(job)) = (event_type, recorded.and_then(Recorded::job)) else {
-        return Err(format!(
-            "the outbox holds no row for job {}",
-            envelope.job_id
-        ));
-    };
-    Ok((job, event_type))
-}
-
-/// Publishes the jobs of the selected dead letters of `queue` again (see
-/// [`DeadLetterQueue::replay`]), then removes those letters. The others stay.
-async fn replay(
-    url: &AmqpUrl,
-    queue: &str,
-    replay: &Replay<'_>,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<ReplayReport> {
-    let (connection, channel, count) = open(url, queue, "benalsam dlq replay").await?;
-    let publisher = crate::connect::confirm_channel(&connection, "replay").await?;
-    let mut report = ReplayReport::default();
-    let mut found = std::collections::BTreeSet::new();
-    let mut seen = 0;
-    'chunks: while seen < count {
-        progress(u64::from(seen), u64::from(count));
-        // A chunk of letters, held unacknowledged (so the next get takes the next one);
-        // those not replayed go back to the queue when the channel closes.
-        let mut chunk = Vec::new();
-        while seen < count && chunk.len() < REPLAY_CHUNK as usize {
-            let message = channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(|e| Error::amqp("reading the DLQ", e))?;
-            let Some(message) = message else {
-                if chunk.is_empty() {
-                    break 'chunks;
-                }
-                seen = count;
-                break;
-            };
-            seen += 1;
-            let letter = Envelope::parse(&message.delivery.data)
-                .map_err(|e| format!("{e}: it names no job to replay"));
-            // The job its body names (as `dlq list` shows it), even when the body is no
-            // valid envelope: such a letter is selected, then refused with the reason.
-            let named = match &letter {
-                Ok(envelope) => Some(envelope.job_id),
-                Err(_) => describe(&message).job_id,
-            };
-            let selected = match replay.selection {
-                JobSelection::All => true,
-                JobSelection::Jobs(_) => named.is_some_and(|id| replay.selection.contains(id)),
-            };
-            if selected {
-                chunk.push((message, named, letter));
-            } else {
-                report.kept += 1;
-            }
-        }
-        let ids: Vec<i64> = chunk
-            .iter()
-            .filter_map(|(_, _, letter)| letter.as_ref().ok().map(|e| e.job_id))
-            .collect();
-        let recorded: std::collections::HashMap<i64, Recorded> = replay
-            .outbox
-            .lookup(&ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect();
-        for (message, job_id, letter) in chunk {
-            found.extend(job_id);
-            let recorded = letter.as_ref().ok().and_then(|e| recorded.get(&e.job_id));
-            let (job, event_type) = match checked(&letter, recorded, replay.event_types) {
-                Ok(checked) => checked,
-                Err(reason) => {
-                    report.refused.push(RefusedLetter { job_id, reason });
-                    continue;
-                }
-            };
-            let delivery = &message.delivery;
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let replays = header_i64(&headers, REPLAYED_HEADER).unwrap_or(0) + 1;
-            let route = event_type.route(&job);
-            let (exchange, routing_key) = (route.exchange.clone(), route.routing_key.clone());
-            let envelope = Envelope::routed(&job, route);
-            let mut properties = envelope.properties("benalsam-replay", job.traceparent.as_deref());
-            let mut headers = properties.headers().clone().unwrap_or_default();
-            headers.insert(REPLAYED_HEADER.into(), AMQPValue::LongLongInt(replays));
-            properties = properties.with_headers(headers);
-            confirm(
-                &publisher,
-                &exchange,
-                &routing_key,
-                &envelope.to_bytes(),
-                properties,
-                "replaying a dead letter",
-            )
-            .await?;
-            delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|e| Error::amqp("removing a replayed message from the DLQ", e))?;
-            report.replayed += 1;
-        }
-    }
-    progress(u64::from(count), u64::from(count));
-    if let JobSelection::Jobs(ids) = replay.selection {
-        report.missing = ids
-            .iter()
-            .copied()
-            .filter(|id| !found.contains(id))
-            .collect();
-        report.missing.sort_unstable();
-        report.missing.dedup();
-    }
-    let _ = connection.close(200, "replayed".into()).await;
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
+    use super::replay::checked;
     use super::*;
     use crate::outbox::Operation;
+    use crate::outbox::Recorded;
+    use crate::publish::Envelope;
 
     fn letter(table: &str) -> std::result::Result<Envelope<'static>, String> {
         let body = json!({
