@@ -148,8 +148,9 @@ impl Run {
     }
 
     async fn connect(&mut self, shutdown: &CancellationToken) -> bool {
-        // A shutdown is let through while connecting (a cluster test saw a consumer ignore
-        // SIGTERM while its channel was being set up on a node that had just come back).
+        // A shutdown is let through while connecting: setting up a channel on a node that
+        // has just come back can take as long as the node likes, and SIGTERM must not wait
+        // for it.
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return false,
             attempt = self.source.connect() => attempt,

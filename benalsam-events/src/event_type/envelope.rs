@@ -35,7 +35,7 @@ const READABLE_SCHEMA_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
 /// Default of the largest message body the bridge publishes and the consumer reads
 /// (`BENALSAM_MAX_MESSAGE_BYTES`). 1 MiB: a fifth of a default bulk request (5 MiB), room for
-/// an UPDATE's old and new row of about 0.5 MiB each (the rows measured are near 4 KB), and
+/// an UPDATE's old and new row of about 0.5 MiB each (far above the rows of the benchmarks), and
 /// with the default prefetch (500) it bounds the deliveries a consumer holds to 500 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
