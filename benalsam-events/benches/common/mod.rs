@@ -401,8 +401,16 @@ fn of_stack(pid: u32, stack: &str) -> bool {
 }
 
 /// A bundled binary of the release build (`benalsam-bridge`, `benalsam-consumer`), built
-/// first when missing.
+/// first when missing; or the one in `BENCH_BIN_DIR` when that is set.
 pub fn binary(name: &str) -> Result<std::path::PathBuf, BoxError> {
+    // Another build's binaries (an older commit's, for an A/B in one run of the stack).
+    if let Some(dir) = std::env::var_os("BENCH_BIN_DIR") {
+        let path = std::path::PathBuf::from(dir).join(name);
+        if !path.exists() {
+            return Err(format!("BENCH_BIN_DIR has no {name}: {}", path.display()).into());
+        }
+        return Ok(path);
+    }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
