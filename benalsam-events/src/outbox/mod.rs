@@ -18,30 +18,38 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
+mod backlog;
+mod config;
 mod fanout;
 mod grants;
 mod job;
 mod listener;
+mod lookup;
 mod maintenance;
 mod migrate;
 mod queue;
 mod relations;
 mod resender;
+mod settle;
+mod sql;
 pub(crate) mod state;
 mod stream;
 
+pub use backlog::Backlog;
+pub use config::OutboxConfig;
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
 pub use fanout::FanOutStatus;
 pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
+pub(crate) use lookup::Recorded;
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
 pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
-pub(crate) use queue::Recorded;
-pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
+pub use queue::Outbox;
 pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};
+pub use settle::{Outcome, Settle, Settled};
 pub(crate) use stream::DEFAULT_CHANNEL;
 pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};
