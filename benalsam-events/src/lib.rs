@@ -39,7 +39,7 @@
 //! | [`search`] | everything that speaks the search engine's dialect: client and nodes, bulk requests and answers, mappings, delete queries |
 //! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations and grants, the job state machine, the fan-out of relations |
 //! | [`event_type`] | the model: [`EventType`] (one table from trigger to index, in code or from a TOML file), documents as data, relations, the change data ([`Envelope`], [`Action`], [`DocumentBuilder`]) |
-//! | [`ops`] | observability: health answers and server, [`Metrics`], logs and traces |
+//! | [`ops`] | observability: health answers and server, [`Metrics`]; spans and their trace context across the broker (installing a subscriber or an exporter is the application's: the binaries do it in `benalsam-cli`) |
 //! | [`config`], [`connect`] | service URLs that never print a password, secrets from files; opening connections |
 //!
 //! # Features
@@ -48,7 +48,6 @@
 //! |---|---|---|
 //! | `bridge` | yes | [`bridge::run`] and what only the bridge needs: claiming, publishing, the fan-out of relations |
 //! | `consumer` | yes | [`consumer::run`], the `Indexer` and the DLQ tools: RabbitMQ → Elasticsearch, with the Elasticsearch client |
-//! | `otlp` | yes | exporting traces over OTLP/HTTP when the standard `OTEL_*` variables ask for it |
 //!
 //! A service that only publishes builds with `default-features = false, features =
 //! ["bridge"]` and carries no search client.

@@ -33,14 +33,15 @@ use benalsam_events::config::{AmqpUrl, DatabaseUrl, SearchUrl};
 use benalsam_events::consume::IndexerConfig;
 #[cfg(feature = "consumer")]
 use benalsam_events::consumer::ConsumerSettings;
-use benalsam_events::ops::telemetry::LogFormat;
 use benalsam_events::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
 use benalsam_events::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
 use benalsam_events::{Error, EventType};
 
 mod secret_file;
+pub mod telemetry;
 
 pub use secret_file::{parse_with_secret_files, try_parse_with_secret_files};
+pub use telemetry::LogFormat;
 
 /// The variables of the search engine's TLS files, which `SearchUrl::from_env` reads too.
 const ELASTICSEARCH_CA: &str = "ELASTICSEARCH_CA";

@@ -9,7 +9,6 @@ async fn main() -> anyhow::Result<()> {
     // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE,
     // saying where a misplaced run setting belongs.
     let cli: commands::Cli = benalsam_cli::parse();
-    let _telemetry =
-        benalsam_events::ops::telemetry::init("benalsam-consumer", cli.log.log_format)?;
+    let _telemetry = benalsam_cli::telemetry::init("benalsam-consumer", cli.log.log_format)?;
     cli.run().await.map_err(benalsam_cli::name_the_setting)
 }

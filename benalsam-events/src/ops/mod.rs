@@ -3,7 +3,7 @@
 mod health;
 pub(crate) mod metrics;
 mod status;
-pub mod telemetry;
+pub(crate) mod telemetry;
 
 pub use health::{HealthReport, HealthServer, Readiness};
 pub(crate) use health::{rfc3339, since};
