@@ -8,7 +8,7 @@ use super::queue::sorted_ids;
 use crate::{Error, Result};
 
 /// Live work in the queue, for health checks and metrics: the pending work of the outbox's
-/// own tables (see [`OutboxConfig::tables`]), and the rest in all. Counted on the partial
+/// own tables (see [`OutboxConfig::tables`](super::OutboxConfig::tables)), and the rest in all. Counted on the partial
 /// indexes of the live states only, so it stays cheap with millions of completed rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[non_exhaustive]

@@ -6,7 +6,7 @@ use crate::backoff::Backoff;
 use crate::config::{validate_identifier, validate_schema};
 use crate::{Error, Result};
 
-/// Settings of an [`Outbox`].
+/// Settings of an [`Outbox`](super::Outbox).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct OutboxConfig {
@@ -42,7 +42,7 @@ impl OutboxConfig {
         }
     }
 
-    /// Checks the settings as [`Outbox::new`] does: names that go into SQL text, a lease and
+    /// Checks the settings as [`Outbox::new`](super::Outbox::new) does: names that go into SQL text, a lease and
     /// retry waits longer than zero, at least one attempt.
     pub fn validate(&self) -> Result<()> {
         validate_schema(&self.schema)?;
