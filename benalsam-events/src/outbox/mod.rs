@@ -37,7 +37,7 @@ pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
-pub(crate) use migrate::missing_tables;
+pub(crate) use migrate::check_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
