@@ -130,12 +130,6 @@ impl Cli {
                     "applied {:?}, already applied {:?}, trigger on {:?}",
                     report.applied, report.already_applied, report.triggers
                 );
-                if !report.missing_tables.is_empty() {
-                    anyhow::bail!(
-                        "table {} does not exist; create it and run migrate again",
-                        report.missing_tables.join(", ")
-                    );
-                }
                 Ok(())
             }
             Some(Command::Dlq(Dlq::List { ref which, limit })) => {
