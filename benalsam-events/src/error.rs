@@ -446,6 +446,11 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
     None
 }
 
+/// The server's message, code and detail of a tokio-postgres error, for a message of its own.
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
+    PgDetail(error).to_string()
+}
+
 /// Renders a tokio-postgres error with the server's message, code and detail: its own
 /// `Display` is only "db error".
 struct PgDetail<'a>(&'a tokio_postgres::Error);

@@ -86,8 +86,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Enqueue a job for every existing row of a table (resumable), so rows that predate the
-    /// trigger get indexed
+    /// Enqueue a job for every existing row of a table (or the rows --where selects), so rows
+    /// that predate the trigger, or a table's rows after a TRUNCATE of a related table, get
+    /// indexed. An interrupted backfill continues where it stopped; a finished one run again
+    /// starts a new run over every row
     Backfill {
         /// The event type whose table to backfill (its table and key from the configuration;
         /// may be left out when there is only one)
@@ -105,6 +107,12 @@ enum Command {
         /// Start over instead of continuing an interrupted backfill
         #[arg(long)]
         restart: bool,
+        /// Only the rows where this SQL condition holds, e.g. "company_id = 42". It is SQL
+        /// run as written with this command's database role (like psql): give only a
+        /// condition you wrote, never one taken from elsewhere. A backfill with a condition
+        /// keeps its own progress (the same --where continues it)
+        #[arg(long = "where", value_name = "SQL CONDITION")]
+        condition: Option<String>,
     },
 }
 
@@ -162,12 +170,14 @@ impl Cli {
                 ref key,
                 batch,
                 restart,
+                ref condition,
             }) => {
                 let (table, key) = match table {
                     Some(table) => (table.clone(), key.clone()),
                     None => backfilled(&self.config, event_type.as_deref())?,
                 };
-                backfill(db, &table, &key, batch, restart).await
+                let options = (batch, restart, condition.as_deref());
+                backfill(db, &table, &key, options).await
             }
         }
     }
@@ -298,17 +308,17 @@ async fn purge(
     Ok(())
 }
 
+/// Backfills `table` by `key`, with (batch, restart, condition).
 async fn backfill(
     db: &DatabaseArgs,
     table: &str,
     key: &str,
-    batch: i64,
-    restart: bool,
+    (batch, restart, condition): (i64, bool, Option<&str>),
 ) -> anyhow::Result<()> {
     let mut progress = cli::Progress::new(table, "rows");
     let done = db
         .outbox()?
-        .backfill(table, key, batch, restart, |p| {
+        .backfill(table, key, batch, restart, condition, |p| {
             progress.update(
                 p.rows.unsigned_abs(),
                 p.total.unsigned_abs().max(p.rows.unsigned_abs()),
@@ -318,9 +328,17 @@ async fn backfill(
         .await
         .with_context(|| format!("backfilling {table}"))?;
     progress.finish();
+    let selected = condition.map_or(String::new(), |c| format!(" where {c}"));
+    // What this run really enqueued; a run that continued an interrupted one says so.
+    let earlier = done.rows - done.this_run;
+    let continued = if earlier > 0 {
+        format!(" (continuing an interrupted run that had enqueued {earlier})")
+    } else {
+        String::new()
+    };
     println!(
-        "{}: backfill complete, {} rows enqueued",
-        done.table, done.rows
+        "{}{selected}: backfill complete, {} rows enqueued in this run{continued}",
+        done.table, done.this_run
     );
     Ok(())
 }

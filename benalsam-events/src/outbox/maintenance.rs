@@ -60,8 +60,11 @@ impl JobSelection {
 pub struct BackfillProgress {
     /// The table.
     pub table: String,
-    /// Rows enqueued so far, over all runs of this backfill.
+    /// Rows enqueued so far, over all runs of this backfill (an interrupted run and the run
+    /// that continued it).
     pub rows: i64,
+    /// Rows enqueued by this call: what it really added to the job table.
+    pub this_run: i64,
     /// Rows to enqueue in all (the table's rows when this run started).
     pub total: i64,
     /// The key of the last row enqueued.
@@ -158,18 +161,26 @@ impl Outbox {
 
     /// Enqueues an INSERT job for every row of `table` (key column `key`) in key order, `batch`
     /// rows per short transaction, recording progress so an interrupted backfill continues where
-    /// it stopped (`restart` starts over). Jobs of rows changed meanwhile are harmless: the index
-    /// keeps the highest job id. Calls `progress` after each batch; returning `false` from it
-    /// stops the backfill there (to be continued by the next call).
+    /// it stopped (`restart` starts over); a finished one asked again is a new run over every
+    /// row. Jobs of rows changed meanwhile are harmless: the index keeps the highest job id.
+    /// Calls `progress` after each batch; returning `false` from it stops the backfill there
+    /// (to be continued by the next call).
+    ///
+    /// `condition` (`company_id = 42`) keeps only the rows it holds for. It is SQL from the
+    /// operator, put into the backfill's statements as it is, and runs with the backfill's
+    /// database role: pass only what the operator wrote, never a value from the outside. A
+    /// backfill with a condition keeps its own progress, apart from the table's unfiltered
+    /// one: the same condition continues it.
     pub async fn backfill(
         &self,
         table: &str,
         key: &str,
         batch: i64,
         restart: bool,
+        condition: Option<&str>,
         mut progress: impl FnMut(&BackfillProgress) -> bool,
     ) -> Result<BackfillProgress> {
-        let mut run = Backfill::start(self, table, key, batch, restart).await?;
+        let mut run = Backfill::start(self, (table, key, condition), batch, restart).await?;
         loop {
             let now = run.step().await?;
             if !progress(&now) || now.finished {
@@ -183,8 +194,13 @@ impl Outbox {
 struct Backfill {
     /// Its own connection: batches are transactions.
     client: tokio_postgres::Client,
+    /// The table as the trigger records it (the jobs' table).
     table: String,
+    /// Its progress row: the table, with the condition when there is one.
+    progress: String,
     batch: i64,
+    /// Rows enqueued by this run.
+    this_run: i64,
     /// Rows of the table in all, counted at the start.
     total: i64,
     sql: BackfillSql,
@@ -194,6 +210,7 @@ struct Backfill {
 /// The statements of one backfill.
 struct BackfillSql {
     forget: String,
+    forget_finished: String,
     begin: String,
     count: String,
     read_progress: String,
@@ -205,8 +222,7 @@ struct BackfillSql {
 impl Backfill {
     async fn start(
         outbox: &Outbox,
-        table: &str,
-        key: &str,
+        (table, key, condition): (&str, &str, Option<&str>),
         batch: i64,
         restart: bool,
     ) -> Result<Self> {
@@ -245,31 +261,49 @@ impl Backfill {
                 Error::config("table", format!("{rows_schema}.{bare} has no column {key}"))
             })?
             .get(0);
+        let condition = condition.map(str::trim).filter(|c| !c.is_empty());
         let sql = BackfillSql::new(
             schema,
             &format!("\"{rows_schema}\".\"{bare}\""),
-            key,
-            &key_type,
+            (key, &key_type),
+            condition,
         );
-        if restart {
-            client
-                .execute(&sql.forget, &[&recorded])
-                .await
-                .map_err(|e| Error::postgres("restarting the backfill", e))?;
-        }
-        client
-            .execute(&sql.begin, &[&recorded, &key])
-            .await
-            .map_err(|e| Error::postgres("recording the backfill", e))?;
+        // The condition is checked (and the rows counted) before any progress is touched.
         let total: i64 = client
             .query_one(&sql.count, &[])
             .await
-            .map_err(|e| Error::postgres("counting the rows to backfill", e))?
+            .map_err(|e| match condition {
+                Some(condition) => Error::config(
+                    "--where",
+                    format!(
+                        "{condition:?} is not a condition on {rows_schema}.{bare}: {}",
+                        crate::error::pg_detail(&e)
+                    ),
+                ),
+                None => Error::postgres("counting the rows to backfill", e),
+            })?
             .get(0);
+        let progress = match condition {
+            Some(condition) => format!("{recorded} WHERE {condition}"),
+            None => recorded.clone(),
+        };
+        // A finished backfill asked again is a new run; an interrupted one continues unless
+        // told to restart.
+        let forget = if restart { &sql.forget } else { &sql.forget_finished };
+        client
+            .execute(forget, &[&progress])
+            .await
+            .map_err(|e| Error::postgres("restarting the backfill", e))?;
+        client
+            .execute(&sql.begin, &[&progress, &key])
+            .await
+            .map_err(|e| Error::postgres("recording the backfill", e))?;
         Ok(Self {
             client,
             table: recorded,
+            progress,
             batch,
+            this_run: 0,
             total,
             sql,
             notify_channel: outbox.config().notify_channel.clone(),
@@ -279,16 +313,23 @@ impl Backfill {
 
 impl BackfillSql {
     /// The statements of a backfill of `rows` (the quoted, qualified table) by `key` (of
-    /// type `key_type`), with its progress kept in `schema`.
-    fn new(schema: &str, rows: &str, key: &str, key_type: &str) -> Self {
+    /// type `key_type`), of the rows where `condition` holds, with its progress kept in
+    /// `schema`.
+    fn new(schema: &str, rows: &str, (key, key_type): (&str, &str), condition: Option<&str>) -> Self {
         let progress = format!("\"{schema}\".benalsam_backfill");
+        // The operator's condition, verbatim (see `Outbox::backfill`), in parentheses so that
+        // an OR in it cannot escape the key range.
+        let filter = condition.map_or(String::new(), |c| format!(" AND ({c})"));
         Self {
             forget: format!("DELETE FROM {progress} WHERE table_name = $1"),
+            forget_finished: format!(
+                "DELETE FROM {progress} WHERE table_name = $1 AND finished_at IS NOT NULL"
+            ),
             begin: format!(
                 "INSERT INTO {progress} (table_name, key_column) VALUES ($1, $2)
                  ON CONFLICT (table_name) DO NOTHING"
             ),
-            count: format!("SELECT count(*) FROM {rows}"),
+            count: format!("SELECT count(*) FROM {rows} t WHERE true{filter}"),
             read_progress: format!(
                 "SELECT last_key, rows_queued, finished_at IS NOT NULL
                  FROM {progress} WHERE table_name = $1 FOR UPDATE"
@@ -297,7 +338,7 @@ impl BackfillSql {
             // None means fewer rows than a batch remain, and this batch is the last.
             last_of_batch: format!(
                 "SELECT t.\"{key}\"::text FROM {rows} t
-                 WHERE $1::text IS NULL OR t.\"{key}\" > $1::text::{key_type}
+                 WHERE ($1::text IS NULL OR t.\"{key}\" > $1::text::{key_type}){filter}
                  ORDER BY t.\"{key}\" OFFSET $2::bigint - 1 LIMIT 1"
             ),
             // Rows are read FOR SHARE: a concurrent UPDATE of a row in the batch is waited for
@@ -309,7 +350,7 @@ impl BackfillSql {
                  SELECT $1, 'INSERT', t.\"{key}\"::text, to_jsonb(t)
                  FROM {rows} t
                  WHERE ($2::text IS NULL OR t.\"{key}\" > $2::text::{key_type})
-                   AND ($3::text IS NULL OR t.\"{key}\" <= $3::text::{key_type})
+                   AND ($3::text IS NULL OR t.\"{key}\" <= $3::text::{key_type}){filter}
                  ORDER BY t.\"{key}\"
                  FOR SHARE OF t"
             ),
@@ -332,7 +373,7 @@ impl Backfill {
             .await
             .map_err(|e| Error::postgres("starting a backfill batch", e))?;
         let state = tx
-            .query_one(&self.sql.read_progress, &[&self.table])
+            .query_one(&self.sql.read_progress, &[&self.progress])
             .await
             .map_err(|e| Error::postgres("reading backfill progress", e))?;
         let (last_key, rows, finished): (Option<String>, i64, bool) =
@@ -341,6 +382,7 @@ impl Backfill {
             return Ok(BackfillProgress {
                 table: self.table.clone(),
                 rows,
+                this_run: self.this_run,
                 total: rows.max(self.total),
                 last_key,
                 finished: true,
@@ -360,7 +402,7 @@ impl Backfill {
         let last_key = if finished { last_key } else { boundary };
         tx.execute(
             &self.sql.record_progress,
-            &[&self.table, &last_key, &queued, &finished],
+            &[&self.progress, &last_key, &queued, &finished],
         )
         .await
         .map_err(|e| Error::postgres("recording backfill progress", e))?;
@@ -370,9 +412,11 @@ impl Backfill {
         tx.commit()
             .await
             .map_err(|e| Error::postgres("committing a backfill batch", e))?;
+        self.this_run += queued;
         Ok(BackfillProgress {
             table: self.table.clone(),
             rows: rows + queued,
+            this_run: self.this_run,
             total: (rows + queued).max(self.total),
             last_key,
             finished,
