@@ -8,7 +8,7 @@
 //! * [`migrate`] installs the job table and the trigger function; [`grants`] gives the SQL
 //!   granting the bridge's and the consumer's roles what they need; the outbox's maintenance
 //!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],
-//!   [`Outbox::purge_completed`]) serve operators.
+//!   [`Outbox::purge_completed`], [`Outbox::document`]) serve operators.
 //!
 //! # The life of a job
 //!
@@ -18,6 +18,7 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
+mod document;
 mod fanout;
 mod grants;
 mod job;
@@ -30,6 +31,7 @@ mod resender;
 pub(crate) mod state;
 mod stream;
 
+pub use document::{DocumentPreview, Verdict};
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
 pub use fanout::FanOutStatus;
