@@ -74,11 +74,18 @@ enum Command {
         #[arg(long, conflicts_with = "jobs")]
         all: bool,
     },
-    /// Delete completed jobs older than an age, in small batches
+    /// Delete completed jobs older than an age, in small batches; or, with --failed-of, the
+    /// failed jobs of a table whose event type is no longer configured
     Purge {
         /// Age of the completed jobs to delete, e.g. 7d
-        #[arg(long, value_parser = cli::parse_duration)]
-        older_than: Duration,
+        #[arg(long, value_parser = cli::parse_duration, required_unless_present = "failed_of")]
+        older_than: Option<Duration>,
+        /// Delete the failed jobs of this table instead (as `status` names it: `orders`,
+        /// `shop.orders`, a relation's `listings#seller`), once its event type was removed
+        /// from the configuration: nothing retries them any more. Refused for a table a
+        /// configured event type still routes (use retry-failed for those)
+        #[arg(long, value_name = "TABLE", conflicts_with = "older_than")]
+        failed_of: Option<String>,
         /// Rows per delete statement
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
@@ -161,9 +168,14 @@ impl Cli {
             Some(Command::RetryFailed { jobs, all }) => retry_failed(db, jobs, all).await,
             Some(Command::Purge {
                 older_than,
+                ref failed_of,
                 batch,
                 force,
-            }) => purge(db, older_than, batch, force).await,
+            }) => match (older_than, failed_of) {
+                (_, Some(table)) => purge_failed(db, &event_types()?, table).await,
+                (Some(older_than), None) => purge(db, older_than, batch, force).await,
+                (None, None) => anyhow::bail!("give --older-than <age> or --failed-of <table>"),
+            },
             Some(Command::Backfill {
                 ref event_type,
                 ref table,
@@ -340,6 +352,39 @@ async fn backfill(
         "{}{selected}: backfill complete, {} rows enqueued in this run{continued}",
         done.table, done.this_run
     );
+    Ok(())
+}
+
+/// Deletes the failed jobs of `table`, which no configured event type may route.
+async fn purge_failed(
+    db: &DatabaseArgs,
+    event_types: &[EventType],
+    table: &str,
+) -> anyhow::Result<()> {
+    let schema = &db.schema;
+    // The names the trigger records: bare in the outbox's schema, qualified elsewhere, and
+    // `<table>#<relation>` for a relation's jobs.
+    let bare = |name: &str| {
+        name.strip_prefix(&format!("{schema}."))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let routed = event_types.iter().find(|t| {
+        let own = bare(&t.table);
+        own == bare(table)
+            || t.relations
+                .iter()
+                .any(|r| format!("{own}#{}", r.name) == bare(table))
+    });
+    if let Some(event_type) = routed {
+        anyhow::bail!(
+            "event type {} still routes {table}: its failed jobs can be retried (retry-failed); \
+             remove it from the configuration first to purge them",
+            event_type.name
+        );
+    }
+    let deleted = db.outbox()?.purge_failed(&bare(table)).await?;
+    println!("deleted {deleted} failed jobs of {table}");
     Ok(())
 }
 

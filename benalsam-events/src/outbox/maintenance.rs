@@ -159,6 +159,25 @@ impl Outbox {
         Ok(ids)
     }
 
+    /// Deletes the failed jobs recorded for `table` (as the trigger names it: `listings`,
+    /// `shop.orders`, a relation's `listings#seller`), for a table whose event type is no
+    /// longer configured: nothing will ever retry them. Returns how many were deleted. The
+    /// caller checks that no configured event type still routes `table`.
+    pub async fn purge_failed(&self, table: &str) -> Result<u64> {
+        let client = crate::connect::postgres_as(self.database_url(), "benalsam-admin").await?;
+        let schema = &self.config().schema;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM \"{schema}\".elasticsearch_sync_queue
+                      WHERE table_name = $1 AND status = 'failed'"
+                ),
+                &[&table],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("purging the failed jobs of {table}"), e))
+    }
+
     /// Enqueues an INSERT job for every row of `table` (key column `key`) in key order, `batch`
     /// rows per short transaction, recording progress so an interrupted backfill continues where
     /// it stopped (`restart` starts over); a finished one asked again is a new run over every
