@@ -158,7 +158,11 @@ async fn a_backfill_where_a_condition_holds_enqueues_only_those_rows_and_a_bad_o
         .backfill("listings", "id", 2, false, Some(condition), |_| true)
         .await
         .expect("a filtered backfill");
-    assert_eq!((done.rows, done.this_run, done.total), (3, 3, 3), "{done:?}");
+    assert_eq!(
+        (done.rows, done.this_run, done.total),
+        (3, 3, 3),
+        "{done:?}"
+    );
     let queued: HashSet<String> = db
         .client
         .query("SELECT record_id FROM elasticsearch_sync_queue", &[])
@@ -168,7 +172,10 @@ async fn a_backfill_where_a_condition_holds_enqueues_only_those_rows_and_a_bad_o
         .map(|r| r.get(0))
         .collect();
     let expected: HashSet<String> = [2, 16, 28].iter().map(|i| ids[*i].clone()).collect();
-    assert_eq!(queued, expected, "the rows the condition selects, and only them");
+    assert_eq!(
+        queued, expected,
+        "the rows the condition selects, and only them"
+    );
     // The unfiltered backfill keeps its own progress: every row.
     let all = outbox
         .backfill("listings", "id", 100, false, None, |_| true)

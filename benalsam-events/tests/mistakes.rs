@@ -60,7 +60,10 @@ async fn an_event_type_built_in_code_is_named_by_its_name_and_key() {
     let text = error.to_string();
     assert!(
         text.contains("event type \"listings\", status_column = \"state\"")
-            && text.contains(&format!("table {}.listings has no column \"state\"", db.name)),
+            && text.contains(&format!(
+                "table {}.listings has no column \"state\"",
+                db.name
+            )),
         "{text}"
     );
     db.drop().await;
@@ -79,13 +82,10 @@ async fn a_refused_migrate_commits_nothing_neither_migrations_nor_triggers() {
     // The relation's table is missing: the companies' own trigger must not stay attached.
     let (path, line) = with_mistake("table = \"job_posts\"", "table = \"job_post\"");
     let types = EventType::from_file(&path).expect("parses");
-    let error = benalsam_events::outbox::migrate(
-        &mut client,
-        &OutboxConfig::in_schema(&schema),
-        &types,
-    )
-    .await
-    .expect_err("a relation's table that does not exist");
+    let error =
+        benalsam_events::outbox::migrate(&mut client, &OutboxConfig::in_schema(&schema), &types)
+            .await
+            .expect_err("a relation's table that does not exist");
     let text = error.to_string();
     assert!(
         text.contains(&format!("{}:{line}: ", path.display()))
@@ -112,7 +112,10 @@ async fn a_refused_migrate_commits_nothing_neither_migrations_nor_triggers() {
         .await
         .expect("look up the migrations table")
         .get(0);
-    assert!(!migrated, "the migrations were rolled back with the triggers");
+    assert!(
+        !migrated,
+        "the migrations were rolled back with the triggers"
+    );
     let _ = std::fs::remove_file(path);
     client
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))

@@ -86,7 +86,8 @@ async fn a_finished_backfill_runs_again_says_what_it_enqueued_and_where_aims_it(
     let (ok, stdout, stderr) = backfill(&["--where", "warehouse = 'izmir'"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(
-        stdout.contains("where warehouse = 'izmir': backfill complete, 12 rows enqueued in this run"),
+        stdout
+            .contains("where warehouse = 'izmir': backfill complete, 12 rows enqueued in this run"),
         "{stdout}"
     );
     assert_eq!(jobs(&db).await, 252, "only the rows the condition selects");
@@ -128,8 +129,15 @@ async fn purge_failed_of_removes_the_failed_jobs_of_a_table_no_longer_configured
     let none = std::path::Path::new("");
     let out = bridge(&db, none, &["purge", "--failed-of", "orders"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("deleted 2 failed jobs of orders"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("deleted 2 failed jobs of orders"),
+        "{stdout}"
+    );
     assert_eq!(count("orders", "failed").await, 0);
     assert_eq!(count("orders", "completed").await, 1, "only failed jobs");
 

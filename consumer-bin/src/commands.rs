@@ -273,7 +273,10 @@ async fn document(
         "event type {}: table {}, {} = {key:?}",
         event_type.name, event_type.table, event_type.key
     );
-    println!("index: {} (alias), document id {:?}", preview.alias, preview.id);
+    println!(
+        "index: {} (alias), document id {:?}",
+        preview.alias, preview.id
+    );
     match preview.verdict {
         Verdict::Kept { document, why } => {
             println!("kept: {why}");
@@ -285,9 +288,9 @@ async fn document(
             println!("not in the index (a change of it deletes the document): {why}");
             Ok(())
         }
-        Verdict::Refused(why) => anyhow::bail!(
-            "the row cannot become a document; its jobs are dead-lettered: {why}"
-        ),
+        Verdict::Refused(why) => {
+            anyhow::bail!("the row cannot become a document; its jobs are dead-lettered: {why}")
+        }
         _ => anyhow::bail!("this build does not know what the consumer does with the row"),
     }
 }

@@ -50,7 +50,10 @@ async fn document_prints_the_row_s_document_its_alias_and_the_status_policy_s_ve
 
     let (ok, stdout, stderr) = document(&db, &config, &["1"]);
     assert!(ok, "{stdout}{stderr}");
-    assert!(stdout.contains("index: benalsam_companies (alias)"), "{stdout}");
+    assert!(
+        stdout.contains("index: benalsam_companies (alias)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("kept: state = \"open\" is a searchable status (open)"),
         "{stdout}"
@@ -59,7 +62,10 @@ async fn document_prints_the_row_s_document_its_alias_and_the_status_policy_s_ve
     let printed: serde_json::Value = serde_json::from_str(json).expect("the document is JSON");
     assert_eq!(printed["id"], "1");
     assert_eq!(printed["label"], "Acme");
-    assert_eq!(printed["geo"], serde_json::json!({"lat": 40.56, "lon": 29.1}));
+    assert_eq!(
+        printed["geo"],
+        serde_json::json!({"lat": 40.56, "lon": 29.1})
+    );
     assert_eq!(
         printed["posts"],
         serde_json::json!([{"title": "Operator"}, {"title": "Rust developer"}]),

@@ -90,7 +90,11 @@ pub(crate) async fn check_columns(
 fn own_columns(event_type: &EventType) -> Vec<(String, String, String)> {
     let mut named = vec![("key".to_owned(), "key".to_owned(), event_type.key.clone())];
     if let Some(status) = &event_type.status_column {
-        named.push(("status_column".into(), "status_column".into(), status.clone()));
+        named.push((
+            "status_column".into(),
+            "status_column".into(),
+            status.clone(),
+        ));
     }
     for column in &event_type.ignore {
         named.push(("ignore".into(), format!("ignore.{column}"), column.clone()));
@@ -98,18 +102,18 @@ fn own_columns(event_type: &EventType) -> Vec<(String, String, String)> {
     // A custom builder reads the row itself: the spec's fields are not used.
     if event_type.builder.is_none() {
         for (name, field) in &event_type.document.fields {
-            named.extend(field_columns(&format!("document.fields.{name}"), name, field));
+            named.extend(field_columns(
+                &format!("document.fields.{name}"),
+                name,
+                field,
+            ));
         }
     }
     named
 }
 
 /// The columns a field reads, each with its key and line path under `path`.
-fn field_columns(
-    path: &str,
-    name: &str,
-    field: &super::Field,
-) -> Vec<(String, String, String)> {
+fn field_columns(path: &str, name: &str, field: &super::Field) -> Vec<(String, String, String)> {
     match &field.kind {
         FieldType::GeoPoint { lat, lon } => vec![
             (format!("{path}.lat"), format!("{path}.lat"), lat.clone()),

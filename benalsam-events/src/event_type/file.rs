@@ -264,7 +264,12 @@ fn document_spec(raw: &DocumentToml, at: &dyn Fn(&str) -> String) -> Result<Docu
         ..DocumentSpec::default()
     };
     for (name, field) in &raw.fields {
-        let field = field_of(name, field.get_ref(), &format!("document.fields.{name}"), at)?;
+        let field = field_of(
+            name,
+            field.get_ref(),
+            &format!("document.fields.{name}"),
+            at,
+        )?;
         spec.fields.insert(name.clone(), field);
     }
     Ok(spec)
@@ -502,12 +507,18 @@ stored_in = { type = "keyword", column = "warehouse" }
         let (photos, seller) = (&parsed.relations[1], &parsed.relations[2]);
         let at = |relation: &Relation, path: &str| relation.origin.place(path);
         assert_eq!(at(seller, "table").as_deref(), Some("j.toml:41"));
-        assert_eq!(at(seller, "foreign_key.user_id").as_deref(), Some("j.toml:43"));
+        assert_eq!(
+            at(seller, "foreign_key.user_id").as_deref(),
+            Some("j.toml:43")
+        );
         assert_eq!(at(seller, "fields.rating").as_deref(), Some("j.toml:46"));
         assert_eq!(at(photos, "order_by").as_deref(), Some("j.toml:65"));
         assert_eq!(at(photos, "references.id").as_deref(), Some("j.toml:64"));
         let category = &parsed.relations[0];
-        assert_eq!(at(category, "fields.name.column").as_deref(), Some("j.toml:56"));
+        assert_eq!(
+            at(category, "fields.name.column").as_deref(),
+            Some("j.toml:56")
+        );
         assert_eq!(at(category, "key").as_deref(), Some("j.toml:53"));
     }
 
@@ -516,7 +527,11 @@ stored_in = { type = "keyword", column = "warehouse" }
         let types = parse(TWO, "f.toml").expect("valid");
         let (listings, inventory) = (&types[0].origin, &types[1].origin);
         assert_eq!(listings.place("status_column").as_deref(), Some("f.toml:4"));
-        assert_eq!(listings.place("key").as_deref(), Some("f.toml:2"), "the table's line");
+        assert_eq!(
+            listings.place("key").as_deref(),
+            Some("f.toml:2"),
+            "the table's line"
+        );
         assert_eq!(
             listings.place("document.fields.geo.lon").as_deref(),
             Some("f.toml:13")
@@ -526,9 +541,14 @@ stored_in = { type = "keyword", column = "warehouse" }
             Some("f.toml:12")
         );
         assert_eq!(inventory.place("key").as_deref(), Some("f.toml:18"));
-        assert_eq!(inventory.place("ignore.scan_count").as_deref(), Some("f.toml:19"));
         assert_eq!(
-            inventory.place("document.fields.stored_in.column").as_deref(),
+            inventory.place("ignore.scan_count").as_deref(),
+            Some("f.toml:19")
+        );
+        assert_eq!(
+            inventory
+                .place("document.fields.stored_in.column")
+                .as_deref(),
             Some("f.toml:28")
         );
         assert_eq!(

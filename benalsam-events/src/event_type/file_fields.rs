@@ -67,7 +67,11 @@ pub(super) struct FieldToml {
 impl FieldToml {
     /// Notes the lines of its column keys under `path` (`document.fields.geo`).
     pub(super) fn note_lines(&self, text: &str, path: &str, origin: &mut Origin) {
-        for (key, value) in [("column", &self.column), ("lat", &self.lat), ("lon", &self.lon)] {
+        for (key, value) in [
+            ("column", &self.column),
+            ("lat", &self.lat),
+            ("lon", &self.lon),
+        ] {
             if let Some(value) = value {
                 origin.note(format!("{path}.{key}"), line_of(text, value.span().start));
             }

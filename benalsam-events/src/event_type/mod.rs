@@ -42,15 +42,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub(crate) use catalog::check_columns;
 pub use change::{Action, BuildError, DocumentBuilder, Operation};
 pub use document::{DocumentSpec, FieldType};
 pub(crate) use document::{Field, LOWERCASE, Row, TURKISH};
 pub use envelope::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
 pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
+pub(crate) use origin::Origin;
 pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
-pub(crate) use catalog::check_columns;
-pub(crate) use origin::Origin;
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::Result;
@@ -263,7 +263,11 @@ impl EventType {
     /// Where to say a mistake about `key` is: `file:line: event type "x", key`, or without
     /// the place for an event type built in code. `path` finds the line (`ignore.views`).
     pub(crate) fn at(&self, key: &str, path: &str) -> String {
-        format!("{}event type {:?}, {key}", self.origin.prefix(path), self.name)
+        format!(
+            "{}event type {:?}, {key}",
+            self.origin.prefix(path),
+            self.name
+        )
     }
 
     /// The schema (when qualified) and the table name.

@@ -62,7 +62,6 @@ impl Relation {
         Ok(())
     }
 
-
     /// Every name of it reaches generated SQL: each must be a plain identifier.
     fn validate_identifiers(&self, event_type: &str) -> Result<()> {
         let identifier = |key: &str, what: &str, name: &str| {

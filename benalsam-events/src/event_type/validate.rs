@@ -60,7 +60,6 @@ impl EventType {
         Ok(())
     }
 
-
     /// Checks its relations: each valid, no name twice, no field name taken, trigger names
     /// that fit PostgreSQL.
     fn validate_relations(&self) -> Result<()> {
@@ -210,4 +209,3 @@ fn amqp_name(setting: &str, name: &str) -> Result<()> {
     }
     Ok(())
 }
-

@@ -18,6 +18,7 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
+mod backfill;
 mod document;
 mod fanout;
 mod grants;
@@ -31,6 +32,7 @@ mod resender;
 pub(crate) mod state;
 mod stream;
 
+pub use backfill::BackfillProgress;
 pub use document::{DocumentPreview, Verdict};
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
@@ -38,7 +40,7 @@ pub use fanout::FanOutStatus;
 pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
-pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
+pub use maintenance::{JobSelection, StatusLine, Summary};
 pub(crate) use migrate::check_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;

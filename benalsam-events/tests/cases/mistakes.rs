@@ -84,4 +84,3 @@ pub fn with_mistake(from: &str, to: &str) -> (PathBuf, usize) {
     std::fs::write(&path, text).expect("write the event-type file");
     (path, line)
 }
-

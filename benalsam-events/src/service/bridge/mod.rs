@@ -176,13 +176,17 @@ async fn prepare(
     }
     // Every table and column the event types name, before anything is claimed.
     let checked = service
-        .step("checking the event types against the database", shutdown, || {
-            crate::outbox::check_tables(
-                &settings.database_url,
-                &settings.outbox.schema,
-                &settings.event_types,
-            )
-        })
+        .step(
+            "checking the event types against the database",
+            shutdown,
+            || {
+                crate::outbox::check_tables(
+                    &settings.database_url,
+                    &settings.outbox.schema,
+                    &settings.event_types,
+                )
+            },
+        )
         .await?;
     if checked.is_none() {
         return Ok(false);
