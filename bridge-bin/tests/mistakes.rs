@@ -68,7 +68,7 @@ async fn each_column_mistake_stops_migrate_and_the_start_of_both_binaries_naming
         .await
         .expect("the application's tables");
     let (good, _) = with_mistake("", "");
-    let (failed, err) = refused(&mut command(bridge_binary(), &db, &vhost, &good).arg("migrate"));
+    let (failed, err) = refused(command(bridge_binary(), &db, &vhost, &good).arg("migrate"));
     assert!(!failed, "the file without a mistake migrates: {err}");
     for (from, to, key) in MISTAKES {
         let (path, line) = with_mistake(from, to);
