@@ -255,7 +255,8 @@ impl EventType {
 
     /// Reads the event types of a TOML file, checking every key (an unknown key, a wrong
     /// type, a name used twice, a field that cannot work): the error names the file, the line
-    /// and the key.
+    /// and the key. The line of every key that names a column is kept, so that the catalog
+    /// check of `migrate` and of the services' start names it too.
     pub fn from_file(path: &std::path::Path) -> Result<Vec<Self>> {
         file::load(path)
     }

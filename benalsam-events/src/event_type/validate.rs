@@ -8,6 +8,8 @@ use crate::{Error, Result};
 
 impl EventType {
     /// Checks what must hold for the event type to work, naming the setting that does not.
+    /// Without the database: `migrate` and both services also check every table and column
+    /// it names against the catalog.
     pub fn validate(&self) -> Result<()> {
         validate_identifier("event type name", &self.name)?;
         let (schema, table) = self.split_table();
