@@ -209,3 +209,32 @@ async fn read(client: &impl GenericClient, schema: &str, table: &str) -> Result<
         columns,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_column_is_named_with_the_columns_there_are() {
+        let table = |n: usize| Table {
+            name: "public.listings".to_owned(),
+            columns: Some((0..n).map(|i| format!("c{i:02}")).collect()),
+        };
+        assert_eq!(table(3).lacks("c01"), None);
+        assert_eq!(
+            table(3).lacks("status").as_deref(),
+            Some("table public.listings has no column \"status\" (columns: c00, c01, c02)")
+        );
+        let wide = table(40).lacks("x").unwrap_or_default();
+        assert!(
+            wide.ends_with("c29, …)"),
+            "a wide table is cut short: {wide}"
+        );
+        let gone = Table {
+            name: "public.x".to_owned(),
+            columns: None,
+        };
+        assert_eq!(gone.lacks("id"), None, "said by missing() instead");
+        assert!(gone.missing().contains("does not exist"));
+    }
+}
