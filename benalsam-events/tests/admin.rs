@@ -88,17 +88,18 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
     let outbox = db.outbox(OutboxConfig::default());
     let mut calls = 0;
     let first = outbox
-        .backfill("listings", "id", 10, false, |_| {
+        .backfill("listings", "id", 10, false, None, |_| {
             calls += 1;
             false // interrupted after the first batch
         })
         .await
         .expect("first batch");
     assert_eq!((calls, first.rows, first.finished), (1, 10, false));
+    assert_eq!(first.this_run, 10);
 
     let mut seen = Vec::new();
     let done = outbox
-        .backfill("listings", "id", 10, false, |p| {
+        .backfill("listings", "id", 10, false, None, |p| {
             seen.push(p.rows);
             true
         })
@@ -106,6 +107,7 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
         .expect("continued");
     assert!(done.finished);
     assert_eq!(done.rows, 25);
+    assert_eq!(done.this_run, 15, "what this run enqueued");
     assert_eq!(seen, vec![20, 25], "continued after the first ten");
 
     let queued: Vec<String> = db
@@ -122,20 +124,70 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
     assert_eq!(queued.len(), 25, "each row once");
     assert_eq!(queued.into_iter().collect::<HashSet<_>>(), ids);
 
+    // After a TRUNCATE of a related table, say: asked again, a finished backfill is a new run.
     let again = outbox
-        .backfill("listings", "id", 10, false, |_| true)
+        .backfill("listings", "id", 10, false, None, |_| true)
         .await
-        .expect("finished already");
+        .expect("a new run");
     assert!(again.finished);
-    assert_eq!(
-        db.statuses().await.len(),
-        25,
-        "a finished backfill enqueues nothing more"
-    );
+    assert_eq!((again.rows, again.this_run), (25, 25), "{again:?}");
+    assert_eq!(db.statuses().await.len(), 50, "every row again");
     let err = outbox
-        .backfill("listings", "nope", 10, true, |_| true)
+        .backfill("listings", "nope", 10, true, None, |_| true)
         .await
         .expect_err("unknown key column");
     assert!(err.to_string().contains("no column nope"), "{err}");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_backfill_where_a_condition_holds_enqueues_only_those_rows_and_a_bad_one_is_refused() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_queue")
+        .await
+        .expect("disable");
+    let ids = db.insert_listings(30).await;
+    db.client
+        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_queue")
+        .await
+        .expect("enable");
+    let outbox = db.outbox(OutboxConfig::default());
+    let condition = "title IN ('İlan 3', 'İlan 17') OR description = 'Açıklama 29'";
+    let done = outbox
+        .backfill("listings", "id", 2, false, Some(condition), |_| true)
+        .await
+        .expect("a filtered backfill");
+    assert_eq!(
+        (done.rows, done.this_run, done.total),
+        (3, 3, 3),
+        "{done:?}"
+    );
+    let queued: HashSet<String> = db
+        .client
+        .query("SELECT record_id FROM elasticsearch_sync_queue", &[])
+        .await
+        .expect("jobs")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: HashSet<String> = [2, 16, 28].iter().map(|i| ids[*i].clone()).collect();
+    assert_eq!(
+        queued, expected,
+        "the rows the condition selects, and only them"
+    );
+    // The unfiltered backfill keeps its own progress: every row.
+    let all = outbox
+        .backfill("listings", "id", 100, false, None, |_| true)
+        .await
+        .expect("every row");
+    assert_eq!(all.this_run, 30);
+    let err = outbox
+        .backfill("listings", "id", 10, false, Some("nope = 1"), |_| true)
+        .await
+        .expect_err("a column that does not exist");
+    let text = err.to_string();
+    assert!(err.is_config(), "{text}");
+    assert!(text.contains("--where") && text.contains("nope"), "{text}");
     db.drop().await;
 }

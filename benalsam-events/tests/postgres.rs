@@ -35,6 +35,7 @@ async fn with_listings(client: &tokio_postgres::Client, schema: &str) {
 async fn all_versions() -> Vec<i32> {
     let schema = unique_name("t_pg");
     let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    with_listings(&client, &schema).await;
     let report = migrate(&mut client, &schema).await.expect("migrations");
     client
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
@@ -57,7 +58,6 @@ async fn migrations_apply_once_beside_the_applications_own_table_and_the_trigger
         .expect("the library's migrations beside the application's listings table");
     assert_eq!(first.applied, all_versions().await);
     assert_eq!(first.triggers, vec!["listings".to_owned()]);
-    assert!(first.missing_tables.is_empty());
     let second = migrate(&mut client, &schema)
         .await
         .expect("second migration");
@@ -109,6 +109,7 @@ async fn concurrent_migrators_apply_each_migration_once() {
     let schema = unique_name("t_pg");
     let mut a = connect(&url).await.expect("PostgreSQL answers");
     let mut b = connect(&url).await.expect("PostgreSQL answers");
+    with_listings(&a, &schema).await;
 
     let (ra, rb) = tokio::join!(migrate(&mut a, &schema), migrate(&mut b, &schema));
     let (ra, rb) = (ra.expect("migrator a"), rb.expect("migrator b"));
@@ -159,19 +160,27 @@ async fn a_schema_that_was_never_migrated_is_reported_with_what_to_do() {
 }
 
 #[tokio::test]
-async fn a_configured_table_that_does_not_exist_is_reported_and_the_rest_attached() {
+async fn a_configured_table_that_does_not_exist_is_refused_and_nothing_is_attached() {
     let schema = unique_name("t_pg");
     let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
     with_listings(&client, &schema).await;
-    let report = benalsam_events::outbox::migrate(
+    let error = benalsam_events::outbox::migrate(
         &mut client,
         &OutboxConfig::in_schema(&schema),
         &[EventType::listings(), EventType::new("orders", "orders")],
     )
     .await
-    .expect("the migrations apply whatever tables exist");
+    .expect_err("all or nothing");
+    let text = error.to_string();
+    assert!(
+        text.contains("event type \"orders\", table") && text.contains("does not exist"),
+        "{text}"
+    );
+    let report = migrate(&mut client, &schema)
+        .await
+        .expect("nothing was committed: the migrations apply again");
     assert_eq!(report.triggers, vec!["listings".to_owned()]);
-    assert_eq!(report.missing_tables, vec!["orders".to_owned()]);
+    assert!(report.already_applied.is_empty(), "{report:?}");
     client
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await

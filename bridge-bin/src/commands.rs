@@ -74,11 +74,18 @@ enum Command {
         #[arg(long, conflicts_with = "jobs")]
         all: bool,
     },
-    /// Delete completed jobs older than an age, in small batches
+    /// Delete completed jobs older than an age, in small batches; or, with --failed-of, the
+    /// failed jobs of a table whose event type is no longer configured
     Purge {
         /// Age of the completed jobs to delete, e.g. 7d
-        #[arg(long, value_parser = cli::parse_duration)]
-        older_than: Duration,
+        #[arg(long, value_parser = cli::parse_duration, required_unless_present = "failed_of")]
+        older_than: Option<Duration>,
+        /// Delete the failed jobs of this table instead (as `status` names it: `orders`,
+        /// `shop.orders`, a relation's `listings#seller`), once its event type was removed
+        /// from the configuration: nothing retries them any more. Refused for a table a
+        /// configured event type still routes (use retry-failed for those)
+        #[arg(long, value_name = "TABLE", conflicts_with = "older_than")]
+        failed_of: Option<String>,
         /// Rows per delete statement
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
@@ -86,8 +93,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Enqueue a job for every existing row of a table (resumable), so rows that predate the
-    /// trigger get indexed
+    /// Enqueue a job for every existing row of a table (or the rows --where selects), so rows
+    /// that predate the trigger, or a table's rows after a TRUNCATE of a related table, get
+    /// indexed. An interrupted backfill continues where it stopped; a finished one run again
+    /// starts a new run over every row
     Backfill {
         /// The event type whose table to backfill (its table and key from the configuration;
         /// may be left out when there is only one)
@@ -105,6 +114,12 @@ enum Command {
         /// Start over instead of continuing an interrupted backfill
         #[arg(long)]
         restart: bool,
+        /// Only the rows where this SQL condition holds, e.g. "company_id = 42". It is SQL
+        /// run as written with this command's database role (like psql): give only a
+        /// condition you wrote, never one taken from elsewhere. A backfill with a condition
+        /// keeps its own progress (the same --where continues it)
+        #[arg(long = "where", value_name = "SQL CONDITION")]
+        condition: Option<String>,
     },
 }
 
@@ -153,21 +168,28 @@ impl Cli {
             Some(Command::RetryFailed { jobs, all }) => retry_failed(db, jobs, all).await,
             Some(Command::Purge {
                 older_than,
+                ref failed_of,
                 batch,
                 force,
-            }) => purge(db, older_than, batch, force).await,
+            }) => match (older_than, failed_of) {
+                (_, Some(table)) => purge_failed(db, &event_types()?, table).await,
+                (Some(older_than), None) => purge(db, older_than, batch, force).await,
+                (None, None) => anyhow::bail!("give --older-than <age> or --failed-of <table>"),
+            },
             Some(Command::Backfill {
                 ref event_type,
                 ref table,
                 ref key,
                 batch,
                 restart,
+                ref condition,
             }) => {
                 let (table, key) = match table {
                     Some(table) => (table.clone(), key.clone()),
                     None => backfilled(&self.config, event_type.as_deref())?,
                 };
-                backfill(db, &table, &key, batch, restart).await
+                let options = (batch, restart, condition.as_deref());
+                backfill(db, &table, &key, options).await
             }
         }
     }
@@ -207,13 +229,6 @@ async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result
     );
     for table in &report.triggers {
         println!("trigger attached to {table}");
-    }
-    if !report.missing_tables.is_empty() {
-        anyhow::bail!(
-            "table {} does not exist, so no change of it is recorded; create it and run \
-             migrate again (or fix the event type's table)",
-            report.missing_tables.join(", ")
-        );
     }
     Ok(())
 }
@@ -305,17 +320,17 @@ async fn purge(
     Ok(())
 }
 
+/// Backfills `table` by `key`, with (batch, restart, condition).
 async fn backfill(
     db: &DatabaseArgs,
     table: &str,
     key: &str,
-    batch: i64,
-    restart: bool,
+    (batch, restart, condition): (i64, bool, Option<&str>),
 ) -> anyhow::Result<()> {
     let mut progress = cli::Progress::new(table, "rows");
     let done = db
         .outbox()?
-        .backfill(table, key, batch, restart, |p| {
+        .backfill(table, key, batch, restart, condition, |p| {
             progress.update(
                 p.rows.unsigned_abs(),
                 p.total.unsigned_abs().max(p.rows.unsigned_abs()),
@@ -325,10 +340,51 @@ async fn backfill(
         .await
         .with_context(|| format!("backfilling {table}"))?;
     progress.finish();
+    let selected = condition.map_or(String::new(), |c| format!(" where {c}"));
+    // What this run really enqueued; a run that continued an interrupted one says so.
+    let earlier = done.rows - done.this_run;
+    let continued = if earlier > 0 {
+        format!(" (continuing an interrupted run that had enqueued {earlier})")
+    } else {
+        String::new()
+    };
     println!(
-        "{}: backfill complete, {} rows enqueued",
-        done.table, done.rows
+        "{}{selected}: backfill complete, {} rows enqueued in this run{continued}",
+        done.table, done.this_run
     );
+    Ok(())
+}
+
+/// Deletes the failed jobs of `table`, which no configured event type may route.
+async fn purge_failed(
+    db: &DatabaseArgs,
+    event_types: &[EventType],
+    table: &str,
+) -> anyhow::Result<()> {
+    let schema = &db.schema;
+    // The names the trigger records: bare in the outbox's schema, qualified elsewhere, and
+    // `<table>#<relation>` for a relation's jobs.
+    let bare = |name: &str| {
+        name.strip_prefix(&format!("{schema}."))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let routed = event_types.iter().find(|t| {
+        let own = bare(&t.table);
+        own == bare(table)
+            || t.relations
+                .iter()
+                .any(|r| format!("{own}#{}", r.name) == bare(table))
+    });
+    if let Some(event_type) = routed {
+        anyhow::bail!(
+            "event type {} still routes {table}: its failed jobs can be retried (retry-failed); \
+             remove it from the configuration first to purge them",
+            event_type.name
+        );
+    }
+    let deleted = db.outbox()?.purge_failed(&bare(table)).await?;
+    println!("deleted {deleted} failed jobs of {table}");
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use benalsam_cli::{
 };
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
-use benalsam_events::outbox::JobSelection;
+use benalsam_events::outbox::{JobSelection, Verdict};
 use clap::{Parser, Subcommand};
 
 /// Consumes the queues of the event types (elasticsearch.sync for the listings), writes
@@ -45,6 +45,16 @@ enum Command {
     /// Inspect or replay a dead-letter queue
     #[command(subcommand)]
     Dlq(Dlq),
+    /// Print the document a row becomes (with its relations), the index alias it goes to,
+    /// and whether the status policy keeps it (or why the index would not hold it); reads
+    /// the database only, writes nothing
+    Document {
+        /// The event type of the row (may be left out when there is only one)
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// The row's key (the event type's key column), e.g. 42
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,14 +140,12 @@ impl Cli {
                     "applied {:?}, already applied {:?}, trigger on {:?}",
                     report.applied, report.already_applied, report.triggers
                 );
-                if !report.missing_tables.is_empty() {
-                    anyhow::bail!(
-                        "table {} does not exist; create it and run migrate again",
-                        report.missing_tables.join(", ")
-                    );
-                }
                 Ok(())
             }
+            Some(Command::Document {
+                ref event_type,
+                ref key,
+            }) => document(&self.database, &self.config, event_type.as_deref(), key).await,
             Some(Command::Dlq(Dlq::List { ref which, limit })) => {
                 let queue = &which.queue(&self.config)?;
                 let letters = DeadLetterQueue::new(rabbit.clone(), queue)
@@ -235,6 +243,55 @@ impl Cli {
         consumer::run(settings, cli::shutdown_on_signals())
             .await
             .context("running the consumer")
+    }
+}
+
+/// Prints what the row `key` of the event type `name` becomes in the index.
+async fn document(
+    db: &DatabaseArgs,
+    config: &ConfigArgs,
+    name: Option<&str>,
+    key: &str,
+) -> anyhow::Result<()> {
+    let types = config.select(name)?;
+    let event_type = match types.as_slice() {
+        [one] => one,
+        many => {
+            let names: Vec<&str> = many.iter().map(|t| t.name.as_str()).collect();
+            anyhow::bail!(
+                "name the event type with --type (one of {})",
+                names.join(", ")
+            )
+        }
+    };
+    let preview = db
+        .outbox()?
+        .document(event_type, key)
+        .await
+        .with_context(|| format!("reading {} {key:?}", event_type.name))?;
+    println!(
+        "event type {}: table {}, {} = {key:?}",
+        event_type.name, event_type.table, event_type.key
+    );
+    println!(
+        "index: {} (alias), document id {:?}",
+        preview.alias, preview.id
+    );
+    match preview.verdict {
+        Verdict::Kept { document, why } => {
+            println!("kept: {why}");
+            println!("document (job_id {}):", preview.version);
+            println!("{document:#}");
+            Ok(())
+        }
+        Verdict::Deleted(why) => {
+            println!("not in the index (a change of it deletes the document): {why}");
+            Ok(())
+        }
+        Verdict::Refused(why) => {
+            anyhow::bail!("the row cannot become a document; its jobs are dead-lettered: {why}")
+        }
+        _ => anyhow::bail!("this build does not know what the consumer does with the row"),
     }
 }
 

@@ -132,8 +132,9 @@ macro_rules! service_url {
                     return Err(Error::config(
                         $setting,
                         format!(
-                            "scheme {:?} is not one of {schemes:?}; expected e.g. {}",
+                            "scheme {:?} is not one of {}; expected e.g. {}",
                             parsed.scheme(),
+                            schemes.join(", "),
                             $example
                         ),
                     ));

@@ -8,6 +8,7 @@ mod postgres;
 
 use certificates::Tls;
 use postgres::PgDetail;
+pub(crate) use postgres::pg_detail;
 
 /// Everything that can go wrong in the library.
 ///

@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+/// The server's message, code and detail of a tokio-postgres error, for a message of its own.
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
+    PgDetail(error).to_string()
+}
+
 /// Renders a tokio-postgres error with the server's message, code and detail: its own
 /// `Display` is only "db error".
 pub(super) struct PgDetail<'a>(pub(super) &'a tokio_postgres::Error);

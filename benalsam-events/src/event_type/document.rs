@@ -234,9 +234,19 @@ pub(super) fn field_value(
                 Ok(Some(json!({ "lat": lat, "lon": lon })))
             }
             (None | Some(Value::Null), None | Some(Value::Null)) => Ok(None),
-            (lat, lon) => Err(format!(
-                "coordinates {lat:?}/{lon:?} are not a pair of numbers"
-            )),
+            (lat_value, lon_value) => {
+                // Said as the operator sees the row, not as Rust debug text.
+                let shown = |value: Option<&Value>| match value {
+                    None => "absent".to_owned(),
+                    Some(Value::Null) => "NULL".to_owned(),
+                    Some(other) => other.to_string(),
+                };
+                Err(format!(
+                    "columns {lat} = {}, {lon} = {} are not a pair of numbers",
+                    shown(lat_value),
+                    shown(lon_value)
+                ))
+            }
         };
     }
     let column = if field.column.is_empty() {
@@ -422,8 +432,15 @@ mod tests {
     fn values_that_do_not_fit_their_field_are_refused_with_the_reason() {
         let mut bad = row("active");
         bad["longitude"] = Value::Null;
+        let lat = bad["latitude"].clone();
         let err = build(&envelope(Operation::Insert, bad)).expect_err("one coordinate");
-        assert!(err.to_string().contains("coordinates"), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "columns latitude = {lat}, longitude = NULL are not a pair of numbers"
+            )),
+            "said as the row holds it, without Rust debug text: {err}"
+        );
+        assert!(!err.to_string().contains("Some("), "{err}");
         let mut bad = row("active");
         bad["budget"] = json!("çok");
         let err = build(&envelope(Operation::Insert, bad)).expect_err("not a number");

@@ -3,7 +3,9 @@
 //! Every key is checked: an unknown one (a typo) or a value of the wrong type is a parse
 //! error with its line and column; a value that cannot work (a name used twice, a geo point
 //! without its columns, searchable statuses without a status column) names the event type,
-//! its line and the key. `examples/config/benalsam.toml` documents every key.
+//! its line and the key. The line of every key that names a column is kept (an [`Origin`]),
+//! so that the catalog check at `migrate` and at start points at it too.
+//! `examples/config/benalsam.toml` documents every key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +13,9 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{DocumentSpec, EventType, Field, FieldType, IndexSpec, Relation};
+use super::file_fields::{FieldToml, RelationToml, field_of, relation_of};
+use super::origin::{Origin, line_of};
+use super::{DocumentSpec, EventType, IndexSpec};
 use crate::{Error, Result};
 
 /// The file: a list of `[[event_type]]` tables.
@@ -25,14 +29,14 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct EventTypeToml {
     name: String,
-    table: Option<String>,
-    key: Option<String>,
+    table: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
     #[serde(default)]
-    ignore: Vec<String>,
+    ignore: Vec<Spanned<String>>,
     notify: Option<bool>,
     exchange: Option<String>,
     routing_prefix: Option<String>,
-    status_column: Option<String>,
+    status_column: Option<Spanned<String>>,
     queue: Option<String>,
     dead_letter_exchange: Option<String>,
     dead_letter_queue: Option<String>,
@@ -40,32 +44,7 @@ struct EventTypeToml {
     index: Option<IndexToml>,
     document: Option<DocumentToml>,
     #[serde(default)]
-    relations: BTreeMap<String, RelationToml>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-enum RelationKindToml {
-    Parent,
-    Children,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RelationToml {
-    table: String,
-    kind: RelationKindToml,
-    foreign_key: Vec<String>,
-    references: Option<Vec<String>>,
-    key: Option<String>,
-    order_by: Option<String>,
-    #[serde(default)]
-    descending: bool,
-    limit: Option<u32>,
-    #[serde(default)]
-    nested: bool,
-    #[serde(default)]
-    fields: BTreeMap<String, FieldToml>,
+    relations: BTreeMap<String, Spanned<RelationToml>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,36 +62,7 @@ struct IndexToml {
 struct DocumentToml {
     searchable_statuses: Option<Vec<String>>,
     #[serde(default)]
-    fields: BTreeMap<String, FieldToml>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-enum Kind {
-    Text,
-    Keyword,
-    Long,
-    Double,
-    Boolean,
-    Date,
-    Object,
-    GeoPoint,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FieldToml {
-    #[serde(rename = "type")]
-    kind: Kind,
-    column: Option<String>,
-    analyzer: Option<String>,
-    #[serde(default)]
-    raw: bool,
-    copy_to: Option<String>,
-    normalizer: Option<String>,
-    index: Option<bool>,
-    lat: Option<String>,
-    lon: Option<String>,
+    fields: BTreeMap<String, Spanned<FieldToml>>,
 }
 
 /// Reads `path` into event types.
@@ -129,10 +79,11 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
         .map_err(|e| Error::config("BENALSAM_CONFIG", format!("{name}: {e}")))?;
     let mut types: Vec<EventType> = Vec::new();
     for spanned in file.event_type {
-        let line = line_of(text, spanned.span().start);
+        let origin = origin_of(text, name, &spanned);
         let raw = spanned.into_inner();
-        let at = |key: &str| format!("{name}:{line}: event type {:?}, {key}", raw.name);
-        let event_type = convert(&raw, &at)?;
+        let at = |key: &str| format!("{}event type {:?}, {key}", origin.prefix(key), raw.name);
+        let mut event_type = convert((text, name), &raw, &at)?;
+        event_type.origin = origin.clone();
         // An error that names the file already (a relation's) stays as it is.
         event_type.validate().map_err(|e| {
             if e.setting() == Some("BENALSAM_CONFIG") {
@@ -141,42 +92,7 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
                 Error::config("BENALSAM_CONFIG", format!("{}: {e}", at("settings")))
             }
         })?;
-        if let Some(other) = types.iter().find(|t| t.name == event_type.name) {
-            return Err(Error::config(
-                "BENALSAM_CONFIG",
-                format!(
-                    "{}: the name is used twice (also table {})",
-                    at("name"),
-                    other.table
-                ),
-            ));
-        }
-        if let Some(other) = types
-            .iter()
-            .find(|t| super::aliases_collide(&t.index.alias, &event_type.index.alias))
-        {
-            return Err(Error::config(
-                "BENALSAM_CONFIG",
-                format!(
-                    "{}: {:?} would write the index of event type {} (alias {:?}); give each event type its own alias",
-                    at("index.alias"),
-                    event_type.index.alias,
-                    other.name,
-                    other.index.alias
-                ),
-            ));
-        }
-        if let Some(other) = types.iter().find(|t| t.table == event_type.table) {
-            return Err(Error::config(
-                "BENALSAM_CONFIG",
-                format!(
-                    "{}: table {} already belongs to event type {}",
-                    at("table"),
-                    event_type.table,
-                    other.name
-                ),
-            ));
-        }
+        refuse_clashes(&types, &event_type, &at)?;
         types.push(event_type);
     }
     if types.is_empty() {
@@ -188,19 +104,93 @@ pub(super) fn parse(text: &str, name: &str) -> Result<Vec<EventType>> {
     Ok(types)
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// The lines of the keys of one `[[event_type]]` that name columns.
+fn origin_of(text: &str, name: &str, spanned: &Spanned<EventTypeToml>) -> Origin {
+    let line = |s: std::ops::Range<usize>| line_of(text, s.start);
+    let raw = spanned.get_ref();
+    let mut origin = Origin::in_file(name, line(spanned.span()));
+    for (key, value) in [
+        ("table", &raw.table),
+        ("key", &raw.key),
+        ("status_column", &raw.status_column),
+    ] {
+        if let Some(value) = value {
+            origin.note(key, line(value.span()));
+        }
+    }
+    for column in &raw.ignore {
+        origin.note(format!("ignore.{}", column.get_ref()), line(column.span()));
+    }
+    if let Some(document) = &raw.document {
+        for (field, spanned) in &document.fields {
+            let path = format!("document.fields.{field}");
+            spanned.get_ref().note_lines(text, &path, &mut origin);
+            origin.note(path, line(spanned.span()));
+        }
+    }
+    for (relation, spanned) in &raw.relations {
+        origin.note(format!("relations.{relation}"), line(spanned.span()));
+    }
+    origin
 }
 
-fn convert(raw: &EventTypeToml, at: &dyn Fn(&str) -> String) -> Result<EventType> {
-    let table = raw.table.clone().unwrap_or_else(|| raw.name.clone());
+/// Refuses an event type that takes the name, the index or the table of an earlier one.
+fn refuse_clashes(
+    types: &[EventType],
+    event_type: &EventType,
+    at: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let refuse = |key: &str, why: String| {
+        Err(Error::config(
+            "BENALSAM_CONFIG",
+            format!("{}: {why}", at(key)),
+        ))
+    };
+    if let Some(other) = types.iter().find(|t| t.name == event_type.name) {
+        return refuse(
+            "name",
+            format!("the name is used twice (also table {})", other.table),
+        );
+    }
+    if let Some(other) = types
+        .iter()
+        .find(|t| super::aliases_collide(&t.index.alias, &event_type.index.alias))
+    {
+        return refuse(
+            "index.alias",
+            format!(
+                "{:?} would write the index of event type {} (alias {:?}); give each event type its own alias",
+                event_type.index.alias, other.name, other.index.alias
+            ),
+        );
+    }
+    if let Some(other) = types.iter().find(|t| t.table == event_type.table) {
+        return refuse(
+            "table",
+            format!(
+                "table {} already belongs to event type {}",
+                event_type.table, other.name
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The event type `raw` of the file (`text`, `file`) declares.
+fn convert(
+    (text, file): (&str, &str),
+    raw: &EventTypeToml,
+    at: &dyn Fn(&str) -> String,
+) -> Result<EventType> {
+    let owned = |value: &Option<Spanned<String>>| value.as_ref().map(|v| v.get_ref().clone());
+    let table = owned(&raw.table).unwrap_or_else(|| raw.name.clone());
     let mut t = EventType::new(&raw.name, &table);
     let set = |target: &mut String, value: &Option<String>| {
         if let Some(value) = value {
             target.clone_from(value);
         }
     };
-    set(&mut t.key, &raw.key);
+    set(&mut t.key, &owned(&raw.key));
     set(&mut t.exchange, &raw.exchange);
     set(&mut t.routing_prefix, &raw.routing_prefix);
     if let Some(queue) = &raw.queue {
@@ -211,9 +201,9 @@ fn convert(raw: &EventTypeToml, at: &dyn Fn(&str) -> String) -> Result<EventType
     }
     set(&mut t.dead_letter_exchange, &raw.dead_letter_exchange);
     set(&mut t.dead_letter_queue, &raw.dead_letter_queue);
-    t.ignore.clone_from(&raw.ignore);
+    t.ignore = raw.ignore.iter().map(|c| c.get_ref().clone()).collect();
     t.notify = raw.notify.unwrap_or(true);
-    t.status_column.clone_from(&raw.status_column);
+    t.status_column = owned(&raw.status_column);
     t.status_queue.clone_from(&raw.status_queue);
     if let Some(index) = &raw.index {
         t.index = index_spec(index, &t.index.alias, at)?;
@@ -221,74 +211,21 @@ fn convert(raw: &EventTypeToml, at: &dyn Fn(&str) -> String) -> Result<EventType
     if let Some(document) = &raw.document {
         t.document = document_spec(document, at)?;
     }
-    for (name, relation) in &raw.relations {
-        t.relations.push(relation_of(name, relation, &t.key, at)?);
+    for (name, spanned) in &raw.relations {
+        let mut relation = relation_of(name, spanned.get_ref(), &t.key, at)?;
+        // Where it was declared, for the errors the database catalog finds later.
+        relation.origin = relation_origin(text, file, spanned);
+        t.relations.push(relation);
     }
     Ok(t)
 }
 
-fn relation_of(
-    name: &str,
-    raw: &RelationToml,
-    owner_key: &str,
-    at: &dyn Fn(&str) -> String,
-) -> Result<Relation> {
-    let key = raw.key.clone().unwrap_or_else(|| "id".to_owned());
-    let foreign_key: Vec<&str> = raw.foreign_key.iter().map(String::as_str).collect();
-    let default_references = match raw.kind {
-        RelationKindToml::Parent => key.clone(),
-        RelationKindToml::Children => owner_key.to_owned(),
-    };
-    let references: Vec<&str> = match &raw.references {
-        Some(columns) => columns.iter().map(String::as_str).collect(),
-        None => vec![default_references.as_str()],
-    };
-    let refuse = |key: &str, why: &str| {
-        Error::config(
-            "BENALSAM_CONFIG",
-            format!("{}: {why}", at(&format!("relations.{name}.{key}"))),
-        )
-    };
-    let mut relation = match raw.kind {
-        RelationKindToml::Parent => {
-            for (key, given) in [
-                ("order_by", raw.order_by.is_some()),
-                ("descending", raw.descending),
-                ("limit", raw.limit.is_some()),
-                ("nested", raw.nested),
-            ] {
-                if given {
-                    return Err(refuse(key, "applies to kind = \"children\" only"));
-                }
-            }
-            Relation::parent(name, &raw.table, &foreign_key, &references)
-        }
-        RelationKindToml::Children => {
-            let mut children =
-                Relation::children(name, &raw.table, &foreign_key, &references).nested(raw.nested);
-            if let Some(order) = &raw.order_by {
-                children = children.order_by(order, raw.descending);
-            }
-            if let Some(limit) = raw.limit {
-                children = children.limit(limit);
-            }
-            children
-        }
-    };
-    relation.key = key;
-    for (field_name, field) in &raw.fields {
-        let field = field_of(
-            field_name,
-            field,
-            &format!("relations.{name}.fields.{field_name}"),
-            at,
-        )?;
-        relation.fields.insert(field_name.clone(), field);
-    }
-    // "benalsam.toml:12": where the relation was declared, for the errors the database
-    // catalog finds later.
-    relation.origin = at("").split(": event type").next().map(str::to_owned);
-    Ok(relation)
+/// The lines of a relation's keys.
+fn relation_origin(text: &str, file: &str, spanned: &Spanned<RelationToml>) -> Origin {
+    let line = |s: std::ops::Range<usize>| line_of(text, s.start);
+    let mut relation = Origin::in_file(file, line(spanned.span()));
+    spanned.get_ref().note_lines(text, &mut relation);
+    relation
 }
 
 fn index_spec(raw: &IndexToml, alias: &str, at: &dyn Fn(&str) -> String) -> Result<IndexSpec> {
@@ -327,90 +264,21 @@ fn document_spec(raw: &DocumentToml, at: &dyn Fn(&str) -> String) -> Result<Docu
         ..DocumentSpec::default()
     };
     for (name, field) in &raw.fields {
-        let field = field_of(name, field, &format!("document.fields.{name}"), at)?;
+        let field = field_of(
+            name,
+            field.get_ref(),
+            &format!("document.fields.{name}"),
+            at,
+        )?;
         spec.fields.insert(name.clone(), field);
     }
     Ok(spec)
 }
 
-/// One field of a document or of a relation's rows; `key` names it in errors.
-fn field_of(
-    name: &str,
-    field: &FieldToml,
-    key: &str,
-    at: &dyn Fn(&str) -> String,
-) -> Result<Field> {
-    let refuse = |why: &str| Error::config("BENALSAM_CONFIG", format!("{}: {why}", at(key)));
-    let only = |allowed: &[&str]| -> Result<()> {
-        let given = [
-            ("analyzer", field.analyzer.is_some()),
-            ("raw", field.raw),
-            ("copy_to", field.copy_to.is_some()),
-            ("normalizer", field.normalizer.is_some()),
-            ("index", field.index.is_some()),
-            ("lat", field.lat.is_some()),
-            ("lon", field.lon.is_some()),
-        ];
-        match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
-            Some((k, _)) => Err(refuse(&format!("{k} does not apply to this type"))),
-            None => Ok(()),
-        }
-    };
-    let kind = match field.kind {
-        Kind::Text => {
-            only(&["analyzer", "raw", "copy_to"])?;
-            FieldType::Text {
-                analyzer: field
-                    .analyzer
-                    .clone()
-                    .unwrap_or_else(|| "standard".to_owned()),
-                raw: field.raw,
-                copy_to: field.copy_to.clone(),
-            }
-        }
-        Kind::Keyword => {
-            only(&["normalizer", "index"])?;
-            FieldType::Keyword {
-                normalizer: field.normalizer.clone(),
-                indexed: field.index.unwrap_or(true),
-            }
-        }
-        Kind::Long => plain(&only, FieldType::Long)?,
-        Kind::Double => plain(&only, FieldType::Double)?,
-        Kind::Boolean => plain(&only, FieldType::Boolean)?,
-        Kind::Date => plain(&only, FieldType::Date)?,
-        Kind::Object => plain(&only, FieldType::Object)?,
-        Kind::GeoPoint => {
-            only(&["lat", "lon"])?;
-            let (Some(lat), Some(lon)) = (&field.lat, &field.lon) else {
-                return Err(refuse("a geo_point needs lat and lon (the two columns)"));
-            };
-            FieldType::GeoPoint {
-                lat: lat.clone(),
-                lon: lon.clone(),
-            }
-        }
-    };
-    let column = field.column.clone().unwrap_or_default();
-    if matches!(kind, FieldType::GeoPoint { .. }) && !column.is_empty() {
-        return Err(refuse("a geo_point takes lat and lon, not column"));
-    }
-    if ["id", "job_id", "indexed_at"].contains(&name) {
-        return Err(refuse(
-            "id, job_id and indexed_at are written by the library",
-        ));
-    }
-    Ok(Field::from_column(&column, kind))
-}
-
-fn plain(only: &dyn Fn(&[&str]) -> Result<()>, kind: FieldType) -> Result<FieldType> {
-    only(&[])?;
-    Ok(kind)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event_type::Relation;
 
     const TWO: &str = r#"
 [[event_type]]
@@ -632,14 +500,65 @@ stored_in = { type = "keyword", column = "warehouse" }
             .expect_err("not an identifier")
             .to_string();
         assert!(
-            err.contains("relations.seller.fields.rat'ing") && err.contains("j.toml:9"),
+            err.contains("relations.seller.fields.rat'ing") && err.contains("j.toml:46"),
             "{err}"
         );
-        let origin = &parse(JOINED, "j.toml").expect("valid")[0].relations[0];
+        let parsed = &parse(JOINED, "j.toml").expect("valid")[0];
+        let (photos, seller) = (&parsed.relations[1], &parsed.relations[2]);
+        let at = |relation: &Relation, path: &str| relation.origin.place(path);
+        assert_eq!(at(seller, "table").as_deref(), Some("j.toml:41"));
         assert_eq!(
-            origin.origin.as_deref(),
-            Some("j.toml:9"),
-            "the line of [[event_type]]"
+            at(seller, "foreign_key.user_id").as_deref(),
+            Some("j.toml:43")
+        );
+        assert_eq!(at(seller, "fields.rating").as_deref(), Some("j.toml:46"));
+        assert_eq!(at(photos, "order_by").as_deref(), Some("j.toml:65"));
+        assert_eq!(at(photos, "references.id").as_deref(), Some("j.toml:64"));
+        let category = &parsed.relations[0];
+        assert_eq!(
+            at(category, "fields.name.column").as_deref(),
+            Some("j.toml:56")
+        );
+        assert_eq!(at(category, "key").as_deref(), Some("j.toml:53"));
+    }
+
+    #[test]
+    fn every_key_that_names_a_column_keeps_its_line() {
+        let types = parse(TWO, "f.toml").expect("valid");
+        let (listings, inventory) = (&types[0].origin, &types[1].origin);
+        assert_eq!(listings.place("status_column").as_deref(), Some("f.toml:4"));
+        assert_eq!(
+            listings.place("key").as_deref(),
+            Some("f.toml:2"),
+            "the table's line"
+        );
+        assert_eq!(
+            listings.place("document.fields.geo.lon").as_deref(),
+            Some("f.toml:13")
+        );
+        assert_eq!(
+            listings.place("document.fields.title").as_deref(),
+            Some("f.toml:12")
+        );
+        assert_eq!(inventory.place("key").as_deref(), Some("f.toml:18"));
+        assert_eq!(
+            inventory.place("ignore.scan_count").as_deref(),
+            Some("f.toml:19")
+        );
+        assert_eq!(
+            inventory
+                .place("document.fields.stored_in.column")
+                .as_deref(),
+            Some("f.toml:28")
+        );
+        assert_eq!(
+            types[1].at("key", "key"),
+            "f.toml:18: event type \"inventory\", key"
+        );
+        assert_eq!(
+            EventType::new("x", "x").at("key", "key"),
+            "event type \"x\", key",
+            "an event type built in code is named without a place"
         );
     }
 }

@@ -29,9 +29,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use super::Origin;
 use super::document::{Field, FieldType, field_value};
-use crate::config::validate_identifier;
-use crate::{Error, Result};
 
 /// How the related rows belong to a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,8 +104,9 @@ pub struct Relation {
     pub key: String,
     /// The fields taken from each related row, by name.
     pub(crate) fields: BTreeMap<String, Field>,
-    /// Where it was declared (`benalsam.toml:12`), for errors found later in the catalog.
-    pub(crate) origin: Option<String>,
+    /// Where its file declared each key (empty when built in code), for errors found later
+    /// in the catalog.
+    pub(crate) origin: Origin,
 }
 
 impl Relation {
@@ -139,7 +139,7 @@ impl Relation {
             related_columns: owned(related),
             key: "id".to_owned(),
             fields: BTreeMap::new(),
-            origin: None,
+            origin: Origin::default(),
         }
     }
 
@@ -192,12 +192,14 @@ impl Relation {
 
     /// Where to say a mistake is: the file and line, or the event type.
     pub(crate) fn at(&self, event_type: &str, key: &str) -> String {
-        let place = self
-            .origin
-            .as_deref()
-            .map_or(String::new(), |o| format!("{o}: "));
+        self.at_line(event_type, key, key)
+    }
+
+    /// Like [`Self::at`], with the line of `path` (`foreign_key.user_id`, `fields.x.column`).
+    pub(crate) fn at_line(&self, event_type: &str, key: &str, path: &str) -> String {
         format!(
-            "{place}event type {event_type:?}, relations.{}.{key}",
+            "{}event type {event_type:?}, relations.{}.{key}",
+            self.origin.prefix(path),
             self.name
         )
     }
@@ -258,105 +260,8 @@ impl Relation {
         }
     }
 
-    /// Checks what must hold before the catalog is asked, naming the key that does not.
-    pub(crate) fn validate(&self, event_type: &str, document_fields: &[&str]) -> Result<()> {
-        let refuse = |key: &str, why: String| {
-            Err(Error::config(
-                "BENALSAM_CONFIG",
-                format!("{}: {why}", self.at(event_type, key)),
-            ))
-        };
-        // Every name below reaches generated SQL: each must be a plain identifier.
-        let identifier = |key: &str, what: &str, name: &str| {
-            validate_identifier(what, name).map(drop).map_err(|_| {
-                Error::config(
-                    "BENALSAM_CONFIG",
-                    format!(
-                        "{}: {what} {name:?} is not a plain lowercase identifier (a-z, 0-9, _; at most 63 bytes)",
-                        self.at(event_type, key)
-                    ),
-                )
-            })
-        };
-        identifier("name", "relation name", &self.name)?;
-        let (schema, table) = self.split_table();
-        if let Some(schema) = schema {
-            identifier("table", "schema", schema)?;
-        }
-        identifier("table", "table", table)?;
-        identifier("key", "key", &self.key)?;
-        for column in &self.local_columns {
-            identifier("foreign_key", "column", column)?;
-        }
-        for column in &self.related_columns {
-            identifier("references", "column", column)?;
-        }
-        for (name, field) in &self.fields {
-            let key = format!("fields.{name}");
-            match &field.kind {
-                FieldType::GeoPoint { lat, lon } => {
-                    identifier(&key, "lat", lat)?;
-                    identifier(&key, "lon", lon)?;
-                }
-                _ if field.column.is_empty() => identifier(&key, "field (its column)", name)?,
-                _ => identifier(&key, "column", &field.column)?,
-            }
-        }
-        if let RelationKind::Children {
-            order_by: Some(order),
-            ..
-        } = &self.kind
-        {
-            identifier("order_by", "order_by", order)?;
-        }
-        if self.local_columns.is_empty() || self.local_columns.len() != self.related_columns.len() {
-            return refuse(
-                "foreign_key",
-                format!(
-                    "foreign_key and references must name as many columns, at least one (given {} and {})",
-                    self.foreign_key().len(),
-                    self.references().len()
-                ),
-            );
-        }
-        if self.fields.is_empty() {
-            return refuse("fields", "a relation takes at least one field".to_owned());
-        }
-        if document_fields.contains(&self.name.as_str())
-            || ["id", "job_id", "indexed_at"].contains(&self.name.as_str())
-        {
-            return refuse(
-                "name",
-                format!("the document already has a field {:?}", self.name),
-            );
-        }
-        for (name, field) in &self.fields {
-            if let FieldType::Text {
-                copy_to: Some(_), ..
-            } = &field.kind
-                && matches!(self.kind, RelationKind::Children { nested: true, .. })
-            {
-                return refuse(
-                    &format!("fields.{name}"),
-                    "copy_to does not reach the document from a nested relation".to_owned(),
-                );
-            }
-        }
-        if let RelationKind::Children { limit, .. } = &self.kind
-            && (*limit == 0 || *limit > MAX_CHILDREN)
-        {
-            return refuse(
-                "limit",
-                format!(
-                    "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
-                ),
-            );
-        }
-        Ok(())
-    }
-
     /// The columns on the referencing side, as declared.
-    fn foreign_key(&self) -> &[String] {
+    pub(crate) fn foreign_key(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.local_columns,
             RelationKind::Children { .. } => &self.related_columns,
@@ -364,7 +269,7 @@ impl Relation {
     }
 
     /// The columns on the referenced side, as declared.
-    fn references(&self) -> &[String] {
+    pub(crate) fn references(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.related_columns,
             RelationKind::Children { .. } => &self.local_columns,

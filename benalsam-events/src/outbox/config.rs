@@ -60,8 +60,9 @@ impl OutboxConfig {
             return Err(Error::config(
                 "OutboxConfig::retry_backoff.initial",
                 format!(
-                    "{:?} is longer than OutboxConfig::retry_backoff.max ({:?})",
-                    backoff.initial, backoff.max
+                    "{} is longer than OutboxConfig::retry_backoff.max ({})",
+                    humantime::format_duration(backoff.initial),
+                    humantime::format_duration(backoff.max)
                 ),
             ));
         }

@@ -1,9 +1,8 @@
-//! Operating the outbox: a status summary, retrying failed jobs, and backfilling a table
-//! whose rows predate the trigger.
+//! Operating the outbox: a status summary, retrying failed jobs, purging the failed jobs of
+//! a table no longer configured (backfills: `backfill.rs`).
 
 use std::time::Duration;
 
-use crate::config::validate_identifier;
 use crate::outbox::Outbox;
 use crate::outbox::state::Move;
 use crate::{Error, Result};
@@ -52,22 +51,6 @@ impl JobSelection {
             JobSelection::Jobs(ids) => ids.contains(&job),
         }
     }
-}
-
-/// Progress of a backfill, after each batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BackfillProgress {
-    /// The table.
-    pub table: String,
-    /// Rows enqueued so far, over all runs of this backfill.
-    pub rows: i64,
-    /// Rows to enqueue in all (the table's rows when this run started).
-    pub total: i64,
-    /// The key of the last row enqueued.
-    pub last_key: Option<String>,
-    /// Whether every row has been enqueued.
-    pub finished: bool,
 }
 
 impl Outbox {
@@ -156,226 +139,22 @@ impl Outbox {
         Ok(ids)
     }
 
-    /// Enqueues an INSERT job for every row of `table` (key column `key`) in key order, `batch`
-    /// rows per short transaction, recording progress so an interrupted backfill continues where
-    /// it stopped (`restart` starts over). Jobs of rows changed meanwhile are harmless: the index
-    /// keeps the highest job id. Calls `progress` after each batch; returning `false` from it
-    /// stops the backfill there (to be continued by the next call).
-    pub async fn backfill(
-        &self,
-        table: &str,
-        key: &str,
-        batch: i64,
-        restart: bool,
-        mut progress: impl FnMut(&BackfillProgress) -> bool,
-    ) -> Result<BackfillProgress> {
-        let mut run = Backfill::start(self, table, key, batch, restart).await?;
-        loop {
-            let now = run.step().await?;
-            if !progress(&now) || now.finished {
-                return Ok(now);
-            }
-        }
-    }
-}
-
-/// One backfill under way: its connection and its statements.
-struct Backfill {
-    /// Its own connection: batches are transactions.
-    client: tokio_postgres::Client,
-    table: String,
-    batch: i64,
-    /// Rows of the table in all, counted at the start.
-    total: i64,
-    sql: BackfillSql,
-    notify_channel: String,
-}
-
-/// The statements of one backfill.
-struct BackfillSql {
-    forget: String,
-    begin: String,
-    count: String,
-    read_progress: String,
-    last_of_batch: String,
-    enqueue: String,
-    record_progress: String,
-}
-
-impl Backfill {
-    async fn start(
-        outbox: &Outbox,
-        table: &str,
-        key: &str,
-        batch: i64,
-        restart: bool,
-    ) -> Result<Self> {
-        let client =
-            crate::connect::postgres_as(outbox.database_url(), "benalsam-backfill").await?;
-        let schema = outbox.config().schema.as_str();
-        // The rows' schema, and the table's name as the trigger records it.
-        let (rows_schema, bare) = match table.split_once('.') {
-            Some((s, t)) => (
-                validate_identifier("table", s)?,
-                validate_identifier("table", t)?,
-            ),
-            None => (schema, validate_identifier("table", table)?),
-        };
-        let recorded = if rows_schema == schema {
-            bare.to_owned()
-        } else {
-            format!("{rows_schema}.{bare}")
-        };
-        let key = validate_identifier("key column", key)?;
-        if batch < 1 {
-            return Err(Error::config("batch", "must be at least 1"));
-        }
-        // The key's type, so batches are ranges on its index rather than sorts of text.
-        let key_type: String = client
-            .query_opt(
-                "SELECT format_type(a.atttypid, a.atttypmod)
-                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped",
-                &[&rows_schema, &bare, &key],
+    /// Deletes the failed jobs recorded for `table` (as the trigger names it: `listings`,
+    /// `shop.orders`, a relation's `listings#seller`), for a table whose event type is no
+    /// longer configured: nothing will ever retry them. Returns how many were deleted. The
+    /// caller checks that no configured event type still routes `table`.
+    pub async fn purge_failed(&self, table: &str) -> Result<u64> {
+        let client = crate::connect::postgres_as(self.database_url(), "benalsam-admin").await?;
+        let schema = &self.config().schema;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM \"{schema}\".elasticsearch_sync_queue
+                      WHERE table_name = $1 AND status = 'failed'"
+                ),
+                &[&table],
             )
             .await
-            .map_err(|e| Error::postgres("looking up the key column", e))?
-            .ok_or_else(|| {
-                Error::config("table", format!("{rows_schema}.{bare} has no column {key}"))
-            })?
-            .get(0);
-        let sql = BackfillSql::new(
-            schema,
-            &format!("\"{rows_schema}\".\"{bare}\""),
-            key,
-            &key_type,
-        );
-        if restart {
-            client
-                .execute(&sql.forget, &[&recorded])
-                .await
-                .map_err(|e| Error::postgres("restarting the backfill", e))?;
-        }
-        client
-            .execute(&sql.begin, &[&recorded, &key])
-            .await
-            .map_err(|e| Error::postgres("recording the backfill", e))?;
-        let total: i64 = client
-            .query_one(&sql.count, &[])
-            .await
-            .map_err(|e| Error::postgres("counting the rows to backfill", e))?
-            .get(0);
-        Ok(Self {
-            client,
-            table: recorded,
-            batch,
-            total,
-            sql,
-            notify_channel: outbox.config().notify_channel.clone(),
-        })
-    }
-}
-
-impl BackfillSql {
-    /// The statements of a backfill of `rows` (the quoted, qualified table) by `key` (of
-    /// type `key_type`), with its progress kept in `schema`.
-    fn new(schema: &str, rows: &str, key: &str, key_type: &str) -> Self {
-        let progress = format!("\"{schema}\".benalsam_backfill");
-        Self {
-            forget: format!("DELETE FROM {progress} WHERE table_name = $1"),
-            begin: format!(
-                "INSERT INTO {progress} (table_name, key_column) VALUES ($1, $2)
-                 ON CONFLICT (table_name) DO NOTHING"
-            ),
-            count: format!("SELECT count(*) FROM {rows}"),
-            read_progress: format!(
-                "SELECT last_key, rows_queued, finished_at IS NOT NULL
-                 FROM {progress} WHERE table_name = $1 FOR UPDATE"
-            ),
-            // The key that ends the next batch: the batch-th row after the last one enqueued.
-            // None means fewer rows than a batch remain, and this batch is the last.
-            last_of_batch: format!(
-                "SELECT t.\"{key}\"::text FROM {rows} t
-                 WHERE $1::text IS NULL OR t.\"{key}\" > $1::text::{key_type}
-                 ORDER BY t.\"{key}\" OFFSET $2::bigint - 1 LIMIT 1"
-            ),
-            // Rows are read FOR SHARE: a concurrent UPDATE of a row in the batch is waited for
-            // and its committed version enqueued, so the backfill's job (a higher id) never
-            // carries a row older than the update's own job.
-            enqueue: format!(
-                "INSERT INTO \"{schema}\".elasticsearch_sync_queue
-                     (table_name, operation, record_id, change_data)
-                 SELECT $1, 'INSERT', t.\"{key}\"::text, to_jsonb(t)
-                 FROM {rows} t
-                 WHERE ($2::text IS NULL OR t.\"{key}\" > $2::text::{key_type})
-                   AND ($3::text IS NULL OR t.\"{key}\" <= $3::text::{key_type})
-                 ORDER BY t.\"{key}\"
-                 FOR SHARE OF t"
-            ),
-            record_progress: format!(
-                "UPDATE {progress}
-                 SET last_key = $2, rows_queued = rows_queued + $3, updated_at = now(),
-                     finished_at = CASE WHEN $4 THEN now() END
-                 WHERE table_name = $1"
-            ),
-        }
-    }
-}
-
-impl Backfill {
-    /// Enqueues the next batch in one transaction (or reports the backfill finished).
-    async fn step(&mut self) -> Result<BackfillProgress> {
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| Error::postgres("starting a backfill batch", e))?;
-        let state = tx
-            .query_one(&self.sql.read_progress, &[&self.table])
-            .await
-            .map_err(|e| Error::postgres("reading backfill progress", e))?;
-        let (last_key, rows, finished): (Option<String>, i64, bool) =
-            (state.get(0), state.get(1), state.get(2));
-        if finished {
-            return Ok(BackfillProgress {
-                table: self.table.clone(),
-                rows,
-                total: rows.max(self.total),
-                last_key,
-                finished: true,
-            });
-        }
-        let boundary: Option<String> = tx
-            .query_opt(&self.sql.last_of_batch, &[&last_key, &self.batch])
-            .await
-            .map_err(|e| Error::postgres("finding the next backfill batch", e))?
-            .map(|r| r.get(0));
-        let queued = tx
-            .execute(&self.sql.enqueue, &[&self.table, &last_key, &boundary])
-            .await
-            .map_err(|e| Error::postgres("enqueueing a backfill batch", e))?;
-        let queued = i64::try_from(queued).unwrap_or(i64::MAX);
-        let finished = boundary.is_none();
-        let last_key = if finished { last_key } else { boundary };
-        tx.execute(
-            &self.sql.record_progress,
-            &[&self.table, &last_key, &queued, &finished],
-        )
-        .await
-        .map_err(|e| Error::postgres("recording backfill progress", e))?;
-        tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel])
-            .await
-            .map_err(|e| Error::postgres("waking the bridges", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| Error::postgres("committing a backfill batch", e))?;
-        Ok(BackfillProgress {
-            table: self.table.clone(),
-            rows: rows + queued,
-            total: (rows + queued).max(self.total),
-            last_key,
-            finished,
-        })
+            .map_err(|e| Error::postgres(format!("purging the failed jobs of {table}"), e))
     }
 }

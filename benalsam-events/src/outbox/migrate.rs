@@ -9,9 +9,9 @@
 //! missing migrations in order, in one transaction, under an advisory lock (several processes
 //! starting at once migrate once), and records each in `benalsam_schema_migrations` with a
 //! checksum: editing a migration that a database already has is refused. In the same
-//! transaction it attaches the trigger to every event type's table that exists, with the
-//! event type's options (idempotent: `CREATE OR REPLACE TRIGGER`), and reports the tables
-//! that do not.
+//! transaction it checks every table and column the event types name, then attaches the
+//! trigger to every event type's table with the event type's options (idempotent: `CREATE OR
+//! REPLACE TRIGGER`). All or nothing: one mistake commits nothing.
 
 use tokio_postgres::{Client, GenericClient, Transaction};
 
@@ -63,8 +63,6 @@ pub struct MigrationReport {
     pub already_applied: Vec<i32>,
     /// Tables that have the sync trigger now.
     pub triggers: Vec<String>,
-    /// Tables of event types that do not exist (create them, then migrate again).
-    pub missing_tables: Vec<String>,
     /// Relation triggers dropped because the configuration no longer declares them
     /// (`schema.table.trigger`), with the jobs of removed relations that waited.
     pub removed_triggers: Vec<String>,
@@ -72,6 +70,12 @@ pub struct MigrationReport {
 
 /// Applies the missing migrations to the outbox's schema (created if missing) and attaches
 /// the sync trigger to the table of each of `event_types`.
+///
+/// All or nothing, in one transaction: every table and column the event types name is
+/// checked against the catalog before anything is attached, and any mistake (a missing
+/// table, a column that does not exist, naming the file, the line and the key) rolls back
+/// the migrations and every trigger with it. An operator who fixes the file and runs it
+/// again starts from where the database was, never from half a migration.
 ///
 /// The tables and the trigger function are created in the schema; the function keeps writing
 /// to it whatever `search_path` the application uses. The triggers wake bridges on the
@@ -83,19 +87,53 @@ pub async fn migrate(
 ) -> Result<MigrationReport> {
     let schema = validate_schema(&outbox.schema)?;
     crate::config::validate_identifier("OutboxConfig::notify_channel", &outbox.notify_channel)?;
+    for event_type in event_types {
+        event_type.validate()?;
+    }
     let tx = client
         .transaction()
         .await
         .map_err(|e| Error::postgres("starting the migration transaction", e))?;
+    prepare(&tx, schema).await?;
+    let already_applied = already_applied(&tx, schema).await?;
+    let mut report = MigrationReport {
+        applied: apply(&tx, &already_applied).await?,
+        already_applied,
+        triggers: Vec::new(),
+        removed_triggers: Vec::new(),
+    };
+    // Every name is checked before anything is attached; an error drops `tx`, which rolls
+    // back the migrations too.
+    check_names(&tx, schema, event_types).await?;
+    for event_type in event_types {
+        attach(&tx, schema, &outbox.notify_channel, event_type).await?;
+        report.triggers.push(event_type.table.clone());
+        for relation in &event_type.relations {
+            attach_relation(&tx, schema, &outbox.notify_channel, event_type, relation).await?;
+            report.triggers.push(relation.table.clone());
+        }
+        report
+            .removed_triggers
+            .extend(drop_removed_relations(&tx, schema, event_type).await?);
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::postgres("committing migrations", e))?;
+    if !report.applied.is_empty() {
+        tracing::info!(schema, applied = ?report.applied, "migrations applied");
+    }
+    Ok(report)
+}
 
-    // One migrator per schema at a time; the lock ends with the transaction.
+/// Takes the migration lock of `schema` (one migrator at a time; it ends with the
+/// transaction) and creates the schema and the table of applied migrations.
+async fn prepare(tx: &Transaction<'_>, schema: &str) -> Result<()> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('benalsam_migrate'), hashtext($1))",
         &[&schema],
     )
     .await
     .map_err(|e| Error::postgres("taking the migration lock", e))?;
-
     tx.batch_execute(&format!(
         "SET LOCAL client_min_messages = warning;
          CREATE SCHEMA IF NOT EXISTS \"{schema}\";
@@ -108,18 +146,15 @@ pub async fn migrate(
          );"
     ))
     .await
-    .map_err(|e| Error::postgres(format!("preparing schema {schema}"), e))?;
+    .map_err(|e| Error::postgres(format!("preparing schema {schema}"), e))
+}
 
-    let mut report = MigrationReport {
-        applied: Vec::new(),
-        already_applied: already_applied(&tx, schema).await?,
-        triggers: Vec::new(),
-        missing_tables: Vec::new(),
-        removed_triggers: Vec::new(),
-    };
+/// Applies the migrations not in `already_applied`, in order; the versions applied.
+async fn apply(tx: &Transaction<'_>, already_applied: &[i32]) -> Result<Vec<i32>> {
+    let mut applied = Vec::new();
     for migration in MIGRATIONS
         .iter()
-        .filter(|m| !report.already_applied.contains(&m.version))
+        .filter(|m| !already_applied.contains(&m.version))
     {
         tx.batch_execute(migration.sql)
             .await
@@ -134,53 +169,30 @@ pub async fn migrate(
         )
         .await
         .map_err(|e| Error::postgres("recording a migration", e))?;
-        report.applied.push(migration.version);
+        applied.push(migration.version);
     }
+    Ok(applied)
+}
 
-    for event_type in event_types {
-        event_type.validate()?;
-        if attach(&tx, schema, &outbox.notify_channel, event_type).await? {
-            report.triggers.push(event_type.table.clone());
-        } else {
-            report.missing_tables.push(event_type.table.clone());
-        }
-        for relation in &event_type.relations {
-            if attach_relation(&tx, schema, &outbox.notify_channel, event_type, relation).await? {
-                report.triggers.push(relation.table.clone());
-            } else {
-                report.missing_tables.push(format!(
-                    "{} (relation {} of event type {})",
-                    relation.table, relation.name, event_type.name
-                ));
-            }
-        }
-        report
-            .removed_triggers
-            .extend(drop_removed_relations(&tx, schema, event_type).await?);
-    }
-    if report.missing_tables.is_empty() {
-        super::check_catalog(&tx, schema, event_types).await?;
-    }
-    tx.commit()
-        .await
-        .map_err(|e| Error::postgres("committing migrations", e))?;
-    if !report.applied.is_empty() {
-        tracing::info!(schema, applied = ?report.applied, "migrations applied");
-    }
-    Ok(report)
+/// Checks every table and column `event_types` name against the catalog (bare tables in
+/// `schema`): the columns, then the types of the joined columns.
+async fn check_names(
+    client: &impl GenericClient,
+    schema: &str,
+    event_types: &[EventType],
+) -> Result<()> {
+    crate::event_type::check_columns(client, schema, event_types).await?;
+    super::check_catalog(client, schema, event_types).await
 }
 
 /// Attaches the sync trigger (rows) and the truncation trigger (statements) to the table of
-/// `event_type`; false when the table does not exist.
+/// `event_type` (checked to exist).
 async fn attach(
     tx: &Transaction<'_>,
     schema: &str,
     channel: &str,
     event_type: &EventType,
-) -> Result<bool> {
-    if !exists(tx, schema, event_type).await? {
-        return Ok(false);
-    }
+) -> Result<()> {
     let (table_schema, table) = event_type.split_table();
     let table_schema = table_schema.unwrap_or(schema);
     // Every piece was validated as a plain identifier, so quoting cannot go wrong.
@@ -200,24 +212,20 @@ async fn attach(
              FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
     .await
-    .map_err(|e| Error::postgres(format!("attaching the sync trigger to {target}"), e))?;
-    Ok(true)
+    .map_err(|e| Error::postgres(format!("attaching the sync trigger to {target}"), e))
 }
 
 /// Attaches the relation's trigger to its table (rows only: a TRUNCATE of a related table
-/// is not followed, see the README); false when the table does not exist. Named after the
-/// event type and the relation, so two event types' relations on one table keep their own.
+/// is not followed, see the README; the table was checked to exist). Named after the event
+/// type and the relation, so two event types' relations on one table keep their own.
 async fn attach_relation(
     tx: &Transaction<'_>,
     schema: &str,
     channel: &str,
     event_type: &EventType,
     relation: &crate::event_type::Relation,
-) -> Result<bool> {
+) -> Result<()> {
     let (table_schema, table) = relation.split_table();
-    if !table_exists(tx, table_schema.unwrap_or(schema), table).await? {
-        return Ok(false);
-    }
     let target = format!("\"{}\".\"{table}\"", table_schema.unwrap_or(schema));
     let options = relation
         .trigger_options(&event_type.table, channel, event_type.notify)
@@ -232,8 +240,7 @@ async fn attach_relation(
              FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
     .await
-    .map_err(|e| Error::postgres(format!("attaching the relation trigger to {target}"), e))?;
-    Ok(true)
+    .map_err(|e| Error::postgres(format!("attaching the relation trigger to {target}"), e))
 }
 
 /// Drops the relation triggers of `event_type` that its relations no longer declare (a
@@ -305,55 +312,15 @@ async fn drop_removed_relations(
     Ok(removed)
 }
 
-/// Whether the table of `event_type` exists (a bare name is in `schema`).
-async fn exists(client: &impl GenericClient, schema: &str, event_type: &EventType) -> Result<bool> {
-    let (table_schema, table) = event_type.split_table();
-    table_exists(client, table_schema.unwrap_or(schema), table).await
-}
-
-/// Whether `schema.table` exists.
-async fn table_exists(
-    client: &impl GenericClient,
-    table_schema: &str,
-    table: &str,
-) -> Result<bool> {
-    Ok(client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))",
-            &[&table_schema, &table],
-        )
-        .await
-        .map_err(|e| Error::postgres(format!("looking up table {table_schema}.{table}"), e))?
-        .get(0))
-}
-
-/// The tables of `event_types` that do not exist.
-pub(crate) async fn missing_tables(
+/// Checks, at the start of a binary, every table and column `event_types` name against the
+/// catalog (bare tables in `schema`); the error names the file, the line and the key.
+pub(crate) async fn check_tables(
     url: &crate::DatabaseUrl,
     schema: &str,
     event_types: &[EventType],
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let client = crate::connect::postgres_as(url, "benalsam-check").await?;
-    let mut missing = Vec::new();
-    for event_type in event_types {
-        if !exists(&client, schema, event_type).await? {
-            missing.push(event_type.table.clone());
-        }
-        for relation in &event_type.relations {
-            let (table_schema, table) = relation.split_table();
-            if !table_exists(&client, table_schema.unwrap_or(schema), table).await? {
-                missing.push(format!(
-                    "{} (relation {} of event type {})",
-                    relation.table, relation.name, event_type.name
-                ));
-            }
-        }
-    }
-    if missing.is_empty() {
-        super::check_catalog(&client, schema, event_types).await?;
-    }
-    Ok(missing)
+    check_names(&client, schema, event_types).await
 }
 
 /// The versions applied to `schema` before, each checked against this build's migrations.

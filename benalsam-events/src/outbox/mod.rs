@@ -8,7 +8,7 @@
 //! * [`migrate`] installs the job table and the trigger function; [`grants`] gives the SQL
 //!   granting the bridge's and the consumer's roles what they need; the outbox's maintenance
 //!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],
-//!   [`Outbox::purge_completed`]) serve operators.
+//!   [`Outbox::purge_completed`], [`Outbox::document`]) serve operators.
 //!
 //! # The life of a job
 //!
@@ -18,8 +18,10 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
+mod backfill;
 mod backlog;
 mod config;
+mod document;
 mod fanout;
 mod grants;
 mod job;
@@ -35,8 +37,10 @@ mod sql;
 pub(crate) mod state;
 mod stream;
 
+pub use backfill::BackfillProgress;
 pub use backlog::Backlog;
 pub use config::OutboxConfig;
+pub use document::{DocumentPreview, Verdict};
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
 pub use fanout::FanOutStatus;
@@ -44,8 +48,8 @@ pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub(crate) use lookup::Recorded;
-pub use maintenance::{BackfillProgress, JobSelection, StatusLine, Summary};
-pub(crate) use migrate::missing_tables;
+pub use maintenance::{JobSelection, StatusLine, Summary};
+pub(crate) use migrate::check_tables;
 pub use migrate::{MigrationReport, migrate};
 pub use queue::Outbox;
 pub(crate) use relations::{Read, check_catalog};

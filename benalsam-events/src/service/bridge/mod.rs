@@ -170,27 +170,26 @@ async fn prepare(
                 crate::outbox::migrate(&mut client, &settings.outbox, &settings.event_types).await
             })
             .await?;
-        match migrated {
-            None => return Ok(false),
-            Some(report) if !report.missing_tables.is_empty() => {
-                return Err(missing_tables(&report.missing_tables));
-            }
-            Some(_) => {}
+        if migrated.is_none() {
+            return Ok(false);
         }
     }
-    let missing = service
-        .step("checking the event types' tables", shutdown, || {
-            crate::outbox::missing_tables(
-                &settings.database_url,
-                &settings.outbox.schema,
-                &settings.event_types,
-            )
-        })
+    // Every table and column the event types name, before anything is claimed.
+    let checked = service
+        .step(
+            "checking the event types against the database",
+            shutdown,
+            || {
+                crate::outbox::check_tables(
+                    &settings.database_url,
+                    &settings.outbox.schema,
+                    &settings.event_types,
+                )
+            },
+        )
         .await?;
-    match missing {
-        None => return Ok(false),
-        Some(missing) if !missing.is_empty() => return Err(missing_tables(&missing)),
-        Some(_) => {}
+    if checked.is_none() {
+        return Ok(false);
     }
     let topology = settings.topology();
     let declared = service
@@ -303,16 +302,6 @@ impl Parts {
         let _ = monitor.set(self.monitor);
         Ok((self.jobs, self.publisher))
     }
-}
-
-fn missing_tables(tables: &[String]) -> crate::Error {
-    crate::Error::config(
-        "event types",
-        format!(
-            "table {} does not exist; create it, or fix the event type's table (BENALSAM_CONFIG)",
-            tables.join(", ")
-        ),
-    )
 }
 
 impl BridgeSettings {

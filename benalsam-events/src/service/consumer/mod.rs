@@ -169,27 +169,22 @@ async fn prepare(
             return Ok(false);
         }
     }
-    if settings.event_types.iter().any(EventType::is_joined) {
-        let checked = service
-            .step(
-                "checking the relations against the database",
-                shutdown,
-                || async {
-                    let client =
-                        crate::connect::postgres_as(&settings.database_url, "benalsam-check")
-                            .await?;
-                    crate::outbox::check_catalog(
-                        &client,
-                        &settings.outbox.schema,
-                        &settings.event_types,
-                    )
-                    .await
-                },
-            )
-            .await?;
-        if checked.is_none() {
-            return Ok(false);
-        }
+    // Every table and column the event types name, before anything is consumed.
+    let checked = service
+        .step(
+            "checking the event types against the database",
+            shutdown,
+            || {
+                crate::outbox::check_tables(
+                    &settings.database_url,
+                    &settings.outbox.schema,
+                    &settings.event_types,
+                )
+            },
+        )
+        .await?;
+    if checked.is_none() {
+        return Ok(false);
     }
     let queues: Vec<&str> = settings
         .event_types

@@ -1,0 +1,111 @@
+//! What must hold for a relation before the catalog is asked: plain identifiers (every name
+//! reaches generated SQL), as many columns on both sides, a field name of its own, a limit.
+
+use super::relation::MAX_CHILDREN;
+use super::{FieldType, Relation, RelationKind};
+use crate::config::validate_identifier;
+use crate::{Error, Result};
+
+impl Relation {
+    /// Checks what must hold before the catalog is asked, naming the key that does not.
+    pub(crate) fn validate(&self, event_type: &str, document_fields: &[&str]) -> Result<()> {
+        let refuse = |key: &str, why: String| {
+            Err(Error::config(
+                "BENALSAM_CONFIG",
+                format!("{}: {why}", self.at(event_type, key)),
+            ))
+        };
+        self.validate_identifiers(event_type)?;
+        if self.local_columns.is_empty() || self.local_columns.len() != self.related_columns.len() {
+            return refuse(
+                "foreign_key",
+                format!(
+                    "foreign_key and references must name as many columns, at least one (given {} and {})",
+                    self.foreign_key().len(),
+                    self.references().len()
+                ),
+            );
+        }
+        if self.fields.is_empty() {
+            return refuse("fields", "a relation takes at least one field".to_owned());
+        }
+        if document_fields.contains(&self.name.as_str())
+            || ["id", "job_id", "indexed_at"].contains(&self.name.as_str())
+        {
+            return refuse(
+                "name",
+                format!("the document already has a field {:?}", self.name),
+            );
+        }
+        for (name, field) in &self.fields {
+            if let FieldType::Text {
+                copy_to: Some(_), ..
+            } = &field.kind
+                && matches!(self.kind, RelationKind::Children { nested: true, .. })
+            {
+                return refuse(
+                    &format!("fields.{name}"),
+                    "copy_to does not reach the document from a nested relation".to_owned(),
+                );
+            }
+        }
+        if let RelationKind::Children { limit, .. } = &self.kind
+            && (*limit == 0 || *limit > MAX_CHILDREN)
+        {
+            return refuse(
+                "limit",
+                format!(
+                    "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Every name of it reaches generated SQL: each must be a plain identifier.
+    fn validate_identifiers(&self, event_type: &str) -> Result<()> {
+        let identifier = |key: &str, what: &str, name: &str| {
+            validate_identifier(what, name).map(drop).map_err(|_| {
+                Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: {what} {name:?} is not a plain lowercase identifier (a-z, 0-9, _; at most 63 bytes)",
+                        self.at(event_type, key)
+                    ),
+                )
+            })
+        };
+        identifier("name", "relation name", &self.name)?;
+        let (schema, table) = self.split_table();
+        if let Some(schema) = schema {
+            identifier("table", "schema", schema)?;
+        }
+        identifier("table", "table", table)?;
+        identifier("key", "key", &self.key)?;
+        for column in self.foreign_key() {
+            identifier("foreign_key", "column", column)?;
+        }
+        for column in self.references() {
+            identifier("references", "column", column)?;
+        }
+        for (name, field) in &self.fields {
+            let key = format!("fields.{name}");
+            match &field.kind {
+                FieldType::GeoPoint { lat, lon } => {
+                    identifier(&key, "lat", lat)?;
+                    identifier(&key, "lon", lon)?;
+                }
+                _ if field.column.is_empty() => identifier(&key, "field (its column)", name)?,
+                _ => identifier(&key, "column", &field.column)?,
+            }
+        }
+        if let RelationKind::Children {
+            order_by: Some(order),
+            ..
+        } = &self.kind
+        {
+            identifier("order_by", "order_by", order)?;
+        }
+        Ok(())
+    }
+}

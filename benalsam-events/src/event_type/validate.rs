@@ -1,0 +1,213 @@
+//! What must hold for an event type to work, checked without the database: plain
+//! identifiers, names the broker and the search engine accept, relations that fit together.
+//! The database's catalog is checked at `migrate` and at start ([`super::catalog`]).
+
+use super::EventType;
+use crate::config::validate_identifier;
+use crate::{Error, Result};
+
+impl EventType {
+    /// Checks what must hold for the event type to work, naming the setting that does not.
+    /// Without the database: `migrate` and both services also check every table and column
+    /// it names against the catalog.
+    pub fn validate(&self) -> Result<()> {
+        validate_identifier("event type name", &self.name)?;
+        let (schema, table) = self.split_table();
+        if let Some(schema) = schema {
+            validate_identifier("table", schema)?;
+        }
+        validate_identifier("table", table)?;
+        validate_identifier("key", &self.key)?;
+        for column in &self.ignore {
+            validate_identifier("ignore", column)?;
+        }
+        for (setting, name) in [
+            ("exchange", &self.exchange),
+            ("routing_prefix", &self.routing_prefix),
+            ("queue", &self.queue),
+            ("dead_letter_exchange", &self.dead_letter_exchange),
+            ("dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            amqp_name(setting, name)?;
+        }
+        if self.routing_prefix.contains(['*', '#']) || self.routing_prefix.contains("..") {
+            return Err(Error::config(
+                "routing_prefix",
+                format!(
+                    "{:?} may not hold * or # or an empty word",
+                    self.routing_prefix
+                ),
+            ));
+        }
+        index_alias("index.alias", &self.index.alias)?;
+        self.validate_relations()?;
+        if self.is_joined() && self.builder.is_some() {
+            return Err(Error::config(
+                "relations",
+                format!(
+                    "event type {}: a custom document builder cannot have relations (its documents are built from the message)",
+                    self.name
+                ),
+            ));
+        }
+        if self.document.searchable_statuses.is_some() && self.status_column.is_none() {
+            return Err(Error::config(
+                "searchable_statuses",
+                format!(
+                    "event type {}: needs a status_column to read the status from",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks its relations: each valid, no name twice, no field name taken, trigger names
+    /// that fit PostgreSQL.
+    fn validate_relations(&self) -> Result<()> {
+        // A relation's field may not take a name the document already uses: its own fields,
+        // and the combined fields their copy_to feed (also from other relations).
+        let mut fields: Vec<&str> = self.document.field_names().collect();
+        fields.extend(self.document.copy_targets());
+        fields.extend(
+            self.relations
+                .iter()
+                .flat_map(|r| r.copy_targets().map(|(target, _)| target)),
+        );
+        for (i, relation) in self.relations.iter().enumerate() {
+            relation.validate(&self.name, &fields)?;
+            let trigger = super::relation_trigger_name(self, relation);
+            if trigger.len() > 63 {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: the trigger name {trigger} is over PostgreSQL's 63 bytes; shorten the event type's or the relation's name",
+                        relation.at(&self.name, "name")
+                    ),
+                ));
+            }
+            if self.relations[..i].iter().any(|r| r.name == relation.name) {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!(
+                        "{}: the name is used twice",
+                        relation.at(&self.name, "name")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks event types together: each valid, and no two writing one index. Two event types
+/// behind one alias would put each other's documents (and mappings) in one index; an alias
+/// that is another's versioned index name (`<alias>_v1`) would write into that index.
+pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
+    for (i, event_type) in event_types.iter().enumerate() {
+        event_type.validate()?;
+        if let Some(other) = event_types[..i]
+            .iter()
+            .find(|o| aliases_collide(&o.index.alias, &event_type.index.alias))
+        {
+            return Err(Error::config(
+                "index.alias",
+                format!(
+                    "event types {} and {} would write one index ({:?} and {:?}); give each its own alias",
+                    other.name, event_type.name, other.index.alias, event_type.index.alias
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the indices behind aliases `a` and `b` can be the same name: the same alias, or
+/// one alias being the other's versioned index (`<alias>_v<N>`).
+pub(crate) fn aliases_collide(a: &str, b: &str) -> bool {
+    let versioned = |alias: &str, other: &str| {
+        other
+            .strip_prefix(alias)
+            .and_then(|rest| rest.strip_prefix("_v"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    a == b || versioned(a, b) || versioned(b, a)
+}
+
+/// Bytes kept free after an alias for its versioned index's suffix (`_v` and up to ten digits).
+const VERSION_SUFFIX_ROOM: usize = 12;
+
+/// Checks an index alias by the search engine's rules for index and alias names, leaving
+/// room for the `_v<N>` suffix of the index behind it.
+pub(crate) fn index_alias(setting: &str, alias: &str) -> Result<()> {
+    alias_problem(alias).map_or(Ok(()), |why| Err(Error::config(setting, why)))
+}
+
+/// What is wrong with `alias` as an index alias, if anything.
+pub(crate) fn alias_problem(alias: &str) -> Option<String> {
+    index_name(alias, 255 - VERSION_SUFFIX_ROOM)
+        .err()
+        .map(|why| format!("{alias:?} is not a usable index name: {why}"))
+}
+
+/// Why `name` is not a name Elasticsearch and OpenSearch accept for an index or alias that
+/// this library may create and write (their rules, plus a refusal of what addresses more than
+/// one index, `_all` and wildcards, or belongs to the engine: names starting with `_` or `.`).
+/// A request to `PUT /_all/_mapping` changes every index of the cluster, another
+/// application's included; a name that merely works is not enough.
+pub(crate) fn index_name(name: &str, max_bytes: usize) -> std::result::Result<(), String> {
+    const FORBIDDEN: &[char] = &['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'];
+    if name.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if name.len() > max_bytes {
+        return Err(format!(
+            "it is {} bytes; at most {max_bytes} (the engine's limit is 255, and the index behind an alias adds _v<N>)",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("\".\" and \"..\" are not index names".to_owned());
+    }
+    if let Some(first) = name
+        .chars()
+        .next()
+        .filter(|c| matches!(c, '_' | '-' | '+' | '.'))
+    {
+        return Err(format!(
+            "it may not start with {first:?} (_all and names starting with _ or . belong to the engine; - and + are refused by it)"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| FORBIDDEN.contains(c)) {
+        return Err(format!(
+            "it may not contain {c:?} (wildcards, lists and separators address other indices): none of \\ / * ? \" < > | , # : or a space"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "it may not contain {c:?} (no spaces or control characters)"
+        ));
+    }
+    if name.chars().any(char::is_uppercase) {
+        return Err("it must be lowercase".to_owned());
+    }
+    Ok(())
+}
+
+/// Checks a RabbitMQ name (exchange, queue, routing prefix): not empty, at most 255 bytes,
+/// printable, not one of the broker's own (`amq.`).
+fn amqp_name(setting: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(Error::config(
+            setting,
+            format!("{name:?} must be 1 to 255 printable bytes"),
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(Error::config(
+            setting,
+            format!("{name:?}: names starting with amq. belong to the broker"),
+        ));
+    }
+    Ok(())
+}
