@@ -2,7 +2,13 @@
 //! version), every item is decided once ([`plan`](crate::search::plan)) and its message
 //! filed for settling. A request the cluster refuses as a whole is sent again action by
 //! action; a cluster that does not answer leaves the batch untouched.
+//!
+//! While a table is being reindexed, each of its actions is sent twice in the same request:
+//! to the alias and to the new index, with the same version. The message's decision is the
+//! worse of the two (a retry or a refusal by either index counts), so a job is completed
+//! only when both indexes hold its change or a newer one.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use tracing::Instrument;
@@ -22,12 +28,13 @@ use crate::search::plan;
 pub(super) async fn write(
     shared: &Shared,
     writable: Vec<Message>,
+    reindexing: &HashMap<String, String>,
     sorted: &mut Sorted,
 ) -> Result<(), (Vec<Message>, String)> {
     if writable.is_empty() {
         return Ok(());
     }
-    match bulk(shared, &writable).await {
+    match bulk(shared, &writable, reindexing).await {
         Ok(decisions) => {
             for (message, decision) in writable.into_iter().zip(decisions) {
                 sorted.decided(shared, message, decision);
@@ -38,21 +45,66 @@ pub(super) async fn write(
     }
 }
 
+/// One item of a bulk request: an action, its version, and the index it goes to when not
+/// its own (a reindex's new index).
+type Item<'a> = (&'a Action, i64, Option<&'a str>);
+
+/// The items of `batch`, and for each the position of its message among those with an
+/// action.
+fn items<'a>(
+    batch: &'a [Message],
+    reindexing: &'a HashMap<String, String>,
+) -> (Vec<Item<'a>>, Vec<usize>) {
+    let mut items = Vec::with_capacity(batch.len());
+    let mut owners = Vec::with_capacity(batch.len());
+    let changes = batch.iter().filter_map(|m| match &m.body {
+        Body::Change {
+            action: Ok(action),
+            version,
+            envelope,
+            ..
+        } => Some((action, *version, envelope.table.as_ref())),
+        _ => None,
+    });
+    for (owner, (action, version, table)) in changes.enumerate() {
+        items.push((action, version, None));
+        owners.push(owner);
+        if let Some(new_index) = reindexing.get(table) {
+            items.push((action, version, Some(new_index.as_str())));
+            owners.push(owner);
+        }
+    }
+    (items, owners)
+}
+
+/// The decision of each message from those of its items: the first that is not done (a
+/// retry or a refusal by either index), else the first.
+fn fold(decisions: Vec<plan::Decision>, owners: &[usize]) -> Vec<plan::Decision> {
+    let mut folded: Vec<plan::Decision> = Vec::new();
+    for (decision, owner) in decisions.into_iter().zip(owners) {
+        match folded.get_mut(*owner) {
+            None => folded.push(decision),
+            Some(kept) => {
+                if matches!(kept, plan::Decision::Done(_))
+                    && !matches!(decision, plan::Decision::Done(_))
+                {
+                    *kept = decision;
+                }
+            }
+        }
+    }
+    folded
+}
+
 /// Sends the actions of `batch` as one bulk request and decides every item; `Err` when the
 /// cluster as a whole is unavailable.
-async fn bulk(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>, String> {
-    let actions: Vec<(&Action, i64)> = batch
-        .iter()
-        .filter_map(|m| match &m.body {
-            Body::Change {
-                action: Ok(action),
-                version,
-                ..
-            } => Some((action, *version)),
-            _ => None,
-        })
-        .collect();
-    let deletes: Vec<bool> = actions.iter().map(|(a, _)| a.is_delete()).collect();
+async fn bulk(
+    shared: &Shared,
+    batch: &[Message],
+    reindexing: &HashMap<String, String>,
+) -> Result<Vec<plan::Decision>, String> {
+    let (actions, owners) = items(batch, reindexing);
+    let deletes: Vec<bool> = actions.iter().map(|(a, _, _)| a.is_delete()).collect();
     // One span per bulk request, linked to the messages it carries.
     let span = tracing::info_span!("bulk", otel.kind = "client", actions = actions.len());
     for message in batch {
@@ -60,12 +112,12 @@ async fn bulk(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>,
     }
     let answer = send(
         shared,
-        writer::encode(actions.iter().copied()),
+        writer::encode_to(actions.iter().copied()),
         actions.len(),
     )
     .instrument(span.clone())
     .await;
-    match answer {
+    let decisions = match answer {
         Ok((response, took)) => match plan::plan(&deletes, &response) {
             Ok(decisions) if plan::all_retry(&decisions) => {
                 shared.observe(Answer {
@@ -73,13 +125,13 @@ async fn bulk(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>,
                     took,
                     busy: decisions.len(),
                 });
-                Err(format!(
+                return Err(format!(
                     "every item refused as unavailable, e.g. {}",
                     match &decisions[0] {
                         plan::Decision::Retry(why) => why.as_str(),
                         _ => "",
                     }
-                ))
+                ));
             }
             Ok(decisions) => {
                 shared.observe(Answer {
@@ -90,29 +142,26 @@ async fn bulk(shared: &Shared, batch: &[Message]) -> Result<Vec<plan::Decision>,
                         .filter(|d| matches!(d, plan::Decision::Retry(_)))
                         .count(),
                 });
-                Ok(decisions)
+                decisions
             }
-            Err(why) => Ok(one_by_one(shared, &actions, &why).instrument(span).await),
+            Err(why) => one_by_one(shared, &actions, &why).instrument(span).await,
         },
-        Err(WriteError::Unavailable(why)) => Err(why),
+        Err(WriteError::Unavailable(why)) => return Err(why),
         // The cluster answered but refused the request as a whole (one action it cannot
         // parse, a body too large): find the culprit item by item rather than holding the
         // queue forever.
         Err(WriteError::Refused(why)) => {
             tracing::warn!(reason = %why, actions = actions.len(), "bulk request refused; sending its actions one by one");
-            Ok(one_by_one(shared, &actions, &why).instrument(span).await)
+            one_by_one(shared, &actions, &why).instrument(span).await
         }
-    }
+    };
+    Ok(fold(decisions, &owners))
 }
 
 /// Sends each action in a request of its own, after the cluster refused them together. An
 /// action refused alone gets that refusal (a permanent failure); one that meets an
 /// unavailable cluster is retried later like any busy item.
-async fn one_by_one(
-    shared: &Shared,
-    actions: &[(&Action, i64)],
-    refusal: &str,
-) -> Vec<plan::Decision> {
+async fn one_by_one(shared: &Shared, actions: &[Item<'_>], refusal: &str) -> Vec<plan::Decision> {
     use plan::ItemResult;
     if actions.len() == 1 {
         return vec![plan::decide(
@@ -121,8 +170,9 @@ async fn one_by_one(
         )];
     }
     let mut decisions = Vec::with_capacity(actions.len());
-    for (action, version) in actions {
-        let result = match send(shared, writer::encode([(*action, *version)]), 1).await {
+    for (action, version, target) in actions {
+        let result = match send(shared, writer::encode_to([(*action, *version, *target)]), 1).await
+        {
             Ok((response, _)) => match plan::plan(&[action.is_delete()], &response) {
                 Ok(mut one) => one.remove(0),
                 Err(why) => plan::decide(action.is_delete(), &ItemResult::refused(&why)),

@@ -236,8 +236,8 @@ struct Inner {
 }
 
 #[derive(Debug, Clone)]
-struct Conn {
-    client: Arc<Client>,
+pub(super) struct Conn {
+    pub(super) client: Arc<Client>,
     stmts: Arc<Statements>,
 }
 
@@ -294,7 +294,7 @@ impl Outbox {
             .map_err(|e| Error::postgres("asking PostgreSQL whether it answers", e))
     }
 
-    async fn conn(&self) -> Result<Conn> {
+    pub(super) async fn conn(&self) -> Result<Conn> {
         let mut slot = self.inner.conn.lock().await;
         if let Some(conn) = slot.as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(conn.clone());
