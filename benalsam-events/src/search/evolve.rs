@@ -398,7 +398,7 @@ mod tests {
         assert!(diff.needs_reindex().is_empty(), "{diff:?}");
         assert_eq!(
             diff.added(),
-            vec!["title.raw (ignore_above)", "title.exact"]
+            vec!["title.exact", "title.raw (ignore_above)"]
         );
         assert_eq!(
             diff.additions["title"],
