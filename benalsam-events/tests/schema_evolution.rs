@@ -422,9 +422,9 @@ async fn an_analyzer_changed_under_writes_is_reindexed_with_nothing_lost_or_stal
     let db = TestSchema::new().await;
     let alias = unique_name("t");
     let (before, after) = listings_and_changed(&alias);
-    db.insert_listings(300).await;
+    db.insert_listings(1000).await;
     let mut pipeline = Pipeline::start(db, &before).await;
-    wait_for_documents(&pipeline, 300).await;
+    wait_for_documents(&pipeline, 1000).await;
 
     // The consumer starts with the changed file: it says a reindex is needed, and goes on.
     pipeline.stop_consumer().await;

@@ -118,7 +118,7 @@ pub(super) async fn verify(shared: &Shared, batch: Vec<Message>) -> Option<Verif
     // After the jobs were checked, never cached: a reindex that began before this read is
     // seen, and one that began after it covers these jobs with its backfill (whose jobs read
     // the rows after these jobs committed).
-    let reindexing = retrying(shared, || shared.ledger.reindexing())
+    let reindexing: HashMap<String, String> = retrying(shared, || shared.ledger.reindexing())
         .await?
         .into_iter()
         .collect();
