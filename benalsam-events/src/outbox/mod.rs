@@ -42,7 +42,7 @@ pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
-pub(crate) use reindex::{Phase, ReindexRecord};
+pub(crate) use reindex::{Phase, ReindexRecord, ReindexRow};
 pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};
 pub(crate) use stream::DEFAULT_CHANNEL;

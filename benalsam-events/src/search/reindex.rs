@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use elasticsearch::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::outbox::{Outbox, Phase, ReindexRecord};
+use crate::outbox::{Outbox, Phase, ReindexRecord, ReindexRow};
 use crate::search::{SearchNodes, create_index};
 use crate::{Error, EventType, Result};
 
@@ -57,6 +57,9 @@ pub async fn reindex(
     batch: i64,
     mut progress: impl FnMut(&str),
 ) -> Result<ReindexOutcome> {
+    // The table as the trigger records its jobs (and the backfill its progress): the
+    // record, the backfill and the consumers must all name it alike.
+    let event_type = &event_type.clone().recorded_in(&outbox.config().schema);
     let name = event_type.name.as_str();
     let Some(mut record) = ReindexRecord::lock(outbox, &event_type.table).await? else {
         return Err(Error::reindex(
@@ -75,21 +78,10 @@ pub async fn reindex(
             let phase = format!("{:?}", row.phase).to_lowercase();
             (row, Some(phase))
         }
-        None => {
-            let old = current_index(nodes, name, alias).await?;
-            let new = next_version(alias, &old);
-            // A leftover of a run that crashed before recording it: nothing writes to it.
-            delete_index(nodes, &new).await?;
-            create_index(nodes, &new, &event_type.index_body(), None).await?;
-            record.start(alias, &old, &new).await?;
-            progress(&format!(
-                "created {new}; consumers now write every change of {name} to it too"
-            ));
-            let row = record.row().await?.ok_or_else(|| {
-                Error::reindex(name, "the reindex record vanished; run reindex again")
-            })?;
-            (row, None)
-        }
+        None => (
+            begin(&record, nodes, event_type, &mut progress).await?,
+            None,
+        ),
     };
     let mut rows_enqueued = 0;
     if row.phase <= Phase::Created {
@@ -103,6 +95,18 @@ pub async fn reindex(
             })
             .await?;
         rows_enqueued = done.rows;
+        // A backfill that enqueued nothing for a table whose index has documents would
+        // swap in an empty index: refuse rather than lose what readers see.
+        if done.rows == 0 && count(nodes, &row.old_index).await? > 0 {
+            return Err(Error::reindex(
+                name,
+                format!(
+                    "the backfill of {} enqueued no row, yet {} has documents; check the \
+                     event type's table and key (the alias was not moved)",
+                    event_type.table, row.old_index
+                ),
+            ));
+        }
         record.set_phase(Phase::Waiting).await?;
     }
     if row.phase <= Phase::Waiting {
@@ -122,6 +126,33 @@ pub async fn reindex(
         new_index: row.new_index,
         rows_enqueued,
         resumed_from,
+    })
+}
+
+/// Creates the next index version and records the reindex; returns the record.
+async fn begin(
+    record: &ReindexRecord,
+    nodes: &SearchNodes,
+    event_type: &EventType,
+    progress: &mut impl FnMut(&str),
+) -> Result<ReindexRow> {
+    let (name, alias) = (&event_type.name, &event_type.index.alias);
+    let old = current_index(nodes, name, alias).await?;
+    let new = next_version(alias, &old);
+    // A leftover of a run that crashed before recording it: nothing writes to it.
+    delete_index(nodes, &new).await?;
+    create_index(nodes, &new, &event_type.index_body(), None).await?;
+    // Recorded only once the index exists: a consumer writing to it before would have the
+    // engine create it with a dynamic mapping.
+    record.start(alias, &old, &new).await?;
+    progress(&format!(
+        "created {new}; consumers now write every change of {name} to it too"
+    ));
+    record.row().await?.ok_or_else(|| {
+        Error::reindex(
+            name.as_str(),
+            "the reindex record vanished; run reindex again",
+        )
     })
 }
 
@@ -245,6 +276,21 @@ async fn swap(nodes: &SearchNodes, alias: &str, old: &str, new: &str) -> Result<
         ));
     }
     Ok(())
+}
+
+/// How many documents `index` holds.
+async fn count(nodes: &SearchNodes, index: &str) -> Result<u64> {
+    let (status, answer) = nodes
+        .json_request(Method::Get, &format!("/{index}/_count"), None)
+        .await?;
+    if !status.is_success() {
+        return Err(Error::search_response(
+            format!("counting the documents of {index}"),
+            status.as_u16(),
+            answer.to_string(),
+        ));
+    }
+    Ok(answer["count"].as_u64().unwrap_or(0))
 }
 
 /// Deletes `index`; one that does not exist is fine.
