@@ -255,12 +255,7 @@ impl Cli {
             eprintln!("{line}");
         })
         .await
-        .with_context(|| {
-            format!(
-                "reindexing {name} (a rerun continues where this one stopped; \
-                 a missing benalsam_reindex table means `benalsam-consumer migrate` is due)"
-            )
-        })?;
+        .with_context(|| format!("reindexing {name} (a rerun continues where this one stopped)"))?;
         println!(
             "reindex of {name} complete: {} now points at {} ({} rows enqueued{}), {} deleted",
             outcome.alias,

@@ -217,3 +217,61 @@ async fn send(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::search::plan::{Decision, Done};
+
+    #[test]
+    fn a_message_is_done_only_when_both_of_its_indexes_are() {
+        let owners = [0, 0, 1, 2, 2];
+        let decisions = vec![
+            Decision::Done(Done::Applied),
+            Decision::Done(Done::Superseded),
+            Decision::Done(Done::AlreadyGone),
+            Decision::Done(Done::Applied),
+            Decision::Retry("busy".into()),
+        ];
+        assert_eq!(
+            fold(decisions, &owners),
+            vec![
+                Decision::Done(Done::Applied),
+                Decision::Done(Done::AlreadyGone),
+                Decision::Retry("busy".into()),
+            ]
+        );
+        let refused = vec![
+            Decision::Dead("mapping".into()),
+            Decision::Done(Done::Applied),
+        ];
+        assert_eq!(
+            fold(refused, &[0, 0]),
+            vec![Decision::Dead("mapping".into())]
+        );
+    }
+
+    #[test]
+    fn only_actions_of_a_table_being_reindexed_go_to_its_new_index_too() {
+        let action = Action::Index {
+            index: "l".into(),
+            id: "a".into(),
+            document: json!({}),
+        };
+        let body = String::from_utf8(writer::encode_to([
+            (&action, 7, None),
+            (&action, 7, Some("l_v2")),
+        ]))
+        .expect("utf-8");
+        let metas: Vec<serde_json::Value> = body
+            .lines()
+            .step_by(2)
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        assert_eq!(metas[0]["index"]["_index"], "l");
+        assert_eq!(metas[1]["index"]["_index"], "l_v2");
+        assert_eq!(metas[1]["index"]["version"], 7, "the same version");
+    }
+}
