@@ -4,9 +4,8 @@
 //! action; a cluster that does not answer leaves the batch untouched.
 //!
 //! While a table is being reindexed, each of its actions is sent twice in the same request:
-//! to the alias and to the new index, with the same version. The message's decision is the
-//! worse of the two (a retry or a refusal by either index counts), so a job is completed
-//! only when both indexes hold its change or a newer one.
+//! to the alias and to the new index, with the same version. A job is completed once both
+//! answered and the new index holds its change or a newer one (see [`fold`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -77,21 +76,28 @@ fn items<'a>(
     (items, owners)
 }
 
-/// The decision of each message from those of its items: the first that is not done (a
-/// retry or a refusal by either index), else the first.
+/// The decision of each message from those of its items (the alias's first, then the new
+/// index's): a retry by either is a retry; a refusal by the new index is a refusal (the
+/// reindex then stops before its swap, naming the dead letters). A refusal by the old index
+/// alone counts as done: the index readers will see holds the change, and a change the old
+/// mapping cannot take (a new field that needs the new analysis) is what the reindex is for.
 fn fold(decisions: Vec<plan::Decision>, owners: &[usize]) -> Vec<plan::Decision> {
+    use plan::Decision::{Dead, Done, Retry};
     let mut folded: Vec<plan::Decision> = Vec::new();
     for (decision, owner) in decisions.into_iter().zip(owners) {
-        match folded.get_mut(*owner) {
-            None => folded.push(decision),
-            Some(kept) => {
-                if matches!(kept, plan::Decision::Done(_))
-                    && !matches!(decision, plan::Decision::Done(_))
-                {
-                    *kept = decision;
-                }
+        let Some(kept) = folded.get_mut(*owner) else {
+            folded.push(decision);
+            continue;
+        };
+        *kept = match (std::mem::replace(kept, Done(plan::Done::Applied)), decision) {
+            (Retry(why), _) | (_, Retry(why)) => Retry(why),
+            (_, Dead(why)) => Dead(why),
+            (Dead(why), done) => {
+                tracing::warn!(reason = %why, "the live index refused a document the reindex's new index took; it is done there");
+                done
             }
-        }
+            (done, _) => done,
+        };
     }
     folded
 }
@@ -226,7 +232,7 @@ mod tests {
     use crate::search::plan::{Decision, Done};
 
     #[test]
-    fn a_message_is_done_only_when_both_of_its_indexes_are() {
+    fn a_message_of_a_reindexed_table_waits_for_both_indexes_and_follows_the_new_one() {
         let owners = [0, 0, 1, 2, 2];
         let decisions = vec![
             Decision::Done(Done::Applied),
@@ -243,14 +249,21 @@ mod tests {
                 Decision::Retry("busy".into()),
             ]
         );
-        let refused = vec![
-            Decision::Dead("mapping".into()),
+        let by_new = vec![
             Decision::Done(Done::Applied),
+            Decision::Dead("mapping".into()),
         ];
         assert_eq!(
-            fold(refused, &[0, 0]),
+            fold(by_new, &[0, 0]),
             vec![Decision::Dead("mapping".into())]
         );
+        let by_old = vec![
+            Decision::Dead("strict".into()),
+            Decision::Done(Done::Applied),
+        ];
+        assert_eq!(fold(by_old, &[0, 0]), vec![Decision::Done(Done::Applied)]);
+        let alone = vec![Decision::Dead("strict".into())];
+        assert_eq!(fold(alone, &[0]), vec![Decision::Dead("strict".into())]);
     }
 
     #[test]

@@ -63,11 +63,22 @@ impl Outbox {
             "SELECT table_name, new_index FROM \"{}\".benalsam_reindex WHERE phase <> 'swapped'",
             self.config().schema
         );
-        let rows = conn
-            .client
-            .query(&sql, &[])
-            .await
-            .map_err(|e| Error::postgres("reading the reindexes under way", e))?;
+        let rows = match conn.client.query(&sql, &[]).await {
+            Ok(rows) => rows,
+            // Before migration 8 there is no table, and so no reindex under way (the reindex
+            // command needs it). A refused read (a role without the grant) is an error: it
+            // cannot tell.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                return Ok(Vec::new());
+            }
+            Err(e) => {
+                return Err(Error::postgres(
+                    "reading the reindexes under way (the consumer's role needs SELECT on \
+                     benalsam_reindex: see `benalsam-bridge grants`)",
+                    e,
+                ));
+            }
+        };
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
