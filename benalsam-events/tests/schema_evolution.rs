@@ -7,6 +7,8 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use benalsam_events::bridge::{self, BridgeSettings};
@@ -385,7 +387,7 @@ async fn a_field_added_to_a_relation_reaches_the_live_mapping_and_no_document_de
 
 /// Inserts, edits, deletes and moves listings out of and into the index, a few every
 /// iteration, until `stop`.
-async fn writer(schema: String, stop: CancellationToken) -> u64 {
+async fn writer(schema: String, stop: CancellationToken, rounds: Arc<AtomicU64>) {
     let client = benalsam_events::connect::postgres(&database_url())
         .await
         .expect("writer connects");
@@ -405,16 +407,14 @@ async fn writer(schema: String, stop: CancellationToken) -> u64 {
             "UPDATE listings SET status = CASE status WHEN 'active' THEN 'sold' ELSE 'active' END WHERE id = {random}"
         ),
     ];
-    let mut rounds = 0;
     while !stop.is_cancelled() {
         for statement in &statements {
             client.batch_execute(statement).await.expect(statement);
         }
-        rounds += 1;
+        rounds.fetch_add(1, Ordering::Relaxed);
         // Pacing, so the writes spread over the whole reindex.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    rounds
 }
 
 #[tokio::test]
@@ -459,20 +459,38 @@ async fn an_analyzer_changed_under_writes_is_reindexed_with_nothing_lost_or_stal
     );
 
     let stop = CancellationToken::new();
-    let writes = tokio::spawn(writer(pipeline.db.name.clone(), stop.clone()));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let writes = tokio::spawn(writer(
+        pipeline.db.name.clone(),
+        stop.clone(),
+        rounds.clone(),
+    ));
     let outcome = search::reindex(&pipeline.outbox(), &pipeline.nodes(), &after, 50, |line| {
         eprintln!("reindex: {line}");
     })
     .await
     .expect("the reindex finishes");
     assert_eq!(outcome.new_index, format!("{alias}_v2"));
-    // More writes after the swap, through the alias only (pacing, not an assertion).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rounds.load(Ordering::Relaxed);
+    // More writes after the swap, through the alias only: until a few more rounds are in.
+    eventually("writes after the swap", || async {
+        let now = rounds.load(Ordering::Relaxed);
+        if now >= during + 5 {
+            Ok(())
+        } else {
+            Err(format!("{now} rounds"))
+        }
+    })
+    .await;
     stop.cancel();
-    let rounds = writes.await.expect("writer");
+    writes.await.expect("writer");
+    eprintln!(
+        "{during} rounds of writes during the reindex, {} in all",
+        rounds.load(Ordering::Relaxed)
+    );
     assert!(
-        rounds > 5,
-        "the writer ran during the reindex: {rounds} rounds"
+        during > 5,
+        "the writer ran during the reindex: {during} rounds"
     );
 
     pipeline.settled().await;
