@@ -9,6 +9,7 @@
 //! | an object's `dynamic`, a keyword's `ignore_above` | add (updatable in place) |
 //! | a field's type, `analyzer`, `search_analyzer`, `normalizer`, `format`, `index`, `copy_to` or any other parameter | reindex |
 //! | an analyzer, normalizer, filter, tokenizer or char filter of the analysis settings missing or different | reindex (the engine changes analysis only on a closed index, and we never close one) |
+//! | `number_of_shards` | reindex |
 //! | a field or analysis entry the live index has and the file no longer names | nothing: it stays, unused |
 
 use serde_json::{Map, Value};
@@ -81,6 +82,17 @@ pub fn diff(want: &Value, live_mappings: &Value, live_settings: &Value) -> Diff 
         &live_settings["analysis"],
         &mut out.differences,
     );
+    // Fixed when an index is created (replicas and the refresh interval are not, and are the
+    // operator's to tune on the live index).
+    let shards = &want["settings"]["number_of_shards"];
+    let live_shards = &live_settings["number_of_shards"];
+    if !shards.is_null() && !live_shards.is_null() && normalized(shards) != normalized(live_shards)
+    {
+        out.differences.push(reindex(
+            "settings.number_of_shards",
+            format!("{} → {}", shown(live_shards), shown(shards)),
+        ));
+    }
     out
 }
 
@@ -319,7 +331,7 @@ mod tests {
     #[test]
     fn type_analyzer_format_and_analysis_changes_need_a_reindex() {
         let want = json!({
-            "settings": { "analysis": {
+            "settings": { "number_of_shards": 2, "analysis": {
                 "analyzer": { "a": { "type": "custom", "tokenizer": "standard", "filter": ["lowercase"] } },
                 "normalizer": { "n": { "type": "custom", "filter": ["lowercase"] } } } },
             "mappings": { "properties": {
@@ -337,7 +349,7 @@ mod tests {
             "day": { "type": "date" },
             "seller": { "properties": { "name": { "type": "text" } } }
         }});
-        let live_settings = json!({ "analysis": {
+        let live_settings = json!({ "number_of_shards": "1", "analysis": {
             "analyzer": { "a": { "type": "custom", "tokenizer": "whitespace", "filter": ["lowercase"] } } } });
         let diff = diff(&want, &live_mapping, &live_settings);
         let paths: Vec<&str> = diff.differences.iter().map(|d| d.path.as_str()).collect();
@@ -350,7 +362,8 @@ mod tests {
                 "seller.name",
                 "title",
                 "analysis.analyzer.a",
-                "analysis.normalizer.n"
+                "analysis.normalizer.n",
+                "settings.number_of_shards"
             ]
         );
         assert!(diff.added().is_empty() && diff.additions.is_empty());
