@@ -71,27 +71,23 @@ pub(crate) async fn ensure_index_on(
         .await?;
     if status == StatusCode::NOT_FOUND {
         let index = format!("{alias}_v1");
-        match create_index(nodes, &index, &body, Some(alias)).await {
-            Ok(()) => {
-                tracing::info!(%index, %alias, "created the search index");
-                return Ok(IndexReport::default());
-            }
-            // Another consumer created it first: fall through to checking it.
-            Err(e) if e.is_conflict() => {}
-            Err(e) => return Err(e),
+        // Not created: another consumer created it first; fall through to checking it.
+        if create_index(nodes, &index, &body, Some(alias)).await? {
+            tracing::info!(%index, %alias, "created the search index");
+            return Ok(IndexReport::default());
         }
     }
     evolve_live(nodes, alias, &body).await
 }
 
-/// Creates `index` with `body` (behind `alias` as its write index, if given). An index that
-/// exists already is a conflict ([`Error::is_conflict`]).
+/// Creates `index` with `body` (behind `alias` as its write index, if given); `false` when
+/// an index of that name exists already.
 pub(crate) async fn create_index(
     nodes: &SearchNodes,
     index: &str,
     body: &Value,
     alias: Option<&str>,
-) -> Result<()> {
+) -> Result<bool> {
     let mut create = body.clone();
     if let Some(alias) = alias {
         create["aliases"] = json!({ alias: { "is_write_index": true } });
@@ -100,15 +96,10 @@ pub(crate) async fn create_index(
         .json_request(Method::Put, &format!("/{index}"), Some(&create))
         .await?;
     if status.is_success() {
-        return Ok(());
+        return Ok(true);
     }
     if answer["error"]["type"] == "resource_already_exists_exception" {
-        return Err(Error::from(Kind::MappingConflict {
-            index: index.to_owned(),
-            field: "(the index itself)".to_owned(),
-            expected: "no index".to_owned(),
-            found: "an existing index".to_owned(),
-        }));
+        return Ok(false);
     }
     if let Some(error) = super::analysis::missing_module(index, &create, status.as_u16(), &answer) {
         return Err(error);

@@ -141,7 +141,12 @@ async fn begin(
     let new = next_version(alias, &old);
     // A leftover of a run that crashed before recording it: nothing writes to it.
     delete_index(nodes, &new).await?;
-    create_index(nodes, &new, &event_type.index_body(), None).await?;
+    if !create_index(nodes, &new, &event_type.index_body(), None).await? {
+        return Err(Error::reindex(
+            name.as_str(),
+            format!("{new} was created by someone else meanwhile; run reindex again"),
+        ));
+    }
     // Recorded only once the index exists: a consumer writing to it before would have the
     // engine create it with a dynamic mapping.
     record.start(alias, &old, &new).await?;
