@@ -465,12 +465,14 @@ async fn an_analyzer_changed_under_writes_is_reindexed_with_nothing_lost_or_stal
         stop.clone(),
         rounds.clone(),
     ));
+    let started = Instant::now();
     let outcome = search::reindex(&pipeline.outbox(), &pipeline.nodes(), &after, 50, |line| {
         eprintln!("reindex: {line}");
     })
     .await
     .expect("the reindex finishes");
     assert_eq!(outcome.new_index, format!("{alias}_v2"));
+    eprintln!("reindexed in {:?}", started.elapsed());
     let during = rounds.load(Ordering::Relaxed);
     // More writes after the swap, through the alias only: until a few more rounds are in.
     eventually("writes after the swap", || async {
@@ -586,5 +588,145 @@ async fn a_reindex_killed_mid_way_is_finished_by_a_rerun_and_a_concurrent_one_re
     assert_eq!(pipeline.behind_alias().await, vec![format!("{alias}_v2")]);
     let (status, _) = pipeline.call(Method::Head, &format!("/{alias}_v1")).await;
     assert_eq!(status, 404, "the old index is deleted");
+    pipeline.stop().await;
+}
+
+/// The joined example from its file, into `alias` (built-in analysis where the engine lacks
+/// the Turkish one), after `edit` of the file's text.
+fn joined(alias: &str, edit: impl Fn(&str) -> String) -> EventType {
+    let file = std::env::temp_dir().join(format!("{}.toml", unique_name("joined")));
+    let text = edit(JOINED_TOML).replace("benalsam_listings_joined", alias);
+    std::fs::write(&file, text).expect("write");
+    let event_type = EventType::from_file(&file).expect("valid").remove(0);
+    let _ = std::fs::remove_file(&file);
+    support::builtin_analysis(event_type)
+}
+
+/// Whether every active listing's document names its seller as the database does, and no
+/// other document is in the index.
+async fn sellers_converged(pipeline: &Pipeline) -> Result<(), String> {
+    let rows = pipeline
+        .db
+        .client
+        .query(
+            "SELECT l.id::text, u.display_name FROM listings l JOIN users u ON u.id = l.user_id
+             WHERE l.status = 'active'",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let want: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let docs = pipeline.index.documents().await;
+    let wrong = want
+        .iter()
+        .filter(|(id, name)| {
+            docs.get(*id)
+                .is_none_or(|d| d["seller"]["display_name"] != **name)
+        })
+        .count();
+    let stale = docs.keys().filter(|id| !want.contains_key(*id)).count();
+    if wrong == 0 && stale == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{wrong} wrong or missing, {stale} stale of {}",
+            want.len()
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_joined_event_type_is_reindexed_while_its_related_rows_change() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute(MARKETPLACE_SQL)
+        .await
+        .expect("the marketplace tables");
+    let alias = unique_name("t");
+    let before = joined(&alias, str::to_owned);
+    // The seller's rating becomes a keyword: a type change.
+    let after = joined(&alias, |text| {
+        let changed = text.replacen(
+            "fields.rating = { type = \"double\" }",
+            "fields.rating = { type = \"keyword\", column = \"rating\" }",
+            1,
+        );
+        assert_ne!(changed, text);
+        changed
+    });
+    db.client
+        .batch_execute(
+            "INSERT INTO users (display_name, rating) SELECT 'Satıcı ' || i, 3.5 FROM generate_series(1, 5) i;
+             INSERT INTO listings (user_id, title, category, status)
+             SELECT u.id, 'İlan ' || i, 'elektronik', 'active'
+             FROM generate_series(1, 40) i, users u",
+        )
+        .await
+        .expect("users and listings");
+    let mut pipeline = Pipeline::start(db, &before).await;
+    eventually("the joined documents indexed", || {
+        sellers_converged(&pipeline)
+    })
+    .await;
+
+    pipeline.stop_consumer().await;
+    pipeline.start_consumer(&after);
+    // Renames of sellers (fanned out to their listings) and new listings, during the reindex.
+    let stop = CancellationToken::new();
+    let schema = pipeline.db.name.clone();
+    let writes = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = benalsam_events::connect::postgres(&database_url())
+                .await
+                .expect("writer connects");
+            client
+                .batch_execute(&format!("SET search_path TO {schema}"))
+                .await
+                .expect("search_path");
+            let mut rounds = 0_u64;
+            while !stop.is_cancelled() {
+                client
+                    .batch_execute(
+                        "UPDATE users SET display_name = 'Satıcı ' || md5(random()::text)
+                         WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1);
+                         INSERT INTO listings (user_id, title, category, status)
+                         SELECT id, 'Yeni', 'elektronik', 'active' FROM users ORDER BY random() LIMIT 1",
+                    )
+                    .await
+                    .expect("writes");
+                rounds += 1;
+                // Pacing, so the writes spread over the reindex.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            rounds
+        })
+    };
+    search::reindex(&pipeline.outbox(), &pipeline.nodes(), &after, 50, |line| {
+        eprintln!("reindex: {line}");
+    })
+    .await
+    .expect("the reindex finishes");
+    stop.cancel();
+    let rounds = writes.await.expect("writer");
+    assert!(
+        rounds > 2,
+        "the writer ran during the reindex: {rounds} rounds"
+    );
+
+    eventually("the joined documents converge on the new index", || {
+        sellers_converged(&pipeline)
+    })
+    .await;
+    pipeline.settled().await;
+    assert_eq!(pipeline.behind_alias().await, vec![format!("{alias}_v2")]);
+    let (_, mapping) = pipeline
+        .call(Method::Get, &format!("/{alias}_v2/_mapping"))
+        .await;
+    assert_eq!(
+        mapping[format!("{alias}_v2")]["mappings"]["properties"]["seller"]["properties"]["rating"]
+            ["type"],
+        "keyword"
+    );
     pipeline.stop().await;
 }
