@@ -25,6 +25,7 @@ mod listener;
 mod maintenance;
 mod migrate;
 mod queue;
+#[cfg(feature = "consumer")]
 mod reindex;
 mod relations;
 mod resender;
@@ -42,6 +43,7 @@ pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
+#[cfg(feature = "consumer")]
 pub(crate) use reindex::{Phase, ReindexRecord, ReindexRow};
 pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};

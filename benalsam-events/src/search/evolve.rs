@@ -67,8 +67,8 @@ impl Diff {
 /// Parameters the engine updates on a live field.
 const IN_PLACE: &[&str] = &["ignore_above", "dynamic"];
 
-/// Compares the wanted index body (`{settings, mappings}`, as
-/// [`EventType::index_body`](crate::EventType) makes it) with the live index's mapping
+/// Compares the wanted index body (`{settings, mappings}`, as `EventType::index_body` makes
+/// it) with the live index's mapping
 /// (`mappings` of `GET _mapping`) and settings (`settings.index` of `GET _settings`).
 pub fn diff(want: &Value, live_mappings: &Value, live_settings: &Value) -> Diff {
     let mut out = Diff::default();

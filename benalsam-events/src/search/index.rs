@@ -4,7 +4,7 @@
 //! The index is created as `<alias>_v1` with the alias pointing at it, so a change the live
 //! index cannot take is rolled out by building `<alias>_v2` and moving the alias
 //! ([`reindex`](super::reindex)). An existing index is never closed or reopened; its mapping
-//! is compared with ours at every depth ([`evolve`](super::evolve)): missing fields are
+//! is compared with ours at every depth (`evolve`, pure): missing fields are
 //! added, and what needs a reindex is reported.
 
 use elasticsearch::Elasticsearch;

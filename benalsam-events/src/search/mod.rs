@@ -24,7 +24,8 @@ pub(crate) mod bulk;
 mod client;
 #[cfg(feature = "consumer")]
 pub(crate) mod delete;
-pub mod evolve;
+#[cfg(feature = "consumer")]
+mod evolve;
 #[cfg(feature = "consumer")]
 mod index;
 mod mapping;
