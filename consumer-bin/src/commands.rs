@@ -1,12 +1,16 @@
-//! The command line of `benalsam-consumer`: `run` (the default) and the dead-letter tools.
+//! The command line of `benalsam-consumer`: `run` (the default), `reindex` and the
+//! dead-letter tools.
 
 use anyhow::Context;
 use benalsam_cli::{
     self as cli, ConfigArgs, ConsumerArgs, DatabaseArgs, LogArgs, RabbitArgs, SearchArgs,
 };
+use std::time::Duration;
+
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
 use benalsam_events::outbox::{JobSelection, Verdict};
+use benalsam_events::search::{self, SearchNodes};
 use clap::{Parser, Subcommand};
 
 /// Consumes the queues of the event types (elasticsearch.sync for the listings), writes
@@ -54,6 +58,19 @@ enum Command {
         event_type: Option<String>,
         /// The row's key (the event type's key column), e.g. 42
         key: String,
+    },
+    /// Build the next version of an event type's index from the database while the
+    /// consumers keep indexing live changes into both, then move the alias to it and delete
+    /// the old one (zero downtime). Needed when the consumer's start-up says so (a field's
+    /// type or an analyzer changed). A rerun after a crash continues where it stopped. Run it
+    /// as the outbox's owner (it enqueues every row), with consumers running.
+    Reindex {
+        /// The event type
+        #[arg(long = "type")]
+        event_type: String,
+        /// Rows enqueued per transaction
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
     },
 }
 
@@ -146,6 +163,10 @@ impl Cli {
                 ref event_type,
                 ref key,
             }) => document(&self.database, &self.config, event_type.as_deref(), key).await,
+            Some(Command::Reindex {
+                ref event_type,
+                batch,
+            }) => self.reindex(event_type, batch).await,
             Some(Command::Dlq(Dlq::List { ref which, limit })) => {
                 let queue = &which.queue(&self.config)?;
                 let letters = DeadLetterQueue::new(rabbit.clone(), queue)
@@ -227,6 +248,34 @@ impl Cli {
                 Ok(())
             }
         }
+    }
+
+    async fn reindex(&self, name: &str, batch: i64) -> anyhow::Result<()> {
+        let event_type = self
+            .config
+            .select(Some(name))?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no event type {name}"))?;
+        let outbox = self.database.outbox()?;
+        let search = SearchNodes::new(&self.search.search_url(), Duration::from_secs(60))?;
+        let outcome = search::reindex(&outbox, &search, &event_type, batch, |line| {
+            eprintln!("{line}");
+        })
+        .await
+        .with_context(|| format!("reindexing {name} (a rerun continues where this one stopped)"))?;
+        println!(
+            "reindex of {name} complete: {} now points at {} ({} rows enqueued{}), {} deleted",
+            outcome.alias,
+            outcome.new_index,
+            outcome.rows_enqueued,
+            outcome
+                .resumed_from
+                .map(|p| format!(", resumed from phase {p}"))
+                .unwrap_or_default(),
+            outcome.old_index
+        );
+        Ok(())
     }
 
     async fn serve(&self, args: &ConsumerArgs) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@ pub(super) async fn process(
         deliver,
         recorded,
         mut sorted,
+        reindexing,
     }) = verify::verify(&shared, batch).await
     else {
         return Finished::Abandoned;
@@ -34,13 +35,15 @@ pub(super) async fn process(
         return Finished::Abandoned;
     };
     writable.extend(read);
-    if let Err((mut batch, reason)) = write::write(&shared, writable, &mut sorted).await {
+    if let Err((mut batch, reason)) =
+        write::write(&shared, writable, &reindexing, &mut sorted).await
+    {
         // Nothing was done: the whole batch waits for the cluster (verifying it again
         // later is harmless).
         batch.extend(truncations);
         batch.extend(sorted.into_messages());
         return Finished::Unavailable { batch, reason };
     }
-    truncate::truncate(&shared, truncations, &mut sorted).await;
+    truncate::truncate(&shared, truncations, &reindexing, &mut sorted).await;
     settle::settle(&shared, channel.as_ref(), sorted).await
 }

@@ -60,6 +60,8 @@ pub(crate) trait Ledger: Send + Sync + 'static {
     fn lookup<'a>(&'a self, jobs: &'a [i64]) -> BoxFuture<'a, Result<Vec<Recorded>>>;
     fn unsettled_before<'a>(&'a self, table: &'a str, job: i64) -> BoxFuture<'a, Result<i64>>;
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
+    /// The reindexes under way: (table, new index).
+    fn reindexing(&self) -> BoxFuture<'_, Result<Vec<(String, String)>>>;
     fn read_joined<'a>(
         &'a self,
         event_type: &'a EventType,
@@ -82,6 +84,10 @@ impl Ledger for Outbox {
 
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(Outbox::ping(self))
+    }
+
+    fn reindexing(&self) -> BoxFuture<'_, Result<Vec<(String, String)>>> {
+        Box::pin(Outbox::reindexing(self))
     }
 
     fn read_joined<'a>(

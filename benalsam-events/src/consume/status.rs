@@ -57,6 +57,10 @@ pub struct IndexerStatus {
     pub joined_reads: u64,
     /// Since when outcomes cannot be recorded in PostgreSQL, and why (`None` while they can).
     pub outbox_failing: Option<(SystemTime, String)>,
+    /// Changes of the event type files the live indexes cannot take in place
+    /// (`<event type>: <change>`), found at start: each needs `reindex --type <event type>`.
+    /// Indexing goes on with the live mapping meanwhile.
+    pub reindex_needed: Vec<String>,
     /// Errors: lost connections, failed bulk requests, failed reports.
     pub errors: u64,
     /// The last of those errors, and when.

@@ -2,6 +2,7 @@
 //! once no older job of the table is still on its way (those may still write). The delete
 //! itself is the search engine's business ([`delete`](crate::search::delete)).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,16 +14,27 @@ use crate::consume::shared::Shared;
 use crate::search::delete;
 
 /// Applies each truncation of a batch, filing it covered once applied, held while it waits.
-pub(super) async fn truncate(shared: &Shared, truncations: Vec<Message>, sorted: &mut Sorted) {
+/// A table being reindexed (`reindexing`: table → new index) has its new index emptied too.
+pub(super) async fn truncate(
+    shared: &Shared,
+    truncations: Vec<Message>,
+    reindexing: &HashMap<String, String>,
+    sorted: &mut Sorted,
+) {
     for message in truncations {
-        truncate_one(shared, message, sorted).await;
+        truncate_one(shared, message, reindexing, sorted).await;
     }
 }
 
 /// Empties the index of a truncated table of everything older than the truncation, once no
 /// older job of the table is on its way any more (those may still write); until then, and
 /// while the cluster is away, the truncation waits (without counting attempts).
-async fn truncate_one(shared: &Shared, mut message: Message, sorted: &mut Sorted) {
+async fn truncate_one(
+    shared: &Shared,
+    mut message: Message,
+    reindexing: &HashMap<String, String>,
+    sorted: &mut Sorted,
+) {
     let Some(envelope) = message.body.envelope() else {
         return;
     };
@@ -40,7 +52,13 @@ async fn truncate_one(shared: &Shared, mut message: Message, sorted: &mut Sorted
             Err(None)
         }
         Ok(_) => {
-            let deleted = delete::delete_older(&shared.search, &event_type.index.alias, job).await;
+            let mut deleted =
+                delete::delete_older(&shared.search, &event_type.index.alias, job).await;
+            if let (Ok(n), Some(new_index)) = (&deleted, reindexing.get(&table)) {
+                deleted = delete::delete_older(&shared.search, new_index, job)
+                    .await
+                    .map(|m| n + m);
+            }
             shared.status.lock().search_node = shared.search.in_use();
             deleted.map_err(Some)
         }

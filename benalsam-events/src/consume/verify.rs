@@ -102,6 +102,9 @@ pub(super) struct Verified {
     pub(super) deliver: Vec<Message>,
     pub(super) recorded: HashMap<i64, Recorded>,
     pub(super) sorted: Sorted,
+    /// The reindexes under way, by table: the new index every action of the table goes to
+    /// as well.
+    pub(super) reindexing: HashMap<String, String>,
 }
 
 /// Asks the outbox about every change of the batch (one query, which also brings the rows
@@ -112,6 +115,13 @@ pub(super) async fn verify(shared: &Shared, batch: Vec<Message>) -> Option<Verif
     let ids: Vec<i64> = batch.iter().filter_map(Message::job_id).collect();
     let recorded = retrying(shared, || shared.ledger.lookup(&ids)).await?;
     let recorded: HashMap<i64, Recorded> = recorded.into_iter().map(|r| (r.id, r)).collect();
+    // After the jobs were checked, never cached: a reindex that began before this read is
+    // seen, and one that began after it covers these jobs with its backfill (whose jobs read
+    // the rows after these jobs committed).
+    let reindexing: HashMap<String, String> = retrying(shared, || shared.ledger.reindexing())
+        .await?
+        .into_iter()
+        .collect();
     let mut sorted = Sorted::default();
     let mut deliver = Vec::new();
     for message in batch {
@@ -144,6 +154,7 @@ pub(super) async fn verify(shared: &Shared, batch: Vec<Message>) -> Option<Verif
         deliver,
         recorded,
         sorted,
+        reindexing,
     })
 }
 

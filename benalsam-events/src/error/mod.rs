@@ -89,6 +89,9 @@ pub(crate) enum Kind {
     #[error("{what} has stopped")]
     Stopped { what: String },
 
+    #[error("reindex of {event_type}: {reason}")]
+    Reindex { event_type: String, reason: String },
+
     #[error("job {id} in the queue table cannot be read: {reason}")]
     InvalidJob { id: i64, reason: String },
 
@@ -272,6 +275,20 @@ impl Error {
     /// unsupported schema version, or fields that contradict each other).
     pub fn is_malformed(&self) -> bool {
         matches!(self.kind(), Kind::Envelope(_))
+    }
+
+    /// Whether a reindex was refused or cannot go on (another one of the same type is
+    /// running, the index is not behind an alias, jobs of the reindex failed); the message
+    /// says what to do.
+    pub fn is_reindex_refused(&self) -> bool {
+        matches!(self.kind(), Kind::Reindex { .. })
+    }
+
+    pub(crate) fn reindex(event_type: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::new(Kind::Reindex {
+            event_type: event_type.into(),
+            reason: reason.into(),
+        })
     }
 
     /// Whether a part of the pipeline has stopped.

@@ -8,11 +8,11 @@
 //! | role | on the outbox | on the event types' tables |
 //! |---|---|---|
 //! | bridge | `SELECT, UPDATE` on the job table (claims, marks); `SELECT, INSERT, UPDATE, DELETE` on `benalsam_listeners` (adaptive NOTIFY) | joined event types: `SELECT` on the table and its related tables, `INSERT` on the job table (the fan-out's REBUILD jobs) |
-//! | consumer | `SELECT, UPDATE` on the job table (checks, marks); `SELECT` on `benalsam_truncations` | joined event types: `SELECT` on the table and its related tables, `USAGE` on the job table's id sequence (a document's version) |
+//! | consumer | `SELECT, UPDATE` on the job table (checks, marks); `SELECT` on `benalsam_truncations` and `benalsam_reindex` (reindexes under way) | joined event types: `SELECT` on the table and its related tables, `USAGE` on the job table's id sequence (a document's version) |
 //!
 //! and `USAGE` on every schema involved. Application roles need nothing on the outbox: the
 //! trigger function runs as its owner (migration 7). `migrate`, `backfill`, `purge`,
-//! `retry` and the other operator commands run as the outbox's owner.
+//! `retry`, `reindex` and the other operator commands run as the outbox's owner.
 
 use std::collections::BTreeSet;
 
@@ -84,6 +84,11 @@ pub fn grants(
             "GRANT SELECT ON {}.benalsam_truncations TO {role}",
             quoted(schema)
         ));
+        // Which reindexes are under way: read with every batch.
+        line(format!(
+            "GRANT SELECT ON {}.benalsam_reindex TO {role}",
+            quoted(schema)
+        ));
         if !joined.is_empty() {
             line(format!("GRANT SELECT ON {tables} TO {role}"));
             line(format!(
@@ -120,7 +125,8 @@ mod tests {
              GRANT SELECT, INSERT, UPDATE, DELETE ON \"public\".benalsam_listeners TO \"bridge\";\n\
              GRANT USAGE ON SCHEMA \"public\" TO \"con\"\"sumer\";\n\
              GRANT SELECT, UPDATE ON \"public\".elasticsearch_sync_queue TO \"con\"\"sumer\";\n\
-             GRANT SELECT ON \"public\".benalsam_truncations TO \"con\"\"sumer\";\n"
+             GRANT SELECT ON \"public\".benalsam_truncations TO \"con\"\"sumer\";\n\
+             GRANT SELECT ON \"public\".benalsam_reindex TO \"con\"\"sumer\";\n"
         );
         assert_eq!(
             grants(

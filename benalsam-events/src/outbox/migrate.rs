@@ -51,6 +51,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_queue_fillfactor.sql"),
     migration!(6, "0006_relations.sql"),
     migration!(7, "0007_trigger_security_definer.sql"),
+    migration!(8, "0008_reindex.sql"),
 ];
 
 /// What [`migrate`] did.

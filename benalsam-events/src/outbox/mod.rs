@@ -30,6 +30,8 @@ mod lookup;
 mod maintenance;
 mod migrate;
 mod queue;
+#[cfg(feature = "consumer")]
+mod reindex;
 mod relations;
 mod resender;
 mod settle;
@@ -52,6 +54,8 @@ pub use maintenance::{JobSelection, StatusLine, Summary};
 pub(crate) use migrate::check_tables;
 pub use migrate::{MigrationReport, migrate};
 pub use queue::Outbox;
+#[cfg(feature = "consumer")]
+pub(crate) use reindex::{Phase, ReindexRecord, ReindexRow};
 pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};
 pub use settle::{Outcome, Settle, Settled};

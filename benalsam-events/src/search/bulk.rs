@@ -29,6 +29,14 @@ pub(crate) enum WriteError {
 /// The `_bulk` NDJSON body of `actions`, each with its version; the documents are written
 /// from where they are, not copied.
 pub(crate) fn encode<'a>(actions: impl IntoIterator<Item = (&'a Action, i64)>) -> Vec<u8> {
+    encode_to(actions.into_iter().map(|(a, v)| (a, v, None)))
+}
+
+/// [`encode`], each action to the index given beside it instead of its own when there is
+/// one (a reindex's new index).
+pub(crate) fn encode_to<'a>(
+    actions: impl IntoIterator<Item = (&'a Action, i64, Option<&'a str>)>,
+) -> Vec<u8> {
     #[derive(Serialize)]
     struct Meta<'a> {
         _index: &'a str,
@@ -37,7 +45,7 @@ pub(crate) fn encode<'a>(actions: impl IntoIterator<Item = (&'a Action, i64)>) -
         version_type: &'static str,
     }
     let mut body = Vec::with_capacity(4096);
-    for (action, version) in actions {
+    for (action, version, target) in actions {
         let (verb, index, id, document) = match action {
             Action::Index {
                 index,
@@ -47,7 +55,7 @@ pub(crate) fn encode<'a>(actions: impl IntoIterator<Item = (&'a Action, i64)>) -
             Action::Delete { index, id } => ("delete", index, id, None),
         };
         let meta = Meta {
-            _index: index,
+            _index: target.unwrap_or(index),
             _id: id,
             version,
             version_type: "external",

@@ -1,10 +1,5 @@
-//! The search side: a client for Elasticsearch (or OpenSearch), and the index of an event
-//! type, created behind an alias with an explicit mapping.
-//!
-//! The index is created as `<alias>_v1` with the alias pointing at it, so a later mapping
-//! change can be rolled out by building `<alias>_v2` and moving the alias. An existing index
-//! is never closed or reopened; its mapping is checked against ours, missing fields are
-//! added, and a field of another type stops start-up with a conflict ([`Error::is_conflict`]).
+//! The search side: a client for Elasticsearch (or OpenSearch), one request to one node,
+//! and reading its answer. The index of an event type is [`index`](super::index)'s.
 
 use std::time::Duration;
 
@@ -15,15 +10,12 @@ use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::headers::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::EventType;
 use crate::config::{
     ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
 };
 use crate::connect::tls;
-use crate::error::Kind;
-use crate::search::SearchNodes;
 use crate::{Error, Result};
 
 /// A search client with a request timeout. Credentials in the URL become Basic
@@ -37,7 +29,7 @@ use crate::{Error, Result};
 /// A certificate refused later, by either side, fails requests with a configuration error
 /// that is not retryable.
 ///
-/// Of a list of nodes, the client talks to the first; [`SearchNodes`] holds a client per
+/// Of a list of nodes, the client talks to the first; [`SearchNodes`](super::SearchNodes) holds a client per
 /// node and moves between them.
 pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
@@ -196,115 +188,6 @@ pub(crate) fn parse_answer(
         })?
     };
     Ok((status, value))
-}
-
-/// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
-/// with what its documents need (and the delete protection every index of the library gets).
-/// Returns the fields it added to an existing mapping (none for a new index, or one that
-/// already had them all); a field of another type is an error naming it.
-///
-/// The requests go to this one client's node; the consumer prepares its indexes on the
-/// first of its nodes that answers.
-pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Vec<String>> {
-    ensure_index_on(&SearchNodes::from(client.clone()), event_type).await
-}
-
-/// [`ensure_index`] through `nodes`: on the node in use, or the next that answers.
-pub(crate) async fn ensure_index_on(
-    nodes: &SearchNodes,
-    event_type: &EventType,
-) -> Result<Vec<String>> {
-    let alias = &event_type.index.alias;
-    let body = event_type.index_body();
-    let (status, _) = nodes
-        .json_request(Method::Head, &format!("/{alias}"), None)
-        .await?;
-    if status == StatusCode::NOT_FOUND {
-        let index = format!("{alias}_v1");
-        let mut create = body.clone();
-        create["aliases"] = json!({ alias.as_str(): { "is_write_index": true } });
-        let (status, answer) = nodes
-            .json_request(Method::Put, &format!("/{index}"), Some(&create))
-            .await?;
-        if status.is_success() {
-            tracing::info!(%index, %alias, "created the search index");
-            return Ok(Vec::new());
-        }
-        // Another consumer created it first: fall through to checking it.
-        if answer["error"]["type"] != "resource_already_exists_exception" {
-            if let Some(error) =
-                super::analysis::missing_module(&index, &create, status.as_u16(), &answer)
-            {
-                return Err(error);
-            }
-            return Err(Error::search_response(
-                format!("creating index {index}"),
-                status.as_u16(),
-                answer.to_string(),
-            ));
-        }
-    }
-    check_mapping(nodes, alias, &body["mappings"]["properties"]).await
-}
-
-async fn check_mapping(nodes: &SearchNodes, alias: &str, expected: &Value) -> Result<Vec<String>> {
-    let (status, mappings) = nodes
-        .json_request(Method::Get, &format!("/{alias}/_mapping"), None)
-        .await?;
-    if !status.is_success() {
-        return Err(Error::search_response(
-            format!("reading the mapping of {alias}"),
-            status.as_u16(),
-            mappings.to_string(),
-        ));
-    }
-    let Some(indices) = mappings.as_object() else {
-        return Err(Error::search_response(
-            format!("reading the mapping of {alias}"),
-            status.as_u16(),
-            mappings.to_string(),
-        ));
-    };
-    let expected = expected.as_object().cloned().unwrap_or_default();
-    let mut missing = serde_json::Map::new();
-    for (index, mapping) in indices {
-        let existing = &mapping["mappings"]["properties"];
-        for (field, want) in &expected {
-            match existing.get(field) {
-                None => {
-                    missing.insert(field.clone(), want.clone());
-                }
-                Some(have) => {
-                    let want_type = want["type"].as_str().unwrap_or("object");
-                    let have_type = have["type"].as_str().unwrap_or("object");
-                    if want_type != have_type {
-                        return Err(Error::from(Kind::MappingConflict {
-                            index: index.clone(),
-                            field: field.clone(),
-                            expected: want_type.to_owned(),
-                            found: have_type.to_owned(),
-                        }));
-                    }
-                }
-            }
-        }
-    }
-    let added: Vec<String> = missing.keys().cloned().collect();
-    if !missing.is_empty() {
-        let body = json!({ "properties": missing });
-        let (status, answer) = nodes
-            .json_request(Method::Put, &format!("/{alias}/_mapping"), Some(&body))
-            .await?;
-        if !status.is_success() {
-            return Err(Error::search_response(
-                format!("adding fields {added:?} to the mapping of {alias}"),
-                status.as_u16(),
-                answer.to_string(),
-            ));
-        }
-        tracing::info!(alias, ?added, "added fields to the search index mapping");
-    }
-    Ok(added)
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | client | a client per URL, and [`ensure_index`]: an index behind its alias, with its mapping |
+//! | client | a client per URL, one request to one node |
+//! | index | [`ensure_index`], [`prepare_index`]: an index behind its alias, its mapping evolved at start |
+//! | evolve | what separates the wanted mapping and analysis from the live ones: added in place, or a reindex (pure) |
+//! | reindex | [`reindex`]: the next index version built from the database under live writes, then the alias moved |
 //! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |
 //! | bulk | encodes a `_bulk` request and sends it |
 //! | plan | reads the bulk answer and decides each item once: done, retry or dead (pure) |
@@ -21,15 +24,27 @@ pub(crate) mod bulk;
 mod client;
 #[cfg(feature = "consumer")]
 pub(crate) mod delete;
+#[cfg(feature = "consumer")]
+mod evolve;
+#[cfg(feature = "consumer")]
+mod index;
 mod mapping;
 #[cfg(feature = "consumer")]
 mod nodes;
 #[cfg(feature = "consumer")]
 pub(crate) mod plan;
+#[cfg(feature = "consumer")]
+mod reindex;
 
 #[cfg(feature = "consumer")]
-pub use client::{client, ensure_index};
+pub use client::client;
 #[cfg(feature = "consumer")]
-pub(crate) use client::{ensure_index_on, parse_answer};
+pub(crate) use client::parse_answer;
+#[cfg(feature = "consumer")]
+pub use index::{IndexReport, ensure_index, prepare_index};
+#[cfg(feature = "consumer")]
+pub(crate) use index::{create_index, ensure_index_on};
 #[cfg(feature = "consumer")]
 pub use nodes::SearchNodes;
+#[cfg(feature = "consumer")]
+pub use reindex::{ReindexOutcome, reindex};

@@ -31,6 +31,7 @@ fn details(s: &IndexerStatus) -> Value {
         "outboxFailingSince": rfc3339(s.outbox_failing.as_ref().map(|(at, _)| *at)),
         "errors": s.errors,
         "lastError": s.last_error.as_ref().map(|(_, e)| e),
+        "reindexNeeded": s.reindex_needed,
     })
 }
 

@@ -120,9 +120,11 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
     service
         .serve_health("benalsam-consumer", settings.health_addr, checks(&monitor))
         .await?;
-    if !prepare(&settings, &service, &search, &shutdown).await? {
+    let Some(needs_reindex) = prepare(&settings, &service, &search, &shutdown).await? else {
         return Ok(());
-    }
+    };
+    // Shown in the health answer (a fact, not a failure: indexing goes on).
+    indexer.status().lock().reindex_needed = needs_reindex;
     let consumer = ConsumerMonitor {
         indexer: indexer.status(),
         window: settings.health_window,
@@ -151,13 +153,14 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
 
 /// The start-up steps: migrations when asked, the queues (declared by the bridge: waited
 /// for), the indexes (on the first search node that answers, which the indexer then starts
-/// with). False when shutdown came first.
+/// with). Returns what needs a reindex (`<event type>: <change>`); `None` when shutdown came
+/// first.
 async fn prepare(
     settings: &ConsumerSettings,
     service: &Service,
     search: &SearchNodes,
     shutdown: &CancellationToken,
-) -> Result<bool> {
+) -> Result<Option<Vec<String>>> {
     if settings.migrate {
         let migrated = service
             .step("migrating the database", shutdown, || async {
@@ -166,7 +169,7 @@ async fn prepare(
             })
             .await?;
         if migrated.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
     }
     // Every table and column the event types name, before anything is consumed.
@@ -184,7 +187,7 @@ async fn prepare(
         )
         .await?;
     if checked.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
     let queues: Vec<&str> = settings
         .event_types
@@ -199,18 +202,31 @@ async fn prepare(
         )
         .await?;
     if found.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
+    let mut needs_reindex = Vec::new();
     for event_type in &settings.event_types {
         let step = format!("preparing the search index {}", event_type.index.alias);
         let prepared = service
             .step(&step, shutdown, || ensure_index_on(search, event_type))
             .await?;
-        if prepared.is_none() {
-            return Ok(false);
+        let Some(report) = prepared else {
+            return Ok(None);
+        };
+        if !report.needs_reindex.is_empty() {
+            let name = &event_type.name;
+            tracing::warn!(
+                event_type = %name,
+                alias = %event_type.index.alias,
+                changes = ?report.needs_reindex,
+                "the live index cannot take these changes of the event type file in place; \
+                 indexing goes on with its current mapping until you run \
+                 `benalsam-consumer reindex --type {name}` (zero downtime, see docs/schema-changes.md)"
+            );
+            needs_reindex.extend(report.needs_reindex.iter().map(|c| format!("{name}: {c}")));
         }
     }
-    Ok(true)
+    Ok(Some(needs_reindex))
 }
 
 /// Whether every queue exists (asked passively, each on a channel of its own: the broker
