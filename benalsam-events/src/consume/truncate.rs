@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use crate::consume::dead_letter::Why;
 use crate::consume::message::Message;
+use crate::consume::record::IndexerEvent;
 use crate::consume::settle::Sorted;
 use crate::consume::shared::Shared;
 use crate::search::delete;
@@ -41,7 +42,7 @@ async fn truncate_one(shared: &Shared, mut message: Message, sorted: &mut Sorted
         }
         Ok(_) => {
             let deleted = delete::delete_older(&shared.search, &event_type.index.alias, job).await;
-            shared.status.lock().search_node = shared.search.in_use();
+            shared.record(IndexerEvent::SearchNode(shared.search.in_use()));
             deleted.map_err(Some)
         }
         Err(error) => Err(Some(error.to_string())),
@@ -55,7 +56,7 @@ async fn truncate_one(shared: &Shared, mut message: Message, sorted: &mut Sorted
             // Not expected: say so, and keep trying (the index must not keep the old rows).
             if let Some(why) = failure {
                 tracing::warn!(table, job, reason = %why, "truncation cannot be applied yet; retrying");
-                shared.status.record_error(&why);
+                shared.record(IndexerEvent::Error(&why));
             }
             message.not_before = Instant::now() + Duration::from_secs(1);
             sorted.held.push(message);

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -35,11 +35,14 @@ use tokio_util::sync::PollSender;
 use crate::backoff::Backoff;
 use crate::config::{Addresses, AmqpUrl};
 use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
-use crate::ops::metrics::{self, Metrics, PublisherMetrics};
+use crate::ops::Live;
+use crate::ops::metrics::Metrics;
 use crate::ops::telemetry;
-use crate::ops::{CountsErrors, Live};
 use crate::outbox::{Job, Outcome, Settle};
 use crate::publish::confirm::{self, Refusal, Verdict};
+use crate::publish::record::{
+    PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
+};
 use crate::publish::{Envelope, Routes, Topology};
 use crate::{Error, EventType, Result};
 
@@ -101,52 +104,13 @@ impl Default for PublisherConfig {
     }
 }
 
-/// What a publisher has been doing, for health checks.
-#[derive(Debug, Clone, Default, PartialEq)]
-#[non_exhaustive]
-pub struct PublisherStatus {
-    /// Whether it holds an open connection and channel.
-    pub connected: bool,
-    /// Messages handed to the broker (republications included).
-    pub published: u64,
-    /// Jobs confirmed and reported sent.
-    pub confirmed: u64,
-    /// Jobs nacked, returned as unroutable, or refused by the channel: reported failed.
-    pub failed: u64,
-    /// Messages published again because the connection was lost before their confirm.
-    pub republished: u64,
-    /// Messages waiting for their confirm right now.
-    pub unconfirmed: usize,
-    /// When a message was last published.
-    pub last_publish_at: Option<SystemTime>,
-    /// When a confirm last arrived.
-    pub last_confirm_at: Option<SystemTime>,
-    /// When a publish last failed, and why.
-    pub last_failure: Option<(SystemTime, String)>,
-    /// Times the topology was declared again after a refusal.
-    pub repairs: u64,
-    /// The broker address in use (redacted), or last used while disconnected.
-    pub broker: Option<String>,
-    /// Connection attempts that failed, lost connections and failed reports.
-    pub errors: u64,
-    /// The last of those errors, and when.
-    pub last_error: Option<(SystemTime, String)>,
-}
-
-impl CountsErrors for PublisherStatus {
-    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
-        (&mut self.errors, &mut self.last_error)
-    }
-}
-
 /// Publishes jobs to RabbitMQ with publisher confirms, a `Sink` of jobs that reports every
 /// outcome to its [`Settle`](crate::Settle).
 #[derive(Debug)]
 pub struct Publisher {
     sender: PollSender<Job>,
     task: Option<JoinHandle<()>>,
-    status: Live<PublisherStatus>,
-    metrics: PublisherMetrics,
+    recorder: PublisherRecorder,
 }
 
 impl Publisher {
@@ -162,15 +126,13 @@ impl Publisher {
         // Claimed jobs wait here, rows and all, until the window has room: a short queue is
         // enough to keep the window full, and bounds memory however large the window is.
         let (tx, rx) = mpsc::channel(config.window.clamp(1, HANDOFF));
-        let status = Live::<PublisherStatus>::default();
-        let metrics = PublisherMetrics::default();
+        let recorder = PublisherRecorder::new(PublisherMetrics::default());
         let worker = Worker {
             url,
             settle,
             routes,
             config,
-            status: status.clone(),
-            metrics: metrics.clone(),
+            recorder: recorder.clone(),
             rx,
             input_open: true,
             link: None,
@@ -190,21 +152,19 @@ impl Publisher {
         Self {
             sender: PollSender::new(tx),
             task: Some(tokio::spawn(worker.run())),
-            status,
-            metrics,
+            recorder,
         }
     }
 
     /// Records publishes, confirms and failures in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics
-            .register(metrics, &Refusal::ALL.map(Refusal::as_str));
+        self.recorder.metrics().register(metrics);
         self
     }
 
     /// The live status, for health checks.
     pub fn status(&self) -> Live<PublisherStatus> {
-        self.status.clone()
+        self.recorder.status().clone()
     }
 }
 
@@ -290,8 +250,8 @@ struct Worker<S> {
     settle: S,
     routes: Routes,
     config: PublisherConfig,
-    status: Live<PublisherStatus>,
-    metrics: PublisherMetrics,
+    /// Its status and metrics, written only by recording events.
+    recorder: PublisherRecorder,
     rx: mpsc::Receiver<Job>,
     input_open: bool,
     link: Option<Link>,
@@ -353,7 +313,7 @@ impl<S: Settle> Worker<S> {
         if let Some(link) = self.link.take() {
             let _ = link.connection.close(200, "publisher closed".into()).await;
         }
-        self.status.lock().connected = false;
+        self.recorder.record(PublisherEvent::Closed);
     }
 
     /// Whether another message may go out: a link, and room in the window (by count and by
@@ -411,13 +371,11 @@ impl<S: Settle> Worker<S> {
                     broker = broker.as_deref().unwrap_or_default(),
                     "publisher connected"
                 );
-                let mut s = self.status.lock();
-                s.connected = true;
-                s.broker = broker;
+                self.recorder.record(PublisherEvent::Connected { broker });
                 true
             }
             Err(error) => {
-                self.status.record_error(&error);
+                self.recorder.record(PublisherEvent::Error(&error));
                 let delay = self.config.reconnect.delay(self.connect_failures);
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "publisher cannot reach RabbitMQ");
@@ -557,8 +515,7 @@ impl<S: Settle> Worker<S> {
             .await;
         match published {
             Ok(confirm) => {
-                metrics::observe(&self.metrics.publish_duration, publishing.elapsed());
-                self.metrics.jobs_published.inc();
+                let took = publishing.elapsed();
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.unconfirmed_bytes += message.body.len();
@@ -572,10 +529,10 @@ impl<S: Settle> Worker<S> {
                 );
                 self.confirms
                     .push(async move { (seq, confirm.await) }.boxed());
-                let mut s = self.status.lock();
-                s.published += 1;
-                s.unconfirmed = self.unconfirmed.len();
-                s.last_publish_at = Some(SystemTime::now());
+                self.recorder.record(PublisherEvent::Published {
+                    took,
+                    unconfirmed: self.unconfirmed.len(),
+                });
             }
             Err(error) => {
                 self.queue.push_front(Outgoing::Again { id, message });
@@ -595,12 +552,10 @@ impl<S: Settle> Worker<S> {
             return;
         };
         self.unconfirmed_bytes -= message.body.len();
-        metrics::observe(&self.metrics.confirm_duration, published_at.elapsed());
-        {
-            let mut s = self.status.lock();
-            s.unconfirmed = self.unconfirmed.len();
-            s.last_confirm_at = Some(SystemTime::now());
-        }
+        self.recorder.record(PublisherEvent::Confirmed {
+            took: published_at.elapsed(),
+            unconfirmed: self.unconfirmed.len(),
+        });
         match confirm::judge(answer) {
             Verdict::Sent => {
                 self.nacked_since = None;
@@ -649,11 +604,11 @@ impl<S: Settle> Worker<S> {
         match topology.declare(&link.connection).await {
             Ok(()) => {
                 self.known_exchanges.clear();
-                self.status.lock().repairs += 1;
+                self.recorder.record(PublisherEvent::Repaired);
                 tracing::warn!("a publish found the topology incomplete; declared it again");
             }
             Err(error) => {
-                self.status.record_error(&error);
+                self.recorder.record(PublisherEvent::Error(&error));
                 tracing::warn!(%error, "cannot declare the topology again");
             }
         }
@@ -667,15 +622,16 @@ impl<S: Settle> Worker<S> {
 
     fn fail(&mut self, kind: Refusal, id: i64, error: String, retry: bool) {
         tracing::warn!(job = id, %error, retry, "publish failed");
-        metrics::inc(&self.metrics.jobs_publish_failed, kind.as_str());
-        self.status.lock().last_failure = Some((SystemTime::now(), error.clone()));
+        self.recorder.record(PublisherEvent::Refused {
+            kind,
+            error: &error,
+        });
         self.gather(id, Outcome::Failed { error, retry });
     }
 
     /// Drops the link; its unconfirmed jobs are published again on the next one.
     fn link_lost(&mut self, error: Option<Error>) {
         if let Some(error) = &error {
-            self.status.record_error(error);
             tracing::warn!(%error, "publisher lost its channel; reconnecting");
         }
         self.link = None;
@@ -695,12 +651,11 @@ impl<S: Settle> Worker<S> {
             })
             .collect();
         self.unconfirmed_bytes = 0;
-        self.metrics.jobs_republished.inc_by(orphans.len() as u64);
         orphans.sort_unstable_by_key(|o| std::cmp::Reverse(o.id()));
-        let mut s = self.status.lock();
-        s.connected = false;
-        s.unconfirmed = 0;
-        s.republished += orphans.len() as u64;
+        self.recorder.record(PublisherEvent::LinkLost {
+            error: error.as_ref(),
+            republished: orphans.len() as u64,
+        });
         for orphan in orphans {
             self.queue.push_front(orphan);
         }
@@ -743,18 +698,14 @@ impl<S: Settle> Worker<S> {
                     .filter(|(_, o)| *o == Outcome::Sent)
                     .count() as u64;
                 let failed = self.reports.len() as u64 - sent;
-                {
-                    let mut s = self.status.lock();
-                    s.confirmed += sent;
-                    s.failed += failed;
-                }
-                self.metrics.jobs_confirmed.inc_by(sent);
+                self.recorder
+                    .record(PublisherEvent::Reported { sent, failed });
                 self.reports.clear();
                 self.reports_due = None;
                 true
             }
             Err(error) => {
-                self.status.record_error(&error);
+                self.recorder.record(PublisherEvent::Error(&error));
                 tracing::warn!(%error, "cannot report publish outcomes; will retry");
                 let wait = self
                     .config
