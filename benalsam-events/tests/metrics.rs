@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
+/// A figure of the scrape: family, other labels, and its value for listings and for offers.
+type Figure<'a> = (&'a str, &'a [(&'a str, &'a str)], f64, f64);
+
 /// A second event type beside the listings: `offers`, a table shaped like `listings`, on the
 /// same exchange with its own routing keys, queue, dead-letter queue and index.
 fn offers(alias: &str) -> EventType {
@@ -120,7 +123,7 @@ async fn each_event_type_is_counted_under_its_own_label() {
 
     // Every figure follows its outcome (recorded in the outbox first, acked last): wait
     // until all have arrived, then check that none went further.
-    let expected: [(&str, &[(&str, &str)], f64, f64); 6] = [
+    let expected: [Figure<'_>; 6] = [
         ("benalsam_deliveries_received_total", &[], 3.0, 3.0),
         ("benalsam_jobs_completed_total", &[], 3.0, 2.0),
         (

@@ -224,18 +224,6 @@ fn depths_seen(s: &mut IndexerStatus, m: &IndexerMetrics, depths: &[(String, boo
     s.dlq_depth = dead;
 }
 
-/// The labels of `labels`, each with how often it occurs (few event types: a short list).
-pub(crate) fn tally<'a>(labels: impl Iterator<Item = &'a OfType>) -> Vec<(&'a OfType, u64)> {
-    let mut counts: Vec<(&OfType, u64)> = Vec::new();
-    for label in labels {
-        match counts.iter_mut().find(|(l, _)| *l == label) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((label, 1)),
-        }
-    }
-    counts
-}
-
 /// End-to-end latency buckets: 5 ms doubling to about 22 minutes.
 fn end_to_end() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 18))
@@ -484,12 +472,5 @@ mod tests {
         let s = recorder.status().snapshot();
         assert_eq!((s.circuit_open_since, s.outbox_failing), (None, None));
         assert!(metrics.encode().contains("benalsam_circuit_open 0\n"));
-    }
-
-    #[test]
-    fn tally_counts_each_label_once() {
-        let (a, b) = (OfType::new("a"), OfType::new("b"));
-        let counts = tally([&a, &b, &a].into_iter());
-        assert_eq!(counts, vec![(&a, 2), (&b, 1)]);
     }
 }

@@ -13,8 +13,9 @@ use lapin::options::BasicAckOptions;
 
 use crate::consume::dead_letter::{self, Why};
 use crate::consume::message::{Body, Finished, Message};
-use crate::consume::record::{IndexerEvent, Item, tally};
+use crate::consume::record::{IndexerEvent, Item};
 use crate::consume::shared::{Shared, retrying};
+use crate::ops::metrics::OfType;
 use crate::outbox::Outcome;
 use crate::search::plan::{Decision, Done};
 
@@ -239,5 +240,29 @@ async fn ack<'a>(shared: &Shared, messages: impl Iterator<Item = &'a Message>) {
         .map(|(m, _)| &m.event_type);
     for (event_type, count) in tally(acked) {
         shared.record(IndexerEvent::Acked { event_type, count });
+    }
+}
+
+/// The labels of `labels`, each with how often it occurs (few event types: a short list).
+fn tally<'a>(labels: impl Iterator<Item = &'a OfType>) -> Vec<(&'a OfType, u64)> {
+    let mut counts: Vec<(&OfType, u64)> = Vec::new();
+    for label in labels {
+        match counts.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((label, 1)),
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_counts_each_label_once() {
+        let (a, b) = (OfType::new("a"), OfType::new("b"));
+        let counts = tally([&a, &b, &a].into_iter());
+        assert_eq!(counts, vec![(&a, 2), (&b, 1)]);
     }
 }
