@@ -2,7 +2,7 @@
 //! live status (the health answer) and its metrics both follow from that one call.
 //!
 //! Each component has an event enum beside it (`consume/record.rs`, `publish/record.rs`,
-//! `outbox/stream_record.rs`) whose [`Event::apply`] is the only place that writes the
+//! `outbox/stream/record.rs`) whose [`Event::apply`] is the only place that writes the
 //! component's status and metrics. Before this, every call site wrote both by hand under
 //! different names, and one new counter touched five places; now a new counter is a field of
 //! the status, a family of the metrics and one arm of `apply`, side by side.

@@ -14,7 +14,7 @@ use tokio_postgres::AsyncMessage;
 
 use crate::backoff::Backoff;
 use crate::config::DatabaseUrl;
-use crate::outbox::stream_record::{StreamEvent, StreamRecorder};
+use crate::outbox::stream::record::{StreamEvent, StreamRecorder};
 
 type Status = StreamRecorder;
 

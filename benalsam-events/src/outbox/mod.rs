@@ -29,7 +29,6 @@ mod relations;
 mod resender;
 pub(crate) mod state;
 mod stream;
-mod stream_record;
 
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;

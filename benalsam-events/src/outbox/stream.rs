@@ -30,10 +30,16 @@ use crate::config::{require_positive, validate_identifier};
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
 use crate::outbox::listener::Listener;
-pub use crate::outbox::stream_record::JobStreamStatus;
-use crate::outbox::stream_record::{StreamEvent, StreamMetrics, StreamRecorder};
 use crate::outbox::{Job, Outbox, Outcome, Settle};
 use crate::{Error, Result};
+use census::{Census, CensusTask};
+use presence::Presence;
+pub use record::JobStreamStatus;
+use record::{StreamEvent, StreamMetrics, StreamRecorder};
+
+mod census;
+mod presence;
+pub(crate) mod record;
 
 /// The NOTIFY channel the trigger uses unless given `channel=`.
 pub(crate) const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
@@ -214,47 +220,6 @@ struct Claimer {
     presence: Option<Presence>,
 }
 
-/// How long a busy mark lasts unless renewed. It bounds how long the writers of a bridge
-/// that died while busy skip their NOTIFY (the other bridges poll meanwhile, and the row is
-/// dropped on the next idle mark of any bridge); renewed once less than half of it is left,
-/// so a draining bridge writes its row every few seconds, not once per batch.
-const BUSY_LEASE: Duration = Duration::from_secs(5);
-
-/// After a busy or idle mark fails (a schema without migration 4, a role that may not write
-/// `benalsam_listeners`), how long the stream goes without marking: writers keep notifying
-/// meanwhile, and the warning comes twice a minute, not once per batch.
-const PRESENCE_PAUSE: Duration = Duration::from_secs(30);
-
-/// Adaptive NOTIFY: the stream's row in `benalsam_listeners`, as far as it knows.
-///
-/// ```text
-///  claim full ──► busy (row: busy_until = now + lease) ──► claim full … (renew at half)
-///                                                            │
-///                                                      claim short
-///                                                            ▼
-///                          idle (row deleted) ──► claim once more ──► wait: NOTIFY or poll
-///
-///  writer:  INSERT + trigger reads the row ─────────────── COMMIT
-///           read "busy" → no NOTIFY       read "idle" → NOTIFY
-/// ```
-///
-/// A writer skips its NOTIFY only when it read the row before the idle mark committed. If it
-/// commits before the last claim starts, that claim takes its job; if it commits after, no
-/// one is told: its job waits for the next writer that notifies, or for the poll, at most one
-/// poll interval (the rare race this design accepts instead of making every writer lock
-/// something the bridge waits on). A stream that claims only some tables marks only those;
-/// the writers of other tables keep waking idle bridges. Idle bridges of the same tables are
-/// not woken while one is busy: they join at their next poll, and stay while their own
-/// claims come back full.
-#[derive(Debug, Default)]
-struct Presence {
-    /// Until when the row says busy, by this process's clock: never later than the
-    /// database's, which adds the lease after this instant. `None`: no row (idle).
-    busy_until: Option<Instant>,
-    /// No marking before this, after a failure.
-    paused_until: Option<Instant>,
-}
-
 impl Claimer {
     async fn next_batch(&mut self) -> Option<Vec<Job>> {
         loop {
@@ -303,79 +268,6 @@ impl Claimer {
         }
     }
 
-    /// More work waits: tells writers not to notify for a while (renewing the mark once
-    /// half of it is gone).
-    async fn mark_busy(&mut self) {
-        let Some(presence) = self.presence.as_mut() else {
-            return;
-        };
-        let now = Instant::now();
-        if presence.paused_until.is_some_and(|t| now < t)
-            || presence
-                .busy_until
-                .is_some_and(|t| t.saturating_duration_since(now) >= BUSY_LEASE / 2)
-        {
-            return;
-        }
-        match self.outbox.mark_busy(BUSY_LEASE).await {
-            Ok(()) => {
-                if presence.busy_until.is_none() {
-                    tracing::debug!("draining: marked busy, writers skip NOTIFY");
-                }
-                presence.busy_until = Some(now + BUSY_LEASE);
-                presence.paused_until = None;
-                self.recorder.record(StreamEvent::Draining(true));
-            }
-            Err(error) => {
-                presence.busy_until = None;
-                presence.paused_until = Some(now + PRESENCE_PAUSE);
-                self.recorder.record(StreamEvent::Draining(false));
-                self.recorder.record(StreamEvent::Error(&error));
-                tracing::warn!(
-                    %error,
-                    retry_in = ?PRESENCE_PAUSE,
-                    "cannot mark the bridge busy; writers keep sending NOTIFY meanwhile"
-                );
-            }
-        }
-    }
-
-    /// The queue is drained: when writers were told not to notify, tells them to again.
-    /// True when it did (then one more claim is due before waiting).
-    async fn mark_idle(&mut self) -> bool {
-        let Some(presence) = self.presence.as_mut() else {
-            return false;
-        };
-        if presence.busy_until.take().is_none() {
-            return false;
-        }
-        self.recorder.record(StreamEvent::Draining(false));
-        // Forgotten whether or not the mark works: a failed one must not make the stream
-        // claim again and again without waiting. The row's lease runs out on its own.
-        tracing::debug!("drained: marking idle, writers notify again");
-        if let Err(error) = self.outbox.mark_idle().await {
-            presence.paused_until = Some(Instant::now() + PRESENCE_PAUSE);
-            self.recorder.record(StreamEvent::Error(&error));
-            tracing::warn!(
-                %error,
-                lease = ?BUSY_LEASE,
-                "cannot mark the bridge idle; writers skip NOTIFY until its busy mark runs out"
-            );
-        }
-        true
-    }
-
-    /// The stream ends: a busy mark goes, so writers notify the remaining bridges at once.
-    async fn leave(&mut self) {
-        if self
-            .presence
-            .as_ref()
-            .is_some_and(|p| p.busy_until.is_some())
-        {
-            self.mark_idle().await;
-        }
-    }
-
     /// Reclaims expired leases.
     async fn housekeeping(&mut self) -> Result<()> {
         const RECLAIM_LIMIT: usize = 1000;
@@ -421,53 +313,5 @@ impl Claimer {
                 "shutting down: could not give claimed jobs back; they return when their lease expires"
             ),
         }
-    }
-}
-
-/// Counts the backlog on a timer of its own, every poll interval until shutdown.
-///
-/// Not in the claimer's loop: that loop runs only while someone pulls batches, and a
-/// publisher waiting for its broker pulls none. Counted there, the figures froze at the last
-/// count for the whole outage (one pending job while thousands waited), and the backlog alert
-/// could not fire during the very outage it is meant for. The database answers whatever the
-/// broker does.
-struct Census {
-    outbox: Outbox,
-    recorder: StreamRecorder,
-    every: Duration,
-}
-
-impl Census {
-    fn spawn(self, shutdown: CancellationToken) -> CensusTask {
-        CensusTask(tokio::spawn(async move {
-            loop {
-                if let Err(error) = self.count().await {
-                    // The claimer reports the outage (health, metrics, a warning); this only
-                    // keeps the last figures until the database answers again.
-                    tracing::debug!(%error, "cannot count the backlog");
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(self.every) => {}
-                }
-            }
-        }))
-    }
-
-    async fn count(&self) -> Result<()> {
-        let backlog = self.outbox.backlog().await?;
-        let by_table = self.outbox.pending_by_table().await?;
-        self.recorder
-            .record(StreamEvent::Counted { backlog, by_table });
-        Ok(())
-    }
-}
-
-/// The census task, stopped with its stream.
-struct CensusTask(tokio::task::JoinHandle<()>);
-
-impl Drop for CensusTask {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

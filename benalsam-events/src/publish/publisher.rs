@@ -25,26 +25,31 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Sink, StreamExt};
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::Confirmation;
+use lapin::options::BasicPublishOptions;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
 use crate::config::{Addresses, AmqpUrl};
-use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
+use crate::event_type::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
-use crate::ops::telemetry;
 use crate::outbox::{Job, Outcome, Settle};
-use crate::publish::confirm::{self, Refusal, Verdict};
+use crate::publish::confirm::Refusal;
 use crate::publish::record::{
     PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
 };
-use crate::publish::{Envelope, Routes, Topology};
+use crate::publish::{Routes, Topology};
 use crate::{Error, EventType, Result};
+
+mod link;
+mod message;
+mod outcomes;
+
+use link::{Link, exchange_exists};
+use message::Message;
 
 /// Most claimed jobs waiting for the publishing task.
 const HANDOFF: usize = 128;
@@ -226,23 +231,7 @@ impl Outgoing {
     }
 }
 
-/// An open connection and its confirm-mode channel.
-struct Link {
-    connection: Connection,
-    channel: Channel,
-}
-
 type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
-
-/// A message ready to go.
-struct Message {
-    exchange: ShortString,
-    routing_key: ShortString,
-    body: Vec<u8>,
-    properties: BasicProperties,
-    /// The producer span of this publish; it ends with the confirm.
-    _span: tracing::Span,
-}
 
 /// The publishing task's state.
 struct Worker<S> {
@@ -358,114 +347,6 @@ impl<S: Settle> Worker<S> {
         false
     }
 
-    /// Opens a connection and a confirm-mode channel (declaring the topology when it has
-    /// one); on failure waits out the backoff.
-    async fn connect(&mut self) -> bool {
-        match open(&self.url, self.addresses.next(), &self.config).await {
-            Ok((link, index)) => {
-                self.link = Some(link);
-                self.connect_failures = 0;
-                self.addresses.connected(index);
-                let broker = self.url.addresses().get(index).map(AmqpUrl::redacted);
-                tracing::info!(
-                    broker = broker.as_deref().unwrap_or_default(),
-                    "publisher connected"
-                );
-                self.recorder.record(PublisherEvent::Connected { broker });
-                true
-            }
-            Err(error) => {
-                self.recorder.record(PublisherEvent::Error(&error));
-                let delay = self.config.reconnect.delay(self.connect_failures);
-                self.connect_failures = self.connect_failures.saturating_add(1);
-                tracing::warn!(%error, retry_in = ?delay, "publisher cannot reach RabbitMQ");
-                // Confirmed jobs still get reported while the broker is away.
-                self.report().await;
-                tokio::time::sleep(delay).await;
-                false
-            }
-        }
-    }
-
-    /// The message of `job`, or why it cannot be one.
-    fn message(&self, job: &Job) -> Result<Message, (Refusal, String, bool)> {
-        let Some(event_type) = self.routes.for_table(&job.table_name) else {
-            return Err((
-                Refusal::UnroutedTable,
-                format!(
-                    "no event type is configured for table {:?}; add one to the bridge's routes",
-                    job.table_name
-                ),
-                false,
-            ));
-        };
-        // A key the index cannot take would be refused by every consumer and resent for
-        // ever: the job fails here, once, with the reason.
-        if let Some(why) = record_id_problem(&job.record_id) {
-            return Err((
-                Refusal::Refused,
-                format!("{why}; use a shorter key column for this table"),
-                false,
-            ));
-        }
-        let route = event_type.route(job);
-        let (Ok(exchange), Ok(routing_key)) = (
-            ShortString::try_new(route.exchange.as_str()),
-            ShortString::try_new(route.routing_key.as_str()),
-        ) else {
-            return Err((
-                Refusal::UnroutedTable,
-                format!(
-                    "routing key {:?} is longer than 255 bytes",
-                    route.routing_key
-                ),
-                false,
-            ));
-        };
-        // The producer span of this job's trace: its parent is the writer's trace context,
-        // and its own context travels in the message to the consumer.
-        let span = tracing::info_span!(
-            "publish",
-            otel.kind = "producer",
-            otel.name = %format!("{} publish", route.exchange),
-            messaging.system = "rabbitmq",
-            messaging.destination.name = %route.exchange,
-            messaging.rabbitmq.destination.routing_key = %route.routing_key,
-            messaging.message.id = %job.message_id(),
-            job.id = job.id,
-        );
-        if let Some(parent) = job.traceparent.as_deref() {
-            telemetry::set_parent(&span, parent);
-        }
-        let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
-        let mut envelope = Envelope::routed(job, route);
-        if let Some(trace_id) = traceparent.as_deref().and_then(trace_id_of) {
-            envelope.trace_id = Some(trace_id.to_owned().into());
-        }
-        let body = envelope.to_bytes();
-        // The broker closes the whole channel on an oversized message, failing every other
-        // message in flight with it; refuse it here, alone, with a reason.
-        let limit = self.config.max_message_bytes;
-        if body.len() > limit {
-            return Err((
-                Refusal::Refused,
-                format!(
-                    "the message is {} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); ignore the table's large columns or raise the limit (and the broker's max_message_size with it)",
-                    body.len()
-                ),
-                false,
-            ));
-        }
-        let properties = envelope.properties(&self.config.app_id, traceparent.as_deref());
-        Ok(Message {
-            exchange,
-            routing_key,
-            body,
-            properties,
-            _span: span,
-        })
-    }
-
     async fn publish(&mut self, next: Outgoing) {
         let (id, message) = match next {
             Outgoing::Job(job) => match self.message(&job) {
@@ -540,256 +421,12 @@ impl<S: Settle> Worker<S> {
             }
         }
     }
-
-    async fn confirmed(&mut self, seq: u64, answer: &lapin::Result<Confirmation>) {
-        // Gone if the link was reset meanwhile: the job is queued to be published again.
-        let Some(InFlight {
-            id,
-            message,
-            published_at,
-        }) = self.unconfirmed.remove(&seq)
-        else {
-            return;
-        };
-        self.unconfirmed_bytes -= message.body.len();
-        self.recorder.record(PublisherEvent::Confirmed {
-            took: published_at.elapsed(),
-            unconfirmed: self.unconfirmed.len(),
-        });
-        match confirm::judge(answer) {
-            Verdict::Sent => {
-                self.nacked_since = None;
-                self.gather(id, Outcome::Sent);
-            }
-            Verdict::Refused {
-                kind,
-                reason,
-                closes_link,
-            } => {
-                self.fail(kind, id, reason.clone(), true);
-                let nacked_long = kind == Refusal::Nack
-                    && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
-                        >= NACKED_CHANNEL;
-                if closes_link {
-                    self.link_lost(Some(Error::broker(reason)));
-                } else if nacked_long {
-                    self.link_lost(Some(Error::broker(format!(
-                        "every publish nacked for {} s; opening a new channel",
-                        NACKED_CHANNEL.as_secs()
-                    ))));
-                } else if kind == Refusal::Unroutable {
-                    self.repair().await;
-                }
-            }
-            Verdict::Unknown(reason) => {
-                self.queue.push_front(Outgoing::Again { id, message });
-                self.link_lost(Some(Error::broker(reason)));
-            }
-        }
-    }
-
-    /// Declares the topology again after a refusal that says part of it is missing, at most
-    /// once per [`REPAIR_INTERVAL`]; the failed jobs are retried after their backoff.
-    async fn repair(&mut self) {
-        let (Some(topology), Some(link)) = (&self.config.topology, &self.link) else {
-            return;
-        };
-        if self
-            .last_repair
-            .is_some_and(|at| at.elapsed() < REPAIR_INTERVAL)
-        {
-            return;
-        }
-        self.last_repair = Some(Instant::now());
-        match topology.declare(&link.connection).await {
-            Ok(()) => {
-                self.known_exchanges.clear();
-                self.recorder.record(PublisherEvent::Repaired);
-                tracing::warn!("a publish found the topology incomplete; declared it again");
-            }
-            Err(error) => {
-                self.recorder.record(PublisherEvent::Error(&error));
-                tracing::warn!(%error, "cannot declare the topology again");
-            }
-        }
-    }
-
-    fn gather(&mut self, id: i64, outcome: Outcome) {
-        self.reports.push((id, outcome));
-        self.reports_due
-            .get_or_insert(Instant::now() + self.config.report_interval);
-    }
-
-    fn fail(&mut self, kind: Refusal, id: i64, error: String, retry: bool) {
-        tracing::warn!(job = id, %error, retry, "publish failed");
-        self.recorder.record(PublisherEvent::Refused {
-            kind,
-            error: &error,
-        });
-        self.gather(id, Outcome::Failed { error, retry });
-    }
-
-    /// Drops the link; its unconfirmed jobs are published again on the next one.
-    fn link_lost(&mut self, error: Option<Error>) {
-        if let Some(error) = &error {
-            tracing::warn!(%error, "publisher lost its channel; reconnecting");
-        }
-        self.link = None;
-        self.nacked_since = None;
-        // The next connection starts with the address after the one just lost: a node that
-        // went away is tried again only once the others have been. With one address this is
-        // that address again.
-        self.addresses.advance();
-        self.known_exchanges.clear();
-        self.confirms = FuturesUnordered::new();
-        let mut orphans: Vec<Outgoing> = self
-            .unconfirmed
-            .drain()
-            .map(|(_, f)| Outgoing::Again {
-                id: f.id,
-                message: f.message,
-            })
-            .collect();
-        self.unconfirmed_bytes = 0;
-        orphans.sort_unstable_by_key(|o| std::cmp::Reverse(o.id()));
-        self.recorder.record(PublisherEvent::LinkLost {
-            error: error.as_ref(),
-            republished: orphans.len() as u64,
-        });
-        for orphan in orphans {
-            self.queue.push_front(orphan);
-        }
-    }
-
-    /// Gives jobs that could not be published back to `pending`, for the next bridge.
-    async fn abandon(&mut self) {
-        let reports: Vec<(i64, Outcome)> = self
-            .queue
-            .drain(..)
-            .map(|o| (o.id(), Outcome::Released))
-            .collect();
-        match self.settle.settle(&reports).await {
-            Ok(settled) => tracing::warn!(
-                released = settled.changed.len(),
-                "closing without RabbitMQ: gave unpublished jobs back"
-            ),
-            Err(error) => tracing::warn!(
-                %error,
-                count = reports.len(),
-                "closing without RabbitMQ or PostgreSQL: unpublished jobs return when their lease expires"
-            ),
-        }
-    }
-
-    /// Reports gathered outcomes; what cannot be reported now is kept for the next try.
-    async fn report(&mut self) -> bool {
-        if self.reports.is_empty() {
-            self.reports_due = None;
-            return true;
-        }
-        match self.settle.settle(&self.reports).await {
-            Ok(settled) => {
-                if !settled.unchanged.is_empty() {
-                    tracing::debug!(jobs = ?settled.unchanged, "reported jobs had moved on (completed, or failed by a consumer)");
-                }
-                let sent = self
-                    .reports
-                    .iter()
-                    .filter(|(_, o)| *o == Outcome::Sent)
-                    .count() as u64;
-                let failed = self.reports.len() as u64 - sent;
-                self.recorder
-                    .record(PublisherEvent::Reported { sent, failed });
-                self.reports.clear();
-                self.reports_due = None;
-                true
-            }
-            Err(error) => {
-                self.recorder.record(PublisherEvent::Error(&error));
-                tracing::warn!(%error, "cannot report publish outcomes; will retry");
-                let wait = self
-                    .config
-                    .reconnect
-                    .delay(0)
-                    .max(self.config.report_interval);
-                self.reports_due = Some(Instant::now() + wait);
-                false
-            }
-        }
-    }
-
-    /// At close: keep trying to report outcomes for a while. Whatever cannot be reported is
-    /// found again when its lease expires (and published again, with the same messageId).
-    async fn drain_reports(&mut self) {
-        const PATIENCE: Duration = Duration::from_secs(30);
-        let deadline = Instant::now() + PATIENCE;
-        let mut attempt = 0;
-        while !self.report().await {
-            if Instant::now() >= deadline {
-                tracing::error!(
-                    outcomes = self.reports.len(),
-                    "giving up reporting outcomes at shutdown; those jobs are published again after their lease"
-                );
-                return;
-            }
-            tokio::time::sleep(self.config.reconnect.delay(attempt)).await;
-            attempt += 1;
-        }
-    }
 }
 
 /// Whether the window has room for another message beside `count` unconfirmed ones of
 /// `bytes` in all: below both limits, and one message always fits, however large.
 fn window_has_room(count: usize, bytes: usize, config: &PublisherConfig) -> bool {
     count == 0 || (count < config.window && bytes < config.window_bytes)
-}
-
-/// Opens a link to the first address of `url` that answers, trying them from `start`;
-/// returns it with the index of that address.
-async fn open(url: &AmqpUrl, start: usize, config: &PublisherConfig) -> Result<(Link, usize)> {
-    let (connection, index) =
-        crate::connect::amqp_from(url, &config.connection_name, start).await?;
-    if let Some(topology) = &config.topology {
-        topology.declare(&connection).await?;
-    }
-    let channel = crate::connect::confirm_channel(&connection, "publishing").await?;
-    Ok((
-        Link {
-            connection,
-            channel,
-        },
-        index,
-    ))
-}
-
-/// Whether `exchange` exists, asked on a channel of its own (the broker closes a channel
-/// that asks about a missing exchange).
-async fn exchange_exists(connection: &Connection, exchange: ShortString) -> Result<bool> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::amqp("opening a channel to check an exchange", e))?;
-    let declared = channel
-        .exchange_declare(
-            exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(()) => {
-            let _ = channel.close(200, "checked".into()).await;
-            Ok(true)
-        }
-        Err(error) => match error.kind() {
-            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => Ok(false),
-            _ => Err(Error::amqp("checking an exchange", error)),
-        },
-    }
 }
 
 async fn sleep_until(due: Option<Instant>) {
