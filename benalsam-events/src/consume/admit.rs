@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use crate::EventType;
 use crate::consume::message::{Body, Message};
+use crate::consume::record::IndexerEvent;
 use crate::consume::shared::Shared;
 use crate::consume::source::Incoming;
 use crate::ops::telemetry;
@@ -15,13 +16,15 @@ use crate::publish::{Envelope, TRACEPARENT_HEADER};
 
 /// Decodes one delivery into a message, counting it.
 pub(super) fn admit(shared: &Shared, incoming: Incoming) -> Message {
-    shared.status.lock().received += 1;
-    shared.metrics.deliveries_received.inc();
     let Incoming {
         delivery,
         route,
         envelope,
     } = incoming;
+    let event_type = shared
+        .label_of(envelope.as_ref().ok().map(|e| e.table.as_ref()))
+        .clone();
+    shared.record(IndexerEvent::Received(&event_type));
     let (body, span, bytes) = match envelope {
         Err(error) => (Body::Malformed(error), tracing::Span::none(), 128),
         Ok(mut envelope) => {
@@ -54,6 +57,7 @@ pub(super) fn admit(shared: &Shared, incoming: Incoming) -> Message {
         delivery,
         route,
         body,
+        event_type,
         bytes,
         attempts: 0,
         not_before: Instant::now(),

@@ -40,11 +40,12 @@ use crate::consume::IndexerStatus;
 use crate::consume::batch::{Batcher, Limits};
 use crate::consume::circuit::CircuitBreaker;
 use crate::consume::pace::Pace;
+use crate::consume::record::{IndexerEvent, IndexerMetrics, IndexerRecorder};
 use crate::consume::run::Run;
 use crate::consume::shared::{Ledger, Shared, outbox_failing};
 use crate::consume::source::{QueueRoute, Source};
 use crate::ops::Live;
-use crate::ops::metrics::{IndexerMetrics, Metrics, Queue};
+use crate::ops::metrics::{Metrics, OfType};
 use crate::outbox::Outbox;
 use crate::search::SearchNodes;
 use crate::{Error, EventType, Result};
@@ -115,8 +116,8 @@ pub struct Indexer {
     search: SearchNodes,
     ledger: Arc<dyn Ledger>,
     config: IndexerConfig,
-    status: Live<IndexerStatus>,
-    metrics: IndexerMetrics,
+    /// Its status and metrics, written only by recording events.
+    recorder: IndexerRecorder,
 }
 
 impl std::fmt::Debug for Indexer {
@@ -160,16 +161,9 @@ impl Indexer {
         }
         let schema = outbox.config().schema.clone();
         let search = search.into();
-        let status = Live::<IndexerStatus>::default();
-        {
-            let mut s = status.lock();
-            s.bulk_limit = config.batch_size;
-            s.search_node = search.in_use();
-        }
-        let metrics = IndexerMetrics {
-            search_node_switches: search.switches(),
-            ..IndexerMetrics::default()
-        };
+        let recorder = IndexerRecorder::new(IndexerMetrics::new(search.switches()));
+        recorder.record(IndexerEvent::BulkLimit(config.batch_size));
+        recorder.record(IndexerEvent::SearchNode(search.in_use()));
         Ok(Self {
             url,
             event_types: event_types
@@ -179,28 +173,38 @@ impl Indexer {
             search,
             ledger: Arc::new(outbox),
             config,
-            status,
-            metrics,
+            recorder,
         })
     }
 
     /// Records deliveries, bulk requests and outcomes in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics.register(metrics);
-        // Every queue's depth series exists from the start (at zero until measured).
-        for event_type in &self.event_types {
-            for queue in [&event_type.queue, &event_type.dead_letter_queue] {
-                let _ = self.metrics.queue_messages.get_or_create(&Queue {
-                    queue: queue.clone(),
-                });
-            }
-        }
+        let families = self.recorder.metrics();
+        families.register(metrics);
+        // Every event type's and every queue's series exist from the start, at zero.
+        let labels: Vec<OfType> = self
+            .event_types
+            .iter()
+            .map(|t| OfType::new(&t.name))
+            .collect();
+        let queues: Vec<String> = self
+            .event_types
+            .iter()
+            .flat_map(|t| [t.queue.clone(), t.dead_letter_queue.clone()])
+            .collect();
+        families.precreate(&labels, &queues);
         self
+    }
+
+    /// Records what the indexes lack that only a reindex gives them (the consumer's start
+    /// finds it; the health answer shows it).
+    pub(crate) fn reindex_needed(&self, lines: Vec<String>) {
+        self.recorder.record(IndexerEvent::ReindexNeeded(lines));
     }
 
     /// The live status, for health checks.
     pub fn status(&self) -> Live<IndexerStatus> {
-        self.status.clone()
+        self.recorder.status().clone()
     }
 
     /// Consumes until `shutdown` is cancelled; the batches in hand are finished and acked
@@ -230,22 +234,26 @@ impl Indexer {
         };
         let breaker = CircuitBreaker::new(self.config.circuit);
         let pace = Pace::new(self.config.batch_size, self.config.bulk_target);
-        self.metrics
-            .bulk_limit
-            .set(i64::try_from(pace.size()).unwrap_or(i64::MAX));
+        self.recorder.record(IndexerEvent::BulkLimit(pace.size()));
         // The start-up steps may have moved on from the first node.
-        self.status.lock().search_node = self.search.in_use();
+        self.recorder
+            .record(IndexerEvent::SearchNode(self.search.in_use()));
         let shared = Arc::new(Shared {
             search: self.search,
             ledger: self.ledger,
+            labels: self
+                .event_types
+                .iter()
+                .map(|t| (t.table.clone(), OfType::new(&t.name)))
+                .collect(),
+            unknown: OfType::new(OfType::UNKNOWN),
             event_types: self
                 .event_types
                 .into_iter()
                 .map(|t| (t.table.clone(), t))
                 .collect(),
             config: self.config,
-            status: self.status.clone(),
-            metrics: self.metrics,
+            recorder: self.recorder.clone(),
             shutdown: shutdown.clone(),
             pace: Mutex::new(pace),
         });
@@ -256,7 +264,8 @@ impl Indexer {
         run.run(&shutdown).await;
         run.finish().await;
         watch.abort();
-        self.status.lock().connected = false;
+        self.recorder
+            .record(IndexerEvent::Disconnected { why: None });
     }
 }
 
@@ -266,7 +275,7 @@ async fn watch_outbox(shared: Arc<Shared>) {
     const EVERY: Duration = Duration::from_secs(5);
     loop {
         match shared.ledger.ping().await {
-            Ok(()) => shared.status.lock().outbox_failing = None,
+            Ok(()) => shared.record(IndexerEvent::OutboxAnswers),
             Err(error) => outbox_failing(&shared, &error),
         }
         tokio::select! {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use crate::consume::dead_letter::Why;
 use crate::consume::message::{Body, Message};
+use crate::consume::record::IndexerEvent;
 use crate::consume::settle::Sorted;
 use crate::consume::shared::{Shared, retrying};
 
@@ -59,7 +60,7 @@ async fn read_joined(
         ids.sort_unstable();
         ids.dedup();
         let read = retrying(shared, || shared.ledger.read_joined(event_type, &ids)).await?;
-        shared.status.lock().joined_reads += ids.len() as u64;
+        shared.record(IndexerEvent::JoinedRead { rows: ids.len() });
         for mut message in messages {
             let Body::Verifying { envelope } = message.body else {
                 continue;

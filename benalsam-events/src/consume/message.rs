@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use crate::Result;
 use crate::consume::source::QueueRoute;
 use crate::event_type::{Action, BuildError};
+use crate::ops::metrics::OfType;
 use crate::publish::{Envelope, EnvelopeError};
 
 /// What a message holds once decoded, and once built.
@@ -43,6 +44,8 @@ pub(crate) struct Message {
     pub(crate) delivery: Delivery,
     pub(crate) route: Arc<QueueRoute>,
     pub(crate) body: Body,
+    /// Its event type, as its metrics are labelled.
+    pub(crate) event_type: OfType,
     /// Its share of a bulk request's bytes.
     pub(crate) bytes: usize,
     /// Item attempts so far.

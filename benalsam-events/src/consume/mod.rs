@@ -42,6 +42,8 @@ mod pace;
 #[cfg(feature = "consumer")]
 mod process;
 #[cfg(feature = "consumer")]
+mod record;
+#[cfg(feature = "consumer")]
 mod run;
 #[cfg(feature = "consumer")]
 mod settle;

@@ -12,16 +12,14 @@ use futures::stream::FuturesUnordered;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::consume::IndexerStatus;
 use crate::consume::admit;
 use crate::consume::batch::Batcher;
 use crate::consume::circuit::CircuitBreaker;
 use crate::consume::message::{Finished, Message};
 use crate::consume::process;
+use crate::consume::record::IndexerEvent;
 use crate::consume::shared::Shared;
 use crate::consume::source::{Event, Incoming, Source};
-use crate::ops::Live;
-use crate::ops::metrics::Queue;
 
 /// What the loop may wake for without a delivery: a batch's linger, a due retry, a probe, a
 /// depth check.
@@ -95,8 +93,8 @@ impl Run {
         Arc::clone(&self.shared)
     }
 
-    fn status(&self) -> &Live<IndexerStatus> {
-        &self.shared.status
+    fn record(&self, event: IndexerEvent<'_>) {
+        self.shared.record(event);
     }
 
     pub(super) async fn run(&mut self, shutdown: &CancellationToken) {
@@ -159,13 +157,11 @@ impl Run {
             Ok(broker) => {
                 self.connect_failures = 0;
                 tracing::info!(%broker, "consuming");
-                let mut s = self.status().lock();
-                s.connected = true;
-                s.broker = Some(broker);
+                self.record(IndexerEvent::Connected { broker });
                 true
             }
             Err(error) => {
-                self.status().record_error(error.to_string());
+                self.record(IndexerEvent::Error(&error.to_string()));
                 let delay = self.shared.config.reconnect.delay(self.connect_failures);
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "consumer cannot reach RabbitMQ");
@@ -179,14 +175,13 @@ impl Run {
     }
 
     fn link_lost(&mut self, why: &str) {
-        self.status().record_error(why);
         tracing::warn!(reason = why, "consumer lost its channel; reconnecting");
         self.source.lost();
         // The broker hands unacked messages back: whatever waits here comes again.
         self.held.clear();
         self.outage.clear();
         drop(self.batcher.take());
-        self.status().lock().connected = false;
+        self.record(IndexerEvent::Disconnected { why: Some(why) });
     }
 
     /// When to wake without a delivery (see [`Wake`]).
@@ -260,8 +255,10 @@ impl Run {
             } => {
                 if self.probe_at.take().is_some() {
                     self.breaker.success();
-                    self.shared.metrics.circuit_open.set(0);
-                    self.status().circuit(self.breaker.state());
+                    self.record(IndexerEvent::Circuit {
+                        state: self.breaker.state(),
+                        reason: None,
+                    });
                     tracing::info!("Elasticsearch answers again: circuit closed");
                 }
                 self.held.extend(retries);
@@ -272,9 +269,10 @@ impl Run {
             Finished::Unavailable { batch, reason } => {
                 let wait = self.breaker.failure(SystemTime::now());
                 self.probe_at = Some(Instant::now() + wait);
-                self.status().circuit(self.breaker.state());
-                self.shared.metrics.circuit_open.set(1);
-                self.status().record_error(&reason);
+                self.record(IndexerEvent::Circuit {
+                    state: self.breaker.state(),
+                    reason: Some(&reason),
+                });
                 tracing::warn!(%reason, probe_in = ?wait, "Elasticsearch unavailable: circuit open, holding the batch");
                 self.outage.push_front(batch);
             }
@@ -297,21 +295,7 @@ impl Run {
         }
         self.next_depth_check = Instant::now() + EVERY;
         let depths = self.source.depths().await;
-        let (mut queued, mut dead) = (None::<u32>, None::<u32>);
-        for (queue, dlq, depth) in depths {
-            if let Some(depth) = depth {
-                self.shared
-                    .metrics
-                    .queue_messages
-                    .get_or_create(&Queue { queue })
-                    .set(i64::from(depth));
-                let sum = if dlq { &mut dead } else { &mut queued };
-                *sum = Some(sum.unwrap_or(0).saturating_add(depth));
-            }
-        }
-        let mut s = self.shared.status.lock();
-        s.queue_depth = queued;
-        s.dlq_depth = dead;
+        self.record(IndexerEvent::Depths(&depths));
     }
 }
 

@@ -13,8 +13,9 @@ use lapin::options::BasicAckOptions;
 
 use crate::consume::dead_letter::{self, Why};
 use crate::consume::message::{Body, Finished, Message};
+use crate::consume::record::{IndexerEvent, Item};
 use crate::consume::shared::{Shared, retrying};
-use crate::ops::metrics;
+use crate::ops::metrics::OfType;
 use crate::outbox::Outcome;
 use crate::search::plan::{Decision, Done};
 
@@ -48,49 +49,60 @@ impl Sorted {
 
     /// Files `message` by its item's decision, counting it.
     pub(crate) fn decided(&mut self, shared: &Shared, mut message: Message, decision: Decision) {
-        metrics::inc(&shared.metrics.bulk_items, decision.label());
-        match decision {
+        let event_type = message.event_type.clone();
+        let kind = decision.label();
+        let item = match decision {
             Decision::Done(done) => {
-                count_done(shared, &message, done);
+                let item = done_item(&message, done);
                 self.done.push(message);
+                item
             }
-            Decision::Dead(reason) => self.dead.push((message, Why::Rejected, reason)),
+            Decision::Dead(reason) => {
+                self.dead.push((message, Why::Rejected, reason));
+                Item::Refused
+            }
             Decision::Retry(reason) => {
                 message.attempts += 1;
                 let config = &shared.config;
                 if message.attempts >= config.max_attempts {
                     let reason = format!("{} attempts: {reason}", message.attempts);
                     self.dead.push((message, Why::RetriesExhausted, reason));
+                    Item::Exhausted
                 } else {
                     message.not_before =
                         tokio::time::Instant::now() + config.retry.delay(message.attempts - 1);
-                    shared.status.lock().retried += 1;
                     self.retries.push(message);
+                    Item::Retrying
                 }
             }
-        }
+        };
+        shared.record(IndexerEvent::Item {
+            event_type: &event_type,
+            kind,
+            item,
+        });
     }
 }
 
-fn count_done(shared: &Shared, message: &Message, done: Done) {
-    let Body::Change {
-        envelope, action, ..
-    } = &message.body
-    else {
-        return;
+/// A done item: whether its action was a delete, and, applied now, how long since the
+/// change's commit.
+fn done_item(message: &Message, done: Done) -> Item {
+    let (delete, occurred_at) = match &message.body {
+        Body::Change {
+            envelope, action, ..
+        } => (
+            action.as_ref().is_ok_and(|a| a.is_delete()),
+            Some(envelope.occurred_at),
+        ),
+        _ => (false, None),
     };
-    let delete = action.as_ref().is_ok_and(|a| a.is_delete());
-    let mut s = shared.status.lock();
-    match done {
-        Done::Applied if delete => s.deleted += 1,
-        Done::Applied => s.indexed += 1,
-        Done::AlreadyGone => s.deleted += 1,
-        Done::Superseded => s.superseded += 1,
-    }
-    if done == Done::Applied
-        && let Ok(latency) = SystemTime::now().duration_since(envelope.occurred_at)
-    {
-        metrics::observe(&shared.metrics.end_to_end_latency, latency);
+    let latency = occurred_at
+        .filter(|_| done == Done::Applied)
+        .and_then(|at| SystemTime::now().duration_since(at).ok());
+    Item::Done {
+        done,
+        delete,
+        latency,
     }
 }
 
@@ -126,7 +138,10 @@ async fn complete(shared: &Shared, done: &[Message]) -> bool {
     if !record(shared, &reports).await {
         return false;
     }
-    shared.metrics.jobs_completed.inc_by(reports.len() as u64);
+    let completed = done.iter().filter(|m| m.job_id().is_some());
+    for (event_type, jobs) in tally(completed.map(|m| &m.event_type)) {
+        shared.record(IndexerEvent::Completed { event_type, jobs });
+    }
     ack(shared, done.iter()).await;
     true
 }
@@ -167,9 +182,7 @@ async fn dead_letter(
         match result {
             Ok(()) => sent.push((message, why, reason)),
             Err(error) => {
-                shared
-                    .status
-                    .record_error(format!("dead-lettering: {error}"));
+                shared.record(IndexerEvent::Error(&format!("dead-lettering: {error}")));
                 link_broken = true;
             }
         }
@@ -191,9 +204,11 @@ async fn dead_letter(
     if !record(shared, &reports).await {
         return None;
     }
-    shared.status.lock().dead_lettered += sent.len() as u64;
-    for (_, why, _) in &sent {
-        metrics::inc(&shared.metrics.deliveries_dead_lettered, why.as_str());
+    for (message, why, _) in &sent {
+        shared.record(IndexerEvent::DeadLettered {
+            event_type: &message.event_type,
+            why: *why,
+        });
     }
     ack(shared, sent.iter().map(|(m, _, _)| m)).await;
     Some(link_broken)
@@ -211,15 +226,43 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
 /// Acks messages, all sent together: one at a time would wait on the connection's loop each
 /// time.
 async fn ack<'a>(shared: &Shared, messages: impl Iterator<Item = &'a Message>) {
-    let acked = join_all(messages.map(|m| m.delivery.ack(BasicAckOptions::default())))
-        .await
+    let messages: Vec<&Message> = messages.collect();
+    let answers = join_all(
+        messages
+            .iter()
+            .map(|m| m.delivery.ack(BasicAckOptions::default())),
+    )
+    .await;
+    let acked = messages
         .iter()
-        .filter(|r| r.is_ok())
-        .count();
-    shared.metrics.deliveries_acked.inc_by(acked as u64);
-    let mut s = shared.status.lock();
-    s.acked += acked as u64;
-    if acked > 0 {
-        s.last_ack_at = Some(SystemTime::now());
+        .zip(answers)
+        .filter(|(_, answer)| answer.is_ok())
+        .map(|(m, _)| &m.event_type);
+    for (event_type, count) in tally(acked) {
+        shared.record(IndexerEvent::Acked { event_type, count });
+    }
+}
+
+/// The labels of `labels`, each with how often it occurs (few event types: a short list).
+fn tally<'a>(labels: impl Iterator<Item = &'a OfType>) -> Vec<(&'a OfType, u64)> {
+    let mut counts: Vec<(&OfType, u64)> = Vec::new();
+    for label in labels {
+        match counts.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((label, 1)),
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_counts_each_label_once() {
+        let (a, b) = (OfType::new("a"), OfType::new("b"));
+        let counts = tally([&a, &b, &a].into_iter());
+        assert_eq!(counts, vec![(&a, 2), (&b, 1)]);
     }
 }

@@ -4,15 +4,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+use crate::consume::IndexerConfig;
 use crate::consume::pace::{Answer, Pace};
-use crate::consume::{IndexerConfig, IndexerStatus};
-use crate::ops::Live;
-use crate::ops::metrics::IndexerMetrics;
+use crate::consume::record::{IndexerEvent, IndexerRecorder};
+use crate::ops::metrics::OfType;
 use crate::outbox::{Outbox, Outcome, Read, Recorded, Settle, Settled};
 use crate::search::SearchNodes;
 use crate::{EventType, Result};
@@ -23,15 +22,31 @@ pub(crate) struct Shared {
     pub(crate) ledger: Arc<dyn Ledger>,
     /// The event types, by table.
     pub(crate) event_types: HashMap<String, EventType>,
+    /// The `event_type` label of each event type, by table.
+    pub(crate) labels: HashMap<String, OfType>,
+    /// The label of a delivery that names no configured event type.
+    pub(crate) unknown: OfType,
     pub(crate) config: IndexerConfig,
-    pub(crate) status: Live<IndexerStatus>,
-    pub(crate) metrics: IndexerMetrics,
+    /// The live status and the metrics, written through [`Shared::record`].
+    pub(crate) recorder: IndexerRecorder,
     pub(crate) shutdown: CancellationToken,
     /// The size of the next bulk requests, from the answers to the last ones.
     pub(crate) pace: Mutex<Pace>,
 }
 
 impl Shared {
+    /// Records what happened: the status and the metrics follow.
+    pub(crate) fn record(&self, event: IndexerEvent<'_>) {
+        self.recorder.record(event);
+    }
+
+    /// The `event_type` label of the event type of `table` (`unknown` for none).
+    pub(crate) fn label_of(&self, table: Option<&str>) -> &OfType {
+        table
+            .and_then(|table| self.labels.get(table))
+            .unwrap_or(&self.unknown)
+    }
+
     /// Adjusts the size of the next bulk requests to an answer.
     pub(crate) fn observe(&self, answer: Answer) {
         let size = {
@@ -39,10 +54,7 @@ impl Shared {
             pace.observe(answer);
             pace.size()
         };
-        self.metrics
-            .bulk_limit
-            .set(i64::try_from(size).unwrap_or(i64::MAX));
-        self.status.lock().bulk_limit = size;
+        self.record(IndexerEvent::BulkLimit(size));
     }
 
     pub(crate) fn bulk_limit(&self) -> usize {
@@ -102,13 +114,7 @@ impl Ledger for Outbox {
 /// Records that the outbox does not answer (since when, and why): the consumer's health
 /// turns red until it answers again.
 pub(crate) fn outbox_failing(shared: &Shared, error: &crate::Error) {
-    let reason = error.to_string();
-    shared.status.record_error(&reason);
-    shared
-        .status
-        .lock()
-        .outbox_failing
-        .get_or_insert_with(|| (SystemTime::now(), reason));
+    shared.record(IndexerEvent::OutboxFailing(&error.to_string()));
 }
 
 /// Runs a call to the outbox until it answers, waiting out the backoff between attempts;
@@ -123,7 +129,7 @@ where
     loop {
         match call().await {
             Ok(value) => {
-                shared.status.lock().outbox_failing = None;
+                shared.record(IndexerEvent::OutboxAnswers);
                 return Some(value);
             }
             Err(error) => {

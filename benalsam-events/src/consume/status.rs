@@ -1,9 +1,9 @@
-//! What an indexer has been doing, as its health answer shows it.
+//! What an indexer has been doing, as its health answer shows it. Written only by the
+//! indexer's record (`record.rs`).
 
 use std::time::{Duration, SystemTime};
 
-use crate::consume::circuit::CircuitState;
-use crate::ops::{CountsErrors, Live};
+use crate::ops::CountsErrors;
 
 /// What an indexer has been doing, for health checks.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -65,16 +65,6 @@ pub struct IndexerStatus {
     pub errors: u64,
     /// The last of those errors, and when.
     pub last_error: Option<(SystemTime, String)>,
-}
-
-impl Live<IndexerStatus> {
-    pub(super) fn circuit(&self, state: CircuitState) {
-        let mut s = self.lock();
-        (s.circuit_open_since, s.circuit_failures) = match state {
-            CircuitState::Closed => (None, 0),
-            CircuitState::Open { failures, since } => (Some(since), failures),
-        };
-    }
 }
 
 impl CountsErrors for IndexerStatus {

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::consume::dead_letter::Why;
 use crate::consume::message::Message;
+use crate::consume::record::IndexerEvent;
 use crate::consume::settle::Sorted;
 use crate::consume::shared::Shared;
 use crate::search::delete;
@@ -59,7 +60,7 @@ async fn truncate_one(
                     .await
                     .map(|m| n + m);
             }
-            shared.status.lock().search_node = shared.search.in_use();
+            shared.record(IndexerEvent::SearchNode(shared.search.in_use()));
             deleted.map_err(Some)
         }
         Err(error) => Err(Some(error.to_string())),
@@ -73,7 +74,7 @@ async fn truncate_one(
             // Not expected: say so, and keep trying (the index must not keep the old rows).
             if let Some(why) = failure {
                 tracing::warn!(table, job, reason = %why, "truncation cannot be applied yet; retrying");
-                shared.status.record_error(&why);
+                shared.record(IndexerEvent::Error(&why));
             }
             message.not_before = Instant::now() + Duration::from_secs(1);
             sorted.held.push(message);

@@ -25,6 +25,8 @@ use crate::consume::dead_letter::Why;
 #[cfg(feature = "consumer")]
 use crate::consume::message::{Body, Message};
 #[cfg(feature = "consumer")]
+use crate::consume::record::IndexerEvent;
+#[cfg(feature = "consumer")]
 use crate::consume::settle::Sorted;
 #[cfg(feature = "consumer")]
 use crate::consume::shared::{Shared, retrying};
@@ -139,12 +141,12 @@ pub(super) async fn verify(shared: &Shared, batch: Vec<Message>) -> Option<Verif
                 sorted.dead.push((message, Why::Malformed, reason));
             }
             (Check::Unverified(reason), _) => {
-                shared.status.lock().unverified += 1;
+                shared.record(IndexerEvent::Unverified);
                 sorted.dead.push((message, Why::Unverified, reason));
             }
             (Check::Duplicate | Check::NotYet, _) => sorted.skipped.push(message),
             (Check::Superseded, _) => {
-                shared.status.lock().superseded += 1;
+                shared.record(IndexerEvent::Superseded);
                 sorted.covered.push(message);
             }
             (Check::Deliver, _) => deliver.push(message),

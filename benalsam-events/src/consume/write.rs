@@ -8,16 +8,16 @@
 //! answered and the new index holds its change or a newer one (see [`fold`]).
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tracing::Instrument;
 
 use crate::consume::message::{Body, Message};
 use crate::consume::pace::Answer;
+use crate::consume::record::IndexerEvent;
 use crate::consume::settle::Sorted;
 use crate::consume::shared::Shared;
 use crate::event_type::Action;
-use crate::ops::metrics;
 use crate::ops::telemetry;
 use crate::search::bulk::{self as writer, WriteError};
 use crate::search::plan;
@@ -201,24 +201,16 @@ async fn send(
     body: Vec<u8>,
     actions: usize,
 ) -> Result<(plan::BulkResponse, Duration), WriteError> {
-    let m = &shared.metrics;
-    m.bulk_size.observe(actions as f64);
     let written = writer::write(&shared.search, &body).await;
     // The request may have moved to another node, answered or not.
-    shared.status.lock().search_node = shared.search.in_use();
+    shared.record(IndexerEvent::SearchNode(shared.search.in_use()));
     match written {
         Ok((response, took)) => {
-            metrics::inc(&m.bulk_requests, "ok");
-            metrics::observe(&m.bulk_duration, took);
-            let mut s = shared.status.lock();
-            s.bulk_requests += 1;
-            s.last_bulk_at = Some(SystemTime::now());
-            s.last_bulk_items = actions;
-            s.last_bulk_duration = Some(took);
+            shared.record(IndexerEvent::BulkAnswered { actions, took });
             Ok((response, took))
         }
         Err(error) => {
-            metrics::inc(&m.bulk_requests, "failed");
+            shared.record(IndexerEvent::BulkFailed { actions });
             Err(error)
         }
     }

@@ -1,7 +1,9 @@
 //! Operating the pipeline: health answers, heartbeats, metrics, logs and traces.
 
+pub(crate) mod events;
 mod health;
 pub(crate) mod metrics;
+mod process;
 mod status;
 pub(crate) mod telemetry;
 

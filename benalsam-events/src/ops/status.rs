@@ -31,18 +31,9 @@ impl<T: Clone> Live<T> {
     }
 }
 
-/// A status that counts its errors and keeps the last one, with when.
+/// A status that counts its errors and keeps the last one, with when (see
+/// [`count_error`](crate::ops::events::count_error)).
 pub trait CountsErrors {
     /// Its error count and its last error.
     fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>);
-}
-
-impl<T: Clone + CountsErrors> Live<T> {
-    /// Counts `error` and keeps it as the last one.
-    pub(crate) fn record_error(&self, error: impl std::fmt::Display) {
-        let mut s = self.lock();
-        let (errors, last_error) = s.error_fields();
-        *errors += 1;
-        *last_error = Some((SystemTime::now(), error.to_string()));
-    }
 }

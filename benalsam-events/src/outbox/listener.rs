@@ -14,10 +14,9 @@ use tokio_postgres::AsyncMessage;
 
 use crate::backoff::Backoff;
 use crate::config::DatabaseUrl;
-use crate::ops::Live;
-use crate::outbox::JobStreamStatus;
+use crate::outbox::stream::record::{StreamEvent, StreamRecorder};
 
-type Status = Live<JobStreamStatus>;
+type Status = StreamRecorder;
 
 /// The listening task; it stops when this is dropped.
 #[derive(Debug)]
@@ -48,11 +47,11 @@ impl Listener {
                     // The connection was up, so the next failure starts the backoff over.
                     Ok(()) => attempt = 0,
                     Err(error) => {
-                        status.record_error(&error);
+                        status.record(StreamEvent::Error(&error));
                         tracing::warn!(%error, channel, "cannot LISTEN; retrying");
                     }
                 }
-                status.set_listening(false);
+                status.record(StreamEvent::Listening(false));
                 tokio::time::sleep(backoff.delay(attempt)).await;
                 attempt = attempt.saturating_add(1);
             }
@@ -99,7 +98,7 @@ async fn listen(
         pump.abort();
         return Err(error);
     }
-    status.set_listening(true);
+    status.record(StreamEvent::Listening(true));
     tracing::debug!(channel, "listening");
     // Anything committed while nobody listened is found by this sweep.
     wake.notify_one();
@@ -111,7 +110,7 @@ async fn listen(
         Ok(Ok(())) => tracing::warn!(channel, "LISTEN connection closed; reconnecting"),
         Ok(Err(error)) => {
             let error = crate::Error::postgres("LISTEN connection", error);
-            status.record_error(&error);
+            status.record(StreamEvent::Error(&error));
             tracing::warn!(%error, channel, "LISTEN connection failed; reconnecting");
         }
         Err(join) => tracing::warn!(%join, channel, "LISTEN task ended; reconnecting"),

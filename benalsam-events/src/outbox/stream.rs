@@ -18,7 +18,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use futures::stream::BoxStream;
@@ -27,11 +27,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{require_positive, validate_identifier};
-use crate::ops::metrics::{self, Metrics, StreamMetrics};
-use crate::ops::{CountsErrors, Live};
+use crate::ops::Live;
+use crate::ops::metrics::Metrics;
 use crate::outbox::listener::Listener;
-use crate::outbox::{Backlog, ClaimKind, Job, Outbox, Outcome, Settle};
+use crate::outbox::{Job, Outbox, Outcome, Settle};
 use crate::{Error, Result};
+use census::{Census, CensusTask};
+use presence::Presence;
+pub use record::JobStreamStatus;
+use record::{StreamEvent, StreamMetrics, StreamRecorder};
+
+mod census;
+mod presence;
+pub(crate) mod record;
 
 /// The NOTIFY channel the trigger uses unless given `channel=`.
 pub(crate) const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
@@ -86,68 +94,12 @@ impl Default for JobStreamConfig {
     }
 }
 
-/// What a job stream has been doing, for health checks.
-#[derive(Debug, Clone, Default, PartialEq)]
-#[non_exhaustive]
-pub struct JobStreamStatus {
-    /// Whether the LISTEN connection is up; `None` in poll-only mode.
-    pub listening: Option<bool>,
-    /// Whether the last claim (or reclaim) reached PostgreSQL.
-    pub connected: bool,
-    /// When a claim last succeeded (whether or not it found jobs).
-    pub last_claim_at: Option<SystemTime>,
-    /// When a claim last found jobs.
-    pub last_job_at: Option<SystemTime>,
-    /// The backlog, counted at most once per poll interval.
-    pub backlog: Option<Backlog>,
-    /// Pending jobs by table, every table (a table nobody routes keeps its jobs here),
-    /// counted with the backlog.
-    pub pending_by_table: Vec<(String, i64)>,
-    /// Whether writers are told to skip their NOTIFY because this stream is draining a
-    /// backlog (adaptive NOTIFY).
-    pub draining: bool,
-    /// Jobs claimed in all.
-    pub claimed: u64,
-    /// Of those, retries of failed jobs.
-    pub retried: u64,
-    /// Jobs given back to `pending` because their lease expired.
-    pub reclaimed: u64,
-    /// Errors talking to PostgreSQL.
-    pub errors: u64,
-    /// The last of those errors, and when.
-    pub last_error: Option<(SystemTime, String)>,
-}
-
-impl CountsErrors for JobStreamStatus {
-    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
-        (&mut self.errors, &mut self.last_error)
-    }
-}
-
-impl Live<JobStreamStatus> {
-    pub(crate) fn set_listening(&self, up: bool) {
-        self.lock().listening = Some(up);
-    }
-
-    fn record_claim(&self, jobs: &[Job]) {
-        let now = SystemTime::now();
-        let mut s = self.lock();
-        s.connected = true;
-        s.last_claim_at = Some(now);
-        if !jobs.is_empty() {
-            s.last_job_at = Some(now);
-            s.claimed += jobs.len() as u64;
-            s.retried += jobs.iter().filter(|j| j.claim == ClaimKind::Retry).count() as u64;
-        }
-    }
-}
-
 /// The outbox as a stream of claimed batches: woken by `NOTIFY` (or polling), claiming under
 /// a lease, ending when its shutdown token is cancelled.
 pub struct JobStream {
     batches: BoxStream<'static, Vec<Job>>,
-    status: Live<JobStreamStatus>,
-    metrics: StreamMetrics,
+    /// Its status and metrics, written only by recording events.
+    recorder: StreamRecorder,
     _listener: Option<Listener>,
     _census: CensusTask,
 }
@@ -155,7 +107,7 @@ pub struct JobStream {
 impl std::fmt::Debug for JobStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobStream")
-            .field("status", &self.status.snapshot())
+            .field("status", &self.recorder.status().snapshot())
             .finish_non_exhaustive()
     }
 }
@@ -176,24 +128,19 @@ impl JobStream {
             ));
         }
         require_positive("JobStreamConfig::poll_interval", config.poll_interval)?;
-        let status = Live::<JobStreamStatus>::default();
-        let metrics = StreamMetrics::default();
-        // The series of the tables it claims exist from the start, at zero.
-        for table in outbox.config().tables.iter().flatten() {
-            let _ = metrics.pending_by_table.get_or_create(&metrics::Table {
-                table: table.clone(),
-            });
-        }
+        let recorder = StreamRecorder::new(StreamMetrics::for_tables(
+            outbox.config().tables.iter().flatten(),
+        ));
         let wake = Arc::new(Notify::new());
         let listener = match &config.wake {
             Wake::Listen { channel } => {
                 validate_identifier("NOTIFY channel", channel)?;
-                status.set_listening(false);
+                recorder.record(StreamEvent::Listening(false));
                 Some(Listener::spawn(
                     outbox.database_url().clone(),
                     channel.clone(),
                     Arc::clone(&wake),
-                    status.clone(),
+                    recorder.clone(),
                     config.reconnect,
                 ))
             }
@@ -205,8 +152,7 @@ impl JobStream {
             .then(Presence::default);
         let census = Census {
             outbox: outbox.clone(),
-            status: status.clone(),
-            metrics: metrics.clone(),
+            recorder: recorder.clone(),
             every: config.poll_interval,
         }
         .spawn(shutdown.clone());
@@ -216,8 +162,7 @@ impl JobStream {
             presence,
             wake,
             shutdown,
-            status: status.clone(),
-            metrics: metrics.clone(),
+            recorder: recorder.clone(),
             failures: 0,
             drained: false,
             next_housekeeping: Instant::now(),
@@ -233,8 +178,7 @@ impl JobStream {
         });
         Ok(Self {
             batches: Box::pin(batches),
-            status,
-            metrics,
+            recorder,
             _listener: listener,
             _census: census,
         })
@@ -242,13 +186,13 @@ impl JobStream {
 
     /// Records claims, reclaims and the sampled backlog in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics.register(metrics);
+        self.recorder.metrics().register(metrics);
         self
     }
 
     /// The live status, for health checks.
     pub fn status(&self) -> Live<JobStreamStatus> {
-        self.status.clone()
+        self.recorder.status().clone()
     }
 }
 
@@ -266,8 +210,7 @@ struct Claimer {
     config: JobStreamConfig,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
-    status: Live<JobStreamStatus>,
-    metrics: StreamMetrics,
+    recorder: StreamRecorder,
     /// Consecutive failed attempts, for the reconnect backoff.
     failures: u32,
     /// The last claim came back short: wait for a wake-up before claiming again.
@@ -275,47 +218,6 @@ struct Claimer {
     next_housekeeping: Instant,
     /// What writers were told about this stream; `None` without adaptive NOTIFY.
     presence: Option<Presence>,
-}
-
-/// How long a busy mark lasts unless renewed. It bounds how long the writers of a bridge
-/// that died while busy skip their NOTIFY (the other bridges poll meanwhile, and the row is
-/// dropped on the next idle mark of any bridge); renewed once less than half of it is left,
-/// so a draining bridge writes its row every few seconds, not once per batch.
-const BUSY_LEASE: Duration = Duration::from_secs(5);
-
-/// After a busy or idle mark fails (a schema without migration 4, a role that may not write
-/// `benalsam_listeners`), how long the stream goes without marking: writers keep notifying
-/// meanwhile, and the warning comes twice a minute, not once per batch.
-const PRESENCE_PAUSE: Duration = Duration::from_secs(30);
-
-/// Adaptive NOTIFY: the stream's row in `benalsam_listeners`, as far as it knows.
-///
-/// ```text
-///  claim full ──► busy (row: busy_until = now + lease) ──► claim full … (renew at half)
-///                                                            │
-///                                                      claim short
-///                                                            ▼
-///                          idle (row deleted) ──► claim once more ──► wait: NOTIFY or poll
-///
-///  writer:  INSERT + trigger reads the row ─────────────── COMMIT
-///           read "busy" → no NOTIFY       read "idle" → NOTIFY
-/// ```
-///
-/// A writer skips its NOTIFY only when it read the row before the idle mark committed. If it
-/// commits before the last claim starts, that claim takes its job; if it commits after, no
-/// one is told: its job waits for the next writer that notifies, or for the poll, at most one
-/// poll interval (the rare race this design accepts instead of making every writer lock
-/// something the bridge waits on). A stream that claims only some tables marks only those;
-/// the writers of other tables keep waking idle bridges. Idle bridges of the same tables are
-/// not woken while one is busy: they join at their next poll, and stay while their own
-/// claims come back full.
-#[derive(Debug, Default)]
-struct Presence {
-    /// Until when the row says busy, by this process's clock: never later than the
-    /// database's, which adds the lease after this instant. `None`: no row (idle).
-    busy_until: Option<Instant>,
-    /// No marking before this, after a failure.
-    paused_until: Option<Instant>,
 }
 
 impl Claimer {
@@ -342,16 +244,7 @@ impl Claimer {
             match self.outbox.claim(self.config.batch_size).await {
                 Ok(jobs) => {
                     self.failures = 0;
-                    self.status.record_claim(&jobs);
-                    let retries =
-                        jobs.iter().filter(|j| j.claim == ClaimKind::Retry).count() as u64;
-                    let claimed = &self.metrics.jobs_claimed;
-                    claimed
-                        .get_or_create(&metrics::Kind { kind: "fresh" })
-                        .inc_by(jobs.len() as u64 - retries);
-                    claimed
-                        .get_or_create(&metrics::Kind { kind: "retry" })
-                        .inc_by(retries);
+                    self.recorder.record(StreamEvent::Claimed(&jobs));
                     let full = jobs.len() >= self.config.batch_size;
                     self.drained = !full;
                     if full {
@@ -375,79 +268,6 @@ impl Claimer {
         }
     }
 
-    /// More work waits: tells writers not to notify for a while (renewing the mark once
-    /// half of it is gone).
-    async fn mark_busy(&mut self) {
-        let Some(presence) = self.presence.as_mut() else {
-            return;
-        };
-        let now = Instant::now();
-        if presence.paused_until.is_some_and(|t| now < t)
-            || presence
-                .busy_until
-                .is_some_and(|t| t.saturating_duration_since(now) >= BUSY_LEASE / 2)
-        {
-            return;
-        }
-        match self.outbox.mark_busy(BUSY_LEASE).await {
-            Ok(()) => {
-                if presence.busy_until.is_none() {
-                    tracing::debug!("draining: marked busy, writers skip NOTIFY");
-                }
-                presence.busy_until = Some(now + BUSY_LEASE);
-                presence.paused_until = None;
-                self.status.lock().draining = true;
-            }
-            Err(error) => {
-                presence.busy_until = None;
-                presence.paused_until = Some(now + PRESENCE_PAUSE);
-                self.status.lock().draining = false;
-                self.status.record_error(&error);
-                tracing::warn!(
-                    %error,
-                    retry_in = ?PRESENCE_PAUSE,
-                    "cannot mark the bridge busy; writers keep sending NOTIFY meanwhile"
-                );
-            }
-        }
-    }
-
-    /// The queue is drained: when writers were told not to notify, tells them to again.
-    /// True when it did (then one more claim is due before waiting).
-    async fn mark_idle(&mut self) -> bool {
-        let Some(presence) = self.presence.as_mut() else {
-            return false;
-        };
-        if presence.busy_until.take().is_none() {
-            return false;
-        }
-        self.status.lock().draining = false;
-        // Forgotten whether or not the mark works: a failed one must not make the stream
-        // claim again and again without waiting. The row's lease runs out on its own.
-        tracing::debug!("drained: marking idle, writers notify again");
-        if let Err(error) = self.outbox.mark_idle().await {
-            presence.paused_until = Some(Instant::now() + PRESENCE_PAUSE);
-            self.status.record_error(&error);
-            tracing::warn!(
-                %error,
-                lease = ?BUSY_LEASE,
-                "cannot mark the bridge idle; writers skip NOTIFY until its busy mark runs out"
-            );
-        }
-        true
-    }
-
-    /// The stream ends: a busy mark goes, so writers notify the remaining bridges at once.
-    async fn leave(&mut self) {
-        if self
-            .presence
-            .as_ref()
-            .is_some_and(|p| p.busy_until.is_some())
-        {
-            self.mark_idle().await;
-        }
-    }
-
     /// Reclaims expired leases.
     async fn housekeeping(&mut self) -> Result<()> {
         const RECLAIM_LIMIT: usize = 1000;
@@ -458,8 +278,8 @@ impl Claimer {
                 first = reclaimed.first(),
                 "reclaimed jobs whose lease expired (a bridge died or stalled)"
             );
-            self.status.lock().reclaimed += reclaimed.len() as u64;
-            self.metrics.jobs_reclaimed.inc_by(reclaimed.len() as u64);
+            self.recorder
+                .record(StreamEvent::Reclaimed(reclaimed.len()));
             // They are pending again: claim them now, not at the next tick.
             self.drained = false;
         }
@@ -468,8 +288,7 @@ impl Claimer {
 
     /// Records an error and waits out the backoff (or the shutdown).
     async fn failed(&mut self, error: Error) {
-        self.status.lock().connected = false;
-        self.status.record_error(&error);
+        self.recorder.record(StreamEvent::Unreachable(&error));
         let delay = self.config.reconnect.delay(self.failures);
         tracing::warn!(%error, retry_in = ?delay, "job stream cannot reach the outbox");
         self.failures = self.failures.saturating_add(1);
@@ -494,91 +313,5 @@ impl Claimer {
                 "shutting down: could not give claimed jobs back; they return when their lease expires"
             ),
         }
-    }
-}
-
-/// Counts the backlog on a timer of its own, every poll interval until shutdown.
-///
-/// Not in the claimer's loop: that loop runs only while someone pulls batches, and a
-/// publisher waiting for its broker pulls none. Counted there, the figures froze at the last
-/// count for the whole outage (one pending job while thousands waited), and the backlog alert
-/// could not fire during the very outage it is meant for. The database answers whatever the
-/// broker does.
-struct Census {
-    outbox: Outbox,
-    status: Live<JobStreamStatus>,
-    metrics: StreamMetrics,
-    every: Duration,
-}
-
-impl Census {
-    fn spawn(self, shutdown: CancellationToken) -> CensusTask {
-        CensusTask(tokio::spawn(async move {
-            loop {
-                if let Err(error) = self.count().await {
-                    // The claimer reports the outage (health, metrics, a warning); this only
-                    // keeps the last figures until the database answers again.
-                    tracing::debug!(%error, "cannot count the backlog");
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(self.every) => {}
-                }
-            }
-        }))
-    }
-
-    async fn count(&self) -> Result<()> {
-        let backlog = self.outbox.backlog().await?;
-        let by_table = self.outbox.pending_by_table().await?;
-        for (table, jobs) in &by_table {
-            self.metrics
-                .pending_by_table
-                .get_or_create(&metrics::Table {
-                    table: table.clone(),
-                })
-                .set(*jobs);
-        }
-        {
-            let mut s = self.status.lock();
-            // A table whose jobs all went is counted at zero, not left at its last count.
-            for (table, _) in &s.pending_by_table {
-                if !by_table.iter().any(|(t, _)| t == table) {
-                    self.metrics
-                        .pending_by_table
-                        .get_or_create(&metrics::Table {
-                            table: table.clone(),
-                        })
-                        .set(0);
-                }
-            }
-            s.backlog = Some(backlog);
-            s.pending_by_table = by_table;
-        }
-        let m = &self.metrics;
-        for (status, jobs) in [
-            ("pending", backlog.pending),
-            ("processing", backlog.processing),
-            ("sent", backlog.sent),
-            ("retrying", backlog.retrying),
-        ] {
-            m.queue_jobs
-                .get_or_create(&metrics::Status { status })
-                .set(jobs);
-        }
-        let seconds = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
-        m.oldest_pending_age
-            .set(seconds(backlog.oldest_pending_age));
-        m.oldest_sent_age.set(seconds(backlog.oldest_sent_age));
-        Ok(())
-    }
-}
-
-/// The census task, stopped with its stream.
-struct CensusTask(tokio::task::JoinHandle<()>);
-
-impl Drop for CensusTask {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

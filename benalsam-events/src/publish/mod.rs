@@ -11,6 +11,7 @@
 mod confirm;
 mod envelope;
 mod publisher;
+mod record;
 mod routing;
 mod topology;
 
@@ -19,7 +20,8 @@ pub(crate) use crate::error::EnvelopeError;
 pub(crate) use crate::event_type::LISTINGS_EXCHANGE;
 pub use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
-pub use publisher::{Publisher, PublisherConfig, PublisherStatus};
+pub use publisher::{Publisher, PublisherConfig};
+pub use record::PublisherStatus;
 pub(crate) use routing::{Route, Routes};
 pub(crate) use topology::SYSTEM_EXCHANGE;
 pub use topology::{Topology, TopologyConfig};

@@ -20,28 +20,36 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Sink, StreamExt};
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::Confirmation;
+use lapin::options::BasicPublishOptions;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use crate::backoff::Backoff;
 use crate::config::{Addresses, AmqpUrl};
-use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, record_id_problem, trace_id_of};
-use crate::ops::metrics::{self, Metrics, PublisherMetrics};
-use crate::ops::telemetry;
-use crate::ops::{CountsErrors, Live};
+use crate::event_type::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::ops::Live;
+use crate::ops::metrics::Metrics;
 use crate::outbox::{Job, Outcome, Settle};
-use crate::publish::confirm::{self, Refusal, Verdict};
-use crate::publish::{Envelope, Routes, Topology};
+use crate::publish::confirm::Refusal;
+use crate::publish::record::{
+    PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
+};
+use crate::publish::{Routes, Topology};
 use crate::{Error, EventType, Result};
+
+mod link;
+mod message;
+mod outcomes;
+
+use link::{Link, exchange_exists};
+use message::Message;
 
 /// Most claimed jobs waiting for the publishing task.
 const HANDOFF: usize = 128;
@@ -101,52 +109,13 @@ impl Default for PublisherConfig {
     }
 }
 
-/// What a publisher has been doing, for health checks.
-#[derive(Debug, Clone, Default, PartialEq)]
-#[non_exhaustive]
-pub struct PublisherStatus {
-    /// Whether it holds an open connection and channel.
-    pub connected: bool,
-    /// Messages handed to the broker (republications included).
-    pub published: u64,
-    /// Jobs confirmed and reported sent.
-    pub confirmed: u64,
-    /// Jobs nacked, returned as unroutable, or refused by the channel: reported failed.
-    pub failed: u64,
-    /// Messages published again because the connection was lost before their confirm.
-    pub republished: u64,
-    /// Messages waiting for their confirm right now.
-    pub unconfirmed: usize,
-    /// When a message was last published.
-    pub last_publish_at: Option<SystemTime>,
-    /// When a confirm last arrived.
-    pub last_confirm_at: Option<SystemTime>,
-    /// When a publish last failed, and why.
-    pub last_failure: Option<(SystemTime, String)>,
-    /// Times the topology was declared again after a refusal.
-    pub repairs: u64,
-    /// The broker address in use (redacted), or last used while disconnected.
-    pub broker: Option<String>,
-    /// Connection attempts that failed, lost connections and failed reports.
-    pub errors: u64,
-    /// The last of those errors, and when.
-    pub last_error: Option<(SystemTime, String)>,
-}
-
-impl CountsErrors for PublisherStatus {
-    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
-        (&mut self.errors, &mut self.last_error)
-    }
-}
-
 /// Publishes jobs to RabbitMQ with publisher confirms, a `Sink` of jobs that reports every
 /// outcome to its [`Settle`](crate::Settle).
 #[derive(Debug)]
 pub struct Publisher {
     sender: PollSender<Job>,
     task: Option<JoinHandle<()>>,
-    status: Live<PublisherStatus>,
-    metrics: PublisherMetrics,
+    recorder: PublisherRecorder,
 }
 
 impl Publisher {
@@ -162,15 +131,13 @@ impl Publisher {
         // Claimed jobs wait here, rows and all, until the window has room: a short queue is
         // enough to keep the window full, and bounds memory however large the window is.
         let (tx, rx) = mpsc::channel(config.window.clamp(1, HANDOFF));
-        let status = Live::<PublisherStatus>::default();
-        let metrics = PublisherMetrics::default();
+        let recorder = PublisherRecorder::new(PublisherMetrics::default());
         let worker = Worker {
             url,
             settle,
             routes,
             config,
-            status: status.clone(),
-            metrics: metrics.clone(),
+            recorder: recorder.clone(),
             rx,
             input_open: true,
             link: None,
@@ -190,21 +157,19 @@ impl Publisher {
         Self {
             sender: PollSender::new(tx),
             task: Some(tokio::spawn(worker.run())),
-            status,
-            metrics,
+            recorder,
         }
     }
 
     /// Records publishes, confirms and failures in `metrics`.
     pub fn with_metrics(self, metrics: &Metrics) -> Self {
-        self.metrics
-            .register(metrics, &Refusal::ALL.map(Refusal::as_str));
+        self.recorder.metrics().register(metrics);
         self
     }
 
     /// The live status, for health checks.
     pub fn status(&self) -> Live<PublisherStatus> {
-        self.status.clone()
+        self.recorder.status().clone()
     }
 }
 
@@ -266,23 +231,7 @@ impl Outgoing {
     }
 }
 
-/// An open connection and its confirm-mode channel.
-struct Link {
-    connection: Connection,
-    channel: Channel,
-}
-
 type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
-
-/// A message ready to go.
-struct Message {
-    exchange: ShortString,
-    routing_key: ShortString,
-    body: Vec<u8>,
-    properties: BasicProperties,
-    /// The producer span of this publish; it ends with the confirm.
-    _span: tracing::Span,
-}
 
 /// The publishing task's state.
 struct Worker<S> {
@@ -290,8 +239,8 @@ struct Worker<S> {
     settle: S,
     routes: Routes,
     config: PublisherConfig,
-    status: Live<PublisherStatus>,
-    metrics: PublisherMetrics,
+    /// Its status and metrics, written only by recording events.
+    recorder: PublisherRecorder,
     rx: mpsc::Receiver<Job>,
     input_open: bool,
     link: Option<Link>,
@@ -353,7 +302,7 @@ impl<S: Settle> Worker<S> {
         if let Some(link) = self.link.take() {
             let _ = link.connection.close(200, "publisher closed".into()).await;
         }
-        self.status.lock().connected = false;
+        self.recorder.record(PublisherEvent::Closed);
     }
 
     /// Whether another message may go out: a link, and room in the window (by count and by
@@ -396,116 +345,6 @@ impl<S: Settle> Worker<S> {
             return true;
         }
         false
-    }
-
-    /// Opens a connection and a confirm-mode channel (declaring the topology when it has
-    /// one); on failure waits out the backoff.
-    async fn connect(&mut self) -> bool {
-        match open(&self.url, self.addresses.next(), &self.config).await {
-            Ok((link, index)) => {
-                self.link = Some(link);
-                self.connect_failures = 0;
-                self.addresses.connected(index);
-                let broker = self.url.addresses().get(index).map(AmqpUrl::redacted);
-                tracing::info!(
-                    broker = broker.as_deref().unwrap_or_default(),
-                    "publisher connected"
-                );
-                let mut s = self.status.lock();
-                s.connected = true;
-                s.broker = broker;
-                true
-            }
-            Err(error) => {
-                self.status.record_error(&error);
-                let delay = self.config.reconnect.delay(self.connect_failures);
-                self.connect_failures = self.connect_failures.saturating_add(1);
-                tracing::warn!(%error, retry_in = ?delay, "publisher cannot reach RabbitMQ");
-                // Confirmed jobs still get reported while the broker is away.
-                self.report().await;
-                tokio::time::sleep(delay).await;
-                false
-            }
-        }
-    }
-
-    /// The message of `job`, or why it cannot be one.
-    fn message(&self, job: &Job) -> Result<Message, (Refusal, String, bool)> {
-        let Some(event_type) = self.routes.for_table(&job.table_name) else {
-            return Err((
-                Refusal::UnroutedTable,
-                format!(
-                    "no event type is configured for table {:?}; add one to the bridge's routes",
-                    job.table_name
-                ),
-                false,
-            ));
-        };
-        // A key the index cannot take would be refused by every consumer and resent for
-        // ever: the job fails here, once, with the reason.
-        if let Some(why) = record_id_problem(&job.record_id) {
-            return Err((
-                Refusal::Refused,
-                format!("{why}; use a shorter key column for this table"),
-                false,
-            ));
-        }
-        let route = event_type.route(job);
-        let (Ok(exchange), Ok(routing_key)) = (
-            ShortString::try_new(route.exchange.as_str()),
-            ShortString::try_new(route.routing_key.as_str()),
-        ) else {
-            return Err((
-                Refusal::UnroutedTable,
-                format!(
-                    "routing key {:?} is longer than 255 bytes",
-                    route.routing_key
-                ),
-                false,
-            ));
-        };
-        // The producer span of this job's trace: its parent is the writer's trace context,
-        // and its own context travels in the message to the consumer.
-        let span = tracing::info_span!(
-            "publish",
-            otel.kind = "producer",
-            otel.name = %format!("{} publish", route.exchange),
-            messaging.system = "rabbitmq",
-            messaging.destination.name = %route.exchange,
-            messaging.rabbitmq.destination.routing_key = %route.routing_key,
-            messaging.message.id = %job.message_id(),
-            job.id = job.id,
-        );
-        if let Some(parent) = job.traceparent.as_deref() {
-            telemetry::set_parent(&span, parent);
-        }
-        let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
-        let mut envelope = Envelope::routed(job, route);
-        if let Some(trace_id) = traceparent.as_deref().and_then(trace_id_of) {
-            envelope.trace_id = Some(trace_id.to_owned().into());
-        }
-        let body = envelope.to_bytes();
-        // The broker closes the whole channel on an oversized message, failing every other
-        // message in flight with it; refuse it here, alone, with a reason.
-        let limit = self.config.max_message_bytes;
-        if body.len() > limit {
-            return Err((
-                Refusal::Refused,
-                format!(
-                    "the message is {} bytes, over the {limit}-byte limit (BENALSAM_MAX_MESSAGE_BYTES); ignore the table's large columns or raise the limit (and the broker's max_message_size with it)",
-                    body.len()
-                ),
-                false,
-            ));
-        }
-        let properties = envelope.properties(&self.config.app_id, traceparent.as_deref());
-        Ok(Message {
-            exchange,
-            routing_key,
-            body,
-            properties,
-            _span: span,
-        })
     }
 
     async fn publish(&mut self, next: Outgoing) {
@@ -557,8 +396,7 @@ impl<S: Settle> Worker<S> {
             .await;
         match published {
             Ok(confirm) => {
-                metrics::observe(&self.metrics.publish_duration, publishing.elapsed());
-                self.metrics.jobs_published.inc();
+                let took = publishing.elapsed();
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.unconfirmed_bytes += message.body.len();
@@ -572,217 +410,15 @@ impl<S: Settle> Worker<S> {
                 );
                 self.confirms
                     .push(async move { (seq, confirm.await) }.boxed());
-                let mut s = self.status.lock();
-                s.published += 1;
-                s.unconfirmed = self.unconfirmed.len();
-                s.last_publish_at = Some(SystemTime::now());
+                self.recorder.record(PublisherEvent::Published {
+                    took,
+                    unconfirmed: self.unconfirmed.len(),
+                });
             }
             Err(error) => {
                 self.queue.push_front(Outgoing::Again { id, message });
                 self.link_lost(Some(Error::amqp("publishing", error)));
             }
-        }
-    }
-
-    async fn confirmed(&mut self, seq: u64, answer: &lapin::Result<Confirmation>) {
-        // Gone if the link was reset meanwhile: the job is queued to be published again.
-        let Some(InFlight {
-            id,
-            message,
-            published_at,
-        }) = self.unconfirmed.remove(&seq)
-        else {
-            return;
-        };
-        self.unconfirmed_bytes -= message.body.len();
-        metrics::observe(&self.metrics.confirm_duration, published_at.elapsed());
-        {
-            let mut s = self.status.lock();
-            s.unconfirmed = self.unconfirmed.len();
-            s.last_confirm_at = Some(SystemTime::now());
-        }
-        match confirm::judge(answer) {
-            Verdict::Sent => {
-                self.nacked_since = None;
-                self.gather(id, Outcome::Sent);
-            }
-            Verdict::Refused {
-                kind,
-                reason,
-                closes_link,
-            } => {
-                self.fail(kind, id, reason.clone(), true);
-                let nacked_long = kind == Refusal::Nack
-                    && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
-                        >= NACKED_CHANNEL;
-                if closes_link {
-                    self.link_lost(Some(Error::broker(reason)));
-                } else if nacked_long {
-                    self.link_lost(Some(Error::broker(format!(
-                        "every publish nacked for {} s; opening a new channel",
-                        NACKED_CHANNEL.as_secs()
-                    ))));
-                } else if kind == Refusal::Unroutable {
-                    self.repair().await;
-                }
-            }
-            Verdict::Unknown(reason) => {
-                self.queue.push_front(Outgoing::Again { id, message });
-                self.link_lost(Some(Error::broker(reason)));
-            }
-        }
-    }
-
-    /// Declares the topology again after a refusal that says part of it is missing, at most
-    /// once per [`REPAIR_INTERVAL`]; the failed jobs are retried after their backoff.
-    async fn repair(&mut self) {
-        let (Some(topology), Some(link)) = (&self.config.topology, &self.link) else {
-            return;
-        };
-        if self
-            .last_repair
-            .is_some_and(|at| at.elapsed() < REPAIR_INTERVAL)
-        {
-            return;
-        }
-        self.last_repair = Some(Instant::now());
-        match topology.declare(&link.connection).await {
-            Ok(()) => {
-                self.known_exchanges.clear();
-                self.status.lock().repairs += 1;
-                tracing::warn!("a publish found the topology incomplete; declared it again");
-            }
-            Err(error) => {
-                self.status.record_error(&error);
-                tracing::warn!(%error, "cannot declare the topology again");
-            }
-        }
-    }
-
-    fn gather(&mut self, id: i64, outcome: Outcome) {
-        self.reports.push((id, outcome));
-        self.reports_due
-            .get_or_insert(Instant::now() + self.config.report_interval);
-    }
-
-    fn fail(&mut self, kind: Refusal, id: i64, error: String, retry: bool) {
-        tracing::warn!(job = id, %error, retry, "publish failed");
-        metrics::inc(&self.metrics.jobs_publish_failed, kind.as_str());
-        self.status.lock().last_failure = Some((SystemTime::now(), error.clone()));
-        self.gather(id, Outcome::Failed { error, retry });
-    }
-
-    /// Drops the link; its unconfirmed jobs are published again on the next one.
-    fn link_lost(&mut self, error: Option<Error>) {
-        if let Some(error) = &error {
-            self.status.record_error(error);
-            tracing::warn!(%error, "publisher lost its channel; reconnecting");
-        }
-        self.link = None;
-        self.nacked_since = None;
-        // The next connection starts with the address after the one just lost: a node that
-        // went away is tried again only once the others have been. With one address this is
-        // that address again.
-        self.addresses.advance();
-        self.known_exchanges.clear();
-        self.confirms = FuturesUnordered::new();
-        let mut orphans: Vec<Outgoing> = self
-            .unconfirmed
-            .drain()
-            .map(|(_, f)| Outgoing::Again {
-                id: f.id,
-                message: f.message,
-            })
-            .collect();
-        self.unconfirmed_bytes = 0;
-        self.metrics.jobs_republished.inc_by(orphans.len() as u64);
-        orphans.sort_unstable_by_key(|o| std::cmp::Reverse(o.id()));
-        let mut s = self.status.lock();
-        s.connected = false;
-        s.unconfirmed = 0;
-        s.republished += orphans.len() as u64;
-        for orphan in orphans {
-            self.queue.push_front(orphan);
-        }
-    }
-
-    /// Gives jobs that could not be published back to `pending`, for the next bridge.
-    async fn abandon(&mut self) {
-        let reports: Vec<(i64, Outcome)> = self
-            .queue
-            .drain(..)
-            .map(|o| (o.id(), Outcome::Released))
-            .collect();
-        match self.settle.settle(&reports).await {
-            Ok(settled) => tracing::warn!(
-                released = settled.changed.len(),
-                "closing without RabbitMQ: gave unpublished jobs back"
-            ),
-            Err(error) => tracing::warn!(
-                %error,
-                count = reports.len(),
-                "closing without RabbitMQ or PostgreSQL: unpublished jobs return when their lease expires"
-            ),
-        }
-    }
-
-    /// Reports gathered outcomes; what cannot be reported now is kept for the next try.
-    async fn report(&mut self) -> bool {
-        if self.reports.is_empty() {
-            self.reports_due = None;
-            return true;
-        }
-        match self.settle.settle(&self.reports).await {
-            Ok(settled) => {
-                if !settled.unchanged.is_empty() {
-                    tracing::debug!(jobs = ?settled.unchanged, "reported jobs had moved on (completed, or failed by a consumer)");
-                }
-                let sent = self
-                    .reports
-                    .iter()
-                    .filter(|(_, o)| *o == Outcome::Sent)
-                    .count() as u64;
-                let failed = self.reports.len() as u64 - sent;
-                {
-                    let mut s = self.status.lock();
-                    s.confirmed += sent;
-                    s.failed += failed;
-                }
-                self.metrics.jobs_confirmed.inc_by(sent);
-                self.reports.clear();
-                self.reports_due = None;
-                true
-            }
-            Err(error) => {
-                self.status.record_error(&error);
-                tracing::warn!(%error, "cannot report publish outcomes; will retry");
-                let wait = self
-                    .config
-                    .reconnect
-                    .delay(0)
-                    .max(self.config.report_interval);
-                self.reports_due = Some(Instant::now() + wait);
-                false
-            }
-        }
-    }
-
-    /// At close: keep trying to report outcomes for a while. Whatever cannot be reported is
-    /// found again when its lease expires (and published again, with the same messageId).
-    async fn drain_reports(&mut self) {
-        const PATIENCE: Duration = Duration::from_secs(30);
-        let deadline = Instant::now() + PATIENCE;
-        let mut attempt = 0;
-        while !self.report().await {
-            if Instant::now() >= deadline {
-                tracing::error!(
-                    outcomes = self.reports.len(),
-                    "giving up reporting outcomes at shutdown; those jobs are published again after their lease"
-                );
-                return;
-            }
-            tokio::time::sleep(self.config.reconnect.delay(attempt)).await;
-            attempt += 1;
         }
     }
 }
@@ -791,54 +427,6 @@ impl<S: Settle> Worker<S> {
 /// `bytes` in all: below both limits, and one message always fits, however large.
 fn window_has_room(count: usize, bytes: usize, config: &PublisherConfig) -> bool {
     count == 0 || (count < config.window && bytes < config.window_bytes)
-}
-
-/// Opens a link to the first address of `url` that answers, trying them from `start`;
-/// returns it with the index of that address.
-async fn open(url: &AmqpUrl, start: usize, config: &PublisherConfig) -> Result<(Link, usize)> {
-    let (connection, index) =
-        crate::connect::amqp_from(url, &config.connection_name, start).await?;
-    if let Some(topology) = &config.topology {
-        topology.declare(&connection).await?;
-    }
-    let channel = crate::connect::confirm_channel(&connection, "publishing").await?;
-    Ok((
-        Link {
-            connection,
-            channel,
-        },
-        index,
-    ))
-}
-
-/// Whether `exchange` exists, asked on a channel of its own (the broker closes a channel
-/// that asks about a missing exchange).
-async fn exchange_exists(connection: &Connection, exchange: ShortString) -> Result<bool> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::amqp("opening a channel to check an exchange", e))?;
-    let declared = channel
-        .exchange_declare(
-            exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(()) => {
-            let _ = channel.close(200, "checked".into()).await;
-            Ok(true)
-        }
-        Err(error) => match error.kind() {
-            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => Ok(false),
-            _ => Err(Error::amqp("checking an exchange", error)),
-        },
-    }
 }
 
 async fn sleep_until(due: Option<Instant>) {

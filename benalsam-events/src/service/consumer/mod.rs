@@ -124,7 +124,7 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
         return Ok(());
     };
     // Shown in the health answer (a fact, not a failure: indexing goes on).
-    indexer.status().lock().reindex_needed = needs_reindex;
+    indexer.reindex_needed(needs_reindex);
     let consumer = ConsumerMonitor {
         indexer: indexer.status(),
         window: settings.health_window,
