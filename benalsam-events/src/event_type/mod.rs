@@ -366,6 +366,7 @@ mod tests {
             "..",
             "a,b",
             "Listings",
+            "ᾈ",
             "a/b",
             "a\\b",
             "a b",

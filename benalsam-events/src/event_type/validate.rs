@@ -188,7 +188,9 @@ pub(crate) fn index_name(name: &str, max_bytes: usize) -> std::result::Result<()
             "it may not contain {c:?} (no spaces or control characters)"
         ));
     }
-    if name.chars().any(char::is_uppercase) {
+    // As the engine checks it: lowercasing must change nothing. Titlecase letters (`ᾈ`,
+    // `ǅ`) are not uppercase, yet lowercasing changes them.
+    if name.to_lowercase() != name {
         return Err("it must be lowercase".to_owned());
     }
     Ok(())
