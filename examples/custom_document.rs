@@ -25,7 +25,6 @@ use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::outbox::Operation;
 use benalsam_events::{
     Action, AmqpUrl, DatabaseUrl, DocumentBuilder, Envelope, EventType, OutboxConfig, SearchUrl,
-    connect,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +116,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), benalsam_events::Error> {
     // The application's table; in a real service its own migrations create it.
-    let client = connect::postgres(&settings.database_url).await?;
+    let client = settings.database_url.connect().await?;
     client
         .batch_execute(&format!(
             "SET search_path TO {}; {INVENTORY_SQL}",

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::{DatabaseUrl, SearchUrl};
 use benalsam_events::elasticsearch::SearchParts;
 use benalsam_events::tokio_postgres::types::ToSql;
-use benalsam_events::{Outbox, OutboxConfig, connect, search};
+use benalsam_events::{Outbox, OutboxConfig};
 use serde_json::{Value, json};
 
 /// The application's tables: example schema, not the library's.
@@ -101,7 +101,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
     let index =
         std::env::var("BENALSAM_INDEX").unwrap_or_else(|_| "benalsam_listings_joined".to_owned());
-    let db = connect::postgres(&database_url).await?;
+    let db = database_url.connect().await?;
     db.batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
     if std::env::args().nth(1).as_deref() == Some("setup") {
@@ -211,7 +211,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     wait_done(&db, first_job).await?;
 
-    let client = search::client(&search_url, Duration::from_secs(10))?;
+    let client = search_url.client(Duration::from_secs(10))?;
     show_searches(&client, &db, &index, &mut checks).await?;
 
     println!("\nthe first seller changes her display name to {RENAMED:?} (one UPDATE of users):");

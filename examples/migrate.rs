@@ -10,7 +10,7 @@
 //! ```
 
 use benalsam_events::config::DatabaseUrl;
-use benalsam_events::{EventType, OutboxConfig, connect, outbox};
+use benalsam_events::{EventType, OutboxConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,11 +19,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()?;
     let schema = std::env::var("BENALSAM_SCHEMA").unwrap_or_else(|_| "public".to_owned());
 
-    let mut client = connect::postgres(&url).await?;
+    let mut client = url.connect().await?;
     // Your event types: the same list the bridge and the consumer run with.
     let event_types = [EventType::listings()];
-    let report =
-        outbox::migrate(&mut client, &OutboxConfig::in_schema(&schema), &event_types).await?;
+    let report = OutboxConfig::in_schema(&schema)
+        .migrate(&mut client, &event_types)
+        .await?;
     println!(
         "{url} schema {schema}: applied {:?}, already there {:?}, trigger on {:?}",
         report.applied, report.already_applied, report.triggers

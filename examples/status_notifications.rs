@@ -38,7 +38,7 @@ async fn notify(envelope: &Envelope<'_>) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = AmqpUrl::from_env()?;
-    let connection = benalsam_events::connect::amqp(&url, "status notifications").await?;
+    let connection = url.connect("status notifications").await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;
     let mut deliveries = channel

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use benalsam_events::config::DatabaseUrl;
-use benalsam_events::{Outbox, OutboxConfig, Outcome, Settle, connect};
+use benalsam_events::{Outbox, OutboxConfig, Outcome, Settle};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,13 +24,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(1_000_000);
     let schema = format!("bench_claim_{}", std::process::id());
-    let mut client = connect::postgres(&url).await?;
-    benalsam_events::outbox::migrate(
-        &mut client,
-        &benalsam_events::OutboxConfig::in_schema(&schema),
-        &[],
-    )
-    .await?;
+    let mut client = url.connect().await?;
+    benalsam_events::OutboxConfig::in_schema(&schema)
+        .migrate(&mut client, &[])
+        .await?;
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await?;

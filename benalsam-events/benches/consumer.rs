@@ -19,7 +19,7 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::search;
+
 use benalsam_events::{Indexer, IndexerConfig, Outbox, OutboxConfig};
 use common::{BenchEnv, BoxError, listings, setting};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -45,7 +45,7 @@ async fn send(
 const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 
 async fn fresh_index(client: &Elasticsearch, alias: &str) -> Result<(), BoxError> {
-    search::ensure_index(client, &listings(alias)).await?;
+    listings(alias).ensure_index(client).await?;
     Ok(())
 }
 
@@ -67,7 +67,7 @@ async fn main() -> Result<(), BoxError> {
     env.insert_listings(jobs).await?;
     let envelopes = env.envelopes().await?;
     let (name, url) = (env.name.clone(), env.url.clone());
-    let es = search::client(&es_url, Duration::from_secs(60))?;
+    let es = es_url.client(Duration::from_secs(60))?;
     let outbox = Outbox::new(env.db_url.clone(), {
         let mut c = OutboxConfig::default();
         c.schema = name.clone();

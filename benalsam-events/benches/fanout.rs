@@ -43,7 +43,6 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use benalsam_events::search;
 use benalsam_events::{EventType, OutboxConfig};
 use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use serde_json::{Value, json};
@@ -195,7 +194,7 @@ async fn count_by_seller(es: &Elasticsearch, alias: &str, name: &str) -> Result<
 /// photos, in one transaction. The photos go in with the relation trigger off: they are part
 /// of the rows the documents are read from, not changes to carry.
 async fn insert_listings(env: &BenchEnv, sellers: &[String], n: i64) -> Result<(), BoxError> {
-    let db = benalsam_events::connect::postgres(&env.db_url).await?;
+    let db = env.db_url.connect().await?;
     db.batch_execute(&format!(
         "SET search_path TO {}; BEGIN; ALTER TABLE listing_images DISABLE TRIGGER USER",
         env.name
@@ -270,7 +269,7 @@ async fn edits(
     tag: &str,
 ) -> Result<Edits, BoxError> {
     let first = max_job(env).await?;
-    let db = benalsam_events::connect::postgres(&env.db_url).await?;
+    let db = env.db_url.connect().await?;
     db.batch_execute(&format!("SET search_path TO {}", env.name))
         .await?;
     let edit = db
@@ -623,19 +622,16 @@ async fn main() -> Result<(), BoxError> {
     let largest = sizes.last().copied().ok_or("BENCH_FANOUT_SIZES is empty")?;
 
     let mut env = BenchEnv::new("bench_fanout").await?;
-    let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
+    let es = (SearchUrl::from_env()?).client(Duration::from_secs(60))?;
     let plain_alias = format!("{}_plain", env.name);
     let joined_alias = format!("{}_joined", env.name);
     let file = std::env::temp_dir().join(format!("{}.toml", env.name));
     std::fs::write(&file, JOINED_TOML.replace(JOINED_ALIAS, &joined_alias))?;
     let joined = EventType::from_file(&file)?;
     env.client.batch_execute(MARKETPLACE_SQL).await?;
-    benalsam_events::outbox::migrate(
-        &mut env.client,
-        &OutboxConfig::in_schema(&env.name),
-        &joined,
-    )
-    .await?;
+    OutboxConfig::in_schema(&env.name)
+        .migrate(&mut env.client, &joined)
+        .await?;
     env.client
         .batch_execute("INSERT INTO categories VALUES ('spor', 'Spor', 'Sports')")
         .await?;

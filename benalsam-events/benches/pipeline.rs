@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::HeaderMap;
-use benalsam_events::search;
+
 use common::{BenchEnv, BoxError, binary, max_job, setting, wait_completed};
 use futures::StreamExt;
 use lapin::options::{
@@ -96,7 +96,7 @@ async fn writer(
     mix: Mix,
     pace: Option<Duration>,
 ) -> Result<(), BoxError> {
-    let db = benalsam_events::connect::postgres(&env.db_url).await?;
+    let db = env.db_url.connect().await?;
     db.batch_execute(&format!("SET search_path TO {}", env.name))
         .await?;
     let insert = db
@@ -254,10 +254,10 @@ async fn main() -> Result<(), BoxError> {
     let rate_seconds: f64 = setting("BENCH_RATE_SECONDS", 20.0)?;
     let mix = mix()?;
     let env = BenchEnv::new("bench_pipeline").await?;
-    let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
+    let es = (SearchUrl::from_env()?).client(Duration::from_secs(60))?;
     let index = format!("{}_listings", env.name);
     let raw_index = format!("{}_raw", env.name);
-    search::ensure_index(&es, &common::listings(&index)).await?;
+    common::listings(&index).ensure_index(&es).await?;
     eprintln!("[1/4] each hop alone, {ops} rows / messages / documents");
 
     // PostgreSQL: the same inserts into copies of the table without the trigger, with the
@@ -379,7 +379,7 @@ async fn main() -> Result<(), BoxError> {
     for size in [500, 1000] {
         for concurrency in 1..=4 {
             let alias = format!("{raw_index}_{size}_{concurrency}");
-            search::ensure_index(&es, &common::listings(&alias)).await?;
+            common::listings(&alias).ensure_index(&es).await?;
             let documents = common::listings(&alias);
             let items: Vec<(benalsam_events::Action, i64)> = envelopes
                 .iter()

@@ -40,7 +40,7 @@ use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::publish::{QueueType, TopologyConfig};
-use benalsam_events::search;
+
 use benalsam_events::{AmqpUrl, Outbox, OutboxConfig, Outcome, Settle};
 use common::{BenchEnv, BoxError, CpuSample, binary, max_job, setting, wait_completed};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -287,7 +287,7 @@ async fn publish_rate(
     for p in 0..publishers {
         let list = cluster.amqp_list(&vhost, p);
         let first: AmqpUrl = list.split(',').next().ok_or("a node")?.parse()?;
-        let connection = benalsam_events::connect::amqp(&first, "bench publisher").await?;
+        let connection = first.connect("bench publisher").await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -356,7 +356,7 @@ async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, index:
 /// Writers at full speed: `ops` inserts and edits of listings from `writers` connections.
 async fn write(env: &BenchEnv, writers: usize, ops: usize) -> Result<(), BoxError> {
     let runs = (0..writers).map(|w| async move {
-        let db = benalsam_events::connect::postgres(&env.db_url).await?;
+        let db = env.db_url.connect().await?;
         db.batch_execute(&format!("SET search_path TO {}", env.name))
             .await?;
         let mut mine: Vec<String> = Vec::new();
@@ -415,12 +415,12 @@ async fn main() -> Result<(), BoxError> {
     let mut topology = TopologyConfig::default();
     topology.queue_type = QueueType::Quorum;
     let env = BenchEnv::with_topology("bench_scaling", &topology).await?;
-    let es = search::client(&SearchUrl::from_env()?, Duration::from_secs(60))?;
+    let es = (SearchUrl::from_env()?).client(Duration::from_secs(60))?;
     let alias = format!("{}_listings", env.name);
     let mut listings = common::listings(&alias);
     listings.index.shards = shards;
     listings.index.replicas = 1;
-    search::ensure_index(&es, &listings).await?;
+    listings.ensure_index(&es).await?;
 
     eprintln!("[0/3] the idle clusters' own CPU, 20 s");
     let idle = idle_cpu(&cluster, 20).await?;
@@ -448,7 +448,7 @@ async fn main() -> Result<(), BoxError> {
         let mut documents = common::listings(&raw);
         documents.index.shards = shards;
         documents.index.replicas = 1;
-        search::ensure_index(&es, &documents).await?;
+        documents.ensure_index(&es).await?;
         let items: Vec<(benalsam_events::Action, i64)> = envelopes
             .iter()
             .map(|e| Ok((documents.action(e)?, e.job_id)))

@@ -779,7 +779,7 @@ async fn fault(
             shared.note(format!("{kind}: stopped {:.1} s", paused.as_secs_f64()));
         }
         "pg-terminate" => {
-            let client = benalsam_events::connect::postgres(db_url).await?;
+            let client = db_url.connect().await?;
             let apps: Vec<&str> = apps.iter().map(String::as_str).collect();
             let n: i64 = client
                 .query_one(
@@ -923,7 +923,7 @@ async fn connect_in(
     db_url: &benalsam_events::DatabaseUrl,
     schema: &str,
 ) -> Result<tokio_postgres::Client, BoxError> {
-    let client = benalsam_events::connect::postgres(db_url).await?;
+    let client = db_url.connect().await?;
     // Without a flush per commit the writers are not what limits the run (the binaries'
     // own sessions keep the server's setting); a crash of the server loses a row and its
     // job together or neither, which the check cannot tell from a change never made.

@@ -48,7 +48,6 @@ use std::time::{Duration, Instant};
 use benalsam_events::outbox::Wake;
 use benalsam_events::{
     DatabaseUrl, EventType, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle,
-    connect,
 };
 use common::{BoxError, LISTINGS_SQL, setting};
 use futures::{StreamExt, TryStreamExt, stream};
@@ -136,7 +135,7 @@ impl Admin {
     async fn connect(admin_url: &str, url: &DatabaseUrl) -> Result<Self, BoxError> {
         let (client, connection) = tokio_postgres::connect(admin_url, NoTls).await?;
         tokio::spawn(connection);
-        let bench = connect::postgres(url).await?;
+        let bench = url.connect().await?;
         let (ours, theirs): (String, String) = (
             bench
                 .query_one("SELECT current_database()", &[])
@@ -410,7 +409,7 @@ async fn one_run(
     checkpoints: Checkpoints,
 ) -> Result<Run, BoxError> {
     let schema = format!("bench_wal_{}", std::process::id());
-    let mut client = connect::postgres(url).await?;
+    let mut client = url.connect().await?;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA {schema}; SET search_path TO {schema}; {LISTINGS_SQL}"
@@ -447,7 +446,7 @@ async fn phases(
     checkpoints: Checkpoints,
 ) -> Result<Run, BoxError> {
     let config = OutboxConfig::in_schema(schema);
-    benalsam_events::outbox::migrate(client, &config, &[EventType::listings()]).await?;
+    config.migrate(client, &[EventType::listings()]).await?;
     client
         .batch_execute(
             "ALTER TABLE elasticsearch_sync_queue

@@ -40,7 +40,7 @@
 //! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations and grants, the job state machine, the fan-out of relations |
 //! | [`event_type`] | the model: [`EventType`] (one table from trigger to index, in code or from a TOML file), documents as data, relations, the change data ([`Envelope`], [`Action`], [`DocumentBuilder`]) |
 //! | [`ops`] | observability: health answers and server, [`Metrics`]; spans and their trace context across the broker (installing a subscriber or an exporter is the application's: the binaries do it in `benalsam-cli`) |
-//! | [`config`], [`connect`] | service URLs that never print a password, secrets from files; opening connections |
+//! | [`config`] | service URLs that never print a password, secrets from files; opening connections as the library does ([`DatabaseUrl::connect`], [`AmqpUrl::connect`], [`SearchUrl::client`]) |
 //!
 //! # Features
 //!
@@ -82,7 +82,7 @@
 
 mod backoff;
 pub mod config;
-pub mod connect;
+mod connect;
 pub mod consume;
 mod error;
 pub mod event_type;

@@ -425,9 +425,7 @@ async fn a_writer_that_saw_the_stream_busy_and_commits_after_it_went_idle_is_cla
         .expect("extend the busy mark");
 
     // A writer that sees the stream busy and keeps its transaction open.
-    let late = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("writer connects");
+    let late = database_url().connect().await.expect("writer connects");
     late.batch_execute(&format!(
         "SET search_path TO {}; BEGIN; {INSERT_ONE}",
         db.name
@@ -512,12 +510,11 @@ async fn a_stream_that_stops_while_busy_clears_its_mark_and_one_without_adaptive
 #[tokio::test]
 async fn a_database_migrated_by_the_previous_build_gets_migration_4_and_its_trigger_keeps_working()
 {
-    let mut client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     // The checksums of migrations 1 to 3 as this build records them, from a fresh schema.
     let reference = unique_name("t_ref");
-    benalsam_events::outbox::migrate(&mut client, &OutboxConfig::in_schema(&reference), &[])
+    OutboxConfig::in_schema(&reference)
+        .migrate(&mut client, &[])
         .await
         .expect("reference schema");
 
@@ -544,13 +541,10 @@ async fn a_database_migrated_by_the_previous_build_gets_migration_4_and_its_trig
     let mut listening = Listening::new(&channel).await;
     assert!(listening.notified_by(&client, INSERT_ONE).await);
 
-    let report = benalsam_events::outbox::migrate(
-        &mut client,
-        &OutboxConfig::in_schema(&schema),
-        &[EventType::listings()],
-    )
-    .await
-    .expect("migrating the old schema");
+    let report = OutboxConfig::in_schema(&schema)
+        .migrate(&mut client, &[EventType::listings()])
+        .await
+        .expect("migrating the old schema");
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(report.applied.first(), Some(&4), "{:?}", report.applied);
 

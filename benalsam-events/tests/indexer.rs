@@ -11,11 +11,11 @@ use benalsam_events::consume::{self, DeadLetterQueue, IndexerStatus};
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::JobSelection;
 use benalsam_events::publish::TopologyConfig;
-use benalsam_events::search::{self, SearchNodes};
+use benalsam_events::search::SearchNodes;
 use benalsam_events::{Action, BuildError, DocumentBuilder};
 use benalsam_events::{
     AmqpUrl, Backoff, Envelope, EventType, Indexer, IndexerConfig, Outbox, OutboxConfig, SearchUrl,
-    Settle, Topology, connect,
+    Settle, Topology,
 };
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
@@ -111,7 +111,7 @@ fn consumer(
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     Topology::for_event_types(&[EventType::listings()], &TopologyConfig::default())
         .declare(&connection)
         .await
@@ -358,7 +358,7 @@ async fn answers_slower_than_the_target_shrink_the_requests_and_every_job_still_
 #[tokio::test]
 async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_on() {
     let (db, vhost, index) = setup().await;
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     for body in [&b"{not json"[..], br#"{"schemaVersion": 1, "jobId": 5}"#] {
         channel
@@ -413,7 +413,7 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_rest_goes_
 #[tokio::test]
 async fn a_forged_ten_mib_delivery_is_dead_lettered_unread_naming_the_limit() {
     let (db, vhost, index) = setup().await;
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     // A well-formed envelope, but 10 MiB: over the consumer's limit (1 MiB by default).
     let mut huge = forged(1, "huge");
@@ -562,7 +562,9 @@ impl DocumentBuilder for LongIds {
 async fn a_request_refused_as_a_whole_is_split_and_only_the_culprit_fails() {
     let (db, vhost, index) = setup().await;
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = search_url()
+        .client(Duration::from_secs(10))
+        .expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,
@@ -662,9 +664,7 @@ async fn truncate_with_older_messages_in_flight(reverse: bool) {
     if reverse {
         deliveries.reverse();
     }
-    let connection = connect::amqp(&vhost.url, "test replay")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test replay").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     for delivery in &deliveries {
         channel

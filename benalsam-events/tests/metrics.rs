@@ -80,10 +80,9 @@ async fn each_event_type_is_counted_under_its_own_label() {
     let vhost = TestVhost::new().await;
     let (listings_index, offers_index) = (TestIndex::new().await, TestIndex::new().await);
     let types = vec![listings_index.event_type(), offers(&offers_index.alias)];
-    let mut client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("PostgreSQL answers");
-    benalsam_events::outbox::migrate(&mut client, &OutboxConfig::in_schema(&db.name), &types)
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
+    OutboxConfig::in_schema(&db.name)
+        .migrate(&mut client, &types)
         .await
         .expect("both triggers attached");
 

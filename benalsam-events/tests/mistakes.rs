@@ -6,7 +6,6 @@
 mod cases;
 mod support;
 
-use benalsam_events::connect::postgres as connect;
 use benalsam_events::{EventType, OutboxConfig};
 use cases::{MISTAKES, TABLES, with_mistake};
 use support::{TestSchema, database_url, unique_name};
@@ -18,17 +17,19 @@ async fn every_column_a_file_names_is_checked_at_migrate_naming_the_file_the_lin
         .batch_execute(&format!("SET search_path TO {}; {TABLES}", db.name))
         .await
         .expect("the application's tables");
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     let outbox = OutboxConfig::in_schema(&db.name);
     let (good, _) = with_mistake("", "");
     let types = EventType::from_file(&good).expect("the file parses");
-    benalsam_events::outbox::migrate(&mut client, &outbox, &types)
+    outbox
+        .migrate(&mut client, &types)
         .await
         .expect("the file without a mistake migrates");
     for (from, to, key) in MISTAKES {
         let (path, line) = with_mistake(from, to);
         let types = EventType::from_file(&path).expect("a mistake of a column parses");
-        let error = benalsam_events::outbox::migrate(&mut client, &outbox, &types)
+        let error = outbox
+            .migrate(&mut client, &types)
             .await
             .expect_err("a column that does not exist is refused");
         let text = error.to_string();
@@ -47,16 +48,13 @@ async fn every_column_a_file_names_is_checked_at_migrate_naming_the_file_the_lin
 #[tokio::test]
 async fn an_event_type_built_in_code_is_named_by_its_name_and_key() {
     let db = TestSchema::new().await;
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     let mut listings = EventType::listings();
     listings.status_column = Some("state".to_owned());
-    let error = benalsam_events::outbox::migrate(
-        &mut client,
-        &OutboxConfig::in_schema(&db.name),
-        &[listings],
-    )
-    .await
-    .expect_err("the listings table has no column state");
+    let error = OutboxConfig::in_schema(&db.name)
+        .migrate(&mut client, &[listings])
+        .await
+        .expect_err("the listings table has no column state");
     let text = error.to_string();
     assert!(
         text.contains("event type \"listings\", status_column = \"state\"")
@@ -72,7 +70,7 @@ async fn an_event_type_built_in_code_is_named_by_its_name_and_key() {
 #[tokio::test]
 async fn a_refused_migrate_commits_nothing_neither_migrations_nor_triggers() {
     let schema = unique_name("t_atomic");
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     client
         .batch_execute(&format!(
             "CREATE SCHEMA {schema}; SET search_path TO {schema}; {TABLES}; RESET search_path"
@@ -82,10 +80,10 @@ async fn a_refused_migrate_commits_nothing_neither_migrations_nor_triggers() {
     // The relation's table is missing: the companies' own trigger must not stay attached.
     let (path, line) = with_mistake("table = \"job_posts\"", "table = \"job_post\"");
     let types = EventType::from_file(&path).expect("parses");
-    let error =
-        benalsam_events::outbox::migrate(&mut client, &OutboxConfig::in_schema(&schema), &types)
-            .await
-            .expect_err("a relation's table that does not exist");
+    let error = OutboxConfig::in_schema(&schema)
+        .migrate(&mut client, &types)
+        .await
+        .expect_err("a relation's table that does not exist");
     let text = error.to_string();
     assert!(
         text.contains(&format!("{}:{line}: ", path.display()))

@@ -237,9 +237,7 @@ async fn plant(
     headers: &[(&str, lapin::types::AMQPValue)],
 ) {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let connection = benalsam_events::connect::amqp(url, "planter")
-        .await
-        .expect("connect");
+    let connection = url.connect("planter").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -273,9 +271,7 @@ async fn a_dead_letter_planted_by_the_consumers_user_is_never_replayed_into_anot
     let inventory = EventType::new("inventory", "inventory_items");
     let event_types = vec![listings.clone(), inventory.clone()];
     let topology = Topology::for_event_types(&event_types, &TopologyConfig::default());
-    let admin = benalsam_events::connect::amqp(&vhost.url, "admin")
-        .await
-        .expect("connect");
+    let admin = vhost.url.connect("admin").await.expect("connect");
     topology.declare(&admin).await.expect("declare");
     let _ = admin.close(200, "ok".into()).await;
     let consumer_line = topology

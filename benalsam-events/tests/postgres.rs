@@ -2,7 +2,6 @@
 
 mod support;
 
-use benalsam_events::connect::postgres as connect;
 use benalsam_events::outbox::MigrationReport;
 use benalsam_events::{EventType, OutboxConfig};
 use support::{LISTINGS_SQL, database_url, unique_name};
@@ -12,12 +11,9 @@ async fn migrate(
     client: &mut tokio_postgres::Client,
     schema: &str,
 ) -> benalsam_events::Result<MigrationReport> {
-    benalsam_events::outbox::migrate(
-        client,
-        &OutboxConfig::in_schema(schema),
-        &[EventType::listings()],
-    )
-    .await
+    OutboxConfig::in_schema(schema)
+        .migrate(client, &[EventType::listings()])
+        .await
 }
 
 /// Creates `schema` with the application's own listings table, as an application that
@@ -34,7 +30,7 @@ async fn with_listings(client: &tokio_postgres::Client, schema: &str) {
 /// Every migration of this build: what a fresh schema gets.
 async fn all_versions() -> Vec<i32> {
     let schema = unique_name("t_pg");
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     with_listings(&client, &schema).await;
     let report = migrate(&mut client, &schema).await.expect("migrations");
     client
@@ -50,7 +46,7 @@ async fn migrations_apply_once_beside_the_applications_own_table_and_the_trigger
 {
     let url = database_url();
     let schema = unique_name("t_pg");
-    let mut client = connect(&url).await.expect("PostgreSQL answers");
+    let mut client = url.connect().await.expect("PostgreSQL answers");
     with_listings(&client, &schema).await;
 
     let first = migrate(&mut client, &schema)
@@ -107,8 +103,8 @@ async fn migrations_apply_once_beside_the_applications_own_table_and_the_trigger
 async fn concurrent_migrators_apply_each_migration_once() {
     let url = database_url();
     let schema = unique_name("t_pg");
-    let mut a = connect(&url).await.expect("PostgreSQL answers");
-    let mut b = connect(&url).await.expect("PostgreSQL answers");
+    let mut a = url.connect().await.expect("PostgreSQL answers");
+    let mut b = url.connect().await.expect("PostgreSQL answers");
     with_listings(&a, &schema).await;
 
     let (ra, rb) = tokio::join!(migrate(&mut a, &schema), migrate(&mut b, &schema));
@@ -137,7 +133,7 @@ async fn concurrent_migrators_apply_each_migration_once() {
 
 #[tokio::test]
 async fn a_bad_schema_name_is_refused_before_touching_the_database() {
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     let err = migrate(&mut client, "x; DROP TABLE listings")
         .await
         .expect_err("not an identifier");
@@ -162,15 +158,15 @@ async fn a_schema_that_was_never_migrated_is_reported_with_what_to_do() {
 #[tokio::test]
 async fn a_configured_table_that_does_not_exist_is_refused_and_nothing_is_attached() {
     let schema = unique_name("t_pg");
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     with_listings(&client, &schema).await;
-    let error = benalsam_events::outbox::migrate(
-        &mut client,
-        &OutboxConfig::in_schema(&schema),
-        &[EventType::listings(), EventType::new("orders", "orders")],
-    )
-    .await
-    .expect_err("all or nothing");
+    let error = OutboxConfig::in_schema(&schema)
+        .migrate(
+            &mut client,
+            &[EventType::listings(), EventType::new("orders", "orders")],
+        )
+        .await
+        .expect_err("all or nothing");
     let text = error.to_string();
     assert!(
         text.contains("event type \"orders\", table") && text.contains("does not exist"),
@@ -191,7 +187,7 @@ async fn a_configured_table_that_does_not_exist_is_refused_and_nothing_is_attach
 async fn a_table_in_another_schema_is_recorded_by_its_qualified_name_with_its_options() {
     let schema = unique_name("t_pg");
     let shop = unique_name("t_shop");
-    let mut client = connect(&database_url()).await.expect("PostgreSQL answers");
+    let mut client = database_url().connect().await.expect("PostgreSQL answers");
     client
         .batch_execute(&format!(
             "CREATE SCHEMA {shop};
@@ -202,13 +198,10 @@ async fn a_table_in_another_schema_is_recorded_by_its_qualified_name_with_its_op
     let mut orders = EventType::new("orders", &format!("{shop}.orders"));
     orders.key = "sku".to_owned();
     orders.ignore = vec!["hits".to_owned()];
-    let report = benalsam_events::outbox::migrate(
-        &mut client,
-        &OutboxConfig::in_schema(&schema),
-        std::slice::from_ref(&orders),
-    )
-    .await
-    .expect("migrations");
+    let report = OutboxConfig::in_schema(&schema)
+        .migrate(&mut client, std::slice::from_ref(&orders))
+        .await
+        .expect("migrations");
     assert_eq!(report.triggers, vec![format!("{shop}.orders")]);
     client
         .batch_execute(&format!(

@@ -7,7 +7,6 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use benalsam_events::connect;
 use benalsam_events::ops::Live;
 use benalsam_events::outbox::Wake;
 use benalsam_events::publish::{PublisherStatus, TopologyConfig};
@@ -79,9 +78,7 @@ impl Bridge {
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = connect::amqp(&vhost.url, "test topology")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test topology").await.expect("connect");
     Topology::benalsam(&TopologyConfig::default())
         .declare(&connection)
         .await
@@ -276,7 +273,7 @@ async fn an_unroutable_or_misdirected_job_fails_with_its_reason_and_is_never_sen
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
     declare(&vhost).await;
     // An exchange with no queue bound, and one that does not exist at all.
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .exchange_declare(
@@ -367,7 +364,7 @@ async fn the_topology_is_idempotent_and_a_conflict_names_queue_and_argument() {
 
     let mut other = TopologyConfig::default();
     other.health_queue_max_length = 5;
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     let err = Topology::benalsam(&other)
         .declare(&connection)
         .await

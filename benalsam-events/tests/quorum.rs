@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::publish::{QueueType, TopologyConfig};
-use benalsam_events::search;
 use benalsam_events::{
     Backoff, Envelope, EventType, Indexer, IndexerConfig, JobStream, JobStreamConfig, OutboxConfig,
-    Publisher, PublisherConfig, Topology, connect,
+    Publisher, PublisherConfig, Topology,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -36,9 +35,7 @@ fn config(queue_type: QueueType) -> TopologyConfig {
 }
 
 async fn declare(vhost: &TestVhost, queue_type: QueueType) -> benalsam_events::Result<()> {
-    let connection = connect::amqp(&vhost.url, "test topology")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test topology").await.expect("connect");
     let declared = Topology::benalsam(&config(queue_type))
         .declare(&connection)
         .await;
@@ -61,9 +58,7 @@ async fn queue_info(vhost: &TestVhost, queue: &str) -> serde_json::Value {
 
 /// Messages in `queue`, asked passively (exact, unlike the management API's sampled counts).
 async fn depth(vhost: &TestVhost, queue: &str) -> u32 {
-    let connection = connect::amqp(&vhost.url, "test depth")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test depth").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let declared = channel
         .queue_declare(
@@ -89,9 +84,7 @@ async fn publish_raw(vhost: &TestVhost, body: &[u8]) {
 
 /// Publishes with a confirm; whether the broker acked.
 async fn try_publish(vhost: &TestVhost, body: &[u8]) -> bool {
-    let connection = connect::amqp(&vhost.url, "test publish")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test publish").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
@@ -212,7 +205,9 @@ async fn the_whole_pipeline_runs_on_quorum_queues() {
     let bridge = bridge(&db, &vhost);
     let indexer = Indexer::new(
         vhost.url.clone(),
-        search::client(&search_url(), Duration::from_secs(10)).expect("client"),
+        search_url()
+            .client(Duration::from_secs(10))
+            .expect("client"),
         db.outbox(OutboxConfig::default()),
         vec![index.event_type()],
         IndexerConfig::default(),
@@ -271,9 +266,7 @@ async fn dead_letters_of_the_consumer_and_of_the_broker_reach_the_dlq_with_their
 
     // The broker's own dead-lettering (at-least-once): a consumer rejects a message.
     publish_raw(&vhost, br#"{"poison": true}"#).await;
-    let connection = connect::amqp(&vhost.url, "test reject")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test reject").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let got = channel
         .basic_get(SYNC_QUEUE.into(), BasicGetOptions { no_ack: false })
@@ -300,7 +293,9 @@ async fn dead_letters_of_the_consumer_and_of_the_broker_reach_the_dlq_with_their
     publish_raw(&vhost, b"{not json").await;
     let indexer = Indexer::new(
         vhost.url.clone(),
-        search::client(&search_url(), Duration::from_secs(10)).expect("client"),
+        search_url()
+            .client(Duration::from_secs(10))
+            .expect("client"),
         db.outbox(OutboxConfig::default()),
         vec![index.event_type()],
         IndexerConfig::default(),
@@ -373,9 +368,7 @@ async fn a_consumer_that_dies_holding_a_message_gets_it_back_and_nothing_is_dead
     // 3.10 counts every return, a lost channel included: ten deaths are ten returns, which
     // a delivery limit of 10 or less would have turned into a dead letter.
     for death in 0..10_i64 {
-        let connection = connect::amqp(&vhost.url, "test consumer")
-            .await
-            .expect("connect");
+        let connection = vhost.url.connect("test consumer").await.expect("connect");
         let channel = connection.create_channel().await.expect("channel");
         let mut consumer = channel
             .basic_consume(

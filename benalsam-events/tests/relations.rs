@@ -79,7 +79,8 @@ impl Joined {
         let _ = std::fs::remove_file(&file);
         let index = TestIndex {
             alias,
-            client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
+            client: search_url()
+                .client(Duration::from_secs(30))
                 .expect("search client"),
         };
         let mut settings = BridgeSettings::new(database_url(), vhost.url.clone());
@@ -423,9 +424,7 @@ async fn a_listing_edit_and_a_seller_rename_converge_in_both_commit_orders() {
     let id = t.listing(&user, "Masa v0", "active").await;
     t.doc_until(&id, "indexed", |d| seller_name(d) == Some("Ece"))
         .await;
-    let mut other = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("a second connection");
+    let mut other = database_url().connect().await.expect("a second connection");
     other
         .batch_execute(&format!("SET search_path TO {}", t.db.name))
         .await
@@ -719,10 +718,9 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
     std::fs::write(&file, JOINED_TOML).expect("write");
     let joined = EventType::from_file(&file).expect("valid");
     let config = OutboxConfig::in_schema(&db.name);
-    let mut client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("PostgreSQL");
-    benalsam_events::outbox::migrate(&mut client, &config, &joined)
+    let mut client = database_url().connect().await.expect("PostgreSQL");
+    config
+        .migrate(&mut client, &joined)
         .await
         .expect("migrate with three relations");
     db.client
@@ -747,7 +745,8 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
 
     let mut fewer = joined.clone();
     fewer[0].relations.retain(|r| r.name != "seller");
-    let report = benalsam_events::outbox::migrate(&mut client, &config, &fewer)
+    let report = config
+        .migrate(&mut client, &fewer)
         .await
         .expect("migrate without the seller");
     assert_eq!(
@@ -764,7 +763,8 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
         0,
         "no trigger records it any more"
     );
-    let again = benalsam_events::outbox::migrate(&mut client, &config, &fewer)
+    let again = config
+        .migrate(&mut client, &fewer)
         .await
         .expect("migrate again");
     assert!(again.removed_triggers.is_empty());
@@ -774,10 +774,9 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
 
 async fn migrate(db: &TestSchema, file: &Path) -> String {
     let types = EventType::from_file(file).expect("the file parses");
-    let mut client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("PostgreSQL");
-    benalsam_events::outbox::migrate(&mut client, &OutboxConfig::in_schema(&db.name), &types)
+    let mut client = database_url().connect().await.expect("PostgreSQL");
+    OutboxConfig::in_schema(&db.name)
+        .migrate(&mut client, &types)
         .await
         .expect_err("a relation that the catalog refuses")
         .to_string()

@@ -70,7 +70,9 @@ impl Pipeline {
         let bridge = tokio::spawn(bridge::run(settings, shutdown.clone()));
         let index = TestIndex {
             alias: event_type.index.alias.clone(),
-            client: search::client(&search_url(), Duration::from_secs(30)).expect("client"),
+            client: search_url()
+                .client(Duration::from_secs(30))
+                .expect("client"),
         };
         let mut pipeline = Self {
             db,
@@ -388,9 +390,7 @@ async fn a_field_added_to_a_relation_reaches_the_live_mapping_and_no_document_de
 /// Inserts, edits, deletes and moves listings out of and into the index, a few every
 /// iteration, until `stop`.
 async fn writer(schema: String, stop: CancellationToken, rounds: Arc<AtomicU64>) {
-    let client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("writer connects");
+    let client = database_url().connect().await.expect("writer connects");
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await
@@ -532,9 +532,7 @@ async fn a_reindex_killed_mid_way_is_finished_by_a_rerun_and_a_concurrent_one_re
     wait_for_documents(&pipeline, 400).await;
 
     // Another session holds the table's reindex lock, as a running reindex does.
-    let other = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("connect");
+    let other = database_url().connect().await.expect("connect");
     let key = format!("benalsam_reindex:{}:listings", pipeline.db.name);
     other
         .query_one("SELECT pg_advisory_lock(hashtext($1))", &[&key])
@@ -677,9 +675,7 @@ async fn a_joined_event_type_is_reindexed_while_its_related_rows_change() {
     let writes = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let client = benalsam_events::connect::postgres(&database_url())
-                .await
-                .expect("writer connects");
+            let client = database_url().connect().await.expect("writer connects");
             client
                 .batch_execute(&format!("SET search_path TO {schema}"))
                 .await

@@ -14,13 +14,14 @@ use support::{TestIndex, search_url, unique_name};
 #[tokio::test]
 async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
     if !support::has_analysis_common() {
-        let client =
-            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
-                .expect("client");
+        let client = search_url()
+            .client(std::time::Duration::from_secs(30))
+            .expect("client");
         let alias = unique_name("t-turkish");
         let mut listings = benalsam_events::EventType::listings();
         alias.clone_into(&mut listings.index.alias);
-        let error = benalsam_events::search::ensure_index(&client, &listings)
+        let error = listings
+            .ensure_index(&client)
             .await
             .expect_err("the Turkish analysis needs analysis-common");
         let text = error.to_string();
@@ -83,10 +84,10 @@ async fn the_listings_mapping_finds_a_turkish_word_through_its_stem() {
 
 #[tokio::test]
 async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
-    use benalsam_events::search::ensure_index;
     let url = search_url();
-    let client =
-        benalsam_events::search::client(&url, std::time::Duration::from_secs(10)).expect("client");
+    let client = url
+        .client(std::time::Duration::from_secs(10))
+        .expect("client");
     let alias = unique_name("test-conflict");
     // Someone made the index by hand, with `status` as full text.
     let made = client
@@ -98,7 +99,8 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
         .expect("create");
     assert!(made.status_code().is_success());
 
-    let err = ensure_index(&client, &TestIndex::listings(&alias))
+    let err = TestIndex::listings(&alias)
+        .ensure_index(&client)
         .await
         .expect_err("a conflicting mapping");
     let text = err.to_string();
@@ -110,8 +112,8 @@ async fn an_index_with_a_conflicting_mapping_stops_start_up_naming_the_field() {
 
     // Bootstrapping twice over our own index is fine and adds nothing.
     let ours = TestIndex::listings(&unique_name("test-ours"));
-    ensure_index(&client, &ours).await.expect("created");
-    let again = ensure_index(&client, &ours).await.expect("existing");
+    ours.ensure_index(&client).await.expect("created");
+    let again = ours.ensure_index(&client).await.expect("existing");
     assert!(again.is_empty(), "{again:?}");
     for index in [alias, format!("{}_v1", ours.index.alias)] {
         client
@@ -143,7 +145,8 @@ impl benalsam_events::DocumentBuilder for AsIs {
 #[tokio::test]
 async fn every_index_the_library_creates_keeps_deletes_long_enough_whatever_builds_its_documents() {
     use benalsam_events::EventType;
-    let client = benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(10))
+    let client = search_url()
+        .client(std::time::Duration::from_secs(10))
         .expect("client");
     let mut configured = EventType::new("notes", "notes");
     configured.index.alias = unique_name("test-notes");
@@ -151,9 +154,7 @@ async fn every_index_the_library_creates_keeps_deletes_long_enough_whatever_buil
         EventType::new("pages", "pages").with_builder(AsIs, json!({ "body": { "type": "text" } }));
     custom.index.alias = unique_name("test-pages");
     for event_type in [&configured, &custom] {
-        benalsam_events::search::ensure_index(&client, event_type)
-            .await
-            .expect("created");
+        event_type.ensure_index(&client).await.expect("created");
         let index = format!("{}_v1", event_type.index.alias);
         let settings = client
             .indices()

@@ -61,7 +61,8 @@ async fn a_confirm_recorded_while_another_transaction_holds_the_job_waits_and_ma
     let jobs = claimed_ids(&bridge).await;
     // Another bridge's claim read the middle job as pending before this claim committed: it
     // keeps the row locked until its own transaction ends.
-    let mut other = benalsam_events::connect::postgres(&support::database_url())
+    let mut other = support::database_url()
+        .connect()
         .await
         .expect("second connection");
     let other_tx = other.transaction().await.expect("begin");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::outbox::Wake;
-use benalsam_events::{AmqpUrl, DatabaseUrl, Error, OutboxConfig, SearchUrl, connect, search};
+use benalsam_events::{AmqpUrl, DatabaseUrl, Error, OutboxConfig, SearchUrl};
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, free_port, query_path, tls_env, unique_name};
 use tokio_util::sync::CancellationToken;
@@ -51,7 +51,7 @@ fn wrong_ca() -> String {
 }
 
 async fn uses_tls(url: &DatabaseUrl) -> bool {
-    let client = connect::postgres(url).await.expect("connects");
+    let client = url.connect().await.expect("connects");
     client
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -175,7 +175,7 @@ async fn prefer_and_no_sslmode_use_tls_when_offered_and_disable_does_not() {
     let named = database_url_with(&format!(
         "application_name=tls+test&sslmode=verify-full&sslrootcert={ca}"
     ));
-    let client = connect::postgres(&named).await.expect("connects");
+    let client = named.connect().await.expect("connects");
     let name: String = client
         .query_one("SHOW application_name", &[])
         .await
@@ -207,7 +207,8 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
         )));
         url.as_str().parse().expect("valid")
     };
-    let error = connect::postgres(&under_other_name("verify-full"))
+    let error = under_other_name("verify-full")
+        .connect()
         .await
         .expect_err("the name is not in the certificate");
     assert_refused(
@@ -227,9 +228,7 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
         // libpq's rule: require with a CA file checks the chain.
         format!("sslmode=require&sslrootcert={wrong}"),
     ] {
-        let error = connect::postgres(&database_url_with(&query))
-            .await
-            .expect_err(&query);
+        let error = database_url_with(&query).connect().await.expect_err(&query);
         assert_refused(
             &error,
             "DATABASE_URL",
@@ -246,9 +245,7 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
         url.to_string()
     }] {
         let amqps: AmqpUrl = url.parse().expect("valid");
-        let error = connect::amqp(&amqps, "test wrong ca")
-            .await
-            .expect_err("refused");
+        let error = amqps.connect("test wrong ca").await.expect_err("refused");
         assert_refused(
             &error,
             "RABBITMQ_URL",
@@ -260,8 +257,9 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
     // Search: the wrong CA, and none.
     let node: SearchUrl = tls_env("ELASTICSEARCH_TLS_URL").parse().expect("valid");
     for url in [node.clone().with_ca(wrong_ca()), node] {
-        let client = search::client(&url, Duration::from_secs(10)).expect("client");
-        let error = search::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
+        let client = url.client(Duration::from_secs(10)).expect("client");
+        let error = TestIndex::listings(&unique_name("t"))
+            .ensure_index(&client)
             .await
             .expect_err("refused");
         assert_refused(
@@ -275,8 +273,11 @@ async fn a_server_certificate_of_another_ca_is_refused_and_not_retried() {
 #[tokio::test]
 async fn a_node_that_asks_for_a_client_certificate_gets_one() {
     let alias = unique_name("t");
-    let with = search::client(&search_mtls_url(), Duration::from_secs(10)).expect("client");
-    search::ensure_index(&with, &TestIndex::listings(&alias))
+    let with = search_mtls_url()
+        .client(Duration::from_secs(10))
+        .expect("client");
+    TestIndex::listings(&alias)
+        .ensure_index(&with)
         .await
         .expect("mutual TLS");
 
@@ -284,8 +285,9 @@ async fn a_node_that_asks_for_a_client_certificate_gets_one() {
         .parse::<SearchUrl>()
         .expect("valid")
         .with_ca(tls_env("BENALSAM_TLS_CA"));
-    let client = search::client(&without, Duration::from_secs(10)).expect("client");
-    let error = search::ensure_index(&client, &TestIndex::listings(&alias))
+    let client = without.client(Duration::from_secs(10)).expect("client");
+    let error = TestIndex::listings(&alias)
+        .ensure_index(&client)
         .await
         .expect_err("no client certificate");
     // TLS 1.3: the relay's refusal arrives as an alert after the handshake, with the request.
@@ -314,7 +316,8 @@ async fn amqps_with_a_client_certificate_connects() {
     );
     url.set_query(Some(&query));
     let amqps: AmqpUrl = url.as_str().parse().expect("valid");
-    let connection = connect::amqp(&amqps, "test client certificate")
+    let connection = amqps
+        .connect("test client certificate")
         .await
         .expect("connects over TLS");
     assert!(connection.status().connected());
@@ -361,15 +364,13 @@ async fn settings_that_cannot_work_are_configuration_errors_naming_them() {
     ))
     .parse()
     .expect("valid until the file is read");
-    let error = connect::postgres(&url).await.expect_err("no such file");
+    let error = url.connect().await.expect_err("no such file");
     config_error(error, "DATABASE_URL", &["sslrootcert", &missing]);
 
     let mut amqps = url::Url::parse(&tls_env("RABBITMQ_TLS_URL")).expect("url");
     amqps.set_query(Some(&format!("cacertfile={}", query_path(&missing))));
     let amqps: AmqpUrl = amqps.as_str().parse().expect("valid");
-    let error = connect::amqp(&amqps, "test")
-        .await
-        .expect_err("no such file");
+    let error = amqps.connect("test").await.expect_err("no such file");
     config_error(error, "RABBITMQ_URL", &["cacertfile", &missing]);
     let error = "amqp://u:p@localhost:5672/%2f?cacertfile=%2Fca.pem"
         .parse::<AmqpUrl>()
@@ -377,21 +378,21 @@ async fn settings_that_cannot_work_are_configuration_errors_naming_them() {
     config_error(error, "RABBITMQ_URL", &["amqps://"]);
 
     let node: SearchUrl = tls_env("ELASTICSEARCH_TLS_URL").parse().expect("valid");
-    let error = search::client(&node.clone().with_ca(&missing), Duration::from_secs(1))
+    let error = node
+        .clone()
+        .with_ca(&missing)
+        .client(Duration::from_secs(1))
         .expect_err("no such file");
     config_error(error, "ELASTICSEARCH_CA", &[&missing]);
-    let error = search::client(
-        &node.with_client_certificate(tls_env("BENALSAM_TLS_CLIENT_CERT"), &missing),
-        Duration::from_secs(1),
-    )
-    .expect_err("no such key");
+    let error = (node.with_client_certificate(tls_env("BENALSAM_TLS_CLIENT_CERT"), &missing))
+        .client(Duration::from_secs(1))
+        .expect_err("no such key");
     config_error(error, "ELASTICSEARCH_CLIENT_KEY", &[&missing]);
     let plain: SearchUrl = "http://127.0.0.1:9200".parse().expect("valid");
-    let error = search::client(
-        &plain.with_ca(tls_env("BENALSAM_TLS_CA")),
-        Duration::from_secs(1),
-    )
-    .expect_err("a CA for http");
+    let error = plain
+        .with_ca(tls_env("BENALSAM_TLS_CA"))
+        .client(Duration::from_secs(1))
+        .expect_err("a CA for http");
     config_error(error, "ELASTICSEARCH_CA", &["https://"]);
 }
 
@@ -403,27 +404,25 @@ async fn a_tls_service_that_is_down_stays_retryable() {
     let mut url = database_tls_url().url().clone();
     url.set_port(Some(port)).expect("port");
     let url: DatabaseUrl = url.as_str().parse().expect("valid");
-    let error = connect::postgres(&url).await.expect_err("nothing listens");
+    let error = url.connect().await.expect_err("nothing listens");
     assert!(error.is_retryable() && !error.is_config(), "{error}");
 
     let mut amqps = url::Url::parse(&tls_env("RABBITMQ_TLS_URL")).expect("url");
     amqps.set_port(Some(port)).expect("port");
     amqps.set_query(Some(&format!("cacertfile={ca}")));
     let amqps: AmqpUrl = amqps.as_str().parse().expect("valid");
-    let error = connect::amqp(&amqps, "test")
-        .await
-        .expect_err("nothing listens");
+    let error = amqps.connect("test").await.expect_err("nothing listens");
     assert!(error.is_retryable() && !error.is_config(), "{error}");
 
     let mut node = url::Url::parse(&tls_env("ELASTICSEARCH_TLS_URL")).expect("url");
     node.set_port(Some(port)).expect("port");
     let node: SearchUrl = node.as_str().parse().expect("valid");
-    let client = search::client(
-        &node.with_ca(tls_env("BENALSAM_TLS_CA")),
-        Duration::from_secs(5),
-    )
-    .expect("client");
-    let error = search::ensure_index(&client, &TestIndex::listings(&unique_name("t")))
+    let client = node
+        .with_ca(tls_env("BENALSAM_TLS_CA"))
+        .client(Duration::from_secs(5))
+        .expect("client");
+    let error = TestIndex::listings(&unique_name("t"))
+        .ensure_index(&client)
         .await
         .expect_err("nothing listens");
     assert!(error.is_retryable() && !error.is_config(), "{error}");

@@ -7,8 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use benalsam_events::search;
-use benalsam_events::{Indexer, IndexerConfig, OutboxConfig, Topology, connect};
+use benalsam_events::{Indexer, IndexerConfig, OutboxConfig, Topology};
 use opentelemetry::trace::{SpanKind, TracerProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use support::{TestIndex, TestSchema, TestVhost, search_url, spawn_bridge};
@@ -35,14 +34,16 @@ async fn a_change_is_one_trace_from_the_writer_to_the_index() {
         TestIndex::new().await,
     );
     {
-        let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+        let connection = vhost.url.connect("test").await.expect("connect");
         Topology::benalsam(&Default::default())
             .declare(&connection)
             .await
             .expect("declare");
     }
     let (stop_bridge, bridge) = spawn_bridge(&db, &vhost.url);
-    let client = search::client(&search_url(), Duration::from_secs(10)).expect("client");
+    let client = search_url()
+        .client(Duration::from_secs(10))
+        .expect("client");
     let indexer = Indexer::new(
         vhost.url.clone(),
         client,

@@ -141,11 +141,10 @@ impl Cli {
             }) => {
                 print!(
                     "{}",
-                    benalsam_events::outbox::grants(
-                        db.outbox()?.config(),
+                    (db.outbox()?.config()).grants(
                         &event_types()?,
                         bridge_role.as_deref(),
-                        consumer_role.as_deref(),
+                        consumer_role.as_deref()
                     )?
                 );
                 Ok(())

@@ -94,8 +94,8 @@ impl DatabaseArgs {
         &self,
         event_types: &[EventType],
     ) -> benalsam_events::Result<benalsam_events::outbox::MigrationReport> {
-        let mut client = benalsam_events::connect::postgres(&self.database_url).await?;
-        benalsam_events::outbox::migrate(&mut client, &self.outbox_config(), event_types).await
+        let mut client = self.database_url.connect().await?;
+        self.outbox_config().migrate(&mut client, event_types).await
     }
 }
 
@@ -527,7 +527,7 @@ pub struct ServiceArgs {
     /// Largest message in bytes: the bridge fails a job whose message would be larger (once,
     /// with the reason), the consumer dead-letters a larger delivery unread. Keep RabbitMQ's
     /// max_message_size at this value: the consumer then holds at most prefetch times it
-    #[arg(long, env = "BENALSAM_MAX_MESSAGE_BYTES", default_value_t = benalsam_events::publish::DEFAULT_MAX_MESSAGE_BYTES as u64,
+    #[arg(long, env = "BENALSAM_MAX_MESSAGE_BYTES", default_value_t = benalsam_events::Envelope::DEFAULT_MAX_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(4096..=512 * 1024 * 1024))]
     pub max_message_bytes: u64,
 }

@@ -12,7 +12,7 @@ use benalsam_events::lapin::options::BasicPublishOptions;
 use benalsam_events::lapin::types::{AMQPValue, FieldTable, LongString};
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
-    Envelope, EventType, OutboxConfig, Outcome, SearchUrl, Settle, Topology, connect, lapin,
+    Envelope, EventType, OutboxConfig, Outcome, SearchUrl, Settle, Topology, lapin,
 };
 use support::{
     TestIndex, TestSchema, TestVhost, database_url, dead_search, drain_queue, free_port,
@@ -42,7 +42,7 @@ fn consumer(db: &TestSchema, vhost: &TestVhost, index: &TestIndex, port: u16) ->
 }
 
 async fn declare(vhost: &TestVhost) {
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     Topology::benalsam(&TopologyConfig::default())
         .declare(&connection)
         .await
@@ -279,7 +279,7 @@ async fn dlq_commands_list_reasons_and_replay() {
         )])
         .await
         .expect("failed");
-    let connection = connect::amqp(&vhost.url, "test").await.expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let genuine = Envelope::of(&job, &EventType::listings());
     dead_letter(&channel, &genuine.to_bytes(), job.id, "listing.insert").await;

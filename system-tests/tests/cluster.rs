@@ -756,9 +756,7 @@ async fn writer(
     hot: Arc<Vec<String>>,
     stop: CancellationToken,
 ) -> usize {
-    let client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("writer connects");
+    let client = database_url().connect().await.expect("writer connects");
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await

@@ -64,9 +64,7 @@ impl Deployment {
 /// One writer: inserts its share of listings in small transactions and, as it goes, edits,
 /// changes the status of and deletes some of them.
 async fn writer(schema: String, seed: u64, count: usize) {
-    let client = benalsam_events::connect::postgres(&database_url())
-        .await
-        .expect("writer connects");
+    let client = database_url().connect().await.expect("writer connects");
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await

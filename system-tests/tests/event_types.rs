@@ -123,9 +123,7 @@ async fn forge(url: &benalsam_events::config::AmqpUrl, event_type: &EventType, r
         "occurredAt": "2026-11-28T00:00:00Z"
     });
     let envelope = Envelope::decode(body.to_string().as_bytes()).expect("a well-formed envelope");
-    let connection = benalsam_events::connect::amqp(url, "forger")
-        .await
-        .expect("connect");
+    let connection = url.connect("forger").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .basic_publish(

@@ -284,9 +284,7 @@ async fn a_backlog_that_takes_many_windows_to_drain_stays_green_throughout() {
 async fn start_up_waiting_for_the_search_engine_answers_503_starting_then_200() {
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
     let alias = support::unique_name("t");
-    let connection = benalsam_events::connect::amqp(&vhost.url, "test")
-        .await
-        .expect("connect");
+    let connection = vhost.url.connect("test").await.expect("connect");
     Topology::for_event_types(&[EventType::listings()], &TopologyConfig::default())
         .declare(&connection)
         .await
@@ -325,7 +323,8 @@ async fn start_up_waiting_for_the_search_engine_answers_503_starting_then_200() 
     stop(consumer.child);
     let index = TestIndex {
         alias,
-        client: benalsam_events::search::client(&search_url(), Duration::from_secs(10))
+        client: search_url()
+            .client(Duration::from_secs(10))
             .expect("client"),
     };
     index.drop().await;
@@ -442,15 +441,20 @@ fn closed_by_the_server(mut stream: &std::net::TcpStream, deadline: Instant) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_after_the_header_timeout_while_livez_answers() {
-    use benalsam_events::ops::{HealthServer, Readiness};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a port");
-    let port = listener.local_addr().expect("address").port();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(
-        HealthServer::new("test", Readiness::default()).run(listener, shutdown.clone()),
-    );
+    let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
+    let port = free_port();
+    let mut command = Command::new(bridge_binary());
+    command
+        .env("BENALSAM_HEALTH_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .env_remove("BENALSAM_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env(&db, &vhost, &database_url()) {
+        command.env(k, v);
+    }
+    let bridge: binaries::Guarded = command.spawn().expect("the bridge starts").into();
+    wait_for(port, "/readyz", 200, PATIENCE).await;
     let slow = tokio::task::spawn_blocking(move || half_requests(port, 320))
         .await
         .expect("clients");
@@ -468,8 +472,9 @@ async fn slow_clients_are_cut_off_after_the_header_timeout_while_livez_answers()
     .expect("reads");
     assert_eq!(open, 0, "half-sent requests left open by the server");
     wait_for(port, "/livez", 200, PATIENCE).await;
-    shutdown.cancel();
-    server.await.expect("the server stops");
+    stop(bridge);
+    db.drop().await;
+    vhost.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

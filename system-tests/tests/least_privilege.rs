@@ -1,6 +1,6 @@
 //! Least privilege in PostgreSQL, through the real binaries: the outbox is migrated by its
 //! owner; the bridge and the consumer run as roles holding exactly the grants of
-//! `benalsam_events::outbox::grants` (what `benalsam-bridge grants` prints), and the
+//! `OutboxConfig::grants` (what `benalsam-bridge grants` prints), and the
 //! application as a role that may write its tables and nothing of the outbox. Rows the
 //! application writes reach the index, every job completes, and neither binary logs a refused
 //! privilege. Once with the seed's listings, once with joined documents (the consumer reads
@@ -61,16 +61,14 @@ impl Setup {
             (None, vec![TestIndex::listings(&alias)])
         };
         // The owner migrates (and attaches the relation triggers).
-        benalsam_events::outbox::migrate(
-            &mut db.client,
-            &OutboxConfig::in_schema(&db.name),
-            &event_types,
-        )
-        .await
-        .expect("the owner migrates");
+        OutboxConfig::in_schema(&db.name)
+            .migrate(&mut db.client, &event_types)
+            .await
+            .expect("the owner migrates");
         let index = TestIndex {
             alias,
-            client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
+            client: search_url()
+                .client(Duration::from_secs(30))
                 .expect("search client"),
         };
         let (bridge, consumer, writer) = (
@@ -78,13 +76,9 @@ impl Setup {
             TestRole::new("c").await,
             TestRole::new("w").await,
         );
-        let grants = benalsam_events::outbox::grants(
-            &OutboxConfig::in_schema(&db.name),
-            &event_types,
-            Some(&bridge.name),
-            Some(&consumer.name),
-        )
-        .expect("grants");
+        let grants = OutboxConfig::in_schema(&db.name)
+            .grants(&event_types, Some(&bridge.name), Some(&consumer.name))
+            .expect("grants");
         let tables = if joined {
             "listings, users, categories, listing_images"
         } else {

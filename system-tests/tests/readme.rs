@@ -430,7 +430,8 @@ async fn add_a_table_by_configuration_runs_as_the_readme_says() {
         .expect("inventory changes");
     let index = TestIndex {
         alias: inventory.clone(),
-        client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
+        client: search_url()
+            .client(Duration::from_secs(30))
             .expect("search client"),
     };
     walk.wait_for("the inventory in its index", async || {
@@ -478,7 +479,8 @@ async fn add_a_table_by_configuration_runs_as_the_readme_says() {
     index.drop().await;
     TestIndex {
         alias: listings,
-        client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
+        client: search_url()
+            .client(Duration::from_secs(30))
             .expect("search client"),
     }
     .drop()
@@ -625,7 +627,8 @@ async fn documents_joined_from_related_tables_run_as_the_readme_says() {
         .expect("four photos");
     let index = TestIndex {
         alias: alias.clone(),
-        client: benalsam_events::search::client(&search_url(), Duration::from_secs(30))
+        client: search_url()
+            .client(Duration::from_secs(30))
             .expect("search client"),
     };
     let sellers = async || {

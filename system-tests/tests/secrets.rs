@@ -51,13 +51,13 @@ async fn at_trace_level_no_password_is_logged_and_secrets_come_from_files() {
         TestIndex::new().await,
     );
     let (bridge_role, consumer_role) = (TestRole::new("b").await, TestRole::new("c").await);
-    let grants = benalsam_events::outbox::grants(
-        &OutboxConfig::in_schema(&db.name),
-        &[index.event_type()],
-        Some(&bridge_role.name),
-        Some(&consumer_role.name),
-    )
-    .expect("grants");
+    let grants = OutboxConfig::in_schema(&db.name)
+        .grants(
+            &[index.event_type()],
+            Some(&bridge_role.name),
+            Some(&consumer_role.name),
+        )
+        .expect("grants");
     db.client.batch_execute(&grants).await.expect("grants");
     let dir = std::env::temp_dir().join(unique_name("secrets"));
     std::fs::create_dir_all(&dir).expect("temp dir");

@@ -5,7 +5,7 @@
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
     Action, AmqpUrl, DatabaseUrl, Envelope, EventType, Outbox, OutboxConfig, Outcome, Settle,
-    Topology, connect,
+    Topology,
 };
 
 /// The listings event type, indexed into `alias`.
@@ -105,20 +105,17 @@ impl BenchEnv {
         let mut vhost = base.url().clone();
         vhost.set_path(&format!("/{name}"));
         let url: AmqpUrl = vhost.as_str().parse()?;
-        let connection = connect::amqp(&url, "bench").await?;
+        let connection = url.connect("bench").await?;
         Topology::benalsam(topology).declare(&connection).await?;
-        let mut client = connect::postgres(&db_url).await?;
+        let mut client = db_url.connect().await?;
         client
             .batch_execute(&format!(
                 "CREATE SCHEMA {name}; SET search_path TO {name}; {LISTINGS_SQL}"
             ))
             .await?;
-        benalsam_events::outbox::migrate(
-            &mut client,
-            &benalsam_events::OutboxConfig::in_schema(&name),
-            &[benalsam_events::EventType::listings()],
-        )
-        .await?;
+        benalsam_events::OutboxConfig::in_schema(&name)
+            .migrate(&mut client, &[benalsam_events::EventType::listings()])
+            .await?;
         Ok(Self {
             name,
             db_url,

@@ -23,6 +23,26 @@ use crate::config::tls::{PgTls, SslMode, TlsFiles, split_amqp, split_postgres};
 use crate::config::{AmqpUrl, DatabaseUrl};
 use crate::{Error, Result};
 
+impl DatabaseUrl {
+    /// Opens a PostgreSQL connection as the library opens its own: TLS as the URL's
+    /// `sslmode` says (a server certificate that does not verify is an error naming
+    /// `sslrootcert`, never retried), a connect timeout and TCP keepalives. The connection
+    /// task ends when the returned client is dropped.
+    pub async fn connect(&self) -> Result<Client> {
+        postgres(self).await
+    }
+}
+
+impl AmqpUrl {
+    /// Opens a RabbitMQ connection named `name` (shown in the management UI) as the library
+    /// opens its own: TLS for `amqps://` (a broker certificate that does not verify is an
+    /// error naming `cacertfile`, never retried), each listed address tried in turn for at
+    /// most the connect timeout. Recovery is the caller's.
+    pub async fn connect(&self, name: &str) -> Result<Connection> {
+        amqp(self, name).await
+    }
+}
+
 /// How long opening a PostgreSQL connection may take (unless the URL says `connect_timeout`),
 /// and opening a RabbitMQ connection to one address.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +57,7 @@ pub(crate) type PgConnection =
 /// verify is an error that names `sslrootcert` and is not retryable. The connection task ends
 /// when the returned [`Client`] is dropped; an error on it is logged (the client's next call
 /// then fails with a closed-connection error).
-pub async fn postgres(url: &DatabaseUrl) -> Result<Client> {
+pub(crate) async fn postgres(url: &DatabaseUrl) -> Result<Client> {
     postgres_as(url, "benalsam-events").await
 }
 
@@ -149,7 +169,7 @@ fn pg_tls(tls: &PgTls) -> Result<MakeRustlsConnect> {
 /// `keyfile`); a broker certificate that does not verify is an error that names `cacertfile`
 /// and is not retryable. A URL listing several addresses tries them in order, each for at
 /// most the connect timeout, and fails with the last error when none answers.
-pub async fn amqp(url: &AmqpUrl, name: &str) -> Result<Connection> {
+pub(crate) async fn amqp(url: &AmqpUrl, name: &str) -> Result<Connection> {
     amqp_from(url, name, 0)
         .await
         .map(|(connection, _)| connection)

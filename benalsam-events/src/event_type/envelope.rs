@@ -33,11 +33,7 @@ pub(crate) const SCHEMA_VERSION: u32 = 1;
 /// Envelope schemas this build can read.
 const READABLE_SCHEMA_VERSIONS: std::ops::RangeInclusive<u32> = 1..=1;
 
-/// Default of the largest message body the bridge publishes and the consumer reads
-/// (`BENALSAM_MAX_MESSAGE_BYTES`). 1 MiB: a fifth of a default bulk request (5 MiB), room for
-/// an UPDATE's old and new row of about 0.5 MiB each (far above the rows of the benchmarks), and
-/// with the default prefetch (500) it bounds the deliveries a consumer holds to 500 MiB.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = Envelope::DEFAULT_MAX_BYTES;
 
 /// Longest record key a message may carry: the search engines refuse document ids over 512
 /// bytes, and with them the whole bulk request.
@@ -83,6 +79,12 @@ pub struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
+    /// Default of the largest message body the bridge publishes and the consumer reads
+    /// (`BENALSAM_MAX_MESSAGE_BYTES`). 1 MiB: a fifth of a default bulk request (5 MiB), room for
+    /// an UPDATE's old and new row of about 0.5 MiB each (far above the rows of the benchmarks), and
+    /// with the default prefetch (500) it bounds the deliveries a consumer holds to 500 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
+
     /// The JSON body.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serialising plain data with string keys cannot fail.

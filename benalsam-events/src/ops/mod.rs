@@ -7,7 +7,7 @@ mod process;
 mod status;
 pub(crate) mod telemetry;
 
-pub use health::{HealthReport, HealthServer, Readiness};
+pub(crate) use health::{HealthReport, HealthServer, Readiness};
 pub(crate) use health::{rfc3339, since};
 pub use metrics::Metrics;
 pub(crate) use status::CountsErrors;

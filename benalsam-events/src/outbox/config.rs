@@ -88,3 +88,29 @@ impl Default for OutboxConfig {
         }
     }
 }
+
+impl OutboxConfig {
+    /// Brings the outbox of these settings up to date and attaches the trigger to the table
+    /// of every one of `event_types`, all in one transaction (see the module's migrations):
+    /// the job table, its indexes and the trigger function in [`OutboxConfig::schema`]; a
+    /// name the files give that the database lacks is refused before anything changes.
+    pub async fn migrate(
+        &self,
+        client: &mut tokio_postgres::Client,
+        event_types: &[crate::EventType],
+    ) -> Result<super::MigrationReport> {
+        super::migrate::migrate(client, self, event_types).await
+    }
+
+    /// `GRANT` statements (one per line, each ending in `;`) giving the roles `bridge` and
+    /// `consumer` (either may be left out) what the bridge and the consumer need on this
+    /// outbox for `event_types`, and nothing more. Run them as the outbox's owner.
+    pub fn grants(
+        &self,
+        event_types: &[crate::EventType],
+        bridge: Option<&str>,
+        consumer: Option<&str>,
+    ) -> Result<String> {
+        super::grants::grants(self, event_types, bridge, consumer)
+    }
+}

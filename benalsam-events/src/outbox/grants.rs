@@ -23,7 +23,7 @@ use crate::{EventType, Result};
 /// `GRANT` statements (one per line, each ending in `;`) giving `bridge` and `consumer`
 /// (either may be left out) what the bridge and the consumer need on the outbox of `outbox`
 /// for `event_types`, and nothing more. Run them as the outbox's owner.
-pub fn grants(
+pub(crate) fn grants(
     outbox: &OutboxConfig,
     event_types: &[EventType],
     bridge: Option<&str>,

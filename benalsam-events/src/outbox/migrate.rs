@@ -54,7 +54,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(8, "0008_reindex.sql"),
 ];
 
-/// What [`migrate`] did.
+/// What [`OutboxConfig::migrate`](super::OutboxConfig::migrate) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MigrationReport {
@@ -81,7 +81,7 @@ pub struct MigrationReport {
 /// The tables and the trigger function are created in the schema; the function keeps writing
 /// to it whatever `search_path` the application uses. The triggers wake bridges on the
 /// outbox's `notify_channel`.
-pub async fn migrate(
+pub(crate) async fn migrate(
     client: &mut Client,
     outbox: &OutboxConfig,
     event_types: &[EventType],

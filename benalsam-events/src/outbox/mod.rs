@@ -5,7 +5,7 @@
 //!   the only thing that changes a job's state, along the moves of the state diagram below.
 //! * [`JobStream`] turns the outbox into a `Stream` of claimed batches, woken by
 //!   LISTEN/NOTIFY and by polling, surviving lost connections.
-//! * [`migrate`] installs the job table and the trigger function; [`grants`] gives the SQL
+//! * [`OutboxConfig::migrate`] installs the job table and the trigger function; [`OutboxConfig::grants`] gives the SQL
 //!   granting the bridge's and the consumer's roles what they need; the outbox's maintenance
 //!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],
 //!   [`Outbox::purge_completed`], [`Outbox::document`]) serve operators.
@@ -46,13 +46,13 @@ pub use document::{DocumentPreview, Verdict};
 pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
 pub(crate) use fanout::FanOut;
 pub use fanout::FanOutStatus;
-pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub(crate) use lookup::Recorded;
 pub use maintenance::{JobSelection, StatusLine, Summary};
+pub use migrate::MigrationReport;
 pub(crate) use migrate::check_tables;
-pub use migrate::{MigrationReport, migrate};
+pub(crate) use migrate::migrate;
 pub use queue::Outbox;
 #[cfg(feature = "consumer")]
 pub(crate) use reindex::{Phase, ReindexRecord, ReindexRow};

@@ -17,8 +17,8 @@ mod topology;
 
 pub use crate::config::QueueType;
 pub(crate) use crate::error::EnvelopeError;
+pub use crate::event_type::Envelope;
 pub(crate) use crate::event_type::LISTINGS_EXCHANGE;
-pub use crate::event_type::{DEFAULT_MAX_MESSAGE_BYTES, Envelope};
 pub(crate) use envelope::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 pub use publisher::{Publisher, PublisherConfig};
 pub use record::PublisherStatus;

@@ -18,6 +18,18 @@ use crate::config::{
 use crate::connect::tls;
 use crate::{Error, Result};
 
+impl SearchUrl {
+    /// A search client for this URL with a request timeout, as the consumer makes its own:
+    /// credentials become Basic authentication (and stay out of every log line), an
+    /// `https://` node is trusted through a public CA or [`SearchUrl::with_ca`], and the
+    /// certificate of [`SearchUrl::with_client_certificate`] is presented when asked for. Of a
+    /// list of nodes it talks to the first; [`SearchNodes`](super::SearchNodes) moves between
+    /// them.
+    pub fn client(&self, timeout: Duration) -> Result<Elasticsearch> {
+        client(self, timeout)
+    }
+}
+
 /// A search client with a request timeout. Credentials in the URL become Basic
 /// authentication (and stay out of every log line).
 ///
@@ -31,7 +43,7 @@ use crate::{Error, Result};
 ///
 /// Of a list of nodes, the client talks to the first; [`SearchNodes`](super::SearchNodes) holds a client per
 /// node and moves between them.
-pub fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
+pub(crate) fn client(url: &SearchUrl, timeout: Duration) -> Result<Elasticsearch> {
     let mut bare = url.url().clone();
     let basic = credentials(url)?;
     // Both calls only fail for URLs that cannot carry credentials, which have none.

@@ -16,7 +16,7 @@ use crate::error::Kind;
 use crate::search::SearchNodes;
 use crate::{Error, Result};
 
-/// What [`prepare_index`] found and did on an existing index.
+/// What [`EventType::prepare_index`] found and did on an existing index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct IndexReport {
@@ -27,39 +27,42 @@ pub struct IndexReport {
     pub needs_reindex: Vec<String>,
 }
 
-/// Makes sure the index of `event_type` exists behind its alias, with a mapping compatible
-/// with what its documents need (and the delete protection every index of the library gets).
-/// Returns the fields it added to an existing mapping, at any depth (none for a new index,
-/// or one that already had them all); a field of another type is an error naming it.
-///
-/// The requests go to this one client's node; the consumer prepares its indexes on the
-/// first of its nodes that answers, with [`prepare_index`], which reports what needs a
-/// reindex instead of failing.
-pub async fn ensure_index(client: &Elasticsearch, event_type: &EventType) -> Result<Vec<String>> {
-    let nodes = SearchNodes::from(client.clone());
-    let report = ensure_index_on(&nodes, event_type).await?;
-    if let Some(conflict) = report.needs_reindex.iter().find(|l| l.contains(": type ")) {
-        // "path: type have → want"
-        let (field, types) = conflict.split_once(": type ").unwrap_or((conflict, ""));
-        let (found, expected) = types.split_once(" → ").unwrap_or((types, ""));
-        return Err(Error::from(Kind::MappingConflict {
-            index: event_type.index.alias.clone(),
-            field: field.to_owned(),
-            expected: expected.to_owned(),
-            found: found.to_owned(),
-        }));
+impl EventType {
+    /// Makes sure the index of this event type exists behind its alias, with a mapping
+    /// compatible with what its documents need (and the delete protection every index of the
+    /// library gets). Returns the fields it added to an existing mapping, at any depth (none
+    /// for a new index, or one that already had them all); a field of another type is an
+    /// error naming it.
+    ///
+    /// The requests go to this one client's node; the consumer prepares its indexes on the
+    /// first of its nodes that answers, as [`EventType::prepare_index`] does, which reports
+    /// what needs a reindex instead of failing.
+    pub async fn ensure_index(&self, client: &Elasticsearch) -> Result<Vec<String>> {
+        let nodes = SearchNodes::from(client.clone());
+        let report = ensure_index_on(&nodes, self).await?;
+        if let Some(conflict) = report.needs_reindex.iter().find(|l| l.contains(": type ")) {
+            // "path: type have → want"
+            let (field, types) = conflict.split_once(": type ").unwrap_or((conflict, ""));
+            let (found, expected) = types.split_once(" → ").unwrap_or((types, ""));
+            return Err(Error::from(Kind::MappingConflict {
+                index: self.index.alias.clone(),
+                field: field.to_owned(),
+                expected: expected.to_owned(),
+                found: found.to_owned(),
+            }));
+        }
+        Ok(report.added)
     }
-    Ok(report.added)
+
+    /// Like [`EventType::ensure_index`], but a change the live index cannot take in place is
+    /// reported ([`IndexReport::needs_reindex`]), not an error: the index keeps serving with
+    /// its mapping until `reindex` builds the next version.
+    pub async fn prepare_index(&self, client: &Elasticsearch) -> Result<IndexReport> {
+        ensure_index_on(&SearchNodes::from(client.clone()), self).await
+    }
 }
 
-/// Like [`ensure_index`], but a change the live index cannot take in place is reported
-/// ([`IndexReport::needs_reindex`]), not an error: the index keeps serving with its mapping
-/// until `reindex` builds the next version.
-pub async fn prepare_index(client: &Elasticsearch, event_type: &EventType) -> Result<IndexReport> {
-    ensure_index_on(&SearchNodes::from(client.clone()), event_type).await
-}
-
-/// [`prepare_index`] through `nodes`: on the node in use, or the next that answers.
+/// [`EventType::prepare_index`] through `nodes`: on the node in use, or the next that answers.
 pub(crate) async fn ensure_index_on(
     nodes: &SearchNodes,
     event_type: &EventType,

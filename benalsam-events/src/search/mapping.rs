@@ -1,4 +1,4 @@
-//! The index's settings and mapping, in the engine's JSON: what [`ensure_index`](super)
+//! The index's settings and mapping, in the engine's JSON: what [`EventType::ensure_index`](crate::EventType::ensure_index)
 //! creates and checks. The model (`event_type`) says which fields a document has; this file
 //! says how the engine stores them.
 

@@ -6,7 +6,7 @@
 //! | file | holds |
 //! |---|---|
 //! | client | a client per URL, one request to one node |
-//! | index | [`ensure_index`], [`prepare_index`]: an index behind its alias, its mapping evolved at start |
+//! | index | [`EventType::ensure_index`](crate::EventType::ensure_index), [`EventType::prepare_index`](crate::EventType::prepare_index): an index behind its alias, its mapping evolved at start |
 //! | evolve | what separates the wanted mapping and analysis from the live ones: added in place, or a reindex (pure) |
 //! | reindex | [`reindex`]: the next index version built from the database under live writes, then the alias moved |
 //! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |
@@ -37,11 +37,11 @@ pub(crate) mod plan;
 mod reindex;
 
 #[cfg(feature = "consumer")]
-pub use client::client;
+pub(crate) use client::client;
 #[cfg(feature = "consumer")]
 pub(crate) use client::parse_answer;
 #[cfg(feature = "consumer")]
-pub use index::{IndexReport, ensure_index, prepare_index};
+pub use index::IndexReport;
 #[cfg(feature = "consumer")]
 pub(crate) use index::{create_index, ensure_index_on};
 #[cfg(feature = "consumer")]

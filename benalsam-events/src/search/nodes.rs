@@ -77,7 +77,7 @@ impl From<Elasticsearch> for SearchNodes {
 }
 
 impl SearchNodes {
-    /// A client per node of `url` (see [`client`](super::client)), each request timing out
+    /// A client per node of `url` (see [`SearchUrl::client`](crate::SearchUrl::client)), each request timing out
     /// after `timeout`; the first node is in use.
     pub fn new(url: &SearchUrl, timeout: Duration) -> Result<Self> {
         let nodes = url

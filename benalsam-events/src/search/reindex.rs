@@ -48,7 +48,7 @@ pub struct ReindexOutcome {
 }
 
 /// Builds the next version of `event_type`'s index and moves its alias to it (see the
-/// [module documentation](self)); `progress` gets a line for the operator at every step and
+/// documentation of the `reindex` command in docs/schema-changes.md); `progress` gets a line for the operator at every step and
 /// every few seconds of waiting. Enqueues `batch` rows per transaction.
 pub async fn reindex(
     outbox: &Outbox,

@@ -34,11 +34,9 @@ pub fn has_analysis_common() -> bool {
                 .build()
                 .expect("runtime");
             runtime.block_on(async {
-                let client = benalsam_events::search::client(
-                    &search_url(),
-                    std::time::Duration::from_secs(30),
-                )
-                .expect("search client");
+                let client = search_url()
+                    .client(std::time::Duration::from_secs(30))
+                    .expect("search client");
                 let response = client
                     .send(
                         benalsam_events::elasticsearch::http::Method::Get,
@@ -120,7 +118,8 @@ pub struct TestSchema {
 impl TestSchema {
     pub async fn new() -> Self {
         let name = unique_name("t");
-        let mut client = benalsam_events::connect::postgres(&database_url())
+        let mut client = database_url()
+            .connect()
             .await
             .expect("PostgreSQL answers (is the stack up? scripts/stack up)");
         client
@@ -129,13 +128,10 @@ impl TestSchema {
             ))
             .await
             .expect("the listings table");
-        let report = benalsam_events::outbox::migrate(
-            &mut client,
-            &benalsam_events::OutboxConfig::in_schema(&name),
-            &[benalsam_events::EventType::listings()],
-        )
-        .await
-        .expect("migrations apply");
+        let report = benalsam_events::OutboxConfig::in_schema(&name)
+            .migrate(&mut client, &[benalsam_events::EventType::listings()])
+            .await
+            .expect("migrations apply");
         assert_eq!(report.triggers, vec!["listings".to_owned()]);
         Self { name, client }
     }
@@ -288,9 +284,7 @@ impl TestVhost {
 /// it once whatever fills the queue has finished (the publisher closed, its confirms in), and
 /// it returns exactly what the queue held, duplicates included.
 pub async fn drain_queue(url: &AmqpUrl, queue: &str) -> Vec<lapin::message::Delivery> {
-    let connection = benalsam_events::connect::amqp(url, "test drain")
-        .await
-        .expect("connect to drain");
+    let connection = url.connect("test drain").await.expect("connect to drain");
     let channel = connection.create_channel().await.expect("channel");
     let mut deliveries = Vec::new();
     while let Some(message) = channel
@@ -413,10 +407,11 @@ pub struct TestIndex {
 impl TestIndex {
     pub async fn new() -> Self {
         let alias = unique_name("t");
-        let client =
-            benalsam_events::search::client(&search_url(), std::time::Duration::from_secs(30))
-                .expect("search client");
-        benalsam_events::search::ensure_index(&client, &Self::listings(&alias))
+        let client = search_url()
+            .client(std::time::Duration::from_secs(30))
+            .expect("search client");
+        Self::listings(&alias)
+            .ensure_index(&client)
             .await
             .expect("index bootstrap (is the stack up?)");
         Self { alias, client }
@@ -799,7 +794,8 @@ pub async fn publish(
     url: &AmqpUrl,
     envelope: &benalsam_events::Envelope<'_>,
 ) -> Result<(), String> {
-    let connection = benalsam_events::connect::amqp(url, "test publisher")
+    let connection = url
+        .connect("test publisher")
         .await
         .map_err(|e| e.to_string())?;
     let channel = connection

@@ -55,9 +55,7 @@ impl TestRole {
 
     /// A session of this role with `search_path` set to `schema`.
     pub async fn connect(&self, schema: &str) -> tokio_postgres::Client {
-        let client = benalsam_events::connect::postgres(&self.url())
-            .await
-            .expect("the role logs in");
+        let client = self.url().connect().await.expect("the role logs in");
         client
             .batch_execute(&format!("SET search_path TO {schema}"))
             .await
