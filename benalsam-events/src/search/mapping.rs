@@ -12,7 +12,30 @@ use crate::event_type::{
 impl EventType {
     /// The settings and mappings of its index.
     pub(crate) fn index_body(&self) -> Value {
-        let properties = match &self.builder {
+        let mut settings = json!({
+            "number_of_shards": self.index.shards,
+            "number_of_replicas": self.index.replicas,
+            "refresh_interval": self.index.refresh_interval,
+            "gc_deletes": format!("{}s", self.index.gc_deletes.max(MIN_GC_DELETES).as_secs()),
+        });
+        let analysis = self.analysis();
+        if !analysis.is_empty() {
+            settings["analysis"] = Value::Object(analysis);
+        }
+        json!({
+            "settings": settings,
+            "mappings": {
+                // A field the document builder does not know is a bug, not a new field.
+                "dynamic": "strict",
+                "properties": self.properties()
+            }
+        })
+    }
+
+    /// The mapping's properties: a builder's own (with the library's fields), or the
+    /// document's and every relation's with their combined `copy_to` targets.
+    fn properties(&self) -> Value {
+        match &self.builder {
             Some((_, properties)) => {
                 let mut properties = properties.clone();
                 if let Some(map) = properties.as_object_mut() {
@@ -35,10 +58,14 @@ impl EventType {
                 }
                 properties
             }
-        };
-        // A builder's own mapping gets the library's analyzer or normalizer only when it names
-        // them: the Turkish analysis needs the analysis-common module, which trimmed engines
-        // lack, and an index that does not use it must not fail for it there.
+        }
+    }
+
+    /// The library's analysis its fields use. A builder's own mapping gets the library's
+    /// analyzer or normalizer only when it names them: the Turkish analysis needs the
+    /// analysis-common module, which trimmed engines lack, and an index that does not use it
+    /// must not fail for it there.
+    fn analysis(&self) -> serde_json::Map<String, Value> {
         let builder_uses = |name: &str| {
             self.builder
                 .as_ref()
@@ -75,23 +102,7 @@ impl EventType {
                 json!({ LOWERCASE: { "type": "custom", "filter": ["lowercase"] } }),
             );
         }
-        let mut settings = json!({
-            "number_of_shards": self.index.shards,
-            "number_of_replicas": self.index.replicas,
-            "refresh_interval": self.index.refresh_interval,
-            "gc_deletes": format!("{}s", self.index.gc_deletes.max(MIN_GC_DELETES).as_secs()),
-        });
-        if !analysis.is_empty() {
-            settings["analysis"] = Value::Object(analysis);
-        }
-        json!({
-            "settings": settings,
-            "mappings": {
-                // A field the document builder does not know is a bug, not a new field.
-                "dynamic": "strict",
-                "properties": properties
-            }
-        })
+        analysis
     }
 }
 

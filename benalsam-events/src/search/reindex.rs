@@ -88,32 +88,15 @@ pub async fn reindex(
         record.set_phase(Phase::Backfilling).await?;
     }
     if row.phase <= Phase::Backfilling {
-        let done = outbox
-            .backfill(
-                &event_type.table,
-                &event_type.key,
-                batch,
-                false,
-                None,
-                |p| {
-                    progress(&format!("enqueued {} of {} rows", p.rows, p.total));
-                    true
-                },
-            )
-            .await?;
-        rows_enqueued = done.rows;
-        // A backfill that enqueued nothing for a table whose index has documents would
-        // swap in an empty index: refuse rather than lose what readers see.
-        if done.rows == 0 && count(nodes, &row.old_index).await? > 0 {
-            return Err(Error::reindex(
-                name,
-                format!(
-                    "the backfill of {} enqueued no row, yet {} has documents; check the \
-                     event type's table and key (the alias was not moved)",
-                    event_type.table, row.old_index
-                ),
-            ));
-        }
+        rows_enqueued = backfill(
+            outbox,
+            nodes,
+            event_type,
+            &row.old_index,
+            batch,
+            &mut progress,
+        )
+        .await?;
         record.set_phase(Phase::Waiting).await?;
     }
     if row.phase <= Phase::Waiting {
@@ -134,6 +117,43 @@ pub async fn reindex(
         rows_enqueued,
         resumed_from,
     })
+}
+
+/// Enqueues every row of `event_type`'s table (resuming an interrupted backfill); returns the
+/// rows of the run. A backfill that enqueued nothing for a table whose index has documents
+/// would swap in an empty index: that is refused rather than lose what readers see.
+async fn backfill(
+    outbox: &Outbox,
+    nodes: &SearchNodes,
+    event_type: &EventType,
+    old_index: &str,
+    batch: i64,
+    progress: &mut impl FnMut(&str),
+) -> Result<i64> {
+    let done = outbox
+        .backfill(
+            &event_type.table,
+            &event_type.key,
+            batch,
+            false,
+            None,
+            |p| {
+                progress(&format!("enqueued {} of {} rows", p.rows, p.total));
+                true
+            },
+        )
+        .await?;
+    if done.rows == 0 && count(nodes, old_index).await? > 0 {
+        return Err(Error::reindex(
+            &event_type.name,
+            format!(
+                "the backfill of {} enqueued no row, yet {old_index} has documents; check the \
+                 event type's table and key (the alias was not moved)",
+                event_type.table
+            ),
+        ));
+    }
+    Ok(done.rows)
 }
 
 /// Creates the next index version and records the reindex; returns the record.
