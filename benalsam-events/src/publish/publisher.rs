@@ -31,9 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
-use crate::backoff::Backoff;
 use crate::config::{Addresses, AmqpUrl};
-use crate::event_type::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
 use crate::outbox::{Job, Outcome, Settle};
@@ -41,12 +39,15 @@ use crate::publish::confirm::Refusal;
 use crate::publish::record::{
     PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
 };
-use crate::publish::{Routes, Topology};
+use crate::publish::Routes;
 use crate::{Error, EventType, Result};
 
+mod config;
 mod link;
 mod message;
 mod outcomes;
+
+pub use config::PublisherConfig;
 
 use link::{Link, exchange_exists};
 use message::Message;
@@ -65,49 +66,6 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 /// (`reject-publish` under a length policy) nacks on a new channel too: the replacement
 /// then only costs a reconnect every few seconds.
 const NACKED_CHANNEL: Duration = Duration::from_secs(5);
-
-/// Settings of a [`Publisher`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PublisherConfig {
-    /// Most messages published and not yet confirmed.
-    pub window: usize,
-    /// Most bytes of message bodies published and not yet confirmed (one message is always
-    /// allowed, however large): large rows narrow the window instead of growing memory.
-    pub window_bytes: usize,
-    /// Confirmed jobs are reported in one call once this many have gathered...
-    pub report_batch: usize,
-    /// ...or this long after the first of them, whichever comes first.
-    pub report_interval: Duration,
-    /// Delays between reconnect attempts.
-    pub reconnect: Backoff,
-    /// The `app_id` property of every message.
-    pub app_id: String,
-    /// The connection's name in the management UI.
-    pub connection_name: String,
-    /// Declared on every new connection and after a refusal that says it is missing.
-    pub topology: Option<Topology>,
-    /// Largest message body published (`BENALSAM_MAX_MESSAGE_BYTES`): a job whose message
-    /// would be larger fails at once, with the reason, and is not tried again. Keep it at or
-    /// under the broker's `max_message_size` and the consumers' limit.
-    pub max_message_bytes: usize,
-}
-
-impl Default for PublisherConfig {
-    fn default() -> Self {
-        Self {
-            window: 1000,
-            window_bytes: 4 * 1024 * 1024,
-            report_batch: 500,
-            report_interval: Duration::from_millis(20),
-            reconnect: Backoff::default(),
-            app_id: "benalsam-bridge".to_owned(),
-            connection_name: "benalsam-bridge publisher".to_owned(),
-            topology: None,
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-        }
-    }
-}
 
 /// Publishes jobs to RabbitMQ with publisher confirms, a `Sink` of jobs that reports every
 /// outcome to its [`Settle`](crate::Settle).
