@@ -38,10 +38,11 @@ mod join;
 #[cfg(feature = "consumer")]
 mod message;
 #[cfg(feature = "consumer")]
+mod metrics;
+#[cfg(feature = "consumer")]
 mod pace;
 #[cfg(feature = "consumer")]
 mod process;
-#[cfg(feature = "consumer")]
 mod record;
 #[cfg(feature = "consumer")]
 mod run;

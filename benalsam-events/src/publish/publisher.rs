@@ -35,11 +35,11 @@ use crate::config::{Addresses, AmqpUrl};
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
 use crate::outbox::{Job, Outcome, Settle};
+use crate::publish::Routes;
 use crate::publish::confirm::Refusal;
 use crate::publish::record::{
     PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
 };
-use crate::publish::Routes;
 use crate::{Error, EventType, Result};
 
 mod config;
