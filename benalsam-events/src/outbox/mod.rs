@@ -18,21 +18,18 @@
 //! the job, anything about a completed job) changes nothing and comes back in
 //! [`Settled::unchanged`].
 
-mod fanout;
+mod catalog;
 mod grants;
 mod job;
 mod listener;
 mod maintenance;
 mod migrate;
 mod queue;
-mod relations;
 mod resender;
 pub(crate) mod state;
 mod stream;
 
-pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
-pub(crate) use fanout::FanOut;
-pub use fanout::FanOutStatus;
+pub(crate) use catalog::check_catalog;
 pub use grants::grants;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
@@ -41,7 +38,6 @@ pub(crate) use migrate::missing_tables;
 pub use migrate::{MigrationReport, migrate};
 pub(crate) use queue::Recorded;
 pub use queue::{Backlog, Outbox, OutboxConfig, Outcome, Settle, Settled};
-pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};
 pub(crate) use stream::DEFAULT_CHANNEL;
 pub use stream::{JobStream, JobStreamConfig, JobStreamStatus, Wake};

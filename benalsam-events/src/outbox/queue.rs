@@ -230,8 +230,8 @@ struct Inner {
     sql_busy: String,
     sql_idle: String,
     conn: Mutex<Option<Conn>>,
-    /// A connection of its own for reading joined documents: their read is a transaction,
-    /// which the shared, pipelined connection cannot hold.
+    /// A connection of its own for transactions (reading joined documents), which the
+    /// shared, pipelined connection cannot hold.
     joined: Mutex<Option<Client>>,
 }
 
@@ -310,24 +310,10 @@ impl Outbox {
         Ok(conn)
     }
 
-    /// Reads the documents `ids` of the joined `event_type` with their related rows, under a
-    /// fresh version (see `outbox/relations.rs` for why this order converges).
-    pub(crate) async fn read_joined(
-        &self,
-        event_type: &crate::EventType,
-        ids: &[String],
-    ) -> Result<crate::outbox::Read> {
-        let mut slot = self.inner.joined.lock().await;
-        let mut client = match slot.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => crate::connect::postgres_as(&self.inner.url, "benalsam-joined").await?,
-        };
-        let sql = super::relations::ReadSql::new(&self.inner.config.schema, event_type);
-        let read = super::relations::read(&mut client, &sql, event_type, ids).await;
-        if !client.is_closed() {
-            *slot = Some(client);
-        }
-        read
+    /// The outbox's connection for transactions, opened by the caller on first use (the
+    /// joined read of `relations/` uses it): the shared, pipelined connection cannot hold one.
+    pub(crate) async fn transaction_client(&self) -> tokio::sync::MutexGuard<'_, Option<Client>> {
+        self.inner.joined.lock().await
     }
 
     /// Claims up to `limit` jobs of its tables: failed jobs whose backoff has elapsed first,

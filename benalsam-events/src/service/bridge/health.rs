@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use crate::ops::{HealthReport, rfc3339, since};
-use crate::outbox::{FanOutStatus, JobStreamStatus, ResenderStatus};
+use crate::outbox::{JobStreamStatus, ResenderStatus};
 use crate::publish::PublisherStatus;
+use crate::relations::FanOutStatus;
 
 /// The RabbitMQ verdict: unhealthy when not connected, when publishes failed within the
 /// `window` and none was confirmed since, or when messages wait for confirms that do not

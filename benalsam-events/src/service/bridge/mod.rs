@@ -22,10 +22,10 @@ use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
 use crate::ops::{HealthReport, Live};
 use crate::outbox::{
-    FanOut, FanOutStatus, JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig,
-    Resender, ResenderStatus,
+    JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig, Resender, ResenderStatus,
 };
 use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
+use crate::relations::{FanOut, FanOutStatus};
 use crate::service::Heartbeat;
 use crate::service::{Check, Service, check};
 
@@ -87,7 +87,7 @@ impl BridgeSettings {
             heartbeat_interval: Some(Duration::from_secs(30)),
             resend_after: Duration::from_secs(15 * 60),
             shutdown_grace: Duration::from_secs(30),
-            fanout_page: crate::outbox::DEFAULT_FANOUT_PAGE,
+            fanout_page: crate::relations::DEFAULT_FANOUT_PAGE,
         }
     }
 

@@ -30,10 +30,10 @@ use tokio_util::sync::CancellationToken;
 use crate::event_type::{EventType, Relation};
 use crate::ops::Live;
 use crate::ops::metrics::{Metrics, RelationLabel};
-use crate::outbox::relations::FanOutSql;
 use crate::outbox::{
     Job, JobStream, JobStreamConfig, Operation, Outbox, OutboxConfig, Outcome, Settle,
 };
+use crate::relations::sql::FanOutSql;
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).

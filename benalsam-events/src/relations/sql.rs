@@ -1,44 +1,8 @@
-//! Joined documents in the database: reading a document with its related rows under a
-//! version, paging a related row's change out to the documents that contain it, and checking
-//! relations against the catalog.
-//!
-//! # Why a joined document converges, whatever the order of commits and deliveries
-//!
-//! A document built from one row is versioned by the job id of the change: PostgreSQL gives a
-//! later change of the same row a larger id (the trigger runs under the row lock). A joined
-//! document has no such order: a seller rename and a listing edit are changes of different
-//! rows, and their ids say nothing about which one the other saw. So a joined document is
-//! never built from a message. Every job of a joined event type (its own INSERT, UPDATE,
-//! DELETE, and the REBUILD jobs of the fan-out) means "read this document again", and the
-//! consumer reads it in one transaction:
-//!
-//! 1. `pg_advisory_xact_lock` on every document of the batch (sorted, so two consumers never
-//!    wait on each other in a circle);
-//! 2. `v = nextval` of the outbox's id sequence;
-//! 3. one `SELECT` of the rows with their related rows (READ COMMITTED: its snapshot is taken
-//!    when this statement starts, after 1 and 2);
-//! 4. commit (the locks go).
-//!
-//! and writes each document with `version = v` (`version_type=external`). Two reads of the
-//! same document are serialized by the lock, so the one with the larger `v` took its snapshot
-//! later and saw every commit the other saw. The index keeps the largest version, hence the
-//! newest snapshot; a write of an older read arriving late is refused with 409.
-//!
-//! Every committed change is followed by a read that starts after its commit: a job is only
-//! claimed once its transaction committed, and the fan-out reads the documents of a related
-//! row after the related row's change committed (a document that joins or leaves the related
-//! row later has a change of its own). So the last read of every document sees every change,
-//! and the index converges to the joined view of the committed rows. A redelivery is one more
-//! fresh read, never an old state. `v` comes from the same sequence as job ids, so versions of
-//! documents written before the event type was joined stay below the new ones.
-
-use std::collections::HashMap;
-
-use serde_json::{Map, Value};
-use tokio_postgres::GenericClient;
+//! The SQL of joined documents: the read of a document with its related rows, and the pages
+//! of a related row's fan-out. Table and column names come from validated event types and are
+//! written into the text once, here.
 
 use crate::event_type::{EventType, Relation, RelationKind};
-use crate::{Error, Result};
 
 /// `"schema"."table"` of a table named bare (in `schema`) or schema-qualified.
 fn qualified(schema: &str, table: &str) -> String {
@@ -142,49 +106,6 @@ impl ReadSql {
     }
 }
 
-/// Documents read from the database under one version.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Read {
-    /// The version every document of this read is written with.
-    pub(crate) version: i64,
-    /// By record id: the row and the relations' values. An id that is not here has no row.
-    pub(crate) rows: HashMap<String, (Value, Map<String, Value>)>,
-}
-
-/// Reads the documents `ids` of `event_type` in one transaction on `client` (see the module
-/// documentation for why in this order).
-pub(crate) async fn read(
-    client: &mut tokio_postgres::Client,
-    sql: &ReadSql,
-    event_type: &EventType,
-    ids: &[String],
-) -> Result<Read> {
-    let fail = |e| {
-        Error::postgres(
-            format!("reading the joined documents of {}", event_type.name),
-            e,
-        )
-    };
-    let tx = client.transaction().await.map_err(fail)?;
-    tx.query_one(&sql.lock, &[&event_type.index.alias, &ids])
-        .await
-        .map_err(fail)?;
-    let version: i64 = tx.query_one(&sql.version, &[]).await.map_err(fail)?.get(0);
-    let found = tx.query(&sql.select, &[&ids]).await.map_err(fail)?;
-    tx.commit().await.map_err(fail)?;
-    let mut rows = HashMap::with_capacity(found.len());
-    for row in found {
-        let id: String = row.get(0);
-        let columns: Value = row.get(1);
-        let related = match row.get::<_, Value>(2) {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        rows.insert(id, (columns, related));
-    }
-    Ok(Read { version, rows })
-}
-
 /// The SQL of one relation's fan-out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FanOutSql {
@@ -260,93 +181,6 @@ impl FanOutSql {
             ),
         }
     }
-}
-
-/// Checks every relation of `event_types` against the database's catalog: the tables and
-/// columns exist and the joined columns have the same types. The error names where the
-/// relation was declared and the key.
-pub(crate) async fn check_catalog(
-    client: &impl GenericClient,
-    schema: &str,
-    event_types: &[EventType],
-) -> Result<()> {
-    for event_type in event_types {
-        if event_type.relations.is_empty() {
-            continue;
-        }
-        let own = columns_of(client, schema, &event_type.table).await?;
-        for relation in &event_type.relations {
-            let refuse = |key: &str, why: String| {
-                Err(Error::config(
-                    "BENALSAM_CONFIG",
-                    format!("{}: {why}", relation.at(&event_type.name, key)),
-                ))
-            };
-            let theirs = columns_of(client, schema, &relation.table).await?;
-            if theirs.is_empty() {
-                return refuse("table", format!("table {} does not exist", relation.table));
-            }
-            let (local_key, related_key) = match relation.kind {
-                RelationKind::Parent => ("foreign_key", "references"),
-                RelationKind::Children { .. } => ("references", "foreign_key"),
-            };
-            for (local, related) in relation.local_columns.iter().zip(&relation.related_columns) {
-                let Some(local_type) = own.get(local) else {
-                    return refuse(
-                        local_key,
-                        format!("table {} has no column {local}", event_type.table),
-                    );
-                };
-                let Some(related_type) = theirs.get(related) else {
-                    return refuse(
-                        related_key,
-                        format!("table {} has no column {related}", relation.table),
-                    );
-                };
-                if local_type != related_type {
-                    return refuse(
-                        local_key,
-                        format!(
-                            "{}.{local} is {local_type} but {}.{related} is {related_type}; joined columns must have the same type",
-                            event_type.table, relation.table
-                        ),
-                    );
-                }
-            }
-            for column in relation.columns() {
-                if !theirs.contains_key(&column) {
-                    return refuse(
-                        "fields",
-                        format!("table {} has no column {column}", relation.table),
-                    );
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The columns of `table` with their types, without modifiers (`varchar(20)` joins
-/// `varchar(10)` as PostgreSQL allows); empty when it does not exist.
-async fn columns_of(
-    client: &impl GenericClient,
-    schema: &str,
-    table: &str,
-) -> Result<HashMap<String, String>> {
-    let (table_schema, name) = table.split_once('.').unwrap_or((schema, table));
-    let rows = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, NULL)
-               FROM pg_attribute a
-               JOIN pg_class c ON c.oid = a.attrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
-                AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&table_schema, &name],
-        )
-        .await
-        .map_err(|e| Error::postgres(format!("reading the columns of {table}"), e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 #[cfg(test)]
