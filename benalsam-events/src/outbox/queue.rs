@@ -316,6 +316,29 @@ impl Outbox {
         self.inner.joined.lock().await
     }
 
+    /// Gives back every job its worker still holds (`processing` under its lease, whatever
+    /// the table), and returns their ids: the last step of a stopping claimer whose parts
+    /// could not report everything they held. Only for a worker id no running part uses any
+    /// more: a job given back while its publish was on its way is published again (as after
+    /// its lease, only sooner).
+    pub(crate) async fn release_held(&self) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let sql = format!(
+            "UPDATE \"{}\".elasticsearch_sync_queue q
+             SET status = '{}', locked_until = NULL, locked_by = NULL
+             WHERE {} RETURNING q.id",
+            self.inner.config.schema,
+            Move::Release.to().as_str(),
+            Move::Release.guard(Some("$1"))
+        );
+        let rows = conn
+            .client
+            .query(&sql, &[&self.inner.config.worker_id])
+            .await
+            .map_err(|e| Error::postgres(Move::Release.describe(), e))?;
+        Ok(sorted_ids(&rows))
+    }
+
     /// Claims up to `limit` jobs of its tables: failed jobs whose backoff has elapsed first,
     /// then pending ones oldest first. They move to `processing` under this outbox's lease;
     /// no other claimer gets them until the lease runs out. Returned in id order.

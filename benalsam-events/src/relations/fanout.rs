@@ -13,123 +13,83 @@
 //!                                       last page ──► the job is completed
 //! ```
 //!
+//! Fair: a bridge fans out up to [`MOST_ACTIVE`] changes at once, in rounds of one page per
+//! change, so a seller of 100 listings renamed during the rename of one with 100,000 waits
+//! for a page of the big one, not for all of it. A change that wrote goes to the back of the
+//! round; one that could not write keeps its place (`page.rs` has one change's moves).
+//!
 //! Bounded: one page of keys at a time is all it holds (the pages are `INSERT … SELECT`,
-//! nothing is read into the bridge), and it waits while more than two pages of REBUILD jobs
-//! of the table are not yet indexed (pending, claimed or sent), so neither the outbox nor
-//! RabbitMQ ever holds more of them than that, and the table's other changes pass between
-//! pages (BENCHMARKS.md, "Joined documents"). A document that already has a REBUILD
-//! job waiting is skipped: that job is read after this change committed.
+//! nothing is read into the bridge), and no change of a table writes while more than two
+//! pages of its REBUILD jobs are not yet indexed (pending, claimed or sent), so neither the
+//! outbox nor RabbitMQ ever holds more of them than that, and the table's other changes
+//! pass between pages (BENCHMARKS.md, "Joined documents"). A document that already has a
+//! REBUILD job waiting is skipped: that job is read after this change committed; so is a
+//! document the status policy keeps out of the index (`sql.rs` says why that is safe).
+//!
+//! Stopping: the changes in progress, and those claimed but not started, are given back
+//! (`pending`, their last page kept), so another bridge resumes them at once rather than
+//! after their lease.
+//!
+//! Logs: a line per change at debug; at info, a summary every minute in which there was
+//! work (`status.rs`).
 
-use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
-use serde_json::{Value, json};
+use futures::stream::Fuse;
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::event_type::{EventType, Relation};
 use crate::ops::Live;
 use crate::ops::metrics::{Metrics, RelationLabel};
-use crate::outbox::{
-    Job, JobStream, JobStreamConfig, Operation, Outbox, OutboxConfig, Outcome, Settle,
-};
+use crate::outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
+use crate::relations::page::{Change, Step};
 use crate::relations::sql::FanOutSql;
+use crate::relations::status::{FanOutMetrics, FanOutStatus, Summary};
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
 pub(crate) const DEFAULT_FANOUT_PAGE: usize = 500;
 
-/// What the fan-out has been doing, for health checks.
-#[derive(Debug, Clone, Default, PartialEq)]
-#[non_exhaustive]
-pub struct FanOutStatus {
-    /// Related-row changes fanned out completely.
-    pub jobs_done: u64,
-    /// REBUILD jobs written.
-    pub documents_queued: u64,
-    /// Documents skipped because a REBUILD job of theirs was already waiting.
-    pub documents_coalesced: u64,
-    /// The change being fanned out now: its job id, relation and documents so far.
-    pub current: Option<(i64, String, u64)>,
-    /// When a page was last written or a fan-out finished.
-    pub last_progress_at: Option<SystemTime>,
-    /// Errors, and the last one with its time.
-    pub errors: u64,
-    /// The last error.
-    pub last_error: Option<(SystemTime, String)>,
-}
+/// Most changes one bridge fans out at once. Each holds one claimed job and a few hundred
+/// bytes; more would only hold leases other bridges could use.
+const MOST_ACTIVE: usize = 32;
 
-/// The fan-out's metric families.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct FanOutMetrics {
-    documents: prometheus_client::metrics::family::Family<
-        RelationLabel,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    coalesced: prometheus_client::metrics::family::Family<
-        RelationLabel,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    changes: prometheus_client::metrics::family::Family<
-        RelationLabel,
-        prometheus_client::metrics::counter::Counter,
-    >,
-}
+/// Changes claimed at a time (a claim is taken only while there is room for a full one).
+const CLAIM: usize = 8;
 
-impl FanOutMetrics {
-    fn register(&self, metrics: &Metrics, relations: &[String]) {
-        for relation in relations {
-            let label = RelationLabel {
-                relation: relation.clone(),
-            };
-            let _ = self.documents.get_or_create(&label);
-            let _ = self.coalesced.get_or_create(&label);
-            let _ = self.changes.get_or_create(&label);
-        }
-        metrics.register(
-            "fanout_documents",
-            "REBUILD jobs written by the fan-out of related-row changes, by relation",
-            None,
-            self.documents.clone(),
-        );
-        metrics.register(
-            "fanout_coalesced_documents",
-            "Documents a fan-out skipped because a REBUILD job of theirs was already waiting",
-            None,
-            self.coalesced.clone(),
-        );
-        metrics.register(
-            "fanout_changes",
-            "Related-row changes fanned out completely, by relation",
-            None,
-            self.changes.clone(),
-        );
-    }
-}
+/// How long a round in which no change could write waits before the next (unless a new
+/// change arrives first).
+const IDLE_ROUND: Duration = Duration::from_millis(100);
 
 /// One relation, ready to fan out.
 #[derive(Debug, Clone)]
-struct Plan {
+pub(super) struct Plan {
     /// The documents' table as their jobs name it.
-    documents: String,
+    pub(super) documents: String,
     relation: Relation,
-    sql: FanOutSql,
+    pub(super) sql: FanOutSql,
 }
 
-/// Claims the jobs of related-row changes and fans each out; see the module documentation.
+/// Claims the jobs of related-row changes and fans them out; see the module documentation.
 pub(crate) struct FanOut {
     stream: JobStream,
     worker: Worker,
 }
 
-/// What fans out one change (everything but the stream, which is not `Sync`).
-struct Worker {
+/// The claimed changes, ending once after shutdown (fused: polled again, it stays ended).
+type Claims = Fuse<JobStream>;
+
+/// What fans out the changes (everything but the stream, which is not `Sync`).
+pub(super) struct Worker {
     url: DatabaseUrl,
-    outbox: Outbox,
+    pub(super) outbox: Outbox,
     plans: HashMap<String, Plan>,
-    page: i64,
-    status: Live<FanOutStatus>,
-    metrics: FanOutMetrics,
+    /// Documents per page.
+    pub(super) page: i64,
+    pub(super) status: Live<FanOutStatus>,
+    pub(super) metrics: FanOutMetrics,
 }
 
 impl FanOut {
@@ -171,7 +131,7 @@ impl FanOut {
         // A few changes at a time: each may be many pages. Writers of related tables always
         // notify (the fan-out never marks itself busy).
         let mut stream_config = stream.clone();
-        stream_config.batch_size = 8;
+        stream_config.batch_size = CLAIM;
         stream_config.adaptive_notify = false;
         let stream = JobStream::new(claims.clone(), stream_config, shutdown.clone())?;
         Ok(Some(Self {
@@ -197,285 +157,232 @@ impl FanOut {
         self.worker.status.clone()
     }
 
-    /// Fans out claimed changes until `shutdown`; a change in progress then keeps its page
-    /// mark and returns to the queue when its lease expires (or is finished by another
-    /// bridge).
+    /// Fans out claimed changes until `shutdown`, then gives back every change it holds:
+    /// each keeps its last page, and the next bridge resumes it at once.
     pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let Self { mut stream, worker } = self;
-        worker.run(&mut stream, &shutdown).await;
+        let Self { stream, worker } = self;
+        let mut claims = stream.fuse();
+        let active = worker.run(&mut claims, &shutdown).await;
+        worker.release(active, &mut claims).await;
     }
 }
 
 impl Worker {
-    async fn run(&self, stream: &mut JobStream, shutdown: &CancellationToken) {
+    /// Rounds of pages until shutdown; returns the changes still in progress.
+    async fn run(&self, claims: &mut Claims, shutdown: &CancellationToken) -> VecDeque<Change> {
+        let mut active = VecDeque::new();
         let mut client: Option<tokio_postgres::Client> = None;
-        while let Some(batch) = stream.next().await {
-            for job in batch {
-                if shutdown.is_cancelled() {
-                    return;
+        let mut summary = Summary::new(Instant::now());
+        loop {
+            if !self.admit(claims, &mut active).await || shutdown.is_cancelled() {
+                return active;
+            }
+            let wrote = match self.connection(&mut client).await {
+                Ok(conn) => self.round(conn, &mut active, &mut summary).await,
+                Err(error) => {
+                    self.failed(None, &error);
+                    false
                 }
-                let outcome = self.fan_out(&mut client, &job, shutdown).await;
-                let report = match outcome {
-                    Ok(true) => Outcome::Completed,
-                    // Shutdown or a lost lease: the job is someone else's now, or will be.
-                    Ok(false) => continue,
-                    Err(error) => {
-                        tracing::warn!(job = job.id, table = %job.table_name, %error, "fan-out failed; retrying after backoff");
-                        let mut s = self.status.lock();
-                        s.errors += 1;
-                        s.last_error = Some((SystemTime::now(), error.to_string()));
-                        Outcome::Failed {
-                            error: error.to_string(),
-                            retry: true,
-                        }
-                    }
-                };
-                if let Err(error) = self.outbox.settle(&[(job.id, report)]).await {
-                    tracing::warn!(job = job.id, %error, "cannot record the fan-out's outcome; it runs again after its lease");
-                }
+            };
+            if active.is_empty() {
+                self.status.lock().current = None;
+            }
+            summary.log_if_due(Instant::now(), active.len());
+            if !wrote {
+                self.pause(claims, &mut active, shutdown).await;
             }
         }
     }
 
-    /// Fans out one change; `Ok(false)` when it stopped before the end (shutdown, or the
-    /// lease went to another bridge).
-    async fn fan_out(
+    /// Takes claimed changes: waits for some when none is in progress, else takes only what
+    /// the stream has ready, while there is room. False when the stream ended (shutdown).
+    async fn admit(&self, claims: &mut Claims, active: &mut VecDeque<Change>) -> bool {
+        if active.is_empty() {
+            match claims.next().await {
+                Some(batch) => self.start(batch, active).await,
+                None => return false,
+            }
+        }
+        while active.len() + CLAIM <= MOST_ACTIVE {
+            match claims.next().now_or_never() {
+                Some(Some(batch)) => self.start(batch, active).await,
+                Some(None) => return false,
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Waits a little after a round that wrote nothing (its tables' REBUILD jobs are on
+    /// their way to the index), or until a new change comes, or shutdown.
+    async fn pause(
         &self,
-        client: &mut Option<tokio_postgres::Client>,
-        job: &Job,
+        claims: &mut Claims,
+        active: &mut VecDeque<Change>,
         shutdown: &CancellationToken,
-    ) -> Result<bool> {
-        let Some(plan) = self.plans.get(&job.table_name) else {
-            return Err(Error::config(
-                "relations",
-                format!("no relation records jobs as {:?}", job.table_name),
-            ));
-        };
-        let rows = related_rows(job, &plan.relation);
-        let (mut tuple, mut after) = progress_of(&job.change_data);
-        let label = RelationLabel {
-            relation: job.table_name.clone(),
-        };
-        self.status.lock().current = Some((job.id, job.table_name.clone(), 0));
-        if after.is_some() || tuple > 0 {
-            tracing::info!(job = job.id, relation = %job.table_name, after = ?after, "fan-out resumed where its last page ended");
-        } else {
-            tracing::info!(job = job.id, relation = %job.table_name, record = %job.record_id, "fan-out started");
+    ) {
+        let room = active.len() + CLAIM <= MOST_ACTIVE;
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(IDLE_ROUND) => {}
+            Some(batch) = claims.next(), if room => self.start(batch, active).await,
         }
-        let lease = self.outbox.config().lease.as_secs_f64();
-        let worker = &self.outbox.config().worker_id;
-        let trace_id = job
-            .traceparent
-            .as_deref()
-            .and_then(|t| t.get(3..35))
-            .map(str::to_owned);
-        let mut renewed = std::time::Instant::now();
-        while tuple < rows.len() {
-            if shutdown.is_cancelled() {
-                return Ok(false);
-            }
-            let conn = match client.take() {
-                Some(c) if !c.is_closed() => c,
-                _ => crate::connect::postgres_as(&self.url, "benalsam-fanout").await?,
-            };
-            let conn = client.insert(conn);
-            if self.outstanding(conn, plan).await? > 2 * self.page {
-                // Let the table's REBUILD jobs reach the index first; keep the lease
-                // meanwhile (renewed every quarter lease, not at every wait).
-                if renewed.elapsed() > self.outbox.config().lease / 4 {
-                    let progress = json!({ "tuple": tuple, "after": after });
-                    let held = conn
-                        .execute(&plan.sql.progress, &[&job.id, &progress, &lease, worker])
-                        .await
-                        .map_err(|e| Error::postgres("renewing a fan-out's lease", e))?;
-                    if held == 0 {
-                        return Ok(false);
-                    }
-                    renewed = std::time::Instant::now();
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(false),
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
+    }
+
+    /// Adds claimed changes to the round, at its end.
+    async fn start(&self, batch: Vec<Job>, active: &mut VecDeque<Change>) {
+        for job in batch {
+            let Some(plan) = self.plans.get(&job.table_name) else {
+                let error = Error::config(
+                    "relations",
+                    format!("no relation records jobs as {:?}", job.table_name),
+                );
+                self.failed(Some(&job), &error);
+                self.settle(&[(job.id, retry(&error))]).await;
                 continue;
-            }
-            let fail = |e| Error::postgres(format!("fanning out job {}", job.id), e);
-            let tx = conn.transaction().await.map_err(fail)?;
-            let page = match &after {
-                None => {
-                    tx.query_one(
-                        &plan.sql.first,
-                        &[
-                            &rows[tuple],
-                            &self.page,
-                            &plan.documents,
-                            &trace_id,
-                            &job.traceparent,
-                        ],
-                    )
-                    .await
-                }
-                Some(last) => {
-                    tx.query_one(
-                        &plan.sql.next,
-                        &[
-                            &rows[tuple],
-                            &self.page,
-                            &plan.documents,
-                            &trace_id,
-                            &job.traceparent,
-                            last,
-                        ],
-                    )
-                    .await
-                }
-            }
-            .map_err(fail)?;
-            let (found, added, last): (i64, i64, Option<String>) =
-                (page.get(0), page.get(1), page.get(2));
-            let (next_tuple, next_after) = if found < self.page {
-                (tuple + 1, None)
-            } else {
-                (tuple, last)
             };
-            let progress = json!({ "tuple": next_tuple, "after": next_after });
-            let held = tx
-                .execute(&plan.sql.progress, &[&job.id, &progress, &lease, worker])
-                .await
-                .map_err(fail)?;
-            if held == 0 {
-                // The lease ran out and another bridge has the job: undo this page.
-                return Ok(false);
+            let change = Change::new(job, &plan.relation);
+            let job = &change.job;
+            if change.resumed() {
+                tracing::debug!(job = job.id, relation = %job.table_name, "fan-out resumed where its last page ended");
+            } else {
+                tracing::debug!(job = job.id, relation = %job.table_name, record = %job.record_id, "fan-out started");
             }
-            if added > 0 {
-                tx.execute(
-                    "SELECT pg_notify($1, '')",
-                    &[&self.outbox.config().notify_channel],
-                )
-                .await
-                .map_err(fail)?;
-            }
-            tx.commit().await.map_err(fail)?;
-            renewed = std::time::Instant::now();
-            let (found, added) = (found.unsigned_abs(), added.unsigned_abs());
-            self.metrics.documents.get_or_create(&label).inc_by(added);
-            self.metrics
-                .coalesced
-                .get_or_create(&label)
-                .inc_by(found - added.min(found));
-            {
-                let mut s = self.status.lock();
-                s.documents_queued += added;
-                s.documents_coalesced += found - added.min(found);
-                s.last_progress_at = Some(SystemTime::now());
-                if let Some((_, _, so_far)) = &mut s.current {
-                    *so_far += found;
+            active.push_back(change);
+        }
+    }
+
+    /// One turn for every change in progress: a page each where its table has room. A change
+    /// that wrote goes to the back, so the next round starts with those that could not (a
+    /// small change is not kept behind a big one of the same table, whose pages use up the
+    /// table's room). True when a page was written.
+    async fn round(
+        &self,
+        conn: &mut tokio_postgres::Client,
+        active: &mut VecDeque<Change>,
+        summary: &mut Summary,
+    ) -> bool {
+        let mut outstanding = HashMap::new();
+        let (mut waiting, mut wrote, mut settled) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(mut change) = active.pop_front() {
+            let Some(plan) = self.plans.get(&change.job.table_name) else {
+                continue;
+            };
+            let before = change.documents;
+            match change.step(self, plan, conn, &mut outstanding).await {
+                Ok(Step::Wrote) => {
+                    summary.documents(change.documents - before);
+                    wrote.push(change);
+                }
+                Ok(Step::Waiting) => waiting.push(change),
+                Ok(Step::Finished) => {
+                    summary.finished(change.documents - before);
+                    self.finished(&change);
+                    settled.push((change.job.id, Outcome::Completed));
+                }
+                // The job is another bridge's now.
+                Ok(Step::Lost) => {}
+                // PostgreSQL went away: every change keeps its place and its lease until
+                // the connection is back.
+                Err(error) if conn.is_closed() => {
+                    self.failed(None, &error);
+                    waiting.push(change);
+                    waiting.extend(active.drain(..));
+                }
+                Err(error) => {
+                    self.failed(Some(&change.job), &error);
+                    settled.push((change.job.id, retry(&error)));
                 }
             }
-            (tuple, after) = (next_tuple, next_after);
         }
-        self.metrics.changes.get_or_create(&label).inc();
+        let progressed = !wrote.is_empty();
+        active.extend(waiting);
+        active.extend(wrote);
+        self.settle(&settled).await;
+        progressed
+    }
+
+    fn finished(&self, change: &Change) {
+        let job = &change.job;
+        tracing::debug!(job = job.id, relation = %job.table_name, documents = change.documents, "fan-out finished");
+        self.metrics
+            .changes
+            .get_or_create(&RelationLabel {
+                relation: job.table_name.clone(),
+            })
+            .inc();
         let mut s = self.status.lock();
-        let documents = s.current.as_ref().map_or(0, |(_, _, n)| *n);
-        tracing::info!(job = job.id, relation = %job.table_name, documents, "fan-out finished");
         s.jobs_done += 1;
-        s.current = None;
         s.last_progress_at = Some(SystemTime::now());
-        Ok(true)
     }
 
-    /// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting only the
-    /// pending ones let the bridge move a fan-out into RabbitMQ faster than the consumer
-    /// indexes it, and every other change of the table queued behind it there (measured:
-    /// edits of other listings took 25 s at p50 during a 100,000-document fan-out, 1.8 s
-    /// counting all three). Three counts rather than `status IN (…)`: each is answered from
-    /// its state's partial index (the `IN` form cost PostgreSQL three times the CPU).
-    async fn outstanding(&self, client: &tokio_postgres::Client, plan: &Plan) -> Result<i64> {
-        Ok(client
-            .query_one(&plan.sql.outstanding, &[&plan.documents])
-            .await
-            .map_err(|e| Error::postgres("counting the REBUILD jobs not yet indexed", e))?
-            .get(0))
-    }
-}
-
-/// The related rows a change touches: the row (insert, delete), or the new one and, when its
-/// joined columns changed, the old one too.
-fn related_rows(job: &Job, relation: &Relation) -> Vec<Value> {
-    match job.operation {
-        Operation::Update => {
-            let (old, new) = (&job.change_data["old"], &job.change_data["new"]);
-            let moved = relation.related_columns.iter().any(|c| old[c] != new[c]);
-            if moved {
-                vec![new.clone(), old.clone()]
-            } else {
-                vec![new.clone()]
+    /// Records an error (of `job`'s fan-out, or of the connection).
+    fn failed(&self, job: Option<&Job>, error: &Error) {
+        match job {
+            Some(job) => {
+                tracing::warn!(job = job.id, table = %job.table_name, %error, "fan-out failed; retrying after backoff");
+            }
+            None => {
+                tracing::warn!(%error, "fan-out cannot reach PostgreSQL; its changes keep their place");
             }
         }
-        _ => vec![job.change_data.clone()],
+        let mut s = self.status.lock();
+        s.errors += 1;
+        s.last_error = Some((SystemTime::now(), error.to_string()));
     }
-}
 
-/// Where a fan-out resumes: which related row, after which document key.
-fn progress_of(change_data: &Value) -> (usize, Option<String>) {
-    let progress = &change_data["fanout"];
-    let tuple = progress["tuple"]
-        .as_u64()
-        .and_then(|t| usize::try_from(t).ok())
-        .unwrap_or(0);
-    let after = progress["after"].as_str().map(str::to_owned);
-    (tuple, after)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event_type::FieldType;
-
-    fn job(operation: Operation, change_data: Value) -> Job {
-        Job {
-            id: 1,
-            table_name: "listings#images".into(),
-            operation,
-            record_id: "9".into(),
-            change_data,
-            retry_count: 0,
-            created_at: SystemTime::UNIX_EPOCH,
-            traceparent: None,
-            claim: crate::outbox::ClaimKind::Fresh,
+    async fn settle(&self, reports: &[(i64, Outcome)]) {
+        if reports.is_empty() {
+            return;
+        }
+        if let Err(error) = self.outbox.settle(reports).await {
+            tracing::warn!(%error, jobs = reports.len(), "cannot record the fan-outs' outcome; they run again after their lease");
         }
     }
 
-    #[test]
-    fn a_moved_child_rebuilds_both_documents_and_an_edit_one() {
-        let images = Relation::children("images", "listing_images", &["listing_id"], &["id"])
-            .field("url", FieldType::Long);
-        let moved = job(
-            Operation::Update,
-            json!({"old": {"listing_id": 1, "url": "a"}, "new": {"listing_id": 2, "url": "a"}}),
-        );
-        assert_eq!(related_rows(&moved, &images).len(), 2);
-        let edited = job(
-            Operation::Update,
-            json!({"old": {"listing_id": 1, "url": "a"}, "new": {"listing_id": 1, "url": "b"}}),
-        );
-        assert_eq!(
-            related_rows(&edited, &images),
-            vec![json!({"listing_id": 1, "url": "b"})]
-        );
-        let added = job(Operation::Insert, json!({"listing_id": 3}));
-        assert_eq!(
-            related_rows(&added, &images),
-            vec![json!({"listing_id": 3})]
-        );
+    /// Gives back every change it holds, and what the stream claimed as it ended: `pending`
+    /// again with the progress of their last page, for the next bridge to take at once.
+    async fn release(&self, active: VecDeque<Change>, claims: &mut Claims) {
+        let mut reports: Vec<(i64, Outcome)> = active
+            .iter()
+            .map(|c| (c.job.id, Outcome::Released))
+            .collect();
+        while let Some(batch) = claims.next().await {
+            reports.extend(batch.iter().map(|j| (j.id, Outcome::Released)));
+        }
+        if reports.is_empty() {
+            return;
+        }
+        match self.outbox.settle(&reports).await {
+            Ok(settled) => tracing::info!(
+                released = settled.changed.len(),
+                "shutting down: gave the fan-outs in progress back; the next bridge resumes them where their last page ended"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                count = reports.len(),
+                "shutting down: could not give the fan-outs in progress back; they return when their lease expires"
+            ),
+        }
     }
 
-    #[test]
-    fn progress_resumes_where_the_last_page_ended() {
-        assert_eq!(progress_of(&json!({"id": 1})), (0, None));
-        assert_eq!(
-            progress_of(&json!({"fanout": {"tuple": 1, "after": "42"}})),
-            (1, Some("42".to_owned()))
-        );
+    /// The fan-out's connection, opened again when it broke.
+    async fn connection<'c>(
+        &self,
+        client: &'c mut Option<tokio_postgres::Client>,
+    ) -> Result<&'c mut tokio_postgres::Client> {
+        let conn = match client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => crate::connect::postgres_as(&self.url, "benalsam-fanout").await?,
+        };
+        Ok(client.insert(conn))
+    }
+}
+
+/// A failed fan-out: retried after its backoff.
+fn retry(error: &Error) -> Outcome {
+    Outcome::Failed {
+        error: error.to_string(),
+        retry: true,
     }
 }

@@ -35,9 +35,11 @@
 //! documents written before the event type was joined stay below the new ones.
 
 mod fanout;
+mod page;
 mod read;
 mod sql;
+mod status;
 
-pub use fanout::FanOutStatus;
 pub(crate) use fanout::{DEFAULT_FANOUT_PAGE, FanOut};
 pub(crate) use read::{Read, read_joined};
+pub use status::FanOutStatus;

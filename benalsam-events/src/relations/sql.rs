@@ -106,13 +106,49 @@ impl ReadSql {
     }
 }
 
+/// ` AND <the row's status is searchable>` when the event type has a status policy: the
+/// same test as the consumer's (`DocumentSpec::build_row`), on the same JSON value of the
+/// column, so a document the fan-out skips is one the consumer would delete.
+fn searchable_only(event_type: &EventType) -> String {
+    let (Some(statuses), Some(column)) = (
+        &event_type.document.searchable_statuses,
+        &event_type.status_column,
+    ) else {
+        return String::new();
+    };
+    let literals: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.replace('\'', "''")))
+        .collect();
+    if literals.is_empty() {
+        return " AND false".to_owned();
+    }
+    format!(
+        " AND jsonb_typeof(to_jsonb(d.\"{column}\")) = 'string' \
+         AND to_jsonb(d.\"{column}\") #>> '{{}}' IN ({})",
+        literals.join(", ")
+    )
+}
+
 /// The SQL of one relation's fan-out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FanOutSql {
     /// One page of REBUILD jobs: `$1` the related row, `$2` the page size, `$3` the job
-    /// table name of the documents, `$4` trace id, `$5` traceparent (and `$6` the last key
-    /// of the previous page, in `next`). Answers: documents in the page, jobs added, the
-    /// page's last key.
+    /// table name of the documents, `$4` trace id, `$5` traceparent, `$6` the related
+    /// change's `created_at` (and `$7` the last key of the previous page, in `next`).
+    /// Answers: documents in the page, jobs added, the page's last key.
+    ///
+    /// A REBUILD job is dated by the related change (`created_at = $6`), not by its own
+    /// insert: the consumer measures end-to-end latency from `created_at`, and for a joined
+    /// change that is the related row's commit. Nothing orders or leases by it (claims go by
+    /// id, leases by `locked_until`); the oldest-pending age then says how long the change has
+    /// waited, fan-out included.
+    ///
+    /// Documents the status policy keeps out of the index are not in the page: a REBUILD
+    /// job would only delete a document that is not there. Safe whatever the order of
+    /// commits: such a document got out of the index by a change of its own row (its own job
+    /// deletes it, or did), and when its status changes back, that UPDATE's job reads the
+    /// joined view after this related change committed.
     pub(crate) first: String,
     pub(crate) next: String,
     /// Records progress and renews the lease: `$1` job id, `$2` progress, `$3` lease
@@ -139,14 +175,15 @@ impl FanOutSql {
             })
             .collect::<Vec<_>>()
             .join(" AND ");
+        let searchable = searchable_only(event_type);
         let page = |after: &str| {
             format!(
                 "WITH page AS ( \
-                   SELECT d.\"{key}\" AS k FROM {table} d WHERE {matches}{after} \
+                   SELECT d.\"{key}\" AS k FROM {table} d WHERE {matches}{searchable}{after} \
                    ORDER BY d.\"{key}\" LIMIT $2), \
                  added AS ( \
-                   INSERT INTO {queue} (table_name, operation, record_id, change_data, trace_id, traceparent) \
-                   SELECT $3::text, 'REBUILD', to_jsonb(p.k) #>> '{{}}', '{{}}'::jsonb, $4::text, $5::text FROM page p \
+                   INSERT INTO {queue} (table_name, operation, record_id, change_data, trace_id, traceparent, created_at) \
+                   SELECT $3::text, 'REBUILD', to_jsonb(p.k) #>> '{{}}', '{{}}'::jsonb, $4::text, $5::text, $6::timestamptz FROM page p \
                    WHERE NOT EXISTS (SELECT 1 FROM {queue} q WHERE q.table_name = $3::text \
                      AND q.record_id = to_jsonb(p.k) #>> '{{}}' AND q.status = 'pending' AND q.operation = 'REBUILD') \
                    RETURNING 1) \
@@ -158,7 +195,7 @@ impl FanOutSql {
             first: page(""),
             next: page(&format!(
                 " AND d.\"{key}\" > {}",
-                typed_key(&table, key, "$6::text")
+                typed_key(&table, key, "$7::text")
             )),
             outstanding: {
                 let count = |status: &str| {
@@ -236,9 +273,29 @@ mod tests {
         assert!(sql.first.contains(
             "d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""
         ));
-        assert!(!sql.first.contains("$6"));
+        assert!(!sql.first.contains("$7"));
+        assert!(
+            sql.first.contains("$6::timestamptz"),
+            "dated by the related change"
+        );
         assert!(sql.next.contains("d.\"id\" > "));
         assert!(sql.first.contains("NOT EXISTS"));
         assert!(sql.progress.contains("locked_by = $4"));
+    }
+
+    #[test]
+    fn a_fan_out_leaves_out_documents_the_status_policy_excludes() {
+        let mut event_type = joined();
+        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        assert!(!sql.first.contains("jsonb_typeof"), "no policy, no filter");
+        event_type.status_column = Some("status".into());
+        event_type.document.searchable_statuses = Some(vec!["active".into(), "it's".into()]);
+        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        for page in [&sql.first, &sql.next] {
+            assert!(
+                page.contains("to_jsonb(d.\"status\") #>> '{}' IN ('active', 'it''s')"),
+                "{page}"
+            );
+        }
     }
 }

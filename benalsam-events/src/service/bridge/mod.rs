@@ -129,7 +129,7 @@ pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> R
     if !prepare(&settings, &service, &shutdown).await? {
         return Ok(());
     }
-    let (jobs, publisher) = parts.start(&settings, &mut service, &monitor)?;
+    let (jobs, publisher, outbox) = parts.start(&settings, &mut service, &monitor)?;
     service.readiness.ready();
     tracing::info!("bridge running");
 
@@ -147,14 +147,34 @@ pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> R
         () = grace => {
             tracing::warn!(
                 grace = ?settings.shutdown_grace,
-                "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs return after their lease"
+                "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs are given back and published again"
             );
             Ok(())
         }
     };
     service.stop().await;
+    release_held(&outbox).await;
     tracing::info!("bridge stopped");
     result
+}
+
+/// Gives back whatever the stopped bridge still holds, so the next bridge takes it at once
+/// rather than after the lease: jobs the publisher had not published when the grace ran out,
+/// changes the fan-out claimed as it stopped. Every part has stopped by now, so nothing of
+/// this worker will report them any more; a job whose message did reach RabbitMQ is
+/// published again, which the consumer's versions make harmless (as after a lease).
+async fn release_held(outbox: &Outbox) {
+    match outbox.release_held().await {
+        Ok(released) if released.is_empty() => {}
+        Ok(released) => tracing::info!(
+            released = released.len(),
+            "shutting down: gave the jobs still claimed back"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "shutting down: could not give the jobs still claimed back; they return when their lease expires"
+        ),
+    }
 }
 
 /// The start-up steps: migrations when asked, the topology. False when shutdown came first.
@@ -209,6 +229,8 @@ struct Parts {
     resender: Resender,
     fan_out: Option<FanOut>,
     monitor: BridgeMonitor,
+    /// The outbox, for giving back what the bridge holds when it stops.
+    outbox: Outbox,
 }
 
 impl Parts {
@@ -238,7 +260,8 @@ impl Parts {
             publisher_config,
         )
         .with_metrics(&service.metrics);
-        let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
+        let resender =
+            Resender::new(outbox.clone(), settings.resend_after)?.with_metrics(&service.metrics);
         let fan_out = FanOut::new(
             &settings.database_url,
             &settings.outbox,
@@ -275,17 +298,18 @@ impl Parts {
             resender,
             fan_out,
             monitor,
+            outbox,
         })
     }
 
     /// Starts the resender and the heartbeat and hands the monitor to the health checks;
-    /// returns the stream and the publisher for the caller to connect.
+    /// returns the stream and the publisher for the caller to connect, and the outbox.
     fn start(
         self,
         settings: &BridgeSettings,
         service: &mut Service,
         monitor: &OnceLock<BridgeMonitor>,
-    ) -> Result<(JobStream, Publisher)> {
+    ) -> Result<(JobStream, Publisher, Outbox)> {
         if let Some(interval) = settings.heartbeat_interval {
             let beat = self.monitor.clone();
             let heartbeat = Heartbeat::new(
@@ -301,7 +325,7 @@ impl Parts {
             service.spawn(fan_out.run(service.background()));
         }
         let _ = monitor.set(self.monitor);
-        Ok((self.jobs, self.publisher))
+        Ok((self.jobs, self.publisher, self.outbox))
     }
 }
 
