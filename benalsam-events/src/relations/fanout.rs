@@ -59,6 +59,9 @@ const MOST_ACTIVE: usize = 32;
 /// Changes claimed at a time (a claim is taken only while there is room for a full one).
 const CLAIM: usize = 8;
 
+/// How long the fan-out waits before it connects again after PostgreSQL refused.
+const OUTAGE_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a round in which no change could write waits before the next (unless a new
 /// change arrives first).
 const IDLE_ROUND: Duration = Duration::from_millis(100);
@@ -181,6 +184,11 @@ impl Worker {
                 Ok(conn) => self.round(conn, &mut active, &mut summary).await,
                 Err(error) => {
                     self.failed(None, &error);
+                    // A second between attempts while PostgreSQL is away, not a round's.
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(OUTAGE_WAIT) => {}
+                    }
                     false
                 }
             };
