@@ -655,19 +655,21 @@ async fn fan_out(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    let writers = async {
-        let edits = match writer {
-            Some(writer) => Some(writer.await?),
-            None => None,
-        };
-        let small = match small {
-            Some(small) => Some(small.await?),
-            None => None,
-        };
-        Ok::<_, BoxError>((edits, small))
+    // The edit writer and the small renames run together, beside the watch.
+    let edits = async {
+        match writer {
+            Some(writer) => writer.await.map(Some),
+            None => Ok(None),
+        }
     };
-    let (searchable, writers) = tokio::join!(watch, writers);
-    let (searchable, (edits, small)) = (searchable?, writers?);
+    let small = async {
+        match small {
+            Some(small) => small.await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (searchable, edits, small) = tokio::join!(watch, edits, small);
+    let (searchable, edits, small) = (searchable?, edits?, small?);
     let after = common::cpu_by_process(&own)?;
     let rss_peak = peak.finish().await?;
     wait_completed(env, first, Duration::from_secs(1800)).await?;
