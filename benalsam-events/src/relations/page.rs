@@ -43,6 +43,8 @@ pub(super) struct Change {
     renewed: Instant,
     /// Documents paged so far by this bridge.
     pub(super) documents: u64,
+    /// Whether this bridge wrote a page of it yet.
+    started: bool,
     trace_id: Option<String>,
     label: RelationLabel,
 }
@@ -66,6 +68,7 @@ impl Change {
             after,
             renewed: Instant::now(),
             documents: 0,
+            started: false,
             trace_id,
             label,
         }
@@ -76,9 +79,9 @@ impl Change {
         self.tuple > 0 || self.after.is_some()
     }
 
-    /// One turn: a page when the documents' table has room for one (`outstanding` caches
-    /// its REBUILD jobs not yet indexed for this round, and counts the pages written in it),
-    /// else a wait.
+    /// One turn: a page when the documents' table has room for one, or when it is the
+    /// change's first (`outstanding` caches the table's REBUILD jobs not yet indexed for
+    /// this round, and counts the pages written in it), else a wait.
     pub(super) async fn step(
         &mut self,
         worker: &Worker,
@@ -97,7 +100,10 @@ impl Change {
                 n
             }
         };
-        if queued > 2 * worker.page {
+        // A change's first page does not wait for the table's room: a small change (one
+        // page) then queues behind at most the pages already out, not behind the room those
+        // pages must first make. Still bounded: one page per change in progress.
+        if queued > 2 * worker.page && self.started {
             return self.wait(worker, plan, conn).await;
         }
         let Some((found, added)) = self.page(worker, plan, conn).await? else {
@@ -206,6 +212,7 @@ impl Change {
         tx.commit().await.map_err(fail)?;
         (self.tuple, self.after) = (tuple, after);
         self.renewed = Instant::now();
+        self.started = true;
         Ok(Some((found, added)))
     }
 
