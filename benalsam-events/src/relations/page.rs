@@ -106,11 +106,11 @@ impl Change {
         if queued > 2 * worker.page && self.started {
             return self.wait(worker, plan, conn).await;
         }
-        let Some((found, added)) = self.page(worker, plan, conn).await? else {
+        let Some((found, kept, added)) = self.page(worker, plan, conn).await? else {
             return Ok(Step::Lost);
         };
         *outstanding.entry(plan.documents.clone()).or_default() += added;
-        self.record(worker, found, added);
+        self.record(worker, found, kept, added);
         Ok(if self.tuple >= self.rows.len() {
             Step::Finished
         } else {
@@ -152,13 +152,14 @@ impl Change {
 
     /// Writes one page in one transaction: its REBUILD jobs, the progress and the lease.
     /// `None` (the page undone) when the lease ran out and another bridge has the job;
-    /// otherwise the documents of the page and the jobs added (the others had one waiting).
+    /// otherwise the documents of the page, those the status policy keeps, and the jobs
+    /// added (the other kept ones had one waiting).
     async fn page(
         &mut self,
         worker: &Worker,
         plan: &Plan,
         conn: &mut tokio_postgres::Client,
-    ) -> Result<Option<(i64, i64)>> {
+    ) -> Result<Option<(i64, i64, i64)>> {
         let config = worker.outbox.config();
         let job = &self.job;
         let fail = |e| Error::postgres(format!("fanning out job {}", job.id), e);
@@ -180,8 +181,8 @@ impl Change {
             }
         }
         .map_err(fail)?;
-        let (found, added, last): (i64, i64, Option<String>) =
-            (page.get(0), page.get(1), page.get(2));
+        let (found, added, last, kept): (i64, i64, Option<String>, i64) =
+            (page.get(0), page.get(1), page.get(2), page.get(3));
         let (tuple, after) = if found < worker.page {
             (self.tuple + 1, None)
         } else {
@@ -213,13 +214,17 @@ impl Change {
         (self.tuple, self.after) = (tuple, after);
         self.renewed = Instant::now();
         self.started = true;
-        Ok(Some((found, added)))
+        Ok(Some((found, kept, added)))
     }
 
     /// Counts a written page in the fan-out's status and metrics.
-    fn record(&mut self, worker: &Worker, found: i64, added: i64) {
-        let (found, added) = (found.unsigned_abs(), added.unsigned_abs());
-        let coalesced = found - added.min(found);
+    fn record(&mut self, worker: &Worker, found: i64, kept: i64, added: i64) {
+        let (found, kept, added) = (
+            found.unsigned_abs(),
+            kept.unsigned_abs(),
+            added.unsigned_abs(),
+        );
+        let coalesced = kept - added.min(kept);
         worker
             .metrics
             .documents
