@@ -22,6 +22,11 @@
 //!    nothing else running, then during the largest fan-out; latency from each edit's commit
 //!    until a search finds the new title (one `terms` search of every edit still unseen,
 //!    every 100 ms), and commit → completed from the queue.
+//! 4. Small related changes meanwhile: during the largest fan-out, one of the other sellers
+//!    (a few hundred listings each) is renamed every `1 / BENCH_SMALL_RATE` seconds (default
+//!    1 per second); latency from each rename's commit until a search counts every listing
+//!    of that seller under the new name (one `terms` aggregation of the names still unseen,
+//!    every 100 ms). The goal is 2 s at p99 during a 100,000-document fan-out.
 //!
 //! ```text
 //! scripts/stack up
@@ -469,10 +474,120 @@ struct FanOut {
     wal_per_document: f64,
     /// Edits of other listings measured meanwhile.
     edits: Option<Edits>,
+    /// Renames of other sellers measured meanwhile: commit → searchable, ms, sorted.
+    small: Option<Vec<f64>>,
+}
+
+/// Renames the sellers of `small` (id, listings) one after the other, `rate` per second,
+/// until `stop` is set or each was renamed once; returns, sorted, the ms from each rename's
+/// commit until a search counted all its listings under the new name.
+async fn small_renames(
+    env: &BenchEnv,
+    es: &Elasticsearch,
+    alias: &str,
+    small: &[(String, i64)],
+    rate: f64,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<f64>, BoxError> {
+    let db = env.db_url.connect().await?;
+    db.batch_execute(&format!("SET search_path TO {}", env.name))
+        .await?;
+    // Name → (listings, commit).
+    let unseen: Arc<Mutex<Vec<(String, i64, Instant)>>> = Arc::default();
+    let writing = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (unseen, writing) = (unseen.clone(), writing.clone());
+        async move {
+            let mut found = Vec::new();
+            let started = Instant::now();
+            loop {
+                let names: Vec<String> = unseen
+                    .lock()
+                    .map_err(|_| "poisoned")?
+                    .iter()
+                    .map(|(n, _, _)| n.clone())
+                    .collect();
+                if names.is_empty() && !writing.load(Ordering::Relaxed) {
+                    return Ok::<_, BoxError>(found);
+                }
+                if started.elapsed() > Duration::from_secs(1800) {
+                    return Err("small renames not searchable after 30 minutes".into());
+                }
+                if !names.is_empty() {
+                    let answer = es_json(
+                        es,
+                        Method::Post,
+                        &format!("/{alias}/_search"),
+                        Some(json!({
+                            "size": 0,
+                            "query": {"terms": {"seller.display_name.raw": names}},
+                            "aggs": {"by": {"terms": {"field": "seller.display_name.raw", "size": names.len()}}},
+                        })),
+                    )
+                    .await?;
+                    let now = Instant::now();
+                    let buckets = answer["aggregations"]["by"]["buckets"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let mut unseen = unseen.lock().map_err(|_| "poisoned")?;
+                    for bucket in buckets {
+                        let (Some(name), Some(count)) =
+                            (bucket["key"].as_str(), bucket["doc_count"].as_i64())
+                        else {
+                            continue;
+                        };
+                        if let Some(i) = unseen
+                            .iter()
+                            .position(|(n, all, _)| n == name && count >= *all)
+                        {
+                            let (_, _, committed) = unseen.swap_remove(i);
+                            found.push((now - committed).as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let write = async {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for (i, (seller, listings)) in small.iter().enumerate() {
+            ticks.tick().await;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let name = format!("Küçük Satıcı {i}");
+            let renamed = db
+                .execute(
+                    "UPDATE users SET display_name = $2 WHERE id = $1::text::uuid",
+                    &[seller, &name],
+                )
+                .await;
+            if let Err(error) = renamed {
+                writing.store(false, Ordering::Relaxed);
+                return Err::<(), BoxError>(error.into());
+            }
+            let committed = Instant::now();
+            unseen
+                .lock()
+                .map_err(|_| "poisoned")?
+                .push((name, *listings, committed));
+        }
+        writing.store(false, Ordering::Relaxed);
+        Ok(())
+    };
+    let (found, written) = tokio::join!(watcher, write);
+    written?;
+    let mut found = found?;
+    found.sort_by(f64::total_cmp);
+    Ok(found)
 }
 
 /// Renames `seller` (who has `n` listings) to `name` and measures until every document
-/// shows it; `edits` runs the edit writer meanwhile on those listings.
+/// shows it; `edits` runs the edit writer meanwhile on those listings, `small` renames those
+/// sellers meanwhile at that rate.
 #[allow(clippy::too_many_arguments)]
 async fn fan_out(
     env: &BenchEnv,
@@ -483,6 +598,7 @@ async fn fan_out(
     name: &str,
     n: i64,
     edit: Option<(&[String], f64)>,
+    small: Option<(&[(String, i64)], f64)>,
 ) -> Result<FanOut, BoxError> {
     let first = max_job(env).await?;
     let own = [
@@ -519,12 +635,17 @@ async fn fan_out(
             name,
         )
     });
+    // The small renames stop with the big fan-out (or when every seller was renamed once).
+    let small_stop = Arc::new(AtomicBool::new(false));
+    let small = small
+        .map(|(sellers, rate)| small_renames(env, es, alias, sellers, rate, small_stop.clone()));
     let watch = async {
         loop {
             let seen = count_by_seller(es, alias, name).await?;
             if seen >= n as u64 {
                 let took = started.elapsed().as_secs_f64();
                 stop.store(true, Ordering::Relaxed);
+                small_stop.store(true, Ordering::Relaxed);
                 return Ok::<_, BoxError>(took);
             }
             if started.elapsed() > Duration::from_secs(1800) {
@@ -533,13 +654,21 @@ async fn fan_out(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    let (searchable, edits) = match writer {
-        Some(writer) => {
-            let (searchable, edits) = tokio::join!(watch, writer);
-            (searchable?, Some(edits?))
+    // The edit writer and the small renames run together, beside the watch.
+    let edits = async {
+        match writer {
+            Some(writer) => writer.await.map(Some),
+            None => Ok(None),
         }
-        None => (watch.await?, None),
     };
+    let small = async {
+        match small {
+            Some(small) => small.await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (searchable, edits, small) = tokio::join!(watch, edits, small);
+    let (searchable, edits, small) = (searchable?, edits?, small?);
     let after = common::cpu_by_process(&own)?;
     let rss_peak = peak.finish().await?;
     wait_completed(env, first, Duration::from_secs(1800)).await?;
@@ -555,8 +684,9 @@ async fn fan_out(
         .client
         .query_one(
             "SELECT extract(epoch FROM completed_at - created_at)::float8
-             FROM elasticsearch_sync_queue WHERE id > $1 AND table_name = 'listings#seller'",
-            &[&first],
+             FROM elasticsearch_sync_queue WHERE id > $1 AND table_name = 'listings#seller'
+               AND record_id = $2",
+            &[&first, &seller],
         )
         .await?;
     let written: f64 = row.get(0);
@@ -565,10 +695,11 @@ async fn fan_out(
         .query_one(
             "SELECT count(*),
                     extract(epoch FROM max(q.completed_at) - (SELECT created_at FROM elasticsearch_sync_queue
-                        WHERE id > $1 AND table_name = 'listings#seller'))::float8,
+                        WHERE id > $1 AND table_name = 'listings#seller' AND record_id = $2))::float8,
                     avg(pg_column_size(q.*))::float8
-             FROM elasticsearch_sync_queue q WHERE id > $1 AND operation = 'REBUILD'",
-            &[&first],
+             FROM elasticsearch_sync_queue q JOIN listings l ON l.id::text = q.record_id
+             WHERE q.id > $1 AND q.operation = 'REBUILD' AND l.user_id = $2::text::uuid",
+            &[&first, &seller],
         )
         .await?;
     let documents: i64 = row.get(0);
@@ -583,6 +714,7 @@ async fn fan_out(
         row_bytes: row.get(2),
         wal_per_document: wal / documents.max(1) as f64,
         edits,
+        small,
     })
 }
 
@@ -613,6 +745,7 @@ async fn main() -> Result<(), BoxError> {
     let capacity_jobs: i64 = setting("BENCH_CAPACITY_JOBS", 20_000)?;
     let edit_rate: f64 = setting("BENCH_EDIT_RATE", 20.0)?;
     let edit_seconds: f64 = setting("BENCH_EDIT_SECONDS", 20.0)?;
+    let small_rate: f64 = setting("BENCH_SMALL_RATE", 1.0)?;
     let mut sizes: Vec<i64> = std::env::var("BENCH_FANOUT_SIZES")
         .unwrap_or_else(|_| "20000,100000".to_owned())
         .split(',')
@@ -698,10 +831,23 @@ async fn main() -> Result<(), BoxError> {
     )
     .await?;
 
+    // The other sellers, with their listings: each rename is a small fan-out.
+    let small: Vec<(String, i64)> = env
+        .client
+        .query(
+            "SELECT user_id::text, count(*) FROM listings WHERE user_id = ANY($1::text[]::uuid[])
+             GROUP BY 1 ORDER BY 1",
+            &[&others],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let mut fan_outs = Vec::new();
     for (store, n) in stores.iter().zip(&sizes) {
         eprintln!("[4/4] a seller of {n} listings renamed");
         let edit = (*n == largest).then_some((editable.as_slice(), edit_rate));
+        let small = (*n == largest).then_some((small.as_slice(), small_rate));
         let renamed = format!("Mağaza {n} Yeni");
         fan_outs.push(
             fan_out(
@@ -713,6 +859,7 @@ async fn main() -> Result<(), BoxError> {
                 &renamed,
                 *n,
                 edit,
+                small,
             )
             .await?,
         );
@@ -815,6 +962,17 @@ async fn main() -> Result<(), BoxError> {
             e.completed[1],
             e.completed[2]
         );
+    }
+
+    if let Some(renames) = fan_outs.last().and_then(|f| f.small.as_ref()) {
+        let fewest = small.iter().map(|(_, n)| *n).min().unwrap_or(0);
+        let most = small.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        println!(
+            "\nSmall related changes during the {largest}-document fan-out (another seller of {fewest}–{most} listings renamed, {small_rate}/s):\n"
+        );
+        println!("| renames | commit → all its listings searchable p50 / p99 / max |");
+        println!("|---:|---:|");
+        println!("| {} | {} |", renames.len(), ms(renames));
     }
 
     println!("\nOutbox rows and WAL:\n");

@@ -36,8 +36,9 @@
 //! | [`bridge`], [`consumer`] | the two services as functions: [`bridge::run`], [`consumer::run`] (and their health verdicts, heartbeats) |
 //! | [`consume`] | messages into the index, one file per stage: source → admit → batch → verify → build / join → write → truncate → settle, composed by the [`Indexer`]; dead letters |
 //! | [`publish`] | jobs into messages: routing, the AMQP side of the [`Envelope`], the [`Topology`], the [`Publisher`] sink |
+//! | [`relations`] | joined documents: the joined read and the fan-out of related-row changes (fair across changes, claims given back on stop), their SQL |
 //! | [`search`] | everything that speaks the search engine's dialect: client and nodes, bulk requests and answers, mappings, delete queries |
-//! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations and grants, the job state machine, the fan-out of relations |
+//! | [`outbox`] | the job table: [`Outbox`] (claim, settle, maintenance), [`JobStream`], migrations and grants, the job state machine, relations against the catalog |
 //! | [`event_type`] | the model: [`EventType`] (one table from trigger to index, in code or from a TOML file), documents as data, relations, the change data ([`Envelope`], [`Action`], [`DocumentBuilder`]) |
 //! | [`ops`] | observability: health answers and server, [`Metrics`]; spans and their trace context across the broker (installing a subscriber or an exporter is the application's: the binaries do it in `benalsam-cli`) |
 //! | [`config`] | service URLs that never print a password, secrets from files; opening connections as the library does ([`DatabaseUrl::connect`], [`AmqpUrl::connect`], [`SearchUrl::client`]) |
@@ -90,6 +91,7 @@ pub mod ops;
 pub mod outbox;
 pub mod publish;
 mod queue_type;
+pub mod relations;
 pub mod search;
 #[cfg(any(feature = "bridge", feature = "consumer"))]
 mod service;

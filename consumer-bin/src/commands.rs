@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
-use benalsam_events::outbox::{JobSelection, Verdict};
+use benalsam_events::outbox::JobSelection;
+use benalsam_events::relations::Verdict;
 use benalsam_events::search::{self, SearchNodes};
 use clap::{Parser, Subcommand};
 

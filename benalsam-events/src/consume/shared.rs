@@ -12,7 +12,8 @@ use crate::consume::IndexerConfig;
 use crate::consume::pace::{Answer, Pace};
 use crate::consume::record::{IndexerEvent, IndexerRecorder};
 use crate::ops::metrics::OfType;
-use crate::outbox::{Outbox, Outcome, Read, Recorded, Settle, Settled};
+use crate::outbox::{Outbox, Outcome, Recorded, Settle, Settled};
+use crate::relations::Read;
 use crate::search::SearchNodes;
 use crate::{EventType, Result};
 
@@ -107,7 +108,7 @@ impl Ledger for Outbox {
         event_type: &'a EventType,
         ids: &'a [String],
     ) -> BoxFuture<'a, Result<Read>> {
-        Box::pin(Outbox::read_joined(self, event_type, ids))
+        Box::pin(crate::relations::read_joined(self, event_type, ids))
     }
 }
 

@@ -20,9 +20,8 @@
 
 mod backfill;
 mod backlog;
+mod catalog;
 mod config;
-mod document;
-mod fanout;
 mod grants;
 mod job;
 mod listener;
@@ -32,7 +31,6 @@ mod migrate;
 mod queue;
 #[cfg(feature = "consumer")]
 mod reindex;
-mod relations;
 mod resender;
 mod settle;
 mod sql;
@@ -41,11 +39,8 @@ mod stream;
 
 pub use backfill::BackfillProgress;
 pub use backlog::Backlog;
+pub(crate) use catalog::check_catalog;
 pub use config::OutboxConfig;
-pub use document::{DocumentPreview, Verdict};
-pub(crate) use fanout::DEFAULT_FANOUT_PAGE;
-pub(crate) use fanout::FanOut;
-pub use fanout::FanOutStatus;
 pub(crate) use job::{ClaimKind, JobStatus};
 pub use job::{Job, Operation};
 pub(crate) use lookup::Recorded;
@@ -56,7 +51,6 @@ pub(crate) use migrate::migrate;
 pub use queue::Outbox;
 #[cfg(feature = "consumer")]
 pub(crate) use reindex::{Phase, ReindexRecord, ReindexRow};
-pub(crate) use relations::{Read, check_catalog};
 pub(crate) use resender::{Resender, ResenderStatus};
 pub use settle::{Outcome, Settle, Settled};
 pub(crate) use stream::DEFAULT_CHANNEL;

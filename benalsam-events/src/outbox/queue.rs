@@ -33,8 +33,8 @@ struct Inner {
     sql_busy: String,
     sql_idle: String,
     conn: Mutex<Option<Conn>>,
-    /// A connection of its own for reading joined documents: their read is a transaction,
-    /// which the shared, pipelined connection cannot hold.
+    /// A connection of its own for transactions (reading joined documents), which the
+    /// shared, pipelined connection cannot hold.
     joined: Mutex<Option<Client>>,
 }
 
@@ -113,24 +113,33 @@ impl Outbox {
         Ok(conn)
     }
 
-    /// Reads the documents `ids` of the joined `event_type` with their related rows, under a
-    /// fresh version (see `outbox/relations.rs` for why this order converges).
-    pub(crate) async fn read_joined(
-        &self,
-        event_type: &crate::EventType,
-        ids: &[String],
-    ) -> Result<crate::outbox::Read> {
-        let mut slot = self.inner.joined.lock().await;
-        let mut client = match slot.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => crate::connect::postgres_as(&self.inner.url, "benalsam-joined").await?,
-        };
-        let sql = super::relations::ReadSql::new(&self.inner.config.schema, event_type);
-        let read = super::relations::read(&mut client, &sql, event_type, ids).await;
-        if !client.is_closed() {
-            *slot = Some(client);
-        }
-        read
+    /// The outbox's connection for transactions, opened by the caller on first use (the
+    /// joined read of `relations/` uses it): the shared, pipelined connection cannot hold one.
+    pub(crate) async fn transaction_client(&self) -> tokio::sync::MutexGuard<'_, Option<Client>> {
+        self.inner.joined.lock().await
+    }
+
+    /// Gives back every job its worker still holds (`processing` under its lease, whatever
+    /// the table), and returns their ids: the last step of a stopping claimer whose parts
+    /// could not report everything they held. Only for a worker id no running part uses any
+    /// more: a job given back while its publish was on its way is published again (as after
+    /// its lease, only sooner).
+    pub(crate) async fn release_held(&self) -> Result<Vec<i64>> {
+        let conn = self.conn().await?;
+        let sql = format!(
+            "UPDATE \"{}\".elasticsearch_sync_queue q
+             SET status = '{}', locked_until = NULL, locked_by = NULL
+             WHERE {} RETURNING q.id",
+            self.inner.config.schema,
+            Move::Release.to().as_str(),
+            Move::Release.guard(Some("$1"))
+        );
+        let rows = conn
+            .client
+            .query(&sql, &[&self.inner.config.worker_id])
+            .await
+            .map_err(|e| Error::postgres(Move::Release.describe(), e))?;
+        Ok(sorted_ids(&rows))
     }
 
     /// Claims up to `limit` jobs of its tables: failed jobs whose backoff has elapsed first,

@@ -1,13 +1,16 @@
 //! The bridge's health verdicts: pure functions of the statuses, so they are tested
 //! without services.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::ops::{HealthReport, rfc3339, since};
-use crate::outbox::{FanOutStatus, JobStreamStatus, ResenderStatus};
+use crate::ops::{HealthReport, Live, rfc3339, since};
+use crate::outbox::{JobStreamStatus, ResenderStatus};
 use crate::publish::PublisherStatus;
+use crate::relations::FanOutStatus;
+use crate::service::{Check, check};
 
 /// The RabbitMQ verdict: unhealthy when not connected, when publishes failed within the
 /// `window` and none was confirmed since, or when messages wait for confirms that do not
@@ -253,6 +256,65 @@ fn database_problems(
         ));
     }
     problems
+}
+
+pub(super) fn checks(monitor: &Arc<OnceLock<BridgeMonitor>>) -> Vec<Check> {
+    vec![
+        check(
+            "/api/v1/health/database-trigger-bridge",
+            monitor,
+            BridgeMonitor::database,
+        ),
+        check("/api/v1/health/rabbitmq", monitor, BridgeMonitor::rabbitmq),
+    ]
+}
+
+/// What the bridge's health endpoints look at.
+#[derive(Debug, Clone)]
+pub(super) struct BridgeMonitor {
+    /// The tables this bridge claims.
+    pub(super) routed: Vec<String>,
+    /// Its fan-out, when its event types have relations.
+    pub(super) fan_out: Option<Live<FanOutStatus>>,
+    pub(super) stream: Live<JobStreamStatus>,
+    pub(super) publisher: Live<PublisherStatus>,
+    pub(super) resender: Live<ResenderStatus>,
+    pub(super) window: Duration,
+    pub(super) resend_after: Duration,
+    pub(super) broker: String,
+    pub(super) database: String,
+    /// The queue type it declares.
+    pub(super) queue_type: crate::config::QueueType,
+}
+
+impl BridgeMonitor {
+    pub(super) fn rabbitmq(&self) -> HealthReport {
+        let mut report = rabbitmq_report(
+            &self.publisher.snapshot(),
+            self.window,
+            &self.broker,
+            SystemTime::now(),
+        );
+        report.details["queueType"] = json!(self.queue_type.as_str());
+        report
+    }
+
+    pub(super) fn database(&self) -> HealthReport {
+        let now = SystemTime::now();
+        let report = database_report(
+            &self.stream.snapshot(),
+            &self.routed,
+            &self.resender.snapshot(),
+            self.window,
+            self.resend_after,
+            &self.database,
+            now,
+        );
+        match &self.fan_out {
+            Some(fan_out) => with_fan_out(report, &fan_out.snapshot(), self.window, now),
+            None => report,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,27 +11,23 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::EventType;
 use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
-use crate::ops::{HealthReport, Live};
-use crate::outbox::{
-    FanOut, FanOutStatus, JobStream, JobStreamConfig, JobStreamStatus, Outbox, OutboxConfig,
-    Resender, ResenderStatus,
-};
-use crate::publish::{Publisher, PublisherConfig, PublisherStatus, Topology, TopologyConfig};
+use crate::outbox::{JobStream, JobStreamConfig, Outbox, OutboxConfig, Resender};
+use crate::publish::{Publisher, PublisherConfig, Topology, TopologyConfig};
+use crate::relations::FanOut;
 use crate::service::Heartbeat;
-use crate::service::{Check, Service, check};
+use crate::service::Service;
 
 mod health;
 
-use health::{database_report, rabbitmq_report, with_fan_out};
+use health::{BridgeMonitor, checks};
 
 /// Everything [`run`] needs.
 #[derive(Debug, Clone)]
@@ -87,7 +83,7 @@ impl BridgeSettings {
             heartbeat_interval: Some(Duration::from_secs(30)),
             resend_after: Duration::from_secs(15 * 60),
             shutdown_grace: Duration::from_secs(30),
-            fanout_page: crate::outbox::DEFAULT_FANOUT_PAGE,
+            fanout_page: crate::relations::DEFAULT_FANOUT_PAGE,
         }
     }
 
@@ -129,7 +125,7 @@ pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> R
     if !prepare(&settings, &service, &shutdown).await? {
         return Ok(());
     }
-    let (jobs, publisher) = parts.start(&settings, &mut service, &monitor)?;
+    let (jobs, publisher, outbox) = parts.start(&settings, &mut service, &monitor)?;
     service.readiness.ready();
     tracing::info!("bridge running");
 
@@ -147,14 +143,34 @@ pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> R
         () = grace => {
             tracing::warn!(
                 grace = ?settings.shutdown_grace,
-                "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs return after their lease"
+                "shutdown did not finish in time (is RabbitMQ reachable?); unconfirmed jobs are given back and published again"
             );
             Ok(())
         }
     };
     service.stop().await;
+    release_held(&outbox).await;
     tracing::info!("bridge stopped");
     result
+}
+
+/// Gives back whatever the stopped bridge still holds, so the next bridge takes it at once
+/// rather than after the lease: jobs the publisher had not published when the grace ran out,
+/// changes the fan-out claimed as it stopped. Every part has stopped by now, so nothing of
+/// this worker will report them any more; a job whose message did reach RabbitMQ is
+/// published again, which the consumer's versions make harmless (as after a lease).
+async fn release_held(outbox: &Outbox) {
+    match outbox.release_held().await {
+        Ok(released) if released.is_empty() => {}
+        Ok(released) => tracing::info!(
+            released = released.len(),
+            "shutting down: gave the jobs still claimed back"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "shutting down: could not give the jobs still claimed back; they return when their lease expires"
+        ),
+    }
 }
 
 /// The start-up steps: migrations when asked, the topology. False when shutdown came first.
@@ -208,6 +224,8 @@ struct Parts {
     resender: Resender,
     fan_out: Option<FanOut>,
     monitor: BridgeMonitor,
+    /// The outbox, for giving back what the bridge holds when it stops.
+    outbox: Outbox,
 }
 
 impl Parts {
@@ -237,7 +255,8 @@ impl Parts {
             publisher_config,
         )
         .with_metrics(&service.metrics);
-        let resender = Resender::new(outbox, settings.resend_after)?.with_metrics(&service.metrics);
+        let resender =
+            Resender::new(outbox.clone(), settings.resend_after)?.with_metrics(&service.metrics);
         let fan_out = FanOut::new(
             &settings.database_url,
             &settings.outbox,
@@ -274,17 +293,18 @@ impl Parts {
             resender,
             fan_out,
             monitor,
+            outbox,
         })
     }
 
     /// Starts the resender and the heartbeat and hands the monitor to the health checks;
-    /// returns the stream and the publisher for the caller to connect.
+    /// returns the stream and the publisher for the caller to connect, and the outbox.
     fn start(
         self,
         settings: &BridgeSettings,
         service: &mut Service,
         monitor: &OnceLock<BridgeMonitor>,
-    ) -> Result<(JobStream, Publisher)> {
+    ) -> Result<(JobStream, Publisher, Outbox)> {
         if let Some(interval) = settings.heartbeat_interval {
             let beat = self.monitor.clone();
             let heartbeat = Heartbeat::new(
@@ -300,7 +320,7 @@ impl Parts {
             service.spawn(fan_out.run(service.background()));
         }
         let _ = monitor.set(self.monitor);
-        Ok((self.jobs, self.publisher))
+        Ok((self.jobs, self.publisher, self.outbox))
     }
 }
 
@@ -316,63 +336,4 @@ async fn declare(url: &AmqpUrl, topology: &Topology) -> Result<()> {
     topology.declare(&connection).await?;
     let _ = connection.close(200, "declared".into()).await;
     Ok(())
-}
-
-fn checks(monitor: &Arc<OnceLock<BridgeMonitor>>) -> Vec<Check> {
-    vec![
-        check(
-            "/api/v1/health/database-trigger-bridge",
-            monitor,
-            BridgeMonitor::database,
-        ),
-        check("/api/v1/health/rabbitmq", monitor, BridgeMonitor::rabbitmq),
-    ]
-}
-
-/// What the bridge's health endpoints look at.
-#[derive(Debug, Clone)]
-struct BridgeMonitor {
-    /// The tables this bridge claims.
-    routed: Vec<String>,
-    /// Its fan-out, when its event types have relations.
-    fan_out: Option<Live<FanOutStatus>>,
-    stream: Live<JobStreamStatus>,
-    publisher: Live<PublisherStatus>,
-    resender: Live<ResenderStatus>,
-    window: Duration,
-    resend_after: Duration,
-    broker: String,
-    database: String,
-    /// The queue type it declares.
-    queue_type: crate::config::QueueType,
-}
-
-impl BridgeMonitor {
-    fn rabbitmq(&self) -> HealthReport {
-        let mut report = rabbitmq_report(
-            &self.publisher.snapshot(),
-            self.window,
-            &self.broker,
-            SystemTime::now(),
-        );
-        report.details["queueType"] = json!(self.queue_type.as_str());
-        report
-    }
-
-    fn database(&self) -> HealthReport {
-        let now = SystemTime::now();
-        let report = database_report(
-            &self.stream.snapshot(),
-            &self.routed,
-            &self.resender.snapshot(),
-            self.window,
-            self.resend_after,
-            &self.database,
-            now,
-        );
-        match &self.fan_out {
-            Some(fan_out) => with_fan_out(report, &fan_out.snapshot(), self.window, now),
-            None => report,
-        }
-    }
 }

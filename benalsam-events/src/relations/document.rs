@@ -11,9 +11,9 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
-use super::Outbox;
-use super::relations::ReadSql;
+use super::sql::ReadSql;
 use crate::event_type::{Action, BuildError, Envelope, Operation, SCHEMA_VERSION};
+use crate::outbox::Outbox;
 use crate::{Error, EventType, Result};
 
 /// What one row becomes in the index ([`Outbox::document`]).

@@ -1,0 +1,397 @@
+//! The fan-out: a changed related row becomes one REBUILD job per document that contains it.
+//!
+//! A relation's trigger records `<event type table>#<relation>` jobs (a seller renamed, an
+//! image added). A bridge claims them like any job, under a lease, and for each one pages
+//! through the documents whose joined columns match the related row, old and new (an image
+//! moved to another listing changes both listings):
+//!
+//! ```text
+//! claim `listings#seller` job ──► page: INSERT REBUILD jobs for ≤ page listings
+//!        ▲                              WHERE user_id = <the user> AND id > <last key>
+//!        │                              + record the last key in the job, renew its lease
+//!        └──── more pages ─────────────  (one transaction: a crash resumes after the page)
+//!                                       last page ──► the job is completed
+//! ```
+//!
+//! Fair: a bridge fans out up to [`MOST_ACTIVE`] changes at once, in rounds of one page per
+//! change, so a seller of 100 listings renamed during the rename of one with 100,000 waits
+//! for a page of the big one, not for all of it. A change that wrote goes to the back of the
+//! round; one that could not write keeps its place (`page.rs` has one change's moves).
+//!
+//! Bounded: one page of keys at a time is all it holds (the pages are `INSERT … SELECT`,
+//! nothing is read into the bridge), and no change of a table writes a page after its first
+//! while more than two pages of its REBUILD jobs are not yet indexed (pending, claimed or
+//! sent), so neither the outbox nor RabbitMQ holds more of them than that and one first page
+//! per change in progress, and the table's other changes pass between pages (BENCHMARKS.md,
+//! "Joined documents"). A document that already has a
+//! REBUILD job waiting is skipped: that job is read after this change committed; so is a
+//! document the status policy keeps out of the index (`sql.rs` says why that is safe).
+//!
+//! Stopping: the changes in progress, and those claimed but not started, are given back
+//! (`pending`, their last page kept), so another bridge resumes them at once rather than
+//! after their lease.
+//!
+//! Logs: a line per change at debug; at info, a summary every minute in which there was
+//! work (`status.rs`).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::stream::Fuse;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::event_type::{EventType, Relation};
+use crate::ops::Live;
+use crate::ops::metrics::{Metrics, RelationLabel};
+use crate::outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
+use crate::relations::page::{Change, Step};
+use crate::relations::sql::FanOutSql;
+use crate::relations::status::{FanOutMetrics, FanOutStatus, Summary};
+use crate::{DatabaseUrl, Error, Result};
+
+/// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
+pub(crate) const DEFAULT_FANOUT_PAGE: usize = 500;
+
+/// Most changes one bridge fans out at once. Each holds one claimed job and a few hundred
+/// bytes; more would only hold leases other bridges could use.
+const MOST_ACTIVE: usize = 32;
+
+/// Changes claimed at a time (a claim is taken only while there is room for a full one).
+const CLAIM: usize = 8;
+
+/// How long the fan-out waits before it connects again after PostgreSQL refused.
+const OUTAGE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a round in which no change could write waits before the next (unless a new
+/// change arrives first).
+const IDLE_ROUND: Duration = Duration::from_millis(100);
+
+/// One relation, ready to fan out.
+#[derive(Debug, Clone)]
+pub(super) struct Plan {
+    /// The documents' table as their jobs name it.
+    pub(super) documents: String,
+    relation: Relation,
+    pub(super) sql: FanOutSql,
+}
+
+/// Claims the jobs of related-row changes and fans them out; see the module documentation.
+pub(crate) struct FanOut {
+    stream: JobStream,
+    worker: Worker,
+}
+
+/// The claimed changes, ending once after shutdown (fused: polled again, it stays ended).
+type Claims = Fuse<JobStream>;
+
+/// What fans out the changes (everything but the stream, which is not `Sync`).
+pub(super) struct Worker {
+    url: DatabaseUrl,
+    pub(super) outbox: Outbox,
+    plans: HashMap<String, Plan>,
+    /// Documents per page.
+    pub(super) page: i64,
+    pub(super) status: Live<FanOutStatus>,
+    pub(super) metrics: FanOutMetrics,
+}
+
+impl FanOut {
+    /// The fan-out of the relations of `event_types` (`None` when they have none); `stream`
+    /// are the bridge's stream settings (its poll interval and wake-up).
+    pub(crate) fn new(
+        url: &DatabaseUrl,
+        outbox: &OutboxConfig,
+        stream: &JobStreamConfig,
+        event_types: &[EventType],
+        page: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>> {
+        let mut plans = HashMap::new();
+        for event_type in event_types {
+            for relation in &event_type.relations {
+                plans.insert(
+                    relation.job_table(&event_type.table),
+                    Plan {
+                        documents: event_type.table.clone(),
+                        relation: relation.clone(),
+                        sql: FanOutSql::new(&outbox.schema, event_type, relation),
+                    },
+                );
+            }
+        }
+        if plans.is_empty() {
+            return Ok(None);
+        }
+        if page == 0 {
+            return Err(Error::config(
+                "BridgeSettings::fanout_page",
+                "must be at least 1",
+            ));
+        }
+        let mut config = outbox.clone();
+        config.tables = Some(plans.keys().cloned().collect());
+        let claims = Outbox::new(url.clone(), config)?;
+        // A few changes at a time: each may be many pages. Writers of related tables always
+        // notify (the fan-out never marks itself busy).
+        let mut stream_config = stream.clone();
+        stream_config.batch_size = CLAIM;
+        stream_config.adaptive_notify = false;
+        let stream = JobStream::new(claims.clone(), stream_config, shutdown.clone())?;
+        Ok(Some(Self {
+            stream,
+            worker: Worker {
+                url: url.clone(),
+                outbox: claims,
+                plans,
+                page: i64::try_from(page).unwrap_or(i64::MAX),
+                status: Live::default(),
+                metrics: FanOutMetrics::default(),
+            },
+        }))
+    }
+
+    pub(crate) fn with_metrics(self, metrics: &Metrics) -> Self {
+        let relations: Vec<String> = self.worker.plans.keys().cloned().collect();
+        self.worker.metrics.register(metrics, &relations);
+        self
+    }
+
+    pub(crate) fn status(&self) -> Live<FanOutStatus> {
+        self.worker.status.clone()
+    }
+
+    /// Fans out claimed changes until `shutdown`, then gives back every change it holds:
+    /// each keeps its last page, and the next bridge resumes it at once.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let Self { stream, worker } = self;
+        let mut claims = stream.fuse();
+        let active = worker.run(&mut claims, &shutdown).await;
+        worker.release(active, &mut claims).await;
+    }
+}
+
+impl Worker {
+    /// Rounds of pages until shutdown; returns the changes still in progress.
+    async fn run(&self, claims: &mut Claims, shutdown: &CancellationToken) -> VecDeque<Change> {
+        let mut active = VecDeque::new();
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut summary = Summary::new(Instant::now());
+        loop {
+            if !self.admit(claims, &mut active).await || shutdown.is_cancelled() {
+                return active;
+            }
+            let wrote = match self.connection(&mut client).await {
+                Ok(conn) => self.round(conn, &mut active, &mut summary).await,
+                Err(error) => {
+                    self.failed(None, &error);
+                    // A second between attempts while PostgreSQL is away, not a round's.
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(OUTAGE_WAIT) => {}
+                    }
+                    false
+                }
+            };
+            if active.is_empty() {
+                self.status.lock().current = None;
+            }
+            summary.log_if_due(Instant::now(), active.len());
+            if !wrote {
+                self.pause(claims, &mut active, shutdown).await;
+            }
+        }
+    }
+
+    /// Takes claimed changes: waits for some when none is in progress, else takes only what
+    /// the stream has ready, while there is room. False when the stream ended (shutdown).
+    async fn admit(&self, claims: &mut Claims, active: &mut VecDeque<Change>) -> bool {
+        if active.is_empty() {
+            match claims.next().await {
+                Some(batch) => self.start(batch, active).await,
+                None => return false,
+            }
+        }
+        while active.len() + CLAIM <= MOST_ACTIVE {
+            match claims.next().now_or_never() {
+                Some(Some(batch)) => self.start(batch, active).await,
+                Some(None) => return false,
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Waits a little after a round that wrote nothing (its tables' REBUILD jobs are on
+    /// their way to the index), or until a new change comes, or shutdown.
+    async fn pause(
+        &self,
+        claims: &mut Claims,
+        active: &mut VecDeque<Change>,
+        shutdown: &CancellationToken,
+    ) {
+        let room = active.len() + CLAIM <= MOST_ACTIVE;
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(IDLE_ROUND) => {}
+            Some(batch) = claims.next(), if room => self.start(batch, active).await,
+        }
+    }
+
+    /// Adds claimed changes to the round, at its end.
+    async fn start(&self, batch: Vec<Job>, active: &mut VecDeque<Change>) {
+        for job in batch {
+            let Some(plan) = self.plans.get(&job.table_name) else {
+                let error = Error::config(
+                    "relations",
+                    format!("no relation records jobs as {:?}", job.table_name),
+                );
+                self.failed(Some(&job), &error);
+                self.settle(&[(job.id, retry(&error))]).await;
+                continue;
+            };
+            let change = Change::new(job, &plan.relation);
+            let job = &change.job;
+            if change.resumed() {
+                tracing::debug!(job = job.id, relation = %job.table_name, "fan-out resumed where its last page ended");
+            } else {
+                tracing::debug!(job = job.id, relation = %job.table_name, record = %job.record_id, "fan-out started");
+            }
+            active.push_back(change);
+        }
+    }
+
+    /// One turn for every change in progress: a page each where its table has room. A change
+    /// that wrote goes to the back, so the next round starts with those that could not (a
+    /// small change is not kept behind a big one of the same table, whose pages use up the
+    /// table's room). True when a page was written.
+    async fn round(
+        &self,
+        conn: &mut tokio_postgres::Client,
+        active: &mut VecDeque<Change>,
+        summary: &mut Summary,
+    ) -> bool {
+        let mut outstanding = HashMap::new();
+        let (mut waiting, mut wrote, mut settled) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(mut change) = active.pop_front() {
+            let Some(plan) = self.plans.get(&change.job.table_name) else {
+                continue;
+            };
+            let before = change.documents;
+            match change.step(self, plan, conn, &mut outstanding).await {
+                Ok(Step::Wrote) => {
+                    summary.documents(change.documents - before);
+                    wrote.push(change);
+                }
+                Ok(Step::Waiting) => waiting.push(change),
+                Ok(Step::Finished) => {
+                    summary.finished(change.documents - before);
+                    self.finished(&change);
+                    settled.push((change.job.id, Outcome::Completed));
+                }
+                // The job is another bridge's now.
+                Ok(Step::Lost) => {}
+                // PostgreSQL went away: every change keeps its place and its lease until
+                // the connection is back.
+                Err(error) if conn.is_closed() => {
+                    self.failed(None, &error);
+                    waiting.push(change);
+                    waiting.extend(active.drain(..));
+                }
+                Err(error) => {
+                    self.failed(Some(&change.job), &error);
+                    settled.push((change.job.id, retry(&error)));
+                }
+            }
+        }
+        let progressed = !wrote.is_empty();
+        active.extend(waiting);
+        active.extend(wrote);
+        self.settle(&settled).await;
+        progressed
+    }
+
+    fn finished(&self, change: &Change) {
+        let job = &change.job;
+        tracing::debug!(job = job.id, relation = %job.table_name, documents = change.documents, "fan-out finished");
+        self.metrics
+            .changes
+            .get_or_create(&RelationLabel {
+                relation: job.table_name.clone(),
+            })
+            .inc();
+        let mut s = self.status.lock();
+        s.jobs_done += 1;
+        s.last_progress_at = Some(SystemTime::now());
+    }
+
+    /// Records an error (of `job`'s fan-out, or of the connection).
+    fn failed(&self, job: Option<&Job>, error: &Error) {
+        match job {
+            Some(job) => {
+                tracing::warn!(job = job.id, table = %job.table_name, %error, "fan-out failed; retrying after backoff");
+            }
+            None => {
+                tracing::warn!(%error, "fan-out cannot reach PostgreSQL; its changes keep their place");
+            }
+        }
+        let mut s = self.status.lock();
+        s.errors += 1;
+        s.last_error = Some((SystemTime::now(), error.to_string()));
+    }
+
+    async fn settle(&self, reports: &[(i64, Outcome)]) {
+        if reports.is_empty() {
+            return;
+        }
+        if let Err(error) = self.outbox.settle(reports).await {
+            tracing::warn!(%error, jobs = reports.len(), "cannot record the fan-outs' outcome; they run again after their lease");
+        }
+    }
+
+    /// Gives back every change it holds, and what the stream claimed as it ended: `pending`
+    /// again with the progress of their last page, for the next bridge to take at once.
+    async fn release(&self, active: VecDeque<Change>, claims: &mut Claims) {
+        let mut reports: Vec<(i64, Outcome)> = active
+            .iter()
+            .map(|c| (c.job.id, Outcome::Released))
+            .collect();
+        while let Some(batch) = claims.next().await {
+            reports.extend(batch.iter().map(|j| (j.id, Outcome::Released)));
+        }
+        if reports.is_empty() {
+            return;
+        }
+        match self.outbox.settle(&reports).await {
+            Ok(settled) => tracing::info!(
+                released = settled.changed.len(),
+                "shutting down: gave the fan-outs in progress back; the next bridge resumes them where their last page ended"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                count = reports.len(),
+                "shutting down: could not give the fan-outs in progress back; they return when their lease expires"
+            ),
+        }
+    }
+
+    /// The fan-out's connection, opened again when it broke.
+    async fn connection<'c>(
+        &self,
+        client: &'c mut Option<tokio_postgres::Client>,
+    ) -> Result<&'c mut tokio_postgres::Client> {
+        let conn = match client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => crate::connect::postgres_as(&self.url, "benalsam-fanout").await?,
+        };
+        Ok(client.insert(conn))
+    }
+}
+
+/// A failed fan-out: retried after its backoff.
+fn retry(error: &Error) -> Outcome {
+    Outcome::Failed {
+        error: error.to_string(),
+        retry: true,
+    }
+}
