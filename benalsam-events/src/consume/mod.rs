@@ -43,6 +43,7 @@ mod metrics;
 mod pace;
 #[cfg(feature = "consumer")]
 mod process;
+#[cfg(feature = "consumer")]
 mod record;
 #[cfg(feature = "consumer")]
 mod run;

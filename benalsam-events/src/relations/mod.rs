@@ -1,5 +1,5 @@
 //! Joined documents, one floor above the outbox: reading a document with its related rows
-//! under a version ([`read`](self::read_joined), for the consumer), and paging a related row's
+//! under a version (`read.rs`, for the consumer), and paging a related row's
 //! change out to the documents that contain it (the fan-out, for the bridge). The SQL of both
 //! is in `sql.rs`; checking relations against the catalog stays in the outbox, beside the
 //! migrations that call it.
@@ -44,4 +44,4 @@ mod status;
 pub use document::{DocumentPreview, Verdict};
 pub(crate) use fanout::{DEFAULT_FANOUT_PAGE, FanOut};
 pub(crate) use read::{Read, read_joined};
-pub use status::FanOutStatus;
+pub(crate) use status::FanOutStatus;
