@@ -168,11 +168,11 @@ pub(crate) async fn send(
     let response = client
         .send(method, route, headers, query.as_ref(), body, None)
         .await
-        .map_err(|e| Error::search_request(format!("{method:?} {path}"), e))?;
+        .map_err(|e| Error::search_request(format!("{} {path}", method_name(&method)), e))?;
     let status = response.status_code();
     let bytes = response.bytes().await.map_err(|e| {
         Error::search(
-            format!("reading the answer to {method:?} {path}"),
+            format!("reading the answer to {} {path}", method_name(&method)),
             e.to_string(),
         )
     })?;
@@ -191,7 +191,7 @@ pub(crate) fn parse_answer(
     } else {
         serde_json::from_slice(&bytes).map_err(|e| {
             Error::search(
-                format!("{method:?} {path}"),
+                format!("{} {path}", method_name(&method)),
                 format!(
                     "answer is not JSON ({e}): {}",
                     String::from_utf8_lossy(&bytes)
@@ -200,6 +200,17 @@ pub(crate) fn parse_answer(
         })?
     };
     Ok((status, value))
+}
+
+/// The HTTP method as an operator reads it (`POST`), not as Rust data (`Post`).
+fn method_name(method: &Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Put => "PUT",
+        Method::Post => "POST",
+        Method::Delete => "DELETE",
+        Method::Head => "HEAD",
+    }
 }
 
 #[cfg(test)]

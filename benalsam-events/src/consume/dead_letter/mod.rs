@@ -86,7 +86,13 @@ fn header_str(headers: &FieldTable, key: &str) -> Option<String> {
     match headers.inner().get(key)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.to_string()),
-        other => Some(format!("{other:?}")),
+        AMQPValue::LongLongInt(i) => Some(i.to_string()),
+        AMQPValue::LongInt(i) => Some(i.to_string()),
+        AMQPValue::LongUInt(i) => Some(i.to_string()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::Timestamp(t) => Some(t.to_string()),
+        // Anything else a client put there: named by its kind, not shown as Rust data.
+        _ => Some("(a value that is not text)".to_owned()),
     }
 }
 
