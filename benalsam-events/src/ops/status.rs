@@ -24,7 +24,9 @@ impl<T: Clone> Live<T> {
         self.lock().clone()
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+    /// Only the recorders (`ops::events`) write a status: through an event, status and
+    /// metrics change together.
+    pub(in crate::ops) fn lock(&self) -> MutexGuard<'_, T> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::Outbox;
 use crate::Result;
 use crate::config::require_positive;
+use crate::ops::events::{Event, Recorder};
 use crate::ops::{Live, Metrics};
 
 /// What the resender has done.
@@ -19,14 +20,27 @@ pub(crate) struct ResenderStatus {
     pub(crate) last_resend: Option<(SystemTime, usize)>,
 }
 
+/// What the resender reports: jobs sent again, counted in its status and its metric at once.
+struct Resent(usize);
+
+impl Event for Resent {
+    type Status = ResenderStatus;
+    type Metrics = Counter;
+
+    fn apply(self, s: &mut ResenderStatus, resent: &Counter) {
+        resent.inc_by(self.0 as u64);
+        s.resent += self.0 as u64;
+        s.last_resend = Some((SystemTime::now(), self.0));
+    }
+}
+
 /// Sends again jobs that were confirmed by the broker and never completed (a message lost
 /// inside the broker, a queue purged by hand): they go back to `pending`.
 #[derive(Debug)]
 pub(crate) struct Resender {
     outbox: Outbox,
     after: Duration,
-    status: Live<ResenderStatus>,
-    resent: Counter,
+    recorder: Recorder<ResenderStatus, Counter>,
 }
 
 impl Resender {
@@ -36,8 +50,7 @@ impl Resender {
         Ok(Self {
             outbox,
             after,
-            status: Live::default(),
-            resent: Counter::default(),
+            recorder: Recorder::default(),
         })
     }
 
@@ -47,14 +60,14 @@ impl Resender {
             "jobs_resent",
             "Sent jobs that never completed, sent again",
             None,
-            self.resent.clone(),
+            self.recorder.metrics().clone(),
         );
         self
     }
 
     /// The live status, for health checks.
     pub(crate) fn status(&self) -> Live<ResenderStatus> {
-        self.status.clone()
+        self.recorder.status().clone()
     }
 
     /// Looks every quarter of `after` (between 1 s and 1 min) until `shutdown`.
@@ -68,12 +81,7 @@ impl Resender {
             }
             match self.outbox.resend_stale_sent(self.after, BATCH).await {
                 Ok(ids) if !ids.is_empty() => {
-                    self.resent.inc_by(ids.len() as u64);
-                    {
-                        let mut s = self.status.lock();
-                        s.resent += ids.len() as u64;
-                        s.last_resend = Some((SystemTime::now(), ids.len()));
-                    }
+                    self.recorder.record(Resent(ids.len()));
                     tracing::warn!(
                         count = ids.len(),
                         first = ids.first(),

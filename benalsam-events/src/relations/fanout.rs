@@ -35,7 +35,7 @@
 //! work (`status.rs`).
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::stream::Fuse;
 use futures::{FutureExt, StreamExt};
@@ -43,11 +43,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event_type::{EventType, Relation};
 use crate::ops::Live;
-use crate::ops::metrics::{Metrics, RelationLabel};
+use crate::ops::metrics::Metrics;
 use crate::outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
 use crate::relations::page::{Change, Step};
 use crate::relations::sql::FanOutSql;
-use crate::relations::status::{FanOutMetrics, FanOutStatus, Summary};
+use crate::relations::status::{FanOutEvent, FanOutRecorder, FanOutStatus, Summary};
 use crate::{DatabaseUrl, Error, Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
@@ -92,8 +92,8 @@ pub(super) struct Worker {
     plans: HashMap<String, Plan>,
     /// Documents per page.
     pub(super) page: i64,
-    pub(super) status: Live<FanOutStatus>,
-    pub(super) metrics: FanOutMetrics,
+    /// Its status and metrics, written only through its events.
+    pub(super) recorder: FanOutRecorder,
 }
 
 impl FanOut {
@@ -145,20 +145,19 @@ impl FanOut {
                 outbox: claims,
                 plans,
                 page: i64::try_from(page).unwrap_or(i64::MAX),
-                status: Live::default(),
-                metrics: FanOutMetrics::default(),
+                recorder: FanOutRecorder::default(),
             },
         }))
     }
 
     pub(crate) fn with_metrics(self, metrics: &Metrics) -> Self {
         let relations: Vec<String> = self.worker.plans.keys().cloned().collect();
-        self.worker.metrics.register(metrics, &relations);
+        self.worker.recorder.metrics().register(metrics, &relations);
         self
     }
 
     pub(crate) fn status(&self) -> Live<FanOutStatus> {
-        self.worker.status.clone()
+        self.worker.recorder.status().clone()
     }
 
     /// Fans out claimed changes until `shutdown`, then gives back every change it holds:
@@ -194,7 +193,7 @@ impl Worker {
                 }
             };
             if active.is_empty() {
-                self.status.lock().current = None;
+                self.recorder.record(FanOutEvent::Idle);
             }
             summary.log_if_due(Instant::now(), active.len());
             if !wrote {
@@ -314,15 +313,9 @@ impl Worker {
     fn finished(&self, change: &Change) {
         let job = &change.job;
         tracing::debug!(job = job.id, relation = %job.table_name, documents = change.documents, "fan-out finished");
-        self.metrics
-            .changes
-            .get_or_create(&RelationLabel {
-                relation: job.table_name.clone(),
-            })
-            .inc();
-        let mut s = self.status.lock();
-        s.jobs_done += 1;
-        s.last_progress_at = Some(SystemTime::now());
+        self.recorder.record(FanOutEvent::Finished {
+            relation: &job.table_name,
+        });
     }
 
     /// Records an error (of `job`'s fan-out, or of the connection).
@@ -335,9 +328,7 @@ impl Worker {
                 tracing::warn!(%error, "fan-out cannot reach PostgreSQL; its changes keep their place");
             }
         }
-        let mut s = self.status.lock();
-        s.errors += 1;
-        s.last_error = Some((SystemTime::now(), error.to_string()));
+        self.recorder.record(FanOutEvent::Error(&error.to_string()));
     }
 
     async fn settle(&self, reports: &[(i64, Outcome)]) {

@@ -8,14 +8,14 @@
 //! * `record`: the page counted in the status and the metrics.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
 use crate::event_type::Relation;
-use crate::ops::metrics::RelationLabel;
 use crate::outbox::{Job, Operation};
 use crate::relations::fanout::{Plan, Worker};
+use crate::relations::status::FanOutEvent;
 use crate::{Error, Result};
 
 /// What one turn of a change did.
@@ -46,7 +46,6 @@ pub(super) struct Change {
     /// Whether this bridge wrote a page of it yet.
     started: bool,
     trace_id: Option<String>,
-    label: RelationLabel,
 }
 
 impl Change {
@@ -58,9 +57,6 @@ impl Change {
             .as_deref()
             .and_then(|t| t.get(3..35))
             .map(str::to_owned);
-        let label = RelationLabel {
-            relation: job.table_name.clone(),
-        };
         Self {
             job,
             rows,
@@ -70,7 +66,6 @@ impl Change {
             documents: 0,
             started: false,
             trace_id,
-            label,
         }
     }
 
@@ -225,22 +220,14 @@ impl Change {
             added.unsigned_abs(),
         );
         let coalesced = kept - added.min(kept);
-        worker
-            .metrics
-            .documents
-            .get_or_create(&self.label)
-            .inc_by(added);
-        worker
-            .metrics
-            .coalesced
-            .get_or_create(&self.label)
-            .inc_by(coalesced);
         self.documents += found;
-        let mut s = worker.status.lock();
-        s.documents_queued += added;
-        s.documents_coalesced += coalesced;
-        s.last_progress_at = Some(SystemTime::now());
-        s.current = Some((self.job.id, self.job.table_name.clone(), self.documents));
+        worker.recorder.record(FanOutEvent::Page {
+            relation: &self.job.table_name,
+            job: self.job.id,
+            added,
+            coalesced,
+            documents: self.documents,
+        });
     }
 }
 
@@ -288,6 +275,8 @@ fn progress_of(change_data: &Value) -> (usize, Option<String>) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
     use crate::event_type::FieldType;
 

@@ -1,9 +1,10 @@
-//! What the fan-out tells: its status for the health checks, its metric families, and the
-//! periodic info line (the per-change lines are at debug: one line per related-row change
+//! What the fan-out tells: its events, each updating its status for the health checks and
+//! its metric families in one place ([`FanOutEvent`]), and the periodic info line (the per-change lines are at debug: one line per related-row change
 //! was most of an operator's log).
 
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::ops::events::{Event, Recorder};
 use crate::ops::metrics::{Metrics, RelationLabel};
 
 /// How often the summary is logged at info, when there was work.
@@ -45,6 +46,68 @@ pub(crate) struct FanOutMetrics {
         RelationLabel,
         prometheus_client::metrics::counter::Counter,
     >,
+}
+
+/// The fan-out's recorder: its status and its families.
+pub(crate) type FanOutRecorder = Recorder<FanOutStatus, FanOutMetrics>;
+
+/// Something the fan-out reports once.
+#[derive(Debug)]
+pub(crate) enum FanOutEvent<'a> {
+    /// A page of `relation`'s change `job` written: `added` REBUILD jobs, `coalesced`
+    /// documents whose job was already waiting, `documents` found so far.
+    Page {
+        relation: &'a str,
+        job: i64,
+        added: u64,
+        coalesced: u64,
+        documents: u64,
+    },
+    /// A change of `relation` fanned out completely.
+    Finished { relation: &'a str },
+    /// No change is being fanned out.
+    Idle,
+    /// A failure (of a change, or of the connection).
+    Error(&'a str),
+}
+
+impl Event for FanOutEvent<'_> {
+    type Status = FanOutStatus;
+    type Metrics = FanOutMetrics;
+
+    fn apply(self, s: &mut FanOutStatus, m: &FanOutMetrics) {
+        let label = |relation: &str| RelationLabel {
+            relation: relation.to_owned(),
+        };
+        match self {
+            FanOutEvent::Page {
+                relation,
+                job,
+                added,
+                coalesced,
+                documents,
+            } => {
+                m.documents.get_or_create(&label(relation)).inc_by(added);
+                m.coalesced
+                    .get_or_create(&label(relation))
+                    .inc_by(coalesced);
+                s.documents_queued += added;
+                s.documents_coalesced += coalesced;
+                s.last_progress_at = Some(SystemTime::now());
+                s.current = Some((job, relation.to_owned(), documents));
+            }
+            FanOutEvent::Finished { relation } => {
+                m.changes.get_or_create(&label(relation)).inc();
+                s.jobs_done += 1;
+                s.last_progress_at = Some(SystemTime::now());
+            }
+            FanOutEvent::Idle => s.current = None,
+            FanOutEvent::Error(error) => {
+                s.errors += 1;
+                s.last_error = Some((SystemTime::now(), error.to_owned()));
+            }
+        }
+    }
 }
 
 impl FanOutMetrics {
