@@ -353,15 +353,23 @@ impl Worker {
         if reports.is_empty() {
             return;
         }
-        match self.outbox.settle(&reports).await {
-            Ok(settled) => tracing::info!(
+        // Bounded, as every step of a stop: PostgreSQL away or stalled must not keep the
+        // bridge from exiting; what is not given back returns with its lease.
+        let given_back =
+            tokio::time::timeout(Duration::from_secs(5), self.outbox.settle(&reports)).await;
+        match given_back {
+            Ok(Ok(settled)) => tracing::info!(
                 released = settled.changed.len(),
                 "shutting down: gave the fan-outs in progress back; the next bridge resumes them where their last page ended"
             ),
-            Err(error) => tracing::warn!(
+            Ok(Err(error)) => tracing::warn!(
                 %error,
                 count = reports.len(),
                 "shutting down: could not give the fan-outs in progress back; they return when their lease expires"
+            ),
+            Err(_) => tracing::warn!(
+                count = reports.len(),
+                "shutting down: PostgreSQL did not answer in 5 s to take the fan-outs in progress back; they return when their lease expires"
             ),
         }
     }

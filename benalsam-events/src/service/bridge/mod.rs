@@ -160,18 +160,27 @@ pub async fn run(mut settings: BridgeSettings, shutdown: CancellationToken) -> R
 /// this worker will report them any more; a job whose message did reach RabbitMQ is
 /// published again, which the consumer's versions make harmless (as after a lease).
 async fn release_held(outbox: &Outbox) {
-    match outbox.release_held().await {
-        Ok(released) if released.is_empty() => {}
-        Ok(released) => tracing::info!(
+    // Bounded: a stop must end even when PostgreSQL is away or stalled (a connection that
+    // never answers), and what is not given back returns with its lease anyway.
+    match tokio::time::timeout(RELEASE_WAIT, outbox.release_held()).await {
+        Ok(Ok(released)) if released.is_empty() => {}
+        Ok(Ok(released)) => tracing::info!(
             released = released.len(),
             "shutting down: gave the jobs still claimed back"
         ),
-        Err(error) => tracing::warn!(
+        Ok(Err(error)) => tracing::warn!(
             %error,
             "shutting down: could not give the jobs still claimed back; they return when their lease expires"
         ),
+        Err(_) => tracing::warn!(
+            wait = ?RELEASE_WAIT,
+            "shutting down: PostgreSQL did not answer in time to take the jobs still claimed back; they return when their lease expires"
+        ),
     }
 }
+
+/// How long a stopping bridge waits for PostgreSQL to take back what it still holds.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// The start-up steps: migrations when asked, the topology. False when shutdown came first.
 async fn prepare(
