@@ -231,12 +231,12 @@ impl Change {
     }
 }
 
-/// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting only the
-/// pending ones let the bridge move a fan-out into RabbitMQ faster than the consumer
-/// indexes it, and every other change of the table queued behind it there (measured:
-/// edits of other listings took 25 s at p50 during a 100,000-document fan-out, 1.8 s
-/// counting all three). Three counts rather than `status IN (…)`: each is answered from
-/// its state's partial index (the `IN` form cost PostgreSQL three times the CPU).
+/// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting
+/// only the pending ones let the bridge move a fan-out into RabbitMQ faster than the consumer
+/// indexes it, and every other change of the table queued behind it there (BENCHMARKS.md,
+/// "Edits of other listings while the fan-out runs", has the figures). Three counts rather
+/// than `status IN (…)`: each is answered from its state's partial index, where the `IN`
+/// form makes PostgreSQL read all three indexes for every page.
 async fn not_yet_indexed(client: &tokio_postgres::Client, plan: &Plan) -> Result<i64> {
     Ok(client
         .query_one(&plan.sql.outstanding, &[&plan.documents])
