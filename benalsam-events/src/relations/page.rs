@@ -235,8 +235,8 @@ impl Change {
 /// only the pending ones let the bridge move a fan-out into RabbitMQ faster than the consumer
 /// indexes it, and every other change of the table queued behind it there (BENCHMARKS.md,
 /// "Edits of other listings while the fan-out runs", has the figures). Three counts rather
-/// than `status IN (…)`: each is answered from its state's partial index, where the `IN`
-/// form makes PostgreSQL read all three indexes for every page.
+/// than `status IN (…)`: each is answered from its state's partial index, and the `IN` form
+/// cost PostgreSQL more CPU per page when it was measured.
 async fn not_yet_indexed(client: &tokio_postgres::Client, plan: &Plan) -> Result<i64> {
     Ok(client
         .query_one(&plan.sql.outstanding, &[&plan.documents])
