@@ -88,10 +88,11 @@ pub struct IndexerConfig {
 impl Default for IndexerConfig {
     fn default() -> Self {
         Self {
-            // Chosen from the pipeline benchmark (BENCHMARKS.md, "Knobs" and "Memory with large rows under updates"): two
-            // requests of 250 in flight drain a backlog as fast as larger ones, and the held
-            // messages bound the consumer's memory (every update message carries the old and
-            // the new row), so the prefetch is the smallest that keeps both requests full.
+            // Chosen from the pipeline benchmark (BENCHMARKS.md, "Knobs" and "Memory with
+            // large rows under updates"): two requests of 250 in flight drain a backlog as
+            // fast as larger ones, and the held messages bound the consumer's memory (every
+            // update message carries the old and the new row), so the prefetch is the
+            // smallest that keeps both requests full.
             prefetch: 500,
             batch_size: 250,
             batch_bytes: 5 * 1024 * 1024,

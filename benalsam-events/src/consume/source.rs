@@ -206,10 +206,15 @@ impl Source {
         depths
     }
 
-    /// Closes the link.
+    /// Closes the link; a broker that does not answer the close within a few seconds is left
+    /// (its unacked deliveries go back to the queue when the connection ends).
     pub(crate) async fn close(&mut self) {
         if let Some(link) = self.link.take() {
-            let _ = link.connection.close(200, "shutting down".into()).await;
+            let _ = tokio::time::timeout(
+                BROKER_ANSWER,
+                link.connection.close(200, "shutting down".into()),
+            )
+            .await;
         }
     }
 }
@@ -220,8 +225,20 @@ fn short(name: &str) -> Result<ShortString> {
 }
 
 /// Asked on a channel of its own: the broker closes a channel that asks about a missing
-/// queue, and the dead-letter channel must not go with it.
+/// queue, and the dead-letter channel must not go with it. Bounded: a broker that stopped
+/// answering (before its connection is known lost) must not hold up the consumer's loop,
+/// whose shutdown and deliveries wait behind this question.
 async fn depth(connection: &Connection, queue: &str) -> Option<u32> {
+    tokio::time::timeout(BROKER_ANSWER, ask_depth(connection, queue))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// How long a question to the broker that nothing waits on (a depth, a close) may take.
+const BROKER_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn ask_depth(connection: &Connection, queue: &str) -> Option<u32> {
     let channel = connection.create_channel().await.ok()?;
     let declared = channel
         .queue_declare(
