@@ -225,14 +225,24 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
 
 /// Acks messages, all sent together: one at a time would wait on the connection's loop each
 /// time.
+/// How long the acks of a batch may take to go out.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn ack<'a>(shared: &Shared, messages: impl Iterator<Item = &'a Message>) {
     let messages: Vec<&Message> = messages.collect();
-    let answers = join_all(
-        messages
-            .iter()
-            .map(|m| m.delivery.ack(BasicAckOptions::default())),
+    // Bounded: acks on a connection whose broker stopped answering (not yet known lost) must
+    // not hold up the batch, nor the shutdown that waits for it. An ack that did not go out
+    // is harmless: the delivery comes again, and its job, completed, is acked as a duplicate.
+    let answers = tokio::time::timeout(
+        ACK_WAIT,
+        join_all(
+            messages
+                .iter()
+                .map(|m| m.delivery.ack(BasicAckOptions::default())),
+        ),
     )
-    .await;
+    .await
+    .unwrap_or_default();
     let acked = messages
         .iter()
         .zip(answers)
