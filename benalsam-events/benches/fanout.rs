@@ -476,6 +476,10 @@ struct FanOut {
     edits: Option<Edits>,
     /// Renames of other sellers measured meanwhile: commit → searchable, ms, sorted.
     small: Option<Vec<f64>>,
+    /// The same renames from the queue's timestamps, ms after each rename's commit, sorted:
+    /// its fan-out's job completed (every REBUILD job written), the last of its REBUILD jobs
+    /// sent, the last completed.
+    small_phases: [Vec<f64>; 3],
 }
 
 /// Renames the sellers of `small` (id, listings) one after the other, `rate` per second,
@@ -703,6 +707,7 @@ async fn fan_out(
         )
         .await?;
     let documents: i64 = row.get(0);
+    let small_phases = small_phases(env, first, seller).await?;
     Ok(FanOut {
         documents,
         written,
@@ -715,7 +720,37 @@ async fn fan_out(
         wal_per_document: wal / documents.max(1) as f64,
         edits,
         small,
+        small_phases,
     })
+}
+
+/// Where the small renames' time went (see [`FanOut::small_phases`]): their REBUILD jobs
+/// carry the rename's job's `created_at`.
+async fn small_phases(env: &BenchEnv, first: i64, big: &str) -> Result<[Vec<f64>; 3], BoxError> {
+    let rows = env
+        .client
+        .query(
+            "SELECT extract(epoch FROM r.completed_at - r.created_at)::float8 * 1000,
+                    extract(epoch FROM max(q.sent_at) - r.created_at)::float8 * 1000,
+                    extract(epoch FROM max(q.completed_at) - r.created_at)::float8 * 1000
+             FROM elasticsearch_sync_queue r
+             JOIN elasticsearch_sync_queue q
+               ON q.id > r.id AND q.operation = 'REBUILD' AND q.created_at = r.created_at
+             WHERE r.id > $1 AND r.table_name = 'listings#seller' AND r.record_id <> $2
+             GROUP BY r.id",
+            &[&first, &big],
+        )
+        .await?;
+    let mut phases: [Vec<f64>; 3] = Default::default();
+    for row in rows {
+        for (i, phase) in phases.iter_mut().enumerate() {
+            phase.push(row.get::<_, Option<f64>>(i).unwrap_or(f64::NAN));
+        }
+    }
+    for phase in &mut phases {
+        phase.sort_by(f64::total_cmp);
+    }
+    Ok(phases)
 }
 
 async fn delete_index(es: &Elasticsearch, alias: &str) {
@@ -970,9 +1005,22 @@ async fn main() -> Result<(), BoxError> {
         println!(
             "\nSmall related changes during the {largest}-document fan-out (another seller of {fewest}–{most} listings renamed, {small_rate}/s):\n"
         );
-        println!("| renames | commit → all its listings searchable p50 / p99 / max |");
-        println!("|---:|---:|");
-        println!("| {} | {} |", renames.len(), ms(renames));
+        println!(
+            "| renames | commit → all its listings searchable p50 / p99 / max | its fan-out done | its REBUILD jobs all sent | all completed |"
+        );
+        println!("|---:|---:|---:|---:|---:|");
+        let phases = fan_outs
+            .last()
+            .map(|f| f.small_phases.clone())
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            renames.len(),
+            ms(renames),
+            ms(&phases[0]),
+            ms(&phases[1]),
+            ms(&phases[2])
+        );
     }
 
     println!("\nOutbox rows and WAL:\n");

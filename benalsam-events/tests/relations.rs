@@ -15,8 +15,8 @@ use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, free_port, healthy, publish, sample, scrape,
-    search_url, unique_name,
+    TestIndex, TestSchema, TestVhost, database_url, eventually, free_port, healthy, publish,
+    sample, scrape, search_url, unique_name,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,25 +24,6 @@ use tokio_util::sync::CancellationToken;
 const PATIENCE: Duration = Duration::from_secs(180);
 const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
 const JOINED_TOML: &str = include_str!("../../examples/joined_documents/listings.toml");
-
-/// Waits until `check` gives `Some`, or fails the test with `what` and the last state.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(state) => assert!(
-                started.elapsed() < PATIENCE,
-                "{what}: not within {PATIENCE:?}; {state}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A schema with the marketplace tables, a vhost, the joined listings event type with an
 /// index of its own, and a bridge and a consumer running on them.
@@ -160,7 +141,7 @@ impl Joined {
 
     /// Waits until the document of `id` satisfies `ok`.
     async fn doc_until(&self, id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-        eventually(what, || async {
+        eventually(PATIENCE, what, || async {
             match self.doc(id).await {
                 Some(doc) if ok(&doc) => Ok(doc),
                 other => Err(format!("document {id}: {other:?}")),
@@ -171,7 +152,7 @@ impl Joined {
 
     /// Every job in the live states is done: nothing pending, processing or sent.
     async fn settled(&self) {
-        eventually("every job completed", || async {
+        eventually(PATIENCE, "every job completed", || async {
             let live: i64 = self
                 .db
                 .client
@@ -507,7 +488,7 @@ async fn a_listing_edit_and_a_seller_rename_converge_in_both_commit_orders() {
     ))
     .await;
     rename.commit().await.expect("commit");
-    eventually("every job published while the consumer is away", || async {
+    eventually(PATIENCE, "every job published while the consumer is away", || async {
         let waiting = t
             .value("SELECT count(*)::text FROM elasticsearch_sync_queue WHERE status IN ('pending', 'processing')")
             .await;
@@ -541,7 +522,7 @@ async fn a_fan_out_of_twenty_thousand_documents() {
         .await
         .expect("insert the listings");
     let by = |name: &str| json!({"term": {"seller.display_name.raw": name}});
-    eventually("every listing indexed", || async {
+    eventually(PATIENCE, "every listing indexed", || async {
         let n = t.count(by("Fikret")).await;
         if n == N as u64 {
             Ok(())
@@ -556,7 +537,7 @@ async fn a_fan_out_of_twenty_thousand_documents() {
         "UPDATE users SET display_name = 'Fikret Bey' WHERE id = '{user}'"
     ))
     .await;
-    eventually("every listing shows the new name", || async {
+    eventually(PATIENCE, "every listing shows the new name", || async {
         let n = t.count(by("Fikret Bey")).await;
         if n == N as u64 {
             Ok(())
@@ -638,7 +619,7 @@ async fn a_small_fan_out_finishes_while_a_big_one_is_still_paging() {
         smalls.push(t.listing(&small, &format!("Kask {i}"), "active").await);
     }
     let by = |name: &str| json!({"term": {"seller.display_name.raw": name}});
-    eventually("every listing indexed", || async {
+    eventually(PATIENCE, "every listing indexed", || async {
         let n = t.count(by("Büyük")).await;
         if n == BIG as u64 {
             Ok(())
@@ -653,7 +634,7 @@ async fn a_small_fan_out_finishes_while_a_big_one_is_still_paging() {
         "UPDATE users SET display_name = 'Büyük Mağaza' WHERE id = '{big}'"
     ))
     .await;
-    eventually("the big fan-out under way", || async {
+    eventually(PATIENCE, "the big fan-out under way", || async {
         match fan_out_job(&t, &big).await? {
             (status, true) if status == "processing" => Ok(()),
             other => Err(format!("{other:?}")),
@@ -664,7 +645,7 @@ async fn a_small_fan_out_finishes_while_a_big_one_is_still_paging() {
         "UPDATE users SET display_name = 'Küçük Dükkan' WHERE id = '{small}'"
     ))
     .await;
-    eventually("the small fan-out completed", || async {
+    eventually(PATIENCE, "the small fan-out completed", || async {
         match fan_out_job(&t, &small).await? {
             (status, _) if status == "completed" => Ok(()),
             other => Err(format!("{other:?}")),
@@ -682,7 +663,7 @@ async fn a_small_fan_out_finishes_while_a_big_one_is_still_paging() {
         })
         .await;
     }
-    eventually("every big listing renamed", || async {
+    eventually(PATIENCE, "every big listing renamed", || async {
         let n = t.count(by("Büyük Mağaza")).await;
         if n == BIG as u64 {
             Ok(())
@@ -795,7 +776,7 @@ async fn a_forged_delivery_naming_a_fan_out_touches_nothing() {
         t.vhost.url.clone(),
         "elasticsearch.sync.dlq",
     );
-    let letter = eventually("the forgery dead-lettered", || async {
+    let letter = eventually(PATIENCE, "the forgery dead-lettered", || async {
         let letters = dlq.list(10).await.map_err(|e| e.to_string())?;
         letters
             .into_iter()

@@ -18,32 +18,15 @@ use benalsam_events::event_type::FieldType;
 use benalsam_events::search::{self, SearchNodes};
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
-use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url, unique_name};
+use support::{
+    TestIndex, TestSchema, TestVhost, database_url, eventually, free_port, search_url, unique_name,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(240);
 const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
 const JOINED_TOML: &str = include_str!("../../examples/joined_documents/listings.toml");
-
-/// Waits until `check` gives `Ok`, or fails the test with `what` and the last state.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let started = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(state) => assert!(
-                started.elapsed() < PATIENCE,
-                "{what}: not within {PATIENCE:?}; {state}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 type Task = (CancellationToken, JoinHandle<benalsam_events::Result<()>>);
 
@@ -138,7 +121,7 @@ impl Pipeline {
 
     /// Waits until no job is on its way; then no job may have failed (a dead letter).
     async fn settled(&self) {
-        eventually("every job settled", || async {
+        eventually(PATIENCE, "every job settled", || async {
             let row = self
                 .db
                 .client
@@ -253,7 +236,7 @@ fn listings_and_changed(alias: &str) -> (EventType, EventType) {
 }
 
 async fn wait_for_documents(pipeline: &Pipeline, n: usize) {
-    eventually("the listings indexed", || async {
+    eventually(PATIENCE, "the listings indexed", || async {
         let (lost, stale) = pipeline.lost_and_stale().await;
         let docs = pipeline.index.documents().await.len();
         if lost.is_empty() && stale.is_empty() && docs == n {
@@ -310,24 +293,28 @@ async fn a_field_added_to_a_relation_reaches_the_live_mapping_and_no_document_de
         )
         .await
         .expect("listings");
-    eventually("the listings indexed with their seller", || async {
-        let docs = pipeline.index.documents().await;
-        let with_seller = docs
-            .values()
-            .filter(|d| d["seller"]["display_name"] == "Ayşe")
-            .count();
-        if with_seller == 5 {
-            Ok(())
-        } else {
-            Err(format!("{with_seller} of 5"))
-        }
-    })
+    eventually(
+        PATIENCE,
+        "the listings indexed with their seller",
+        || async {
+            let docs = pipeline.index.documents().await;
+            let with_seller = docs
+                .values()
+                .filter(|d| d["seller"]["display_name"] == "Ayşe")
+                .count();
+            if with_seller == 5 {
+                Ok(())
+            } else {
+                Err(format!("{with_seller} of 5"))
+            }
+        },
+    )
     .await;
 
     // The file changes; the consumer restarts with it.
     pipeline.stop_consumer().await;
     pipeline.start_consumer(&after);
-    eventually("seller.email in the live mapping", || async {
+    eventually(PATIENCE, "seller.email in the live mapping", || async {
         let (_, mapping) = pipeline
             .call(Method::Get, &format!("/{}/_mapping", pipeline.index.alias))
             .await;
@@ -362,7 +349,7 @@ async fn a_field_added_to_a_relation_reaches_the_live_mapping_and_no_document_de
         )
         .await
         .expect("rename");
-    eventually("every document with the new field", || async {
+    eventually(PATIENCE, "every document with the new field", || async {
         let docs = pipeline.index.documents().await;
         let done = docs
             .values()
@@ -429,7 +416,7 @@ async fn an_analyzer_changed_under_writes_is_reindexed_with_nothing_lost_or_stal
     // The consumer starts with the changed file: it says a reindex is needed, and goes on.
     pipeline.stop_consumer().await;
     pipeline.start_consumer(&after);
-    let health = eventually("the health answer names the change", || async {
+    let health = eventually(PATIENCE, "the health answer names the change", || async {
         let answer = reqwest::get(format!(
             "http://127.0.0.1:{}/api/v1/health/elasticsearch-service",
             pipeline.port
@@ -475,7 +462,7 @@ async fn an_analyzer_changed_under_writes_is_reindexed_with_nothing_lost_or_stal
     eprintln!("reindexed in {:?}", started.elapsed());
     let during = rounds.load(Ordering::Relaxed);
     // More writes after the swap, through the alias only: until a few more rounds are in.
-    eventually("writes after the swap", || async {
+    eventually(PATIENCE, "writes after the swap", || async {
         let now = rounds.load(Ordering::Relaxed);
         if now >= during + 5 {
             Ok(())
@@ -567,7 +554,7 @@ async fn a_reindex_killed_mid_way_is_finished_by_a_rerun_and_a_concurrent_one_re
     assert_eq!(phase, "backfilling");
 
     // The rerun (once the killed session's lock is gone) continues and finishes.
-    let outcome = eventually("the rerun finishes", || async {
+    let outcome = eventually(PATIENCE, "the rerun finishes", || async {
         search::reindex(&pipeline.outbox(), &pipeline.nodes(), &after, 20, |line| {
             eprintln!("rerun: {line}");
         })
@@ -662,7 +649,7 @@ async fn a_joined_event_type_is_reindexed_while_its_related_rows_change() {
         .await
         .expect("users and listings");
     let mut pipeline = Pipeline::start(db, &before).await;
-    eventually("the joined documents indexed", || {
+    eventually(PATIENCE, "the joined documents indexed", || {
         sellers_converged(&pipeline)
     })
     .await;
@@ -710,9 +697,11 @@ async fn a_joined_event_type_is_reindexed_while_its_related_rows_change() {
         "the writer ran during the reindex: {rounds} rounds"
     );
 
-    eventually("the joined documents converge on the new index", || {
-        sellers_converged(&pipeline)
-    })
+    eventually(
+        PATIENCE,
+        "the joined documents converge on the new index",
+        || sellers_converged(&pipeline),
+    )
     .await;
     pipeline.settled().await;
     assert_eq!(pipeline.behind_alias().await, vec![format!("{alias}_v2")]);

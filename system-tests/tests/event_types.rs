@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::{Envelope, EventType};
-use binaries::{bridge_binary, consumer_binary, stop};
+use binaries::{bridge_binary, consumer_binary, run_bounded, stop};
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use support::{TestIndex, TestSchema, TestVhost, database_url, free_port, search_url, unique_name};
@@ -364,33 +364,6 @@ async fn a_file_with_a_typo_or_a_table_that_does_not_exist_stops_with_a_clear_er
     }
     db.drop().await;
     vhost.drop().await;
-}
-
-/// Runs a binary to its end, or kills it after a minute (a binary that accepted a bad file
-/// would run on): its exit status (`None` when killed) and what it wrote to stderr.
-fn run_bounded(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
-    let stderr = std::env::temp_dir().join(format!("{}.stderr", unique_name("benalsam")));
-    let file = std::fs::File::create(&stderr).expect("a file for stderr");
-    let mut child: binaries::Guarded = command
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("the binary starts")
-        .into();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    drop(child);
-    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
-    let _ = std::fs::remove_file(stderr);
-    (status, text)
 }
 
 #[tokio::test]

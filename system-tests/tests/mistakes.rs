@@ -11,12 +11,11 @@ mod cases;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use binaries::{bridge_binary, consumer_binary};
 use cases::{MISTAKES, TABLES, with_mistake};
-use support::{TestSchema, TestVhost, database_url, free_port, search_url, unique_name};
+use support::{TestSchema, TestVhost, database_url, free_port, search_url};
 
 /// A binary of the test's deployment with `config` as its event-type file.
 fn command(binary: PathBuf, db: &TestSchema, vhost: &TestVhost, config: &Path) -> Command {
@@ -35,28 +34,8 @@ fn command(binary: PathBuf, db: &TestSchema, vhost: &TestVhost, config: &Path) -
 /// Runs a command to its end, or kills it after a minute (a binary that accepted the file
 /// would run on): whether it failed, and what it wrote to stderr.
 fn refused(command: &mut Command) -> (bool, String) {
-    let stderr = std::env::temp_dir().join(format!("{}.stderr", unique_name("benalsam")));
-    let file = std::fs::File::create(&stderr).expect("a file for stderr");
-    let mut child: binaries::Guarded = command
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("the binary starts")
-        .into();
-    let started = Instant::now();
-    let failed = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break !status.success();
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    drop(child);
-    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
-    let _ = std::fs::remove_file(stderr);
-    (failed, text)
+    let (status, text) = binaries::run_bounded(command);
+    (status.is_some_and(|s| !s.success()), text)
 }
 
 #[tokio::test]

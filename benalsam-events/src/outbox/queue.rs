@@ -32,6 +32,9 @@ struct Inner {
     /// (whose statements are all prepared on connect).
     sql_busy: String,
     sql_idle: String,
+    /// The reindexes under way ([`Outbox::reindexing`]): read in one round trip with every
+    /// batch, without preparing (the table may not exist before migration 8).
+    sql_reindexing: String,
     conn: Mutex<Option<Conn>>,
     /// A connection of its own for transactions (reading joined documents), which the
     /// shared, pipelined connection cannot hold.
@@ -63,6 +66,10 @@ impl Outbox {
                 sql_idle: format!(
                     "DELETE FROM {listeners} WHERE listener = $1 OR busy_until < now()"
                 ),
+                sql_reindexing: format!(
+                    "SELECT table_name, new_index FROM \"{}\".benalsam_reindex WHERE phase <> 'swapped'",
+                    config.schema
+                ),
                 config,
                 conn: Mutex::new(None),
                 joined: Mutex::new(None),
@@ -73,6 +80,11 @@ impl Outbox {
     /// The settings this outbox was made with.
     pub fn config(&self) -> &OutboxConfig {
         &self.inner.config
+    }
+
+    /// The read of the reindexes under way (SQL text, unprepared).
+    pub(super) fn reindexing_sql(&self) -> &str {
+        &self.inner.sql_reindexing
     }
 
     /// The database this outbox uses.

@@ -59,12 +59,8 @@ impl Outbox {
     /// consumer that misses a reindex's start would write only to the old index.
     pub(crate) async fn reindexing(&self) -> Result<Vec<(String, String)>> {
         let conn = self.conn().await?;
-        let sql = format!(
-            "SELECT table_name, new_index FROM \"{}\".benalsam_reindex WHERE phase <> 'swapped'",
-            self.config().schema
-        );
-        let rows = match conn.client.query(&sql, &[]).await {
-            Ok(rows) => rows,
+        let messages = match conn.client.simple_query(self.reindexing_sql()).await {
+            Ok(messages) => messages,
             // Before migration 8 there is no table, and so no reindex under way (the reindex
             // command needs it). A refused read (a role without the grant) is an error: it
             // cannot tell.
@@ -79,7 +75,15 @@ impl Outbox {
                 ));
             }
         };
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some((row.get(0)?.to_owned(), row.get(1)?.to_owned()))
+                }
+                _ => None,
+            })
+            .collect())
     }
 }
 

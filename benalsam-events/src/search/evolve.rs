@@ -21,6 +21,15 @@ pub enum Change {
     Add,
     /// Only by building a new index (`reindex --type <name>`); says what changed.
     NeedsReindex(String),
+    /// The field's type changed (also only by a reindex): kept apart because
+    /// [`EventType::ensure_index`](crate::EventType::ensure_index) refuses it as a mapping
+    /// conflict.
+    Retype {
+        /// The live index's type.
+        found: String,
+        /// The type the event type wants.
+        wanted: String,
+    },
 }
 
 /// One difference, at a dotted path (`company.verified`, `analysis.analyzer.benalsam_turkish`).
@@ -58,9 +67,22 @@ impl Diff {
             .iter()
             .filter_map(|d| match &d.change {
                 Change::NeedsReindex(why) => Some(format!("{}: {why}", d.path)),
+                Change::Retype { found, wanted } => {
+                    Some(format!("{}: type {found} → {wanted}", d.path))
+                }
                 Change::Add => None,
             })
             .collect()
+    }
+
+    /// The fields whose type changed: (path, live type, wanted type).
+    pub fn retyped(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.differences.iter().filter_map(|d| match &d.change {
+            Change::Retype { found, wanted } => {
+                Some((d.path.as_str(), found.as_str(), wanted.as_str()))
+            }
+            _ => None,
+        })
     }
 }
 
@@ -134,7 +156,13 @@ fn properties(
 fn field(path: &str, want: &Value, have: &Value, out: &mut Vec<Difference>) -> Option<Value> {
     let (want_type, have_type) = (type_of(want), type_of(have));
     if want_type != have_type {
-        out.push(reindex(path, format!("type {have_type} → {want_type}")));
+        out.push(Difference {
+            path: path.to_owned(),
+            change: Change::Retype {
+                found: have_type.to_string(),
+                wanted: want_type.to_string(),
+            },
+        });
         return None;
     }
     let before = out.len();

@@ -25,6 +25,9 @@ pub struct IndexReport {
     /// What the live index cannot take in place, one line each (`title: analyzer "a" → "b"`):
     /// the event type needs `reindex`. Empty when the index is as the file wants it.
     pub needs_reindex: Vec<String>,
+    /// The first field whose type changed (path, live type, wanted type), which
+    /// [`EventType::ensure_index`] refuses as a mapping conflict.
+    retyped: Option<(String, String, String)>,
 }
 
 impl EventType {
@@ -40,15 +43,12 @@ impl EventType {
     pub async fn ensure_index(&self, client: &Elasticsearch) -> Result<Vec<String>> {
         let nodes = SearchNodes::from(client.clone());
         let report = ensure_index_on(&nodes, self).await?;
-        if let Some(conflict) = report.needs_reindex.iter().find(|l| l.contains(": type ")) {
-            // "path: type have → want"
-            let (field, types) = conflict.split_once(": type ").unwrap_or((conflict, ""));
-            let (found, expected) = types.split_once(" → ").unwrap_or((types, ""));
+        if let Some((field, found, expected)) = report.retyped {
             return Err(Error::from(Kind::MappingConflict {
                 index: self.index.alias.clone(),
-                field: field.to_owned(),
-                expected: expected.to_owned(),
-                found: found.to_owned(),
+                field,
+                expected,
+                found,
             }));
         }
         Ok(report.added)
@@ -155,6 +155,12 @@ async fn evolve_live(nodes: &SearchNodes, alias: &str, body: &Value) -> Result<I
             if !report.needs_reindex.contains(&line) {
                 report.needs_reindex.push(line);
             }
+        }
+        if report.retyped.is_none() {
+            report.retyped = found
+                .retyped()
+                .next()
+                .map(|(p, f, w)| (p.to_owned(), f.to_owned(), w.to_owned()));
         }
         for path in found.added() {
             if !report.added.contains(&path) {

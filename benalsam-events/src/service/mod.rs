@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, retry};
 use crate::ops::{HealthReport, HealthServer, Metrics, Readiness};
-use crate::{Error, Result};
+use crate::outbox::OutboxConfig;
+use crate::{DatabaseUrl, Error, EventType, Result};
 
 pub(crate) use heartbeat::Heartbeat;
 
@@ -134,6 +135,39 @@ impl Service {
     {
         self.readiness.starting(what);
         retry(what, Backoff::default(), shutdown, op).await
+    }
+
+    /// The database steps both services start with: the migrations when asked (`migrate`:
+    /// the event types whose triggers they attach; the consumer attaches none), then every
+    /// table and column `event_types` name, before anything is claimed or consumed. False
+    /// when shutdown came first.
+    pub(crate) async fn check_database(
+        &self,
+        database: &DatabaseUrl,
+        outbox: &OutboxConfig,
+        migrate: Option<&[EventType]>,
+        event_types: &[EventType],
+        shutdown: &CancellationToken,
+    ) -> Result<bool> {
+        if let Some(triggers) = migrate {
+            let migrated = self
+                .step("migrating the database", shutdown, || async {
+                    let mut client = crate::connect::postgres(database).await?;
+                    crate::outbox::migrate(&mut client, outbox, triggers).await
+                })
+                .await?;
+            if migrated.is_none() {
+                return Ok(false);
+            }
+        }
+        let checked = self
+            .step(
+                "checking the event types against the database",
+                shutdown,
+                || crate::outbox::check_tables(database, &outbox.schema, event_types),
+            )
+            .await?;
+        Ok(checked.is_some())
     }
 
     /// Runs `task` until the service stops.

@@ -768,6 +768,26 @@ impl TestVhost {
     }
 }
 
+/// Waits until `check` gives `Ok`, looking every 100 ms, or fails the test with `what` and
+/// the last state after `patience`: for conditions on what a user sees, never on time.
+pub async fn eventually<T, F, Fut>(patience: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(state) => assert!(
+                started.elapsed() < patience,
+                "{what}: not within {patience:?}; {state}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `done()` holds, looking every few milliseconds, and fails naming `what` (and
 /// what `state()` says then) after 90 s: for conditions on a live status, never on time.
 pub async fn until<S: std::fmt::Debug>(

@@ -2,7 +2,9 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// The bridge binary, as `cargo build --workspace --bins` left it.
 pub fn bridge_binary() -> PathBuf {
@@ -113,4 +115,36 @@ pub async fn wait_until(
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Runs a binary to its end, or kills it after a minute (a binary that accepted a bad file
+/// would run on): its exit status (`None` when killed) and what it wrote to stderr.
+pub fn run_bounded(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let stderr = std::env::temp_dir().join(format!(
+        "benalsam-bounded-{}-{run}.stderr",
+        std::process::id()
+    ));
+    let file = std::fs::File::create(&stderr).expect("a file for stderr");
+    let mut child: Guarded = command
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("the binary starts")
+        .into();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(child);
+    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let _ = std::fs::remove_file(stderr);
+    (status, text)
 }

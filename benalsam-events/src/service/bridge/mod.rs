@@ -188,32 +188,17 @@ async fn prepare(
     service: &Service,
     shutdown: &CancellationToken,
 ) -> Result<bool> {
-    if settings.migrate {
-        let migrated = service
-            .step("migrating the database", shutdown, || async {
-                let mut client = crate::connect::postgres(&settings.database_url).await?;
-                crate::outbox::migrate(&mut client, &settings.outbox, &settings.event_types).await
-            })
-            .await?;
-        if migrated.is_none() {
-            return Ok(false);
-        }
-    }
-    // Every table and column the event types name, before anything is claimed.
+    let migrate = settings.migrate.then_some(settings.event_types.as_slice());
     let checked = service
-        .step(
-            "checking the event types against the database",
+        .check_database(
+            &settings.database_url,
+            &settings.outbox,
+            migrate,
+            &settings.event_types,
             shutdown,
-            || {
-                crate::outbox::check_tables(
-                    &settings.database_url,
-                    &settings.outbox.schema,
-                    &settings.event_types,
-                )
-            },
         )
         .await?;
-    if checked.is_none() {
+    if !checked {
         return Ok(false);
     }
     let topology = settings.topology();

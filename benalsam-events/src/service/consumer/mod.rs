@@ -161,32 +161,18 @@ async fn prepare(
     search: &SearchNodes,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<String>>> {
-    if settings.migrate {
-        let migrated = service
-            .step("migrating the database", shutdown, || async {
-                let mut client = crate::connect::postgres(&settings.database_url).await?;
-                crate::outbox::migrate(&mut client, &settings.outbox, &[]).await
-            })
-            .await?;
-        if migrated.is_none() {
-            return Ok(None);
-        }
-    }
-    // Every table and column the event types name, before anything is consumed.
+    // The consumer attaches no trigger: the bridge's migration does.
+    let migrate = settings.migrate.then_some(&[][..]);
     let checked = service
-        .step(
-            "checking the event types against the database",
+        .check_database(
+            &settings.database_url,
+            &settings.outbox,
+            migrate,
+            &settings.event_types,
             shutdown,
-            || {
-                crate::outbox::check_tables(
-                    &settings.database_url,
-                    &settings.outbox.schema,
-                    &settings.event_types,
-                )
-            },
         )
         .await?;
-    if checked.is_none() {
+    if !checked {
         return Ok(None);
     }
     let queues: Vec<&str> = settings
