@@ -19,11 +19,11 @@
 //! round; one that could not write keeps its place (`page.rs` has one change's moves).
 //!
 //! Bounded: one page of keys at a time is all it holds (the pages are `INSERT … SELECT`,
-//! nothing is read into the bridge), and no change of a table writes a page after its first
-//! while more than two pages of its REBUILD jobs are not yet indexed (pending, claimed or
-//! sent), so neither the outbox nor RabbitMQ holds more of them than that and one first page
-//! per change in progress, and the table's other changes pass between pages (BENCHMARKS.md,
-//! "Joined documents"). A document that already has a
+//! nothing is read into the bridge), and after its first page a change only tops its table's
+//! REBUILD jobs not yet indexed (pending, claimed or sent) up to one page, so
+//! neither the outbox nor RabbitMQ holds more of them than that and one first page per change
+//! in progress, and the table's other changes pass between pages (`page.rs`, `top_up`;
+//! BENCHMARKS.md, "Joined documents" and "Fair fan-out"). A document that already has a
 //! REBUILD job waiting is skipped: that job is read after this change committed; so is a
 //! document the status policy keeps out of the index (`sql.rs` says why that is safe).
 //!

@@ -3,8 +3,9 @@
 //!
 //! * `page`: one page of REBUILD jobs, its progress recorded in the job and its lease
 //!   renewed in the same transaction (a crash resumes after the last committed page);
-//! * `wait`: while the documents' table has too many REBUILD jobs not yet indexed, only the
-//!   lease is renewed (every quarter lease);
+//! * `wait`: while the documents' table has too many REBUILD jobs not yet indexed (a page
+//!   after the first only tops them up to one page), only the lease is renewed
+//!   (every quarter lease);
 //! * `record`: the page counted in the status and the metrics.
 
 use std::collections::HashMap;
@@ -95,13 +96,18 @@ impl Change {
                 n
             }
         };
-        // A change's first page does not wait for the table's room: a small change (one
-        // page) then queues behind at most the pages already out, not behind the room those
-        // pages must first make. Still bounded: one page per change in progress.
-        if queued > 2 * worker.page && self.started {
-            return self.wait(worker, plan, conn).await;
-        }
-        let Some((found, kept, added)) = self.page(worker, plan, conn).await? else {
+        // A change's first page is a whole page and does not wait for the table's room: a
+        // small change (one page) then queues behind at most what is already out, not behind
+        // the room that must first be made. Still bounded: one page per change in progress.
+        let size = if self.started {
+            match top_up(worker.page, queued) {
+                Some(size) => size,
+                None => return self.wait(worker, plan, conn).await,
+            }
+        } else {
+            worker.page
+        };
+        let Some((found, kept, added)) = self.page(worker, plan, conn, size).await? else {
             return Ok(Step::Lost);
         };
         *outstanding.entry(plan.documents.clone()).or_default() += added;
@@ -154,6 +160,7 @@ impl Change {
         worker: &Worker,
         plan: &Plan,
         conn: &mut tokio_postgres::Client,
+        size: i64,
     ) -> Result<Option<(i64, i64, i64)>> {
         let config = worker.outbox.config();
         let job = &self.job;
@@ -161,7 +168,7 @@ impl Change {
         let tx = conn.transaction().await.map_err(fail)?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
             &self.rows[self.tuple],
-            &worker.page,
+            &size,
             &plan.documents,
             &self.trace_id,
             &job.traceparent,
@@ -178,7 +185,7 @@ impl Change {
         .map_err(fail)?;
         let (found, added, last, kept): (i64, i64, Option<String>, i64) =
             (page.get(0), page.get(1), page.get(2), page.get(3));
-        let (tuple, after) = if found < worker.page {
+        let (tuple, after) = if found < size {
             (self.tuple + 1, None)
         } else {
             (self.tuple, last)
@@ -229,6 +236,19 @@ impl Change {
             documents: self.documents,
         });
     }
+}
+
+/// How many documents a change that is under way may page now, its table having `queued`
+/// REBUILD jobs not yet indexed: what tops them up to one page, or `None` (it waits) while
+/// that is less than a fifth of a page.
+///
+/// Why one page: everything not yet indexed is ahead of a new change's first page in the
+/// broker's queue, so it is the wait of every small change that arrives during a big one.
+/// Topped up in pieces, one page keeps the consumer's prefetch fed while holding that wait to
+/// a page (BENCHMARKS.md, "Fair fan-out", compares it with one and a half and two pages).
+fn top_up(page: i64, queued: i64) -> Option<i64> {
+    let room = page - queued;
+    (room >= (page / 5).max(1)).then_some(room)
 }
 
 /// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting
@@ -316,6 +336,31 @@ mod tests {
             related_rows(&added, &images),
             vec![json!({"listing_id": 3})]
         );
+    }
+
+    #[test]
+    fn a_change_under_way_tops_its_table_up_to_one_page() {
+        assert_eq!(top_up(500, 0), Some(500));
+        assert_eq!(top_up(500, 150), Some(350));
+        assert_eq!(
+            top_up(500, 400),
+            Some(100),
+            "a fifth of a page is worth a write"
+        );
+        assert_eq!(top_up(500, 401), None, "less is not");
+        assert_eq!(top_up(500, 5000), None);
+        assert_eq!(top_up(1, 0), Some(1), "a page of one still moves");
+        assert_eq!(top_up(1, 1), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_top_up_never_passes_the_ceiling_nor_a_page(page in 1i64..5000, queued in 0i64..20000) {
+            if let Some(size) = top_up(page, queued) {
+                proptest::prop_assert!(size >= 1 && size <= page);
+                proptest::prop_assert!(queued + size <= page);
+            }
+        }
     }
 
     #[test]
