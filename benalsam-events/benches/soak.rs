@@ -80,7 +80,8 @@ const BINARY_FAULTS: usize = 7;
 
 /// Sellers the listings are joined with: a parent relation, so a seller's rename fans out to
 /// every listing of that seller, and moving a listing to another seller changes its joined
-/// part. The run's index alias replaces `SOAK_ALIAS`.
+/// part. The run's index alias replaces `SOAK_ALIAS`, and `SOAK_REPLICAS` is 1 on a cluster
+/// (BENALSAM_INDEX_REPLICAS is for the built-in listings only).
 const SELLERS_SQL: &str = "CREATE TABLE sellers (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     display_name text NOT NULL
@@ -100,6 +101,7 @@ status_queue = "listing.status.changes"
 
 [event_type.index]
 alias = "SOAK_ALIAS"
+replicas = SOAK_REPLICAS
 
 [event_type.document]
 searchable_statuses = ["active"]
@@ -531,7 +533,13 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
     // The listings joined with their seller: the binaries read this file (BENALSAM_CONFIG),
     // and its relation's trigger is attached here, before they start.
     let config = logs.join("listings.toml");
-    std::fs::write(&config, SOAK_TOML.replace(SOAK_ALIAS, &alias))?;
+    let replicas = if options.cluster { "1" } else { "0" };
+    std::fs::write(
+        &config,
+        SOAK_TOML
+            .replace(SOAK_ALIAS, &alias)
+            .replace("SOAK_REPLICAS", replicas),
+    )?;
     let event_types = benalsam_events::EventType::from_file(&config)?;
     env.client.batch_execute(SELLERS_SQL).await?;
     benalsam_events::OutboxConfig::in_schema(&env.name)
@@ -604,9 +612,6 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
     bridge_env.push(("BENALSAM_LEASE".to_owned(), options.lease.clone()));
     let mut consumer_env = common_env(&consumer_app);
     consumer_env.push(("ELASTICSEARCH_URL".to_owned(), search.clone()));
-    if options.cluster {
-        consumer_env.push(("BENALSAM_INDEX_REPLICAS".to_owned(), "1".to_owned()));
-    }
     let mut binaries = vec![
         Binary {
             role: Role::Bridge,
