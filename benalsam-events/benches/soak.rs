@@ -3,11 +3,16 @@
 //! an application would and faults drawn from a seed; at the end, a checker that compares
 //! every document of the index with its row and every job with its final state.
 //!
+//! The listings are joined documents: each carries its seller's name (a parent relation to a
+//! `sellers` table, as in examples/joined_documents), read from the database when indexed.
+//!
 //! Writers (`--writers`, 4) insert listings in searchable and unsearchable statuses, edit
 //! them, change their status, delete them, change their key, edit rows other writers wrote,
-//! and now and then one of them truncates the table. They stop after `--jobs` jobs (the
-//! outbox's count) or `--duration`; while more than `--max-backlog` jobs wait, they pause, so
-//! a long run is a soak and not a dump.
+//! rename sellers (a fan-out to every listing of the seller: a few to a few hundred), move a
+//! listing to another seller, and now and then one of them truncates the table. They stop
+//! after `--jobs` jobs (the outbox's newest id, which also counts the fan-out's REBUILD jobs
+//! and the versions joined reads take from the same sequence) or `--duration`; while more
+//! than `--max-backlog` jobs wait, they pause, so a long run is a soak and not a dump.
 //!
 //! Every `--fault-every` (±50 %, from the seed) one fault of `--faults` strikes:
 //!
@@ -27,7 +32,8 @@
 //! - **lost**: a searchable row (`active`) without its document;
 //! - **ghost**: a document whose row is gone or not searchable (a lost delete);
 //! - **stale**: a document whose content (title, description, status) differs from its row's,
-//!   or whose version is not the row's latest job id;
+//!   whose joined part (the seller's name) differs from the SQL join's, or whose version is
+//!   not above the row's latest job id (a joined read's version is taken after the job);
 //! - **stuck**: a job still pending, processing or sent, or failed with attempts left;
 //! - **failed**: jobs failed for good, and the dead-letter queue's depth.
 //!
@@ -55,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 const USAGE: &str = "scripts/soak [--seed N] [--jobs N | --duration 10m] [--writers 4] \
 [--fault-every 30s] [--faults binaries|all|KIND,KIND…] [--services] [--cluster] \
 [--max-backlog 20000] [--truncate-every N] [--lease 60s] [--settle 10m] [--rss-every 5s] [--keep] \
-[--sabotage: spoil three documents before the check, which must then find 1 lost, 1 stale, 1 ghost]";
+[--sabotage: spoil four documents before the check, which must then find 1 lost, 2 stale (1 in its joined part), 1 ghost]";
 
 const FAULT_KINDS: [&str; 10] = [
     "bridge-kill",
@@ -71,6 +77,52 @@ const FAULT_KINDS: [&str; 10] = [
 ];
 /// The kinds that touch only the harness's own processes and sessions.
 const BINARY_FAULTS: usize = 7;
+
+/// Sellers the listings are joined with: a parent relation, so a seller's rename fans out to
+/// every listing of that seller, and moving a listing to another seller changes its joined
+/// part. The run's index alias replaces `SOAK_ALIAS`, and `SOAK_REPLICAS` is 1 on a cluster
+/// (BENALSAM_INDEX_REPLICAS is for the built-in listings only).
+const SELLERS_SQL: &str = "CREATE TABLE sellers (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    display_name text NOT NULL
+)";
+const SOAK_ALIAS: &str = "SOAK_ALIAS";
+const SOAK_TOML: &str = r#"
+[[event_type]]
+name = "listings"
+ignore = ["view_count"]
+exchange = "benalsam.listings"
+routing_prefix = "listing"
+status_column = "status"
+queue = "elasticsearch.sync"
+dead_letter_exchange = "benalsam.dlx"
+dead_letter_queue = "elasticsearch.sync.dlq"
+status_queue = "listing.status.changes"
+
+[event_type.index]
+alias = "SOAK_ALIAS"
+replicas = SOAK_REPLICAS
+
+[event_type.document]
+searchable_statuses = ["active"]
+
+[event_type.document.fields]
+title = { type = "text", analyzer = "benalsam_turkish", raw = true, copy_to = "search_text" }
+description = { type = "text", analyzer = "benalsam_turkish", copy_to = "search_text" }
+category = { type = "keyword" }
+status = { type = "keyword" }
+created_at = { type = "date" }
+
+[event_type.relations.seller]
+table = "sellers"
+kind = "parent"
+foreign_key = ["user_id"]
+references = ["id"]
+fields.display_name = { type = "text", analyzer = "benalsam_turkish", raw = true }
+"#;
+/// How many sellers the run starts with. Listings pick them skewed (the first few have
+/// hundreds of listings, the last a few), so a rename fans out to a few or a few hundred.
+const SELLERS: usize = 300;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -360,6 +412,8 @@ struct Shared {
     epoch: AtomicU64,
     /// Rows recently inserted by any writer, which every writer also edits.
     recent: Mutex<Vec<String>>,
+    /// The sellers' ids, first the busiest (see [`Shared::seller`]).
+    sellers: Vec<String>,
     faults: Mutex<BTreeMap<&'static str, u32>>,
     /// Findings beside the check: a SIGTERM not obeyed in time, a binary that exited alone.
     findings: Mutex<Vec<String>>,
@@ -380,6 +434,14 @@ impl Shared {
     fn note(&self, what: String) {
         println!("[{:7.1} s] {what}", self.at());
         let _ = std::io::stdout().flush();
+    }
+
+    /// A seller for a new or moved listing: skewed (the square of a uniform draw), so the
+    /// first seller has about 6 % of the listings and the last a few in ten thousand.
+    fn seller(&self, rng: &mut fastrand::Rng) -> String {
+        let n = self.sellers.len();
+        let at = ((n as f64) * rng.f64().powi(2)) as usize;
+        self.sellers[at.min(n - 1)].clone()
     }
 }
 
@@ -464,10 +526,36 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
     } else {
         QueueType::Classic
     };
-    let env = BenchEnv::with_topology("soak", &topology).await?;
+    let mut env = BenchEnv::with_topology("soak", &topology).await?;
     let alias = format!("{}_listings", env.name);
     let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&env.name);
     std::fs::create_dir_all(&logs)?;
+    // The listings joined with their seller: the binaries read this file (BENALSAM_CONFIG),
+    // and its relation's trigger is attached here, before they start.
+    let config = logs.join("listings.toml");
+    let replicas = if options.cluster { "1" } else { "0" };
+    std::fs::write(
+        &config,
+        SOAK_TOML
+            .replace(SOAK_ALIAS, &alias)
+            .replace("SOAK_REPLICAS", replicas),
+    )?;
+    let event_types = benalsam_events::EventType::from_file(&config)?;
+    env.client.batch_execute(SELLERS_SQL).await?;
+    benalsam_events::OutboxConfig::in_schema(&env.name)
+        .migrate(&mut env.client, &event_types)
+        .await?;
+    let names: Vec<String> = (1..=SELLERS).map(|i| format!("Satıcı {i}")).collect();
+    let sellers: Vec<String> = env
+        .client
+        .query(
+            "INSERT INTO sellers (display_name) SELECT unnest($1::text[]) RETURNING id::text",
+            &[&names],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     println!(
         "soak: schema, vhost {0}, index {alias}; logs in {1}",
         env.name,
@@ -511,6 +599,7 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
             ("DATABASE_URL".to_owned(), db_url(name)),
             ("BENALSAM_SCHEMA".to_owned(), env.name.clone()),
             ("RABBITMQ_URL".to_owned(), amqp.clone()),
+            ("BENALSAM_CONFIG".to_owned(), config.display().to_string()),
         ];
         if options.cluster {
             vars.push(("BENALSAM_QUEUE_TYPE".to_owned(), "quorum".to_owned()));
@@ -523,10 +612,6 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
     bridge_env.push(("BENALSAM_LEASE".to_owned(), options.lease.clone()));
     let mut consumer_env = common_env(&consumer_app);
     consumer_env.push(("ELASTICSEARCH_URL".to_owned(), search.clone()));
-    consumer_env.push(("BENALSAM_INDEX".to_owned(), alias.clone()));
-    if options.cluster {
-        consumer_env.push(("BENALSAM_INDEX_REPLICAS".to_owned(), "1".to_owned()));
-    }
     let mut binaries = vec![
         Binary {
             role: Role::Bridge,
@@ -560,6 +645,7 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
         open: AtomicI64::new(0),
         epoch: AtomicU64::new(0),
         recent: Mutex::new(Vec::new()),
+        sellers,
         faults: Mutex::new(BTreeMap::new()),
         findings: Mutex::new(Vec::new()),
         pids: Mutex::new(Vec::new()),
@@ -688,9 +774,17 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
     let check = check(&env, &search_node, &alias).await?;
     let clean = if options.sabotage {
         // The checker's own test: it must find exactly what was spoiled.
-        let found = (check.lost.len(), check.stale.len(), check.ghost.len());
-        println!("soak: sabotaged 1 lost, 1 stale, 1 ghost; the check found {found:?}");
-        found == (1, 1, 1) && check.stuck == 0 && settled
+        let found = (
+            check.lost.len(),
+            check.stale.len(),
+            check.stale_joined,
+            check.ghost.len(),
+        );
+        println!(
+            "soak: sabotaged 1 lost, 2 stale (1 of them in its joined part), 1 ghost; \
+             the check found (lost, stale, stale joined, ghost) {found:?}"
+        );
+        found == (1, 2, 1, 1) && check.stuck == 0 && settled
     } else {
         check.clean() && settled
     };
@@ -703,6 +797,8 @@ async fn soak(options: Options) -> Result<bool, BoxError> {
             .delete(format!("{search_node}/{alias}_v1"))
             .send()
             .await;
+        // A fresh session: the harness's first one did not live through a PostgreSQL kill.
+        env.client = env.db_url.connect().await?;
         env.cleanup().await?;
     } else {
         println!(
@@ -1040,6 +1136,17 @@ async fn writer(
         let text = format!("w{index}-{statements}-{}", rng.u32(..1_000_000));
         let result: Result<(), tokio_postgres::Error> = async {
             match (roll, target) {
+                // A seller renamed: every listing of the seller gets a new joined part (a
+                // fan-out of a few to a few hundred documents). Drawn as the listings' are,
+                // so the busiest sellers, with hundreds of listings, are renamed the most.
+                (59, _) => {
+                    let seller = shared.seller(&mut rng);
+                    c.execute(
+                        "UPDATE sellers SET display_name = $2 WHERE id::text = $1",
+                        &[&seller, &format!("Satıcı {text}")],
+                    )
+                    .await?;
+                }
                 // Inserts: searchable (active) and not (a draft, waiting for approval).
                 (0..30, _) | (_, None) => {
                     let status = if roll < 30 || rng.u32(..4) > 0 {
@@ -1050,9 +1157,9 @@ async fn writer(
                     let id: String = c
                         .query_one(
                             "INSERT INTO listings (user_id, title, description, category, status, latitude, longitude, attributes)
-                             VALUES (gen_random_uuid(), $1, $2, 'genel', $3, 41.0, 29.0, '{\"renk\": \"mavi\"}')
+                             VALUES ($4::text::uuid, $1, $2, 'genel', $3, 41.0, 29.0, '{\"renk\": \"mavi\"}')
                              RETURNING id::text",
-                            &[&format!("İlan {text}"), &format!("Açıklama {text}"), &status],
+                            &[&format!("İlan {text}"), &format!("Açıklama {text}"), &status, &shared.seller(&mut rng)],
                         )
                         .await?
                         .get(0);
@@ -1070,10 +1177,18 @@ async fn writer(
                     }
                 }
                 // Edits, of this writer's rows and of rows other writers wrote.
-                (30..62, Some(id)) | (90.., Some(id)) => {
+                (30..59, Some(id)) | (90.., Some(id)) => {
                     c.execute(
                         "UPDATE listings SET description = $2, title = $3, updated_at = now() WHERE id::text = $1",
                         &[&id, &format!("Düzenlendi {text}"), &format!("İlan {text}")],
+                    )
+                    .await?;
+                }
+                // A listing moved to another seller: its joined part changes with it.
+                (60..62, Some(id)) => {
+                    c.execute(
+                        "UPDATE listings SET user_id = $2::text::uuid WHERE id::text = $1",
+                        &[&id, &shared.seller(&mut rng)],
                     )
                     .await?;
                 }
@@ -1160,40 +1275,55 @@ async fn settle(env: &BenchEnv, limit: Duration, shared: &Shared) -> Result<bool
 }
 
 /// Spoils the index as a defect would: one searchable row's document deleted (lost),
-/// another's content changed under a newer version (stale), and a document of no row (ghost).
+/// another's content changed under a newer version (stale), a third's seller name changed
+/// the same way (a stale joined part), and a document of no row (ghost).
 async fn sabotage(env: &BenchEnv, search: &str, alias: &str) -> Result<(), BoxError> {
     let client = connect_in(&env.db_url, &env.name).await?;
     let rows = client
         .query(
-            "SELECT id::text FROM listings WHERE status = 'active' ORDER BY id LIMIT 2",
+            "SELECT id::text FROM listings WHERE status = 'active' ORDER BY id LIMIT 3",
             &[],
         )
         .await?;
-    if rows.len() < 2 {
-        return Err("--sabotage needs two searchable rows at the end".into());
+    if rows.len() < 3 {
+        return Err("--sabotage needs three searchable rows at the end".into());
     }
-    let (gone, spoiled): (String, String) = (rows[0].get(0), rows[1].get(0));
+    let (gone, spoiled, joined): (String, String, String) =
+        (rows[0].get(0), rows[1].get(0), rows[2].get(0));
     let http = reqwest::Client::new();
     http.delete(format!("{search}/{alias}/_doc/{gone}?refresh=true"))
         .send()
         .await?
         .error_for_status()?;
-    let answer: Value = http
-        .get(format!("{search}/{alias}/_doc/{spoiled}"))
+    let mut source = Value::Null;
+    for (id, field, value) in [
+        (&spoiled, "/description", "spoiled"),
+        (
+            &joined,
+            "/seller/display_name",
+            "a seller renamed in the index only",
+        ),
+    ] {
+        let answer: Value = http
+            .get(format!("{search}/{alias}/_doc/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        source = answer["_source"].clone();
+        let Some(spot) = source.pointer_mut(field) else {
+            return Err(format!("--sabotage: document {id} has no {field}: {source}").into());
+        };
+        *spot = json!(value);
+        let version = answer["_version"].as_i64().unwrap_or(0) + 1;
+        http.put(format!(
+            "{search}/{alias}/_doc/{id}?version={version}&version_type=external&refresh=true"
+        ))
+        .json(&source)
         .send()
         .await?
-        .json()
-        .await?;
-    let mut source = answer["_source"].clone();
-    source["description"] = json!("spoiled");
-    let version = answer["_version"].as_i64().unwrap_or(0) + 1;
-    http.put(format!(
-        "{search}/{alias}/_doc/{spoiled}?version={version}&version_type=external&refresh=true"
-    ))
-    .json(&source)
-    .send()
-    .await?
-    .error_for_status()?;
+        .error_for_status()?;
+    }
     source["description"] = json!("a row that never was");
     http.put(format!(
         "{search}/{alias}/_doc/ghost-of-the-sabotage?refresh=true"
@@ -1219,8 +1349,16 @@ struct Check {
     lost: Vec<String>,
     ghost: Vec<String>,
     stale: Vec<String>,
+    /// Jobs of seller renames and the REBUILD jobs their fan-outs wrote.
+    seller_changes: i64,
+    rebuilds: i64,
+    /// Of the stale documents, those whose joined part (the seller) is not the SQL view's.
+    stale_joined: usize,
     errors: Vec<String>,
 }
+
+/// A listing at the end: title, description, status, latest job id, seller's name.
+type Row = (String, String, String, i64, Option<String>);
 
 impl Check {
     fn clean(&self) -> bool {
@@ -1261,17 +1399,29 @@ async fn check(env: &BenchEnv, search: &str, alias: &str) -> Result<Check, BoxEr
         check.errors.push(format!("{n} × {error}"));
     }
 
-    // Each row as it is, and its latest job.
-    let rows: HashMap<String, (String, String, String, i64)> = client
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE table_name LIKE '%#seller' AND operation = 'UPDATE'),
+                    count(*) FILTER (WHERE operation = 'REBUILD')
+             FROM elasticsearch_sync_queue",
+            &[],
+        )
+        .await?;
+    (check.seller_changes, check.rebuilds) = (row.get(0), row.get(1));
+
+    // Each row as it is, its latest job, and its joined part as SQL sees it (the seller's
+    // name; none when no seller matches, as the document then has no `seller`).
+    let rows: HashMap<String, Row> = client
         .query(
-            "SELECT l.id::text, l.title, l.description, l.status, max(q.id)
+            "SELECT l.id::text, l.title, l.description, l.status, max(q.id), s.display_name
              FROM listings l JOIN elasticsearch_sync_queue q ON q.record_id = l.id::text
-             GROUP BY l.id",
+             LEFT JOIN sellers s ON s.id = l.user_id
+             GROUP BY l.id, s.display_name",
             &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))))
         .collect();
     let count: i64 = client
         .query_one("SELECT count(*) FROM listings", &[])
@@ -1297,7 +1447,7 @@ async fn check(env: &BenchEnv, search: &str, alias: &str) -> Result<Check, BoxEr
         .post(format!("{search}/{alias}/_search?scroll=5m"))
         .json(&json!({
             "query": {"match_all": {}}, "size": 5_000, "version": true,
-            "_source": ["title", "description", "status"], "sort": ["_doc"],
+            "_source": ["title", "description", "status", "seller"], "sort": ["_doc"],
         }))
         .send()
         .await?
@@ -1317,15 +1467,25 @@ async fn check(env: &BenchEnv, search: &str, alias: &str) -> Result<Check, BoxEr
             let version = hit["_version"].as_i64().unwrap_or(-1);
             let field = |f: &str| hit["_source"][f].as_str().unwrap_or_default().to_owned();
             check.documents += 1;
+            let seller = hit["_source"]["seller"]["display_name"]
+                .as_str()
+                .map(str::to_owned);
             match rows.get(&id) {
-                Some((title, description, status, latest)) if status == "active" => {
-                    if version != *latest
+                Some((title, description, status, latest, joined)) if status == "active" => {
+                    // A joined document is written under the version of the read that built
+                    // it, a value of the job sequence taken after its latest job was claimed:
+                    // larger than that job's id (src/relations/mod.rs says why).
+                    let own_stale = version <= *latest
                         || field("title") != *title
                         || field("description") != *description
-                        || field("status") != *status
-                    {
+                        || field("status") != *status;
+                    if seller != *joined {
+                        check.stale_joined += 1;
+                    }
+                    if own_stale || seller != *joined {
                         check.stale.push(format!(
-                            "{id}: document v{version} {:?}/{:?}/{:?}, row v{latest} {title:?}/{description:?}/{status:?}",
+                            "{id}: document v{version} {:?}/{:?}/{:?} seller {seller:?}, \
+                             row (latest job {latest}) {title:?}/{description:?}/{status:?} seller {joined:?}",
                             field("title"),
                             field("description"),
                             field("status")
@@ -1418,6 +1578,11 @@ fn report(
     let _ = writeln!(out, "statuses  {:?}", check.by_status);
     let _ = writeln!(
         out,
+        "joined    {} seller renames fanned out to {} REBUILD jobs",
+        check.seller_changes, check.rebuilds
+    );
+    let _ = writeln!(
+        out,
         "faults    {total}: {}",
         faults
             .iter()
@@ -1446,7 +1611,12 @@ fn report(
         "ghost     {} (documents of gone or unsearchable rows)",
         check.ghost.len()
     );
-    let _ = writeln!(out, "stale     {}", check.stale.len());
+    let _ = writeln!(
+        out,
+        "stale     {} ({} with a stale joined part: the seller)",
+        check.stale.len(),
+        check.stale_joined
+    );
     let _ = writeln!(out, "stuck     {}", check.stuck);
     let _ = writeln!(
         out,
