@@ -335,3 +335,75 @@ async fn joined_documents_work_with_least_privilege_roles_too() {
     assert_no_refusal(&setup);
     setup.drop().await;
 }
+
+/// `benalsam-consumer reindex`, run by the outbox's owner as the operator commands are, while
+/// the binaries run as least-privilege roles: the roles' grants carry the reindex (the
+/// consumer reads the reindexes under way with every batch and writes to both indexes, the
+/// bridge claims the rebuild jobs), the alias moves to the new version with every document,
+/// and a write after it reaches the new index.
+#[tokio::test]
+async fn a_reindex_by_the_owner_runs_through_least_privilege_binaries() {
+    let setup = Setup::new(false).await;
+    let bridge = setup.spawn(bridge_binary(), &setup.bridge, "bridge.log");
+    let consumer = setup.spawn(consumer_binary(), &setup.consumer, "consumer.log");
+    let app = setup.writer.connect(&setup.db.name).await;
+    let insert = "INSERT INTO listings (user_id, title, description, category, status)
+                  VALUES (gen_random_uuid(), $1, 'ikinci el', 'spor', 'active') RETURNING id::text";
+    let mut ids = Vec::new();
+    for title in ["Kayak", "Kask", "Baton"] {
+        let id: String = app
+            .query_one(insert, &[&title])
+            .await
+            .expect("the application inserts")
+            .get(0);
+        ids.push((id, title));
+    }
+    for (id, title) in &ids {
+        setup.doc_until(id, |d| d["title"] == *title).await;
+    }
+
+    let out = Command::new(consumer_binary())
+        .args(["reindex", "--type", "listings"])
+        .env("DATABASE_URL", support::database_url().expose())
+        .env("BENALSAM_SCHEMA", &setup.db.name)
+        .env("RABBITMQ_URL", setup.vhost.url.expose())
+        .env("ELASTICSEARCH_URL", search_url().expose())
+        .env("BENALSAM_INDEX", &setup.index.alias)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the reindex command runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "reindex failed: {stdout}{stderr}; logs: {}",
+        setup.log_text()
+    );
+    let new_index = format!("{}_v2", setup.index.alias);
+    assert!(
+        stdout.contains(&format!("now points at {new_index}")),
+        "{stdout}"
+    );
+    assert_eq!(
+        setup.index.behind_alias().await,
+        vec![new_index],
+        "the alias moved to the new index"
+    );
+    for (id, title) in &ids {
+        setup.doc_until(id, |d| d["title"] == *title).await;
+    }
+    let after: String = app
+        .query_one(insert, &[&"Kızak"])
+        .await
+        .expect("the application inserts after the reindex")
+        .get(0);
+    setup.doc_until(&after, |d| d["title"] == "Kızak").await;
+    setup.settled(4).await;
+    drop(app);
+    stop(bridge);
+    stop(consumer);
+    assert_no_refusal(&setup);
+    setup.drop().await;
+}

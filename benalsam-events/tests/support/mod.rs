@@ -527,13 +527,41 @@ impl TestIndex {
         assert_eq!(answer["acknowledged"], true, "{answer}");
     }
 
+    /// The indexes the alias points at, sorted (none when it does not exist).
+    pub async fn behind_alias(&self) -> Vec<String> {
+        let answer = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Get,
+                &format!("/_alias/{}", self.alias),
+                None,
+            )
+            .await;
+        let mut indexes: Vec<String> = answer
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .filter(|k| *k != "error" && *k != "status")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        indexes.sort();
+        indexes
+    }
+
+    /// Deletes the first version and whatever the alias points at now (a reindex moves it).
     pub async fn drop(self) {
-        self.call(
-            benalsam_events::elasticsearch::http::Method::Delete,
-            &format!("/{}_v1", self.alias),
-            None,
-        )
-        .await;
+        let mut indexes = self.behind_alias().await;
+        indexes.push(format!("{}_v1", self.alias));
+        indexes.dedup();
+        for index in indexes {
+            self.call(
+                benalsam_events::elasticsearch::http::Method::Delete,
+                &format!("/{index}"),
+                None,
+            )
+            .await;
+        }
     }
 }
 
