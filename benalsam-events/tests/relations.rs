@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

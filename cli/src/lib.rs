@@ -33,8 +33,12 @@ use benalsam_events::config::{AmqpUrl, DatabaseUrl, SearchUrl};
 use benalsam_events::consume::IndexerConfig;
 #[cfg(feature = "consumer")]
 use benalsam_events::consumer::ConsumerSettings;
-use benalsam_events::outbox::{JobStreamConfig, Outbox, OutboxConfig, Wake};
-use benalsam_events::publish::{PublisherConfig, QueueType, Topology, TopologyConfig};
+#[cfg(feature = "bridge")]
+use benalsam_events::outbox::{JobStreamConfig, Wake};
+use benalsam_events::outbox::{Outbox, OutboxConfig};
+#[cfg(feature = "bridge")]
+use benalsam_events::publish::PublisherConfig;
+use benalsam_events::publish::{QueueType, Topology, TopologyConfig};
 use benalsam_events::{Error, EventType};
 
 mod secret_file;
@@ -120,20 +124,22 @@ impl ConfigArgs {
 
     /// The event types, the one named `name` only when given.
     pub fn select(&self, name: Option<&str>) -> benalsam_events::Result<Vec<EventType>> {
-        let all = self.event_types()?;
-        let Some(name) = name else {
-            return Ok(all);
-        };
-        let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
-        let known = names.join(", ");
-        all.iter()
-            .find(|t| t.name == name)
-            .cloned()
-            .map(|t| vec![t])
-            .ok_or_else(|| {
-                Error::config("--type", format!("no event type {name:?} (known: {known})"))
-            })
+        select(self.event_types()?, name)
     }
+}
+
+/// The event types of `all`, the one named `name` only when given (`--type`).
+pub fn select(all: Vec<EventType>, name: Option<&str>) -> benalsam_events::Result<Vec<EventType>> {
+    let Some(name) = name else {
+        return Ok(all);
+    };
+    let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+    let known = names.join(", ");
+    all.iter()
+        .find(|t| t.name == name)
+        .cloned()
+        .map(|t| vec![t])
+        .ok_or_else(|| Error::config("--type", format!("no event type {name:?} (known: {known})")))
 }
 
 /// RabbitMQ settings.
@@ -814,7 +820,7 @@ impl ConsumerArgs {
     }
 
     /// The event types: the file's, or the listings with the settings above.
-    fn event_types(&self, config: &ConfigArgs) -> benalsam_events::Result<Vec<EventType>> {
+    pub fn event_types(&self, config: &ConfigArgs) -> benalsam_events::Result<Vec<EventType>> {
         if config.config.is_some() {
             let given = [
                 ("BENALSAM_INDEX", self.index.is_some()),

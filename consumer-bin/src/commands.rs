@@ -7,6 +7,7 @@ use benalsam_cli::{
 };
 use std::time::Duration;
 
+use benalsam_events::EventType;
 use benalsam_events::consume::DeadLetterQueue;
 use benalsam_events::consumer;
 use benalsam_events::outbox::JobSelection;
@@ -163,7 +164,10 @@ impl Cli {
             Some(Command::Document {
                 ref event_type,
                 ref key,
-            }) => document(&self.database, &self.config, event_type.as_deref(), key).await,
+            }) => {
+                let types = self.run_event_types(event_type.as_deref())?;
+                document(&self.database, types, key).await
+            }
             Some(Command::Reindex {
                 ref event_type,
                 batch,
@@ -251,10 +255,22 @@ impl Cli {
         }
     }
 
+    /// The event types as `run` has them: the file's, or the built-in listings with the
+    /// run's settings from the environment (`BENALSAM_INDEX`, `BENALSAM_SEARCHABLE_STATUSES`,
+    /// …), so `document` and `reindex` see the index and the status policy the consumer
+    /// uses (they saw the default alias before, and `reindex` refused or aimed elsewhere).
+    fn run_event_types(&self, name: Option<&str>) -> anyhow::Result<Vec<EventType>> {
+        let run = RunOnly::try_parse_from(["benalsam-consumer run"])
+            .context("reading the consumer's settings from the environment")?;
+        Ok(benalsam_cli::select(
+            run.args.event_types(&self.config)?,
+            name,
+        )?)
+    }
+
     async fn reindex(&self, name: &str, batch: i64) -> anyhow::Result<()> {
         let event_type = self
-            .config
-            .select(Some(name))?
+            .run_event_types(Some(name))?
             .into_iter()
             .next()
             .with_context(|| format!("no event type {name}"))?;
@@ -297,13 +313,7 @@ impl Cli {
 }
 
 /// Prints what the row `key` of the event type `name` becomes in the index.
-async fn document(
-    db: &DatabaseArgs,
-    config: &ConfigArgs,
-    name: Option<&str>,
-    key: &str,
-) -> anyhow::Result<()> {
-    let types = config.select(name)?;
+async fn document(db: &DatabaseArgs, types: Vec<EventType>, key: &str) -> anyhow::Result<()> {
     let event_type = match types.as_slice() {
         [one] => one,
         many => {

@@ -92,3 +92,46 @@ async fn document_prints_the_row_s_document_its_alias_and_the_status_policy_s_ve
     let _ = std::fs::remove_file(config);
     db.drop().await;
 }
+
+/// Without an event-type file, `document` sees the built-in listings as `run` has them: the
+/// alias of `BENALSAM_INDEX` and the statuses of `BENALSAM_SEARCHABLE_STATUSES` (it used the
+/// defaults, `benalsam_listings` and `active`, whatever the consumer ran with).
+#[tokio::test]
+async fn document_of_the_built_in_listings_follows_the_consumer_s_settings() {
+    let db = TestSchema::new().await;
+    let id: String = db
+        .client
+        .query_one(
+            &format!(
+                "INSERT INTO {}.listings (user_id, title, description, category, status)
+                 VALUES (gen_random_uuid(), 'Bisiklet', 'satıldı', 'spor', 'sold')
+                 RETURNING id::text",
+                db.name
+            ),
+            &[],
+        )
+        .await
+        .expect("a sold listing")
+        .get(0);
+    let out = Command::new(env!("CARGO_BIN_EXE_benalsam-consumer"))
+        .env("DATABASE_URL", database_url().expose())
+        .env("BENALSAM_SCHEMA", &db.name)
+        .env("BENALSAM_INDEX", "vitrin_ilanlar")
+        .env("BENALSAM_SEARCHABLE_STATUSES", "active,sold")
+        .env_remove("BENALSAM_CONFIG")
+        .env("RUST_LOG", "warn")
+        .args(["document", &id])
+        .output()
+        .expect("the consumer runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("index: vitrin_ilanlar (alias)"), "{stdout}");
+    assert!(
+        stdout.contains("kept: status = \"sold\" is a searchable status"),
+        "{stdout}"
+    );
+    db.drop().await;
+}
