@@ -280,57 +280,31 @@ async fn edits(
     let edit = db
         .prepare("UPDATE listings SET title = $2, updated_at = now() WHERE id = $1::text::uuid")
         .await?;
-    let unseen: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let unseen: Unseen = Arc::default();
     let writing = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let (unseen, writing) = (unseen.clone(), writing.clone());
-        async move {
-            let mut found = Vec::new();
-            let started = Instant::now();
-            loop {
-                let titles: Vec<String> = unseen
-                    .lock()
-                    .map_err(|_| "poisoned")?
-                    .iter()
-                    .map(|(t, _)| t.clone())
-                    .collect();
-                if titles.is_empty() && !writing.load(Ordering::Relaxed) {
-                    return Ok::<_, BoxError>(found);
-                }
-                if started.elapsed() > Duration::from_secs(1800) {
-                    return Err("edits not searchable after 30 minutes".into());
-                }
-                if !titles.is_empty() {
-                    let answer = es_json(
-                        es,
-                        Method::Post,
-                        &format!("/{alias}/_search"),
-                        Some(json!({
-                            "size": titles.len(),
-                            "_source": ["title"],
-                            "query": {"terms": {"title.raw": titles}},
-                        })),
-                    )
-                    .await?;
-                    let now = Instant::now();
-                    let hits = answer["hits"]["hits"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default();
-                    let mut unseen = unseen.lock().map_err(|_| "poisoned")?;
-                    for hit in hits {
-                        if let Some(title) = hit["_source"]["title"].as_str()
-                            && let Some(i) = unseen.iter().position(|(t, _)| t == title)
-                        {
-                            let (_, committed) = unseen.swap_remove(i);
-                            found.push((now - committed).as_secs_f64() * 1000.0);
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let watcher = watch(
+        es,
+        alias,
+        "edits",
+        unseen.clone(),
+        writing.clone(),
+        |titles| {
+            json!({
+                "size": titles.len(),
+                "_source": ["title"],
+                "query": {"terms": {"title.raw": titles}},
+            })
+        },
+        |answer| {
+            answer["hits"]["hits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|hit| hit["_source"]["title"].as_str())
+                .map(|title| (title.to_owned(), 1))
+                .collect()
+        },
+    );
     let write = async {
         let started = Instant::now();
         let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -350,15 +324,14 @@ async fn edits(
             unseen
                 .lock()
                 .map_err(|_| "poisoned")?
-                .push((title, committed));
+                .push((title, 1, committed));
             count += 1;
         }
         writing.store(false, Ordering::Relaxed);
         Ok(count)
     };
     let (searchable, count) = tokio::join!(watcher, write);
-    let (mut searchable, count) = (searchable?, count?);
-    searchable.sort_by(f64::total_cmp);
+    let (searchable, count) = (searchable?, count?);
     wait_completed(env, first, Duration::from_secs(1800)).await?;
     let row = env
         .client
@@ -497,63 +470,30 @@ async fn small_renames(
     db.batch_execute(&format!("SET search_path TO {}", env.name))
         .await?;
     // Name → (listings, commit).
-    let unseen: Arc<Mutex<Vec<(String, i64, Instant)>>> = Arc::default();
+    let unseen: Unseen = Arc::default();
     let writing = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let (unseen, writing) = (unseen.clone(), writing.clone());
-        async move {
-            let mut found = Vec::new();
-            let started = Instant::now();
-            loop {
-                let names: Vec<String> = unseen
-                    .lock()
-                    .map_err(|_| "poisoned")?
-                    .iter()
-                    .map(|(n, _, _)| n.clone())
-                    .collect();
-                if names.is_empty() && !writing.load(Ordering::Relaxed) {
-                    return Ok::<_, BoxError>(found);
-                }
-                if started.elapsed() > Duration::from_secs(1800) {
-                    return Err("small renames not searchable after 30 minutes".into());
-                }
-                if !names.is_empty() {
-                    let answer = es_json(
-                        es,
-                        Method::Post,
-                        &format!("/{alias}/_search"),
-                        Some(json!({
-                            "size": 0,
-                            "query": {"terms": {"seller.display_name.raw": names}},
-                            "aggs": {"by": {"terms": {"field": "seller.display_name.raw", "size": names.len()}}},
-                        })),
-                    )
-                    .await?;
-                    let now = Instant::now();
-                    let buckets = answer["aggregations"]["by"]["buckets"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default();
-                    let mut unseen = unseen.lock().map_err(|_| "poisoned")?;
-                    for bucket in buckets {
-                        let (Some(name), Some(count)) =
-                            (bucket["key"].as_str(), bucket["doc_count"].as_i64())
-                        else {
-                            continue;
-                        };
-                        if let Some(i) = unseen
-                            .iter()
-                            .position(|(n, all, _)| n == name && count >= *all)
-                        {
-                            let (_, _, committed) = unseen.swap_remove(i);
-                            found.push((now - committed).as_secs_f64() * 1000.0);
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let watcher = watch(
+        es,
+        alias,
+        "small renames",
+        unseen.clone(),
+        writing.clone(),
+        |names| {
+            json!({
+                "size": 0,
+                "query": {"terms": {"seller.display_name.raw": names}},
+                "aggs": {"by": {"terms": {"field": "seller.display_name.raw", "size": names.len()}}},
+            })
+        },
+        |answer| {
+            answer["aggregations"]["by"]["buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| Some((b["key"].as_str()?.to_owned(), b["doc_count"].as_i64()?)))
+                .collect()
+        },
+    );
     let write = async {
         let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -584,9 +524,64 @@ async fn small_renames(
     };
     let (found, written) = tokio::join!(watcher, write);
     written?;
-    let mut found = found?;
-    found.sort_by(f64::total_cmp);
-    Ok(found)
+    found
+}
+
+/// What a writer changed and a search has not shown yet: (key, documents that must show it,
+/// commit time).
+type Unseen = Arc<Mutex<Vec<(String, i64, Instant)>>>;
+
+/// Searches every 100 ms (`query` of the keys still unseen, no forced refresh) until the
+/// writer stopped (`writing` false) and every key of `unseen` was seen in as many documents
+/// as it needs (`seen` reads an answer as (key, documents)); returns the ms from each
+/// commit until then, sorted.
+async fn watch(
+    es: &Elasticsearch,
+    alias: &str,
+    what: &str,
+    unseen: Unseen,
+    writing: Arc<AtomicBool>,
+    query: impl Fn(&[String]) -> Value,
+    seen: impl Fn(&Value) -> Vec<(String, i64)>,
+) -> Result<Vec<f64>, BoxError> {
+    let mut found = Vec::new();
+    let started = Instant::now();
+    loop {
+        let keys: Vec<String> = unseen
+            .lock()
+            .map_err(|_| "poisoned")?
+            .iter()
+            .map(|(k, _, _)| k.clone())
+            .collect();
+        if keys.is_empty() && !writing.load(Ordering::Relaxed) {
+            found.sort_by(f64::total_cmp);
+            return Ok(found);
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err(format!("{what} not searchable after 30 minutes").into());
+        }
+        if !keys.is_empty() {
+            let answer = es_json(
+                es,
+                Method::Post,
+                &format!("/{alias}/_search"),
+                Some(query(&keys)),
+            )
+            .await?;
+            let now = Instant::now();
+            let mut unseen = unseen.lock().map_err(|_| "poisoned")?;
+            for (key, documents) in seen(&answer) {
+                if let Some(i) = unseen
+                    .iter()
+                    .position(|(k, all, _)| *k == key && documents >= *all)
+                {
+                    let (_, _, committed) = unseen.swap_remove(i);
+                    found.push((now - committed).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Renames `seller` (who has `n` listings) to `name` and measures until every document
