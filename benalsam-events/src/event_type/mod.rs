@@ -410,6 +410,19 @@ mod tests {
         assert!(!aliases_collide("a", "ab") && aliases_collide("a_v12", "a"));
     }
 
+    #[test]
+    fn two_event_types_may_not_take_one_table() {
+        let orders = EventType::new("orders", "orders");
+        let mut admin = EventType::new("orders_admin", "orders");
+        admin.index.alias = "orders_admin".to_owned();
+        let error = validate_all(&[orders, admin]).expect_err("one table, two event types");
+        assert_eq!(error.setting(), Some("table"));
+        assert!(
+            error.to_string().contains("orders_admin") && error.to_string().contains("both take"),
+            "{error}"
+        );
+    }
+
     proptest::proptest! {
         /// Whatever a name holds, an accepted one is one concrete index the engine allows.
         #[test]

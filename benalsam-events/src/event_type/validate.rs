@@ -100,12 +100,29 @@ impl EventType {
     }
 }
 
-/// Checks event types together: each valid, and no two writing one index. Two event types
-/// behind one alias would put each other's documents (and mappings) in one index; an alias
-/// that is another's versioned index name (`<alias>_v1`) would write into that index.
+/// Checks event types together: each valid, no two on one table, and no two writing one
+/// index. A table has one sync trigger, with one event type's options, and its jobs are named
+/// by the table: a second event type on it would replace the first one's trigger options and
+/// relation triggers at `migrate` and share its jobs, so it is refused until one table can
+/// feed several indexes. Two event types behind one alias would put each other's documents
+/// (and mappings) in one index; an alias that is another's versioned index name
+/// (`<alias>_v1`) would write into that index.
 pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
     for (i, event_type) in event_types.iter().enumerate() {
         event_type.validate()?;
+        if let Some(other) = event_types[..i]
+            .iter()
+            .find(|o| o.table == event_type.table)
+        {
+            return Err(Error::config(
+                "table",
+                format!(
+                    "event types {} and {} both take table {:?}; one table feeds one event type \
+                     (put the fields both need in one event type)",
+                    other.name, event_type.name, event_type.table
+                ),
+            ));
+        }
         if let Some(other) = event_types[..i]
             .iter()
             .find(|o| aliases_collide(&o.index.alias, &event_type.index.alias))
