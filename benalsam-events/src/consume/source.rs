@@ -197,13 +197,15 @@ impl Source {
         let Some(link) = self.link.as_mut() else {
             return Vec::new();
         };
-        let mut depths = Vec::new();
-        for route in &self.queues {
-            for (queue, dlq) in [(&route.queue, false), (&route.dead_letter_queue, true)] {
-                depths.push((queue.clone(), dlq, depth(&link.connection, queue).await));
-            }
-        }
-        depths
+        // Asked together, so a broker that stopped answering holds the loop for one
+        // BROKER_ANSWER, not one per queue.
+        let connection = &link.connection;
+        let questions = self.queues.iter().flat_map(|route| {
+            [(&route.queue, false), (&route.dead_letter_queue, true)].map(
+                |(queue, dlq)| async move { (queue.clone(), dlq, depth(connection, queue).await) },
+            )
+        });
+        futures::future::join_all(questions).await
     }
 
     /// Closes the link; a broker that does not answer the close within a few seconds is left
