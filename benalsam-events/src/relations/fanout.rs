@@ -18,21 +18,17 @@
 //! for a page of the big one, not for all of it. A change that wrote goes to the back of the
 //! round; one that could not write keeps its place (`page.rs` has one change's moves).
 //!
-//! Bounded: one page of keys at a time is all it holds (the pages are `INSERT … SELECT`,
-//! nothing is read into the bridge), and after its first page a change only tops its table's
-//! REBUILD jobs not yet indexed (pending, claimed or sent) up to one page, so
-//! neither the outbox nor RabbitMQ holds more of them than that and one first page per change
-//! in progress, and the table's other changes pass between pages (`page.rs`, `top_up`;
-//! BENCHMARKS.md, "Joined documents" and "Fair fan-out"). A document that already has a
-//! REBUILD job waiting is skipped: that job is read after this change committed; so is a
-//! document the status policy keeps out of the index (`sql.rs` says why that is safe).
+//! Bounded: one page of keys at a time is all it holds (pages are `INSERT … SELECT`), and
+//! after its first page a change only tops its table's REBUILD jobs not yet indexed (pending,
+//! claimed or sent) up to one page, so neither the outbox nor RabbitMQ holds more of them
+//! than that and one first page per change in progress (`page.rs`, `top_up`; BENCHMARKS.md,
+//! "Fair fan-out"). A document that already has a REBUILD job waiting is skipped: that job
+//! is read after this change committed; so is a document the status policy keeps out of the
+//! index (`sql.rs` says why that is safe).
 //!
 //! Stopping: the changes in progress, and those claimed but not started, are given back
-//! (`pending`, their last page kept), so another bridge resumes them at once rather than
-//! after their lease.
-//!
-//! Logs: a line per change at debug; at info, a summary every minute in which there was
-//! work (`status.rs`).
+//! (`pending`, their last page kept), so another bridge resumes them at once. Logs: a line
+//! per change at debug; at info, a summary every minute with work (`status.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -41,6 +37,7 @@ use futures::stream::Fuse;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::event_type::{EventType, Relation};
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
@@ -59,9 +56,6 @@ const MOST_ACTIVE: usize = 32;
 
 /// Changes claimed at a time (a claim is taken only while there is room for a full one).
 const CLAIM: usize = 8;
-
-/// How long the fan-out waits before it connects again after PostgreSQL refused.
-const OUTAGE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a round in which no change could write waits before the next (unless a new
 /// change arrives first).
@@ -176,19 +170,29 @@ impl Worker {
         let mut active = VecDeque::new();
         let mut client: Option<tokio_postgres::Client> = None;
         let mut summary = Summary::new(Instant::now());
+        // Failed connection attempts in a row: the wait between them grows (the shared
+        // backoff), and only the first of an outage is logged and counted.
+        let mut outage = 0u32;
         loop {
             if !self.admit(claims, &mut active).await || shutdown.is_cancelled() {
                 return active;
             }
             let wrote = match self.connection(&mut client).await {
-                Ok(conn) => self.round(conn, &mut active, &mut summary).await,
+                Ok(conn) => {
+                    outage = 0;
+                    self.round(conn, &mut active, &mut summary).await
+                }
                 Err(error) => {
-                    self.failed(None, &error);
-                    // A second between attempts while PostgreSQL is away, not a round's.
+                    if outage == 0 {
+                        self.failed(None, &error);
+                    } else {
+                        tracing::debug!(%error, attempt = outage, "fan-out: PostgreSQL still away");
+                    }
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(OUTAGE_WAIT) => {}
+                        () = tokio::time::sleep(Backoff::default().delay(outage)) => {}
                     }
+                    outage = outage.saturating_add(1);
                     false
                 }
             };

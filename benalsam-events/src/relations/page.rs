@@ -56,7 +56,7 @@ impl Change {
         let trace_id = job
             .traceparent
             .as_deref()
-            .and_then(|t| t.get(3..35))
+            .and_then(crate::event_type::trace_id_of)
             .map(str::to_owned);
         Self {
             job,

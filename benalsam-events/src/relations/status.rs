@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::ops::events::{Event, Recorder};
+use crate::ops::CountsErrors;
+use crate::ops::events::{Event, Recorder, count_error};
 use crate::ops::metrics::{Metrics, RelationLabel};
 
 /// How often the summary is logged at info, when there was work.
@@ -102,11 +103,14 @@ impl Event for FanOutEvent<'_> {
                 s.last_progress_at = Some(SystemTime::now());
             }
             FanOutEvent::Idle => s.current = None,
-            FanOutEvent::Error(error) => {
-                s.errors += 1;
-                s.last_error = Some((SystemTime::now(), error.to_owned()));
-            }
+            FanOutEvent::Error(error) => count_error(s, error),
         }
+    }
+}
+
+impl CountsErrors for FanOutStatus {
+    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
+        (&mut self.errors, &mut self.last_error)
     }
 }
 
