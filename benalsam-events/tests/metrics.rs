@@ -4,14 +4,15 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use benalsam_events::bridge::{self, BridgeSettings};
 use benalsam_events::consumer::{self, ConsumerSettings};
 use benalsam_events::{Envelope, EventType, OutboxConfig};
 use serde_json::json;
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, free_port, publish, sample, scrape, search_url,
+    TestIndex, TestSchema, TestVhost, database_url, eventually, free_port, publish, sample, scrape,
+    search_url,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -46,28 +47,6 @@ fn forged_offer(job: i64) -> Envelope<'static> {
         "occurredAt": "2026-11-28T00:00:00Z"
     });
     Envelope::decode(body.to_string().as_bytes()).expect("well-formed")
-}
-
-/// Waits until the scrape of `port` satisfies `check` (which says what is missing
-/// otherwise), and returns it.
-async fn scrape_until(
-    port: u16,
-    what: &str,
-    check: impl Fn(&prometheus_parse::Scrape) -> Result<(), String>,
-) -> prometheus_parse::Scrape {
-    let started = Instant::now();
-    loop {
-        let metrics = scrape(port).await;
-        let missing = match check(&metrics) {
-            Ok(()) => return metrics,
-            Err(missing) => missing,
-        };
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what} within {PATIENCE:?}; {missing}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -111,11 +90,15 @@ async fn each_event_type_is_counted_under_its_own_label() {
         )
         .await
         .expect("insert offers");
-    let started = Instant::now();
-    while db.statuses().await.iter().any(|(_, s)| s != "completed") {
-        assert!(started.elapsed() < PATIENCE, "every job completed in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(PATIENCE, "every job completed", || async {
+        let statuses = db.statuses().await;
+        if statuses.iter().all(|(_, s)| s == "completed") {
+            Ok(())
+        } else {
+            Err(format!("{statuses:?}"))
+        }
+    })
+    .await;
     publish(&vhost.url, &forged_offer(777_777))
         .await
         .expect("published");
@@ -148,16 +131,17 @@ async fn each_event_type_is_counted_under_its_own_label() {
         };
         (of("listings"), of("offers"))
     };
-    let metrics = scrape_until(port, "every figure by event type", |m| {
+    let metrics = eventually(PATIENCE, "every figure by event type", || async {
+        let m = scrape(port).await;
         for (name, labels, listings, offers) in &expected {
-            let (l, o) = by_type(m, name, labels);
+            let (l, o) = by_type(&m, name, labels);
             if l < *listings || o < *offers {
                 return Err(format!(
                     "{name} {labels:?}: listings {l}, offers {o} (want {listings}, {offers})"
                 ));
             }
         }
-        Ok(())
+        Ok(m)
     })
     .await;
     for (name, labels, listings, offers) in expected {

@@ -549,12 +549,21 @@ impl TestIndex {
         indexes
     }
 
-    /// Deletes the first version and whatever the alias points at now (a reindex moves it).
+    /// Deletes every version of the index (`<alias>_v<N>`: a reindex makes the next).
     pub async fn drop(self) {
-        let mut indexes = self.behind_alias().await;
-        indexes.push(format!("{}_v1", self.alias));
-        indexes.dedup();
-        for index in indexes {
+        let versions = self
+            .call(
+                benalsam_events::elasticsearch::http::Method::Get,
+                &format!("/_cat/indices/{}_v*?format=json&h=index", self.alias),
+                None,
+            )
+            .await;
+        let names = versions
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|row| row["index"].as_str());
+        for index in names {
             self.call(
                 benalsam_events::elasticsearch::http::Method::Delete,
                 &format!("/{index}"),
