@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Delays that double from `initial` up to `max`, each drawn from the upper half of its step
 /// ("equal jitter"): spread out enough that many clients do not retry in lockstep, never

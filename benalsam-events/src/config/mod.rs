@@ -20,7 +20,7 @@ pub(crate) use urls::{
     validate_schema,
 };
 
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Refuses a zero duration for `setting`: a zero lease, poll interval or timeout cannot work
 /// (a lease that is over before the claim returns, a loop that never sleeps, a request that

@@ -1,7 +1,7 @@
 //! Reading a queue type from a setting.
 
 use crate::queue_type::QueueType;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl std::str::FromStr for QueueType {
     type Err = Error;

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// The variable naming the file of `setting`.
 fn file_variable(setting: &str) -> String {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use percent_encoding::percent_decode_str;
 
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// libpq's `sslmode`, as far as this client supports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! cutting a password in two, checking each entry, and checking that the entries agree.
 
 use super::redact::{redact_unparsed, redact_url};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// The entries of a comma-separated list of URLs. A comma separates entries only where the
 /// next one starts with a scheme (`amqp://`, `x://`): a comma inside a password (legal in a

@@ -13,7 +13,7 @@ use super::tls::{ClientFiles, TlsFiles, split_amqp, split_postgres};
 use super::url_list::{
     Disagreement, one_at_sign, parse_list, same_scheme_and_credentials, same_vhost, split_addresses,
 };
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Default `DATABASE_URL`: the database of the local stack (`scripts/stack`).
 pub(crate) const DEFAULT_DATABASE_URL: &str =
@@ -318,7 +318,7 @@ impl SearchUrl {
     }
 }
 
-/// Validates a PostgreSQL schema name used to place the tables ([`OutboxConfig::schema`](crate::OutboxConfig::schema)).
+/// Validates a PostgreSQL schema name used to place the tables ([`OutboxConfig::schema`](crate::outbox::OutboxConfig::schema)).
 pub(crate) fn validate_schema(schema: &str) -> Result<&str> {
     validate_identifier("OutboxConfig::schema", schema)
 }

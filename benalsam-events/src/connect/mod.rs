@@ -4,7 +4,7 @@
 //! Every connection of the library is opened here, so each one honours the TLS settings of
 //! its URL ([`DatabaseUrl`], [`AmqpUrl`]) and reports a refused certificate the same way: a
 //! configuration error naming the setting to check, never retried
-//! ([`Error::is_retryable`](crate::Error::is_retryable)).
+//! ([`Error::is_retryable`](crate::error::Error::is_retryable)).
 
 pub(crate) mod tls;
 
@@ -21,7 +21,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use self::tls::{ClientIdentity, Verify};
 use crate::config::tls::{PgTls, SslMode, TlsFiles, split_amqp, split_postgres};
 use crate::config::{AmqpUrl, DatabaseUrl};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl DatabaseUrl {
     /// Opens a PostgreSQL connection as the library opens its own: TLS as the URL's

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Makes ring the process's rustls provider, unless one is installed already.
 ///

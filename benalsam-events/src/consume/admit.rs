@@ -5,11 +5,11 @@
 use lapin::message::Delivery;
 use tokio::time::Instant;
 
-use crate::EventType;
 use crate::consume::message::{Body, Message};
 use crate::consume::record::IndexerEvent;
 use crate::consume::shared::Shared;
 use crate::consume::source::Incoming;
+use crate::event_type::EventType;
 use crate::ops::telemetry;
 use crate::outbox::Operation;
 use crate::publish::{Envelope, TRACEPARENT_HEADER};

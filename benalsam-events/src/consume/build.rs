@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 
-use crate::EventType;
-use crate::consume::dead_letter::Why;
 use crate::consume::message::{Body, Message};
-use crate::consume::settle::Sorted;
 use crate::consume::shared::Shared;
+use crate::consume::sorted::Sorted;
+use crate::consume::why::Why;
 use crate::event_type::BuildError;
+use crate::event_type::EventType;
 use crate::outbox::{Operation, Recorded};
 use crate::publish::Envelope;
 

@@ -48,7 +48,7 @@ use crate::ops::Live;
 use crate::ops::metrics::{Metrics, OfType};
 use crate::outbox::Outbox;
 use crate::search::SearchNodes;
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 /// Settings of an [`Indexer`].
 #[derive(Debug, Clone)]

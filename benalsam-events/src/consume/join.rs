@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use crate::consume::dead_letter::Why;
 use crate::consume::message::{Body, Message};
 use crate::consume::record::IndexerEvent;
-use crate::consume::settle::Sorted;
 use crate::consume::shared::{Shared, retrying};
+use crate::consume::sorted::Sorted;
+use crate::consume::why::Why;
 
 /// Reads the documents of `joined`; the messages whose document cannot be built are
 /// dead-lettered with the reason, the others come back to be written. `None` when shutdown

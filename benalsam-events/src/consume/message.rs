@@ -5,8 +5,8 @@ use std::sync::Arc;
 use lapin::message::Delivery;
 use tokio::time::Instant;
 
-use crate::Result;
 use crate::consume::source::QueueRoute;
+use crate::error::Result;
 use crate::event_type::{Action, BuildError};
 use crate::ops::metrics::OfType;
 use crate::publish::{Envelope, EnvelopeError};

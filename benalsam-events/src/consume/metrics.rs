@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Unit;
 
-use crate::consume::dead_letter::Why;
+use crate::consume::why::Why;
 use crate::ops::metrics::{
     HistogramFamily, Kind, KindOfType, Metrics, OfType, Queue, latency, precreate,
 };

@@ -9,7 +9,7 @@
 //! | admit | a delivery becomes a message of the batch being filled, its rows dropped |
 //! | batch | gathers messages by count, bytes and linger ([`pace`](self) sizes the count) |
 //! | verify | checks every delivery against the outbox: the wire is not trusted |
-//! | build | a verified change becomes an [`Action`](crate::Action), from the outbox's copy of its row |
+//! | build | a verified change becomes an [`Action`](crate::event_type::Action), from the outbox's copy of its row |
 //! | join | the documents of joined event types, read from the database |
 //! | write | one `_bulk` request, every item decided once ([`search`](crate::search) speaks the engine's dialect) |
 //! | truncate | a `TRUNCATE` empties its index of everything older |
@@ -52,12 +52,15 @@ mod settle;
 #[cfg(feature = "consumer")]
 mod shared;
 #[cfg(feature = "consumer")]
+mod sorted;
+#[cfg(feature = "consumer")]
 mod source;
 #[cfg(feature = "consumer")]
 mod status;
 #[cfg(feature = "consumer")]
 mod truncate;
 mod verify;
+mod why;
 #[cfg(feature = "consumer")]
 mod write;
 

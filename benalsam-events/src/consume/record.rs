@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::consume::IndexerStatus;
 use crate::consume::circuit::CircuitState;
-use crate::consume::dead_letter::Why;
+use crate::consume::why::Why;
 use crate::ops::events::{Event, Recorder, count_error};
 use crate::ops::metrics::{KindOfType, OfType, Queue, inc, observe};
 use crate::search::plan::Done;

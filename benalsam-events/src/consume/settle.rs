@@ -5,106 +5,18 @@
 //! is one report to the outbox, retried while PostgreSQL is away: a message is never acked
 //! before its outcome is recorded, so a crash anywhere means a (harmless) redelivery.
 
-use std::time::SystemTime;
-
 use futures::future::join_all;
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
 
-use crate::consume::dead_letter::{self, Why};
-use crate::consume::message::{Body, Finished, Message};
-use crate::consume::record::{IndexerEvent, Item};
+use crate::consume::dead_letter;
+use crate::consume::message::{Finished, Message};
+use crate::consume::record::IndexerEvent;
 use crate::consume::shared::{Shared, retrying};
+use crate::consume::sorted::Sorted;
+use crate::consume::why::Why;
 use crate::ops::metrics::OfType;
 use crate::outbox::Outcome;
-use crate::search::plan::{Decision, Done};
-
-/// The messages of a batch, sorted by what happens to them.
-#[derive(Default)]
-pub(crate) struct Sorted {
-    /// Indexed (or superseded in the index): completed, then acked.
-    done: Vec<Message>,
-    /// Covered without indexing (a later truncation, a truncation applied): completed, then
-    /// acked.
-    pub(crate) covered: Vec<Message>,
-    /// Duplicates and deliveries their job does not expect yet: acked only.
-    pub(crate) skipped: Vec<Message>,
-    pub(crate) dead: Vec<(Message, Why, String)>,
-    /// Back to the loop after their backoff (retries count an attempt, held ones do not).
-    retries: Vec<Message>,
-    pub(crate) held: Vec<Message>,
-}
-
-impl Sorted {
-    /// Every message, unsettled (the cluster is away: the batch is held as a whole).
-    pub(crate) fn into_messages(self) -> Vec<Message> {
-        let mut all = self.done;
-        all.extend(self.covered);
-        all.extend(self.skipped);
-        all.extend(self.dead.into_iter().map(|(m, _, _)| m));
-        all.extend(self.retries);
-        all.extend(self.held);
-        all
-    }
-
-    /// Files `message` by its item's decision, counting it.
-    pub(crate) fn decided(&mut self, shared: &Shared, mut message: Message, decision: Decision) {
-        let event_type = message.event_type.clone();
-        let kind = decision.label();
-        let item = match decision {
-            Decision::Done(done) => {
-                let item = done_item(&message, done);
-                self.done.push(message);
-                item
-            }
-            Decision::Dead(reason) => {
-                self.dead.push((message, Why::Rejected, reason));
-                Item::Refused
-            }
-            Decision::Retry(reason) => {
-                message.attempts += 1;
-                let config = &shared.config;
-                if message.attempts >= config.max_attempts {
-                    let reason = format!("{} attempts: {reason}", message.attempts);
-                    self.dead.push((message, Why::RetriesExhausted, reason));
-                    Item::Exhausted
-                } else {
-                    message.not_before =
-                        tokio::time::Instant::now() + config.retry.delay(message.attempts - 1);
-                    self.retries.push(message);
-                    Item::Retrying
-                }
-            }
-        };
-        shared.record(IndexerEvent::Item {
-            event_type: &event_type,
-            kind,
-            item,
-        });
-    }
-}
-
-/// A done item: whether its action was a delete, and, applied now, how long since the
-/// change's commit.
-fn done_item(message: &Message, done: Done) -> Item {
-    let (delete, occurred_at) = match &message.body {
-        Body::Change {
-            envelope, action, ..
-        } => (
-            action.as_ref().is_ok_and(|a| a.is_delete()),
-            Some(envelope.occurred_at),
-        ),
-        _ => (false, None),
-    };
-    let latency = occurred_at
-        .filter(|_| done == Done::Applied)
-        .and_then(|at| SystemTime::now().duration_since(at).ok());
-    Item::Done {
-        done,
-        delete,
-        latency,
-    }
-}
 
 /// Settles a sorted batch: completions, then dead letters; the retries go back to the loop.
 pub(crate) async fn settle(shared: &Shared, channel: Option<&Channel>, sorted: Sorted) -> Finished {
@@ -223,11 +135,11 @@ async fn record(shared: &Shared, reports: &[(i64, Outcome)]) -> bool {
             .is_some()
 }
 
-/// Acks messages, all sent together: one at a time would wait on the connection's loop each
-/// time.
 /// How long the acks of a batch may take to go out.
 const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Acks messages, all sent together: one at a time would wait on the connection's loop each
+/// time.
 async fn ack<'a>(shared: &Shared, messages: impl Iterator<Item = &'a Message>) {
     let messages: Vec<&Message> = messages.collect();
     // Bounded: acks on a connection whose broker stopped answering (not yet known lost) must

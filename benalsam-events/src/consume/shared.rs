@@ -15,7 +15,7 @@ use crate::ops::metrics::OfType;
 use crate::outbox::{Outbox, Outcome, Recorded, Settle, Settled};
 use crate::relations::Read;
 use crate::search::SearchNodes;
-use crate::{EventType, Result};
+use crate::{error::Result, event_type::EventType};
 
 /// What the stages share: the clients, the settings, the status and metrics.
 pub(crate) struct Shared {
@@ -114,7 +114,7 @@ impl Ledger for Outbox {
 
 /// Records that the outbox does not answer (since when, and why): the consumer's health
 /// turns red until it answers again.
-pub(crate) fn outbox_failing(shared: &Shared, error: &crate::Error) {
+pub(crate) fn outbox_failing(shared: &Shared, error: &crate::error::Error) {
     shared.record(IndexerEvent::OutboxFailing(&error.to_string()));
 }
 

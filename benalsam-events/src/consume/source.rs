@@ -12,7 +12,7 @@ use lapin::{Channel, Connection};
 
 use crate::config::{Addresses, AmqpUrl};
 use crate::publish::{Envelope, EnvelopeError};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// A consumed queue and where its dead letters go.
 #[derive(Debug, Clone, PartialEq, Eq)]

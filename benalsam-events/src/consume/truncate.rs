@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::consume::dead_letter::Why;
 use crate::consume::message::Message;
 use crate::consume::record::IndexerEvent;
-use crate::consume::settle::Sorted;
 use crate::consume::shared::Shared;
+use crate::consume::sorted::Sorted;
+use crate::consume::why::Why;
 use crate::search::delete;
 
 /// Applies each truncation of a batch, filing it covered once applied, held while it waits.

@@ -21,15 +21,15 @@
 use std::collections::HashMap;
 
 #[cfg(feature = "consumer")]
-use crate::consume::dead_letter::Why;
-#[cfg(feature = "consumer")]
 use crate::consume::message::{Body, Message};
 #[cfg(feature = "consumer")]
 use crate::consume::record::IndexerEvent;
 #[cfg(feature = "consumer")]
-use crate::consume::settle::Sorted;
-#[cfg(feature = "consumer")]
 use crate::consume::shared::{Shared, retrying};
+#[cfg(feature = "consumer")]
+use crate::consume::sorted::Sorted;
+#[cfg(feature = "consumer")]
+use crate::consume::why::Why;
 use crate::outbox::Recorded;
 use crate::publish::Envelope;
 

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::GenericClient;
 
 use super::{EventType, FieldType, Relation, RelationKind};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// The columns of one table, as the catalog has them.
 struct Table {

@@ -5,7 +5,7 @@
 //! document, or delete that one. Most event types need none: their
 //! [`DocumentSpec`](crate::event_type::DocumentSpec) says which columns become which fields.
 //! Implement it for a document a spec cannot describe, and give it to
-//! [`EventType::with_builder`](crate::EventType::with_builder).
+//! [`EventType::with_builder`](crate::event_type::EventType::with_builder).
 
 use std::fmt;
 

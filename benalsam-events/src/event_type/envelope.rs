@@ -41,7 +41,7 @@ pub(crate) const MAX_RECORD_ID_BYTES: usize = 512;
 
 /// The body of a change message.
 ///
-/// Built from a [`Job`](crate::Job) by borrowing it ([`Envelope::of`]), so publishing copies no row;
+/// Built from a [`Job`](crate::outbox::Job) by borrowing it ([`Envelope::of`]), so publishing copies no row;
 /// [`Envelope::decode`] makes an owned one from a message body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -104,8 +104,8 @@ impl<'a> Envelope<'a> {
 
 impl Envelope<'static> {
     /// Parses and validates a message body.
-    pub fn decode(body: &[u8]) -> crate::Result<Self> {
-        Self::parse(body).map_err(|e| crate::Error::new(crate::error::Kind::Envelope(e)))
+    pub fn decode(body: &[u8]) -> crate::error::Result<Self> {
+        Self::parse(body).map_err(|e| crate::error::Error::new(crate::error::Kind::Envelope(e)))
     }
 
     /// [`Envelope::decode`], with the reason typed.
@@ -229,7 +229,7 @@ mod tests {
     use lapin::types::AMQPValue;
 
     use super::*;
-    use crate::EventType;
+    use crate::event_type::EventType;
     use crate::outbox::{ClaimKind, Job};
     use crate::publish::{JOB_ID_HEADER, TRACEPARENT_HEADER};
 

@@ -16,7 +16,7 @@ use toml::Spanned;
 use super::file_fields::{FieldToml, RelationToml, field_of, relation_of};
 use super::origin::{Origin, line_of};
 use super::{DocumentSpec, EventType, IndexSpec};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// The file: a list of `[[event_type]]` tables.
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::origin::{Origin, line_of};
 use super::{Field, FieldType, Relation};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]

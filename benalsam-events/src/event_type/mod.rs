@@ -54,7 +54,7 @@ pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
-use crate::Result;
+use crate::error::Result;
 
 /// The exchange of listing events, as the architecture document names it.
 pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";

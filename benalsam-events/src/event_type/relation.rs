@@ -325,7 +325,10 @@ impl Relation {
 }
 
 /// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
-pub(crate) fn relation_trigger_name(event_type: &crate::EventType, relation: &Relation) -> String {
+pub(crate) fn relation_trigger_name(
+    event_type: &crate::event_type::EventType,
+    relation: &Relation,
+) -> String {
     format!("benalsam_{}_{}", event_type.name, relation.name)
 }
 

@@ -4,7 +4,7 @@
 use super::relation::MAX_CHILDREN;
 use super::{FieldType, Relation, RelationKind};
 use crate::config::validate_identifier;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl Relation {
     /// Checks what must hold before the catalog is asked, naming the key that does not.

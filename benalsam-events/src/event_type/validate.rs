@@ -4,7 +4,7 @@
 
 use super::EventType;
 use crate::config::validate_identifier;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl EventType {
     /// Checks what must hold for the event type to work, naming the setting that does not.

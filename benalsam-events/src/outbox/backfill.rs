@@ -3,7 +3,7 @@
 
 use crate::config::validate_identifier;
 use crate::outbox::Outbox;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Progress of a backfill, after each batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

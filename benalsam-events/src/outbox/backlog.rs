@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::Outbox;
 use super::queue::sorted_ids;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Live work in the queue, for health checks and metrics: the pending work of the outbox's
 /// own tables (see [`OutboxConfig::tables`](super::OutboxConfig::tables)), and the rest in all. Counted on the partial

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 
 use crate::event_type::{EventType, RelationKind};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Checks every relation of `event_types` against the database's catalog: the tables and
 /// columns exist and the joined columns have the same types. The error names where the

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::config::{validate_identifier, validate_schema};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Settings of an [`Outbox`](super::Outbox).
 #[derive(Debug, Clone)]
@@ -97,7 +97,7 @@ impl OutboxConfig {
     pub async fn migrate(
         &self,
         client: &mut tokio_postgres::Client,
-        event_types: &[crate::EventType],
+        event_types: &[crate::event_type::EventType],
     ) -> Result<super::MigrationReport> {
         super::migrate::migrate(client, self, event_types).await
     }
@@ -107,7 +107,7 @@ impl OutboxConfig {
     /// outbox for `event_types`, and nothing more. Run them as the outbox's owner.
     pub fn grants(
         &self,
-        event_types: &[crate::EventType],
+        event_types: &[crate::event_type::EventType],
         bridge: Option<&str>,
         consumer: Option<&str>,
     ) -> Result<String> {

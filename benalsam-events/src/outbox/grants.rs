@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use crate::config::validate_schema;
 use crate::outbox::OutboxConfig;
-use crate::{EventType, Result};
+use crate::{error::Result, event_type::EventType};
 
 /// `GRANT` statements (one per line, each ending in `;`) giving `bridge` and `consumer`
 /// (either may be left out) what the bridge and the consumer need on the outbox of `outbox`

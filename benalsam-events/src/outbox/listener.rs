@@ -66,7 +66,7 @@ async fn listen(
     channel: &str,
     wake: &Notify,
     status: &Status,
-) -> Result<(), crate::Error> {
+) -> Result<(), crate::error::Error> {
     // The connection is idle most of the time: the keepalives of every library connection
     // notice a silently dropped one (a NAT, a failover) within a minute, not two hours.
     let (client, mut connection) =
@@ -93,7 +93,7 @@ async fn listen(
     let listened = client
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .await
-        .map_err(|e| crate::Error::postgres(format!("LISTEN {channel}"), e));
+        .map_err(|e| crate::error::Error::postgres(format!("LISTEN {channel}"), e));
     if let Err(error) = listened {
         pump.abort();
         return Err(error);
@@ -109,7 +109,7 @@ async fn listen(
     match pump.await {
         Ok(Ok(())) => tracing::warn!(channel, "LISTEN connection closed; reconnecting"),
         Ok(Err(error)) => {
-            let error = crate::Error::postgres("LISTEN connection", error);
+            let error = crate::error::Error::postgres("LISTEN connection", error);
             status.record(StreamEvent::Error(&error));
             tracing::warn!(%error, channel, "LISTEN connection failed; reconnecting");
         }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use super::Outbox;
 use crate::outbox::job::{ClaimKind, Job, Operation};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// A job as the outbox has it, to check a delivery against and to build its document from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::outbox::Outbox;
 use crate::outbox::state::Move;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Jobs by status, as the architecture document's monitoring queries count them.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,7 +19,7 @@ use crate::config::validate_schema;
 use crate::error::Kind;
 use crate::event_type::relation_trigger_name;
 use crate::outbox::OutboxConfig;
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 /// One migration: a version, the file it came from and its SQL.
 #[derive(Debug, Clone, Copy)]
@@ -316,7 +316,7 @@ async fn drop_removed_relations(
 /// Checks, at the start of a binary, every table and column `event_types` name against the
 /// catalog (bare tables in `schema`); the error names the file, the line and the key.
 pub(crate) async fn check_tables(
-    url: &crate::DatabaseUrl,
+    url: &crate::config::DatabaseUrl,
     schema: &str,
     event_types: &[EventType],
 ) -> Result<()> {

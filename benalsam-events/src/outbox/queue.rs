@@ -13,7 +13,7 @@ use super::sql::{Sql, Statements};
 use crate::config::DatabaseUrl;
 use crate::outbox::job::{ClaimKind, Job, Operation};
 use crate::outbox::state::Move;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// The outbox of one schema, over one PostgreSQL connection that is opened on first use and
 /// again after it breaks. Cheap to clone; clones share the connection, whose requests

@@ -6,7 +6,7 @@
 use tokio_postgres::Client;
 
 use crate::outbox::Outbox;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Where a reindex is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -6,8 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::Outbox;
-use crate::Result;
 use crate::config::require_positive;
+use crate::error::Result;
 use crate::ops::events::{Event, Recorder};
 use crate::ops::{Live, Metrics};
 

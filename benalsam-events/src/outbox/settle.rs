@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use super::Outbox;
-use crate::Result;
+use crate::error::Result;
 use crate::outbox::state::Move;
 
 /// What became of a job, as the part that handled it reports it to [`Settle::settle`].

@@ -3,7 +3,7 @@
 use tokio_postgres::{Client, Statement};
 
 use crate::outbox::state::Move;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 macro_rules! statements {
     ($($name:ident: $what:literal),* $(,)?) => {

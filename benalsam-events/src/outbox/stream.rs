@@ -31,7 +31,7 @@ use crate::ops::Live;
 use crate::ops::metrics::Metrics;
 use crate::outbox::listener::Listener;
 use crate::outbox::{Job, Outbox, Outcome, Settle};
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 use census::{Census, CensusTask};
 use presence::Presence;
 pub use record::JobStreamStatus;

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::EventType;
+use crate::event_type::EventType;
 use crate::event_type::{Envelope, SCHEMA_VERSION, trace_id_of};
 use crate::outbox::Job;
 use crate::publish::Route;

@@ -1,6 +1,6 @@
 //! Publishing: how a job becomes a message, where it goes, and the sink that sends it.
 //!
-//! * routing: which exchange and routing key the job of an [`EventType`](crate::EventType)
+//! * routing: which exchange and routing key the job of an [`EventType`](crate::event_type::EventType)
 //!   goes to.
 //! * [`Envelope`]: the versioned JSON body of every message, and its AMQP properties.
 //! * [`Topology`]: exchanges, queues, bindings and dead-lettering, defined once as data,

@@ -40,7 +40,7 @@ use crate::publish::confirm::Refusal;
 use crate::publish::record::{
     PublisherEvent, PublisherMetrics, PublisherRecorder, PublisherStatus,
 };
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 mod config;
 mod link;
@@ -68,7 +68,7 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 const NACKED_CHANNEL: Duration = Duration::from_secs(5);
 
 /// Publishes jobs to RabbitMQ with publisher confirms, a `Sink` of jobs that reports every
-/// outcome to its [`Settle`](crate::Settle).
+/// outcome to its [`Settle`](crate::outbox::Settle).
 #[derive(Debug)]
 pub struct Publisher {
     sender: PollSender<Job>,

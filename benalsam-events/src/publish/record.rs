@@ -61,7 +61,7 @@ pub(crate) enum PublisherEvent<'a> {
     /// Connected to `broker` (redacted), a confirm-mode channel open.
     Connected { broker: Option<String> },
     /// A failure that changes nothing else: a connection attempt, a repair, a report.
-    Error(&'a crate::Error),
+    Error(&'a crate::error::Error),
     /// One message handed to the broker in `took`; `unconfirmed` now wait for their confirm.
     Published { took: Duration, unconfirmed: usize },
     /// A confirm arrived `took` after its publish; `unconfirmed` still wait.
@@ -73,7 +73,7 @@ pub(crate) enum PublisherEvent<'a> {
     /// The link is gone (`error` says why, `None` at a plain close); `republished`
     /// unconfirmed messages go out again on the next one.
     LinkLost {
-        error: Option<&'a crate::Error>,
+        error: Option<&'a crate::error::Error>,
         republished: u64,
     },
     /// Closed for good.
@@ -217,7 +217,7 @@ mod tests {
             unconfirmed: 3,
         });
         recorder.record(PublisherEvent::LinkLost {
-            error: Some(&crate::Error::broker("connection reset")),
+            error: Some(&crate::error::Error::broker("connection reset")),
             republished: 3,
         });
         recorder.record(PublisherEvent::Refused {

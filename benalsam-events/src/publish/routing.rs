@@ -15,7 +15,7 @@
 
 use serde_json::Value;
 
-use crate::EventType;
+use crate::event_type::EventType;
 use crate::outbox::{Job, Operation};
 
 impl EventType {

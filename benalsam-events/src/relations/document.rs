@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use super::sql::ReadSql;
 use crate::event_type::{Action, BuildError, Envelope, Operation, SCHEMA_VERSION};
 use crate::outbox::Outbox;
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 /// What one row becomes in the index ([`Outbox::document`]).
 #[derive(Debug, Clone, PartialEq)]

@@ -31,6 +31,7 @@
 //! per change at debug; at info, a summary every minute with work (`status.rs`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::Fuse;
@@ -38,14 +39,14 @@ use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::event_type::{EventType, Relation};
+use crate::event_type::EventType;
 use crate::ops::Live;
 use crate::ops::metrics::Metrics;
 use crate::outbox::{Job, JobStream, JobStreamConfig, Outbox, OutboxConfig, Outcome, Settle};
-use crate::relations::page::{Change, Step};
+use crate::relations::page::{Change, Pager, Plan, Step};
 use crate::relations::sql::FanOutSql;
 use crate::relations::status::{FanOutEvent, FanOutRecorder, FanOutStatus, Summary};
-use crate::{DatabaseUrl, Error, Result};
+use crate::{config::DatabaseUrl, error::Error, error::Result};
 
 /// Documents per page of a fan-out, by default (`BENALSAM_FANOUT_PAGE`).
 pub(crate) const DEFAULT_FANOUT_PAGE: usize = 500;
@@ -61,15 +62,6 @@ const CLAIM: usize = 8;
 /// change arrives first).
 const IDLE_ROUND: Duration = Duration::from_millis(100);
 
-/// One relation, ready to fan out.
-#[derive(Debug, Clone)]
-pub(super) struct Plan {
-    /// The documents' table as their jobs name it.
-    pub(super) documents: String,
-    relation: Relation,
-    pub(super) sql: FanOutSql,
-}
-
 /// Claims the jobs of related-row changes and fans them out; see the module documentation.
 pub(crate) struct FanOut {
     stream: JobStream,
@@ -82,12 +74,8 @@ type Claims = Fuse<JobStream>;
 /// What fans out the changes (everything but the stream, which is not `Sync`).
 pub(super) struct Worker {
     url: DatabaseUrl,
-    pub(super) outbox: Outbox,
-    plans: HashMap<String, Plan>,
-    /// Documents per page.
-    pub(super) page: i64,
-    /// Its status and metrics, written only through its events.
-    pub(super) recorder: FanOutRecorder,
+    plans: HashMap<String, Arc<Plan>>,
+    pager: Pager,
 }
 
 impl FanOut {
@@ -106,11 +94,11 @@ impl FanOut {
             for relation in &event_type.relations {
                 plans.insert(
                     relation.job_table(&event_type.table),
-                    Plan {
+                    Arc::new(Plan {
                         documents: event_type.table.clone(),
                         relation: relation.clone(),
                         sql: FanOutSql::new(&outbox.schema, event_type, relation),
-                    },
+                    }),
                 );
             }
         }
@@ -136,22 +124,28 @@ impl FanOut {
             stream,
             worker: Worker {
                 url: url.clone(),
-                outbox: claims,
                 plans,
-                page: i64::try_from(page).unwrap_or(i64::MAX),
-                recorder: FanOutRecorder::default(),
+                pager: Pager {
+                    outbox: claims,
+                    page: i64::try_from(page).unwrap_or(i64::MAX),
+                    recorder: FanOutRecorder::default(),
+                },
             },
         }))
     }
 
     pub(crate) fn with_metrics(self, metrics: &Metrics) -> Self {
         let relations: Vec<String> = self.worker.plans.keys().cloned().collect();
-        self.worker.recorder.metrics().register(metrics, &relations);
+        self.worker
+            .pager
+            .recorder
+            .metrics()
+            .register(metrics, &relations);
         self
     }
 
     pub(crate) fn status(&self) -> Live<FanOutStatus> {
-        self.worker.recorder.status().clone()
+        self.worker.pager.recorder.status().clone()
     }
 
     /// Fans out claimed changes until `shutdown`, then gives back every change it holds:
@@ -197,7 +191,7 @@ impl Worker {
                 }
             };
             if active.is_empty() {
-                self.recorder.record(FanOutEvent::Idle);
+                self.pager.recorder.record(FanOutEvent::Idle);
             }
             summary.log_if_due(Instant::now(), active.len());
             if !wrote {
@@ -253,7 +247,7 @@ impl Worker {
                 self.settle(&[(job.id, retry(&error))]).await;
                 continue;
             };
-            let change = Change::new(job, &plan.relation);
+            let change = Change::new(job, Arc::clone(plan));
             let job = &change.job;
             if change.resumed() {
                 tracing::debug!(job = job.id, relation = %job.table_name, "fan-out resumed where its last page ended");
@@ -277,11 +271,8 @@ impl Worker {
         let mut outstanding = HashMap::new();
         let (mut waiting, mut wrote, mut settled) = (Vec::new(), Vec::new(), Vec::new());
         while let Some(mut change) = active.pop_front() {
-            let Some(plan) = self.plans.get(&change.job.table_name) else {
-                continue;
-            };
             let before = change.documents;
-            match change.step(self, plan, conn, &mut outstanding).await {
+            match change.step(&self.pager, conn, &mut outstanding).await {
                 Ok(Step::Wrote) => {
                     summary.documents(change.documents - before);
                     wrote.push(change);
@@ -317,7 +308,7 @@ impl Worker {
     fn finished(&self, change: &Change) {
         let job = &change.job;
         tracing::debug!(job = job.id, relation = %job.table_name, documents = change.documents, "fan-out finished");
-        self.recorder.record(FanOutEvent::Finished {
+        self.pager.recorder.record(FanOutEvent::Finished {
             relation: &job.table_name,
         });
     }
@@ -332,14 +323,16 @@ impl Worker {
                 tracing::warn!(%error, "fan-out cannot reach PostgreSQL; its changes keep their place");
             }
         }
-        self.recorder.record(FanOutEvent::Error(&error.to_string()));
+        self.pager
+            .recorder
+            .record(FanOutEvent::Error(&error.to_string()));
     }
 
     async fn settle(&self, reports: &[(i64, Outcome)]) {
         if reports.is_empty() {
             return;
         }
-        if let Err(error) = self.outbox.settle(reports).await {
+        if let Err(error) = self.pager.outbox.settle(reports).await {
             tracing::warn!(%error, jobs = reports.len(), "cannot record the fan-outs' outcome; they run again after their lease");
         }
     }
@@ -360,7 +353,7 @@ impl Worker {
         // Bounded, as every step of a stop: PostgreSQL away or stalled must not keep the
         // bridge from exiting; what is not given back returns with its lease.
         let given_back =
-            tokio::time::timeout(Duration::from_secs(5), self.outbox.settle(&reports)).await;
+            tokio::time::timeout(Duration::from_secs(5), self.pager.outbox.settle(&reports)).await;
         match given_back {
             Ok(Ok(settled)) => tracing::info!(
                 released = settled.changed.len(),

@@ -9,15 +9,35 @@
 //! * `record`: the page counted in the status and the metrics.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
 use crate::event_type::Relation;
-use crate::outbox::{Job, Operation};
-use crate::relations::fanout::{Plan, Worker};
-use crate::relations::status::FanOutEvent;
-use crate::{Error, Result};
+use crate::outbox::{Job, Operation, Outbox};
+use crate::relations::sql::FanOutSql;
+use crate::relations::status::{FanOutEvent, FanOutRecorder};
+use crate::{error::Error, error::Result};
+
+/// One relation, ready to fan out.
+#[derive(Debug, Clone)]
+pub(super) struct Plan {
+    /// The documents' table as their jobs name it.
+    pub(super) documents: String,
+    pub(super) relation: Relation,
+    pub(super) sql: FanOutSql,
+}
+
+/// What every change's moves share: the outbox they write to, the page size and the
+/// fan-out's record.
+pub(super) struct Pager {
+    pub(super) outbox: Outbox,
+    /// Documents per page.
+    pub(super) page: i64,
+    /// Its status and metrics, written only through its events.
+    pub(super) recorder: FanOutRecorder,
+}
 
 /// What one turn of a change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +55,8 @@ pub(super) enum Step {
 /// A change in progress.
 pub(super) struct Change {
     pub(super) job: Job,
+    /// Its relation's plan.
+    plan: Arc<Plan>,
     /// The related rows it touches (one, or the old and the new one when the row moved).
     rows: Vec<Value>,
     /// Which of `rows` is being paged, and after which document key.
@@ -50,8 +72,8 @@ pub(super) struct Change {
 }
 
 impl Change {
-    pub(super) fn new(job: Job, relation: &Relation) -> Self {
-        let rows = related_rows(&job, relation);
+    pub(super) fn new(job: Job, plan: Arc<Plan>) -> Self {
+        let rows = related_rows(&job, &plan.relation);
         let (tuple, after) = progress_of(&job.change_data);
         let trace_id = job
             .traceparent
@@ -60,6 +82,7 @@ impl Change {
             .map(str::to_owned);
         Self {
             job,
+            plan,
             rows,
             tuple,
             after,
@@ -80,14 +103,15 @@ impl Change {
     /// this round, and counts the pages written in it), else a wait.
     pub(super) async fn step(
         &mut self,
-        worker: &Worker,
-        plan: &Plan,
+        pager: &Pager,
         conn: &mut tokio_postgres::Client,
         outstanding: &mut HashMap<String, i64>,
     ) -> Result<Step> {
         if self.tuple >= self.rows.len() {
             return Ok(Step::Finished);
         }
+        let plan = Arc::clone(&self.plan);
+        let plan = plan.as_ref();
         let queued = match outstanding.get(&plan.documents) {
             Some(n) => *n,
             None => {
@@ -100,18 +124,18 @@ impl Change {
         // small change (one page) then queues behind at most what is already out, not behind
         // the room that must first be made. Still bounded: one page per change in progress.
         let size = if self.started {
-            match top_up(worker.page, queued) {
+            match top_up(pager.page, queued) {
                 Some(size) => size,
-                None => return self.wait(worker, plan, conn).await,
+                None => return self.wait(pager, plan, conn).await,
             }
         } else {
-            worker.page
+            pager.page
         };
-        let Some((found, kept, added)) = self.page(worker, plan, conn, size).await? else {
+        let Some((found, kept, added)) = self.page(pager, plan, conn, size).await? else {
             return Ok(Step::Lost);
         };
         *outstanding.entry(plan.documents.clone()).or_default() += added;
-        self.record(worker, found, kept, added);
+        self.record(pager, found, kept, added);
         Ok(if self.tuple >= self.rows.len() {
             Step::Finished
         } else {
@@ -123,25 +147,16 @@ impl Change {
     /// lease, not at every turn).
     async fn wait(
         &mut self,
-        worker: &Worker,
+        pager: &Pager,
         plan: &Plan,
         conn: &tokio_postgres::Client,
     ) -> Result<Step> {
-        let config = worker.outbox.config();
+        let config = pager.outbox.config();
         if self.renewed.elapsed() <= config.lease / 4 {
             return Ok(Step::Waiting);
         }
         let progress = json!({ "tuple": self.tuple, "after": self.after });
-        let held = conn
-            .execute(
-                &plan.sql.progress,
-                &[
-                    &self.job.id,
-                    &progress,
-                    &config.lease.as_secs_f64(),
-                    &config.worker_id,
-                ],
-            )
+        let held = renew(conn, pager, plan, self.job.id, &progress)
             .await
             .map_err(|e| Error::postgres("renewing a fan-out's lease", e))?;
         if held == 0 {
@@ -157,12 +172,12 @@ impl Change {
     /// added (the other kept ones had one waiting).
     async fn page(
         &mut self,
-        worker: &Worker,
+        pager: &Pager,
         plan: &Plan,
         conn: &mut tokio_postgres::Client,
         size: i64,
     ) -> Result<Option<(i64, i64, i64)>> {
-        let config = worker.outbox.config();
+        let config = pager.outbox.config();
         let job = &self.job;
         let fail = |e| Error::postgres(format!("fanning out job {}", job.id), e);
         let tx = conn.transaction().await.map_err(fail)?;
@@ -191,16 +206,7 @@ impl Change {
             (self.tuple, last)
         };
         let progress = json!({ "tuple": tuple, "after": after });
-        let held = tx
-            .execute(
-                &plan.sql.progress,
-                &[
-                    &job.id,
-                    &progress,
-                    &config.lease.as_secs_f64(),
-                    &config.worker_id,
-                ],
-            )
+        let held = renew(&tx, pager, plan, job.id, &progress)
             .await
             .map_err(fail)?;
         if held == 0 {
@@ -220,7 +226,7 @@ impl Change {
     }
 
     /// Counts a written page in the fan-out's status and metrics.
-    fn record(&mut self, worker: &Worker, found: i64, kept: i64, added: i64) {
+    fn record(&mut self, pager: &Pager, found: i64, kept: i64, added: i64) {
         let (found, kept, added) = (
             found.unsigned_abs(),
             kept.unsigned_abs(),
@@ -228,7 +234,7 @@ impl Change {
         );
         let coalesced = kept - added.min(kept);
         self.documents += found;
-        worker.recorder.record(FanOutEvent::Page {
+        pager.recorder.record(FanOutEvent::Page {
             relation: &self.job.table_name,
             job: self.job.id,
             added,
@@ -249,6 +255,24 @@ impl Change {
 fn top_up(page: i64, queued: i64) -> Option<i64> {
     let room = page - queued;
     (room >= (page / 5).max(1)).then_some(room)
+}
+
+/// Records a change's progress and renews its lease, alone or inside a page's transaction:
+/// the rows it held (0: the lease ran out and another bridge has the job).
+async fn renew(
+    conn: &impl tokio_postgres::GenericClient,
+    pager: &Pager,
+    plan: &Plan,
+    job: i64,
+    progress: &Value,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let config = pager.outbox.config();
+    let lease = config.lease.as_secs_f64();
+    conn.execute(
+        plan.sql.progress.as_str(),
+        &[&job, progress, &lease, &config.worker_id],
+    )
+    .await
 }
 
 /// REBUILD jobs of the plan's documents not yet indexed: pending, claimed or sent. Counting
@@ -298,7 +322,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::event_type::FieldType;
+    use crate::event_type::{EventType, FieldType};
 
     fn job(operation: Operation, change_data: Value) -> Job {
         Job {
@@ -370,12 +394,19 @@ mod tests {
             progress_of(&json!({"fanout": {"tuple": 1, "after": "42"}})),
             (1, Some("42".to_owned()))
         );
+        let relation = Relation::children("images", "listing_images", &["listing_id"], &["id"]);
+        let listings = EventType::new("listings", "listings").with_relation(relation.clone());
+        let plan = Plan {
+            documents: "listings".to_owned(),
+            sql: FanOutSql::new("public", &listings, &relation),
+            relation,
+        };
         let resumed = Change::new(
             job(
                 Operation::Insert,
                 json!({"listing_id": 3, "fanout": {"tuple": 0, "after": "7"}}),
             ),
-            &Relation::children("images", "listing_images", &["listing_id"], &["id"]),
+            Arc::new(plan),
         );
         assert!(resumed.resumed());
     }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::event_type::EventType;
 use crate::outbox::Outbox;
 use crate::relations::sql::ReadSql;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Reads the documents `ids` of the joined `event_type` with their related rows, on the
 /// outbox's transaction connection (the consumer's [`Ledger`](crate::consume) does this for

@@ -12,7 +12,7 @@
 
 use serde_json::Value;
 
-use crate::Error;
+use crate::error::Error;
 
 /// Analyzers, token filters, tokenizers and character filters of the `analysis-common`
 /// module, as far as an event type is likely to name them. A name outside the list (a typo)
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn an_unknown_stemmer_names_the_turkish_analyzer_and_the_module() {
-        let body = crate::EventType::listings().index_body();
+        let body = crate::event_type::EventType::listings().index_body();
         // Elasticsearch 8.19's and 9.2's answer, word for word.
         let answer = json!({"error": {
             "root_cause": [{"type": "illegal_argument_exception",

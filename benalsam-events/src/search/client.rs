@@ -16,7 +16,7 @@ use crate::config::{
     ELASTICSEARCH_CA, ELASTICSEARCH_CLIENT_CERT, ELASTICSEARCH_CLIENT_KEY, SearchUrl,
 };
 use crate::connect::tls;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl SearchUrl {
     /// A search client for this URL with a request timeout, as the consumer makes its own:

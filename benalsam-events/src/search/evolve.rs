@@ -22,7 +22,7 @@ pub enum Change {
     /// Only by building a new index (`reindex --type <name>`); says what changed.
     NeedsReindex(String),
     /// The field's type changed (also only by a reindex): kept apart because
-    /// [`EventType::ensure_index`](crate::EventType::ensure_index) refuses it as a mapping
+    /// [`EventType::ensure_index`](crate::event_type::EventType::ensure_index) refuses it as a mapping
     /// conflict.
     Retype {
         /// The live index's type.

@@ -11,10 +11,10 @@ use elasticsearch::Elasticsearch;
 use elasticsearch::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::EventType;
 use crate::error::Kind;
+use crate::event_type::EventType;
 use crate::search::SearchNodes;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// What [`EventType::prepare_index`] found and did on an existing index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

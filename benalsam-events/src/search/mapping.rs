@@ -1,10 +1,10 @@
-//! The index's settings and mapping, in the engine's JSON: what [`EventType::ensure_index`](crate::EventType::ensure_index)
+//! The index's settings and mapping, in the engine's JSON: what [`EventType::ensure_index`](crate::event_type::EventType::ensure_index)
 //! creates and checks. The model (`event_type`) says which fields a document has; this file
 //! says how the engine stores them.
 
 use serde_json::{Map, Value, json};
 
-use crate::EventType;
+use crate::event_type::EventType;
 use crate::event_type::{
     DocumentSpec, FieldType, LOWERCASE, MIN_GC_DELETES, Relation, RelationKind, TURKISH,
 };

@@ -6,7 +6,7 @@
 //! | file | holds |
 //! |---|---|
 //! | client | a client per URL, one request to one node |
-//! | index | [`EventType::ensure_index`](crate::EventType::ensure_index), [`EventType::prepare_index`](crate::EventType::prepare_index): an index behind its alias, its mapping evolved at start |
+//! | index | [`EventType::ensure_index`](crate::event_type::EventType::ensure_index), [`EventType::prepare_index`](crate::event_type::EventType::prepare_index): an index behind its alias, its mapping evolved at start |
 //! | evolve | what separates the wanted mapping and analysis from the live ones: added in place, or a reindex (pure) |
 //! | reindex | [`reindex`]: the next index version built from the database under live writes, then the alias moved |
 //! | nodes | [`SearchNodes`]: every request to the node in use, the next one when it fails |

@@ -27,8 +27,8 @@ use elasticsearch::http::{Method, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 
-use crate::Result;
 use crate::config::SearchUrl;
+use crate::error::Result;
 use crate::search::client as search;
 
 /// The search nodes of one cluster, each with its own client, and the one in use.
@@ -77,7 +77,7 @@ impl From<Elasticsearch> for SearchNodes {
 }
 
 impl SearchNodes {
-    /// A client per node of `url` (see [`SearchUrl::client`](crate::SearchUrl::client)), each request timing out
+    /// A client per node of `url` (see [`SearchUrl::client`](crate::config::SearchUrl::client)), each request timing out
     /// after `timeout`; the first node is in use.
     pub fn new(url: &SearchUrl, timeout: Duration) -> Result<Self> {
         let nodes = url
@@ -157,7 +157,7 @@ impl SearchNodes {
         }
         // A round has at least one node, so there is a last answer.
         last.unwrap_or_else(|| {
-            Err(crate::Error::search(
+            Err(crate::error::Error::search(
                 format!("{method:?} {path}"),
                 "no search node is configured",
             ))

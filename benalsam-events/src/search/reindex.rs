@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::outbox::{Outbox, Phase, ReindexRecord, ReindexRow};
 use crate::search::{SearchNodes, create_index};
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 /// What a reindex did.
 #[derive(Debug, Clone, PartialEq, Eq)]

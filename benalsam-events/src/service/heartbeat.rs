@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AmqpUrl, require_positive};
 use crate::ops::HealthReport;
 use crate::publish::SYSTEM_EXCHANGE;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Publishes a report every `interval` as `health.<service>` on `benalsam.system`.
 pub(crate) struct Heartbeat {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::{Backoff, retry};
 use crate::ops::{HealthReport, HealthServer, Metrics, Readiness};
 use crate::outbox::OutboxConfig;
-use crate::{DatabaseUrl, Error, EventType, Result};
+use crate::{config::DatabaseUrl, error::Error, error::Result, event_type::EventType};
 
 pub(crate) use heartbeat::Heartbeat;
 
@@ -54,7 +54,7 @@ pub(crate) fn settings_type(service: &str) -> &'static str {
 
 pub(crate) fn validate(
     service: &str,
-    event_types: &[crate::EventType],
+    event_types: &[crate::event_type::EventType],
     health_window: std::time::Duration,
     heartbeat_interval: Option<std::time::Duration>,
 ) -> Result<()> {

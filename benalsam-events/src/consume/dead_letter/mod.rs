@@ -32,9 +32,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::AmqpUrl;
+use crate::consume::why::Why;
 use crate::outbox::{JobSelection, Outbox};
 use crate::publish::{JOB_ID_HEADER, LISTINGS_EXCHANGE};
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 mod replay;
 
@@ -52,31 +53,6 @@ const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 const DEAD_LETTERED_AT_HEADER: &str = "x-dead-lettered-at";
 /// Header: how often it was replayed from the DLQ.
 const REPLAYED_HEADER: &str = "x-replayed";
-
-/// Why a message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Why {
-    /// Not a valid envelope (or no job id).
-    Malformed,
-    /// Its job is unknown to the outbox, or not as the message tells it.
-    Unverified,
-    /// Elasticsearch refused it permanently (a mapping error), or it is no document.
-    Rejected,
-    /// Elasticsearch kept refusing it as busy or unavailable.
-    RetriesExhausted,
-}
-
-impl Why {
-    /// The header value (and metric label).
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Why::Malformed => "malformed",
-            Why::Unverified => "unverified",
-            Why::Rejected => "rejected",
-            Why::RetriesExhausted => "retries-exhausted",
-        }
-    }
-}
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))

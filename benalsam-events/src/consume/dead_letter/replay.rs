@@ -13,7 +13,7 @@ use crate::config::AmqpUrl;
 use crate::consume::verify::{self, Check};
 use crate::outbox::{Job, JobSelection, Outbox, Recorded};
 use crate::publish::Envelope;
-use crate::{Error, EventType, Result};
+use crate::{error::Error, error::Result, event_type::EventType};
 
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

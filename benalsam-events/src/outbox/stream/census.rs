@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::Result;
+use crate::error::Result;
 use crate::outbox::Outbox;
 use crate::outbox::stream::record::{StreamEvent, StreamRecorder};
 

@@ -67,9 +67,9 @@ pub(crate) enum StreamEvent<'a> {
     /// Jobs whose lease expired, given back to `pending`.
     Reclaimed(usize),
     /// A failure that changes nothing else (LISTEN, a presence mark).
-    Error(&'a crate::Error),
+    Error(&'a crate::error::Error),
     /// PostgreSQL cannot be reached for claims.
-    Unreachable(&'a crate::Error),
+    Unreachable(&'a crate::error::Error),
     /// The backlog and the pending jobs by table, as just counted.
     Counted {
         backlog: Backlog,

@@ -12,7 +12,7 @@ use crate::config::AmqpUrl;
 use crate::outbox::Settle;
 use crate::publish::publisher::{Outgoing, PublisherConfig, REPAIR_INTERVAL, Worker};
 use crate::publish::record::PublisherEvent;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// An open connection and its confirm-mode channel.
 pub(super) struct Link {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
 
-use crate::Error;
+use crate::error::Error;
 use crate::outbox::{Outcome, Settle};
 use crate::publish::confirm::{self, Refusal, Verdict};
 use crate::publish::publisher::{InFlight, NACKED_CHANNEL, Outgoing, Worker};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::TopologyConfig;
 use crate::config::QueueType;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// An argument value, as both AMQP and the definitions file carry it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::config::QueueType;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 /// Choices a deployment makes about the topology.
 #[derive(Debug, Clone, PartialEq, Eq)]

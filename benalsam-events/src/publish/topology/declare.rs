@@ -10,7 +10,7 @@ use lapin::{Connection, ExchangeKind};
 use super::{Argument, QueueArguments, QueueDef, Topology, TopologyConfig};
 use crate::config::QueueType;
 use crate::error::Kind;
-use crate::{Error, Result};
+use crate::{error::Error, error::Result};
 
 impl Topology {
     /// The type of an existing `queue` that refused this topology's arguments, when it is

@@ -25,7 +25,7 @@ pub(crate) use arguments::{
 pub use config::TopologyConfig;
 
 use crate::config::QueueType;
-use crate::{EventType, Result};
+use crate::{error::Result, event_type::EventType};
 
 /// Exchange of system events (heartbeats).
 pub(crate) const SYSTEM_EXCHANGE: &str = "benalsam.system";

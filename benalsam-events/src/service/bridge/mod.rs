@@ -16,9 +16,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::EventType;
-use crate::Result;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
+use crate::error::Result;
+use crate::event_type::EventType;
 use crate::outbox::{JobStream, JobStreamConfig, Outbox, OutboxConfig, Resender};
 use crate::publish::{Publisher, PublisherConfig, Topology, TopologyConfig};
 use crate::relations::FanOut;

@@ -23,7 +23,7 @@ use crate::outbox::{Outbox, OutboxConfig};
 use crate::search::{SearchNodes, ensure_index_on};
 use crate::service::Heartbeat;
 use crate::service::{Check, Service, check};
-use crate::{EventType, Result};
+use crate::{error::Result, event_type::EventType};
 
 mod health;
 
@@ -218,14 +218,14 @@ async fn prepare(
 /// Whether every queue exists (asked passively, each on a channel of its own: the broker
 /// closes a channel that asks about a missing queue). A missing one is an error worth
 /// retrying: the bridge declares the topology when it starts.
-async fn queues_exist(url: &crate::AmqpUrl, queues: &[&str]) -> Result<()> {
+async fn queues_exist(url: &crate::config::AmqpUrl, queues: &[&str]) -> Result<()> {
     let connection = crate::connect::amqp(url, "benalsam-consumer start").await?;
     let mut missing = Vec::new();
     for queue in queues {
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| crate::Error::amqp("opening a channel", e))?;
+            .map_err(|e| crate::error::Error::amqp("opening a channel", e))?;
         let declared = channel
             .queue_declare(
                 (*queue).into(),
@@ -246,7 +246,7 @@ async fn queues_exist(url: &crate::AmqpUrl, queues: &[&str]) -> Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(crate::Error::broker(format!(
+        Err(crate::error::Error::broker(format!(
             "queue {} does not exist yet; benalsam-bridge declares the topology when it starts",
             missing.join(", ")
         )))
