@@ -4,7 +4,7 @@
 
 mod commands;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE,
     // saying where a misplaced run setting belongs.

@@ -330,6 +330,11 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "BENALSAM_POLL_INTERVAL",
     ),
     (
+        "JobStreamConfig::linger",
+        "--claim-linger",
+        "BENALSAM_CLAIM_LINGER",
+    ),
+    (
         "PublisherConfig::window",
         "--publish-window",
         "BENALSAM_PUBLISH_WINDOW",
@@ -488,15 +493,20 @@ pub fn name_the_setting(error: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Parses a duration such as `500ms`, `1s`, `15m`, `1h 30m`; zero is refused (no setting of
-/// the library works with a zero duration).
+/// Parses a duration such as `500ms`, `1s`, `15m`, `1h 30m`; zero is refused (the settings
+/// that take it cannot work with zero).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(raw)
-        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 1s or 15m ({e})"))?;
+    let duration = parse_duration_or_zero(raw)?;
     if duration.is_zero() {
         return Err(format!("{raw:?} is zero; give a duration longer than that"));
     }
     Ok(duration)
+}
+
+/// A duration that may be zero (`0s`: the thing it delays happens at once).
+fn parse_duration_or_zero(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 1s or 15m ({e})"))
 }
 
 #[cfg(feature = "bridge")]
@@ -598,6 +608,11 @@ pub struct BridgeArgs {
     #[arg(long, env = "BENALSAM_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
+    /// After a notification wakes an idle bridge, wait this long before claiming, so the
+    /// changes of that moment go in one claim, publish and settle (0s: claim at once)
+    #[arg(long, env = "BENALSAM_CLAIM_LINGER", default_value = "50ms", value_parser = parse_duration_or_zero)]
+    pub claim_linger: Duration,
+
     /// Poll only, no LISTEN (for PgBouncer in transaction mode, or write-heavy databases)
     #[arg(long, env = "BENALSAM_POLL_ONLY")]
     pub poll_only: bool,
@@ -676,6 +691,7 @@ impl BridgeArgs {
         let mut stream = JobStreamConfig::default();
         stream.batch_size = self.batch_size as usize;
         stream.poll_interval = self.poll_interval;
+        stream.linger = self.claim_linger;
         stream.wake = if self.poll_only {
             Wake::PollOnly
         } else {
@@ -750,7 +766,7 @@ pub struct ConsumerArgs {
     pub bulk_bytes: u32,
 
     /// Longest wait for a bulk request to fill
-    #[arg(long, env = "BENALSAM_BULK_LINGER", default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, env = "BENALSAM_BULK_LINGER", default_value = "100ms", value_parser = parse_duration)]
     pub bulk_linger: Duration,
 
     /// Bulk requests written and settled at once

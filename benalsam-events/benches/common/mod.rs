@@ -2,6 +2,8 @@
 //! topology and migrations in place, listings like the demo's, and their jobs as envelopes.
 #![allow(dead_code)] // each benchmark uses a part
 
+pub mod load;
+
 use benalsam_events::publish::TopologyConfig;
 use benalsam_events::{
     Action, AmqpUrl, DatabaseUrl, Envelope, EventType, Outbox, OutboxConfig, Outcome, Settle,

@@ -96,7 +96,9 @@ impl Default for IndexerConfig {
             prefetch: 500,
             batch_size: 250,
             batch_bytes: 5 * 1024 * 1024,
-            linger: Duration::from_millis(50),
+            // At a low rate a batch goes by its linger, and every batch costs a check, a
+            // request and a settle: BENCHMARKS.md, "Low rates".
+            linger: Duration::from_millis(100),
             in_flight: 2,
             bulk_target: Duration::from_secs(1),
             max_attempts: 5,

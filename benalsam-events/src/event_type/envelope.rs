@@ -112,10 +112,13 @@ impl Envelope<'static> {
     pub(crate) fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
         // The version is checked first, so a newer producer's message is reported as such
         // rather than as a shape error.
-        let raw: Value =
+        // Read twice, without building a tree of the whole body: the version alone (every
+        // other field skipped), then the envelope itself.
+        let only: VersionOnly =
             serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        let version = raw
-            .get("schemaVersion")
+        let version = only
+            .schema_version
+            .as_ref()
             .and_then(Value::as_u64)
             .ok_or_else(|| EnvelopeError::Malformed("missing schemaVersion".to_owned()))?;
         let version = u32::try_from(version).unwrap_or(u32::MAX);
@@ -127,7 +130,7 @@ impl Envelope<'static> {
             });
         }
         let envelope: Envelope<'static> =
-            serde_json::from_value(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+            serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         envelope.validate()?;
         Ok(envelope)
     }
@@ -170,6 +173,14 @@ impl Envelope<'static> {
         }
         Ok(())
     }
+}
+
+/// An envelope's version, read before its shape (a newer producer's message is then reported
+/// as newer, not as malformed).
+#[derive(Deserialize)]
+struct VersionOnly {
+    #[serde(rename = "schemaVersion", default)]
+    schema_version: Option<Value>,
 }
 
 /// Why `record_id` cannot be carried to the index, if it cannot (see [`MAX_RECORD_ID_BYTES`]).

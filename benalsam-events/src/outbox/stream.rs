@@ -44,6 +44,9 @@ pub(crate) mod record;
 /// The NOTIFY channel the trigger uses unless given `channel=`.
 pub(crate) const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
 
+/// [`JobStreamConfig::linger`] unless told otherwise: see BENCHMARKS.md, "Low rates".
+pub(crate) const DEFAULT_LINGER: Duration = Duration::from_millis(50);
+
 /// How the stream learns that there is work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -69,6 +72,11 @@ pub struct JobStreamConfig {
     pub poll_interval: Duration,
     /// LISTEN or poll only.
     pub wake: Wake,
+    /// After a notification wakes an idle stream, how long it waits before claiming, so the
+    /// changes committed in that moment are claimed, published and settled together rather
+    /// than one claim each. Zero: claim at once. Each change's latency grows by at most this;
+    /// a backlog, the poll and a sweep after a reconnect do not wait.
+    pub linger: Duration,
     /// Delays between attempts while PostgreSQL is unreachable.
     pub reconnect: Backoff,
     /// Adaptive NOTIFY (`BENALSAM_ADAPTIVE_NOTIFY`, with [`Wake::Listen`] only): while its
@@ -90,6 +98,7 @@ impl Default for JobStreamConfig {
             },
             reconnect: Backoff::default(),
             adaptive_notify: true,
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -128,6 +137,12 @@ impl JobStream {
             ));
         }
         require_positive("JobStreamConfig::poll_interval", config.poll_interval)?;
+        if config.linger >= config.poll_interval {
+            return Err(Error::config(
+                "JobStreamConfig::linger",
+                "must be shorter than the poll interval (JobStreamConfig::poll_interval)",
+            ));
+        }
         let recorder = StreamRecorder::new(StreamMetrics::for_tables(
             outbox.config().tables.iter().flatten(),
         ));
@@ -227,11 +242,21 @@ impl Claimer {
                 return None;
             }
             if self.drained {
-                tokio::select! {
+                let notified = tokio::select! {
                     biased;
                     () = self.shutdown.cancelled() => return None,
-                    () = self.wake.notified() => {}
-                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = self.wake.notified() => true,
+                    () = tokio::time::sleep(self.config.poll_interval) => false,
+                };
+                // Woken by one commit while others are under way: a moment's wait lets one
+                // claim take them all (at a steady low rate, a claim, a publish and a settle
+                // per commit are most of what the bridge spends).
+                if notified && !self.config.linger.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(self.config.linger) => {}
+                    }
                 }
             }
             if Instant::now() >= self.next_housekeeping {
