@@ -50,8 +50,8 @@ pub(crate) use envelope::DEFAULT_MAX_MESSAGE_BYTES;
 pub use envelope::Envelope;
 pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
 pub(crate) use origin::Origin;
-pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
+pub(crate) use relation::{relation_trigger_name, relation_truncate_trigger_name};
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::error::Result;

@@ -17,7 +17,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::config::validate_schema;
 use crate::error::Kind;
-use crate::event_type::relation_trigger_name;
+use crate::event_type::{relation_trigger_name, relation_truncate_trigger_name};
 use crate::outbox::OutboxConfig;
 use crate::{error::Error, error::Result, event_type::EventType};
 
@@ -216,9 +216,11 @@ async fn attach(
     .map_err(|e| Error::postgres(format!("attaching the sync trigger to {target}"), e))
 }
 
-/// Attaches the relation's trigger to its table (rows only: a TRUNCATE of a related table
-/// is not followed, see the README; the table was checked to exist). Named after the event
-/// type and the relation, so two event types' relations on one table keep their own.
+/// Attaches the relation's triggers to its table (checked to exist): one for its rows, one
+/// for a TRUNCATE of it (one `TRUNCATE` job under the relation's job name, which the fan-out
+/// turns into a rebuild of every document that could have joined a truncated row). Named
+/// after the event type and the relation, so two event types' relations on one table keep
+/// their own.
 async fn attach_relation(
     tx: &Transaction<'_>,
     schema: &str,
@@ -235,10 +237,14 @@ async fn attach_relation(
         .collect::<Vec<_>>()
         .join(", ");
     let name = relation_trigger_name(event_type, relation);
+    let truncate = relation_truncate_trigger_name(event_type, relation);
     tx.batch_execute(&format!(
         "CREATE OR REPLACE TRIGGER \"{name}\"
              AFTER INSERT OR UPDATE OR DELETE ON {target}
-             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
+             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});
+         CREATE OR REPLACE TRIGGER \"{truncate}\"
+             AFTER TRUNCATE ON {target}
+             FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
     .await
     .map_err(|e| Error::postgres(format!("attaching the relation trigger to {target}"), e))
@@ -270,7 +276,8 @@ async fn drop_removed_relations(
     let declared = |name: &str, table_schema: &str, table: &str| {
         event_type.relations.iter().any(|r| {
             let (s, t) = r.split_table();
-            relation_trigger_name(event_type, r) == name
+            (relation_trigger_name(event_type, r) == name
+                || relation_truncate_trigger_name(event_type, r) == name)
                 && s.unwrap_or(schema) == table_schema
                 && t == table
         })
