@@ -67,6 +67,11 @@ pub struct MigrationReport {
     /// Relation triggers dropped because the configuration no longer declares them
     /// (`schema.table.trigger`), with the jobs of removed relations that waited.
     pub removed_triggers: Vec<String>,
+    /// Sync triggers on the event types' tables that none of them declares (another
+    /// deployment's, or left behind when an event type left a shared table or got a job
+    /// name of its own), with the jobs of each still waiting: left in place, see
+    /// docs/relations.md ("One table, several event types").
+    pub undeclared_triggers: Vec<String>,
 }
 
 /// Applies the missing migrations to the outbox's schema (created if missing) and attaches
@@ -91,6 +96,7 @@ pub(crate) async fn migrate(
     for event_type in event_types {
         event_type.validate()?;
     }
+    crate::event_type::validate_all(event_types)?;
     let tx = client
         .transaction()
         .await
@@ -102,10 +108,12 @@ pub(crate) async fn migrate(
         already_applied,
         triggers: Vec::new(),
         removed_triggers: Vec::new(),
+        undeclared_triggers: Vec::new(),
     };
     // Every name is checked before anything is attached; an error drops `tx`, which rolls
     // back the migrations too.
     check_names(&tx, schema, event_types).await?;
+    report.undeclared_triggers = super::sync_triggers::undeclared(&tx, schema, event_types).await?;
     for event_type in event_types {
         attach(&tx, schema, &outbox.notify_channel, event_type).await?;
         report.triggers.push(event_type.table.clone());
@@ -187,7 +195,8 @@ async fn check_names(
 }
 
 /// Attaches the sync trigger (rows) and the truncation trigger (statements) to the table of
-/// `event_type` (checked to exist).
+/// `event_type` (checked to exist), named after its job name: each event type on a table has
+/// its own pair, recording its own jobs.
 async fn attach(
     tx: &Transaction<'_>,
     schema: &str,
@@ -204,11 +213,12 @@ async fn attach(
         .map(|o| format!("'{o}'"))
         .collect::<Vec<_>>()
         .join(", ");
+    let (rows, truncate) = event_type.sync_trigger_names();
     tx.batch_execute(&format!(
-        "CREATE OR REPLACE TRIGGER benalsam_sync_queue
+        "CREATE OR REPLACE TRIGGER \"{rows}\"
              AFTER INSERT OR UPDATE OR DELETE ON {target}
              FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});
-         CREATE OR REPLACE TRIGGER benalsam_sync_truncate
+         CREATE OR REPLACE TRIGGER \"{truncate}\"
              AFTER TRUNCATE ON {target}
              FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
@@ -231,7 +241,7 @@ async fn attach_relation(
     let (table_schema, table) = relation.split_table();
     let target = format!("\"{}\".\"{table}\"", table_schema.unwrap_or(schema));
     let options = relation
-        .trigger_options(&event_type.table, channel, event_type.notify)
+        .trigger_options(event_type.job_table(), channel, event_type.notify)
         .iter()
         .map(|o| format!("'{o}'"))
         .collect::<Vec<_>>()
@@ -260,7 +270,7 @@ async fn drop_removed_relations(
 ) -> Result<Vec<String>> {
     let fail = |e| Error::postgres("looking for relation triggers no longer declared", e);
     let function = format!("\"{schema}\".add_to_sync_queue()");
-    let marker = format!("as={}#", event_type.table);
+    let marker = format!("as={}#", event_type.job_table());
     let rows = tx
         .query(
             "SELECT t.tgname::text, n.nspname::text, c.relname::text, encode(t.tgargs, 'escape')
@@ -304,7 +314,7 @@ async fn drop_removed_relations(
         let still = event_type
             .relations
             .iter()
-            .any(|r| r.job_table(&event_type.table) == job_table);
+            .any(|r| r.job_table(event_type.job_table()) == job_table);
         if !job_table.is_empty() && !still {
             tx.execute(
                 "DELETE FROM elasticsearch_sync_queue

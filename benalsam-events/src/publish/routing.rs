@@ -108,9 +108,10 @@ impl Routes {
         Self { types }
     }
 
-    /// The event type of `table`, if there is one.
+    /// The event type whose jobs are recorded as `table` (its table, or its `jobs_as`), if
+    /// there is one: with several event types on one table, each job is one event type's.
     pub(crate) fn for_table(&self, table: &str) -> Option<&EventType> {
-        self.types.iter().find(|t| t.table == table)
+        self.types.iter().find(|t| t.job_table() == table)
     }
 }
 
