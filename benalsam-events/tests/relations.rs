@@ -858,9 +858,15 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
         .migrate(&mut client, &fewer)
         .await
         .expect("migrate without the seller");
+    let mut removed = report.removed_triggers.clone();
+    removed.sort();
     assert_eq!(
-        report.removed_triggers,
-        vec![format!("{}.users.benalsam_listings_seller", db.name)]
+        removed,
+        vec![
+            format!("{}.users.benalsam_listings_seller", db.name),
+            format!("{}.users.truncate_listings_seller", db.name),
+        ],
+        "its row trigger and its TRUNCATE trigger"
     );
     assert_eq!(jobs("listings#seller").await, 0, "its waiting job is gone");
     db.client

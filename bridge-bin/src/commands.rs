@@ -94,7 +94,7 @@ enum Command {
         force: bool,
     },
     /// Enqueue a job for every existing row of a table (or the rows --where selects), so rows
-    /// that predate the trigger, or a table's rows after a TRUNCATE of a related table, get
+    /// that predate the trigger (an event type added, also a second one on a table) get
     /// indexed. An interrupted backfill continues where it stopped; a finished one run again
     /// starts a new run over every row
     Backfill {
@@ -228,6 +228,12 @@ async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result
     );
     for table in &report.triggers {
         println!("trigger attached to {table}");
+    }
+    for trigger in &report.undeclared_triggers {
+        println!(
+            "warning: sync trigger {trigger} is declared by no event type here; \
+             drop it once its jobs are done, unless another deployment uses it"
+        );
     }
     Ok(())
 }

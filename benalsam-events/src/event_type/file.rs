@@ -338,6 +338,26 @@ stored_in = { type = "keyword", column = "warehouse" }
     }
 
     #[test]
+    fn a_second_event_type_on_a_table_needs_a_job_name_of_its_own() {
+        let second = "\n[[event_type]]\nname = \"listings_admin\"\ntable = \"listings\"\n\
+                      [event_type.index]\nalias = \"listings_admin\"\n";
+        let err = parse(&format!("{TWO}{second}"), "f.toml")
+            .expect_err("two event types recording as listings")
+            .to_string();
+        assert!(
+            err.contains("f.toml") && err.contains("jobs_as = \"listings@listings_admin\""),
+            "says what to write: {err}"
+        );
+        let named = second.replace(
+            "table = \"listings\"\n",
+            "table = \"listings\"\njobs_as = \"listings@listings_admin\"\n",
+        );
+        let types = parse(&format!("{TWO}{named}"), "f.toml").expect("a job name of its own");
+        assert_eq!(types[2].jobs_as.as_deref(), Some("listings@listings_admin"));
+        assert_eq!(types[0].jobs_as, None);
+    }
+
+    #[test]
     fn mistakes_name_the_file_the_line_and_the_key() {
         let typo = TWO
             .replace("routing_prefix", "x")

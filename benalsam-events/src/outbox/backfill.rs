@@ -100,6 +100,16 @@ struct Backfill {
     notify_channel: String,
 }
 
+/// `bare`, qualified with `rows_schema` unless it is the outbox's `schema`: the table's name
+/// as the trigger records it.
+fn qualified_unless(schema: &str, rows_schema: &str, bare: &str) -> String {
+    if rows_schema == schema {
+        bare.to_owned()
+    } else {
+        format!("{rows_schema}.{bare}")
+    }
+}
+
 /// The statements of one backfill.
 struct BackfillSql {
     forget: String,
@@ -132,11 +142,10 @@ impl Backfill {
             None => (schema, validate_identifier("table", table)?),
         };
         // An event type with a job name of its own records its jobs (and progress) under it.
-        let recorded = match jobs {
-            Some(jobs) => jobs.to_owned(),
-            None if rows_schema == schema => bare.to_owned(),
-            None => format!("{rows_schema}.{bare}"),
-        };
+        let recorded = jobs.map_or_else(
+            || qualified_unless(schema, rows_schema, bare),
+            str::to_owned,
+        );
         let key = validate_identifier("key column", key)?;
         if batch < 1 {
             return Err(Error::config("batch", "must be at least 1"));
