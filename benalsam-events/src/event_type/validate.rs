@@ -123,9 +123,9 @@ pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
             return Err(Error::config(
                 "jobs_as",
                 format!(
-                    "event types {} and {} both record the jobs of table {:?} as {:?}; give each \
-                     one on the table but one a job name of its own (jobs_as = \"{}@{}\"; keep \
-                     the event type that ran before without one, so its waiting jobs stay its own)",
+                    "event types {} and {} both record the jobs of table {:?} as {:?}; give the \
+                     second one a job name of its own (jobs_as = \"{}@{}\") and leave the one \
+                     that ran before without one, so its waiting jobs stay its own",
                     other.name,
                     event_type.name,
                     event_type.table,
