@@ -185,7 +185,9 @@ impl Cli {
             }) => {
                 let target = match table {
                     Some(table) => Backfilled::Table(table.clone(), key.clone()),
-                    None => Backfilled::Type(backfilled(&self.config, event_type.as_deref())?),
+                    None => {
+                        Backfilled::Type(Box::new(backfilled(&self.config, event_type.as_deref())?))
+                    }
                 };
                 let options = (batch, restart, condition.as_deref());
                 backfill(db, &target, options).await
@@ -242,7 +244,7 @@ async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result
 /// (its jobs under its job name, when several event types take the table).
 enum Backfilled {
     Table(String, String),
-    Type(EventType),
+    Type(Box<EventType>),
 }
 
 /// The event type to backfill.
