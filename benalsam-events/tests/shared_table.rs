@@ -224,6 +224,29 @@ async fn one_table_feeds_two_event_types_each_exactly() {
     );
     let own = jobs("listings@listings_admin").await;
     assert!(own.parse::<i64>().unwrap_or(0) >= 7, "{own}");
+    // A TRUNCATE of the table is each event type's own job: both indexes are emptied, and
+    // what is written after it reaches both.
+    exec(&db, "TRUNCATE listings").await;
+    exec(&db, listing("Sonra", "active")).await;
+    converged(&db, &public, "the public index after the truncate").await;
+    converged(&db, &admin, "the admin index after the truncate").await;
+    for (event_type, n) in [(&public, 1), (&admin, 1)] {
+        let documents = index(&event_type.index.alias).documents().await.len();
+        assert_eq!(
+            documents, n,
+            "{}: only the row written after it",
+            event_type.name
+        );
+    }
+    assert_eq!(
+        jobs("listings@listings_admin")
+            .await
+            .parse::<i64>()
+            .unwrap_or(0)
+            - own.parse::<i64>().unwrap_or(0),
+        2,
+        "the admin's TRUNCATE and INSERT"
+    );
     eventually(PATIENCE, "every job completed", || async {
         let live = value(
             &db,
