@@ -269,3 +269,100 @@ async fn one_table_feeds_two_event_types_each_exactly() {
     vhost.drop().await;
     db.drop().await;
 }
+
+/// A row the admin's document cannot hold (its `title` is a number there) is dead-lettered
+/// for the admin only: the public index takes it, the public job completes, and the admin's
+/// job fails into the admin's dead-letter queue alone.
+#[tokio::test]
+async fn a_refusal_of_one_event_type_leaves_the_other_untouched() {
+    let db = TestSchema::new().await;
+    let vhost = TestVhost::new().await;
+    let public = TestIndex::listings(&unique_name("p"));
+    let mut admin = EventType::new("listings_admin", "listings");
+    admin.jobs_as = Some("listings@listings_admin".to_owned());
+    admin.document = DocumentSpec::default().field("title", FieldType::Long);
+    admin.index.alias = unique_name("a");
+    let types = vec![public.clone(), admin.clone()];
+    let mut settings = BridgeSettings::new(database_url(), vhost.url.clone());
+    settings.outbox = OutboxConfig::in_schema(&db.name);
+    settings.event_types = types.clone();
+    settings.migrate = true;
+    settings.heartbeat_interval = None;
+    let bridge_stop = CancellationToken::new();
+    let bridge = tokio::spawn(bridge::run(settings, bridge_stop.clone()));
+    let mut settings = ConsumerSettings::new(database_url(), vhost.url.clone(), search_url());
+    settings.outbox = OutboxConfig::in_schema(&db.name);
+    settings.event_types = types;
+    settings.heartbeat_interval = None;
+    let consumer_stop = CancellationToken::new();
+    let consumer = tokio::spawn(consumer::run(settings, consumer_stop.clone()));
+    eventually(PATIENCE, "the admin's trigger attached", || async {
+        let n = value(
+            &db,
+            "SELECT count(*)::text FROM pg_trigger WHERE tgname = 'benalsam_sync_queue:listings@listings_admin'",
+        )
+        .await;
+        if n == "1" { Ok(()) } else { Err(n) }
+    })
+    .await;
+
+    let id = value(
+        &db,
+        "INSERT INTO listings (user_id, title, category, status)
+         VALUES (gen_random_uuid(), 'Bisiklet', 'spor', 'active') RETURNING id::text",
+    )
+    .await;
+    let status = |table: &'static str| {
+        let db = &db;
+        async move {
+            value(
+                db,
+                &format!(
+                    "SELECT coalesce(string_agg(status, ','), '') FROM elasticsearch_sync_queue WHERE table_name = '{table}'"
+                ),
+            )
+            .await
+        }
+    };
+    eventually(
+        PATIENCE,
+        "the public job completed, the admin's failed",
+        || async {
+            let (p, a) = (
+                status("listings").await,
+                status("listings@listings_admin").await,
+            );
+            if p == "completed" && a == "failed" {
+                Ok(())
+            } else {
+                Err(format!("public {p:?}, admin {a:?}"))
+            }
+        },
+    )
+    .await;
+    let public_index = index(&public.index.alias);
+    assert!(
+        public_index.get(&id).await.is_some(),
+        "the public index has it"
+    );
+    assert!(index(&admin.index.alias).get(&id).await.is_none());
+    let dead = support::drain_queue(&vhost.url, &admin.dead_letter_queue).await;
+    assert_eq!(dead.len(), 1, "the admin's dead letter");
+    let public_dead = support::drain_queue(&vhost.url, &public.dead_letter_queue).await;
+    assert!(
+        public_dead.is_empty(),
+        "nothing in the public dead-letter queue"
+    );
+
+    consumer_stop.cancel();
+    consumer
+        .await
+        .expect("consumer task")
+        .expect("consumer stops");
+    bridge_stop.cancel();
+    bridge.await.expect("bridge task").expect("bridge stops");
+    public_index.drop().await;
+    index(&admin.index.alias).drop().await;
+    vhost.drop().await;
+    db.drop().await;
+}
