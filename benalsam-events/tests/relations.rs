@@ -14,8 +14,8 @@ use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, eventually, free_port, healthy, publish,
-    sample, scrape, search_url, unique_name,
+    TestIndex, TestSchema, TestVhost, against_sql, database_url, eventually, free_port, healthy,
+    publish, sample, scrape, search_url, unique_name,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,8 @@ struct Joined {
     /// The bridge's health and metrics port.
     port: u16,
     bridge: (CancellationToken, JoinHandle<benalsam_events::Result<()>>),
+    /// The bridge's settings, to start another one.
+    bridge_settings: BridgeSettings,
     consumer: Option<(CancellationToken, JoinHandle<benalsam_events::Result<()>>)>,
 }
 
@@ -77,6 +79,7 @@ impl Joined {
         settings.health_addr = Some(([127, 0, 0, 1], port).into());
         adjust(&mut settings);
         let shutdown = CancellationToken::new();
+        let bridge_settings = settings.clone();
         let bridge = tokio::spawn(bridge::run(settings, shutdown.clone()));
         let mut joined = Self {
             db,
@@ -85,6 +88,7 @@ impl Joined {
             listings,
             port,
             bridge: (shutdown, bridge),
+            bridge_settings,
             consumer: None,
         };
         joined.start_consumer();
@@ -854,9 +858,15 @@ async fn a_removed_relation_loses_its_trigger_and_its_waiting_jobs() {
         .migrate(&mut client, &fewer)
         .await
         .expect("migrate without the seller");
+    let mut removed = report.removed_triggers.clone();
+    removed.sort();
     assert_eq!(
-        report.removed_triggers,
-        vec![format!("{}.users.benalsam_listings_seller", db.name)]
+        removed,
+        vec![
+            format!("{}.users.benalsam_listings_seller", db.name),
+            format!("{}.users.truncate_listings_seller", db.name),
+        ],
+        "its row trigger and its TRUNCATE trigger"
     );
     assert_eq!(jobs("listings#seller").await, 0, "its waiting job is gone");
     db.client
@@ -885,4 +895,150 @@ async fn migrate(db: &TestSchema, file: &Path) -> String {
         .await
         .expect_err("a relation that the catalog refuses")
         .to_string()
+}
+
+impl Joined {
+    /// Waits until every document equals its SQL view: 0 missing, 0 extra, 0 stale.
+    async fn converged(&self, what: &str) {
+        let outbox = self.db.outbox(OutboxConfig::in_schema(&self.db.name));
+        eventually(PATIENCE, what, || async {
+            let found = against_sql(&outbox, &self.db.client, &self.listings, &self.index).await;
+            if found.is_none() {
+                Ok(())
+            } else {
+                Err(format!("{found:?}"))
+            }
+        })
+        .await;
+    }
+
+    /// Kills the bridge (no stop: its claims stay leased until the lease runs out) and
+    /// starts another one.
+    async fn kill_and_restart_bridge(&mut self) {
+        self.bridge.1.abort();
+        let _ = (&mut self.bridge.1).await;
+        let mut settings = self.bridge_settings.clone();
+        settings.health_addr = Some(([127, 0, 0, 1], free_port()).into());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(bridge::run(settings, shutdown.clone()));
+        self.bridge = (shutdown, task);
+    }
+}
+
+/// Listings of two sellers (a third in a category without a row, a fifth drafts), with photos; every
+/// document indexed with its relations.
+async fn truncate_fixture(t: &Joined, per_seller: i64) -> Vec<String> {
+    t.sql("INSERT INTO categories VALUES ('elektronik', 'Elektronik', 'Electronics')")
+        .await;
+    let mut ids = Vec::new();
+    for name in ["Gül", "Hakan"] {
+        let user = t.user(name, "4.0").await;
+        let rows = t
+            .db
+            .client
+            .query(
+                "INSERT INTO listings (user_id, title, category, status)
+                 SELECT $1::text::uuid, 'İlan ' || i, CASE WHEN i % 3 = 0 THEN 'diger' ELSE 'elektronik' END,
+                        CASE WHEN i % 5 = 0 THEN 'draft' ELSE 'active' END
+                 FROM generate_series(1, $2::bigint) i RETURNING id::text",
+                &[&user, &per_seller],
+            )
+            .await
+            .expect("insert the listings");
+        ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
+    t.sql(
+        "INSERT INTO listing_images (listing_id, url, position)
+         SELECT id, 'p' || id || '.jpg', 1 FROM listings",
+    )
+    .await;
+    t.converged("every listing indexed with its seller, category and photos")
+        .await;
+    t.settled().await;
+    ids
+}
+
+/// A TRUNCATE of a parent's table and of a children's table: every document is rebuilt
+/// without the related part, exactly as the SQL view has it (before, the documents kept
+/// their seller and photos until a manual backfill).
+#[tokio::test]
+async fn a_truncate_of_a_related_table_rebuilds_every_document_that_joined_it() {
+    let t = Joined::start().await;
+    let ids = truncate_fixture(&t, 15).await;
+    let with_seller = t
+        .count(json!({"exists": {"field": "seller.display_name"}}))
+        .await;
+    assert!(with_seller > 0);
+
+    t.sql("TRUNCATE users").await;
+    t.converged("every document rebuilt without its seller")
+        .await;
+    assert_eq!(
+        t.count(json!({"exists": {"field": "seller.display_name"}}))
+            .await,
+        0
+    );
+    t.settled().await;
+    let truncations = t
+        .value(
+            "SELECT count(*)::text FROM elasticsearch_sync_queue
+             WHERE table_name = 'listings#seller' AND operation = 'TRUNCATE'",
+        )
+        .await;
+    assert_eq!(truncations, "1", "one job for the statement");
+
+    t.sql("TRUNCATE listing_images").await;
+    t.converged("every document rebuilt without its photos")
+        .await;
+    assert_eq!(t.count(json!({"exists": {"field": "photos.url"}})).await, 0);
+    // A parent's truncate leaves out the documents whose foreign key is null.
+    t.sql("TRUNCATE categories").await;
+    t.converged("every document rebuilt without its category")
+        .await;
+    t.settled().await;
+    assert!(!ids.is_empty());
+    t.stop().await;
+}
+
+/// A bridge killed while it pages through a truncate's documents: the next one resumes
+/// the fan-out after its last page, and every document converges.
+#[tokio::test]
+async fn a_truncate_fan_out_resumes_after_the_bridge_is_killed() {
+    let mut t = Joined::start_with(|s| {
+        s.fanout_page = 20;
+        s.outbox.lease = Duration::from_secs(3);
+    })
+    .await;
+    truncate_fixture(&t, 150).await;
+    t.stop_consumer().await;
+    t.sql("TRUNCATE listing_images").await;
+    eventually(PATIENCE, "the truncate's fan-out under way", || async {
+        let row =
+            t.db.client
+                .query_opt(
+                    "SELECT status, change_data ? 'fanout' FROM elasticsearch_sync_queue
+                 WHERE table_name = 'listings#photos' AND operation = 'TRUNCATE'",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        match row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1))) {
+            Some((status, true)) if status == "processing" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    t.kill_and_restart_bridge().await;
+    t.start_consumer();
+    t.converged("every document rebuilt without its photos after the kill")
+        .await;
+    t.settled().await;
+    let done = t
+        .value(
+            "SELECT status || ' ' || coalesce(change_data::text, '') FROM elasticsearch_sync_queue
+             WHERE table_name = 'listings#photos' AND operation = 'TRUNCATE'",
+        )
+        .await;
+    assert!(done.starts_with("completed"), "{done}");
+    t.stop().await;
 }

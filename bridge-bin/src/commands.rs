@@ -94,7 +94,7 @@ enum Command {
         force: bool,
     },
     /// Enqueue a job for every existing row of a table (or the rows --where selects), so rows
-    /// that predate the trigger, or a table's rows after a TRUNCATE of a related table, get
+    /// that predate the trigger (an event type added, also a second one on a table) get
     /// indexed. An interrupted backfill continues where it stopped; a finished one run again
     /// starts a new run over every row
     Backfill {
@@ -183,12 +183,14 @@ impl Cli {
                 restart,
                 ref condition,
             }) => {
-                let (table, key) = match table {
-                    Some(table) => (table.clone(), key.clone()),
-                    None => backfilled(&self.config, event_type.as_deref())?,
+                let target = match table {
+                    Some(table) => Backfilled::Table(table.clone(), key.clone()),
+                    None => {
+                        Backfilled::Type(Box::new(backfilled(&self.config, event_type.as_deref())?))
+                    }
                 };
                 let options = (batch, restart, condition.as_deref());
-                backfill(db, &table, &key, options).await
+                backfill(db, &target, options).await
             }
         }
     }
@@ -229,14 +231,27 @@ async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result
     for table in &report.triggers {
         println!("trigger attached to {table}");
     }
+    for trigger in &report.undeclared_triggers {
+        println!(
+            "warning: sync trigger {trigger} is declared by no event type here; \
+             drop it once its jobs are done, unless another deployment uses it"
+        );
+    }
     Ok(())
 }
 
-/// The table and key column of the event type to backfill.
-fn backfilled(config: &ConfigArgs, name: Option<&str>) -> anyhow::Result<(String, String)> {
-    let types = config.select(name)?;
+/// What a backfill enqueues the rows of: a table by a key column, or an event type's table
+/// (its jobs under its job name, when several event types take the table).
+enum Backfilled {
+    Table(String, String),
+    Type(Box<EventType>),
+}
+
+/// The event type to backfill.
+fn backfilled(config: &ConfigArgs, name: Option<&str>) -> anyhow::Result<EventType> {
+    let mut types = config.select(name)?;
     match types.as_slice() {
-        [one] => Ok((one.table.clone(), one.key.clone())),
+        [_] => Ok(types.remove(0)),
         many => {
             let names: Vec<&str> = many.iter().map(|t| t.name.as_str()).collect();
             anyhow::bail!(
@@ -319,25 +334,38 @@ async fn purge(
     Ok(())
 }
 
-/// Backfills `table` by `key`, with (batch, restart, condition).
+/// Backfills `target`, with (batch, restart, condition).
 async fn backfill(
     db: &DatabaseArgs,
-    table: &str,
-    key: &str,
+    target: &Backfilled,
     (batch, restart, condition): (i64, bool, Option<&str>),
 ) -> anyhow::Result<()> {
+    let table = match target {
+        Backfilled::Table(table, _) => table.as_str(),
+        Backfilled::Type(event_type) => event_type.table.as_str(),
+    };
     let mut progress = cli::Progress::new(table, "rows");
-    let done = db
-        .outbox()?
-        .backfill(table, key, batch, restart, condition, |p| {
-            progress.update(
-                p.rows.unsigned_abs(),
-                p.total.unsigned_abs().max(p.rows.unsigned_abs()),
-            );
-            true
-        })
-        .await
-        .with_context(|| format!("backfilling {table}"))?;
+    let outbox = db.outbox()?;
+    let step = |p: &benalsam_events::outbox::BackfillProgress| {
+        progress.update(
+            p.rows.unsigned_abs(),
+            p.total.unsigned_abs().max(p.rows.unsigned_abs()),
+        );
+        true
+    };
+    let done = match target {
+        Backfilled::Table(table, key) => {
+            outbox
+                .backfill(table, key, batch, restart, condition, step)
+                .await
+        }
+        Backfilled::Type(event_type) => {
+            outbox
+                .backfill_type(event_type, batch, restart, condition, step)
+                .await
+        }
+    }
+    .with_context(|| format!("backfilling {table}"))?;
     progress.finish();
     let selected = condition.map_or(String::new(), |c| format!(" where {c}"));
     // What this run really enqueued; a run that continued an interrupted one says so.
@@ -369,7 +397,7 @@ async fn purge_failed(
             .to_owned()
     };
     let routed = event_types.iter().find(|t| {
-        let own = bare(&t.table);
+        let own = bare(t.jobs_as.as_deref().unwrap_or(&t.table));
         own == bare(table)
             || t.relations
                 .iter()

@@ -247,13 +247,13 @@ impl Indexer {
             labels: self
                 .event_types
                 .iter()
-                .map(|t| (t.table.clone(), OfType::new(&t.name)))
+                .map(|t| (t.job_table().to_owned(), OfType::new(&t.name)))
                 .collect(),
             unknown: OfType::new(OfType::UNKNOWN),
             event_types: self
                 .event_types
                 .into_iter()
-                .map(|t| (t.table.clone(), t))
+                .map(|t| (t.job_table().to_owned(), t))
                 .collect(),
             config: self.config,
             recorder: self.recorder.clone(),

@@ -30,6 +30,7 @@ struct File {
 struct EventTypeToml {
     name: String,
     table: Option<Spanned<String>>,
+    jobs_as: Option<String>,
     key: Option<Spanned<String>>,
     #[serde(default)]
     ignore: Vec<Spanned<String>>,
@@ -164,12 +165,22 @@ fn refuse_clashes(
             ),
         );
     }
-    if let Some(other) = types.iter().find(|t| t.table == event_type.table) {
+    // Several event types may take one table, each recording its jobs under a name of its
+    // own (`jobs_as`); two under one name would share the table's one trigger.
+    if let Some(other) = types
+        .iter()
+        .find(|t| t.job_table() == event_type.job_table())
+    {
         return refuse(
-            "table",
+            "jobs_as",
             format!(
-                "table {} already belongs to event type {}",
-                event_type.table, other.name
+                "event type {} records the jobs of table {} as {:?} already; give this one \
+                 jobs_as = \"{}@{}\" (a job name of its own)",
+                other.name,
+                event_type.table,
+                event_type.job_table(),
+                event_type.split_table().1,
+                event_type.name
             ),
         );
     }
@@ -190,6 +201,7 @@ fn convert(
             target.clone_from(value);
         }
     };
+    t.jobs_as.clone_from(&raw.jobs_as);
     set(&mut t.key, &owned(&raw.key));
     set(&mut t.exchange, &raw.exchange);
     set(&mut t.routing_prefix, &raw.routing_prefix);
@@ -323,6 +335,26 @@ stored_in = { type = "keyword", column = "warehouse" }
         assert_eq!(inventory.queue, "inventory.sync");
         assert_eq!(inventory.index.replicas, 1);
         assert_eq!(inventory.document.fields["stored_in"].column, "warehouse");
+    }
+
+    #[test]
+    fn a_second_event_type_on_a_table_needs_a_job_name_of_its_own() {
+        let second = "\n[[event_type]]\nname = \"listings_admin\"\ntable = \"listings\"\n\
+                      [event_type.index]\nalias = \"listings_admin\"\n";
+        let err = parse(&format!("{TWO}{second}"), "f.toml")
+            .expect_err("two event types recording as listings")
+            .to_string();
+        assert!(
+            err.contains("f.toml") && err.contains("jobs_as = \"listings@listings_admin\""),
+            "says what to write: {err}"
+        );
+        let named = second.replace(
+            "table = \"listings\"\n",
+            "table = \"listings\"\njobs_as = \"listings@listings_admin\"\n",
+        );
+        let types = parse(&format!("{TWO}{named}"), "f.toml").expect("a job name of its own");
+        assert_eq!(types[2].jobs_as.as_deref(), Some("listings@listings_admin"));
+        assert_eq!(types[0].jobs_as, None);
     }
 
     #[test]

@@ -50,11 +50,16 @@ pub(crate) use envelope::DEFAULT_MAX_MESSAGE_BYTES;
 pub use envelope::Envelope;
 pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
 pub(crate) use origin::Origin;
-pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
+pub(crate) use relation::{relation_trigger_name, relation_truncate_trigger_name};
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::error::Result;
+
+/// The row trigger of an event type's table (`…:<jobs_as>` for a job name of its own).
+pub(crate) const SYNC_TRIGGER: &str = "benalsam_sync_queue";
+/// The TRUNCATE trigger of an event type's table.
+pub(crate) const SYNC_TRIGGER_TRUNCATE: &str = "benalsam_sync_truncate";
 
 /// The exchange of listing events, as the architecture document names it.
 pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
@@ -102,6 +107,11 @@ pub struct EventType {
     pub name: String,
     /// The table: bare when it lives in the outbox's schema, `schema.table` otherwise.
     pub table: String,
+    /// The name its jobs are recorded under, when several event types take one table
+    /// (`listings@admin`): each then has its own triggers, jobs, states and dead letters.
+    /// `None` (the default): the table's name, as before; see [`EventType::validate`] for
+    /// the form.
+    pub jobs_as: Option<String>,
     /// The column that identifies a row (the trigger's `key=`, the document id).
     pub key: String,
     /// Columns whose changes alone are no change for search (view counters).
@@ -140,6 +150,7 @@ impl std::fmt::Debug for EventType {
         f.debug_struct("EventType")
             .field("name", &self.name)
             .field("table", &self.table)
+            .field("jobs_as", &self.jobs_as)
             .field("exchange", &self.exchange)
             .field("queue", &self.queue)
             .field("index", &self.index.alias)
@@ -158,6 +169,7 @@ impl EventType {
         Self {
             name: name.to_owned(),
             table: table.to_owned(),
+            jobs_as: None,
             key: "id".to_owned(),
             ignore: Vec::new(),
             notify: true,
@@ -291,9 +303,33 @@ impl EventType {
         self
     }
 
+    /// The name its jobs are recorded under: [`EventType::jobs_as`], else the table (as
+    /// [`EventType::recorded_in`] names it). Everything that follows a job goes by it: the
+    /// claims, the routes, the consumer's event type, truncations, reindexes, backfills.
+    pub(crate) fn job_table(&self) -> &str {
+        self.jobs_as.as_deref().unwrap_or(&self.table)
+    }
+
+    /// The names of its triggers on its table (rows, TRUNCATE): `benalsam_sync_queue` and
+    /// `benalsam_sync_truncate` for the jobs named by the table (what every deployment has),
+    /// `…:<jobs_as>` for an event type with a job name of its own, so each event type on a
+    /// table has its own pair.
+    pub(crate) fn sync_trigger_names(&self) -> (String, String) {
+        match &self.jobs_as {
+            None => (SYNC_TRIGGER.to_owned(), SYNC_TRIGGER_TRUNCATE.to_owned()),
+            Some(jobs) => (
+                format!("{SYNC_TRIGGER}:{jobs}"),
+                format!("{SYNC_TRIGGER_TRUNCATE}:{jobs}"),
+            ),
+        }
+    }
+
     /// The trigger's arguments.
     pub(crate) fn trigger_options(&self, channel: &str) -> Vec<String> {
         let mut options = vec![format!("key={}", self.key)];
+        if let Some(jobs) = &self.jobs_as {
+            options.push(format!("as={jobs}"));
+        }
         if !self.ignore.is_empty() {
             options.push(format!("ignore={}", self.ignore.join(",")));
         }
@@ -411,15 +447,49 @@ mod tests {
     }
 
     #[test]
-    fn two_event_types_may_not_take_one_table() {
+    fn two_event_types_may_take_one_table_under_two_job_names() {
         let orders = EventType::new("orders", "orders");
         let mut admin = EventType::new("orders_admin", "orders");
         admin.index.alias = "orders_admin".to_owned();
-        let error = validate_all(&[orders, admin]).expect_err("one table, two event types");
-        assert_eq!(error.setting(), Some("table"));
+        let error = validate_all(&[orders.clone(), admin.clone()])
+            .expect_err("one table, two event types, one job name");
+        assert_eq!(error.setting(), Some("jobs_as"));
         assert!(
-            error.to_string().contains("orders_admin") && error.to_string().contains("both take"),
-            "{error}"
+            error.to_string().contains("orders@orders_admin"),
+            "the error says what to write: {error}"
+        );
+        admin.jobs_as = Some("orders@orders_admin".to_owned());
+        validate_all(&[orders.clone(), admin.clone()]).expect("two job names");
+        assert_eq!(admin.job_table(), "orders@orders_admin");
+        assert_eq!(orders.job_table(), "orders");
+        assert_ne!(orders.sync_trigger_names(), admin.sync_trigger_names());
+        assert_eq!(
+            orders.sync_trigger_names().0,
+            "benalsam_sync_queue",
+            "the trigger every deployment has keeps its name"
+        );
+        assert!(
+            admin
+                .trigger_options("ch")
+                .contains(&"as=orders@orders_admin".to_owned())
+        );
+        for wrong in [
+            "orders",
+            "orders#x",
+            "@x",
+            "orders@",
+            "Orders@x",
+            "orders@x@y",
+            "users@x",
+        ] {
+            admin.jobs_as = Some(wrong.to_owned());
+            let error = admin.validate().expect_err(wrong);
+            assert_eq!(error.setting(), Some("jobs_as"), "{wrong}");
+        }
+        admin.jobs_as = Some(format!("orders@{}", "x".repeat(40)));
+        assert!(
+            admin.validate().is_err(),
+            "its trigger names must fit 63 bytes"
         );
     }
 

@@ -332,6 +332,15 @@ pub(crate) fn relation_trigger_name(
     format!("benalsam_{}_{}", event_type.name, relation.name)
 }
 
+/// `truncate_<event type>_<relation>`: the statement trigger that follows a TRUNCATE of the
+/// related table. As long as [`relation_trigger_name`], so the same check bounds it.
+pub(crate) fn relation_truncate_trigger_name(
+    event_type: &crate::event_type::EventType,
+    relation: &Relation,
+) -> String {
+    format!("truncate_{}_{}", event_type.name, relation.name)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -18,6 +18,9 @@ impl EventType {
         }
         validate_identifier("table", table)?;
         validate_identifier("key", &self.key)?;
+        if let Some(jobs) = &self.jobs_as {
+            jobs_name(self, jobs)?;
+        }
         for column in &self.ignore {
             validate_identifier("ignore", column)?;
         }
@@ -100,26 +103,35 @@ impl EventType {
     }
 }
 
-/// Checks event types together: each valid, no two on one table, and no two writing one
-/// index. A table has one sync trigger, with one event type's options, and its jobs are named
-/// by the table: a second event type on it would replace the first one's trigger options and
-/// relation triggers at `migrate` and share its jobs, so it is refused until one table can
-/// feed several indexes. Two event types behind one alias would put each other's documents
-/// (and mappings) in one index; an alias that is another's versioned index name
-/// (`<alias>_v1`) would write into that index.
+/// Checks event types together: each valid, no two recording their jobs under one name, and
+/// no two writing one index.
+///
+/// Several event types may take one table (a public index and an internal one with other
+/// fields, statuses and relations): each has its own triggers on the table and records its
+/// own jobs, so every job, its state, its dead letter and its document belong to one event
+/// type. What cannot work is two of them recording their jobs under one name (the default,
+/// the table's name): they would share one trigger and one job per change. Two event types
+/// behind one alias would put each other's documents (and mappings) in one index; an alias
+/// that is another's versioned index name (`<alias>_v1`) would write into that index.
 pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
     for (i, event_type) in event_types.iter().enumerate() {
         event_type.validate()?;
         if let Some(other) = event_types[..i]
             .iter()
-            .find(|o| o.table == event_type.table)
+            .find(|o| o.job_table() == event_type.job_table())
         {
             return Err(Error::config(
-                "table",
+                "jobs_as",
                 format!(
-                    "event types {} and {} both take table {:?}; one table feeds one event type \
-                     (put the fields both need in one event type)",
-                    other.name, event_type.name, event_type.table
+                    "event types {} and {} both record the jobs of table {:?} as {:?}; give the \
+                     second one a job name of its own (jobs_as = \"{}@{}\") and leave the one \
+                     that ran before without one, so its waiting jobs stay its own",
+                    other.name,
+                    event_type.name,
+                    event_type.table,
+                    event_type.job_table(),
+                    event_type.split_table().1,
+                    event_type.name
                 ),
             ));
         }
@@ -137,6 +149,38 @@ pub(crate) fn validate_all(event_types: &[EventType]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The longest job name of its own: its triggers (`benalsam_sync_truncate:<name>`) must fit
+/// PostgreSQL's 63 bytes.
+const MAX_JOBS_AS: usize = 63 - "benalsam_sync_truncate:".len();
+
+/// Checks a job name of its own: `<table>@<word>` (its table, bare or as written, then
+/// lowercase letters, digits, `_`), at most 40 bytes. The `@` keeps it apart from every table's
+/// name (the default job name) and `#` from the relations' jobs (`<job name>#<relation>`).
+fn jobs_name(of: &EventType, jobs: &str) -> Result<()> {
+    let (event_type, table) = (&of.name, of.split_table().1);
+    let word = |w: &str, dot: bool| {
+        !w.is_empty()
+            && w.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || (dot && c == '.')
+            })
+    };
+    let fits = jobs.len() <= MAX_JOBS_AS
+        && jobs.split_once('@').is_some_and(|(t, name)| {
+            word(t, true) && (t == of.table || t == table) && word(name, false)
+        });
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "jobs_as",
+            format!(
+                "event type {event_type}: {jobs:?} is not a job name: write <table>@<word> \
+                 (its table, then a-z, 0-9, _; at most {MAX_JOBS_AS} bytes), e.g. \"{table}@{event_type}\""
+            ),
+        ))
+    }
 }
 
 /// Whether the indices behind aliases `a` and `b` can be the same name: the same alias, or

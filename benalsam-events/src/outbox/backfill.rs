@@ -2,6 +2,7 @@
 //! again): a job per row, in key order, one short transaction per batch, resumable.
 
 use crate::config::validate_identifier;
+use crate::event_type::EventType;
 use crate::outbox::Outbox;
 use crate::{error::Error, error::Result};
 
@@ -46,7 +47,33 @@ impl Outbox {
         condition: Option<&str>,
         mut progress: impl FnMut(&BackfillProgress) -> bool,
     ) -> Result<BackfillProgress> {
-        let mut run = Backfill::start(self, (table, key, condition), batch, restart).await?;
+        let mut run = Backfill::start(self, (table, key, condition), None, batch, restart).await?;
+        loop {
+            let now = run.step().await?;
+            if !progress(&now) || now.finished {
+                return Ok(now);
+            }
+        }
+    }
+
+    /// [`Outbox::backfill`] of the table of `event_type` by its key, its jobs recorded under
+    /// its job name (`jobs_as`, when several event types take the table), with a progress of
+    /// its own: what a backfill of one event type must be.
+    pub async fn backfill_type(
+        &self,
+        event_type: &EventType,
+        batch: i64,
+        restart: bool,
+        condition: Option<&str>,
+        mut progress: impl FnMut(&BackfillProgress) -> bool,
+    ) -> Result<BackfillProgress> {
+        let target = (
+            event_type.table.as_str(),
+            event_type.key.as_str(),
+            condition,
+        );
+        let jobs = event_type.jobs_as.as_deref();
+        let mut run = Backfill::start(self, target, jobs, batch, restart).await?;
         loop {
             let now = run.step().await?;
             if !progress(&now) || now.finished {
@@ -73,6 +100,16 @@ struct Backfill {
     notify_channel: String,
 }
 
+/// `bare`, qualified with `rows_schema` unless it is the outbox's `schema`: the table's name
+/// as the trigger records it.
+fn qualified_unless(schema: &str, rows_schema: &str, bare: &str) -> String {
+    if rows_schema == schema {
+        bare.to_owned()
+    } else {
+        format!("{rows_schema}.{bare}")
+    }
+}
+
 /// The statements of one backfill.
 struct BackfillSql {
     forget: String,
@@ -89,6 +126,7 @@ impl Backfill {
     async fn start(
         outbox: &Outbox,
         (table, key, condition): (&str, &str, Option<&str>),
+        jobs: Option<&str>,
         batch: i64,
         restart: bool,
     ) -> Result<Self> {
@@ -103,11 +141,11 @@ impl Backfill {
             ),
             None => (schema, validate_identifier("table", table)?),
         };
-        let recorded = if rows_schema == schema {
-            bare.to_owned()
-        } else {
-            format!("{rows_schema}.{bare}")
-        };
+        // An event type with a job name of its own records its jobs (and progress) under it.
+        let recorded = jobs.map_or_else(
+            || qualified_unless(schema, rows_schema, bare),
+            str::to_owned,
+        );
         let key = validate_identifier("key column", key)?;
         if batch < 1 {
             return Err(Error::config("batch", "must be at least 1"));

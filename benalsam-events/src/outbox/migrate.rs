@@ -17,7 +17,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::config::validate_schema;
 use crate::error::Kind;
-use crate::event_type::relation_trigger_name;
+use crate::event_type::{relation_trigger_name, relation_truncate_trigger_name};
 use crate::outbox::OutboxConfig;
 use crate::{error::Error, error::Result, event_type::EventType};
 
@@ -67,6 +67,11 @@ pub struct MigrationReport {
     /// Relation triggers dropped because the configuration no longer declares them
     /// (`schema.table.trigger`), with the jobs of removed relations that waited.
     pub removed_triggers: Vec<String>,
+    /// Sync triggers on the event types' tables that none of them declares (another
+    /// deployment's, or left behind when an event type left a shared table or got a job
+    /// name of its own), with the jobs of each still waiting: left in place, see
+    /// docs/relations.md ("One table, several event types").
+    pub undeclared_triggers: Vec<String>,
 }
 
 /// Applies the missing migrations to the outbox's schema (created if missing) and attaches
@@ -91,6 +96,7 @@ pub(crate) async fn migrate(
     for event_type in event_types {
         event_type.validate()?;
     }
+    crate::event_type::validate_all(event_types)?;
     let tx = client
         .transaction()
         .await
@@ -102,10 +108,12 @@ pub(crate) async fn migrate(
         already_applied,
         triggers: Vec::new(),
         removed_triggers: Vec::new(),
+        undeclared_triggers: Vec::new(),
     };
     // Every name is checked before anything is attached; an error drops `tx`, which rolls
     // back the migrations too.
     check_names(&tx, schema, event_types).await?;
+    report.undeclared_triggers = super::sync_triggers::undeclared(&tx, schema, event_types).await?;
     for event_type in event_types {
         attach(&tx, schema, &outbox.notify_channel, event_type).await?;
         report.triggers.push(event_type.table.clone());
@@ -187,7 +195,8 @@ async fn check_names(
 }
 
 /// Attaches the sync trigger (rows) and the truncation trigger (statements) to the table of
-/// `event_type` (checked to exist).
+/// `event_type` (checked to exist), named after its job name: each event type on a table has
+/// its own pair, recording its own jobs.
 async fn attach(
     tx: &Transaction<'_>,
     schema: &str,
@@ -204,11 +213,12 @@ async fn attach(
         .map(|o| format!("'{o}'"))
         .collect::<Vec<_>>()
         .join(", ");
+    let (rows, truncate) = event_type.sync_trigger_names();
     tx.batch_execute(&format!(
-        "CREATE OR REPLACE TRIGGER benalsam_sync_queue
+        "CREATE OR REPLACE TRIGGER \"{rows}\"
              AFTER INSERT OR UPDATE OR DELETE ON {target}
              FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});
-         CREATE OR REPLACE TRIGGER benalsam_sync_truncate
+         CREATE OR REPLACE TRIGGER \"{truncate}\"
              AFTER TRUNCATE ON {target}
              FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
@@ -216,9 +226,11 @@ async fn attach(
     .map_err(|e| Error::postgres(format!("attaching the sync trigger to {target}"), e))
 }
 
-/// Attaches the relation's trigger to its table (rows only: a TRUNCATE of a related table
-/// is not followed, see the README; the table was checked to exist). Named after the event
-/// type and the relation, so two event types' relations on one table keep their own.
+/// Attaches the relation's triggers to its table (checked to exist): one for its rows, one
+/// for a TRUNCATE of it (one `TRUNCATE` job under the relation's job name, which the fan-out
+/// turns into a rebuild of every document that could have joined a truncated row). Named
+/// after the event type and the relation, so two event types' relations on one table keep
+/// their own.
 async fn attach_relation(
     tx: &Transaction<'_>,
     schema: &str,
@@ -229,16 +241,20 @@ async fn attach_relation(
     let (table_schema, table) = relation.split_table();
     let target = format!("\"{}\".\"{table}\"", table_schema.unwrap_or(schema));
     let options = relation
-        .trigger_options(&event_type.table, channel, event_type.notify)
+        .trigger_options(event_type.job_table(), channel, event_type.notify)
         .iter()
         .map(|o| format!("'{o}'"))
         .collect::<Vec<_>>()
         .join(", ");
     let name = relation_trigger_name(event_type, relation);
+    let truncate = relation_truncate_trigger_name(event_type, relation);
     tx.batch_execute(&format!(
         "CREATE OR REPLACE TRIGGER \"{name}\"
              AFTER INSERT OR UPDATE OR DELETE ON {target}
-             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
+             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});
+         CREATE OR REPLACE TRIGGER \"{truncate}\"
+             AFTER TRUNCATE ON {target}
+             FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".add_to_sync_queue({options});"
     ))
     .await
     .map_err(|e| Error::postgres(format!("attaching the relation trigger to {target}"), e))
@@ -254,7 +270,7 @@ async fn drop_removed_relations(
 ) -> Result<Vec<String>> {
     let fail = |e| Error::postgres("looking for relation triggers no longer declared", e);
     let function = format!("\"{schema}\".add_to_sync_queue()");
-    let marker = format!("as={}#", event_type.table);
+    let marker = format!("as={}#", event_type.job_table());
     let rows = tx
         .query(
             "SELECT t.tgname::text, n.nspname::text, c.relname::text, encode(t.tgargs, 'escape')
@@ -270,7 +286,8 @@ async fn drop_removed_relations(
     let declared = |name: &str, table_schema: &str, table: &str| {
         event_type.relations.iter().any(|r| {
             let (s, t) = r.split_table();
-            relation_trigger_name(event_type, r) == name
+            (relation_trigger_name(event_type, r) == name
+                || relation_truncate_trigger_name(event_type, r) == name)
                 && s.unwrap_or(schema) == table_schema
                 && t == table
         })
@@ -297,7 +314,7 @@ async fn drop_removed_relations(
         let still = event_type
             .relations
             .iter()
-            .any(|r| r.job_table(&event_type.table) == job_table);
+            .any(|r| r.job_table(event_type.job_table()) == job_table);
         if !job_table.is_empty() && !still {
             tx.execute(
                 "DELETE FROM elasticsearch_sync_queue

@@ -36,6 +36,7 @@ mod settle;
 mod sql;
 pub(crate) mod state;
 mod stream;
+mod sync_triggers;
 
 pub use backfill::BackfillProgress;
 pub use backlog::Backlog;

@@ -108,9 +108,10 @@ impl Routes {
         Self { types }
     }
 
-    /// The event type of `table`, if there is one.
+    /// The event type whose jobs are recorded as `table` (its table, or its `jobs_as`), if
+    /// there is one: with several event types on one table, each job is one event type's.
     pub(crate) fn for_table(&self, table: &str) -> Option<&EventType> {
-        self.types.iter().find(|t| t.table == table)
+        self.types.iter().find(|t| t.job_table() == table)
     }
 }
 
@@ -179,6 +180,35 @@ mod tests {
         ));
         assert_eq!(route.routing_key, "inventory_item.update");
         assert_eq!(route.status, None);
+    }
+
+    #[test]
+    fn two_event_types_of_one_table_each_route_their_own_jobs() {
+        let public = EventType::listings();
+        let mut admin = EventType::new("listings_admin", "listings");
+        admin.jobs_as = Some("listings@listings_admin".into());
+        let routes = Routes::new(vec![public, admin]);
+        let of = |table: &str| routes.for_table(table).map(|t| t.name.clone());
+        assert_eq!(of("listings").as_deref(), Some("listings"));
+        assert_eq!(
+            of("listings@listings_admin").as_deref(),
+            Some("listings_admin")
+        );
+        assert_eq!(
+            of("listings#seller"),
+            None,
+            "a relation's jobs are never published"
+        );
+        let mut job = job(Operation::Insert, json!({"status": "draft"}));
+        job.table_name = "listings@listings_admin".into();
+        let route = routes.for_table(&job.table_name).map(|t| t.route(&job));
+        assert_eq!(
+            route.map(|r| (r.exchange, r.routing_key)),
+            Some((
+                "benalsam.listings_admin".into(),
+                "listings_admin.insert".into()
+            ))
+        );
     }
 
     proptest! {

@@ -54,7 +54,11 @@ impl Outbox {
         let client = crate::connect::postgres_as(self.database_url(), "benalsam-document").await?;
         let schema = self.config().schema.as_str();
         let fail = |e| Error::postgres(format!("reading {} {key:?}", event_type.name), e);
-        let recorded = event_type.clone().recorded_in(schema).table;
+        let recorded = event_type
+            .clone()
+            .recorded_in(schema)
+            .job_table()
+            .to_owned();
         let version: i64 = client
             .query_one(
                 &format!(
@@ -112,7 +116,7 @@ fn build(
         job_id: version,
         schema_version: SCHEMA_VERSION,
         routing_key: Cow::Owned(format!("{}.insert", event_type.routing_prefix)),
-        table: Cow::Borrowed(&event_type.table),
+        table: Cow::Borrowed(event_type.job_table()),
         operation: Operation::Insert,
         record_id: Cow::Borrowed(key),
         change_data: Cow::Borrowed(columns),

@@ -93,9 +93,9 @@ impl FanOut {
         for event_type in event_types {
             for relation in &event_type.relations {
                 plans.insert(
-                    relation.job_table(&event_type.table),
+                    relation.job_table(event_type.job_table()),
                     Arc::new(Plan {
-                        documents: event_type.table.clone(),
+                        documents: event_type.job_table().to_owned(),
                         relation: relation.clone(),
                         sql: FanOutSql::new(&outbox.schema, event_type, relation),
                     }),

@@ -189,12 +189,19 @@ impl Change {
             &job.traceparent,
             &job.created_at,
         ];
+        // A TRUNCATE of the related table pages through every document that could have
+        // joined one of its rows; a row change through those that join the row.
+        let (first, next) = if job.operation == Operation::Truncate {
+            (&plan.sql.all_first, &plan.sql.all_next)
+        } else {
+            (&plan.sql.first, &plan.sql.next)
+        };
         let page = match &self.after {
-            None => tx.query_one(&plan.sql.first, &params).await,
+            None => tx.query_one(first, &params).await,
             Some(last) => {
-                let mut next = params.to_vec();
-                next.push(last);
-                tx.query_one(&plan.sql.next, &next).await
+                let mut rest = params.to_vec();
+                rest.push(last);
+                tx.query_one(next, &rest).await
             }
         }
         .map_err(fail)?;
@@ -290,7 +297,7 @@ async fn not_yet_indexed(client: &tokio_postgres::Client, plan: &Plan) -> Result
 }
 
 /// The related rows a change touches: the row (insert, delete), or the new one and, when its
-/// joined columns changed, the old one too.
+/// joined columns changed, the old one too. A TRUNCATE has one, `{}` (its pages need none).
 fn related_rows(job: &Job, relation: &Relation) -> Vec<Value> {
     match job.operation {
         Operation::Update => {
@@ -302,6 +309,7 @@ fn related_rows(job: &Job, relation: &Relation) -> Vec<Value> {
                 vec![new.clone()]
             }
         }
+        Operation::Truncate => vec![json!({})],
         _ => vec![job.change_data.clone()],
     }
 }

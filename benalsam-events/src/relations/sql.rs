@@ -157,6 +157,14 @@ pub(crate) struct FanOutSql {
     /// joined view after this related change committed.
     pub(crate) first: String,
     pub(crate) next: String,
+    /// The pages of a TRUNCATE of the related table (same parameters; `$1` is any JSON
+    /// object): every document that could have joined a truncated row. For a parent, the
+    /// documents whose foreign key is not null; for children, every document. After the
+    /// truncate the database no longer knows which documents had related rows, so all the
+    /// event type's documents the status policy admits are rebuilt (the others are not in
+    /// the index).
+    pub(crate) all_first: String,
+    pub(crate) all_next: String,
     /// Records progress and renews the lease: `$1` job id, `$2` progress, `$3` lease
     /// seconds, `$4` worker id. Zero rows: the job is no longer this worker's.
     pub(crate) progress: String,
@@ -181,8 +189,19 @@ impl FanOutSql {
             })
             .collect::<Vec<_>>()
             .join(" AND ");
+        // `$1` is still named (a statement's parameters are all typed from its text).
+        let any = match relation.kind {
+            RelationKind::Parent => relation
+                .local_columns
+                .iter()
+                .map(|local| format!("d.\"{local}\" IS NOT NULL"))
+                .chain(std::iter::once("$1::jsonb IS NOT NULL".to_owned()))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            _ => "$1::jsonb IS NOT NULL".to_owned(),
+        };
         let keep = searchable(event_type);
-        let page = |after: &str| {
+        let page = |matches: &str, after: &str| {
             format!(
                 "WITH page AS ( \
                    SELECT d.\"{key}\" AS k, {keep} AS keep FROM {table} d WHERE {matches}{after} \
@@ -198,12 +217,12 @@ impl FanOutSql {
                         (SELECT count(*) FROM page WHERE keep)"
             )
         };
+        let after = format!(" AND d.\"{key}\" > {}", typed_key(&table, key, "$7::text"));
         Self {
-            first: page(""),
-            next: page(&format!(
-                " AND d.\"{key}\" > {}",
-                typed_key(&table, key, "$7::text")
-            )),
+            first: page(&matches, ""),
+            next: page(&matches, &after),
+            all_first: page(&any, ""),
+            all_next: page(&any, &after),
             outstanding: {
                 let count = |status: &str| {
                     format!(
@@ -288,6 +307,27 @@ mod tests {
         assert!(sql.next.contains("d.\"id\" > "));
         assert!(sql.first.contains("NOT EXISTS"));
         assert!(sql.progress.contains("locked_by = $4"));
+    }
+
+    #[test]
+    fn a_truncate_pages_through_every_document_that_could_have_joined_it() {
+        let event_type = joined();
+        let seller = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        assert!(
+            seller
+                .all_first
+                .contains("WHERE d.\"user_id\" IS NOT NULL AND $1::jsonb IS NOT NULL"),
+            "a parent: the documents with a foreign key"
+        );
+        assert!(seller.all_next.contains("d.\"id\" > "));
+        let images = FanOutSql::new("app", &event_type, &event_type.relations[1]);
+        assert!(
+            images
+                .all_first
+                .contains("WHERE $1::jsonb IS NOT NULL ORDER BY"),
+            "children: every document"
+        );
+        assert!(images.all_first.contains("WHERE p.keep AND NOT EXISTS"));
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub async fn reindex(
     // record, the backfill and the consumers must all name it alike.
     let event_type = &event_type.clone().recorded_in(&outbox.config().schema);
     let name = event_type.name.as_str();
-    let Some(mut record) = ReindexRecord::lock(outbox, &event_type.table).await? else {
+    let Some(mut record) = ReindexRecord::lock(outbox, event_type.job_table()).await? else {
         return Err(Error::reindex(
             name,
             "another reindex of this event type is running; wait for it to finish (or stop it: \
@@ -131,17 +131,10 @@ async fn backfill(
     progress: &mut impl FnMut(&str),
 ) -> Result<i64> {
     let done = outbox
-        .backfill(
-            &event_type.table,
-            &event_type.key,
-            batch,
-            false,
-            None,
-            |p| {
-                progress(&format!("enqueued {} of {} rows", p.rows, p.total));
-                true
-            },
-        )
+        .backfill_type(event_type, batch, false, None, |p| {
+            progress(&format!("enqueued {} of {} rows", p.rows, p.total));
+            true
+        })
         .await?;
     if done.rows == 0 && count(nodes, old_index).await? > 0 {
         return Err(Error::reindex(

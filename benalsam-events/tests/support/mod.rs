@@ -932,3 +932,69 @@ fn long_flags(help: &str) -> Vec<String> {
 }
 /// PostgreSQL roles of the tests (least privilege), created by the superuser.
 pub mod roles;
+
+/// How an index differs from the SQL view of its documents ([`against_sql`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Divergence {
+    /// Rows the database says must be in the index, and are not.
+    pub missing: Vec<String>,
+    /// Documents in the index that the database says must not be there.
+    pub extra: Vec<String>,
+    /// Documents whose fields differ from what the database says now.
+    pub stale: Vec<String>,
+}
+
+impl Divergence {
+    pub fn is_none(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.stale.is_empty()
+    }
+}
+
+/// Compares every document of `index` with what `Outbox::document` builds from the rows
+/// now (the SQL view of each document, relations included), for every key of
+/// `event_type`'s table; `job_id` and `indexed_at` are left out (when, not what).
+pub async fn against_sql(
+    outbox: &benalsam_events::Outbox,
+    client: &tokio_postgres::Client,
+    event_type: &benalsam_events::EventType,
+    index: &TestIndex,
+) -> Divergence {
+    use benalsam_events::relations::Verdict;
+    let keys: Vec<String> = client
+        .query(
+            &format!("SELECT {}::text FROM {}", event_type.key, event_type.table),
+            &[],
+        )
+        .await
+        .expect("the table's keys")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let strip = |mut doc: serde_json::Value| {
+        if let Some(map) = doc.as_object_mut() {
+            map.remove("job_id");
+            map.remove("indexed_at");
+        }
+        doc
+    };
+    let mut indexed = index.documents().await;
+    let mut found = Divergence::default();
+    for key in keys {
+        let preview = outbox
+            .document(event_type, &key)
+            .await
+            .expect("the SQL view of a document");
+        let have = indexed.remove(&key).map(strip);
+        match (preview.verdict, have) {
+            (Verdict::Kept { document, .. }, Some(have)) if strip(document.clone()) != have => {
+                found.stale.push(key);
+            }
+            (Verdict::Kept { .. }, None) => found.missing.push(key),
+            (Verdict::Kept { .. }, Some(_)) => {}
+            (_, Some(_)) => found.extra.push(key),
+            (_, None) => {}
+        }
+    }
+    found.extra.extend(indexed.into_keys());
+    found
+}

@@ -60,7 +60,7 @@ pub(super) fn checked<'t>(
     let envelope = letter.as_ref().map_err(Clone::clone)?;
     let event_type = event_types
         .iter()
-        .find(|t| t.table == envelope.table.as_ref());
+        .find(|t| t.job_table() == envelope.table.as_ref());
     match verify::check(envelope, recorded, event_type.is_some()) {
         Check::Deliver | Check::Superseded => {}
         Check::Duplicate => {

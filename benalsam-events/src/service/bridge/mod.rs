@@ -234,7 +234,7 @@ impl Parts {
             settings
                 .event_types
                 .iter()
-                .map(|t| t.table.clone())
+                .map(|t| t.job_table().to_owned())
                 .collect(),
         );
         let outbox = Outbox::new(settings.database_url.clone(), outbox_config)?;
@@ -267,8 +267,8 @@ impl Parts {
                 .event_types
                 .iter()
                 .flat_map(|t| {
-                    std::iter::once(t.table.clone())
-                        .chain(t.relations.iter().map(|r| r.job_table(&t.table)))
+                    std::iter::once(t.job_table().to_owned())
+                        .chain(t.relations.iter().map(|r| r.job_table(t.job_table())))
                 })
                 .collect(),
             fan_out: fan_out.as_ref().map(FanOut::status),
