@@ -488,3 +488,43 @@ async fn old_completed_jobs_are_purged_in_batches() {
     assert!(backlog.oldest_pending_age.is_some());
     db.drop().await;
 }
+
+#[tokio::test]
+async fn commits_made_while_an_idle_stream_lingers_are_claimed_together() {
+    let db = TestSchema::new().await;
+    let channel = unique_name("ch");
+    db.use_channel(&channel).await;
+    let mut config = listen(&channel);
+    config.poll_interval = Duration::from_secs(3600);
+    // Long enough that five commits in a row fall inside it on any machine.
+    config.linger = Duration::from_secs(5);
+    let outbox = db.outbox(OutboxConfig::default());
+    let mut stream = JobStream::new(outbox, config, CancellationToken::new()).expect("stream");
+    db.insert_listings(1).await;
+    assert_eq!(next_batch(&mut stream).await.len(), 1);
+
+    // The stream is drained and waits; the first of these commits wakes it, and it claims
+    // once the linger is over: all five in one batch, not one claim per commit.
+    let waiting = tokio::spawn(async move { next_batch(&mut stream).await.len() });
+    for _ in 0..5 {
+        db.insert_listings(1).await;
+    }
+    assert_eq!(waiting.await.expect("the claim"), 5);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_linger_longer_than_the_poll_interval_is_refused() {
+    let db = TestSchema::new().await;
+    let mut config = JobStreamConfig::default();
+    config.poll_interval = Duration::from_millis(100);
+    config.linger = Duration::from_millis(200);
+    let refused = JobStream::new(
+        db.outbox(OutboxConfig::default()),
+        config,
+        CancellationToken::new(),
+    )
+    .expect_err("refused");
+    assert!(refused.to_string().contains("JobStreamConfig::linger"), "{refused}");
+    db.drop().await;
+}

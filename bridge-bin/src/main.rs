@@ -4,6 +4,9 @@
 
 mod commands;
 
+// One thread for every task: the work is waiting on PostgreSQL, RabbitMQ and the search
+// engine, and handing each wake-up between worker threads cost more CPU than it ran
+// (BENCHMARKS.md, "Low rates"). The AMQP client keeps its own I/O thread.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // Cli::parse(), with DATABASE_URL_FILE, RABBITMQ_URL_FILE and ELASTICSEARCH_URL_FILE,

@@ -137,10 +137,11 @@ impl JobStream {
             ));
         }
         require_positive("JobStreamConfig::poll_interval", config.poll_interval)?;
-        if config.linger >= config.poll_interval {
+        // Longer, a notified claim would come later than a polled one.
+        if config.linger > config.poll_interval {
             return Err(Error::config(
                 "JobStreamConfig::linger",
-                "must be shorter than the poll interval (JobStreamConfig::poll_interval)",
+                "must not be longer than the poll interval (JobStreamConfig::poll_interval)",
             ));
         }
         let recorder = StreamRecorder::new(StreamMetrics::for_tables(
