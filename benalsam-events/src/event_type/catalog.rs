@@ -79,8 +79,17 @@ pub(crate) async fn check_columns(
                 return Err(refuse(&format!("{key} = {column:?}"), &path, why));
             }
         }
-        for relation in &event_type.relations {
-            check_relation(client, schema, event_type, &own, relation).await?;
+        // A relation of a relation joins the table of the relation above it.
+        for chain in super::chains(&event_type.relations) {
+            match chain.as_slice() {
+                [relation] => check_relation(client, schema, event_type, &own, relation).await?,
+                [.., above, relation] => {
+                    let (above_schema, above_table) = above.split_table();
+                    let above = read(client, above_schema.unwrap_or(schema), above_table).await?;
+                    check_relation(client, schema, event_type, &above, relation).await?;
+                }
+                [] => {}
+            }
         }
     }
     Ok(())

@@ -33,6 +33,12 @@ pub(super) struct RelationToml {
     nested: bool,
     #[serde(default)]
     fields: BTreeMap<String, Spanned<FieldToml>>,
+    /// Children of a join table, each replaced by its one relation's object.
+    #[serde(default)]
+    through: bool,
+    /// Relations of its rows (`[…relations.seller.relations.city]`).
+    #[serde(default)]
+    pub(super) relations: BTreeMap<String, Spanned<RelationToml>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,9 +112,10 @@ impl RelationToml {
     }
 }
 
-/// The relation `name` of an event type whose key is `owner_key`.
+/// The relation `name` (at `path` below `relations.`: `seller.relations.city`) of a table
+/// whose key is `owner_key`, without its own relations.
 pub(super) fn relation_of(
-    name: &str,
+    (name, path): (&str, &str),
     raw: &RelationToml,
     owner_key: &str,
     at: &dyn Fn(&str) -> String,
@@ -133,7 +140,7 @@ pub(super) fn relation_of(
     let refuse = |key: &str, why: &str| {
         Error::config(
             "BENALSAM_CONFIG",
-            format!("{}: {why}", at(&format!("relations.{name}.{key}"))),
+            format!("{}: {why}", at(&format!("relations.{path}.{key}"))),
         )
     };
     let table = raw.table.get_ref();
@@ -144,6 +151,7 @@ pub(super) fn relation_of(
                 ("descending", raw.descending),
                 ("limit", raw.limit.is_some()),
                 ("nested", raw.nested),
+                ("through", raw.through),
             ] {
                 if given {
                     return Err(refuse(key, "applies to kind = \"children\" only"));
@@ -164,11 +172,12 @@ pub(super) fn relation_of(
         }
     };
     relation.key = key;
+    relation.through = raw.through;
     for (field_name, field) in &raw.fields {
         let field = field_of(
             field_name,
             field.get_ref(),
-            &format!("relations.{name}.fields.{field_name}"),
+            &format!("relations.{path}.fields.{field_name}"),
             at,
         )?;
         relation.fields.insert(field_name.clone(), field);

@@ -35,6 +35,7 @@ mod file_fields;
 mod origin;
 mod relation;
 mod relation_check;
+mod relation_tree;
 mod validate;
 
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
 pub(crate) use origin::Origin;
 pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
+pub(crate) use relation_tree::chains;
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::error::Result;

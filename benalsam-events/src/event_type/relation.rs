@@ -107,6 +107,12 @@ pub struct Relation {
     /// Where its file declared each key (empty when built in code), for errors found later
     /// in the catalog.
     pub(crate) origin: Origin,
+    /// Relations of its rows, joined to this relation's table ([`Relation::relation`]).
+    pub relations: Vec<Relation>,
+    /// The names of the relations above it (empty at the top level), set when it is added.
+    pub(crate) above: Vec<String>,
+    /// Each row is replaced by its one relation's object ([`Relation::through`]).
+    pub(crate) through: bool,
 }
 
 impl Relation {
@@ -140,6 +146,9 @@ impl Relation {
             key: "id".to_owned(),
             fields: BTreeMap::new(),
             origin: Origin::default(),
+            relations: Vec::new(),
+            above: Vec::new(),
+            through: false,
         }
     }
 
@@ -197,23 +206,30 @@ impl Relation {
 
     /// Like [`Self::at`], with the line of `path` (`foreign_key.user_id`, `fields.x.column`).
     pub(crate) fn at_line(&self, event_type: &str, key: &str, path: &str) -> String {
+        let mut names = self.above.clone();
+        names.push(self.name.clone());
         format!(
             "{}event type {event_type:?}, relations.{}.{key}",
             self.origin.prefix(path),
-            self.name
+            names.join(".relations.")
         )
     }
 
-    /// The table name its jobs are recorded under: `<event type table>#<relation>`.
+    /// The table name its jobs are recorded under: `<event type table>#<relation>`, with the
+    /// path of a relation of a relation (`listings#seller.city`).
     pub(crate) fn job_table(&self, owner_table: &str) -> String {
-        format!("{owner_table}#{}", self.name)
+        format!("{owner_table}#{}", self.path_name())
     }
 
-    /// The columns of the related table it reads: the joined ones, its key, the order and
-    /// every field's; a change of any other column enqueues nothing.
+    /// The columns of the related table it reads: the joined ones, its key, the order,
+    /// every field's and those its own relations join on; a change of any other column
+    /// enqueues nothing.
     pub(crate) fn columns(&self) -> Vec<String> {
         let mut columns: Vec<String> = self.related_columns.clone();
         columns.push(self.key.clone());
+        for below in &self.relations {
+            columns.extend(below.local_columns.iter().cloned());
+        }
         if let RelationKind::Children {
             order_by: Some(order),
             ..
@@ -276,21 +292,31 @@ impl Relation {
         }
     }
 
-    /// The copy_to targets of its fields, with their analyzers (root fields of the document).
-    pub(crate) fn copy_targets(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.fields.values().filter_map(|f| match &f.kind {
-            FieldType::Text {
-                analyzer,
-                copy_to: Some(target),
-                ..
-            } => Some((target.as_str(), analyzer.as_str())),
-            _ => None,
-        })
+    /// The copy_to targets of its fields and of its relations' fields, with their analyzers
+    /// (root fields of the document).
+    pub(crate) fn copy_targets(&self) -> Vec<(&str, &str)> {
+        let mut targets: Vec<(&str, &str)> = self
+            .fields
+            .values()
+            .filter_map(|f| match &f.kind {
+                FieldType::Text {
+                    analyzer,
+                    copy_to: Some(target),
+                    ..
+                } => Some((target.as_str(), analyzer.as_str())),
+                _ => None,
+            })
+            .collect();
+        for below in &self.relations {
+            targets.extend(below.copy_targets());
+        }
+        targets
     }
 
-    /// Whether a field uses the library's analyzer or normalizer `name`.
+    /// Whether a field (or one of its relations') uses the library's analyzer or
+    /// normalizer `name`.
     pub(crate) fn uses(&self, name: &str) -> bool {
-        self.fields.values().any(|f| f.uses(name))
+        self.fields.values().any(|f| f.uses(name)) || self.relations.iter().any(|r| r.uses(name))
     }
 
     /// The document's value of this relation from what the database read: an object (or
@@ -299,14 +325,20 @@ impl Relation {
         match (&self.kind, read) {
             (_, Value::Null) => Ok(None),
             (RelationKind::Parent, Value::Object(row)) => self.object(row).map(Some),
-            (RelationKind::Children { .. }, Value::Array(rows)) => rows
-                .iter()
-                .map(|row| match row {
-                    Value::Object(row) => self.object(row),
-                    other => Err(format!("a related row is not an object: {other}")),
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(|objects| Some(Value::Array(objects))),
+            (RelationKind::Children { .. }, Value::Array(rows)) => {
+                let mut objects = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let Value::Object(row) = row else {
+                        return Err(format!("a related row is not an object: {row}"));
+                    };
+                    match self.relations.first().filter(|_| self.through) {
+                        // A link: its target's object, none when the target row is gone.
+                        Some(target) => objects.extend(target.value(&row_of(row, target))?),
+                        None => objects.push(self.object(row)?),
+                    }
+                }
+                Ok(Some(Value::Array(objects)))
+            }
             (_, other) => Err(format!("unexpected related rows: {other}")),
         }
     }
@@ -320,16 +352,34 @@ impl Relation {
                 object.insert(name.clone(), value);
             }
         }
+        for below in &self.relations {
+            if let Some(value) = below
+                .value(&row_of(row, below))
+                .map_err(|why| format!("{}: {why}", below.name))?
+            {
+                object.insert(below.name.clone(), value);
+            }
+        }
         Ok(Value::Object(object))
     }
 }
 
-/// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
+/// What the read put in `row` for its relation `below` (under `#<name>`: no column is
+/// called that, see `relations/sql.rs`).
+fn row_of(row: &Map<String, Value>, below: &Relation) -> Value {
+    row.get(&format!("#{}", below.name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// `benalsam_<event type>_<relation>` (`benalsam_listings_seller.city` for a relation of a
+/// relation: the dot keeps it apart from a relation named `seller_city`): validated to fit
+/// PostgreSQL's 63 bytes.
 pub(crate) fn relation_trigger_name(
     event_type: &crate::event_type::EventType,
     relation: &Relation,
 ) -> String {
-    format!("benalsam_{}_{}", event_type.name, relation.name)
+    format!("benalsam_{}_{}", event_type.name, relation.path_name())
 }
 
 #[cfg(test)]

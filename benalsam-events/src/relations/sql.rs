@@ -21,16 +21,69 @@ fn object_of(alias: &str, columns: &[String]) -> String {
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
-/// `a."x" = b."y" AND …` over the relation's column pairs (`d` the document row, `r` the
-/// related row).
-fn join_condition(relation: &Relation) -> String {
+/// `r."x" = d."y" AND …` over the relation's column pairs (`alias` the related row,
+/// `above` the row it is joined to: the document's, or the row of the relation above).
+fn join_condition(relation: &Relation, alias: &str, above: &str) -> String {
     relation
         .local_columns
         .iter()
         .zip(&relation.related_columns)
-        .map(|(local, related)| format!("r.\"{related}\" = d.\"{local}\""))
+        .map(|(local, related)| format!("{alias}.\"{related}\" = {above}.\"{local}\""))
         .collect::<Vec<_>>()
         .join(" AND ")
+}
+
+/// The alias of a related row at `depth` (1: a relation of the document): `r`, `r2`, ….
+fn alias_at(depth: usize) -> String {
+    if depth <= 1 {
+        "r".to_owned()
+    } else {
+        format!("r{depth}")
+    }
+}
+
+/// The value of `relation` for the row `above` (`d` the document's): a subquery giving an
+/// object (parent) or an array of objects (children), each object holding the taken
+/// columns and, under `#<name>`, the value of each of its own relations (no column is
+/// called that: columns are plain identifiers, so the two never meet).
+fn relation_value(schema: &str, relation: &Relation, above: &str) -> String {
+    let depth = relation.depth();
+    let alias = alias_at(depth);
+    let source = qualified(schema, &relation.table);
+    let mut object = object_of(&alias, &relation.columns());
+    if !relation.relations.is_empty() {
+        let below: Vec<String> = relation
+            .relations
+            .iter()
+            .map(|r| format!("'#{}', {}", r.name, relation_value(schema, r, &alias)))
+            .collect();
+        object = format!("({object} || jsonb_build_object({}))", below.join(", "));
+    }
+    let on = join_condition(relation, &alias, above);
+    match &relation.kind {
+        RelationKind::Parent => {
+            format!("(SELECT {object} FROM {source} {alias} WHERE {on} LIMIT 1)")
+        }
+        RelationKind::Children {
+            order_by,
+            descending,
+            limit,
+            ..
+        } => {
+            let direction = if *descending { " DESC" } else { "" };
+            let order = match order_by {
+                Some(column) => {
+                    format!("{alias}.\"{column}\"{direction}, {alias}.\"{}\"", relation.key)
+                }
+                None => format!("{alias}.\"{}\"{direction}", relation.key),
+            };
+            format!(
+                "(SELECT coalesce(jsonb_agg(x.o ORDER BY x.n), '[]'::jsonb) FROM \
+                 (SELECT {object} AS o, row_number() OVER (ORDER BY {order}) AS n \
+                 FROM {source} {alias} WHERE {on} ORDER BY {order} LIMIT {limit}) x)"
+            )
+        }
+    }
 }
 
 /// The key column of `event_type`'s table, typed, from the text `expr`.
@@ -57,34 +110,11 @@ impl ReadSql {
             .relations
             .iter()
             .map(|relation| {
-                let source = qualified(schema, &relation.table);
-                let object = object_of("r", &relation.columns());
-                let on = join_condition(relation);
-                let value = match &relation.kind {
-                    RelationKind::Parent => {
-                        format!("(SELECT {object} FROM {source} r WHERE {on} LIMIT 1)")
-                    }
-                    RelationKind::Children {
-                        order_by,
-                        descending,
-                        limit,
-                        ..
-                    } => {
-                        let direction = if *descending { " DESC" } else { "" };
-                        let order = match order_by {
-                            Some(column) => {
-                                format!("r.\"{column}\"{direction}, r.\"{}\"", relation.key)
-                            }
-                            None => format!("r.\"{}\"{direction}", relation.key),
-                        };
-                        format!(
-                            "(SELECT coalesce(jsonb_agg(x.o ORDER BY x.n), '[]'::jsonb) FROM \
-                             (SELECT {object} AS o, row_number() OVER (ORDER BY {order}) AS n \
-                             FROM {source} r WHERE {on} ORDER BY {order} LIMIT {limit}) x)"
-                        )
-                    }
-                };
-                format!("'{}', {value}", relation.name)
+                format!(
+                    "'{}', {}",
+                    relation.name,
+                    relation_value(schema, relation, "d")
+                )
             })
             .collect();
         let sequence = format!("\"{schema}\".elasticsearch_sync_queue");
@@ -166,21 +196,57 @@ pub(crate) struct FanOutSql {
     pub(crate) outstanding: String,
 }
 
+/// The condition on the document row `d` that it contains the related row `$1` of the last
+/// relation of `chain`: its columns match the row's (a relation of the document), or a row
+/// of each relation above joins it back to `d` (a relation of a relation: `EXISTS` over
+/// the join of the tables along the path, which the read joins the other way).
+fn contains(schema: &str, chain: &[&Relation]) -> String {
+    let Some((changed, above)) = chain.split_last() else {
+        return "false".to_owned();
+    };
+    let related = qualified(schema, &changed.table);
+    let last = if above.is_empty() {
+        "d".to_owned()
+    } else {
+        alias_at(above.len())
+    };
+    let matches = changed
+        .local_columns
+        .iter()
+        .zip(&changed.related_columns)
+        .map(|(local, other)| {
+            format!(
+                "{last}.\"{local}\" = (jsonb_populate_record(NULL::{related}, $1::jsonb)).\"{other}\""
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let Some((top, deeper)) = above.split_first() else {
+        return matches;
+    };
+    let mut from = format!("{} r", qualified(schema, &top.table));
+    for (i, relation) in deeper.iter().enumerate() {
+        let (alias, parent) = (alias_at(i + 2), alias_at(i + 1));
+        from.push_str(&format!(
+            " JOIN {} {alias} ON {}",
+            qualified(schema, &relation.table),
+            join_condition(relation, &alias, &parent)
+        ));
+    }
+    format!(
+        "EXISTS (SELECT 1 FROM {from} WHERE {} AND {matches})",
+        join_condition(top, "r", "d")
+    )
+}
+
 impl FanOutSql {
-    pub(crate) fn new(schema: &str, event_type: &EventType, relation: &Relation) -> Self {
+    /// The fan-out of the last relation of `chain` (the relations from the document's down
+    /// to it) of `event_type`.
+    pub(crate) fn new(schema: &str, event_type: &EventType, chain: &[&Relation]) -> Self {
         let table = qualified(schema, &event_type.table);
-        let related = qualified(schema, &relation.table);
         let key = &event_type.key;
         let queue = format!("\"{schema}\".elasticsearch_sync_queue");
-        let matches = relation
-            .local_columns
-            .iter()
-            .zip(&relation.related_columns)
-            .map(|(local, other)| {
-                format!("d.\"{local}\" = (jsonb_populate_record(NULL::{related}, $1::jsonb)).\"{other}\"")
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ");
+        let matches = contains(schema, chain);
         let keep = searchable(event_type);
         let page = |after: &str| {
             format!(
@@ -276,7 +342,7 @@ mod tests {
     #[test]
     fn a_fan_out_pages_by_key_and_skips_documents_already_waiting() {
         let event_type = joined();
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         assert!(sql.first.contains(
             "d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""
         ));
@@ -293,12 +359,12 @@ mod tests {
     #[test]
     fn a_fan_out_leaves_out_documents_the_status_policy_excludes() {
         let mut event_type = joined();
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         assert!(!sql.first.contains("jsonb_typeof"), "no policy, no filter");
         assert!(sql.first.contains("true AS keep"));
         event_type.status_column = Some("status".into());
         event_type.document.searchable_statuses = Some(vec!["active".into(), "it's".into()]);
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         for page in [&sql.first, &sql.next] {
             assert!(
                 page.contains("to_jsonb(d.\"status\") #>> '{}' IN ('active', 'it''s')) AS keep"),

@@ -268,7 +268,11 @@ impl Parts {
                 .iter()
                 .flat_map(|t| {
                     std::iter::once(t.table.clone())
-                        .chain(t.relations.iter().map(|r| r.job_table(&t.table)))
+                        .chain(
+                            crate::event_type::chains(&t.relations)
+                                .into_iter()
+                                .filter_map(|chain| chain.last().map(|r| r.job_table(&t.table))),
+                        )
                 })
                 .collect(),
             fan_out: fan_out.as_ref().map(FanOut::status),
