@@ -444,4 +444,3 @@ mod tests {
         assert_eq!(status.database.database_url.url().host_str(), Some("db"));
     }
 }
-

@@ -47,7 +47,10 @@ impl Relation {
             } else {
                 "the relation above"
             };
-            return refuse("name", format!("{whose} already has a field {:?}", self.name));
+            return refuse(
+                "name",
+                format!("{whose} already has a field {:?}", self.name),
+            );
         }
         if self.depth() > MAX_DEPTH {
             return refuse(
@@ -105,7 +108,9 @@ impl Relation {
         let why = if !matches!(self.kind, RelationKind::Children { .. }) {
             Some("through applies to kind = \"children\" (the rows of the join table)")
         } else if !self.fields.is_empty() {
-            Some("a through relation takes its fields from its one relation, not from the join table")
+            Some(
+                "a through relation takes its fields from its one relation, not from the join table",
+            )
         } else if self.relations.len() != 1
             || !matches!(self.relations[0].kind, RelationKind::Parent)
         {

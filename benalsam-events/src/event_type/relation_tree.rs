@@ -150,20 +150,228 @@ mod tests {
             .iter()
             .map(|chain| {
                 let names: Vec<&str> = chain.iter().map(|r| r.name.as_str()).collect();
-                assert_eq!(
-                    chain.last().map(|r| r.path_name()),
-                    Some(names.join("."))
-                );
+                assert_eq!(chain.last().map(|r| r.path_name()), Some(names.join(".")));
                 names.join(".")
             })
             .collect();
         assert_eq!(
             paths,
-            ["seller", "seller.city", "seller.city.country", "seller.shops"]
+            [
+                "seller",
+                "seller.city",
+                "seller.city.country",
+                "seller.shops"
+            ]
         );
         let country = &all[0].relations[0].relations[0];
         assert_eq!(country.depth(), 3);
-        assert_eq!(country.job_table("listings"), "listings#seller.city.country");
+        assert_eq!(
+            country.job_table("listings"),
+            "listings#seller.city.country"
+        );
         assert_eq!(all[0].job_table("listings"), "listings#seller");
+    }
+
+    const JOBS: &str = include_str!("../../../examples/joined_documents/jobs.toml");
+
+    #[test]
+    fn the_jobs_example_nests_three_levels_and_links_tags_through_a_join_table() {
+        let types = crate::event_type::file::parse(JOBS, "jobs.toml").expect("valid");
+        let jobs = &types[0];
+        let tables: Vec<String> = chains(&jobs.relations)
+            .iter()
+            .filter_map(|chain| chain.last().map(|r| r.job_table(&jobs.table)))
+            .collect();
+        assert_eq!(
+            tables,
+            [
+                "job_posts#company",
+                "job_posts#company.industry",
+                "job_posts#company.industry.sector",
+                "job_posts#tags",
+                "job_posts#tags.tag",
+            ]
+        );
+        let company = &jobs.relations[0];
+        let industry = &company.relations[0];
+        // A change of the column a relation below joins on is a change of the document.
+        assert_eq!(company.columns(), ["id", "industry_id", "name"]);
+        assert_eq!(industry.columns(), ["id", "name", "sector_id"]);
+        assert_eq!(
+            crate::event_type::relation_trigger_name(jobs, &industry.relations[0]),
+            "benalsam_jobs_company.industry.sector"
+        );
+        let tags = &jobs.relations[1];
+        assert!(tags.through);
+        assert_eq!(tags.columns(), ["position", "post_id", "tag_id"]);
+        let body = jobs.index_body();
+        let p = &body["mappings"]["properties"];
+        assert_eq!(
+            p["company"]["properties"]["industry"]["properties"]["sector"]["properties"]["name"]["type"],
+            "keyword"
+        );
+        assert_eq!(p["company"]["properties"]["name"]["copy_to"], "search_text");
+        assert_eq!(
+            p["tags"]["properties"]["name"]["type"], "keyword",
+            "a tag's fields are the element's own, not under `tag`"
+        );
+        assert!(p["tags"]["properties"].get("tag").is_none());
+    }
+
+    #[test]
+    fn values_nest_and_links_take_their_target_s_object() {
+        use serde_json::json;
+        let types = crate::event_type::file::parse(JOBS, "jobs.toml").expect("valid");
+        let (company, tags) = (&types[0].relations[0], &types[0].relations[1]);
+        let read = json!({"id": 1, "name": "Acme", "industry_id": 3,
+            "#industry": {"id": 3, "name": "Robots", "sector_id": 9,
+                          "#sector": {"id": 9, "name": "Industry"}}});
+        assert_eq!(
+            company.value(&read).expect("valid"),
+            Some(
+                json!({"name": "Acme", "industry": {"name": "Robots", "sector": {"name": "Industry"}}})
+            )
+        );
+        let no_sector = json!({"name": "Acme", "#industry": {"name": "Robots", "#sector": null}});
+        assert_eq!(
+            company.value(&no_sector).expect("valid"),
+            Some(json!({"name": "Acme", "industry": {"name": "Robots"}}))
+        );
+        let links = json!([
+            {"tag_id": 2, "#tag": {"id": 2, "name": "rust"}},
+            {"tag_id": 5, "#tag": null},
+            {"tag_id": 1, "#tag": {"id": 1, "name": "remote"}}
+        ]);
+        assert_eq!(
+            tags.value(&links).expect("valid"),
+            Some(json!([{"name": "rust"}, {"name": "remote"}])),
+            "flattened, in the join table's order, a dangling link left out"
+        );
+        let wrong = json!({"name": "Acme", "#industry": {"name": "Robots", "#sector": [1]}});
+        let err = company.value(&wrong).expect_err("not an object");
+        assert!(err.contains("industry: sector"), "{err}");
+    }
+
+    #[test]
+    fn mistakes_in_a_tree_are_named_by_their_path() {
+        let five = Relation::parent("a", "t1", &["x"], &["id"]).relation(
+            Relation::parent("b", "t2", &["x"], &["id"]).relation(
+                Relation::parent("c", "t3", &["x"], &["id"]).relation(
+                    Relation::parent("d", "t4", &["x"], &["id"]).relation(
+                        Relation::parent("e", "t5", &["x"], &["id"]).field("n", FieldType::Long),
+                    ),
+                ),
+            ),
+        );
+        let err = five
+            .validate("listings", &[])
+            .expect_err("too deep")
+            .to_string();
+        assert!(
+            err.contains("relations.a.relations.b.relations.c.relations.d.relations.e.relations")
+                && err.contains("at most 4 levels"),
+            "{err}"
+        );
+        let clash = Relation::parent("seller", "users", &["user_id"], &["id"])
+            .field("city", FieldType::Long)
+            .relation(
+                Relation::parent("city", "cities", &["city_id"], &["id"])
+                    .field("n", FieldType::Long),
+            );
+        let err = clash
+            .validate("listings", &[])
+            .expect_err("a clash")
+            .to_string();
+        assert!(
+            err.contains("relations.seller.relations.city.name")
+                && err.contains("the relation above already has a field \"city\""),
+            "{err}"
+        );
+        let tag =
+            || Relation::parent("tag", "tags", &["tag_id"], &["id"]).field("n", FieldType::Long);
+        let links = || Relation::children("tags", "listing_tags", &["listing_id"], &["id"]);
+        assert!(links().through(tag()).validate("listings", &[]).is_ok());
+        for (bad, why) in [
+            (
+                links().field("x", FieldType::Long).through(tag()),
+                "not from the join table",
+            ),
+            (
+                links().through(tag()).relation(tag()),
+                "exactly one relation",
+            ),
+            (
+                links().through(
+                    Relation::children("tag", "tags", &["x"], &["id"]).field("n", FieldType::Long),
+                ),
+                "exactly one relation, a parent",
+            ),
+            (
+                Relation::parent("tags", "t", &["x"], &["id"]).through(tag()),
+                "through applies to kind = \"children\"",
+            ),
+        ] {
+            let err = bad.validate("listings", &[]).expect_err(why).to_string();
+            assert!(
+                err.contains(why) && err.contains("relations.tags.through"),
+                "{err}"
+            );
+        }
+        let nested = Relation::children("photos", "images", &["listing_id"], &["id"])
+            .nested(true)
+            .relation(
+                Relation::parent("by", "users", &["user_id"], &["id"]).field(
+                    "name",
+                    FieldType::Text {
+                        analyzer: "standard".into(),
+                        raw: false,
+                        copy_to: Some("all".into()),
+                    },
+                ),
+            );
+        let err = nested
+            .validate("listings", &[])
+            .expect_err("copy_to")
+            .to_string();
+        assert!(
+            err.contains("relations.photos.relations.by.fields.name"),
+            "{err}"
+        );
+        let long = crate::event_type::EventType::new("listings", "listings").with_relation(
+            Relation::parent("seller_of_the_listing", "users", &["user_id"], &["id"]).relation(
+                Relation::parent("city_of_the_seller_of_it", "cities", &["city_id"], &["id"])
+                    .field("n", FieldType::Long),
+            ),
+        );
+        let err = long
+            .validate()
+            .expect_err("a long trigger name")
+            .to_string();
+        assert!(err.contains("over PostgreSQL's 63 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_mistake_in_a_nested_relation_of_the_file_names_its_line() {
+        let text = JOBS.replace(
+            "foreign_key = [\"sector_id\"]      # columns of industries",
+            "foreign_key = [\"sector_id\", \"x\"]",
+        );
+        let err = crate::event_type::file::parse(&text, "jobs.toml")
+            .expect_err("uneven")
+            .to_string();
+        let line = JOBS
+            .lines()
+            .position(|l| {
+                l.starts_with("[event_type.relations.company.relations.industry.relations.sector]")
+            })
+            .map_or(0, |i| i + 1);
+        assert!(
+            err.contains(&format!("jobs.toml:{line}:"))
+                && err
+                    .contains("relations.company.relations.industry.relations.sector.foreign_key"),
+            "{err}"
+        );
+        let text = JOBS.replace("through = true", "through = true\nnested = 3");
+        assert!(crate::event_type::file::parse(&text, "jobs.toml").is_err());
     }
 }

@@ -73,7 +73,10 @@ fn relation_value(schema: &str, relation: &Relation, above: &str) -> String {
             let direction = if *descending { " DESC" } else { "" };
             let order = match order_by {
                 Some(column) => {
-                    format!("{alias}.\"{column}\"{direction}, {alias}.\"{}\"", relation.key)
+                    format!(
+                        "{alias}.\"{column}\"{direction}, {alias}.\"{}\"",
+                        relation.key
+                    )
                 }
                 None => format!("{alias}.\"{}\"{direction}", relation.key),
             };
@@ -372,5 +375,77 @@ mod tests {
             );
             assert!(page.contains("WHERE p.keep AND NOT EXISTS"), "{page}");
         }
+    }
+
+    fn deep() -> EventType {
+        EventType::new("jobs", "job_posts")
+            .with_relation(
+                Relation::parent("company", "companies", &["company_id"], &["id"])
+                    .field("name", FieldType::Long)
+                    .relation(
+                        Relation::parent("industry", "industries", &["industry_id"], &["id"])
+                            .relation(
+                                Relation::parent("sector", "sectors", &["sector_id"], &["id"])
+                                    .field("name", FieldType::Long),
+                            ),
+                    ),
+            )
+            .with_relation(
+                Relation::children("tags", "post_tags", &["post_id"], &["id"])
+                    .key("tag_id")
+                    .order_by("position", false)
+                    .through(
+                        Relation::parent("tag", "tags", &["tag_id"], &["id"])
+                            .field("name", FieldType::Long),
+                    ),
+            )
+    }
+
+    #[test]
+    fn a_read_nests_a_subquery_per_level_under_names_no_column_has() {
+        let select = ReadSql::new("app", &deep()).select;
+        for part in [
+            "(SELECT (jsonb_build_object('id', r.\"id\", 'industry_id', r.\"industry_id\", 'name', r.\"name\") || jsonb_build_object('#industry', ",
+            "FROM \"app\".\"industries\" r2 WHERE r2.\"id\" = r.\"industry_id\" LIMIT 1)",
+            "FROM \"app\".\"sectors\" r3 WHERE r3.\"id\" = r2.\"sector_id\" LIMIT 1)",
+            "FROM \"app\".\"companies\" r WHERE r.\"id\" = d.\"company_id\" LIMIT 1)",
+            "'#tag', (SELECT jsonb_build_object('id', r2.\"id\", 'name', r2.\"name\") FROM \"app\".\"tags\" r2 WHERE r2.\"id\" = r.\"tag_id\" LIMIT 1)",
+            "FROM \"app\".\"post_tags\" r WHERE r.\"post_id\" = d.\"id\" ORDER BY r.\"position\", r.\"tag_id\" LIMIT 10",
+        ] {
+            assert!(select.contains(part), "{part}\n in {select}");
+        }
+    }
+
+    #[test]
+    fn a_fan_out_below_the_top_joins_back_along_the_path() {
+        let jobs = deep();
+        let company = &jobs.relations[0];
+        let industry = &company.relations[0];
+        let sector = &industry.relations[0];
+        let sql = FanOutSql::new("app", &jobs, &[company, industry, sector]);
+        let path = "EXISTS (SELECT 1 FROM \"app\".\"companies\" r \
+                    JOIN \"app\".\"industries\" r2 ON r2.\"id\" = r.\"industry_id\" \
+                    WHERE r.\"id\" = d.\"company_id\" \
+                    AND r2.\"sector_id\" = (jsonb_populate_record(NULL::\"app\".\"sectors\", $1::jsonb)).\"id\")";
+        assert!(sql.first.contains(path), "{}", sql.first);
+        assert!(sql.next.contains(path));
+        let sql = FanOutSql::new("app", &jobs, &[company, industry]);
+        assert!(sql.first.contains(
+            "EXISTS (SELECT 1 FROM \"app\".\"companies\" r WHERE r.\"id\" = d.\"company_id\" \
+             AND r.\"industry_id\" = (jsonb_populate_record(NULL::\"app\".\"industries\", $1::jsonb)).\"id\")"
+        ), "{}", sql.first);
+        let tags = &jobs.relations[1];
+        let sql = FanOutSql::new("app", &jobs, &[tags, &tags.relations[0]]);
+        assert!(
+            sql.first.contains(
+                "EXISTS (SELECT 1 FROM \"app\".\"post_tags\" r WHERE r.\"post_id\" = d.\"id\" \
+             AND r.\"tag_id\" = (jsonb_populate_record(NULL::\"app\".\"tags\", $1::jsonb)).\"id\")"
+            ),
+            "a tag rename: the documents that link it"
+        );
+        let sql = FanOutSql::new("app", &jobs, &[tags]);
+        assert!(sql.first.contains(
+            "WHERE d.\"id\" = (jsonb_populate_record(NULL::\"app\".\"post_tags\", $1::jsonb)).\"post_id\""
+        ), "a link added or removed: its one document");
     }
 }

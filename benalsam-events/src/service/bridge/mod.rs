@@ -267,12 +267,11 @@ impl Parts {
                 .event_types
                 .iter()
                 .flat_map(|t| {
-                    std::iter::once(t.table.clone())
-                        .chain(
-                            crate::event_type::chains(&t.relations)
-                                .into_iter()
-                                .filter_map(|chain| chain.last().map(|r| r.job_table(&t.table))),
-                        )
+                    std::iter::once(t.table.clone()).chain(
+                        crate::event_type::chains(&t.relations)
+                            .into_iter()
+                            .filter_map(|chain| chain.last().map(|r| r.job_table(&t.table))),
+                    )
                 })
                 .collect(),
             fan_out: fan_out.as_ref().map(FanOut::status),
