@@ -170,7 +170,11 @@ impl Board {
                         'title', p.title, 'company', c.name, 'industry', i.name, 'sector', s.name,
                         'tags', coalesce((SELECT jsonb_agg(t.name ORDER BY pt.position, pt.tag_id)
                                             FROM post_tags pt JOIN tags t ON t.id = pt.tag_id
-                                           WHERE pt.post_id = p.id), '[]'::jsonb))
+                                           WHERE pt.post_id = p.id), '[]'::jsonb),
+                        'open_applications', (SELECT count(*) FROM applications a
+                                               WHERE a.post_id = p.id AND a.status = 'open'),
+                        'last_applied_at', (SELECT to_jsonb(max(a.created_at)) FROM applications a
+                                             WHERE a.post_id = p.id))
                    FROM job_posts p
                    LEFT JOIN companies c ON c.id = p.company_id
                    LEFT JOIN industries i ON i.id = c.industry_id
@@ -250,6 +254,8 @@ fn projection(doc: &Value) -> Value {
         "industry": company["industry"]["name"],
         "sector": company["industry"]["sector"]["name"],
         "tags": tags,
+        "open_applications": doc["open_applications"],
+        "last_applied_at": doc["last_applied_at"],
     })
 }
 
@@ -558,6 +564,78 @@ async fn crossed_commits_at_the_deepest_level_and_through_a_join_table_converge(
     t.stop().await;
 }
 
+/// Aggregates over children: a count filtered by status and the newest application's date
+/// follow inserts, filter-column changes and deletes of applications, re-indexing only the
+/// post concerned (and nothing for an untaken column); crossed with a move of an application
+/// to another post, in both orders.
+#[tokio::test]
+async fn aggregates_follow_their_children_and_their_filter() {
+    let t = Board::start().await;
+    let s = seed(&t).await;
+    let (p0, p1) = (&s.posts[0], &s.posts[1]);
+    let open =
+        |post: &str| format!("INSERT INTO applications (post_id, status) VALUES ({post}, 'open')");
+    let first = t.id(&open(p0)).await;
+    let second = t.id(&open(p0)).await;
+    t.settled().await;
+    let doc = t
+        .doc_until(p0, "two open applications", |d| d["open_applications"] == 2)
+        .await;
+    assert!(doc["last_applied_at"].is_string(), "{doc}");
+    t.converged("applications counted").await;
+    let cases = [
+        (
+            format!("UPDATE applications SET cover_note = 'hello' WHERE id = {first}"),
+            BTreeSet::new(),
+        ),
+        (
+            format!("UPDATE applications SET status = 'rejected' WHERE id = {first}"),
+            set(&[p0]),
+        ),
+        (
+            format!("DELETE FROM applications WHERE id = {second}"),
+            set(&[p0]),
+        ),
+        // Moved to another post: both posts.
+        (
+            format!("UPDATE applications SET post_id = {p1}, status = 'open' WHERE id = {first}"),
+            set(&[p0, p1]),
+        ),
+    ];
+    for (change, expected) in cases {
+        assert_eq!(t.rebuilt_by(&change).await, expected, "{change}");
+        t.converged(&change).await;
+    }
+    let doc = t.index.get(p0).await.expect("post")["_source"].clone();
+    assert_eq!(doc["open_applications"], 0);
+    assert!(
+        doc.get("last_applied_at").is_none(),
+        "no application: no date"
+    );
+
+    // Crossed: an application moved back while a new one is inserted, in both orders.
+    let mut other = other_connection(&t).await;
+    for (held, committed) in [
+        (
+            format!("UPDATE applications SET post_id = {p0} WHERE id = {first}"),
+            open(p1),
+        ),
+        (
+            open(p0),
+            format!("UPDATE applications SET post_id = {p1} WHERE id = {first}"),
+        ),
+    ] {
+        let tx = other.transaction().await.expect("begin");
+        tx.batch_execute(&held).await.expect("held change");
+        t.sql(&committed).await;
+        t.settled().await;
+        tx.commit().await.expect("commit");
+        t.settled().await;
+        t.converged(&format!("{held} / {committed}")).await;
+    }
+    t.stop().await;
+}
+
 /// `migrate` attaches a trigger to every table of the tree, and drops exactly the one of a
 /// relation no longer declared (with its waiting jobs), at any level.
 #[tokio::test]
@@ -575,6 +653,8 @@ async fn migrate_attaches_every_level_and_drops_exactly_a_removed_one() {
             "companies",
             "industries",
             "sectors",
+            "applications",
+            "applications",
             "post_tags",
             "tags"
         ]
@@ -582,6 +662,8 @@ async fn migrate_attaches_every_level_and_drops_exactly_a_removed_one() {
     assert_eq!(
         triggers(&db).await,
         [
+            "applications.benalsam_jobs_last_applied_at",
+            "applications.benalsam_jobs_open_applications",
             "companies.benalsam_jobs_company",
             "industries.benalsam_jobs_company.industry",
             "post_tags.benalsam_jobs_tags",
@@ -616,7 +698,7 @@ async fn migrate_attaches_every_level_and_drops_exactly_a_removed_one() {
         waiting, 0,
         "the removed relation's waiting job went with it"
     );
-    assert_eq!(triggers(&db).await.len(), 4);
+    assert_eq!(triggers(&db).await.len(), 6);
     let again = config.migrate(&mut client, &fewer).await.expect("again");
     assert!(again.removed_triggers.is_empty());
 

@@ -34,6 +34,7 @@ mod file;
 mod file_fields;
 mod origin;
 mod relation;
+mod relation_aggregate;
 mod relation_check;
 mod relation_tree;
 mod validate;
@@ -53,6 +54,7 @@ pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
 pub(crate) use origin::Origin;
 pub(crate) use relation::relation_trigger_name;
 pub use relation::{Relation, RelationKind};
+pub use relation_aggregate::Aggregate;
 pub(crate) use relation_tree::chains;
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 

@@ -31,6 +31,7 @@ use serde_json::{Map, Value};
 
 use super::Origin;
 use super::document::{Field, FieldType, field_value};
+use super::relation_aggregate::{Aggregate, Filter};
 
 /// How the related rows belong to a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +51,14 @@ pub enum RelationKind {
         limit: u32,
         /// Mapped as `nested` (each object matched on its own) rather than `object`.
         nested: bool,
+    },
+    /// One document to many related rows reduced to one value (the number of a post's open
+    /// applications): the field is a scalar of type `kind` ([`Relation::aggregate`]).
+    Aggregate {
+        /// What is computed.
+        function: Aggregate,
+        /// The field's type.
+        kind: FieldType,
     },
 }
 
@@ -113,6 +122,8 @@ pub struct Relation {
     pub(crate) above: Vec<String>,
     /// Each row is replaced by its one relation's object ([`Relation::through`]).
     pub(crate) through: bool,
+    /// An aggregate's condition on the rows it takes ([`Relation::filter`]).
+    pub(crate) filter: Option<Filter>,
 }
 
 impl Relation {
@@ -149,6 +160,7 @@ impl Relation {
             relations: Vec::new(),
             above: Vec::new(),
             through: false,
+            filter: None,
         }
     }
 
@@ -230,6 +242,7 @@ impl Relation {
         for below in &self.relations {
             columns.extend(below.local_columns.iter().cloned());
         }
+        columns.extend(self.aggregate_columns());
         if let RelationKind::Children {
             order_by: Some(order),
             ..
@@ -280,7 +293,7 @@ impl Relation {
     pub(crate) fn foreign_key(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.local_columns,
-            RelationKind::Children { .. } => &self.related_columns,
+            _ => &self.related_columns,
         }
     }
 
@@ -288,7 +301,7 @@ impl Relation {
     pub(crate) fn references(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.related_columns,
-            RelationKind::Children { .. } => &self.local_columns,
+            _ => &self.local_columns,
         }
     }
 
@@ -324,6 +337,7 @@ impl Relation {
     pub(crate) fn value(&self, read: &Value) -> std::result::Result<Option<Value>, String> {
         match (&self.kind, read) {
             (_, Value::Null) => Ok(None),
+            (RelationKind::Aggregate { kind, .. }, scalar) => self.aggregate_value(kind, scalar),
             (RelationKind::Parent, Value::Object(row)) => self.object(row).map(Some),
             (RelationKind::Children { .. }, Value::Array(rows)) => {
                 let mut objects = Vec::with_capacity(rows.len());

@@ -3,7 +3,7 @@
 
 use super::relation::MAX_CHILDREN;
 use super::relation_tree::MAX_DEPTH;
-use super::{FieldType, Relation, RelationKind};
+use super::{Aggregate, FieldType, Relation, RelationKind};
 use crate::config::validate_identifier;
 use crate::{error::Error, error::Result};
 
@@ -33,7 +33,13 @@ impl Relation {
                 ),
             );
         }
-        if self.fields.is_empty() && self.relations.is_empty() {
+        if let Some((key, why)) = self.aggregate_problem() {
+            return refuse(key, why);
+        }
+        if self.fields.is_empty()
+            && self.relations.is_empty()
+            && !matches!(self.kind, RelationKind::Aggregate { .. })
+        {
             return refuse(
                 "fields",
                 "a relation takes at least one field (or has a relation of its own)".to_owned(),
@@ -170,6 +176,16 @@ impl Relation {
         } = &self.kind
         {
             identifier("order_by", "order_by", order)?;
+        }
+        if let RelationKind::Aggregate {
+            function: Aggregate::Sum(column) | Aggregate::Min(column) | Aggregate::Max(column),
+            ..
+        } = &self.kind
+        {
+            identifier("column", "column", column)?;
+        }
+        if let Some(filter) = &self.filter {
+            identifier("where.column", "column", &filter.column)?;
         }
         Ok(())
     }

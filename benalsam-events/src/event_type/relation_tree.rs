@@ -188,6 +188,8 @@ mod tests {
                 "job_posts#company",
                 "job_posts#company.industry",
                 "job_posts#company.industry.sector",
+                "job_posts#last_applied_at",
+                "job_posts#open_applications",
                 "job_posts#tags",
                 "job_posts#tags.tag",
             ]
@@ -201,7 +203,7 @@ mod tests {
             crate::event_type::relation_trigger_name(jobs, &industry.relations[0]),
             "benalsam_jobs_company.industry.sector"
         );
-        let tags = &jobs.relations[1];
+        let tags = &jobs.relations[3];
         assert!(tags.through);
         assert_eq!(tags.columns(), ["position", "post_id", "tag_id"]);
         let body = jobs.index_body();
@@ -216,13 +218,17 @@ mod tests {
             "a tag's fields are the element's own, not under `tag`"
         );
         assert!(p["tags"]["properties"].get("tag").is_none());
+        assert_eq!(p["open_applications"]["type"], "long");
+        assert_eq!(p["last_applied_at"]["type"], "date");
+        let open = &jobs.relations[2];
+        assert_eq!(open.columns(), ["id", "post_id", "status"]);
     }
 
     #[test]
     fn values_nest_and_links_take_their_target_s_object() {
         use serde_json::json;
         let types = crate::event_type::file::parse(JOBS, "jobs.toml").expect("valid");
-        let (company, tags) = (&types[0].relations[0], &types[0].relations[1]);
+        let (company, tags) = (&types[0].relations[0], &types[0].relations[3]);
         let read = json!({"id": 1, "name": "Acme", "industry_id": 3,
             "#industry": {"id": 3, "name": "Robots", "sector_id": 9,
                           "#sector": {"id": 9, "name": "Industry"}}});

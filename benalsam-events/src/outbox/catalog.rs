@@ -45,7 +45,7 @@ pub(crate) async fn check_catalog(
             }
             let (local_key, related_key) = match relation.kind {
                 RelationKind::Parent => ("foreign_key", "references"),
-                RelationKind::Children { .. } => ("references", "foreign_key"),
+                _ => ("references", "foreign_key"),
             };
             for (local, related) in relation.local_columns.iter().zip(&relation.related_columns) {
                 let Some(local_type) = own.get(local) else {

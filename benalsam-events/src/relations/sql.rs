@@ -2,7 +2,7 @@
 //! of a related row's fan-out. Table and column names come from validated event types and are
 //! written into the text once, here.
 
-use crate::event_type::{EventType, Relation, RelationKind};
+use crate::event_type::{Aggregate, EventType, Relation, RelationKind};
 
 /// `"schema"."table"` of a table named bare (in `schema`) or schema-qualified.
 fn qualified(schema: &str, table: &str) -> String {
@@ -61,6 +61,23 @@ fn relation_value(schema: &str, relation: &Relation, above: &str) -> String {
     }
     let on = join_condition(relation, &alias, above);
     match &relation.kind {
+        RelationKind::Aggregate { function, .. } => {
+            // The filter: a validated column and operator, and an escaped literal.
+            let rows = format!(
+                "FROM {source} {alias} WHERE {on}{}",
+                relation.filter_sql(&alias)
+            );
+            let column = |c: &str| format!("{alias}.\"{c}\"");
+            match function {
+                Aggregate::Count => format!("(SELECT to_jsonb(count(*)) {rows})"),
+                Aggregate::Exists => format!("to_jsonb(EXISTS (SELECT 1 {rows}))"),
+                Aggregate::Sum(c) => {
+                    format!("(SELECT to_jsonb(coalesce(sum({}), 0)) {rows})", column(c))
+                }
+                Aggregate::Min(c) => format!("(SELECT to_jsonb(min({})) {rows})", column(c)),
+                Aggregate::Max(c) => format!("(SELECT to_jsonb(max({})) {rows})", column(c)),
+            }
+        }
         RelationKind::Parent => {
             format!("(SELECT {object} FROM {source} {alias} WHERE {on} LIMIT 1)")
         }
@@ -447,5 +464,50 @@ mod tests {
         assert!(sql.first.contains(
             "WHERE d.\"id\" = (jsonb_populate_record(NULL::\"app\".\"post_tags\", $1::jsonb)).\"post_id\""
         ), "a link added or removed: its one document");
+    }
+
+    #[test]
+    fn an_aggregate_is_one_subquery_with_its_filter() {
+        use crate::event_type::Aggregate;
+        let jobs = EventType::new("jobs", "job_posts")
+            .with_relation(
+                Relation::aggregate(
+                    "open",
+                    "applications",
+                    &["post_id"],
+                    &["id"],
+                    Aggregate::Count,
+                    FieldType::Long,
+                )
+                .filter("status", "=", Some("open")),
+            )
+            .with_relation(Relation::aggregate(
+                "paid",
+                "applications",
+                &["post_id"],
+                &["id"],
+                Aggregate::Sum("fee".into()),
+                FieldType::Double,
+            ))
+            .with_relation(Relation::aggregate(
+                "any",
+                "applications",
+                &["post_id"],
+                &["id"],
+                Aggregate::Exists,
+                FieldType::Boolean,
+            ));
+        let select = ReadSql::new("app", &jobs).select;
+        for part in [
+            "'open', (SELECT to_jsonb(count(*)) FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\" AND r.\"status\" = E'open')",
+            "'paid', (SELECT to_jsonb(coalesce(sum(r.\"fee\"), 0)) FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\")",
+            "'any', to_jsonb(EXISTS (SELECT 1 FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\"))",
+        ] {
+            assert!(select.contains(part), "{part}\n in {select}");
+        }
+        let sql = FanOutSql::new("app", &jobs, &[&jobs.relations[0]]);
+        assert!(sql.first.contains(
+            "d.\"id\" = (jsonb_populate_record(NULL::\"app\".\"applications\", $1::jsonb)).\"post_id\""
+        ));
     }
 }

@@ -149,7 +149,8 @@ impl Relation {
                 properties.insert(below.name.clone(), value);
             }
         }
-        match self.kind {
+        match &self.kind {
+            RelationKind::Aggregate { kind, .. } => mapping(kind),
             RelationKind::Children { nested: true, .. } => {
                 json!({ "type": "nested", "properties": properties })
             }
