@@ -178,48 +178,13 @@ pub(super) fn relation_of(
         )
     };
     let table = raw.table.get_ref();
-    if !matches!(raw.kind, RelationKindToml::Aggregate) {
-        for (key, given) in [
-            ("function", raw.function.is_some()),
-            ("column", raw.column.is_some()),
-            ("type", raw.kind_of_value.is_some()),
-            ("where", raw.filter.is_some()),
-        ] {
-            if given {
-                return Err(refuse(key, "applies to kind = \"aggregate\" only"));
-            }
-        }
-    }
+    refuse_misplaced(raw).map_err(|(key, why)| refuse(key, why))?;
     let mut relation = match raw.kind {
         RelationKindToml::Aggregate => {
-            for (key, given) in [
-                ("order_by", raw.order_by.is_some()),
-                ("descending", raw.descending),
-                ("limit", raw.limit.is_some()),
-                ("nested", raw.nested),
-                ("through", raw.through),
-            ] {
-                if given {
-                    return Err(refuse(key, "applies to kind = \"children\" only"));
-                }
-            }
             let (function, kind) = aggregate_of(raw).map_err(|(key, why)| refuse(key, &why))?;
             Relation::aggregate(name, table, &foreign_key, &references, function, kind)
         }
-        RelationKindToml::Parent => {
-            for (key, given) in [
-                ("order_by", raw.order_by.is_some()),
-                ("descending", raw.descending),
-                ("limit", raw.limit.is_some()),
-                ("nested", raw.nested),
-                ("through", raw.through),
-            ] {
-                if given {
-                    return Err(refuse(key, "applies to kind = \"children\" only"));
-                }
-            }
-            Relation::parent(name, table, &foreign_key, &references)
-        }
+        RelationKindToml::Parent => Relation::parent(name, table, &foreign_key, &references),
         RelationKindToml::Children => {
             let mut children =
                 Relation::children(name, table, &foreign_key, &references).nested(raw.nested);
@@ -235,19 +200,8 @@ pub(super) fn relation_of(
     relation.key = key;
     relation.through = raw.through;
     if let Some(filter) = &raw.filter {
-        let value = match &filter.value {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s.clone()),
-            Some(toml::Value::Integer(i)) => Some(i.to_string()),
-            Some(toml::Value::Float(f)) => Some(f.to_string()),
-            Some(toml::Value::Boolean(b)) => Some(b.to_string()),
-            Some(_) => {
-                return Err(refuse(
-                    "where.value",
-                    "must be a string, a number or a boolean",
-                ));
-            }
-        };
+        let value =
+            filter_value(filter.value.as_ref()).map_err(|why| refuse("where.value", why))?;
         relation = relation.filter(filter.column.get_ref(), &filter.op, value.as_deref());
     }
     for (field_name, field) in &raw.fields {
@@ -260,6 +214,49 @@ pub(super) fn relation_of(
         relation.fields.insert(field_name.clone(), field);
     }
     Ok(relation)
+}
+
+/// Refuses a key the relation's kind does not take: `(key, why)`.
+fn refuse_misplaced(raw: &RelationToml) -> std::result::Result<(), (&'static str, &'static str)> {
+    let aggregate_keys = [
+        ("function", raw.function.is_some()),
+        ("column", raw.column.is_some()),
+        ("type", raw.kind_of_value.is_some()),
+        ("where", raw.filter.is_some()),
+    ];
+    let children_keys = [
+        ("order_by", raw.order_by.is_some()),
+        ("descending", raw.descending),
+        ("limit", raw.limit.is_some()),
+        ("nested", raw.nested),
+        ("through", raw.through),
+    ];
+    let (misplaced, why) = match raw.kind {
+        RelationKindToml::Children => (&aggregate_keys[..], "applies to kind = \"aggregate\" only"),
+        RelationKindToml::Parent => {
+            if let Some((key, _)) = aggregate_keys.iter().find(|(_, given)| *given) {
+                return Err((key, "applies to kind = \"aggregate\" only"));
+            }
+            (&children_keys[..], "applies to kind = \"children\" only")
+        }
+        RelationKindToml::Aggregate => (&children_keys[..], "applies to kind = \"children\" only"),
+    };
+    match misplaced.iter().find(|(_, given)| *given) {
+        Some((key, _)) => Err((key, why)),
+        None => Ok(()),
+    }
+}
+
+/// A filter's value as the text of its literal: a string, a number or a boolean.
+fn filter_value(value: Option<&toml::Value>) -> std::result::Result<Option<String>, &'static str> {
+    Ok(match value {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.clone()),
+        Some(toml::Value::Integer(i)) => Some(i.to_string()),
+        Some(toml::Value::Float(f)) => Some(f.to_string()),
+        Some(toml::Value::Boolean(b)) => Some(b.to_string()),
+        Some(_) => return Err("must be a string, a number or a boolean"),
+    })
 }
 
 /// An aggregate's function and the type of its value (`count`: long, `exists`: boolean,

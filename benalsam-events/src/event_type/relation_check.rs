@@ -70,6 +70,28 @@ impl Relation {
         self.validate_through(event_type)?;
         let in_nested =
             in_nested || matches!(self.kind, RelationKind::Children { nested: true, .. });
+        self.validate_fields(event_type, in_nested)?;
+        let fields: Vec<&str> = self.fields.keys().map(String::as_str).collect();
+        for (i, below) in self.relations.iter().enumerate() {
+            if self.relations[..i].iter().any(|r| r.name == below.name) {
+                return Err(Error::config(
+                    "BENALSAM_CONFIG",
+                    format!("{}: the name is used twice", below.at(event_type, "name")),
+                ));
+            }
+            below.validate_below(event_type, &fields, in_nested)?;
+        }
+        Ok(())
+    }
+
+    /// Its fields (no copy_to out of a nested relation) and its limit.
+    fn validate_fields(&self, event_type: &str, in_nested: bool) -> Result<()> {
+        let refuse = |key: &str, why: String| {
+            Err(Error::config(
+                "BENALSAM_CONFIG",
+                format!("{}: {why}", self.at(event_type, key)),
+            ))
+        };
         for (name, field) in &self.fields {
             if let FieldType::Text {
                 copy_to: Some(_), ..
@@ -91,16 +113,6 @@ impl Relation {
                     "must be 1 to {MAX_CHILDREN} (the document is rewritten whole at every change)"
                 ),
             );
-        }
-        let fields: Vec<&str> = self.fields.keys().map(String::as_str).collect();
-        for (i, below) in self.relations.iter().enumerate() {
-            if self.relations[..i].iter().any(|r| r.name == below.name) {
-                return Err(Error::config(
-                    "BENALSAM_CONFIG",
-                    format!("{}: the name is used twice", below.at(event_type, "name")),
-                ));
-            }
-            below.validate_below(event_type, &fields, in_nested)?;
         }
         Ok(())
     }
