@@ -743,3 +743,46 @@ async fn triggers(db: &TestSchema) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// A sector of 9,000 posts (three levels down; the checker reads at most 10,000 documents) and a tag on all of them renamed: every
+/// document follows, one job each. The times are printed for the record (a test asserts no
+/// speed); docs/relations.md has the figures.
+#[tokio::test]
+async fn a_sector_and_a_tag_of_nine_thousand_posts() {
+    let t = Board::start().await;
+    let s = seed(&t).await;
+    t.sql(&format!(
+        "INSERT INTO job_posts (title, company_id)
+           SELECT 'Post ' || i, {} FROM generate_series(1, 9000) AS i;
+         INSERT INTO post_tags (post_id, tag_id)
+           SELECT id, {} FROM job_posts ON CONFLICT DO NOTHING",
+        s.companies[1], s.tags[1]
+    ))
+    .await;
+    t.settled().await;
+    t.converged("nine thousand posts indexed").await;
+    for (what, change) in [
+        (
+            "sector rename (three levels down)",
+            format!(
+                "UPDATE sectors SET name = 'Tech 2' WHERE id = {}",
+                s.sectors[0]
+            ),
+        ),
+        (
+            "tag rename (through post_tags)",
+            format!("UPDATE tags SET name = 'senior 2' WHERE id = {}", s.tags[1]),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let rebuilt = t.rebuilt_by(&change).await;
+        t.converged(what).await;
+        println!(
+            "{what}: {} posts re-indexed in {:.1} s",
+            rebuilt.len(),
+            started.elapsed().as_secs_f64()
+        );
+        assert!(rebuilt.len() > 9_000, "{what}: {}", rebuilt.len());
+    }
+    t.stop().await;
+}
