@@ -304,4 +304,27 @@ mod tests {
             assert!(err.contains(says), "{says}\n {err}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the file's value holds, it stays one literal: after `E'`, every quote and
+        /// backslash of it comes doubled, and the literal ends where the SQL does.
+        #[test]
+        fn a_filter_value_never_leaves_its_literal(value in "\\PC{0,30}|['\\\\ ;-]{0,12}") {
+            let sql = open().filter("status", "<>", Some(&value)).filter_sql("r");
+            let body = sql
+                .strip_prefix(" AND r.\"status\" <> E'")
+                .and_then(|rest| rest.strip_suffix('\''));
+            proptest::prop_assert!(body.is_some(), "{}", sql);
+            let mut rest = body.unwrap_or_default().chars();
+            let mut decoded = String::new();
+            while let Some(c) = rest.next() {
+                if c == '\'' || c == '\\' {
+                    // Inside an E'' literal a quote or a backslash is only ever doubled.
+                    proptest::prop_assert_eq!(rest.next(), Some(c), "{}", sql);
+                }
+                decoded.push(c);
+            }
+            proptest::prop_assert_eq!(decoded, value);
+        }
+    }
 }

@@ -380,4 +380,58 @@ mod tests {
         let text = JOBS.replace("through = true", "through = true\nnested = 3");
         assert!(crate::event_type::file::parse(&text, "jobs.toml").is_err());
     }
+
+    /// A tree of relations from a list of (parent index, name) pairs: each relation is added
+    /// below an earlier one (or at the top), at most `MAX_DEPTH` levels.
+    fn grow(shape: &[(usize, u8)]) -> Vec<Relation> {
+        // Built bottom-up: a relation is complete before it is added to its parent.
+        let mut nodes: Vec<(Option<usize>, Relation)> = Vec::new();
+        let mut depth: Vec<usize> = Vec::new();
+        for (i, (parent, name)) in shape.iter().enumerate() {
+            let parent = (i > 0)
+                .then(|| parent % i)
+                .filter(|p| depth[*p] < MAX_DEPTH);
+            depth.push(parent.map_or(1, |p| depth[p] + 1));
+            let relation = Relation::parent(&format!("r{i}_{name}"), "t", &["x"], &["id"])
+                .field("n", FieldType::Long);
+            nodes.push((parent, relation));
+        }
+        for i in (0..nodes.len()).rev() {
+            if let Some(parent) = nodes[i].0 {
+                let child = nodes[i].1.clone();
+                let above = nodes[parent].1.clone();
+                nodes[parent].1 = above.relation(child);
+            }
+        }
+        nodes
+            .into_iter()
+            .filter(|(p, _)| p.is_none())
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Whatever the shape of the tree, every relation of it is one chain, ending with it,
+        /// whose names are its path, and each job table is its own.
+        #[test]
+        fn every_relation_of_any_tree_is_one_chain(shape in proptest::collection::vec((0usize..50, 0u8..3), 1..25)) {
+            let top = grow(&shape);
+            let all = chains(&top);
+            proptest::prop_assert_eq!(all.len(), shape.len());
+            let mut tables = std::collections::BTreeSet::new();
+            for chain in &all {
+                let last = chain.last().copied();
+                proptest::prop_assert!(last.is_some());
+                let last = last.unwrap_or(&top[0]);
+                let names: Vec<&str> = chain.iter().map(|r| r.name.as_str()).collect();
+                proptest::prop_assert_eq!(last.path_name(), names.join("."));
+                proptest::prop_assert_eq!(last.depth(), chain.len());
+                proptest::prop_assert!(chain.len() <= MAX_DEPTH);
+                for pair in chain.windows(2) {
+                    proptest::prop_assert!(pair[0].relations.contains(pair[1]));
+                }
+                proptest::prop_assert!(tables.insert(last.job_table("d")));
+            }
+        }
+    }
 }
