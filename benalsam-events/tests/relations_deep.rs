@@ -31,8 +31,9 @@ struct Board {
     db: TestSchema,
     vhost: TestVhost,
     index: TestIndex,
+    jobs: EventType,
     bridge: Service,
-    consumer: Service,
+    consumer: Option<Service>,
 }
 
 /// The jobs event type of the example, writing into `alias`.
@@ -78,21 +79,35 @@ impl Board {
             shutdown.clone(),
             tokio::spawn(bridge::run(settings, shutdown)),
         );
-        let mut settings = ConsumerSettings::new(database_url(), vhost.url.clone(), search_url());
-        settings.outbox = OutboxConfig::in_schema(&db.name);
-        settings.event_types = vec![jobs.clone()];
-        settings.heartbeat_interval = None;
-        let shutdown = CancellationToken::new();
-        let consumer = (
-            shutdown.clone(),
-            tokio::spawn(consumer::run(settings, shutdown)),
-        );
-        Self {
+        let mut board = Self {
             db,
             vhost,
             index,
+            jobs,
             bridge,
-            consumer,
+            consumer: None,
+        };
+        board.start_consumer();
+        board
+    }
+
+    fn start_consumer(&mut self) {
+        let mut settings =
+            ConsumerSettings::new(database_url(), self.vhost.url.clone(), search_url());
+        settings.outbox = OutboxConfig::in_schema(&self.db.name);
+        settings.event_types = vec![self.jobs.clone()];
+        settings.heartbeat_interval = None;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer::run(settings, shutdown.clone()));
+        self.consumer = Some((shutdown, task));
+    }
+
+    async fn stop_consumer(&mut self) {
+        if let Some((shutdown, task)) = self.consumer.take() {
+            shutdown.cancel();
+            task.await
+                .expect("consumer task")
+                .expect("consumer stops cleanly");
         }
     }
 
@@ -230,8 +245,9 @@ impl Board {
         .await
     }
 
-    async fn stop(self) {
-        for (shutdown, task) in [self.consumer, self.bridge] {
+    async fn stop(mut self) {
+        self.stop_consumer().await;
+        for (shutdown, task) in [self.bridge] {
             shutdown.cancel();
             task.await.expect("task").expect("stops cleanly");
         }
@@ -561,6 +577,72 @@ async fn crossed_commits_at_the_deepest_level_and_through_a_join_table_converge(
         doc["tags"],
         json!([{"name": "senior 2"}, {"name": "remote"}])
     );
+    t.stop().await;
+}
+
+/// Delayed delivery: the crossed commits of the deepest level and of a link again while no
+/// consumer reads, then one backlog read at once.
+#[tokio::test]
+async fn crossed_commits_at_depth_converge_with_the_consumer_away() {
+    let mut t = Board::start().await;
+    let s = seed(&t).await;
+    t.stop_consumer().await;
+    let mut other = other_connection(&t).await;
+    let crossings = [
+        (
+            format!(
+                "UPDATE companies SET industry_id = {} WHERE id = {}",
+                s.industries[0], s.companies[2]
+            ),
+            format!(
+                "UPDATE sectors SET name = 'Tech 3' WHERE id = {}",
+                s.sectors[0]
+            ),
+        ),
+        (
+            format!(
+                "UPDATE sectors SET name = 'Tech 4' WHERE id = {}",
+                s.sectors[0]
+            ),
+            format!(
+                "UPDATE industries SET sector_id = {} WHERE id = {}",
+                s.sectors[0], s.industries[2]
+            ),
+        ),
+        (
+            format!(
+                "INSERT INTO post_tags (post_id, tag_id) VALUES ({}, {})",
+                s.posts[1], s.tags[1]
+            ),
+            format!("UPDATE tags SET name = 'senior 3' WHERE id = {}", s.tags[1]),
+        ),
+        (
+            format!("UPDATE tags SET name = 'senior 4' WHERE id = {}", s.tags[1]),
+            format!(
+                "DELETE FROM post_tags WHERE post_id = {} AND tag_id = {}",
+                s.posts[3], s.tags[1]
+            ),
+        ),
+    ];
+    for (held, committed) in &crossings {
+        let tx = other.transaction().await.expect("begin");
+        tx.batch_execute(held).await.expect("held change");
+        t.sql(committed).await;
+        tx.commit().await.expect("commit");
+    }
+    eventually(PATIENCE, "every job published while the consumer is away", || async {
+        let waiting = t
+            .count("SELECT count(*) FROM elasticsearch_sync_queue WHERE status IN ('pending', 'processing')")
+            .await;
+        if waiting == 0 { Ok(()) } else { Err(format!("{waiting} not yet sent")) }
+    })
+    .await;
+    t.start_consumer();
+    t.settled().await;
+    t.converged("the backlog converged").await;
+    let nurse = t.index.get(&s.posts[3]).await.expect("nurse")["_source"].clone();
+    assert_eq!(sector(&nurse), "Tech 4");
+    assert_eq!(nurse["tags"], json!([]));
     t.stop().await;
 }
 
