@@ -67,8 +67,11 @@ pub enum RelationKind {
 pub(crate) const MAX_CHILDREN: u32 = 1000;
 
 /// Rows of another table that are part of an event type's documents: a *parent* (many
-/// documents to one related row, an object field) or *children* (one document to many related
-/// rows, an array of objects, ordered and limited).
+/// documents to one related row, an object field), *children* (one document to many related
+/// rows, an array of objects, ordered and limited) or an *aggregate* over children (one
+/// value, [`Relation::aggregate`]). A relation may hold relations of its own
+/// ([`Relation::relation`], up to 4 levels), and children may be the links of a many-to-many
+/// relation ([`Relation::through`]).
 ///
 /// A change of a taken column of a related row records one job, which a bridge fans out to
 /// one `REBUILD` job per document that contains the row; the consumer then reads each

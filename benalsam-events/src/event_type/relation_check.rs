@@ -62,8 +62,9 @@ impl Relation {
             return refuse(
                 "relations",
                 format!(
-                    "relations nest at most {MAX_DEPTH} levels deep (each level is one more \
-                     subquery in every read of the document)"
+                    "is level {}, and relations nest at most {MAX_DEPTH} levels deep (each \
+                     level is one more subquery in every read of the document)",
+                    self.depth()
                 ),
             );
         }

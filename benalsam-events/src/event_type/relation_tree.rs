@@ -274,8 +274,9 @@ mod tests {
             .expect_err("too deep")
             .to_string();
         assert!(
-            err.contains("relations.a.relations.b.relations.c.relations.d.relations.e.relations")
-                && err.contains("at most 4 levels"),
+            err.contains(
+                "relations.a.relations.b.relations.c.relations.d.relations.e.relations: is level 5"
+            ) && err.contains("at most 4 levels"),
             "{err}"
         );
         let clash = Relation::parent("seller", "users", &["user_id"], &["id"])
