@@ -381,17 +381,15 @@ impl Relation {
     }
 }
 
-/// What the read put in `row` for its relation `below` (under `#<name>`: no column is
-/// called that, see `relations/sql.rs`).
+/// What the read put in `row` for its relation `below` (under `#<name>`, see `relations/sql.rs`).
 fn row_of(row: &Map<String, Value>, below: &Relation) -> Value {
     row.get(&format!("#{}", below.name))
         .cloned()
         .unwrap_or(Value::Null)
 }
 
-/// `benalsam_<event type>_<relation>` (`benalsam_listings_seller.city` for a relation of a
-/// relation: the dot keeps it apart from a relation named `seller_city`): validated to fit
-/// PostgreSQL's 63 bytes.
+/// `benalsam_<event type>_<relation>` (`benalsam_listings_seller.city` below the top: the dot
+/// keeps it apart from a relation `seller_city`), validated to fit PostgreSQL's 63 bytes.
 pub(crate) fn relation_trigger_name(
     event_type: &crate::event_type::EventType,
     relation: &Relation,
