@@ -525,6 +525,9 @@ async fn a_linger_longer_than_the_poll_interval_is_refused() {
         CancellationToken::new(),
     )
     .expect_err("refused");
-    assert!(refused.to_string().contains("JobStreamConfig::linger"), "{refused}");
+    assert!(
+        refused.to_string().contains("JobStreamConfig::linger"),
+        "{refused}"
+    );
     db.drop().await;
 }

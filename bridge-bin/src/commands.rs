@@ -399,9 +399,9 @@ async fn purge_failed(
     let routed = event_types.iter().find(|t| {
         let own = bare(t.jobs_as.as_deref().unwrap_or(&t.table));
         own == bare(table)
-            || t.relations
+            || relation_paths(&t.relations)
                 .iter()
-                .any(|r| format!("{own}#{}", r.name) == bare(table))
+                .any(|path| format!("{own}#{path}") == bare(table))
     });
     if let Some(event_type) = routed {
         anyhow::bail!(
@@ -421,6 +421,19 @@ fn listed(ids: &[i64]) -> String {
     } else {
         format!(": {ids:?}")
     }
+}
+
+/// The paths of every relation of the tree (`seller`, `seller.city`): its jobs are
+/// `<table>#<path>`.
+fn relation_paths(relations: &[benalsam_events::event_type::Relation]) -> Vec<String> {
+    let mut paths = Vec::new();
+    for relation in relations {
+        paths.push(relation.name.clone());
+        for below in relation_paths(&relation.relations) {
+            paths.push(format!("{}.{below}", relation.name));
+        }
+    }
+    paths
 }
 
 #[cfg(test)]

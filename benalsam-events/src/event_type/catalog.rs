@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use tokio_postgres::GenericClient;
 
-use super::{EventType, FieldType, Relation, RelationKind};
+use super::{Aggregate, EventType, FieldType, Relation, RelationKind};
 use crate::{error::Error, error::Result};
 
 /// The columns of one table, as the catalog has them.
@@ -79,8 +79,17 @@ pub(crate) async fn check_columns(
                 return Err(refuse(&format!("{key} = {column:?}"), &path, why));
             }
         }
-        for relation in &event_type.relations {
-            check_relation(client, schema, event_type, &own, relation).await?;
+        // A relation of a relation joins the table of the relation above it.
+        for chain in super::chains(&event_type.relations) {
+            match chain.as_slice() {
+                [relation] => check_relation(client, schema, event_type, &own, relation).await?,
+                [.., above, relation] => {
+                    let (above_schema, above_table) = above.split_table();
+                    let above = read(client, above_schema.unwrap_or(schema), above_table).await?;
+                    check_relation(client, schema, event_type, &above, relation).await?;
+                }
+                [] => {}
+            }
         }
     }
     Ok(())
@@ -153,7 +162,7 @@ async fn check_relation(
     // parent, the related table for children.
     let (foreign_side, references_side) = match relation.kind {
         RelationKind::Parent => (own, &theirs),
-        RelationKind::Children { .. } => (&theirs, own),
+        _ => (&theirs, own),
     };
     let mut named: Vec<(&Table, String, String, String)> = Vec::new();
     for (key, side, columns) in [
@@ -171,6 +180,22 @@ async fn check_relation(
     } = &relation.kind
     {
         named.push((&theirs, "order_by".into(), "order_by".into(), order.clone()));
+    }
+    if let Some(filter) = &relation.filter {
+        let column = filter.column.clone();
+        named.push((
+            &theirs,
+            "where.column".into(),
+            "where.column".into(),
+            column,
+        ));
+    }
+    if let RelationKind::Aggregate {
+        function: Aggregate::Sum(column) | Aggregate::Min(column) | Aggregate::Max(column),
+        ..
+    } = &relation.kind
+    {
+        named.push((&theirs, "column".into(), "column".into(), column.clone()));
     }
     for (name, field) in &relation.fields {
         for (key, path, column) in field_columns(&format!("fields.{name}"), name, field) {

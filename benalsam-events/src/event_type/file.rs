@@ -15,7 +15,7 @@ use toml::Spanned;
 
 use super::file_fields::{FieldToml, RelationToml, field_of, relation_of};
 use super::origin::{Origin, line_of};
-use super::{DocumentSpec, EventType, IndexSpec};
+use super::{DocumentSpec, EventType, IndexSpec, Relation};
 use crate::{error::Error, error::Result};
 
 /// The file: a list of `[[event_type]]` tables.
@@ -224,12 +224,31 @@ fn convert(
         t.document = document_spec(document, at)?;
     }
     for (name, spanned) in &raw.relations {
-        let mut relation = relation_of(name, spanned.get_ref(), &t.key, at)?;
-        // Where it was declared, for the errors the database catalog finds later.
-        relation.origin = relation_origin(text, file, spanned);
+        let relation = relation_tree((text, file), (name, name), spanned, &t.key, at)?;
         t.relations.push(relation);
     }
     Ok(t)
+}
+
+/// The relation `name` (at `path`) with its own relations, each with the lines of its keys.
+fn relation_tree(
+    (text, file): (&str, &str),
+    (name, path): (&str, &str),
+    spanned: &Spanned<RelationToml>,
+    owner_key: &str,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Relation> {
+    let raw = spanned.get_ref();
+    let mut relation = relation_of((name, path), raw, owner_key, at)?;
+    // Where it was declared, for the errors the database catalog finds later.
+    relation.origin = relation_origin(text, file, spanned);
+    for (below, spanned) in &raw.relations {
+        let below_path = format!("{path}.relations.{below}");
+        let key = relation.key.clone();
+        let below = relation_tree((text, file), (below, &below_path), spanned, &key, at)?;
+        relation = relation.relation(below);
+    }
+    Ok(relation)
 }
 
 /// The lines of a relation's keys.

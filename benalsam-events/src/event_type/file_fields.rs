@@ -15,6 +15,26 @@ use crate::{error::Error, error::Result};
 enum RelationKindToml {
     Parent,
     Children,
+    Aggregate,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum FunctionToml {
+    Count,
+    Exists,
+    Sum,
+    Min,
+    Max,
+}
+
+/// An aggregate's filter: `column op value`, never SQL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterToml {
+    column: Spanned<String>,
+    op: String,
+    value: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +53,19 @@ pub(super) struct RelationToml {
     nested: bool,
     #[serde(default)]
     fields: BTreeMap<String, Spanned<FieldToml>>,
+    /// Children of a join table, each replaced by its one relation's object.
+    #[serde(default)]
+    through: bool,
+    /// An aggregate's function, column, type and filter.
+    function: Option<FunctionToml>,
+    column: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    kind_of_value: Option<Kind>,
+    #[serde(rename = "where")]
+    filter: Option<FilterToml>,
+    /// Relations of its rows (`[…relations.seller.relations.city]`).
+    #[serde(default)]
+    pub(super) relations: BTreeMap<String, Spanned<RelationToml>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +117,14 @@ impl RelationToml {
     pub(super) fn note_lines(&self, text: &str, origin: &mut Origin) {
         let line = |s: std::ops::Range<usize>| line_of(text, s.start);
         origin.note("table", line(self.table.span()));
-        for (key, value) in [("key", &self.key), ("order_by", &self.order_by)] {
+        if let Some(filter) = &self.filter {
+            origin.note("where.column", line(filter.column.span()));
+        }
+        for (key, value) in [
+            ("key", &self.key),
+            ("order_by", &self.order_by),
+            ("column", &self.column),
+        ] {
             if let Some(value) = value {
                 origin.note(key, line(value.span()));
             }
@@ -106,9 +146,10 @@ impl RelationToml {
     }
 }
 
-/// The relation `name` of an event type whose key is `owner_key`.
+/// The relation `name` (at `path` below `relations.`: `seller.relations.city`) of a table
+/// whose key is `owner_key`, without its own relations.
 pub(super) fn relation_of(
-    name: &str,
+    (name, path): (&str, &str),
     raw: &RelationToml,
     owner_key: &str,
     at: &dyn Fn(&str) -> String,
@@ -125,7 +166,7 @@ pub(super) fn relation_of(
         Some(list) => columns(list),
         None => vec![match raw.kind {
             RelationKindToml::Parent => key.clone(),
-            RelationKindToml::Children => owner_key.to_owned(),
+            _ => owner_key.to_owned(),
         }],
     };
     let foreign_key: Vec<&str> = foreign_key.iter().map(String::as_str).collect();
@@ -133,24 +174,17 @@ pub(super) fn relation_of(
     let refuse = |key: &str, why: &str| {
         Error::config(
             "BENALSAM_CONFIG",
-            format!("{}: {why}", at(&format!("relations.{name}.{key}"))),
+            format!("{}: {why}", at(&format!("relations.{path}.{key}"))),
         )
     };
     let table = raw.table.get_ref();
+    refuse_misplaced(raw).map_err(|(key, why)| refuse(key, why))?;
     let mut relation = match raw.kind {
-        RelationKindToml::Parent => {
-            for (key, given) in [
-                ("order_by", raw.order_by.is_some()),
-                ("descending", raw.descending),
-                ("limit", raw.limit.is_some()),
-                ("nested", raw.nested),
-            ] {
-                if given {
-                    return Err(refuse(key, "applies to kind = \"children\" only"));
-                }
-            }
-            Relation::parent(name, table, &foreign_key, &references)
+        RelationKindToml::Aggregate => {
+            let (function, kind) = aggregate_of(raw).map_err(|(key, why)| refuse(key, &why))?;
+            Relation::aggregate(name, table, &foreign_key, &references, function, kind)
         }
+        RelationKindToml::Parent => Relation::parent(name, table, &foreign_key, &references),
         RelationKindToml::Children => {
             let mut children =
                 Relation::children(name, table, &foreign_key, &references).nested(raw.nested);
@@ -164,16 +198,112 @@ pub(super) fn relation_of(
         }
     };
     relation.key = key;
+    relation.through = raw.through;
+    if let Some(filter) = &raw.filter {
+        let value =
+            filter_value(filter.value.as_ref()).map_err(|why| refuse("where.value", why))?;
+        relation = relation.filter(filter.column.get_ref(), &filter.op, value.as_deref());
+    }
     for (field_name, field) in &raw.fields {
         let field = field_of(
             field_name,
             field.get_ref(),
-            &format!("relations.{name}.fields.{field_name}"),
+            &format!("relations.{path}.fields.{field_name}"),
             at,
         )?;
         relation.fields.insert(field_name.clone(), field);
     }
     Ok(relation)
+}
+
+/// Refuses a key the relation's kind does not take: `(key, why)`.
+fn refuse_misplaced(raw: &RelationToml) -> std::result::Result<(), (&'static str, &'static str)> {
+    let aggregate_keys = [
+        ("function", raw.function.is_some()),
+        ("column", raw.column.is_some()),
+        ("type", raw.kind_of_value.is_some()),
+        ("where", raw.filter.is_some()),
+    ];
+    let children_keys = [
+        ("order_by", raw.order_by.is_some()),
+        ("descending", raw.descending),
+        ("limit", raw.limit.is_some()),
+        ("nested", raw.nested),
+        ("through", raw.through),
+    ];
+    let (misplaced, why) = match raw.kind {
+        RelationKindToml::Children => (&aggregate_keys[..], "applies to kind = \"aggregate\" only"),
+        RelationKindToml::Parent => {
+            if let Some((key, _)) = aggregate_keys.iter().find(|(_, given)| *given) {
+                return Err((key, "applies to kind = \"aggregate\" only"));
+            }
+            (&children_keys[..], "applies to kind = \"children\" only")
+        }
+        RelationKindToml::Aggregate => (&children_keys[..], "applies to kind = \"children\" only"),
+    };
+    match misplaced.iter().find(|(_, given)| *given) {
+        Some((key, _)) => Err((key, why)),
+        None => Ok(()),
+    }
+}
+
+/// A filter's value as the text of its literal: a string, a number or a boolean.
+fn filter_value(value: Option<&toml::Value>) -> std::result::Result<Option<String>, &'static str> {
+    Ok(match value {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.clone()),
+        Some(toml::Value::Integer(i)) => Some(i.to_string()),
+        Some(toml::Value::Float(f)) => Some(f.to_string()),
+        Some(toml::Value::Boolean(b)) => Some(b.to_string()),
+        Some(_) => return Err("must be a string, a number or a boolean"),
+    })
+}
+
+/// An aggregate's function and the type of its value (`count`: long, `exists`: boolean,
+/// `sum`: double unless told; `min` and `max` name their type).
+fn aggregate_of(
+    raw: &RelationToml,
+) -> std::result::Result<(super::Aggregate, FieldType), (&'static str, String)> {
+    use super::Aggregate;
+    let Some(function) = raw.function else {
+        return Err((
+            "function",
+            "an aggregate needs a function: count, exists, sum, min or max".to_owned(),
+        ));
+    };
+    let column = raw.column.as_ref().map(|c| c.get_ref().clone());
+    let (aggregate, default) = match (function, column) {
+        (FunctionToml::Count, None) => (Aggregate::Count, Some(FieldType::Long)),
+        (FunctionToml::Exists, None) => (Aggregate::Exists, Some(FieldType::Boolean)),
+        (FunctionToml::Count | FunctionToml::Exists, Some(_)) => {
+            return Err(("column", "count and exists take no column".to_owned()));
+        }
+        (FunctionToml::Sum, Some(c)) => (Aggregate::Sum(c), Some(FieldType::Double)),
+        (FunctionToml::Min, Some(c)) => (Aggregate::Min(c), None),
+        (FunctionToml::Max, Some(c)) => (Aggregate::Max(c), None),
+        (_, None) => return Err(("column", "sum, min and max need a column".to_owned())),
+    };
+    let kind = match raw.kind_of_value {
+        Some(Kind::Long) => FieldType::Long,
+        Some(Kind::Double) => FieldType::Double,
+        Some(Kind::Boolean) => FieldType::Boolean,
+        Some(Kind::Date) => FieldType::Date,
+        Some(Kind::Keyword) => FieldType::Keyword {
+            normalizer: None,
+            indexed: true,
+        },
+        Some(_) => {
+            return Err((
+                "type",
+                "an aggregate is a long, double, date, keyword or boolean".to_owned(),
+            ));
+        }
+        None => default.ok_or((
+            "type",
+            "min and max need the type of their value (long, double, date, keyword)".to_owned(),
+        ))?,
+    };
+    Ok((aggregate, kind))
 }
 
 /// One field of a document or of a relation's rows; `key` names it in errors.

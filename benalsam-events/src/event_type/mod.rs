@@ -34,7 +34,9 @@ mod file;
 mod file_fields;
 mod origin;
 mod relation;
+mod relation_aggregate;
 mod relation_check;
+mod relation_tree;
 mod validate;
 
 use std::sync::Arc;
@@ -51,7 +53,8 @@ pub use envelope::Envelope;
 pub(crate) use envelope::{SCHEMA_VERSION, record_id_problem, trace_id_of};
 pub(crate) use origin::Origin;
 pub use relation::{Relation, RelationKind};
-pub(crate) use relation::{relation_trigger_name, relation_truncate_trigger_name};
+pub use relation_aggregate::Aggregate;
+pub(crate) use relation_tree::{chains, relation_trigger_name, relation_truncate_trigger_name};
 pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::error::Result;

@@ -31,6 +31,7 @@ use serde_json::{Map, Value};
 
 use super::Origin;
 use super::document::{Field, FieldType, field_value};
+use super::relation_aggregate::{Aggregate, Filter};
 
 /// How the related rows belong to a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,14 @@ pub enum RelationKind {
         /// Mapped as `nested` (each object matched on its own) rather than `object`.
         nested: bool,
     },
+    /// One document to many related rows reduced to one value (the number of a post's open
+    /// applications): the field is a scalar of type `kind` ([`Relation::aggregate`]).
+    Aggregate {
+        /// What is computed.
+        function: Aggregate,
+        /// The field's type.
+        kind: FieldType,
+    },
 }
 
 /// The most child rows a document may take: the document is read and written whole at every
@@ -58,8 +67,11 @@ pub enum RelationKind {
 pub(crate) const MAX_CHILDREN: u32 = 1000;
 
 /// Rows of another table that are part of an event type's documents: a *parent* (many
-/// documents to one related row, an object field) or *children* (one document to many related
-/// rows, an array of objects, ordered and limited).
+/// documents to one related row, an object field), *children* (one document to many related
+/// rows, an array of objects, ordered and limited) or an *aggregate* over children (one
+/// value, [`Relation::aggregate`]). A relation may hold relations of its own
+/// ([`Relation::relation`], up to 4 levels), and children may be the links of a many-to-many
+/// relation ([`Relation::through`]).
 ///
 /// A change of a taken column of a related row records one job, which a bridge fans out to
 /// one `REBUILD` job per document that contains the row; the consumer then reads each
@@ -107,6 +119,14 @@ pub struct Relation {
     /// Where its file declared each key (empty when built in code), for errors found later
     /// in the catalog.
     pub(crate) origin: Origin,
+    /// Relations of its rows, joined to this relation's table ([`Relation::relation`]).
+    pub relations: Vec<Relation>,
+    /// The names of the relations above it (empty at the top level), set when it is added.
+    pub(crate) above: Vec<String>,
+    /// Each row is replaced by its one relation's object ([`Relation::through`]).
+    pub(crate) through: bool,
+    /// An aggregate's condition on the rows it takes ([`Relation::filter`]).
+    pub(crate) filter: Option<Filter>,
 }
 
 impl Relation {
@@ -140,6 +160,10 @@ impl Relation {
             key: "id".to_owned(),
             fields: BTreeMap::new(),
             origin: Origin::default(),
+            relations: Vec::new(),
+            above: Vec::new(),
+            through: false,
+            filter: None,
         }
     }
 
@@ -197,23 +221,31 @@ impl Relation {
 
     /// Like [`Self::at`], with the line of `path` (`foreign_key.user_id`, `fields.x.column`).
     pub(crate) fn at_line(&self, event_type: &str, key: &str, path: &str) -> String {
+        let mut names = self.above.clone();
+        names.push(self.name.clone());
         format!(
             "{}event type {event_type:?}, relations.{}.{key}",
             self.origin.prefix(path),
-            self.name
+            names.join(".relations.")
         )
     }
 
-    /// The table name its jobs are recorded under: `<event type table>#<relation>`.
+    /// The table name its jobs are recorded under: `<event type table>#<relation>`, with the
+    /// path of a relation of a relation (`listings#seller.city`).
     pub(crate) fn job_table(&self, owner_table: &str) -> String {
-        format!("{owner_table}#{}", self.name)
+        format!("{owner_table}#{}", self.path_name())
     }
 
-    /// The columns of the related table it reads: the joined ones, its key, the order and
-    /// every field's; a change of any other column enqueues nothing.
+    /// The columns of the related table it reads: the joined ones, its key, the order,
+    /// every field's and those its own relations join on; a change of any other column
+    /// enqueues nothing.
     pub(crate) fn columns(&self) -> Vec<String> {
         let mut columns: Vec<String> = self.related_columns.clone();
         columns.push(self.key.clone());
+        for below in &self.relations {
+            columns.extend(below.local_columns.iter().cloned());
+        }
+        columns.extend(self.aggregate_columns());
         if let RelationKind::Children {
             order_by: Some(order),
             ..
@@ -264,7 +296,7 @@ impl Relation {
     pub(crate) fn foreign_key(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.local_columns,
-            RelationKind::Children { .. } => &self.related_columns,
+            _ => &self.related_columns,
         }
     }
 
@@ -272,25 +304,35 @@ impl Relation {
     pub(crate) fn references(&self) -> &[String] {
         match self.kind {
             RelationKind::Parent => &self.related_columns,
-            RelationKind::Children { .. } => &self.local_columns,
+            _ => &self.local_columns,
         }
     }
 
-    /// The copy_to targets of its fields, with their analyzers (root fields of the document).
-    pub(crate) fn copy_targets(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.fields.values().filter_map(|f| match &f.kind {
-            FieldType::Text {
-                analyzer,
-                copy_to: Some(target),
-                ..
-            } => Some((target.as_str(), analyzer.as_str())),
-            _ => None,
-        })
+    /// The copy_to targets of its fields and of its relations' fields, with their analyzers
+    /// (root fields of the document).
+    pub(crate) fn copy_targets(&self) -> Vec<(&str, &str)> {
+        let mut targets: Vec<(&str, &str)> = self
+            .fields
+            .values()
+            .filter_map(|f| match &f.kind {
+                FieldType::Text {
+                    analyzer,
+                    copy_to: Some(target),
+                    ..
+                } => Some((target.as_str(), analyzer.as_str())),
+                _ => None,
+            })
+            .collect();
+        for below in &self.relations {
+            targets.extend(below.copy_targets());
+        }
+        targets
     }
 
-    /// Whether a field uses the library's analyzer or normalizer `name`.
+    /// Whether a field (or one of its relations') uses the library's analyzer or
+    /// normalizer `name`.
     pub(crate) fn uses(&self, name: &str) -> bool {
-        self.fields.values().any(|f| f.uses(name))
+        self.fields.values().any(|f| f.uses(name)) || self.relations.iter().any(|r| r.uses(name))
     }
 
     /// The document's value of this relation from what the database read: an object (or
@@ -298,15 +340,22 @@ impl Relation {
     pub(crate) fn value(&self, read: &Value) -> std::result::Result<Option<Value>, String> {
         match (&self.kind, read) {
             (_, Value::Null) => Ok(None),
+            (RelationKind::Aggregate { kind, .. }, scalar) => self.aggregate_value(kind, scalar),
             (RelationKind::Parent, Value::Object(row)) => self.object(row).map(Some),
-            (RelationKind::Children { .. }, Value::Array(rows)) => rows
-                .iter()
-                .map(|row| match row {
-                    Value::Object(row) => self.object(row),
-                    other => Err(format!("a related row is not an object: {other}")),
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(|objects| Some(Value::Array(objects))),
+            (RelationKind::Children { .. }, Value::Array(rows)) => {
+                let mut objects = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let Value::Object(row) = row else {
+                        return Err(format!("a related row is not an object: {row}"));
+                    };
+                    match self.relations.first().filter(|_| self.through) {
+                        // A link: its target's object, none when the target row is gone.
+                        Some(target) => objects.extend(target.value(&row_of(row, target))?),
+                        None => objects.push(self.object(row)?),
+                    }
+                }
+                Ok(Some(Value::Array(objects)))
+            }
             (_, other) => Err(format!("unexpected related rows: {other}")),
         }
     }
@@ -320,25 +369,23 @@ impl Relation {
                 object.insert(name.clone(), value);
             }
         }
+        for below in &self.relations {
+            if let Some(value) = below
+                .value(&row_of(row, below))
+                .map_err(|why| format!("{}: {why}", below.name))?
+            {
+                object.insert(below.name.clone(), value);
+            }
+        }
         Ok(Value::Object(object))
     }
 }
 
-/// `benalsam_<event type>_<relation>`: validated to fit PostgreSQL's 63 bytes.
-pub(crate) fn relation_trigger_name(
-    event_type: &crate::event_type::EventType,
-    relation: &Relation,
-) -> String {
-    format!("benalsam_{}_{}", event_type.name, relation.name)
-}
-
-/// `truncate_<event type>_<relation>`: the statement trigger that follows a TRUNCATE of the
-/// related table. As long as [`relation_trigger_name`], so the same check bounds it.
-pub(crate) fn relation_truncate_trigger_name(
-    event_type: &crate::event_type::EventType,
-    relation: &Relation,
-) -> String {
-    format!("truncate_{}_{}", event_type.name, relation.name)
+/// What the read put in `row` for its relation `below` (under `#<name>`, see `relations/sql.rs`).
+fn row_of(row: &Map<String, Value>, below: &Relation) -> Value {
+    row.get(&format!("#{}", below.name))
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

@@ -75,19 +75,25 @@ impl EventType {
         fields.extend(
             self.relations
                 .iter()
-                .flat_map(|r| r.copy_targets().map(|(target, _)| target)),
+                .flat_map(|r| r.copy_targets().into_iter().map(|(target, _)| target)),
         );
         for (i, relation) in self.relations.iter().enumerate() {
             relation.validate(&self.name, &fields)?;
-            let trigger = super::relation_trigger_name(self, relation);
-            if trigger.len() > 63 {
-                return Err(Error::config(
-                    "BENALSAM_CONFIG",
-                    format!(
-                        "{}: the trigger name {trigger} is over PostgreSQL's 63 bytes; shorten the event type's or the relation's name",
-                        relation.at(&self.name, "name")
-                    ),
-                ));
+            // Every relation of the tree has its trigger.
+            for chain in super::chains(std::slice::from_ref(relation)) {
+                let Some(relation) = chain.last() else {
+                    continue;
+                };
+                let trigger = super::relation_trigger_name(self, relation);
+                if trigger.len() > 63 {
+                    return Err(Error::config(
+                        "BENALSAM_CONFIG",
+                        format!(
+                            "{}: the trigger name {trigger} is over PostgreSQL's 63 bytes; shorten the event type's or the relations' names",
+                            relation.at(&self.name, "name")
+                        ),
+                    ));
+                }
             }
             if self.relations[..i].iter().any(|r| r.name == relation.name) {
                 return Err(Error::config(

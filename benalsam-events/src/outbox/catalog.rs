@@ -21,8 +21,18 @@ pub(crate) async fn check_catalog(
         if event_type.relations.is_empty() {
             continue;
         }
-        let own = columns_of(client, schema, &event_type.table).await?;
-        for relation in &event_type.relations {
+        let document = columns_of(client, schema, &event_type.table).await?;
+        for chain in crate::event_type::chains(&event_type.relations) {
+            // A relation of a relation joins the table of the relation above it.
+            let (relation, above_table, own) = match chain.as_slice() {
+                [relation] => (*relation, event_type.table.as_str(), document.clone()),
+                [.., above, relation] => (
+                    *relation,
+                    above.table.as_str(),
+                    columns_of(client, schema, &above.table).await?,
+                ),
+                [] => continue,
+            };
             let refuse = |key: &str, why: String| {
                 Err(Error::config(
                     "BENALSAM_CONFIG",
@@ -35,13 +45,13 @@ pub(crate) async fn check_catalog(
             }
             let (local_key, related_key) = match relation.kind {
                 RelationKind::Parent => ("foreign_key", "references"),
-                RelationKind::Children { .. } => ("references", "foreign_key"),
+                _ => ("references", "foreign_key"),
             };
             for (local, related) in relation.local_columns.iter().zip(&relation.related_columns) {
                 let Some(local_type) = own.get(local) else {
                     return refuse(
                         local_key,
-                        format!("table {} has no column {local}", event_type.table),
+                        format!("table {above_table} has no column {local}"),
                     );
                 };
                 let Some(related_type) = theirs.get(related) else {
@@ -54,8 +64,8 @@ pub(crate) async fn check_catalog(
                     return refuse(
                         local_key,
                         format!(
-                            "{}.{local} is {local_type} but {}.{related} is {related_type}; joined columns must have the same type",
-                            event_type.table, relation.table
+                            "{above_table}.{local} is {local_type} but {}.{related} is {related_type}; joined columns must have the same type",
+                            relation.table
                         ),
                     );
                 }

@@ -39,7 +39,10 @@ pub(crate) fn grants(
     for event_type in event_types.iter().filter(|t| !t.relations.is_empty()) {
         let (table_schema, table) = event_type.split_table();
         joined.insert((table_schema.unwrap_or(schema), table));
-        for relation in &event_type.relations {
+        for chain in crate::event_type::chains(&event_type.relations) {
+            let Some(relation) = chain.last() else {
+                continue;
+            };
             let (table_schema, table) = relation.split_table();
             joined.insert((table_schema.unwrap_or(schema), table));
         }

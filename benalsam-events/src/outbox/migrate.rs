@@ -117,7 +117,11 @@ pub(crate) async fn migrate(
     for event_type in event_types {
         attach(&tx, schema, &outbox.notify_channel, event_type).await?;
         report.triggers.push(event_type.table.clone());
-        for relation in &event_type.relations {
+        // Every relation of the tree has its trigger, relations of relations too.
+        for chain in crate::event_type::chains(&event_type.relations) {
+            let Some(relation) = chain.last() else {
+                continue;
+            };
             attach_relation(&tx, schema, &outbox.notify_channel, event_type, relation).await?;
             report.triggers.push(relation.table.clone());
         }
@@ -283,8 +287,12 @@ async fn drop_removed_relations(
         )
         .await
         .map_err(fail)?;
+    let all: Vec<&crate::event_type::Relation> = crate::event_type::chains(&event_type.relations)
+        .into_iter()
+        .filter_map(|chain| chain.last().copied())
+        .collect();
     let declared = |name: &str, table_schema: &str, table: &str| {
-        event_type.relations.iter().any(|r| {
+        all.iter().any(|r| {
             let (s, t) = r.split_table();
             (relation_trigger_name(event_type, r) == name
                 || relation_truncate_trigger_name(event_type, r) == name)
@@ -311,8 +319,7 @@ async fn drop_removed_relations(
             .find_map(|a| a.strip_prefix("as="))
             .unwrap_or_default()
             .to_owned();
-        let still = event_type
-            .relations
+        let still = all
             .iter()
             .any(|r| r.job_table(event_type.job_table()) == job_table);
         if !job_table.is_empty() && !still {

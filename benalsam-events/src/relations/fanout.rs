@@ -91,13 +91,17 @@ impl FanOut {
     ) -> Result<Option<Self>> {
         let mut plans = HashMap::new();
         for event_type in event_types {
-            for relation in &event_type.relations {
+            // Every relation of the tree, each with the path that joins it back.
+            for chain in crate::event_type::chains(&event_type.relations) {
+                let Some(relation) = chain.last() else {
+                    continue;
+                };
                 plans.insert(
                     relation.job_table(event_type.job_table()),
                     Arc::new(Plan {
                         documents: event_type.job_table().to_owned(),
-                        relation: relation.clone(),
-                        sql: FanOutSql::new(&outbox.schema, event_type, relation),
+                        relation: (*relation).clone(),
+                        sql: FanOutSql::new(&outbox.schema, event_type, &chain),
                     }),
                 );
             }

@@ -33,6 +33,35 @@
 //! and the index converges to the joined view of the committed rows. A redelivery is one more
 //! fresh read, never an old state. `v` comes from the same sequence as job ids, so versions of
 //! documents written before the event type was joined stay below the new ones.
+//!
+//! # At depth: relations of relations, links, aggregates
+//!
+//! The read and its versioning do not change with depth: one `SELECT` reads the document with
+//! every level (a subquery per relation, nested), under the same lock and version, so the
+//! argument above holds for it as it is. What depth changes is *which* documents a change
+//! must reach, and there the argument needs one more step.
+//!
+//! A change of a row at level k (a sector, under a company's industry) records one job
+//! `<table>#<path>`. Its fan-out finds the documents by joining the rows of levels 1 … k−1
+//! back to the document's row (`sql.rs`, `contains`), in a statement that starts after the
+//! change committed (a job is claimed only once its transaction committed). A document that
+//! contains the row at that moment gets a REBUILD job, read after the commit: it sees the
+//! change. A document that comes to contain the row later does so by a change of a row *on
+//! the path* (a company moved to another industry, an industry to another sector, a link
+//! added): every column a level joins on is one its table's trigger takes (`only=` holds the
+//! columns a relation's own relations join on), so that change records a job of its own,
+//! whose read or fan-out starts after *its* commit and sees both. A document that stops
+//! containing it is re-read by the same job (a moved row fans out its old and its new place).
+//! So whichever of two crossed commits is later, the job of the later one reads after both:
+//! the tests commit a sector rename and a company's move into that sector in both orders while
+//! the other is open, and a tag rename and a new link to it the same way.
+//!
+//! A link (a many-to-many relation's join row) is a child row whose parent relation is
+//! the linked table: adding or removing it is a change of its one document; a change of the
+//! linked row is a change at level 2. An aggregate is recomputed whole by every read from
+//! the committed child rows (never kept as a running total), so it has nothing to drift: any
+//! change of a row it takes (inserted, deleted, moved to another document, or a change of
+//! the aggregated or the filter's column) is a job that re-reads the document.
 
 mod document;
 mod fanout;

@@ -406,7 +406,7 @@ mod tests {
         let listings = EventType::new("listings", "listings").with_relation(relation.clone());
         let plan = Plan {
             documents: "listings".to_owned(),
-            sql: FanOutSql::new("public", &listings, &relation),
+            sql: FanOutSql::new("public", &listings, &[&relation]),
             relation,
         };
         let resumed = Change::new(

@@ -2,7 +2,7 @@
 //! of a related row's fan-out. Table and column names come from validated event types and are
 //! written into the text once, here.
 
-use crate::event_type::{EventType, Relation, RelationKind};
+use crate::event_type::{Aggregate, EventType, Relation, RelationKind};
 
 /// `"schema"."table"` of a table named bare (in `schema`) or schema-qualified.
 fn qualified(schema: &str, table: &str) -> String {
@@ -21,16 +21,89 @@ fn object_of(alias: &str, columns: &[String]) -> String {
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
-/// `a."x" = b."y" AND …` over the relation's column pairs (`d` the document row, `r` the
-/// related row).
-fn join_condition(relation: &Relation) -> String {
+/// `r."x" = d."y" AND …` over the relation's column pairs (`alias` the related row,
+/// `above` the row it is joined to: the document's, or the row of the relation above).
+fn join_condition(relation: &Relation, alias: &str, above: &str) -> String {
     relation
         .local_columns
         .iter()
         .zip(&relation.related_columns)
-        .map(|(local, related)| format!("r.\"{related}\" = d.\"{local}\""))
+        .map(|(local, related)| format!("{alias}.\"{related}\" = {above}.\"{local}\""))
         .collect::<Vec<_>>()
         .join(" AND ")
+}
+
+/// The alias of a related row at `depth` (1: a relation of the document): `r`, `r2`, ….
+fn alias_at(depth: usize) -> String {
+    if depth <= 1 {
+        "r".to_owned()
+    } else {
+        format!("r{depth}")
+    }
+}
+
+/// The value of `relation` for the row `above` (`d` the document's): a subquery giving an
+/// object (parent) or an array of objects (children), each object holding the taken
+/// columns and, under `#<name>`, the value of each of its own relations (no column is
+/// called that: columns are plain identifiers, so the two never meet).
+fn relation_value(schema: &str, relation: &Relation, above: &str) -> String {
+    let depth = relation.depth();
+    let alias = alias_at(depth);
+    let source = qualified(schema, &relation.table);
+    let mut object = object_of(&alias, &relation.columns());
+    if !relation.relations.is_empty() {
+        let below: Vec<String> = relation
+            .relations
+            .iter()
+            .map(|r| format!("'#{}', {}", r.name, relation_value(schema, r, &alias)))
+            .collect();
+        object = format!("({object} || jsonb_build_object({}))", below.join(", "));
+    }
+    let on = join_condition(relation, &alias, above);
+    match &relation.kind {
+        RelationKind::Aggregate { function, .. } => {
+            // The filter: a validated column and operator, and an escaped literal.
+            let rows = format!(
+                "FROM {source} {alias} WHERE {on}{}",
+                relation.filter_sql(&alias)
+            );
+            let column = |c: &str| format!("{alias}.\"{c}\"");
+            match function {
+                Aggregate::Count => format!("(SELECT to_jsonb(count(*)) {rows})"),
+                Aggregate::Exists => format!("to_jsonb(EXISTS (SELECT 1 {rows}))"),
+                Aggregate::Sum(c) => {
+                    format!("(SELECT to_jsonb(coalesce(sum({}), 0)) {rows})", column(c))
+                }
+                Aggregate::Min(c) => format!("(SELECT to_jsonb(min({})) {rows})", column(c)),
+                Aggregate::Max(c) => format!("(SELECT to_jsonb(max({})) {rows})", column(c)),
+            }
+        }
+        RelationKind::Parent => {
+            format!("(SELECT {object} FROM {source} {alias} WHERE {on} LIMIT 1)")
+        }
+        RelationKind::Children {
+            order_by,
+            descending,
+            limit,
+            ..
+        } => {
+            let direction = if *descending { " DESC" } else { "" };
+            let order = match order_by {
+                Some(column) => {
+                    format!(
+                        "{alias}.\"{column}\"{direction}, {alias}.\"{}\"",
+                        relation.key
+                    )
+                }
+                None => format!("{alias}.\"{}\"{direction}", relation.key),
+            };
+            format!(
+                "(SELECT coalesce(jsonb_agg(x.o ORDER BY x.n), '[]'::jsonb) FROM \
+                 (SELECT {object} AS o, row_number() OVER (ORDER BY {order}) AS n \
+                 FROM {source} {alias} WHERE {on} ORDER BY {order} LIMIT {limit}) x)"
+            )
+        }
+    }
 }
 
 /// The key column of `event_type`'s table, typed, from the text `expr`.
@@ -57,34 +130,11 @@ impl ReadSql {
             .relations
             .iter()
             .map(|relation| {
-                let source = qualified(schema, &relation.table);
-                let object = object_of("r", &relation.columns());
-                let on = join_condition(relation);
-                let value = match &relation.kind {
-                    RelationKind::Parent => {
-                        format!("(SELECT {object} FROM {source} r WHERE {on} LIMIT 1)")
-                    }
-                    RelationKind::Children {
-                        order_by,
-                        descending,
-                        limit,
-                        ..
-                    } => {
-                        let direction = if *descending { " DESC" } else { "" };
-                        let order = match order_by {
-                            Some(column) => {
-                                format!("r.\"{column}\"{direction}, r.\"{}\"", relation.key)
-                            }
-                            None => format!("r.\"{}\"{direction}", relation.key),
-                        };
-                        format!(
-                            "(SELECT coalesce(jsonb_agg(x.o ORDER BY x.n), '[]'::jsonb) FROM \
-                             (SELECT {object} AS o, row_number() OVER (ORDER BY {order}) AS n \
-                             FROM {source} r WHERE {on} ORDER BY {order} LIMIT {limit}) x)"
-                        )
-                    }
-                };
-                format!("'{}', {value}", relation.name)
+                format!(
+                    "'{}', {}",
+                    relation.name,
+                    relation_value(schema, relation, "d")
+                )
             })
             .collect();
         let sequence = format!("\"{schema}\".elasticsearch_sync_queue");
@@ -174,24 +224,63 @@ pub(crate) struct FanOutSql {
     pub(crate) outstanding: String,
 }
 
+/// The condition on the document row `d` that it contains the related row `$1` of the last
+/// relation of `chain`: its columns match the row's (a relation of the document), or a row
+/// of each relation above joins it back to `d` (a relation of a relation: `EXISTS` over
+/// the join of the tables along the path, which the read joins the other way).
+fn contains(schema: &str, chain: &[&Relation]) -> String {
+    let Some((changed, above)) = chain.split_last() else {
+        return "false".to_owned();
+    };
+    let related = qualified(schema, &changed.table);
+    let last = if above.is_empty() {
+        "d".to_owned()
+    } else {
+        alias_at(above.len())
+    };
+    let matches = changed
+        .local_columns
+        .iter()
+        .zip(&changed.related_columns)
+        .map(|(local, other)| {
+            format!(
+                "{last}.\"{local}\" = (jsonb_populate_record(NULL::{related}, $1::jsonb)).\"{other}\""
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let Some((top, deeper)) = above.split_first() else {
+        return matches;
+    };
+    let mut from = format!("{} r", qualified(schema, &top.table));
+    for (i, relation) in deeper.iter().enumerate() {
+        let (alias, parent) = (alias_at(i + 2), alias_at(i + 1));
+        from.push_str(&format!(
+            " JOIN {} {alias} ON {}",
+            qualified(schema, &relation.table),
+            join_condition(relation, &alias, &parent)
+        ));
+    }
+    format!(
+        "EXISTS (SELECT 1 FROM {from} WHERE {} AND {matches})",
+        join_condition(top, "r", "d")
+    )
+}
+
 impl FanOutSql {
-    pub(crate) fn new(schema: &str, event_type: &EventType, relation: &Relation) -> Self {
+    /// The fan-out of the last relation of `chain` (the relations from the document's down
+    /// to it) of `event_type`.
+    pub(crate) fn new(schema: &str, event_type: &EventType, chain: &[&Relation]) -> Self {
         let table = qualified(schema, &event_type.table);
-        let related = qualified(schema, &relation.table);
         let key = &event_type.key;
         let queue = format!("\"{schema}\".elasticsearch_sync_queue");
-        let matches = relation
-            .local_columns
-            .iter()
-            .zip(&relation.related_columns)
-            .map(|(local, other)| {
-                format!("d.\"{local}\" = (jsonb_populate_record(NULL::{related}, $1::jsonb)).\"{other}\"")
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        // `$1` is still named (a statement's parameters are all typed from its text).
-        let any = match relation.kind {
-            RelationKind::Parent => relation
+        let matches = contains(schema, chain);
+        // A truncation of the related table: every document that may have joined it. Only a
+        // relation of the document's own row can say which (its foreign key is set); deeper
+        // or child rows leave no trace once gone, so every document. `$1` is still named (a
+        // statement's parameters are all typed from its text).
+        let any = match chain {
+            [relation] if relation.kind == RelationKind::Parent => relation
                 .local_columns
                 .iter()
                 .map(|local| format!("d.\"{local}\" IS NOT NULL"))
@@ -295,7 +384,7 @@ mod tests {
     #[test]
     fn a_fan_out_pages_by_key_and_skips_documents_already_waiting() {
         let event_type = joined();
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         assert!(sql.first.contains(
             "d.\"user_id\" = (jsonb_populate_record(NULL::\"app\".\"users\", $1::jsonb)).\"id\""
         ));
@@ -312,7 +401,7 @@ mod tests {
     #[test]
     fn a_truncate_pages_through_every_document_that_could_have_joined_it() {
         let event_type = joined();
-        let seller = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let seller = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         assert!(
             seller
                 .all_first
@@ -320,7 +409,7 @@ mod tests {
             "a parent: the documents with a foreign key"
         );
         assert!(seller.all_next.contains("d.\"id\" > "));
-        let images = FanOutSql::new("app", &event_type, &event_type.relations[1]);
+        let images = FanOutSql::new("app", &event_type, &[&event_type.relations[1]]);
         assert!(
             images
                 .all_first
@@ -333,12 +422,12 @@ mod tests {
     #[test]
     fn a_fan_out_leaves_out_documents_the_status_policy_excludes() {
         let mut event_type = joined();
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         assert!(!sql.first.contains("jsonb_typeof"), "no policy, no filter");
         assert!(sql.first.contains("true AS keep"));
         event_type.status_column = Some("status".into());
         event_type.document.searchable_statuses = Some(vec!["active".into(), "it's".into()]);
-        let sql = FanOutSql::new("app", &event_type, &event_type.relations[0]);
+        let sql = FanOutSql::new("app", &event_type, &[&event_type.relations[0]]);
         for page in [&sql.first, &sql.next] {
             assert!(
                 page.contains("to_jsonb(d.\"status\") #>> '{}' IN ('active', 'it''s')) AS keep"),
@@ -346,5 +435,122 @@ mod tests {
             );
             assert!(page.contains("WHERE p.keep AND NOT EXISTS"), "{page}");
         }
+    }
+
+    fn deep() -> EventType {
+        EventType::new("jobs", "job_posts")
+            .with_relation(
+                Relation::parent("company", "companies", &["company_id"], &["id"])
+                    .field("name", FieldType::Long)
+                    .relation(
+                        Relation::parent("industry", "industries", &["industry_id"], &["id"])
+                            .relation(
+                                Relation::parent("sector", "sectors", &["sector_id"], &["id"])
+                                    .field("name", FieldType::Long),
+                            ),
+                    ),
+            )
+            .with_relation(
+                Relation::children("tags", "post_tags", &["post_id"], &["id"])
+                    .key("tag_id")
+                    .order_by("position", false)
+                    .through(
+                        Relation::parent("tag", "tags", &["tag_id"], &["id"])
+                            .field("name", FieldType::Long),
+                    ),
+            )
+    }
+
+    #[test]
+    fn a_read_nests_a_subquery_per_level_under_names_no_column_has() {
+        let select = ReadSql::new("app", &deep()).select;
+        for part in [
+            "(SELECT (jsonb_build_object('id', r.\"id\", 'industry_id', r.\"industry_id\", 'name', r.\"name\") || jsonb_build_object('#industry', ",
+            "FROM \"app\".\"industries\" r2 WHERE r2.\"id\" = r.\"industry_id\" LIMIT 1)",
+            "FROM \"app\".\"sectors\" r3 WHERE r3.\"id\" = r2.\"sector_id\" LIMIT 1)",
+            "FROM \"app\".\"companies\" r WHERE r.\"id\" = d.\"company_id\" LIMIT 1)",
+            "'#tag', (SELECT jsonb_build_object('id', r2.\"id\", 'name', r2.\"name\") FROM \"app\".\"tags\" r2 WHERE r2.\"id\" = r.\"tag_id\" LIMIT 1)",
+            "FROM \"app\".\"post_tags\" r WHERE r.\"post_id\" = d.\"id\" ORDER BY r.\"position\", r.\"tag_id\" LIMIT 10",
+        ] {
+            assert!(select.contains(part), "{part}\n in {select}");
+        }
+    }
+
+    #[test]
+    fn a_fan_out_below_the_top_joins_back_along_the_path() {
+        let jobs = deep();
+        let company = &jobs.relations[0];
+        let industry = &company.relations[0];
+        let sector = &industry.relations[0];
+        let sql = FanOutSql::new("app", &jobs, &[company, industry, sector]);
+        let path = "EXISTS (SELECT 1 FROM \"app\".\"companies\" r \
+                    JOIN \"app\".\"industries\" r2 ON r2.\"id\" = r.\"industry_id\" \
+                    WHERE r.\"id\" = d.\"company_id\" \
+                    AND r2.\"sector_id\" = (jsonb_populate_record(NULL::\"app\".\"sectors\", $1::jsonb)).\"id\")";
+        assert!(sql.first.contains(path), "{}", sql.first);
+        assert!(sql.next.contains(path));
+        let sql = FanOutSql::new("app", &jobs, &[company, industry]);
+        assert!(sql.first.contains(
+            "EXISTS (SELECT 1 FROM \"app\".\"companies\" r WHERE r.\"id\" = d.\"company_id\" \
+             AND r.\"industry_id\" = (jsonb_populate_record(NULL::\"app\".\"industries\", $1::jsonb)).\"id\")"
+        ), "{}", sql.first);
+        let tags = &jobs.relations[1];
+        let sql = FanOutSql::new("app", &jobs, &[tags, &tags.relations[0]]);
+        assert!(
+            sql.first.contains(
+                "EXISTS (SELECT 1 FROM \"app\".\"post_tags\" r WHERE r.\"post_id\" = d.\"id\" \
+             AND r.\"tag_id\" = (jsonb_populate_record(NULL::\"app\".\"tags\", $1::jsonb)).\"id\")"
+            ),
+            "a tag rename: the documents that link it"
+        );
+        let sql = FanOutSql::new("app", &jobs, &[tags]);
+        assert!(sql.first.contains(
+            "WHERE d.\"id\" = (jsonb_populate_record(NULL::\"app\".\"post_tags\", $1::jsonb)).\"post_id\""
+        ), "a link added or removed: its one document");
+    }
+
+    #[test]
+    fn an_aggregate_is_one_subquery_with_its_filter() {
+        use crate::event_type::Aggregate;
+        let jobs = EventType::new("jobs", "job_posts")
+            .with_relation(
+                Relation::aggregate(
+                    "open",
+                    "applications",
+                    &["post_id"],
+                    &["id"],
+                    Aggregate::Count,
+                    FieldType::Long,
+                )
+                .filter("status", "=", Some("open")),
+            )
+            .with_relation(Relation::aggregate(
+                "paid",
+                "applications",
+                &["post_id"],
+                &["id"],
+                Aggregate::Sum("fee".into()),
+                FieldType::Double,
+            ))
+            .with_relation(Relation::aggregate(
+                "any",
+                "applications",
+                &["post_id"],
+                &["id"],
+                Aggregate::Exists,
+                FieldType::Boolean,
+            ));
+        let select = ReadSql::new("app", &jobs).select;
+        for part in [
+            "'open', (SELECT to_jsonb(count(*)) FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\" AND r.\"status\" = E'open')",
+            "'paid', (SELECT to_jsonb(coalesce(sum(r.\"fee\"), 0)) FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\")",
+            "'any', to_jsonb(EXISTS (SELECT 1 FROM \"app\".\"applications\" r WHERE r.\"post_id\" = d.\"id\"))",
+        ] {
+            assert!(select.contains(part), "{part}\n in {select}");
+        }
+        let sql = FanOutSql::new("app", &jobs, &[&jobs.relations[0]]);
+        assert!(sql.first.contains(
+            "d.\"id\" = (jsonb_populate_record(NULL::\"app\".\"applications\", $1::jsonb)).\"post_id\""
+        ));
     }
 }

@@ -132,13 +132,25 @@ impl DocumentSpec {
 }
 
 impl Relation {
-    /// The mapping of its field.
+    /// The mapping of its fields and of its relations (a through relation: its target's
+    /// fields, as its own).
     pub(crate) fn properties(&self) -> Value {
         let mut properties = Map::new();
         for (name, field) in &self.fields {
             properties.insert(name.clone(), mapping(&field.kind));
         }
-        match self.kind {
+        for below in &self.relations {
+            let value = below.properties();
+            if self.through {
+                if let Some(fields) = value.get("properties").and_then(Value::as_object) {
+                    properties.extend(fields.clone());
+                }
+            } else {
+                properties.insert(below.name.clone(), value);
+            }
+        }
+        match &self.kind {
+            RelationKind::Aggregate { kind, .. } => mapping(kind),
             RelationKind::Children { nested: true, .. } => {
                 json!({ "type": "nested", "properties": properties })
             }

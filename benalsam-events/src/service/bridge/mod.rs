@@ -267,8 +267,11 @@ impl Parts {
                 .event_types
                 .iter()
                 .flat_map(|t| {
-                    std::iter::once(t.job_table().to_owned())
-                        .chain(t.relations.iter().map(|r| r.job_table(t.job_table())))
+                    std::iter::once(t.job_table().to_owned()).chain(
+                        crate::event_type::chains(&t.relations)
+                            .into_iter()
+                            .filter_map(|chain| chain.last().map(|r| r.job_table(t.job_table()))),
+                    )
                 })
                 .collect(),
             fan_out: fan_out.as_ref().map(FanOut::status),
