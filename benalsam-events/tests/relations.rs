@@ -8,17 +8,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use benalsam_events::bridge::{self, BridgeSettings};
-use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::bridge::BridgeSettings;
 use benalsam_events::elasticsearch::http::Method;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
 use support::{
-    TestIndex, TestSchema, TestVhost, against_sql, database_url, eventually, free_port, healthy,
-    publish, sample, scrape, search_url, unique_name,
+    Running, TestIndex, TestSchema, TestVhost, against_sql, consumer_settings, database_url,
+    eventually, free_port, healthy, publish, sample, scrape, search_url, unique_name,
 };
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(180);
 const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
@@ -33,10 +30,10 @@ struct Joined {
     listings: EventType,
     /// The bridge's health and metrics port.
     port: u16,
-    bridge: (CancellationToken, JoinHandle<benalsam_events::Result<()>>),
+    bridge: Running,
     /// The bridge's settings, to start another one.
     bridge_settings: BridgeSettings,
-    consumer: Option<(CancellationToken, JoinHandle<benalsam_events::Result<()>>)>,
+    consumer: Option<Running>,
 }
 
 impl Joined {
@@ -78,16 +75,15 @@ impl Joined {
         let port = free_port();
         settings.health_addr = Some(([127, 0, 0, 1], port).into());
         adjust(&mut settings);
-        let shutdown = CancellationToken::new();
         let bridge_settings = settings.clone();
-        let bridge = tokio::spawn(bridge::run(settings, shutdown.clone()));
+        let bridge = Running::bridge(settings);
         let mut joined = Self {
             db,
             vhost,
             index,
             listings,
             port,
-            bridge: (shutdown, bridge),
+            bridge,
             bridge_settings,
             consumer: None,
         };
@@ -96,22 +92,13 @@ impl Joined {
     }
 
     fn start_consumer(&mut self) {
-        let mut settings =
-            ConsumerSettings::new(database_url(), self.vhost.url.clone(), search_url());
-        settings.outbox = OutboxConfig::in_schema(&self.db.name);
-        settings.event_types = vec![self.listings.clone()];
-        settings.heartbeat_interval = None;
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer::run(settings, shutdown.clone()));
-        self.consumer = Some((shutdown, task));
+        let settings = consumer_settings(&self.db, &self.vhost.url, vec![self.listings.clone()]);
+        self.consumer = Some(Running::consumer(settings));
     }
 
     async fn stop_consumer(&mut self) {
-        if let Some((shutdown, task)) = self.consumer.take() {
-            shutdown.cancel();
-            task.await
-                .expect("consumer task")
-                .expect("consumer stops cleanly");
+        if let Some(consumer) = self.consumer.take() {
+            consumer.stop().await;
         }
     }
 
@@ -224,12 +211,7 @@ impl Joined {
 
     async fn stop(mut self) {
         self.stop_consumer().await;
-        self.bridge.0.cancel();
-        self.bridge
-            .1
-            .await
-            .expect("bridge task")
-            .expect("bridge stops cleanly");
+        self.bridge.stop().await;
         self.index.drop().await;
         self.vhost.drop().await;
         self.db.drop().await;
@@ -915,13 +897,10 @@ impl Joined {
     /// Kills the bridge (no stop: its claims stay leased until the lease runs out) and
     /// starts another one.
     async fn kill_and_restart_bridge(&mut self) {
-        self.bridge.1.abort();
-        let _ = (&mut self.bridge.1).await;
+        self.bridge.kill().await;
         let mut settings = self.bridge_settings.clone();
         settings.health_addr = Some(([127, 0, 0, 1], free_port()).into());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(bridge::run(settings, shutdown.clone()));
-        self.bridge = (shutdown, task);
+        self.bridge = Running::bridge(settings);
     }
 }
 

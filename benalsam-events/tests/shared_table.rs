@@ -6,15 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use benalsam_events::bridge::{self, BridgeSettings};
-use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::bridge::BridgeSettings;
 use benalsam_events::event_type::{DocumentSpec, FieldType, Relation};
 use benalsam_events::{EventType, OutboxConfig};
 use support::{
-    TestIndex, TestSchema, TestVhost, against_sql, database_url, eventually, search_url,
-    unique_name,
+    Running, TestIndex, TestSchema, TestVhost, against_sql, consumer_settings, database_url,
+    eventually, search_url, unique_name,
 };
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(180);
 const MARKETPLACE_SQL: &str = include_str!("../../examples/joined_documents/marketplace.sql");
@@ -131,14 +129,8 @@ async fn one_table_feeds_two_event_types_each_exactly() {
     settings.event_types = types.clone();
     settings.migrate = true;
     settings.heartbeat_interval = None;
-    let bridge_stop = CancellationToken::new();
-    let bridge = tokio::spawn(bridge::run(settings, bridge_stop.clone()));
-    let mut settings = ConsumerSettings::new(database_url(), vhost.url.clone(), search_url());
-    settings.outbox = OutboxConfig::in_schema(&db.name);
-    settings.event_types = types.clone();
-    settings.heartbeat_interval = None;
-    let consumer_stop = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(settings, consumer_stop.clone()));
+    let bridge = Running::bridge(settings);
+    let consumer = Running::consumer(consumer_settings(&db, &vhost.url, types.clone()));
 
     // The waiting jobs reach the public index; the admin's index is filled by a backfill of
     // its own (its trigger did not exist when those rows were written).
@@ -257,13 +249,8 @@ async fn one_table_feeds_two_event_types_each_exactly() {
     })
     .await;
 
-    consumer_stop.cancel();
-    consumer
-        .await
-        .expect("consumer task")
-        .expect("consumer stops");
-    bridge_stop.cancel();
-    bridge.await.expect("bridge task").expect("bridge stops");
+    consumer.stop().await;
+    bridge.stop().await;
     index(&public.index.alias).drop().await;
     index(&admin.index.alias).drop().await;
     vhost.drop().await;
@@ -288,14 +275,8 @@ async fn a_refusal_of_one_event_type_leaves_the_other_untouched() {
     settings.event_types = types.clone();
     settings.migrate = true;
     settings.heartbeat_interval = None;
-    let bridge_stop = CancellationToken::new();
-    let bridge = tokio::spawn(bridge::run(settings, bridge_stop.clone()));
-    let mut settings = ConsumerSettings::new(database_url(), vhost.url.clone(), search_url());
-    settings.outbox = OutboxConfig::in_schema(&db.name);
-    settings.event_types = types;
-    settings.heartbeat_interval = None;
-    let consumer_stop = CancellationToken::new();
-    let consumer = tokio::spawn(consumer::run(settings, consumer_stop.clone()));
+    let bridge = Running::bridge(settings);
+    let consumer = Running::consumer(consumer_settings(&db, &vhost.url, types));
     eventually(PATIENCE, "the admin's trigger attached", || async {
         let n = value(
             &db,
@@ -354,13 +335,8 @@ async fn a_refusal_of_one_event_type_leaves_the_other_untouched() {
         "nothing in the public dead-letter queue"
     );
 
-    consumer_stop.cancel();
-    consumer
-        .await
-        .expect("consumer task")
-        .expect("consumer stops");
-    bridge_stop.cancel();
-    bridge.await.expect("bridge task").expect("bridge stops");
+    consumer.stop().await;
+    bridge.stop().await;
     public_index.drop().await;
     index(&admin.index.alias).drop().await;
     vhost.drop().await;

@@ -998,3 +998,68 @@ pub async fn against_sql(
     found.extra.extend(indexed.into_keys());
     found
 }
+
+/// A service of the library (`bridge::run`, `consumer::run`) running in this process until
+/// [`Running::stop`], which checks that it stopped cleanly.
+pub struct Running {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), benalsam_events::Error>>,
+    what: &'static str,
+}
+
+impl Running {
+    /// The bridge with `settings`.
+    pub fn bridge(settings: benalsam_events::bridge::BridgeSettings) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(benalsam_events::bridge::run(settings, shutdown.clone()));
+        Self {
+            shutdown,
+            task,
+            what: "bridge",
+        }
+    }
+
+    /// The consumer with `settings`.
+    pub fn consumer(settings: benalsam_events::consumer::ConsumerSettings) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(benalsam_events::consumer::run(settings, shutdown.clone()));
+        Self {
+            shutdown,
+            task,
+            what: "consumer",
+        }
+    }
+
+    /// Kills it (no stop: whatever it holds stays as it was) and waits for its end.
+    pub async fn kill(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    /// Stops it and waits for its end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let what = self.what;
+        self.task
+            .await
+            .unwrap_or_else(|e| panic!("the {what} task: {e}"))
+            .unwrap_or_else(|e| panic!("the {what} stops cleanly: {e}"));
+    }
+}
+
+/// Settings of a consumer of `db`'s outbox and `vhost` for `event_types`, without heartbeats.
+pub fn consumer_settings(
+    db: &TestSchema,
+    vhost: &AmqpUrl,
+    event_types: Vec<benalsam_events::EventType>,
+) -> benalsam_events::consumer::ConsumerSettings {
+    let mut settings = benalsam_events::consumer::ConsumerSettings::new(
+        database_url(),
+        vhost.clone(),
+        search_url(),
+    );
+    settings.outbox = benalsam_events::OutboxConfig::in_schema(&db.name);
+    settings.event_types = event_types;
+    settings.heartbeat_interval = None;
+    settings
+}
