@@ -13,6 +13,8 @@
 //! else running:
 //!
 //! * one level: the seller renamed (`listings#seller`);
+//! * one level on the posts: every company renamed in one statement (`job_posts#company`,
+//!   40 changes of N/40 posts each), the same documents as the deeper changes;
 //! * three levels: the sector renamed (`job_posts#company.industry.sector`);
 //! * many-to-many: the tag renamed (`job_posts#tags.tag`, through `post_tags`);
 //! * aggregate: one application added to each post in one statement (N rows, each one job
@@ -283,6 +285,12 @@ async fn main() -> Result<(), BoxError> {
                 ),
                 alias: &listings_alias,
                 query: json!({"term": {"seller.display_name.raw": format!("Mağaza {round}")}}),
+            },
+            Change {
+                shape: "every company renamed (one level, the same posts)",
+                sql: format!("UPDATE companies SET name = 'Şirket {round}'"),
+                alias: &jobs_alias,
+                query: json!({"term": {"company.name.raw": format!("Şirket {round}")}}),
             },
             Change {
                 shape: "sector renamed (three levels)",
