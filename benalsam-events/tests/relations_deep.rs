@@ -784,12 +784,13 @@ async fn migrate_attaches_every_level_and_drops_exactly_a_removed_one() {
     let mut fewer = jobs.clone();
     fewer[0].relations[0].relations[0].relations.clear();
     let report = config.migrate(&mut client, &fewer).await.expect("migrate");
+    // The relation's row trigger and its TRUNCATE trigger go together.
     assert_eq!(
         report.removed_triggers,
-        [format!(
-            "{}.sectors.benalsam_jobs_company.industry.sector",
-            db.name
-        )]
+        [
+            format!("{}.sectors.benalsam_jobs_company.industry.sector", db.name),
+            format!("{}.sectors.truncate_jobs_company.industry.sector", db.name),
+        ]
     );
     let waiting: i64 = db
         .client
