@@ -33,6 +33,8 @@ struct Board {
     index: TestIndex,
     jobs: EventType,
     bridge: Service,
+    /// What the bridge was started with, to start another after a kill.
+    bridge_settings: BridgeSettings,
     consumer: Option<Service>,
 }
 
@@ -49,6 +51,11 @@ fn jobs_type(alias: &str) -> EventType {
 
 impl Board {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The same with the bridge's settings adjusted (a small fan-out page, a short lease).
+    async fn start_with(adjust: impl FnOnce(&mut BridgeSettings)) -> Self {
         let db = TestSchema::new().await;
         db.client
             .batch_execute(JOBS_SQL)
@@ -74,6 +81,8 @@ impl Board {
         settings.event_types = vec![jobs.clone()];
         settings.migrate = true;
         settings.heartbeat_interval = None;
+        adjust(&mut settings);
+        let bridge_settings = settings.clone();
         let shutdown = CancellationToken::new();
         let bridge = (
             shutdown.clone(),
@@ -85,6 +94,7 @@ impl Board {
             index,
             jobs,
             bridge,
+            bridge_settings,
             consumer: None,
         };
         board.start_consumer();
@@ -100,6 +110,20 @@ impl Board {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(consumer::run(settings, shutdown.clone()));
         self.consumer = Some((shutdown, task));
+    }
+
+    /// Kills the bridge where it stands: its task aborted, no clean shutdown, so the jobs it
+    /// claimed keep their lease until it runs out. Start another before [`Board::stop`].
+    async fn kill_bridge(&mut self) {
+        self.bridge.1.abort();
+        let _ = (&mut self.bridge.1).await;
+    }
+
+    /// Starts another bridge with the first one's settings.
+    fn start_bridge(&mut self) {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(bridge::run(self.bridge_settings.clone(), shutdown.clone()));
+        self.bridge = (shutdown, task);
     }
 
     async fn stop_consumer(&mut self) {
@@ -760,7 +784,7 @@ async fn migrate_attaches_every_level_and_drops_exactly_a_removed_one() {
     let mut fewer = jobs.clone();
     fewer[0].relations[0].relations[0].relations.clear();
     let report = config.migrate(&mut client, &fewer).await.expect("migrate");
-    // The row trigger and the one that follows a TRUNCATE of the table.
+    // The relation's row trigger and its TRUNCATE trigger go together.
     assert_eq!(
         report.removed_triggers,
         [
@@ -867,5 +891,148 @@ async fn a_sector_and_a_tag_of_nine_thousand_posts() {
         );
         assert!(rebuilt.len() > 9_000, "{what}: {}", rebuilt.len());
     }
+    t.stop().await;
+}
+
+/// A sector rename three levels above a few hundred posts, fanned out in pages of 50: the
+/// bridge is killed after its first pages are written and before the last, and another
+/// bridge finishes the fan-out from the progress the job recorded. Every post ends equal to
+/// its SQL view, and the pages written before the kill are not written again.
+#[tokio::test]
+async fn a_fan_out_at_depth_resumes_after_the_bridge_is_killed() {
+    const PAGE: i64 = 50;
+    let mut t = Board::start_with(|s| {
+        s.fanout_page = PAGE as usize;
+        // The killed bridge's claim on the rename's job runs out soon.
+        s.outbox.lease = Duration::from_secs(3);
+    })
+    .await;
+    let s = seed(&t).await;
+    // 420 posts in the sector, spread over two companies of two of its industries.
+    t.sql(&format!(
+        "INSERT INTO job_posts (title, company_id)
+           SELECT 'Post ' || i, CASE WHEN i % 2 = 0 THEN {} ELSE {} END
+           FROM generate_series(1, 420) AS i",
+        s.companies[0], s.companies[1]
+    ))
+    .await;
+    t.settled().await;
+    t.converged("the posts indexed").await;
+    let in_sector = t
+        .count(&format!(
+            "SELECT count(*) FROM job_posts p JOIN companies c ON c.id = p.company_id
+               JOIN industries i ON i.id = c.industry_id
+              WHERE i.sector_id = {} AND p.status = 'open'",
+            s.sectors[0]
+        ))
+        .await;
+    // Only searchable posts are fanned out (the closed one of the seed is not in the index).
+    assert!(in_sector > 8 * PAGE, "{in_sector} posts in the sector");
+
+    // With the consumer away no REBUILD job is indexed, so after its first page the fan-out
+    // waits for room: the kill lands between pages, with some written and most not.
+    t.stop_consumer().await;
+    let mark = t.mark().await;
+    t.sql(&format!(
+        "UPDATE sectors SET name = 'Tech 2' WHERE id = {}",
+        s.sectors[0]
+    ))
+    .await;
+    let rebuilds = format!(
+        "SELECT count(*) FROM elasticsearch_sync_queue WHERE operation = 'REBUILD' AND id > {mark}"
+    );
+    let unsent = format!(
+        "SELECT count(*) FROM elasticsearch_sync_queue
+          WHERE operation = 'REBUILD' AND id > {mark} AND status <> 'sent'"
+    );
+    // Under way: its progress recorded, and its first page's jobs published (sent, so a
+    // fan-out started over would not find them pending and would write them again).
+    eventually(PATIENCE, "the sector's fan-out under way", || async {
+        let row =
+            t.db.client
+                .query_opt(
+                    "SELECT status, change_data ? 'fanout' FROM elasticsearch_sync_queue
+                 WHERE table_name = 'job_posts#company.industry.sector' AND id > $1",
+                    &[&mark],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        let mut counts = [0i64; 2];
+        for (count, sql) in counts.iter_mut().zip([&rebuilds, &unsent]) {
+            *count =
+                t.db.client
+                    .query_one(sql.as_str(), &[])
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .get(0);
+        }
+        let [written, unsent] = counts;
+        match row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1))) {
+            // A page of 50 rows may keep fewer: the closed post is in no page's REBUILD jobs.
+            Some((status, true)) if status == "processing" && written > 0 && unsent == 0 => Ok(()),
+            other => Err(format!(
+                "{other:?}, {written} REBUILD jobs, {unsent} of them not sent"
+            )),
+        }
+    })
+    .await;
+    let before_kill = t.count(&rebuilds).await;
+    assert!(
+        before_kill < in_sector,
+        "the fan-out must be cut short: {before_kill} of {in_sector} written"
+    );
+    t.kill_bridge().await;
+    // Killed means all of it: nothing of the killed bridge renews its claim on the rename's
+    // job (a fan-out left running would), so the claim runs out for another bridge to take.
+    eventually(PATIENCE, "the killed bridge's claim run out", || async {
+        let held: bool =
+            t.db.client
+                .query_one(
+                    "SELECT coalesce(locked_until > now(), false) FROM elasticsearch_sync_queue
+                  WHERE table_name = 'job_posts#company.industry.sector' AND id > $1",
+                    &[&mark],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+        if held {
+            Err("the rename's job is still claimed".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    t.start_bridge();
+    t.start_consumer();
+    t.converged("every post of the sector renamed after the kill")
+        .await;
+    t.settled().await;
+    let done: String =
+        t.db.client
+            .query_one(
+                "SELECT status FROM elasticsearch_sync_queue
+             WHERE table_name = 'job_posts#company.industry.sector' AND id > $1",
+                &[&mark],
+            )
+            .await
+            .expect("the rename's job")
+            .get(0);
+    assert_eq!(done, "completed");
+    // Resumed, not restarted: every post of the sector rebuilt exactly once. A page and
+    // its progress commit together, and the kill came while the fan-out waited for room,
+    // so the new bridge starts after the last page written.
+    let written = t.count(&rebuilds).await;
+    let distinct = t
+        .count(&format!(
+            "SELECT count(DISTINCT record_id) FROM elasticsearch_sync_queue
+              WHERE operation = 'REBUILD' AND id > {mark}"
+        ))
+        .await;
+    println!("{before_kill} of {in_sector} posts written before the kill, {written} after");
+    assert_eq!(distinct, in_sector, "every post of the sector rebuilt");
+    assert_eq!(
+        written, in_sector,
+        "a post rebuilt twice: the fan-out started over instead of resuming"
+    );
     t.stop().await;
 }

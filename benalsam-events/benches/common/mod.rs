@@ -2,6 +2,7 @@
 //! topology and migrations in place, listings like the demo's, and their jobs as envelopes.
 #![allow(dead_code)] // each benchmark uses a part
 
+pub mod joined;
 pub mod load;
 
 use benalsam_events::publish::TopologyConfig;

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, retry};
@@ -78,7 +78,11 @@ pub(crate) struct Service {
     pub(crate) readiness: Readiness,
     pub(crate) metrics: Metrics,
     background: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// A set rather than handles: dropping it aborts them. When the service's future is
+    /// dropped without stopping (its task aborted, a `select!` that moved on), a background
+    /// task left running would go on as a bridge nobody runs: a fan-out renewing its claim on
+    /// a job that no other bridge can then take over.
+    tasks: JoinSet<()>,
 }
 
 impl Service {
@@ -90,7 +94,7 @@ impl Service {
             readiness,
             metrics: Metrics::for_service(name),
             background: shutdown.child_token(),
-            tasks: Vec::new(),
+            tasks: JoinSet::new(),
         }
     }
 
@@ -172,7 +176,7 @@ impl Service {
 
     /// Runs `task` until the service stops.
     pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.push(tokio::spawn(task));
+        self.tasks.spawn(task);
     }
 
     /// The token background tasks stop on.
@@ -181,10 +185,8 @@ impl Service {
     }
 
     /// Stops the background tasks and waits for them.
-    pub(crate) async fn stop(self) {
+    pub(crate) async fn stop(mut self) {
         self.background.cancel();
-        for task in self.tasks {
-            let _ = task.await;
-        }
+        while self.tasks.join_next().await.is_some() {}
     }
 }
