@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
-use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::{EventType, OutboxConfig};
 use common::joined::{
     Config, RssPeak, Service, count_by_seller, es_json, insert_listings, memory_mib, users,
@@ -564,19 +563,6 @@ async fn small_phases(env: &BenchEnv, first: i64, big: &str) -> Result<[Vec<f64>
     Ok(phases)
 }
 
-async fn delete_index(es: &Elasticsearch, alias: &str) {
-    let _ = es
-        .send(
-            Method::Delete,
-            &format!("/{alias}_v1"),
-            HeaderMap::new(),
-            Option::<&()>::None,
-            Option::<Vec<u8>>::None,
-            None,
-        )
-        .await;
-}
-
 fn ms(sorted: &[f64]) -> String {
     format!(
         "{:.0} / {:.0} / {:.0} ms",
@@ -634,7 +620,7 @@ async fn main() -> Result<(), BoxError> {
         false,
     )
     .await?;
-    delete_index(&es, &plain_alias).await;
+    common::delete_index(&es, &plain_alias).await;
     let edited_first = max_job(&env).await?;
     let (joined_drain, services) =
         drain(&env, &others, capacity_jobs, Config::Joined(&file), true).await?;
@@ -848,7 +834,7 @@ async fn main() -> Result<(), BoxError> {
         );
     }
 
-    delete_index(&es, &joined_alias).await;
+    common::delete_index(&es, &joined_alias).await;
     let _ = std::fs::remove_file(&file);
     env.cleanup().await
 }

@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 use benalsam_events::config::SearchUrl;
 use benalsam_events::elasticsearch::Elasticsearch;
 use benalsam_events::elasticsearch::http::Method;
-use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::{EventType, OutboxConfig};
 use common::joined::{Config, RssPeak, Service, es_json, insert_listings, memory_mib, users};
 use common::{BenchEnv, BoxError, max_job, setting, wait_completed};
@@ -213,19 +212,6 @@ async fn seed_posts(env: &BenchEnv, n: i64) -> Result<(i64, i64), BoxError> {
     Ok((sector, tag))
 }
 
-async fn delete_index(es: &Elasticsearch, alias: &str) {
-    let _ = es
-        .send(
-            Method::Delete,
-            &format!("/{alias}_v1"),
-            HeaderMap::new(),
-            Option::<&()>::None,
-            Option::<Vec<u8>>::None,
-            None,
-        )
-        .await;
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let n: i64 = setting("BENCH_DEEP_DOCUMENTS", 10_000)?;
@@ -375,8 +361,8 @@ async fn main() -> Result<(), BoxError> {
         println!("| {} | {} | {} |", m.round, m.shape, m.cpu.join(" | "));
     }
 
-    delete_index(&es, &listings_alias).await;
-    delete_index(&es, &jobs_alias).await;
+    common::delete_index(&es, &listings_alias).await;
+    common::delete_index(&es, &jobs_alias).await;
     let _ = std::fs::remove_file(&file);
     env.cleanup().await
 }

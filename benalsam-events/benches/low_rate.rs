@@ -107,14 +107,6 @@ async fn main() -> Result<(), BoxError> {
             .per_thousand(&cpu_before, jobs as usize)
             .join(" | ")
     );
-    let _ = es
-        .indices()
-        .delete(
-            benalsam_events::elasticsearch::indices::IndicesDeleteParts::Index(&[&format!(
-                "{index}_v1"
-            )]),
-        )
-        .send()
-        .await;
+    common::delete_index(&es, &index).await;
     env.cleanup().await
 }

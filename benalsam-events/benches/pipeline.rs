@@ -33,8 +33,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use benalsam_events::config::SearchUrl;
-use benalsam_events::elasticsearch::http::Method;
-use benalsam_events::elasticsearch::http::headers::HeaderMap;
 
 use common::load::{Mix, Process, job_stats, mix, write};
 use common::{BenchEnv, BoxError, max_job, setting, wait_completed};
@@ -44,19 +42,6 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-
-async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, alias: &str) {
-    let _ = es
-        .send(
-            Method::Delete,
-            &format!("/{alias}_v1"),
-            HeaderMap::new(),
-            Option::<&()>::None,
-            Option::<Vec<u8>>::None,
-            None,
-        )
-        .await;
-}
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -200,7 +185,7 @@ async fn main() -> Result<(), BoxError> {
             if rate > bulked.0 {
                 bulked = (rate, size, concurrency);
             }
-            delete_index(&es, &alias).await;
+            common::delete_index(&es, &alias).await;
         }
     }
     let (bulked, bulk_size, bulk_concurrency) = bulked;
@@ -339,6 +324,6 @@ async fn main() -> Result<(), BoxError> {
             .join(" | ")
     );
 
-    delete_index(&es, &index).await;
+    common::delete_index(&es, &index).await;
     env.cleanup().await
 }

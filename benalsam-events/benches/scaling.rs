@@ -37,8 +37,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use benalsam_events::config::SearchUrl;
-use benalsam_events::elasticsearch::http::Method;
-use benalsam_events::elasticsearch::http::headers::HeaderMap;
 use benalsam_events::publish::{QueueType, TopologyConfig};
 
 use benalsam_events::{AmqpUrl, Outbox, OutboxConfig, Outcome, Settle};
@@ -340,19 +338,6 @@ async fn publish_rate(
     Ok(rate)
 }
 
-async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, index: &str) {
-    let _ = es
-        .send(
-            Method::Delete,
-            &format!("/{index}"),
-            HeaderMap::new(),
-            Option::<&()>::None,
-            Option::<Vec<u8>>::None,
-            None,
-        )
-        .await;
-}
-
 /// Writers at full speed: `ops` inserts and edits of listings from `writers` connections.
 async fn write(env: &BenchEnv, writers: usize, ops: usize) -> Result<(), BoxError> {
     let runs = (0..writers).map(|w| async move {
@@ -456,7 +441,7 @@ async fn main() -> Result<(), BoxError> {
         let before = cpu(&cluster, &[])?;
         let rate = common::raw_bulk(&es, &items, 500, concurrency).await?;
         bulks.push((concurrency, rate, before, cpu(&cluster, &[])?));
-        delete_index(&es, &format!("{raw}_v1")).await;
+        common::delete_index(&es, &raw).await;
     }
 
     let mut drains = Vec::new();
@@ -559,6 +544,6 @@ async fn main() -> Result<(), BoxError> {
     print_cpu("The pipeline", &rows, idle);
     println!("\nThe idle clusters use {idle:.2} CPU-seconds per second.");
 
-    delete_index(&es, &format!("{alias}_v1")).await;
+    common::delete_index(&es, &alias).await;
     env.cleanup().await
 }

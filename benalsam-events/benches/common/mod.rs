@@ -471,3 +471,19 @@ pub async fn wait_completed(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Deletes the index behind `alias` that the run created (`<alias>_v1`); a bench's cleanup, so
+/// an error (already gone) is of no interest.
+pub async fn delete_index(es: &benalsam_events::elasticsearch::Elasticsearch, alias: &str) {
+    use benalsam_events::elasticsearch::http::{Method, headers::HeaderMap};
+    let _ = es
+        .send(
+            Method::Delete,
+            &format!("/{alias}_v1"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<Vec<u8>>::None,
+            None,
+        )
+        .await;
+}
