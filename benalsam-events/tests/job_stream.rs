@@ -496,8 +496,9 @@ async fn commits_made_while_an_idle_stream_lingers_are_claimed_together() {
     db.use_channel(&channel).await;
     let mut config = listen(&channel);
     config.poll_interval = Duration::from_secs(3600);
-    // Long enough that five commits in a row fall inside it on any machine.
-    config.linger = Duration::from_secs(5);
+    // Long enough that five single-row commits in a row fall inside it even on a loaded
+    // machine (they take milliseconds); the test waits this long once.
+    config.linger = Duration::from_secs(10);
     let outbox = db.outbox(OutboxConfig::default());
     let mut stream = JobStream::new(outbox, config, CancellationToken::new()).expect("stream");
     db.insert_listings(1).await;

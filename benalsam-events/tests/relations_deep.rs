@@ -9,21 +9,17 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use benalsam_events::bridge::{self, BridgeSettings};
-use benalsam_events::consumer::{self, ConsumerSettings};
+use benalsam_events::bridge::BridgeSettings;
 use benalsam_events::{EventType, OutboxConfig};
 use serde_json::{Value, json};
 use support::{
-    TestIndex, TestSchema, TestVhost, database_url, eventually, search_url, unique_name,
+    Running, TestIndex, TestSchema, TestVhost, consumer_settings, database_url, eventually,
+    search_url, unique_name,
 };
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(180);
 const JOBS_SQL: &str = include_str!("../../examples/joined_documents/jobs.sql");
 const JOBS_TOML: &str = include_str!("../../examples/joined_documents/jobs.toml");
-
-type Service = (CancellationToken, JoinHandle<benalsam_events::Result<()>>);
 
 /// A schema with the job board's tables, a vhost, the jobs event type with an index of its
 /// own, and a bridge and a consumer running on them.
@@ -32,10 +28,10 @@ struct Board {
     vhost: TestVhost,
     index: TestIndex,
     jobs: EventType,
-    bridge: Service,
+    bridge: Running,
     /// What the bridge was started with, to start another after a kill.
     bridge_settings: BridgeSettings,
-    consumer: Option<Service>,
+    consumer: Option<Running>,
 }
 
 /// The jobs event type of the example, writing into `alias`.
@@ -83,11 +79,7 @@ impl Board {
         settings.heartbeat_interval = None;
         adjust(&mut settings);
         let bridge_settings = settings.clone();
-        let shutdown = CancellationToken::new();
-        let bridge = (
-            shutdown.clone(),
-            tokio::spawn(bridge::run(settings, shutdown)),
-        );
+        let bridge = Running::bridge(settings);
         let mut board = Self {
             db,
             vhost,
@@ -102,36 +94,24 @@ impl Board {
     }
 
     fn start_consumer(&mut self) {
-        let mut settings =
-            ConsumerSettings::new(database_url(), self.vhost.url.clone(), search_url());
-        settings.outbox = OutboxConfig::in_schema(&self.db.name);
-        settings.event_types = vec![self.jobs.clone()];
-        settings.heartbeat_interval = None;
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer::run(settings, shutdown.clone()));
-        self.consumer = Some((shutdown, task));
+        let settings = consumer_settings(&self.db, &self.vhost.url, vec![self.jobs.clone()]);
+        self.consumer = Some(Running::consumer(settings));
     }
 
     /// Kills the bridge where it stands: its task aborted, no clean shutdown, so the jobs it
     /// claimed keep their lease until it runs out. Start another before [`Board::stop`].
     async fn kill_bridge(&mut self) {
-        self.bridge.1.abort();
-        let _ = (&mut self.bridge.1).await;
+        self.bridge.kill().await;
     }
 
     /// Starts another bridge with the first one's settings.
     fn start_bridge(&mut self) {
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(bridge::run(self.bridge_settings.clone(), shutdown.clone()));
-        self.bridge = (shutdown, task);
+        self.bridge = Running::bridge(self.bridge_settings.clone());
     }
 
     async fn stop_consumer(&mut self) {
-        if let Some((shutdown, task)) = self.consumer.take() {
-            shutdown.cancel();
-            task.await
-                .expect("consumer task")
-                .expect("consumer stops cleanly");
+        if let Some(consumer) = self.consumer.take() {
+            consumer.stop().await;
         }
     }
 
@@ -271,10 +251,7 @@ impl Board {
 
     async fn stop(mut self) {
         self.stop_consumer().await;
-        for (shutdown, task) in [self.bridge] {
-            shutdown.cancel();
-            task.await.expect("task").expect("stops cleanly");
-        }
+        self.bridge.stop().await;
         self.index.drop().await;
         self.vhost.drop().await;
         self.db.drop().await;
