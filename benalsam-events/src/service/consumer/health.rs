@@ -42,6 +42,7 @@ pub(super) fn elasticsearch_report(
     window: Duration,
     search: &str,
     now: SystemTime,
+    started: SystemTime,
 ) -> HealthReport {
     let mut problems = Vec::new();
     if s.circuit_open_since.is_some() {
@@ -59,7 +60,10 @@ pub(super) fn elasticsearch_report(
             since(now, *since_at).as_secs()
         ));
     }
-    let acked_recently = s.last_ack_at.is_some_and(|t| since(now, t) <= window);
+    // Judged from the start until the first ack: a consumer that has just started (or
+    // restarted onto a backlog) has not been stalled for a window yet.
+    let last_progress = s.last_ack_at.map_or(started, |t| t.max(started));
+    let acked_recently = since(now, last_progress) <= window;
     if s.queue_depth.unwrap_or(0) > 0 && !acked_recently && s.circuit_open_since.is_none() {
         problems.push(format!(
             "{} messages wait but none was acked for over {}s: the consumer is stalled",
@@ -118,7 +122,13 @@ mod tests {
             last_error: Some((SystemTime::now(), "connection refused".into())),
             ..IndexerStatus::default()
         };
-        let r = elasticsearch_report(&s, WINDOW, "http://es:9200", SystemTime::now());
+        let r = elasticsearch_report(
+            &s,
+            WINDOW,
+            "http://es:9200",
+            SystemTime::now(),
+            SystemTime::UNIX_EPOCH,
+        );
         assert!(!r.healthy);
         assert!(r.message.contains("connection refused"), "{}", r.message);
         assert_eq!(r.details["circuit"], "open");
@@ -132,12 +142,17 @@ mod tests {
             last_ack_at: Some(now - Duration::from_secs(300)),
             ..IndexerStatus::default()
         };
-        assert!(!elasticsearch_report(&s, WINDOW, "es", now).healthy);
+        assert!(!elasticsearch_report(&s, WINDOW, "es", now, SystemTime::UNIX_EPOCH).healthy);
         s.last_ack_at = Some(now);
-        assert!(elasticsearch_report(&s, WINDOW, "es", now).healthy);
+        assert!(elasticsearch_report(&s, WINDOW, "es", now, SystemTime::UNIX_EPOCH).healthy);
         s.queue_depth = Some(0);
         s.last_ack_at = None;
-        assert!(elasticsearch_report(&s, WINDOW, "es", now).healthy);
+        assert!(elasticsearch_report(&s, WINDOW, "es", now, SystemTime::UNIX_EPOCH).healthy);
+        // Just started onto a backlog, nothing acked yet: not stalled before a window passed.
+        s.queue_depth = Some(40);
+        let just = now - Duration::from_secs(1);
+        assert!(elasticsearch_report(&s, WINDOW, "es", now, just).healthy);
+        assert!(!elasticsearch_report(&s, WINDOW, "es", now + WINDOW * 2, just).healthy);
     }
 
     #[test]
@@ -147,7 +162,7 @@ mod tests {
             outbox_failing: Some((now - Duration::from_secs(12), "connection refused".into())),
             ..IndexerStatus::default()
         };
-        let r = elasticsearch_report(&s, WINDOW, "es", now);
+        let r = elasticsearch_report(&s, WINDOW, "es", now, SystemTime::UNIX_EPOCH);
         assert!(!r.healthy);
         assert!(r.message.contains("PostgreSQL for 12s"), "{}", r.message);
     }
@@ -171,7 +186,13 @@ mod tests {
             ..IndexerStatus::default()
         };
         let listed = "http://u:***@es1:9200/,http://u:***@es2:9200/";
-        let r = elasticsearch_report(&s, WINDOW, listed, SystemTime::now());
+        let r = elasticsearch_report(
+            &s,
+            WINDOW,
+            listed,
+            SystemTime::now(),
+            SystemTime::UNIX_EPOCH,
+        );
         assert!(r.healthy);
         assert_eq!(r.message, "indexing into http://u:***@es2:9200/");
         assert_eq!(r.details["search"], listed);
@@ -181,7 +202,13 @@ mod tests {
             circuit_failures: 2,
             ..s
         };
-        let r = elasticsearch_report(&open, WINDOW, listed, SystemTime::now());
+        let r = elasticsearch_report(
+            &open,
+            WINDOW,
+            listed,
+            SystemTime::now(),
+            SystemTime::UNIX_EPOCH,
+        );
         assert!(!r.healthy);
         assert!(
             r.message.contains(listed),

@@ -131,6 +131,7 @@ pub async fn run(settings: ConsumerSettings, shutdown: CancellationToken) -> Res
         search: settings.search_url.redacted(),
         broker: settings.rabbitmq_url.redacted(),
         queue_type: settings.queue_type,
+        started: SystemTime::now(),
     };
     if let Some(interval) = settings.heartbeat_interval {
         let beat = consumer.clone();
@@ -276,6 +277,8 @@ struct ConsumerMonitor {
     search: String,
     broker: String,
     queue_type: crate::config::QueueType,
+    /// When the consumer started: a stall is judged from then until its first ack.
+    started: SystemTime,
 }
 
 impl ConsumerMonitor {
@@ -285,6 +288,7 @@ impl ConsumerMonitor {
             self.window,
             &self.search,
             SystemTime::now(),
+            self.started,
         )
     }
 
