@@ -743,8 +743,9 @@ pub async fn healthy(port: u16, path: &str, service: &str) -> serde_json::Value 
     let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
         .await
         .expect("health answers");
-    assert_eq!(response.status(), 200, "{path}");
+    let status = response.status();
     let text = response.text().await.expect("body");
+    assert_eq!(status, 200, "{path}: {text}");
     assert!(
         !text.contains("benalsam123"),
         "no password in {path}: {text}"
