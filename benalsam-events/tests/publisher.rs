@@ -238,7 +238,7 @@ async fn a_byte_window_smaller_than_one_message_still_publishes_every_job() {
 async fn connections_closed_by_the_broker_lose_no_job() {
     let (db, vhost) = (TestSchema::new().await, TestVhost::new().await);
     declare(&vhost).await;
-    db.insert_listings(3000).await;
+    db.insert_listings(1000).await;
 
     let (relay, relay_url) = Relay::amqp(&vhost.url).await;
     let bridge = Bridge::start_at(
@@ -256,6 +256,9 @@ async fn connections_closed_by_the_broker_lose_no_job() {
         )
         .await;
         cuts += relay.cut();
+        // More jobs after each cut, so the publisher meets the cut even when it had
+        // published everything before it.
+        db.insert_listings(1000).await;
     }
     assert!(cuts >= 2, "cut the publisher's connection twice");
     let counts = wait_settled(&db, &["pending", "processing"]).await;

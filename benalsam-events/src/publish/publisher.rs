@@ -236,7 +236,11 @@ impl<S: Settle> Worker<S> {
             if self.link.as_ref().is_some_and(|l| {
                 !l.connection.status().connected() || !l.channel.status().connected()
             }) {
-                self.link_lost(None);
+                // Closed under us (the broker, a proxy or the network): a lost connection
+                // is an error the health answer counts, whoever noticed it first.
+                self.link_lost(Error::broker(
+                    "the connection or channel to RabbitMQ was closed",
+                ));
             }
             if self.link.is_none() && !self.connect().await {
                 if self.give_up_closing().await {
@@ -333,7 +337,7 @@ impl<S: Settle> Worker<S> {
                 }
                 Err(error) => {
                     self.queue.push_front(Outgoing::Again { id, message });
-                    self.link_lost(Some(error));
+                    self.link_lost(error);
                     return;
                 }
             }
@@ -375,7 +379,7 @@ impl<S: Settle> Worker<S> {
             }
             Err(error) => {
                 self.queue.push_front(Outgoing::Again { id, message });
-                self.link_lost(Some(Error::amqp("publishing", error)));
+                self.link_lost(Error::amqp("publishing", error));
             }
         }
     }

@@ -70,10 +70,10 @@ pub(crate) enum PublisherEvent<'a> {
     Refused { kind: Refusal, error: &'a str },
     /// The topology was declared again after a refusal.
     Repaired,
-    /// The link is gone (`error` says why, `None` at a plain close); `republished`
-    /// unconfirmed messages go out again on the next one.
+    /// The link is gone (`error` says why); `republished` unconfirmed messages go out
+    /// again on the next one.
     LinkLost {
-        error: Option<&'a crate::error::Error>,
+        error: &'a crate::error::Error,
         republished: u64,
     },
     /// Closed for good.
@@ -111,9 +111,7 @@ impl Event for PublisherEvent<'_> {
             }
             PublisherEvent::Repaired => s.repairs += 1,
             PublisherEvent::LinkLost { error, republished } => {
-                if let Some(error) = error {
-                    count_error(s, error);
-                }
+                count_error(s, error);
                 m.jobs_republished.inc_by(republished);
                 s.connected = false;
                 s.unconfirmed = 0;
@@ -217,7 +215,7 @@ mod tests {
             unconfirmed: 3,
         });
         recorder.record(PublisherEvent::LinkLost {
-            error: Some(&crate::error::Error::broker("connection reset")),
+            error: &crate::error::Error::broker("connection reset"),
             republished: 3,
         });
         recorder.record(PublisherEvent::Refused {

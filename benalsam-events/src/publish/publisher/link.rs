@@ -51,10 +51,8 @@ impl<S: Settle> Worker<S> {
     }
 
     /// Drops the link; its unconfirmed jobs are published again on the next one.
-    pub(super) fn link_lost(&mut self, error: Option<Error>) {
-        if let Some(error) = &error {
-            tracing::warn!(%error, "publisher lost its channel; reconnecting");
-        }
+    pub(super) fn link_lost(&mut self, error: Error) {
+        tracing::warn!(%error, "publisher lost its channel; reconnecting");
         self.link = None;
         self.nacked_since = None;
         // The next connection starts with the address after the one just lost: a node that
@@ -74,7 +72,7 @@ impl<S: Settle> Worker<S> {
         self.unconfirmed_bytes = 0;
         orphans.sort_unstable_by_key(|o| std::cmp::Reverse(o.id()));
         self.recorder.record(PublisherEvent::LinkLost {
-            error: error.as_ref(),
+            error: &error,
             republished: orphans.len() as u64,
         });
         for orphan in orphans {

@@ -43,19 +43,19 @@ impl<S: Settle> Worker<S> {
                     && self.nacked_since.get_or_insert_with(Instant::now).elapsed()
                         >= NACKED_CHANNEL;
                 if closes_link {
-                    self.link_lost(Some(Error::broker(reason)));
+                    self.link_lost(Error::broker(reason));
                 } else if nacked_long {
-                    self.link_lost(Some(Error::broker(format!(
+                    self.link_lost(Error::broker(format!(
                         "every publish nacked for {} s; opening a new channel",
                         NACKED_CHANNEL.as_secs()
-                    ))));
+                    )));
                 } else if kind == Refusal::Unroutable {
                     self.repair().await;
                 }
             }
             Verdict::Unknown(reason) => {
                 self.queue.push_front(Outgoing::Again { id, message });
-                self.link_lost(Some(Error::broker(reason)));
+                self.link_lost(Error::broker(reason));
             }
         }
     }
