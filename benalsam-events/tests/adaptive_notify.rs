@@ -14,7 +14,7 @@ use std::time::Duration;
 use benalsam_events::outbox::Wake;
 use benalsam_events::{EventType, Job, JobStream, JobStreamConfig, OutboxConfig};
 use futures::StreamExt;
-use support::{LISTINGS_SQL, TestSchema, database_url, unique_name};
+use support::{LISTINGS_SQL, TestSchema, database_url, listings_triggers, unique_name};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -228,13 +228,7 @@ async fn notify_always_ignores_busy_bridges_and_notify_off_never_notifies() {
     let (db, mut listening) = setup().await;
     busy(&db, "all tables", "NULL", "now() + interval '1 hour'").await;
     let channel = listening.channel.clone();
-    let attach = |options: &str| {
-        format!(
-            "CREATE OR REPLACE TRIGGER benalsam_sync_queue
-                 AFTER INSERT OR UPDATE OR DELETE ON listings
-                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('channel={channel}', {options})"
-        )
-    };
+    let attach = |options: &str| listings_triggers(&format!("'channel={channel}', {options}"));
     db.client
         .batch_execute(&attach("'notify=always'"))
         .await
@@ -548,13 +542,36 @@ async fn a_database_migrated_by_the_previous_build_gets_migration_4_and_its_trig
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(report.applied.first(), Some(&4), "{:?}", report.applied);
 
-    // The trigger (re-attached by migrate on the default channel) records and notifies as
-    // before, and adapts now.
+    // The row trigger of 0002 gave way to the statement triggers of migration 9, in the
+    // migrating transaction.
+    let triggers: Vec<String> = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = to_regclass(format('%I.listings', $1::text)) ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .expect("the triggers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            "benalsam_sync_delete",
+            "benalsam_sync_insert",
+            "benalsam_sync_truncate",
+            "benalsam_sync_update"
+        ]
+    );
+
+    // The triggers (attached by migrate on the default channel) record and notify as
+    // before, and adapt now.
     client
         .batch_execute(&format!(
             "SET search_path TO {schema};
-             CREATE OR REPLACE TRIGGER benalsam_sync_queue AFTER INSERT OR UPDATE OR DELETE ON listings
-                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'channel={channel}');"
+             {}",
+            listings_triggers(&format!("'ignore=view_count', 'channel={channel}'"))
         ))
         .await
         .expect("back on the test's channel");

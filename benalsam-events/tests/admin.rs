@@ -75,12 +75,12 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
     let db = TestSchema::new().await;
     // Rows that predate the trigger.
     db.client
-        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_queue")
+        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_insert")
         .await
         .expect("disable");
     let ids: HashSet<String> = db.insert_listings(25).await.into_iter().collect();
     db.client
-        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_queue")
+        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_insert")
         .await
         .expect("enable");
     assert!(db.statuses().await.is_empty());
@@ -144,12 +144,12 @@ async fn an_interrupted_backfill_continues_and_enqueues_every_row_once() {
 async fn a_backfill_where_a_condition_holds_enqueues_only_those_rows_and_a_bad_one_is_refused() {
     let db = TestSchema::new().await;
     db.client
-        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_queue")
+        .batch_execute("ALTER TABLE listings DISABLE TRIGGER benalsam_sync_insert")
         .await
         .expect("disable");
     let ids = db.insert_listings(30).await;
     db.client
-        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_queue")
+        .batch_execute("ALTER TABLE listings ENABLE TRIGGER benalsam_sync_insert")
         .await
         .expect("enable");
     let outbox = db.outbox(OutboxConfig::default());

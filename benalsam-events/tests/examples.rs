@@ -87,7 +87,7 @@ async fn the_custom_document_example_syncs_inventory_items_beside_the_listings()
     while !db
         .client
         .query_one(
-            "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'benalsam_sync_queue'
+            "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'benalsam_sync_insert'
                                 AND tgrelid = to_regclass('inventory_items'))",
             &[],
         )

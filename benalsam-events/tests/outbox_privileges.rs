@@ -29,9 +29,15 @@ async fn a_writer_of_one_table_creates_its_jobs_and_no_job_of_another_table() {
     db.client
         .batch_execute(
             "CREATE TABLE inventory_items (sku text PRIMARY KEY, quantity integer NOT NULL);
-             CREATE TRIGGER benalsam_sync_queue
-                 AFTER INSERT OR UPDATE OR DELETE ON inventory_items
-                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('key=sku');
+             CREATE TRIGGER benalsam_sync_insert AFTER INSERT ON inventory_items
+                 REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement('key=sku');
+             CREATE TRIGGER benalsam_sync_update AFTER UPDATE ON inventory_items
+                 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement('key=sku');
+             CREATE TRIGGER benalsam_sync_delete AFTER DELETE ON inventory_items
+                 REFERENCING OLD TABLE AS old_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement('key=sku');
              CREATE TRIGGER benalsam_sync_truncate
                  AFTER TRUNCATE ON inventory_items
                  FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue('key=sku');",
@@ -150,6 +156,19 @@ async fn a_writer_of_one_table_creates_its_jobs_and_no_job_of_another_table() {
             )
             .await,
     );
+    denied(
+        "a statement trigger with as=listings",
+        session
+            .execute(
+                &format!(
+                    "CREATE TRIGGER forge AFTER INSERT ON inventory_items
+                     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+                     EXECUTE FUNCTION {schema}.add_to_sync_queue_statement('key=sku', 'as=listings')"
+                ),
+                &[],
+            )
+            .await,
+    );
     // A temporary table named like the job table: the trigger still writes the real one.
     session
         .batch_execute(
@@ -198,24 +217,27 @@ async fn a_writer_of_one_table_creates_its_jobs_and_no_job_of_another_table() {
 #[tokio::test]
 async fn the_trigger_function_runs_as_the_outbox_owner_with_a_fixed_search_path() {
     let db = TestSchema::new().await;
-    let row = db
-        .client
-        .query_one(
-            "SELECT p.prosecdef, p.proconfig::text, pg_get_userbyid(p.proowner)::text = current_user,
-                    has_function_privilege('public', p.oid, 'EXECUTE')
-               FROM pg_proc p WHERE p.oid = 'add_to_sync_queue()'::regprocedure",
-            &[],
-        )
-        .await
-        .expect("the function");
-    let (definer, config, owned, public): (bool, String, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert!(definer, "SECURITY DEFINER");
-    assert_eq!(
-        config,
-        format!("{{\"search_path=pg_catalog, {}, pg_temp\"}}", db.name)
-    );
-    assert!(owned, "owned by the role that migrated");
-    assert!(!public, "PUBLIC may not attach it");
+    for function in ["add_to_sync_queue()", "add_to_sync_queue_statement()"] {
+        let row = db
+            .client
+            .query_one(
+                "SELECT p.prosecdef, p.proconfig::text, pg_get_userbyid(p.proowner)::text = current_user,
+                        has_function_privilege('public', p.oid, 'EXECUTE')
+                   FROM pg_proc p WHERE p.oid = $1::text::regprocedure",
+                &[&function],
+            )
+            .await
+            .expect("the function");
+        let (definer, config, owned, public): (bool, String, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert!(definer, "{function}: SECURITY DEFINER");
+        assert_eq!(
+            config,
+            format!("{{\"search_path=pg_catalog, {}, pg_temp\"}}", db.name),
+            "{function}"
+        );
+        assert!(owned, "{function}: owned by the role that migrated");
+        assert!(!public, "{function}: PUBLIC may not attach it");
+    }
     db.drop().await;
 }

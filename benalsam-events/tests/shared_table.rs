@@ -84,7 +84,7 @@ async fn converged(db: &TestSchema, event_type: &EventType, what: &str) {
     .await;
 }
 
-/// A deployment of today (one event type on listings, its trigger `benalsam_sync_queue`,
+/// A deployment of today (one event type on listings, its triggers `benalsam_sync_*`,
 /// jobs named `listings`, some waiting) gains a second event type on the same table: the
 /// waiting jobs reach the first index, the second is backfilled, and from then on inserts,
 /// edits, status changes, deletes and related-row changes reach both indexes exactly, each
@@ -141,7 +141,7 @@ async fn one_table_feeds_two_event_types_each_exactly() {
             "SELECT count(*)::text FROM pg_trigger WHERE tgname LIKE 'benalsam_sync_%:listings@listings_admin'",
         )
         .await;
-        if n == "2" { Ok(()) } else { Err(n) }
+        if n == "4" { Ok(()) } else { Err(n) }
     })
     .await;
     db.outbox(OutboxConfig::in_schema(&db.name))
@@ -280,7 +280,7 @@ async fn a_refusal_of_one_event_type_leaves_the_other_untouched() {
     eventually(PATIENCE, "the admin's trigger attached", || async {
         let n = value(
             &db,
-            "SELECT count(*)::text FROM pg_trigger WHERE tgname = 'benalsam_sync_queue:listings@listings_admin'",
+            "SELECT count(*)::text FROM pg_trigger WHERE tgname = 'benalsam_sync_insert:listings@listings_admin'",
         )
         .await;
         if n == "1" { Ok(()) } else { Err(n) }

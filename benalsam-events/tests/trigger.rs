@@ -186,3 +186,174 @@ async fn a_thousand_rows_in_one_transaction_give_a_thousand_jobs_and_one_notific
     );
     db.drop().await;
 }
+
+/// The statement triggers `migrate` attaches write the jobs the row trigger writes: the same
+/// statements on `listings` (statement triggers) and on a copy with the row trigger, in one
+/// transaction, give equal jobs record by record: multi-row inserts, content and status
+/// updates, updates of an ignored column only, no-op updates, a key change, an upsert that
+/// inserts, updates and changes nothing, deletes.
+#[tokio::test]
+async fn the_statement_triggers_write_the_jobs_the_row_trigger_writes() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE listings_rows (LIKE listings INCLUDING ALL);
+             CREATE TRIGGER benalsam_sync_queue AFTER INSERT OR UPDATE OR DELETE ON listings_rows
+                 FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('key=id', 'ignore=view_count');",
+        )
+        .await
+        .expect("a copy with the row trigger");
+    let statements = [
+        "INSERT INTO T (id, user_id, title, category, status)
+         SELECT md5('r' || i)::uuid, md5('u' || i)::uuid, 'T' || i, 'c', 'active'
+           FROM generate_series(1, 20) i",
+        "UPDATE T SET description = 'd2' WHERE title IN ('T1', 'T2', 'T3', 'T4', 'T5')",
+        "UPDATE T SET status = 'sold' WHERE title IN ('T5', 'T6')",
+        "UPDATE T SET view_count = view_count + 1",
+        "UPDATE T SET title = title",
+        "UPDATE T SET id = md5('moved')::uuid WHERE title = 'T7'",
+        "INSERT INTO T (id, user_id, title, category, description)
+         VALUES (md5('r8')::uuid, md5('u8')::uuid, 'T8', 'c', 'upserted'),
+                (md5('r9')::uuid, md5('u9')::uuid, 'T9', 'c', ''),
+                (md5('r99')::uuid, md5('u99')::uuid, 'T99', 'c', 'new')
+         ON CONFLICT (id) DO UPDATE SET description = EXCLUDED.description",
+        "DELETE FROM T WHERE title IN ('T10', 'T11', 'T12', 'T7')",
+    ];
+    let mut script = String::from("BEGIN;");
+    for statement in statements {
+        for table in ["listings", "listings_rows"] {
+            script.push_str(&statement.replace(" T ", &format!(" {table} ")));
+            script.push(';');
+        }
+    }
+    script.push_str("COMMIT;");
+    db.client
+        .batch_execute(&script)
+        .await
+        .expect("the statements");
+
+    let of = |table: &'static str| {
+        let client = &db.client;
+        async move {
+            client
+                .query(
+                    "SELECT operation, record_id, change_data FROM elasticsearch_sync_queue
+                      WHERE table_name = $1 ORDER BY record_id, id",
+                    &[&table],
+                )
+                .await
+                .expect("jobs")
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect::<Vec<(String, String, Value)>>()
+        }
+    };
+    let (by_statement, by_row) = (of("listings").await, of("listings_rows").await);
+    let count = |op: &str| by_statement.iter().filter(|j| j.0 == op).count();
+    // Inserts: 20, the moved key's new one, the upsert's new row. Updates: 5 descriptions,
+    // 2 statuses, the upsert's one real change. Deletes: the moved key's old one and 4.
+    assert_eq!(
+        (count("INSERT"), count("UPDATE"), count("DELETE")),
+        (22, 8, 5),
+        "{by_statement:#?}"
+    );
+    assert_eq!(by_statement, by_row);
+    db.drop().await;
+}
+
+/// A partitioned table keeps the row trigger (a statement trigger would not fire for a
+/// statement that names a partition), and a write to a partition is recorded under the event
+/// type's table.
+#[tokio::test]
+async fn a_partitioned_table_keeps_the_row_trigger() {
+    let mut db = TestSchema::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE readings (id bigint, region text, value int, PRIMARY KEY (id, region))
+                 PARTITION BY LIST (region);
+             CREATE TABLE readings_eu PARTITION OF readings FOR VALUES IN ('eu');
+             CREATE TABLE readings_us PARTITION OF readings FOR VALUES IN ('us');",
+        )
+        .await
+        .expect("a partitioned table");
+    let mut readings = benalsam_events::EventType::new("readings", "readings");
+    readings.index.alias = unique_name("readings");
+    let schema = db.name.clone();
+    benalsam_events::OutboxConfig::in_schema(&schema)
+        .migrate(
+            &mut db.client,
+            &[benalsam_events::EventType::listings(), readings],
+        )
+        .await
+        .expect("migrate");
+    let triggers: Vec<String> = db
+        .client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = 'readings'::regclass AND NOT tgisinternal ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("triggers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(triggers, ["benalsam_sync_queue", "benalsam_sync_truncate"]);
+    db.client
+        .batch_execute(
+            "INSERT INTO readings VALUES (1, 'eu', 5), (2, 'us', 6);
+             UPDATE readings_eu SET value = 7;
+             DELETE FROM readings_us;",
+        )
+        .await
+        .expect("writes");
+    let jobs: Vec<(String, String)> = db
+        .client
+        .query(
+            "SELECT table_name, operation FROM elasticsearch_sync_queue
+              WHERE table_name <> 'listings' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("jobs")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<(String, String)> = ["INSERT", "INSERT", "UPDATE", "DELETE"]
+        .iter()
+        .map(|op| ("readings".to_owned(), (*op).to_owned()))
+        .collect();
+    assert_eq!(jobs, expected);
+    db.drop().await;
+}
+
+/// The statement function fails a write whose key column is missing, naming the column, as
+/// the row function does.
+#[tokio::test]
+async fn a_missing_key_fails_the_statement_loudly() {
+    let db = TestSchema::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE keyless (code text);
+             CREATE TRIGGER keyless_sync AFTER INSERT ON keyless
+                 REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement('key=id');",
+        )
+        .await
+        .expect("a table without the key column");
+    let error = db
+        .client
+        .batch_execute("INSERT INTO keyless VALUES ('a'), ('b')")
+        .await
+        .expect_err("no key, no write");
+    let message = error
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains("key column \"id\" is missing or NULL"),
+        "{message}"
+    );
+    assert!(jobs(&db).await.is_empty());
+    db.drop().await;
+}

@@ -59,10 +59,24 @@ pub(crate) use validate::{alias_problem, aliases_collide, validate_all};
 
 use crate::error::Result;
 
-/// The row trigger of an event type's table (`…:<jobs_as>` for a job name of its own).
-pub(crate) const SYNC_TRIGGER: &str = "benalsam_sync_queue";
-/// The TRUNCATE trigger of an event type's table.
-pub(crate) const SYNC_TRIGGER_TRUNCATE: &str = "benalsam_sync_truncate";
+/// The sync triggers of an event type's table (each `…:<jobs_as>` for a job name of its
+/// own). A plain table has the three statement triggers (migration 9) and the TRUNCATE
+/// trigger; a partitioned or inherited table the row trigger and the TRUNCATE trigger.
+pub(crate) mod sync_trigger {
+    /// Every row's change, one call per row: partitioned and inherited tables, and every
+    /// table migrated before migration 9.
+    pub(crate) const ROWS: &str = "benalsam_sync_queue";
+    /// A statement's inserted rows.
+    pub(crate) const INSERT: &str = "benalsam_sync_insert";
+    /// A statement's updated rows.
+    pub(crate) const UPDATE: &str = "benalsam_sync_update";
+    /// A statement's deleted rows.
+    pub(crate) const DELETE: &str = "benalsam_sync_delete";
+    /// A TRUNCATE of the table.
+    pub(crate) const TRUNCATE: &str = "benalsam_sync_truncate";
+    /// All of them.
+    pub(crate) const ALL: [&str; 5] = [ROWS, INSERT, UPDATE, DELETE, TRUNCATE];
+}
 
 /// The exchange of listing events, as the architecture document names it.
 pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
@@ -313,17 +327,14 @@ impl EventType {
         self.jobs_as.as_deref().unwrap_or(&self.table)
     }
 
-    /// The names of its triggers on its table (rows, TRUNCATE): `benalsam_sync_queue` and
-    /// `benalsam_sync_truncate` for the jobs named by the table (what every deployment has),
-    /// `…:<jobs_as>` for an event type with a job name of its own, so each event type on a
-    /// table has its own pair.
-    pub(crate) fn sync_trigger_names(&self) -> (String, String) {
+    /// The name of its sync trigger `base` (one of [`sync_trigger::ALL`]) on its table:
+    /// `base` itself for the jobs named by the table (what every deployment has),
+    /// `<base>:<jobs_as>` for an event type with a job name of its own, so each event type on
+    /// a table has its own triggers.
+    pub(crate) fn sync_trigger(&self, base: &str) -> String {
         match &self.jobs_as {
-            None => (SYNC_TRIGGER.to_owned(), SYNC_TRIGGER_TRUNCATE.to_owned()),
-            Some(jobs) => (
-                format!("{SYNC_TRIGGER}:{jobs}"),
-                format!("{SYNC_TRIGGER_TRUNCATE}:{jobs}"),
-            ),
+            None => base.to_owned(),
+            Some(jobs) => format!("{base}:{jobs}"),
         }
     }
 
@@ -465,9 +476,11 @@ mod tests {
         validate_all(&[orders.clone(), admin.clone()]).expect("two job names");
         assert_eq!(admin.job_table(), "orders@orders_admin");
         assert_eq!(orders.job_table(), "orders");
-        assert_ne!(orders.sync_trigger_names(), admin.sync_trigger_names());
+        for base in sync_trigger::ALL {
+            assert_ne!(orders.sync_trigger(base), admin.sync_trigger(base));
+        }
         assert_eq!(
-            orders.sync_trigger_names().0,
+            orders.sync_trigger(sync_trigger::ROWS),
             "benalsam_sync_queue",
             "the trigger every deployment has keeps its name"
         );

@@ -1,10 +1,10 @@
 //! The sync triggers on the event types' own tables that the configuration does not
 //! declare, found at `migrate` and reported, never dropped.
 //!
-//! Each event type on a table has its pair of triggers, named after its job name
-//! (`benalsam_sync_queue`, or `benalsam_sync_queue:<jobs_as>`). A pair that no event type of
-//! this configuration declares is either another deployment's (bridges with different event
-//! types on one database, each migrating with its own) or left behind (an event type
+//! Each event type on a table has its sync triggers, named after its job name
+//! (`benalsam_sync_insert`, or `benalsam_sync_insert:<jobs_as>`, and so on). A trigger that
+//! no event type of this configuration declares is either another deployment's (bridges with
+//! different event types on one database, each migrating with its own) or left behind (an event type
 //! removed from a shared table, a `jobs_as` given to the event type that had none), recording
 //! jobs that nothing claims. `migrate` cannot tell the two apart, so it drops nothing: it
 //! warns with the trigger, its job name and the jobs of it still waiting, and the report
@@ -12,7 +12,7 @@
 
 use tokio_postgres::Transaction;
 
-use crate::event_type::{EventType, SYNC_TRIGGER, SYNC_TRIGGER_TRUNCATE};
+use crate::event_type::{EventType, sync_trigger};
 use crate::{error::Error, error::Result};
 
 /// The sync triggers on the tables of `event_types` that none of them declares, each as
@@ -23,7 +23,11 @@ pub(super) async fn undeclared(
     event_types: &[EventType],
 ) -> Result<Vec<String>> {
     let fail = |e| Error::postgres("looking for sync triggers not declared", e);
-    let function = format!("\"{schema}\".add_to_sync_queue()");
+    let functions = [
+        format!("\"{schema}\".add_to_sync_queue()"),
+        format!("\"{schema}\".add_to_sync_queue_statement()"),
+    ];
+    let bases = sync_trigger::ALL.map(str::to_owned);
     let mut tables: Vec<(&str, &str)> = event_types
         .iter()
         .map(|t| {
@@ -41,19 +45,23 @@ pub(super) async fn undeclared(
                 let (s, bare) = t.split_table();
                 s.unwrap_or(schema) == table_schema && bare == table
             })
-            .flat_map(|t| {
-                let (rows, truncate) = t.sync_trigger_names();
-                [rows, truncate]
-            })
+            .flat_map(|t| sync_trigger::ALL.map(|base| t.sync_trigger(base)))
             .collect();
         let rows = tx
             .query(
                 "SELECT t.tgname::text, encode(t.tgargs, 'escape')
                    FROM pg_trigger t
-                  WHERE NOT t.tgisinternal AND t.tgfoid = to_regprocedure($1)
+                  WHERE NOT t.tgisinternal
+                    AND t.tgfoid IN (SELECT to_regprocedure(f) FROM unnest($1::text[]) f)
                     AND t.tgrelid = to_regclass(format('%I.%I', $2::text, $3::text))
-                    AND (t.tgname IN ($4, $5) OR t.tgname LIKE $4 || ':%' OR t.tgname LIKE $5 || ':%')",
-                &[&function, &table_schema, &table, &SYNC_TRIGGER, &SYNC_TRIGGER_TRUNCATE],
+                    AND split_part(t.tgname, ':', 1) = ANY ($4::text[])
+                  ORDER BY 1",
+                &[
+                    &functions.as_slice(),
+                    &table_schema,
+                    &table,
+                    &bases.as_slice(),
+                ],
             )
             .await
             .map_err(fail)?;

@@ -174,17 +174,15 @@ impl TestSchema {
             .collect()
     }
 
-    /// Puts the listings trigger on its own NOTIFY channel, so notifications of other tests
+    /// Puts the listings triggers on their own NOTIFY channel, so notifications of other tests
     /// (same database, same default channel) cannot reach this one.
     pub async fn use_channel(&self, channel: &str) {
         self.client
-            .batch_execute(&format!(
-                "CREATE OR REPLACE TRIGGER benalsam_sync_queue
-                     AFTER INSERT OR UPDATE OR DELETE ON listings
-                     FOR EACH ROW EXECUTE FUNCTION add_to_sync_queue('ignore=view_count', 'channel={channel}');"
-            ))
+            .batch_execute(&listings_triggers(&format!(
+                "'ignore=view_count', 'channel={channel}'"
+            )))
             .await
-            .expect("re-create trigger");
+            .expect("re-create the triggers");
     }
 
     pub async fn drop(self) {
@@ -193,6 +191,25 @@ impl TestSchema {
             .await
             .expect("drop schema");
     }
+}
+
+/// The DDL that attaches the listings sync triggers as `migrate` does for a plain table (the
+/// three statement triggers of migration 9, the row trigger of an earlier migrate dropped),
+/// with the trigger `options` (SQL literals, comma-separated); for the schema on the
+/// search_path.
+pub fn listings_triggers(options: &str) -> String {
+    format!(
+        "DROP TRIGGER IF EXISTS benalsam_sync_queue ON listings;
+         CREATE OR REPLACE TRIGGER benalsam_sync_insert AFTER INSERT ON listings
+             REFERENCING NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement({options});
+         CREATE OR REPLACE TRIGGER benalsam_sync_update AFTER UPDATE ON listings
+             REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement({options});
+         CREATE OR REPLACE TRIGGER benalsam_sync_delete AFTER DELETE ON listings
+             REFERENCING OLD TABLE AS old_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION add_to_sync_queue_statement({options});"
+    )
 }
 
 /// The management API of the stack's RabbitMQ, with the credentials of `RABBITMQ_URL`.
