@@ -116,7 +116,7 @@ pub(crate) async fn migrate(
     check_names(&tx, schema, event_types).await?;
     report.undeclared_triggers = super::sync_triggers::undeclared(&tx, schema, event_types).await?;
     for event_type in event_types {
-        attach(&tx, schema, &outbox.notify_channel, event_type).await?;
+        super::sync_triggers::attach(&tx, schema, &outbox.notify_channel, event_type).await?;
         report.triggers.push(event_type.table.clone());
         // Every relation of the tree has its trigger, relations of relations too.
         for chain in crate::event_type::chains(&event_type.relations) {
@@ -197,87 +197,6 @@ async fn check_names(
 ) -> Result<()> {
     crate::event_type::check_columns(client, schema, event_types).await?;
     super::check_catalog(client, schema, event_types).await
-}
-
-/// Attaches the sync triggers and the truncation trigger to the table of `event_type`
-/// (checked to exist), named after its job name: each event type on a table has its own,
-/// recording its own jobs. A plain table gets the three statement triggers of migration 9
-/// (one job insert and at most one NOTIFY per statement) and loses the row trigger an earlier
-/// `migrate` attached, in this transaction, so no change is recorded twice or missed. A
-/// partitioned or inherited table keeps the row trigger: a statement trigger fires only for
-/// statements that name its own table and is not cloned to new partitions.
-async fn attach(
-    tx: &Transaction<'_>,
-    schema: &str,
-    channel: &str,
-    event_type: &EventType,
-) -> Result<()> {
-    use crate::event_type::sync_trigger::{DELETE, INSERT, ROWS, TRUNCATE, UPDATE};
-    let (table_schema, table) = event_type.split_table();
-    let table_schema = table_schema.unwrap_or(schema);
-    // Every piece was validated as a plain identifier, so quoting cannot go wrong.
-    let target = format!("\"{table_schema}\".\"{table}\"");
-    let fail = |e| Error::postgres(format!("attaching the sync triggers to {target}"), e);
-    let per_row: bool = tx
-        .query_one(
-            "SELECT c.relkind = 'p' OR EXISTS (SELECT FROM pg_inherits i
-                                                WHERE c.oid IN (i.inhrelid, i.inhparent))
-               FROM pg_class c WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))",
-            &[&table_schema, &table],
-        )
-        .await
-        .map_err(fail)?
-        .get(0);
-    let mut options = event_type.trigger_options(channel);
-    if per_row && event_type.jobs_as.is_none() {
-        // A row trigger on a partitioned table fires as the partition the row is in; without
-        // `as=` its jobs would be named after the partition, which nothing claims.
-        let jobs = if table_schema == schema {
-            table.to_owned()
-        } else {
-            format!("{table_schema}.{table}")
-        };
-        options.push(format!("as={jobs}"));
-    }
-    let options = options
-        .iter()
-        .map(|o| format!("'{o}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let name = |base| event_type.sync_trigger(base);
-    let (rows, truncate) = (name(ROWS), name(TRUNCATE));
-    let (insert, update, delete) = (name(INSERT), name(UPDATE), name(DELETE));
-    let by_row = format!("\"{schema}\".add_to_sync_queue({options})");
-    let by_statement = format!("\"{schema}\".add_to_sync_queue_statement({options})");
-    let changes = if per_row {
-        format!(
-            "CREATE OR REPLACE TRIGGER \"{rows}\" AFTER INSERT OR UPDATE OR DELETE ON {target}
-                 FOR EACH ROW EXECUTE FUNCTION {by_row};
-             DROP TRIGGER IF EXISTS \"{insert}\" ON {target};
-             DROP TRIGGER IF EXISTS \"{update}\" ON {target};
-             DROP TRIGGER IF EXISTS \"{delete}\" ON {target};"
-        )
-    } else {
-        format!(
-            "CREATE OR REPLACE TRIGGER \"{insert}\" AFTER INSERT ON {target}
-                 REFERENCING NEW TABLE AS new_rows
-                 FOR EACH STATEMENT EXECUTE FUNCTION {by_statement};
-             CREATE OR REPLACE TRIGGER \"{update}\" AFTER UPDATE ON {target}
-                 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                 FOR EACH STATEMENT EXECUTE FUNCTION {by_statement};
-             CREATE OR REPLACE TRIGGER \"{delete}\" AFTER DELETE ON {target}
-                 REFERENCING OLD TABLE AS old_rows
-                 FOR EACH STATEMENT EXECUTE FUNCTION {by_statement};
-             DROP TRIGGER IF EXISTS \"{rows}\" ON {target};"
-        )
-    };
-    tx.batch_execute(&format!(
-        "{changes}
-         CREATE OR REPLACE TRIGGER \"{truncate}\" AFTER TRUNCATE ON {target}
-             FOR EACH STATEMENT EXECUTE FUNCTION {by_row};"
-    ))
-    .await
-    .map_err(fail)
 }
 
 /// Attaches the relation's triggers to its table (checked to exist): one for its rows, one
