@@ -357,3 +357,47 @@ async fn a_missing_key_fails_the_statement_loudly() {
     assert!(jobs(&db).await.is_empty());
     db.drop().await;
 }
+
+/// An event type removed from a shared table leaves its triggers: `migrate` reports each
+/// with its job name and waiting jobs, and drops none (another deployment may own them).
+#[tokio::test]
+async fn migrate_reports_the_triggers_no_event_type_declares_and_keeps_them() {
+    let mut db = TestSchema::new().await;
+    let mut admin = benalsam_events::EventType::listings();
+    admin.name = "listings_admin".to_owned();
+    admin.index.alias = unique_name("admin");
+    admin.jobs_as = Some("listings@listings_admin".to_owned());
+    let config = benalsam_events::OutboxConfig::in_schema(&db.name);
+    let both = [benalsam_events::EventType::listings(), admin];
+    let report = config.migrate(&mut db.client, &both).await.expect("both");
+    assert!(report.undeclared_triggers.is_empty(), "{report:?}");
+    db.insert_listings(2).await;
+
+    let report = config
+        .migrate(&mut db.client, &[benalsam_events::EventType::listings()])
+        .await
+        .expect("the public one alone");
+    let schema = &db.name;
+    let expected: Vec<String> = ["delete", "insert", "truncate", "update"]
+        .iter()
+        .map(|t| {
+            format!(
+                "{schema}.listings.benalsam_sync_{t}:listings@listings_admin \
+                 (jobs listings@listings_admin, 2 waiting)"
+            )
+        })
+        .collect();
+    assert_eq!(report.undeclared_triggers, expected);
+    db.insert_listings(1).await;
+    let admin_jobs: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM elasticsearch_sync_queue WHERE table_name = 'listings@listings_admin'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(admin_jobs, 3, "its triggers still record");
+    db.drop().await;
+}
