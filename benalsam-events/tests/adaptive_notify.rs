@@ -396,6 +396,55 @@ async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wake
     db.drop().await;
 }
 
+/// A steady trickle: a claim that finds jobs but fewer than a batch keeps the stream busy,
+/// so the writes that follow send no NOTIFY, and the stream comes back for them after its
+/// linger by itself; the first claim that finds nothing marks it idle, and writers notify
+/// again.
+#[tokio::test]
+async fn a_trickle_keeps_the_stream_busy_and_claimed_without_notify_until_a_claim_finds_nothing() {
+    let (db, mut listening) = setup().await;
+    let mut outbox = OutboxConfig::default();
+    outbox.tables = Some(vec!["listings".to_owned()]);
+    let outbox = db.outbox(outbox);
+    let worker = outbox.config().worker_id.clone();
+    let mut config = stream_config(&listening.channel, 10);
+    // Long enough for the checks below to run inside one linger on a slow machine.
+    config.linger = Duration::from_secs(10);
+    let stream = JobStream::new(outbox, config, CancellationToken::new()).expect("stream");
+    let status = stream.status();
+    let (drain, mut claimed) = drain_in_background(stream);
+    tokio::time::timeout(PATIENCE, async {
+        while status.snapshot().listening != Some(true) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("listening");
+
+    // One change: it notifies (the stream is idle), the stream claims it: a short claim
+    // with a job, so the stream stays busy.
+    assert!(listening.notified_by(&db.client, INSERT_ONE).await);
+    assert_eq!(take(&mut claimed, 1).await, 1);
+    assert_eq!(
+        listener_rows(&db).await,
+        vec![(worker.clone(), Some(vec!["listings".to_owned()]), true)],
+        "busy while the trickle lasts"
+    );
+    // The next change sends no NOTIFY, and is claimed all the same (the poll is an hour).
+    assert!(
+        !listening.notified_by(&db.client, INSERT_ONE).await,
+        "a write during a trickle sends no NOTIFY"
+    );
+    assert_eq!(take(&mut claimed, 1).await, 1);
+    // Nothing more: the next claim finds nothing, the stream goes idle, writers notify.
+    until_idle(&db).await;
+    assert!(listening.notified_by(&db.client, INSERT_ONE).await);
+    assert_eq!(take(&mut claimed, 1).await, 1);
+    assert_eq!(jobs(&db).await, 3);
+    drain.abort();
+    db.drop().await;
+}
+
 /// The race the design accepts (see the job stream's `Presence`): a writer reads "busy",
 /// the stream goes idle, the writer commits without a NOTIFY. Its job is not lost: the next
 /// write that notifies (or the poll) brings it.

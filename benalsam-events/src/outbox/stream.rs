@@ -80,9 +80,12 @@ pub struct JobStreamConfig {
     /// Delays between attempts while PostgreSQL is unreachable.
     pub reconnect: Backoff,
     /// Adaptive NOTIFY (`BENALSAM_ADAPTIVE_NOTIFY`, with [`Wake::Listen`] only): while its
-    /// claims come back full, the stream marks itself busy in `benalsam_listeners` (a small
+    /// claims find jobs, the stream marks itself busy in `benalsam_listeners` (a small
     /// write every few seconds), and the triggers of its tables skip the NOTIFY, so writers
-    /// no longer commit one at a time. The price: a change committed in the instant the
+    /// no longer commit one at a time. A full claim is followed by the next at once; a short
+    /// one that found jobs by the next after [`linger`](Self::linger), so a steady trickle of
+    /// changes is claimed every `linger` without a NOTIFY per commit. The first claim that
+    /// finds nothing marks the stream idle. The price: a change committed in the instant the
     /// stream goes idle may wait for the next notifying change or the poll interval. Off:
     /// every change notifies, as before migration 4.
     pub adaptive_notify: bool,
@@ -181,6 +184,7 @@ impl JobStream {
             recorder: recorder.clone(),
             failures: 0,
             drained: false,
+            pacing: false,
             next_housekeeping: Instant::now(),
         };
         let batches = futures::stream::unfold(claimer, |mut claimer| async move {
@@ -229,8 +233,12 @@ struct Claimer {
     recorder: StreamRecorder,
     /// Consecutive failed attempts, for the reconnect backoff.
     failures: u32,
-    /// The last claim came back short: wait for a wake-up before claiming again.
+    /// The last claim came back empty (or short, without adaptive NOTIFY): wait for a
+    /// wake-up before claiming again.
     drained: bool,
+    /// The last claim came back short but found jobs while writers were told not to
+    /// notify: claim again after the linger, without waiting for a wake-up.
+    pacing: bool,
     next_housekeeping: Instant,
     /// What writers were told about this stream; `None` without adaptive NOTIFY.
     presence: Option<Presence>,
@@ -259,6 +267,14 @@ impl Claimer {
                         () = tokio::time::sleep(self.config.linger) => {}
                     }
                 }
+            } else if std::mem::take(&mut self.pacing) {
+                // Writers skip their NOTIFY while the stream is busy: it comes back for
+                // their changes after the linger itself.
+                tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(self.config.linger) => {}
+                }
             }
             if Instant::now() >= self.next_housekeeping {
                 self.next_housekeeping = Instant::now() + self.config.poll_interval;
@@ -272,8 +288,17 @@ impl Claimer {
                     self.failures = 0;
                     self.recorder.record(StreamEvent::Claimed(&jobs));
                     let full = jobs.len() >= self.config.batch_size;
-                    self.drained = !full;
-                    if full {
+                    // A trickle: jobs, but fewer than a batch. With adaptive NOTIFY the
+                    // stream stays busy and claims again after the linger, so a steady low
+                    // rate costs writers no NOTIFY (the commit-time lock) and the bridge no
+                    // wake-up per commit; the first empty claim ends it.
+                    let trickle = !full
+                        && !jobs.is_empty()
+                        && self.presence.is_some()
+                        && !self.config.linger.is_zero();
+                    self.drained = !full && !trickle;
+                    self.pacing = trickle;
+                    if full || trickle {
                         self.mark_busy().await;
                     } else if self.mark_idle().await {
                         // Writers that read "busy" before the idle mark may have committed

@@ -1,5 +1,6 @@
-//! Adaptive NOTIFY: while the stream drains a backlog it marks itself busy in
-//! `benalsam_listeners`, and the triggers of its tables skip the NOTIFY.
+//! Adaptive NOTIFY: while the stream finds jobs (a backlog, or a steady trickle it claims
+//! every linger) it marks itself busy in `benalsam_listeners`, and the triggers of its
+//! tables skip the NOTIFY.
 
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,10 @@ const PRESENCE_PAUSE: Duration = Duration::from_secs(30);
 /// Adaptive NOTIFY: the stream's row in `benalsam_listeners`, as far as it knows.
 ///
 /// ```text
-///  claim full ──► busy (row: busy_until = now + lease) ──► claim full … (renew at half)
+///  claim full ──► busy (row: busy_until = now + lease) ──► claim at once … (renew at half)
+///  claim short, some jobs ──► busy ──► claim after the linger …
 ///                                                            │
-///                                                      claim short
+///                                                      claim empty
 ///                                                            ▼
 ///                          idle (row deleted) ──► claim once more ──► wait: NOTIFY or poll
 ///
