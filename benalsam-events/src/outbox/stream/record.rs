@@ -32,7 +32,7 @@ pub struct JobStreamStatus {
     /// counted with the backlog.
     pub pending_by_table: Vec<(String, i64)>,
     /// Whether writers are told to skip their NOTIFY because this stream is draining a
-    /// backlog (adaptive NOTIFY).
+    /// backlog or claiming a steady trickle every linger (adaptive NOTIFY).
     pub draining: bool,
     /// Jobs claimed in all.
     pub claimed: u64,
