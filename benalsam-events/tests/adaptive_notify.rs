@@ -396,7 +396,7 @@ async fn the_stream_is_busy_while_it_drains_and_a_change_after_it_went_idle_wake
     db.drop().await;
 }
 
-/// A steady trickle: a claim that finds jobs but fewer than a batch keeps the stream busy,
+/// A steady trickle: a claim that finds two jobs or more but fewer than a batch keeps the stream busy,
 /// so the writes that follow send no NOTIFY, and the stream comes back for them after its
 /// linger by itself; the first claim that finds nothing marks it idle, and writers notify
 /// again.
@@ -421,26 +421,34 @@ async fn a_trickle_keeps_the_stream_busy_and_claimed_without_notify_until_a_clai
     .await
     .expect("listening");
 
-    // One change: it notifies (the stream is idle), the stream claims it: a short claim
-    // with a job, so the stream stays busy.
+    // Two changes within the linger: they notify (the stream is idle), the stream claims
+    // both: a short claim that found a trickle, so the stream stays busy.
     assert!(listening.notified_by(&db.client, INSERT_ONE).await);
-    assert_eq!(take(&mut claimed, 1).await, 1);
+    assert!(listening.notified_by(&db.client, INSERT_ONE).await);
+    assert_eq!(take(&mut claimed, 2).await, 2);
     assert_eq!(
         listener_rows(&db).await,
         vec![(worker.clone(), Some(vec!["listings".to_owned()]), true)],
         "busy while the trickle lasts"
     );
-    // The next change sends no NOTIFY, and is claimed all the same (the poll is an hour).
-    assert!(
-        !listening.notified_by(&db.client, INSERT_ONE).await,
-        "a write during a trickle sends no NOTIFY"
-    );
-    assert_eq!(take(&mut claimed, 1).await, 1);
-    // Nothing more: the next claim finds nothing, the stream goes idle, writers notify.
+    // The next changes send no NOTIFY, and are claimed all the same (the poll is an hour).
+    for _ in 0..2 {
+        assert!(
+            !listening.notified_by(&db.client, INSERT_ONE).await,
+            "a write during a trickle sends no NOTIFY"
+        );
+    }
+    assert_eq!(take(&mut claimed, 2).await, 2);
+    // Nothing more: the next claim finds nothing, the stream goes idle, writers notify; a
+    // lone change is claimed and leaves the stream idle.
     until_idle(&db).await;
     assert!(listening.notified_by(&db.client, INSERT_ONE).await);
     assert_eq!(take(&mut claimed, 1).await, 1);
-    assert_eq!(jobs(&db).await, 3);
+    assert!(
+        listener_rows(&db).await.is_empty(),
+        "a lone change is no trickle"
+    );
+    assert_eq!(jobs(&db).await, 5);
     drain.abort();
     db.drop().await;
 }

@@ -47,6 +47,13 @@ pub(crate) const DEFAULT_CHANNEL: &str = "benalsam_sync_queue";
 /// [`JobStreamConfig::linger`] unless told otherwise: see BENCHMARKS.md, "Low rates".
 pub(crate) const DEFAULT_LINGER: Duration = Duration::from_millis(50);
 
+/// The fewest jobs a short claim must find for the stream to stay busy and claim again
+/// after the linger (see [`JobStreamConfig::adaptive_notify`]): two commits within one
+/// linger mean tens of changes per second or more, where skipping a NOTIFY per commit pays
+/// for a busy mark, an idle mark and two empty claims at the end; a lone change is claimed
+/// and the stream waits as before.
+const TRICKLE: usize = 2;
+
 /// How the stream learns that there is work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,8 +90,8 @@ pub struct JobStreamConfig {
     /// claims find jobs, the stream marks itself busy in `benalsam_listeners` (a small
     /// write every few seconds), and the triggers of its tables skip the NOTIFY, so writers
     /// no longer commit one at a time. A full claim is followed by the next at once; a short
-    /// one that found jobs by the next after [`linger`](Self::linger), so a steady trickle of
-    /// changes is claimed every `linger` without a NOTIFY per commit. The first claim that
+    /// one that found two jobs or more by the next after [`linger`](Self::linger), so a
+    /// steady trickle of changes is claimed every `linger` without a NOTIFY per commit. The first claim that
     /// finds nothing marks the stream idle. The price: a change committed in the instant the
     /// stream goes idle may wait for the next notifying change or the poll interval. Off:
     /// every change notifies, as before migration 4.
@@ -288,12 +295,12 @@ impl Claimer {
                     self.failures = 0;
                     self.recorder.record(StreamEvent::Claimed(&jobs));
                     let full = jobs.len() >= self.config.batch_size;
-                    // A trickle: jobs, but fewer than a batch. With adaptive NOTIFY the
+                    // A trickle: some jobs, fewer than a batch. With adaptive NOTIFY the
                     // stream stays busy and claims again after the linger, so a steady low
                     // rate costs writers no NOTIFY (the commit-time lock) and the bridge no
                     // wake-up per commit; the first empty claim ends it.
                     let trickle = !full
-                        && !jobs.is_empty()
+                        && jobs.len() >= TRICKLE
                         && self.presence.is_some()
                         && !self.config.linger.is_zero();
                     self.drained = !full && !trickle;
