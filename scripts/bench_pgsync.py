@@ -496,6 +496,23 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     systems = {"benalsam": Benalsam(), "pgsync": PGSync()}
     order = [systems[s] for s in SYSTEMS]
+    try:
+        rounds = run_rounds(order)
+    finally:
+        # The bench's databases hold hundreds of MB of rows and jobs: not kept between runs.
+        admin = connect("postgres")
+        with admin.cursor() as cur:
+            for system in order:
+                cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                            (system.db,))
+                cur.execute(f"DROP DATABASE IF EXISTS {system.db} WITH (FORCE)")
+            cur.execute("CHECKPOINT")
+        admin.close()
+    if len(SYSTEMS) == 2:
+        print(report(rounds))
+
+
+def run_rounds(order):
     rounds = []
     for n in range(ROUNDS):
         # A B, B A, A B ...: neither system always runs on the warmer machine.
@@ -507,8 +524,7 @@ def main():
         with open(path, "w") as f:
             json.dump({"settings": {k: v for k, v in E.items() if k.startswith("BENCH_")}, "rounds": rounds}, f, indent=1)
         say(f"round {n + 1} written to {path}")
-    if len(SYSTEMS) == 2:
-        print(report(rounds))
+    return rounds
 
 
 if __name__ == "__main__":
