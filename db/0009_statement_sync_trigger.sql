@@ -68,9 +68,6 @@ DECLARE
     parent      text;
     trace       text;
     enqueued    bigint := 0;
-    -- `only=`: the row's jsonb is built from these columns once per statement (dynamic SQL),
-    -- not taken apart row by row as the row function does.
-    row_of      text;
 BEGIN
     IF TG_LEVEL <> 'STATEMENT' OR TG_OP NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
         RAISE EXCEPTION 'add_to_sync_queue_statement on %: attach it FOR EACH STATEMENT to INSERT, UPDATE or DELETE with transition tables new_rows/old_rows', TG_TABLE_NAME;
@@ -101,39 +98,29 @@ BEGIN
     END IF;
     trace := substr(parent, 4, 32);
 
+    -- `only=`: the row is those columns and the key, built as the row function builds it.
+    -- Every statement below is static, so its plan is cached for the session: EXECUTE would
+    -- plan it again at every statement, which a single-row transaction pays in full.
     IF taken IS NOT NULL THEN
-        SELECT 'jsonb_build_object(' || string_agg(format('%L, r.%I', c, c), ', ') || ')'
-          INTO row_of
-          FROM (SELECT DISTINCT c FROM unnest(taken || key_column) c) s;
+        taken := taken || key_column;
     END IF;
 
+    -- new_rows exists for an INSERT only, old_rows for a DELETE only: each branch names its own.
     IF TG_OP = 'INSERT' THEN
-        IF row_of IS NULL THEN
-            INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
-            SELECT tbl, 'INSERT', coalesce(n.j ->> key_column, benalsam_missing_key(TG_TABLE_NAME, key_column)),
-                   n.j, trace, parent
-              FROM (SELECT to_jsonb(r) AS j FROM new_rows r) n;
-        ELSE
-            EXECUTE format(
-                'INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
-                 SELECT $1, ''INSERT'', coalesce(n.j ->> $2, benalsam_missing_key($5, $2)), n.j, $3, $4
-                   FROM (SELECT %s AS j FROM new_rows r) n', row_of)
-                USING tbl, key_column, trace, parent, TG_TABLE_NAME::text;
-        END IF;
+        INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
+        SELECT tbl, 'INSERT', coalesce(n.j ->> key_column, benalsam_missing_key(TG_TABLE_NAME, key_column)),
+               n.j, trace, parent
+          FROM (SELECT CASE WHEN taken IS NULL THEN to_jsonb(r)
+                            ELSE (SELECT jsonb_object_agg(c, to_jsonb(r) -> c) FROM unnest(taken) c) END AS j
+                  FROM new_rows r) n;
         GET DIAGNOSTICS enqueued = ROW_COUNT;
     ELSIF TG_OP = 'DELETE' THEN
-        IF row_of IS NULL THEN
-            INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
-            SELECT tbl, 'DELETE', coalesce(o.j ->> key_column, benalsam_missing_key(TG_TABLE_NAME, key_column)),
-                   o.j, trace, parent
-              FROM (SELECT to_jsonb(r) AS j FROM old_rows r) o;
-        ELSE
-            EXECUTE format(
-                'INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
-                 SELECT $1, ''DELETE'', coalesce(o.j ->> $2, benalsam_missing_key($5, $2)), o.j, $3, $4
-                   FROM (SELECT %s AS j FROM old_rows r) o', row_of)
-                USING tbl, key_column, trace, parent, TG_TABLE_NAME::text;
-        END IF;
+        INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
+        SELECT tbl, 'DELETE', coalesce(o.j ->> key_column, benalsam_missing_key(TG_TABLE_NAME, key_column)),
+               o.j, trace, parent
+          FROM (SELECT CASE WHEN taken IS NULL THEN to_jsonb(r)
+                            ELSE (SELECT jsonb_object_agg(c, to_jsonb(r) -> c) FROM unnest(taken) c) END AS j
+                  FROM old_rows r) o;
         GET DIAGNOSTICS enqueued = ROW_COUNT;
     ELSE
         -- Old and new rows paired by key (see the header): a pair whose rows differ beyond
@@ -141,28 +128,33 @@ BEGIN
         -- with no old row an INSERT (the key moved). The UNION ALL keeps DELETE before
         -- INSERT, as the row trigger writes them. MATERIALIZED: each row's jsonb is built
         -- once (inlined, the join computed to_jsonb again for its key and its output: 1.5 x).
-        EXECUTE format(
-            'WITH o AS MATERIALIZED (SELECT j, j ->> $2 AS k FROM (SELECT %1$s AS j FROM old_rows r) s),
-                  n AS MATERIALIZED (SELECT j, j ->> $2 AS k FROM (SELECT %1$s AS j FROM new_rows r) s),
-                  p AS (SELECT CASE WHEN o.j IS NOT NULL
-                                    THEN coalesce(o.k, benalsam_missing_key($5, $2)) END AS old_key,
-                               CASE WHEN n.j IS NOT NULL
-                                    THEN coalesce(n.k, benalsam_missing_key($5, $2)) END AS new_key,
-                               o.j AS old_row, n.j AS new_row
-                          FROM o FULL JOIN n ON o.k = n.k)
-             INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
-             SELECT $1, op, k, d, $3, $4 FROM (
-                 SELECT 1 AS ord, ''UPDATE'' AS op, new_key AS k,
-                        jsonb_build_object(''old'', old_row, ''new'', new_row) AS d
-                   FROM p WHERE old_row IS NOT NULL AND new_row IS NOT NULL
-                    AND (old_row - $6::text[]) <> (new_row - $6::text[])
-                 UNION ALL
-                 SELECT 2, ''DELETE'', old_key, old_row FROM p WHERE new_row IS NULL
-                 UNION ALL
-                 SELECT 3, ''INSERT'', new_key, new_row FROM p WHERE old_row IS NULL) c
-             ORDER BY ord',
-            coalesce(row_of, 'to_jsonb(r)'))
-            USING tbl, key_column, trace, parent, TG_TABLE_NAME::text, ignored;
+        WITH o AS MATERIALIZED (
+                 SELECT j, j ->> key_column AS k
+                   FROM (SELECT CASE WHEN taken IS NULL THEN to_jsonb(r)
+                                     ELSE (SELECT jsonb_object_agg(c, to_jsonb(r) -> c) FROM unnest(taken) c) END AS j
+                           FROM old_rows r) s),
+             n AS MATERIALIZED (
+                 SELECT j, j ->> key_column AS k
+                   FROM (SELECT CASE WHEN taken IS NULL THEN to_jsonb(r)
+                                     ELSE (SELECT jsonb_object_agg(c, to_jsonb(r) -> c) FROM unnest(taken) c) END AS j
+                           FROM new_rows r) s),
+             p AS (SELECT CASE WHEN o.j IS NOT NULL
+                               THEN coalesce(o.k, benalsam_missing_key(TG_TABLE_NAME, key_column)) END AS old_key,
+                          CASE WHEN n.j IS NOT NULL
+                               THEN coalesce(n.k, benalsam_missing_key(TG_TABLE_NAME, key_column)) END AS new_key,
+                          o.j AS old_row, n.j AS new_row
+                     FROM o FULL JOIN n ON o.k = n.k)
+        INSERT INTO elasticsearch_sync_queue (table_name, operation, record_id, change_data, trace_id, traceparent)
+        SELECT tbl, c.op, c.k, c.d, trace, parent FROM (
+            SELECT 1 AS ord, 'UPDATE' AS op, new_key AS k,
+                   jsonb_build_object('old', old_row, 'new', new_row) AS d
+              FROM p WHERE old_row IS NOT NULL AND new_row IS NOT NULL
+               AND (old_row - ignored) <> (new_row - ignored)
+            UNION ALL
+            SELECT 2, 'DELETE', old_key, old_row FROM p WHERE new_row IS NULL
+            UNION ALL
+            SELECT 3, 'INSERT', new_key, new_row FROM p WHERE old_row IS NULL) c
+        ORDER BY c.ord;
         GET DIAGNOSTICS enqueued = ROW_COUNT;
     END IF;
 
