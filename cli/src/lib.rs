@@ -78,6 +78,13 @@ pub struct DatabaseArgs {
     #[arg(long, global = true, env = "BENALSAM_NOTIFY_CHANNEL",
           default_value = OutboxConfig::default().notify_channel, value_parser = parse_channel)]
     pub notify_channel: String,
+
+    /// Record the changes from the WAL through this logical replication slot (and the
+    /// publication of the same name) instead of triggers: writers pay nothing for the outbox.
+    /// Needs wal_level = logical and a role with REPLICATION; `migrate` sets it up and drops
+    /// the sync triggers (docs/database.md, "WAL capture"). Unset: triggers
+    #[arg(long, global = true, env = "BENALSAM_CAPTURE_SLOT", value_parser = parse_slot)]
+    pub capture_slot: Option<String>,
 }
 
 impl DatabaseArgs {
@@ -89,6 +96,7 @@ impl DatabaseArgs {
     fn outbox_config(&self) -> OutboxConfig {
         let mut config = OutboxConfig::in_schema(&self.schema);
         config.notify_channel = self.notify_channel.clone();
+        config.capture_slot = self.capture_slot.clone();
         config
     }
 
@@ -282,6 +290,15 @@ fn parse_channel(raw: &str) -> Result<String, String> {
         .map_err(|e| describe(&e))
 }
 
+fn parse_slot(raw: &str) -> Result<String, String> {
+    let mut config = OutboxConfig::default();
+    config.capture_slot = Some(raw.to_owned());
+    config
+        .validate()
+        .map(|()| raw.to_owned())
+        .map_err(|e| describe(&e))
+}
+
 #[cfg(feature = "consumer")]
 fn parse_index(raw: &str) -> Result<String, String> {
     let mut listings = EventType::listings();
@@ -298,6 +315,11 @@ fn parse_index(raw: &str) -> Result<String, String> {
 /// and variable of the binaries that set each one.
 const SETTINGS: &[(&str, &str, &str)] = &[
     ("OutboxConfig::schema", "--schema", "BENALSAM_SCHEMA"),
+    (
+        "OutboxConfig::capture_slot",
+        "--capture-slot",
+        "BENALSAM_CAPTURE_SLOT",
+    ),
     (
         "OutboxConfig::notify_channel",
         "--notify-channel",

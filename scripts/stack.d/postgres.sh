@@ -25,6 +25,17 @@ ssl_key_file = '$TLS_SERVER_KEY'
 EOF
 }
 
+# Appends what WAL capture needs (docs/database.md, "WAL capture") unless there; true when it
+# did. wal_level is read at start only: a running server must restart to take it.
+pg_add_logical() {
+  grep -q '^wal_level = logical' "$PG_DATA/postgresql.conf" && return 1
+  cat >>"$PG_DATA/postgresql.conf" <<EOF
+# WAL capture (scripts/stack): logical decoding, a slot per capturing schema (tests make many)
+wal_level = logical
+max_replication_slots = 100
+EOF
+}
+
 start_postgres() {
   local bin; bin=$(pg_bin)
   if [ ! -f "$PG_DATA/PG_VERSION" ]; then
@@ -43,6 +54,11 @@ EOF
   fi
   local reload=$TLS_SERVER_ISSUED
   pg_add_tls && reload=1
+  if pg_add_logical && pg_running; then
+    say "PostgreSQL: restarting for wal_level = logical"
+    as_service "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -m fast -w -t 60 restart >/dev/null \
+      || die "PostgreSQL did not restart; see $PG_LOG"
+  fi
   mkdir -p "$PG_RUN"; own_state
   if ! pg_running; then
     port_busy "$PG_PORT" && die "PostgreSQL: port $PG_PORT is taken by another server (Debian's own cluster? stop it with 'pg_ctlcluster <version> main stop', or set BENALSAM_PG_PORT)"
@@ -62,7 +78,7 @@ EOF
   fi
   pg_admin <<EOF || die "PostgreSQL: could not create role and database; see $PG_LOG"
 SELECT 'CREATE ROLE $PG_USER LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') \gexec
-ALTER ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD';
+ALTER ROLE $PG_USER LOGIN REPLICATION PASSWORD '$PG_PASSWORD';
 SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DB') \gexec
 EOF
 }

@@ -95,6 +95,9 @@ pub(crate) enum Kind {
     #[error("job {id} in the queue table cannot be read: {reason}")]
     InvalidJob { id: i64, reason: String },
 
+    #[error("WAL capture through slot {slot}: {reason}")]
+    Capture { slot: String, reason: String },
+
     #[error(
         "migration {version} ({name}) differs from the one applied to this database; \
          migrations are immutable once applied: add a new one instead of editing it"
@@ -212,6 +215,13 @@ impl Error {
     pub(crate) fn invalid_job(id: i64, reason: impl Into<String>) -> Self {
         Self::new(Kind::InvalidJob {
             id,
+            reason: reason.into(),
+        })
+    }
+
+    pub(crate) fn capture(slot: &str, reason: impl Into<String>) -> Self {
+        Self::new(Kind::Capture {
+            slot: slot.to_owned(),
             reason: reason.into(),
         })
     }

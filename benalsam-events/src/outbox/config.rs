@@ -31,6 +31,12 @@ pub struct OutboxConfig {
     /// the jobs of others wait as `pending` for a bridge that routes them). `None`: every
     /// table.
     pub tables: Option<Vec<String>>,
+    /// Record the event types' changes from the WAL instead of triggers, through the logical
+    /// replication slot (and the publication) of this name (`BENALSAM_CAPTURE_SLOT`): writers
+    /// then pay nothing for the outbox. Needs `wal_level = logical` and a role with
+    /// REPLICATION; `migrate` sets it up and drops the sync triggers. `None` (the default):
+    /// the triggers record the jobs. See docs/database.md, "WAL capture".
+    pub capture_slot: Option<String>,
 }
 
 impl OutboxConfig {
@@ -54,6 +60,9 @@ impl OutboxConfig {
             ));
         }
         crate::config::require_positive("OutboxConfig::lease", self.lease)?;
+        if let Some(slot) = &self.capture_slot {
+            super::capture::validate_slot(slot)?;
+        }
         let backoff = self.retry_backoff;
         crate::config::require_positive("OutboxConfig::retry_backoff.initial", backoff.initial)?;
         if backoff.initial > backoff.max {
@@ -85,6 +94,7 @@ impl Default for OutboxConfig {
             ),
             notify_channel: crate::outbox::DEFAULT_CHANNEL.to_owned(),
             tables: None,
+            capture_slot: None,
         }
     }
 }

@@ -53,6 +53,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_trigger_security_definer.sql"),
     migration!(8, "0008_reindex.sql"),
     migration!(9, "0009_statement_sync_trigger.sql"),
+    migration!(10, "0010_wal_capture.sql"),
 ];
 
 /// What [`OutboxConfig::migrate`](super::OutboxConfig::migrate) did.
@@ -115,8 +116,14 @@ pub(crate) async fn migrate(
     // back the migrations too.
     check_names(&tx, schema, event_types).await?;
     report.undeclared_triggers = super::sync_triggers::undeclared(&tx, schema, event_types).await?;
+    match &outbox.capture_slot {
+        Some(slot) => super::capture::prepare(&tx, schema, slot, event_types).await?,
+        None => super::capture::ensure_not_captured(&tx, schema).await?,
+    }
     for event_type in event_types {
-        super::sync_triggers::attach(&tx, schema, &outbox.notify_channel, event_type).await?;
+        if outbox.capture_slot.is_none() {
+            super::sync_triggers::attach(&tx, schema, &outbox.notify_channel, event_type).await?;
+        }
         report.triggers.push(event_type.table.clone());
         // Every relation of the tree has its trigger, relations of relations too.
         for chain in crate::event_type::chains(&event_type.relations) {
@@ -133,6 +140,9 @@ pub(crate) async fn migrate(
     tx.commit()
         .await
         .map_err(|e| Error::postgres("committing migrations", e))?;
+    if let Some(slot) = &outbox.capture_slot {
+        super::capture::switch_over(client, schema, slot, event_types).await?;
+    }
     if !report.applied.is_empty() {
         tracing::info!(schema, applied = ?report.applied, "migrations applied");
     }

@@ -20,6 +20,7 @@
 
 mod backfill;
 mod backlog;
+mod capture;
 mod catalog;
 mod config;
 mod grants;
@@ -40,6 +41,7 @@ mod sync_triggers;
 
 pub use backfill::BackfillProgress;
 pub use backlog::Backlog;
+pub(crate) use capture::{Capture, CaptureStatus, check as check_capture};
 pub(crate) use catalog::check_catalog;
 pub use config::OutboxConfig;
 pub(crate) use job::{ClaimKind, JobStatus};

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use crate::ops::{HealthReport, Live, rfc3339, since};
-use crate::outbox::{JobStreamStatus, ResenderStatus};
+use crate::outbox::{CaptureStatus, JobStreamStatus, ResenderStatus};
 use crate::publish::PublisherStatus;
 use crate::relations::FanOutStatus;
 use crate::service::{Check, check};
@@ -199,6 +199,46 @@ pub(super) fn with_fan_out(
     report
 }
 
+/// WAL capture's part of the database verdict: its numbers in `capture`, and unhealthy when
+/// it failed within `window` and has not looked at its slot without an error since (changes
+/// that do not become jobs). Pure.
+pub(super) fn with_capture(
+    mut report: HealthReport,
+    c: &CaptureStatus,
+    window: Duration,
+    now: SystemTime,
+) -> HealthReport {
+    if let Some((at, why)) = &c.last_error
+        && since(now, *at) <= window
+        && c.last_look.is_none_or(|look| look < *at)
+    {
+        report.healthy = false;
+        let problem = format!(
+            "changes are not captured from the WAL: {why}; capture tries again every second, and writers are not held up meanwhile (the slot keeps their changes)"
+        );
+        report.message = if report.message.starts_with("jobs flow") {
+            problem
+        } else {
+            format!("{}; {problem}", report.message)
+        };
+    }
+    if let Some(details) = report.details.as_object_mut() {
+        details.insert(
+            "capture".to_owned(),
+            json!({
+                "capturing": c.capturing,
+                "jobs": c.jobs,
+                "keyless": c.keyless,
+                "behindBytes": c.behind,
+                "lastLookAt": rfc3339(c.last_look),
+                "errors": c.errors,
+                "lastError": c.last_error.as_ref().map(|(_, e)| e),
+            }),
+        );
+    }
+    report
+}
+
 /// What is wrong with the job stream's progress, each with what to look at.
 fn database_problems(
     s: &JobStreamStatus,
@@ -276,6 +316,8 @@ pub(super) struct BridgeMonitor {
     pub(super) routed: Vec<String>,
     /// Its fan-out, when its event types have relations.
     pub(super) fan_out: Option<Live<FanOutStatus>>,
+    /// Its WAL capture, when it records jobs from the WAL.
+    pub(super) capture: Option<Live<CaptureStatus>>,
     pub(super) stream: Live<JobStreamStatus>,
     pub(super) publisher: Live<PublisherStatus>,
     pub(super) resender: Live<ResenderStatus>,
@@ -310,8 +352,12 @@ impl BridgeMonitor {
             &self.database,
             now,
         );
-        match &self.fan_out {
+        let report = match &self.fan_out {
             Some(fan_out) => with_fan_out(report, &fan_out.snapshot(), self.window, now),
+            None => report,
+        };
+        match &self.capture {
+            Some(capture) => with_capture(report, &capture.snapshot(), self.window, now),
             None => report,
         }
     }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AmqpUrl, DatabaseUrl, require_positive};
 use crate::error::Result;
 use crate::event_type::EventType;
-use crate::outbox::{JobStream, JobStreamConfig, Outbox, OutboxConfig, Resender};
+use crate::outbox::{Capture, JobStream, JobStreamConfig, Outbox, OutboxConfig, Resender};
 use crate::publish::{Publisher, PublisherConfig, Topology, TopologyConfig};
 use crate::relations::FanOut;
 use crate::service::Heartbeat;
@@ -201,6 +201,21 @@ async fn prepare(
     if !checked {
         return Ok(false);
     }
+    if let Some(slot) = &settings.outbox.capture_slot {
+        let capturable = service
+            .step("checking WAL capture", shutdown, || {
+                crate::outbox::check_capture(
+                    &settings.database_url,
+                    &settings.outbox.schema,
+                    slot,
+                    &settings.event_types,
+                )
+            })
+            .await?;
+        if capturable.is_none() {
+            return Ok(false);
+        }
+    }
     let topology = settings.topology();
     let declared = service
         .step("declaring the RabbitMQ topology", shutdown, || {
@@ -217,6 +232,7 @@ struct Parts {
     publisher: Publisher,
     resender: Resender,
     fan_out: Option<FanOut>,
+    capture: Option<Capture>,
     monitor: BridgeMonitor,
     /// The outbox, for giving back what the bridge holds when it stops.
     outbox: Outbox,
@@ -260,6 +276,16 @@ impl Parts {
             shutdown,
         )?
         .map(|f| f.with_metrics(&service.metrics));
+        let capture = settings.outbox.capture_slot.as_ref().map(|slot| {
+            Capture::new(
+                &settings.database_url,
+                &settings.outbox.schema,
+                slot,
+                &settings.outbox.notify_channel,
+                &settings.event_types,
+            )
+            .with_metrics(&service.metrics)
+        });
         let monitor = BridgeMonitor {
             // Its event types' tables, and the jobs of their relations (which its fan-out
             // claims).
@@ -275,6 +301,7 @@ impl Parts {
                 })
                 .collect(),
             fan_out: fan_out.as_ref().map(FanOut::status),
+            capture: capture.as_ref().map(Capture::status),
             stream: jobs.status(),
             publisher: publisher.status(),
             resender: resender.status(),
@@ -289,6 +316,7 @@ impl Parts {
             publisher,
             resender,
             fan_out,
+            capture,
             monitor,
             outbox,
         })
@@ -315,6 +343,9 @@ impl Parts {
         service.spawn(self.resender.run(service.background()));
         if let Some(fan_out) = self.fan_out {
             service.spawn(fan_out.run(service.background()));
+        }
+        if let Some(capture) = self.capture {
+            service.spawn(capture.run(service.background()));
         }
         let _ = monitor.set(self.monitor);
         Ok((self.jobs, self.publisher, self.outbox))
