@@ -228,6 +228,14 @@ async fn migrate(db: &DatabaseArgs, event_types: &[EventType]) -> anyhow::Result
         "schema {}: applied {:?}, already applied {:?}",
         db.schema, report.applied, report.already_applied
     );
+    if let Some(slot) = &db.capture_slot {
+        for event_type in event_types {
+            println!(
+                "{} captured from the WAL through slot {slot}",
+                event_type.table
+            );
+        }
+    }
     for table in &report.triggers {
         println!("trigger attached to {table}");
     }

@@ -140,7 +140,11 @@ pub struct Process {
 
 impl Process {
     pub fn start(name: &str, env: &BenchEnv, index: &str, port: u16) -> Result<Self, BoxError> {
-        let child = Command::new(binary(name)?)
+        let mut command = Command::new(binary(name)?);
+        if let Some(slot) = &env.capture_slot {
+            command.env("BENALSAM_CAPTURE_SLOT", slot);
+        }
+        let child = command
             .env("DATABASE_URL", env.db_url.expose())
             .env("BENALSAM_SCHEMA", &env.name)
             .env("RABBITMQ_URL", env.url.expose())

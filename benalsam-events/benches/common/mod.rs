@@ -66,6 +66,9 @@ pub struct BenchEnv {
     pub url: AmqpUrl,
     pub client: tokio_postgres::Client,
     pub connection: lapin::Connection,
+    /// `BENCH_CAPTURE=1`: the outbox is fed by WAL capture through this slot (named after the
+    /// schema), which the binaries get as `BENALSAM_CAPTURE_SLOT`; triggers otherwise.
+    pub capture_slot: Option<String>,
     http: reqwest::Client,
     mgmt: String,
     user: String,
@@ -116,10 +119,15 @@ impl BenchEnv {
                 "CREATE SCHEMA {name}; SET search_path TO {name}; {LISTINGS_SQL}"
             ))
             .await?;
-        benalsam_events::OutboxConfig::in_schema(&name)
+        let mut outbox = benalsam_events::OutboxConfig::in_schema(&name);
+        if setting("BENCH_CAPTURE", 0u8)? == 1 {
+            outbox.capture_slot = Some(name.clone());
+        }
+        outbox
             .migrate(&mut client, &[benalsam_events::EventType::listings()])
             .await?;
         Ok(Self {
+            capture_slot: outbox.capture_slot,
             name,
             db_url,
             url,
@@ -177,6 +185,13 @@ impl BenchEnv {
     }
 
     pub async fn cleanup(self) -> Result<(), BoxError> {
+        if let Some(slot) = &self.capture_slot {
+            self.client
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {slot}"
+                ))
+                .await?;
+        }
         self.client
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
             .await?;

@@ -64,7 +64,8 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// Versions that were already there.
     pub already_applied: Vec<i32>,
-    /// Tables that have the sync trigger now.
+    /// Tables that have the sync trigger now (with WAL capture, the related tables only:
+    /// the event types' own tables are captured).
     pub triggers: Vec<String>,
     /// Relation triggers dropped because the configuration no longer declares them
     /// (`schema.table.trigger`), with the jobs of removed relations that waited.
@@ -123,8 +124,8 @@ pub(crate) async fn migrate(
     for event_type in event_types {
         if outbox.capture_slot.is_none() {
             super::sync_triggers::attach(&tx, schema, &outbox.notify_channel, event_type).await?;
+            report.triggers.push(event_type.table.clone());
         }
-        report.triggers.push(event_type.table.clone());
         // Every relation of the tree has its trigger, relations of relations too.
         for chain in crate::event_type::chains(&event_type.relations) {
             let Some(relation) = chain.last() else {
