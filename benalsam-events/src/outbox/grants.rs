@@ -10,7 +10,11 @@
 //! | bridge | `SELECT, UPDATE` on the job table (claims, marks); `SELECT, INSERT, UPDATE, DELETE` on `benalsam_listeners` (adaptive NOTIFY) | joined event types: `SELECT` on the table and its related tables, `INSERT` on the job table (the fan-out's REBUILD jobs) |
 //! | consumer | `SELECT, UPDATE` on the job table (checks, marks); `SELECT` on `benalsam_truncations` and `benalsam_reindex` (reindexes under way) | joined event types: `SELECT` on the table and its related tables, `USAGE` on the job table's id sequence (a document's version) |
 //!
-//! and `USAGE` on every schema involved. Application roles need nothing on the outbox: the
+//! and `USAGE` on every schema involved. With WAL capture the bridge writes the jobs itself:
+//! `INSERT` on the job table, `SELECT, INSERT, UPDATE` on `benalsam_truncations`, `SELECT,
+//! UPDATE` on `benalsam_capture`, `USAGE` on the schemas of the event types' tables (their row
+//! types), and the `REPLICATION` attribute, which only a superuser can give (`ALTER ROLE …
+//! REPLICATION`; the bridge refuses to start without it). Application roles need nothing on the outbox: the
 //! trigger function runs as its owner (migration 7). `migrate`, `backfill`, `purge`,
 //! `retry`, `reindex` and the other operator commands run as the outbox's owner.
 
@@ -47,9 +51,14 @@ pub(crate) fn grants(
             joined.insert((table_schema.unwrap_or(schema), table));
         }
     }
+    // A capturing bridge casts to the row types of the event types' tables.
+    let captured = (event_types.iter())
+        .filter(|_| outbox.capture_slot.is_some())
+        .map(|t| t.split_table().0.unwrap_or(schema));
     let schemas: BTreeSet<&str> = std::iter::once(schema)
         .chain(joined.iter().map(|(s, _)| *s))
         .collect();
+    let bridge_schemas: BTreeSet<&str> = schemas.iter().copied().chain(captured).collect();
     let tables = joined
         .iter()
         .map(|(s, t)| format!("{}.{}", quoted(s), quoted(t)))
@@ -62,20 +71,14 @@ pub(crate) fn grants(
         sql.push_str(";\n");
     };
     if let Some(role) = bridge {
-        let role = quoted(role);
-        for s in &schemas {
-            line(format!("GRANT USAGE ON SCHEMA {} TO {role}", quoted(s)));
-        }
-        if joined.is_empty() {
-            line(format!("GRANT SELECT, UPDATE ON {queue} TO {role}"));
-        } else {
-            line(format!("GRANT SELECT, INSERT, UPDATE ON {queue} TO {role}"));
-            line(format!("GRANT SELECT ON {tables} TO {role}"));
-        }
-        line(format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON {}.benalsam_listeners TO {role}",
-            quoted(schema)
-        ));
+        bridge_grants(
+            &mut line,
+            outbox,
+            &queue,
+            &bridge_schemas,
+            &tables,
+            quoted(role),
+        );
     }
     if let Some(role) = consumer {
         let role = quoted(role);
@@ -101,6 +104,43 @@ pub(crate) fn grants(
         }
     }
     Ok(sql)
+}
+
+/// The bridge's part: claims and marks, adaptive NOTIFY, the REBUILD jobs of joined event
+/// types, and with WAL capture the jobs themselves and the capture's position.
+fn bridge_grants(
+    line: &mut impl FnMut(String),
+    outbox: &OutboxConfig,
+    queue: &str,
+    schemas: &BTreeSet<&str>,
+    tables: &str,
+    role: String,
+) {
+    for s in schemas {
+        line(format!("GRANT USAGE ON SCHEMA {} TO {role}", quoted(s)));
+    }
+    if tables.is_empty() && outbox.capture_slot.is_none() {
+        line(format!("GRANT SELECT, UPDATE ON {queue} TO {role}"));
+    } else {
+        line(format!("GRANT SELECT, INSERT, UPDATE ON {queue} TO {role}"));
+    }
+    if !tables.is_empty() {
+        line(format!("GRANT SELECT ON {tables} TO {role}"));
+    }
+    line(format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {}.benalsam_listeners TO {role}",
+        quoted(&outbox.schema)
+    ));
+    if outbox.capture_slot.is_some() {
+        line(format!(
+            "GRANT SELECT, INSERT, UPDATE ON {}.benalsam_truncations TO {role}",
+            quoted(&outbox.schema)
+        ));
+        line(format!(
+            "GRANT SELECT, UPDATE ON {}.benalsam_capture TO {role}",
+            quoted(&outbox.schema)
+        ));
+    }
 }
 
 /// `name` as a quoted SQL identifier.
@@ -140,6 +180,28 @@ mod tests {
             )
             .expect("valid"),
             ""
+        );
+    }
+
+    #[test]
+    fn a_capturing_bridge_writes_jobs_and_its_position() {
+        let mut outbox = OutboxConfig::in_schema("public");
+        outbox.capture_slot = Some("benalsam".to_owned());
+        let sql = grants(
+            &outbox,
+            &[EventType::new("orders", "shop.orders")],
+            Some("bridge"),
+            None,
+        )
+        .expect("valid");
+        assert_eq!(
+            sql,
+            "GRANT USAGE ON SCHEMA \"public\" TO \"bridge\";\n\
+             GRANT USAGE ON SCHEMA \"shop\" TO \"bridge\";\n\
+             GRANT SELECT, INSERT, UPDATE ON \"public\".elasticsearch_sync_queue TO \"bridge\";\n\
+             GRANT SELECT, INSERT, UPDATE, DELETE ON \"public\".benalsam_listeners TO \"bridge\";\n\
+             GRANT SELECT, INSERT, UPDATE ON \"public\".benalsam_truncations TO \"bridge\";\n\
+             GRANT SELECT, UPDATE ON \"public\".benalsam_capture TO \"bridge\";\n"
         );
     }
 }

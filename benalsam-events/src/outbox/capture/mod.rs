@@ -31,11 +31,13 @@
 
 mod changes;
 mod pgoutput;
+mod record;
 mod setup;
+mod write;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::Client;
@@ -44,11 +46,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::event_type::EventType;
-use crate::ops::events::{Event, Recorder, count_error};
-use crate::ops::{CountsErrors, Live, Metrics};
+use crate::ops::events::Recorder;
+use crate::ops::{Live, Metrics};
 use changes::Rows;
 use pgoutput::{lsn_of, lsn_text};
+use record::Captured;
+use write::columns_of;
 
+pub(crate) use record::CaptureStatus;
 pub(crate) use setup::{check, ensure_not_captured, prepare, switch_over, validate_slot};
 
 /// How long an idle capture waits before it looks at the slot again: the most a change
@@ -60,65 +65,6 @@ const PEEK_ROWS: i64 = 20_000;
 /// How long a standby bridge waits before it asks for the slot again, and a failed capture
 /// before it reconnects.
 const RETRY: Duration = Duration::from_secs(1);
-
-/// What the capture has done.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct CaptureStatus {
-    /// Whether this bridge holds the slot (another bridge may, while this one stands by).
-    pub(crate) capturing: bool,
-    /// Jobs written from the WAL.
-    pub(crate) jobs: u64,
-    /// Changes left out because their key was NULL.
-    pub(crate) keyless: u64,
-    /// Bytes of WAL between the position and the flushed WAL at the last look.
-    pub(crate) behind: u64,
-    /// When it last looked at the slot without an error.
-    pub(crate) last_look: Option<SystemTime>,
-    pub(crate) errors: u64,
-    pub(crate) last_error: Option<(SystemTime, String)>,
-}
-
-impl CountsErrors for CaptureStatus {
-    fn error_fields(&mut self) -> (&mut u64, &mut Option<(SystemTime, String)>) {
-        (&mut self.errors, &mut self.last_error)
-    }
-}
-
-enum Captured {
-    Holding(bool),
-    Looked {
-        jobs: usize,
-        keyless: usize,
-        behind: u64,
-    },
-    Failed(Error),
-}
-
-impl Event for Captured {
-    type Status = CaptureStatus;
-    type Metrics = Counter;
-
-    fn apply(self, s: &mut CaptureStatus, jobs: &Counter) {
-        match self {
-            Captured::Holding(capturing) => s.capturing = capturing,
-            Captured::Looked {
-                jobs: n,
-                keyless,
-                behind,
-            } => {
-                jobs.inc_by(n as u64);
-                s.jobs += n as u64;
-                s.keyless += keyless as u64;
-                s.behind = behind;
-                s.last_look = Some(SystemTime::now());
-            }
-            Captured::Failed(error) => {
-                s.capturing = false;
-                count_error(s, error);
-            }
-        }
-    }
-}
 
 /// One event type's table as the WAL names it, and how its jobs are written.
 #[derive(Debug, Clone)]
@@ -362,60 +308,6 @@ impl Capture {
         }
         Ok(rows)
     }
-
-    /// Writes the jobs, the position and a NOTIFY in one transaction; the jobs written.
-    async fn write(
-        &self,
-        client: &mut Client,
-        rows: &[(&Target, Rows)],
-        upto: u64,
-    ) -> Result<usize> {
-        let fail = |what: &'static str| move |e| Error::postgres(what, e);
-        let schema = &self.schema;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(fail("starting the capture's transaction"))?;
-        let mut written = 0;
-        for (target, rows) in rows.iter().filter(|(_, r)| !r.is_empty()) {
-            let sql = insert_sql(schema, &target.schema, &target.table);
-            let count: i64 = tx
-                .query_one(
-                    &sql,
-                    &[
-                        &rows.operations,
-                        &rows.new,
-                        &rows.old,
-                        &rows.committed,
-                        &target.jobs,
-                        &target.key,
-                        &target.ignore,
-                    ],
-                )
-                .await
-                .map_err(|e| Error::postgres(format!("writing the jobs of {}", target.jobs), e))?
-                .get(0);
-            written += count as usize;
-        }
-        tx.execute(
-            &format!(
-                "UPDATE \"{schema}\".benalsam_capture
-                    SET position = $2::text::pg_lsn, updated_at = now() WHERE slot = $1"
-            ),
-            &[&self.slot, &lsn_text(upto)],
-        )
-        .await
-        .map_err(fail("recording the capture's position"))?;
-        if written > 0 {
-            tx.execute("SELECT pg_notify($1, '')", &[&self.channel])
-                .await
-                .map_err(fail("waking the bridges"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(fail("committing the captured jobs"))?;
-        Ok(written)
-    }
 }
 
 /// Where the capture stands: what it wrote (in the jobs' transactions) and how far it moved
@@ -423,52 +315,4 @@ impl Capture {
 struct Position {
     written: u64,
     advanced: u64,
-}
-
-/// The table's columns today, in order.
-async fn columns_of(client: &Client, schema: &str, table: &str) -> Result<Vec<String>> {
-    let rows = client
-        .query(
-            "SELECT attname::text FROM pg_attribute
-              WHERE attrelid = to_regclass(format('%I.%I', $1::text, $2::text))
-                AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            &[&schema, &table],
-        )
-        .await
-        .map_err(|e| Error::postgres(format!("reading the columns of {schema}.{table}"), e))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The job insert of one event type: the record literals become the table's type and its
-/// `to_jsonb`, as the trigger builds `change_data`; an UPDATE that changed only ignored
-/// columns writes nothing; a TRUNCATE job also moves the table's truncation mark. Ids follow
-/// the rows' order, which is commit order.
-fn insert_sql(outbox: &str, schema: &str, table: &str) -> String {
-    format!(
-        "WITH c AS (
-             SELECT u.ord, u.op, u.at,
-                    to_jsonb(CAST(u.new_row AS \"{schema}\".\"{table}\")) AS n,
-                    to_jsonb(CAST(u.old_row AS \"{schema}\".\"{table}\")) AS o
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-                    WITH ORDINALITY AS u(op, new_row, old_row, at, ord)),
-         ins AS (
-             INSERT INTO \"{outbox}\".elasticsearch_sync_queue
-                    (table_name, operation, record_id, change_data, created_at)
-             SELECT $5, c.op,
-                    CASE c.op WHEN 'TRUNCATE' THEN '*' ELSE coalesce(c.n, c.o) ->> $6 END,
-                    CASE c.op WHEN 'INSERT' THEN c.n WHEN 'DELETE' THEN c.o
-                              WHEN 'UPDATE' THEN jsonb_build_object('old', c.o, 'new', c.n)
-                              ELSE '{{}}' END,
-                    timestamptz '2000-01-01 00:00:00+00' + c.at * interval '1 microsecond'
-               FROM c
-              WHERE c.op <> 'UPDATE' OR (c.o - $7::text[]) <> (c.n - $7::text[])
-              ORDER BY c.ord
-             RETURNING id, operation),
-         truncated AS (
-             INSERT INTO \"{outbox}\".benalsam_truncations (table_name, job_id)
-             SELECT $5, max(id) FROM ins WHERE operation = 'TRUNCATE' HAVING count(*) > 0
-             ON CONFLICT (table_name)
-             DO UPDATE SET job_id = greatest(benalsam_truncations.job_id, EXCLUDED.job_id))
-         SELECT count(*) FROM ins"
-    )
 }

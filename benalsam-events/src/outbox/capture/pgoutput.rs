@@ -92,26 +92,7 @@ pub(crate) fn parse(data: &[u8]) -> Result<Message, DecodeError> {
             let _commit_time = r.u64()?;
             Message::Commit { end_lsn }
         }
-        b'R' => {
-            let id = r.u32()?;
-            let schema = r.string()?;
-            let name = r.string()?;
-            let _identity = r.byte()?;
-            let count = r.u16()?;
-            let mut columns = Vec::with_capacity(usize::from(count));
-            for _ in 0..count {
-                let _flags = r.byte()?;
-                columns.push(r.string()?);
-                let _type = r.u32()?;
-                let _modifier = r.u32()?;
-            }
-            Message::Relation(Relation {
-                id,
-                schema,
-                name,
-                columns,
-            })
-        }
+        b'R' => Message::Relation(r.relation()?),
         b'I' => {
             let relation = r.u32()?;
             r.expect(b'N')?;
@@ -221,6 +202,27 @@ impl Reader<'_> {
         let text = self.text(len)?;
         self.at += 1;
         Ok(text)
+    }
+
+    fn relation(&mut self) -> Result<Relation, DecodeError> {
+        let id = self.u32()?;
+        let schema = self.string()?;
+        let name = self.string()?;
+        let _identity = self.byte()?;
+        let count = self.u16()?;
+        let mut columns = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let _flags = self.byte()?;
+            columns.push(self.string()?);
+            let _type = self.u32()?;
+            let _modifier = self.u32()?;
+        }
+        Ok(Relation {
+            id,
+            schema,
+            name,
+            columns,
+        })
     }
 
     fn tuple(&mut self) -> Result<Tuple, DecodeError> {

@@ -147,43 +147,7 @@ pub(crate) async fn switch_over(
     event_types: &[EventType],
 ) -> Result<Vec<String>> {
     let fail = |what: &'static str| move |e| Error::postgres(what, e);
-    let found = client
-        .query_opt(
-            "SELECT plugin::text, database::text = current_database()
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(fail("looking for the replication slot"))?;
-    match found.map(|row| {
-        (
-            row.get::<_, Option<String>>(0),
-            row.get::<_, Option<bool>>(1),
-        )
-    }) {
-        None => {
-            // Waits for the transactions running now to end (the slot's consistent point).
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .map_err(fail(
-                    "creating the replication slot (the role needs REPLICATION)",
-                ))?;
-            tracing::info!(slot, "replication slot created");
-        }
-        Some((Some(plugin), Some(true))) if plugin == "pgoutput" => {}
-        Some(_) => {
-            return Err(Error::config(
-                SETTING,
-                format!(
-                    "replication slot {slot} exists but is not a pgoutput slot of this database; choose another name"
-                ),
-            ));
-        }
-    }
+    create_slot(client, slot).await?;
     let tx = client
         .transaction()
         .await
@@ -240,6 +204,50 @@ pub(crate) async fn switch_over(
     Ok(dropped)
 }
 
+/// The slot, created when missing; one of that name must be a `pgoutput` slot of this
+/// database.
+async fn create_slot(client: &Client, slot: &str) -> Result<()> {
+    let fail = |what: &'static str| move |e| Error::postgres(what, e);
+    let found = client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database()
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(fail("looking for the replication slot"))?;
+    match found.map(|row| {
+        (
+            row.get::<_, Option<String>>(0),
+            row.get::<_, Option<bool>>(1),
+        )
+    }) {
+        None => {
+            // Waits for the transactions running now to end (the slot's consistent point).
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+                .map_err(fail(
+                    "creating the replication slot (the role needs REPLICATION)",
+                ))?;
+            tracing::info!(slot, "replication slot created");
+        }
+        Some((Some(plugin), Some(true))) if plugin == "pgoutput" => {}
+        Some(_) => {
+            return Err(Error::config(
+                SETTING,
+                format!(
+                    "replication slot {slot} exists but is not a pgoutput slot of this database; choose another name"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// In `migrate`'s transaction without a slot: refused while a capture is registered, whose
 /// slot would go on capturing beside the triggers.
 pub(crate) async fn ensure_not_captured(tx: &Transaction<'_>, schema: &str) -> Result<()> {
@@ -278,6 +286,22 @@ pub(crate) async fn check(
     let client = crate::connect::postgres(url).await?;
     require_logical(&client).await?;
     let fail = |e| Error::postgres("checking WAL capture", e);
+    let role = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(fail)?;
+    if !role.get::<_, bool>(1) {
+        let name: String = role.get(0);
+        return Err(Error::config(
+            SETTING,
+            format!(
+                "the bridge's role {name} may not read replication slots; a superuser gives it that with ALTER ROLE \"{name}\" REPLICATION"
+            ),
+        ));
+    }
     let migrate = "run `benalsam-bridge migrate` with the setting";
     let ready = client
         .query_one(

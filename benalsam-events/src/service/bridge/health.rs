@@ -507,4 +507,39 @@ mod tests {
         );
         assert_eq!(r.details["brokerInUse"], "amqp://u:***@mq2/%2f");
     }
+
+    #[test]
+    fn a_failing_capture_is_red_until_it_looks_at_its_slot_again() {
+        let now = SystemTime::now();
+        let ago = |s| now - Duration::from_secs(s);
+        let report = || {
+            let s = flowing(now);
+            database_report(
+                &s,
+                &[],
+                &ResenderStatus::default(),
+                WINDOW,
+                RESEND,
+                "db",
+                now,
+            )
+        };
+        let mut c = CaptureStatus {
+            capturing: true,
+            jobs: 5,
+            last_look: Some(ago(10)),
+            last_error: Some((ago(5), "the slot is gone".to_owned())),
+            errors: 1,
+            ..CaptureStatus::default()
+        };
+        let red = with_capture(report(), &c, WINDOW, now);
+        assert!(!red.healthy);
+        assert!(red.message.contains("the slot is gone"), "{}", red.message);
+        assert_eq!(red.details["capture"]["jobs"], 5);
+        c.last_look = Some(ago(1));
+        assert!(with_capture(report(), &c, WINDOW, now).healthy);
+        c.last_look = None;
+        c.last_error = Some((ago(60), "long ago".to_owned()));
+        assert!(with_capture(report(), &c, WINDOW, now).healthy);
+    }
 }

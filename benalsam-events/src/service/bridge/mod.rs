@@ -276,16 +276,7 @@ impl Parts {
             shutdown,
         )?
         .map(|f| f.with_metrics(&service.metrics));
-        let capture = settings.outbox.capture_slot.as_ref().map(|slot| {
-            Capture::new(
-                &settings.database_url,
-                &settings.outbox.schema,
-                slot,
-                &settings.outbox.notify_channel,
-                &settings.event_types,
-            )
-            .with_metrics(&service.metrics)
-        });
+        let capture = settings.capture().map(|c| c.with_metrics(&service.metrics));
         let monitor = BridgeMonitor {
             // Its event types' tables, and the jobs of their relations (which its fan-out
             // claims).
@@ -353,6 +344,18 @@ impl Parts {
 }
 
 impl BridgeSettings {
+    /// Its WAL capture, when it records the jobs from the WAL.
+    fn capture(&self) -> Option<Capture> {
+        let slot = self.outbox.capture_slot.as_ref()?;
+        Some(Capture::new(
+            &self.database_url,
+            &self.outbox.schema,
+            slot,
+            &self.outbox.notify_channel,
+            &self.event_types,
+        ))
+    }
+
     /// The topology of its event types.
     pub fn topology(&self) -> Topology {
         Topology::for_event_types(&self.event_types, &self.topology)
