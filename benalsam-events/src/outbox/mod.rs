@@ -5,6 +5,9 @@
 //!   the only thing that changes a job's state, along the moves of the state diagram below.
 //! * [`JobStream`] turns the outbox into a `Stream` of claimed batches, woken by
 //!   LISTEN/NOTIFY and by polling, surviving lost connections.
+//! * With [`OutboxConfig::capture_slot`] set, the bridge writes the jobs from the WAL
+//!   (logical decoding) instead of triggers, exactly once and in commit order; `capture`
+//!   has the how and why.
 //! * [`OutboxConfig::migrate`] installs the job table and the trigger function; [`OutboxConfig::grants`] gives the SQL
 //!   granting the bridge's and the consumer's roles what they need; the outbox's maintenance
 //!   methods ([`Outbox::summary`], [`Outbox::retry_failed`], [`Outbox::backfill`],

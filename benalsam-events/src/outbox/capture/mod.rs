@@ -37,7 +37,7 @@ mod write;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::Client;
@@ -62,6 +62,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// Rows of the plugin's answer per peek (a transaction is never split: a peek ends after the
 /// commit that crosses it).
 const PEEK_ROWS: i64 = 20_000;
+/// How often an idle capture moves its slot.
+const ADVANCE_IDLE: Duration = Duration::from_secs(1);
 /// How long a standby bridge waits before it asks for the slot again, and a failed capture
 /// before it reconnects.
 const RETRY: Duration = Duration::from_secs(1);
@@ -197,6 +199,7 @@ impl Capture {
         let mut at = Position {
             written: lsn(0)?,
             advanced: lsn(1)?,
+            moved: Instant::now(),
         };
         loop {
             let more = self.look(&mut client, &mut at).await?;
@@ -216,28 +219,25 @@ impl Capture {
     /// position, then advances the slot. True when the peek stopped short (more is waiting).
     async fn look(&self, client: &mut Client, at: &mut Position) -> Result<bool> {
         let fail = |what: &'static str| move |e| Error::postgres(what, e);
-        let flushed: String = client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-            .await
-            .map_err(fail("reading the flushed WAL position"))?
-            .get(0);
-        let flushed = lsn_of(&flushed)
-            .ok_or_else(|| Error::capture(&self.slot, format!("a WAL position {flushed}")))?;
+        // One round trip: the flushed WAL, and the slot's changes up to it (a row without
+        // data when there are none).
         let peeked = client
             .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, $2::text::pg_lsn, $3::bigint::int4,
-                         'proto_version', '1', 'publication_names', $1::text)",
-                &[&self.slot, &lsn_text(flushed), &PEEK_ROWS],
+                "SELECT f.lsn::text, c.data
+                   FROM (SELECT pg_current_wal_flush_lsn() AS lsn) f
+                   LEFT JOIN LATERAL pg_logical_slot_peek_binary_changes($1::text::name, f.lsn,
+                             $2::bigint::int4, 'proto_version', '1', 'publication_names', $1::text) c ON true",
+                &[&self.slot, &PEEK_ROWS],
             )
             .await
             .map_err(fail("reading the replication slot"))?;
-        let short = peeked.len() as i64 >= PEEK_ROWS;
-        let transactions = changes::transactions(
-            peeked
-                .iter()
-                .map(|row| pgoutput::parse(row.get::<_, &[u8]>(0))),
-        )
-        .map_err(|reason| Error::capture(&self.slot, reason))?;
+        let flushed: &str = peeked.first().map_or("", |row| row.get(0));
+        let flushed = lsn_of(flushed)
+            .ok_or_else(|| Error::capture(&self.slot, format!("a WAL position {flushed:?}")))?;
+        let data: Vec<&[u8]> = peeked.iter().filter_map(|row| row.get(1)).collect();
+        let short = data.len() as i64 >= PEEK_ROWS;
+        let transactions = changes::transactions(data.into_iter().map(pgoutput::parse))
+            .map_err(|reason| Error::capture(&self.slot, reason))?;
         let upto = match transactions.last() {
             Some(last) if short => last.end_lsn,
             _ => flushed,
@@ -253,7 +253,10 @@ impl Capture {
             jobs = self.write(client, &rows, upto).await?;
             at.written = upto;
         }
-        if upto > at.advanced {
+        // Moving the slot frees WAL and keeps the next peek short; while idle, once a second
+        // is enough (the bridge's own writes move the flushed WAL at every look).
+        let due = !fresh.is_empty() || short || at.moved.elapsed() >= ADVANCE_IDLE;
+        if upto > at.advanced && due {
             client
                 .execute(
                     "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
@@ -262,6 +265,7 @@ impl Capture {
                 .await
                 .map_err(fail("advancing the replication slot"))?;
             at.advanced = upto;
+            at.moved = Instant::now();
         }
         if keyless > 0 {
             tracing::warn!(slot = %self.slot, keyless, "changes whose key column was NULL were left out");
@@ -315,4 +319,5 @@ impl Capture {
 struct Position {
     written: u64,
     advanced: u64,
+    moved: Instant,
 }
