@@ -424,11 +424,34 @@ async fn what_cannot_work_is_refused_by_name() {
         .await
         .expect("migrated for capture");
     let error = OutboxConfig::in_schema(&db.name)
-        .migrate(&mut client, &[listings])
+        .migrate(&mut client, std::slice::from_ref(&listings))
         .await
         .expect_err("triggers beside a capture");
     assert_eq!(error.setting(), Some("OutboxConfig::capture_slot"));
     assert!(error.to_string().contains(&slot), "{error}");
+
+    // A second slot on a captured outbox would record every change twice.
+    let mut other = OutboxConfig::in_schema(&db.name);
+    other.capture_slot = Some(unique_name("s"));
+    let error = other
+        .migrate(&mut client, std::slice::from_ref(&listings))
+        .await
+        .expect_err("a second slot");
+    assert!(error.to_string().contains(&slot), "{error}");
+
+    // A generated column added after the setup: pgoutput does not send it.
+    db.client
+        .batch_execute(
+            "ALTER TABLE listings ADD COLUMN title_length int GENERATED ALWAYS AS (length(title)) STORED",
+        )
+        .await
+        .expect("a generated column");
+    let mut settings = capturing(&db, &vhost, &slot, vec![listings]);
+    settings.migrate = false;
+    let error = benalsam_events::bridge::run(settings, Default::default())
+        .await
+        .expect_err("a generated column");
+    assert!(error.to_string().contains("generated columns"), "{error}");
     drop_capture(&db, &slot).await;
     vhost.drop().await;
     db.drop().await;

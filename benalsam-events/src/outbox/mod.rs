@@ -44,7 +44,7 @@ mod sync_triggers;
 
 pub use backfill::BackfillProgress;
 pub use backlog::Backlog;
-pub(crate) use capture::{Capture, CaptureStatus, check as check_capture};
+pub(crate) use capture::{Capture, CaptureStatus, check as check_capture, warn_if_captured};
 pub(crate) use catalog::check_catalog;
 pub use config::OutboxConfig;
 pub(crate) use job::{ClaimKind, JobStatus};

@@ -30,6 +30,7 @@
 //! not carry).
 
 mod changes;
+mod check;
 mod pgoutput;
 mod record;
 mod setup;
@@ -53,8 +54,9 @@ use pgoutput::{lsn_of, lsn_text};
 use record::Captured;
 use write::columns_of;
 
+pub(crate) use check::{check, warn_if_captured};
 pub(crate) use record::CaptureStatus;
-pub(crate) use setup::{check, ensure_not_captured, prepare, switch_over, validate_slot};
+pub(crate) use setup::{ensure_not_captured, prepare, switch_over, validate_slot};
 
 /// How long an idle capture waits before it looks at the slot again: the most a change
 /// waits before it becomes a job, 25 ms on average.

@@ -1,5 +1,5 @@
-//! What WAL capture needs of the database: set up by `migrate`, checked by the bridge at
-//! start.
+//! What WAL capture needs of the database, set up by `migrate` (the bridge checks it at start,
+//! `check.rs`).
 //!
 //! The switch from triggers is exactly once. `migrate` first commits the tables' `REPLICA
 //! IDENTITY FULL` (an UPDATE's old row and a TOASTed value it kept are in the WAL only
@@ -11,12 +11,16 @@
 
 use tokio_postgres::{Client, GenericClient, Transaction};
 
-use crate::config::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::event_type::{EventType, sync_trigger};
 
 /// The setting every refusal names.
-const SETTING: &str = "OutboxConfig::capture_slot";
+pub(super) const SETTING: &str = "OutboxConfig::capture_slot";
+
+/// What to do with a table capture cannot follow.
+pub(super) const TRIGGERS: &str = "WAL capture cannot follow it: record this outbox's jobs with triggers \
+     (leave the setting unset; an outbox captured already goes back to triggers as \
+     docs/database.md (\"WAL capture\") describes)";
 
 /// Checks that `slot` can name a replication slot and a publication.
 pub(crate) fn validate_slot(slot: &str) -> Result<()> {
@@ -49,7 +53,7 @@ fn tables<'a>(schema: &'a str, event_types: &'a [EventType]) -> Vec<(&'a str, &'
     tables
 }
 
-async fn require_logical(client: &impl GenericClient) -> Result<()> {
+pub(super) async fn require_logical(client: &impl GenericClient) -> Result<()> {
     let level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -78,6 +82,7 @@ pub(crate) async fn prepare(
     validate_slot(slot)?;
     require_logical(tx).await?;
     let fail = |e| Error::postgres("preparing the tables for WAL capture", e);
+    refuse_another_slot(tx, schema, slot).await?;
     let mut listed = Vec::new();
     for (table_schema, table) in tables(schema, event_types) {
         let row = tx
@@ -100,9 +105,7 @@ pub(crate) async fn prepare(
             };
             return Err(Error::config(
                 SETTING,
-                format!(
-                    "{table_schema}.{table} {why}; record its jobs with triggers (leave the setting unset)"
-                ),
+                format!("{table_schema}.{table} {why}; {TRIGGERS}"),
             ));
         }
         let target = format!("\"{table_schema}\".\"{table}\"");
@@ -134,6 +137,33 @@ pub(crate) async fn prepare(
     )
     .await
     .map_err(fail)?;
+    Ok(())
+}
+
+/// Refused: a second slot on an outbox captured through another, which would record every
+/// change twice.
+async fn refuse_another_slot(tx: &Transaction<'_>, schema: &str, slot: &str) -> Result<()> {
+    let fail = |e| Error::postgres("looking for WAL captures", e);
+    let others: Vec<String> = tx
+        .query(
+            &format!("SELECT slot FROM \"{schema}\".benalsam_capture WHERE slot <> $1 ORDER BY 1"),
+            &[&slot],
+        )
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(other) = others.first() {
+        return Err(Error::config(
+            SETTING,
+            format!(
+                "the outbox in {schema} is captured through slot {other} already, and a second slot would \
+                 record every change twice; keep {other}, or go back to triggers as docs/database.md \
+                 (\"WAL capture\") describes before choosing another slot"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -272,86 +302,4 @@ pub(crate) async fn ensure_not_captured(tx: &Transaction<'_>, schema: &str) -> R
             ),
         )),
     }
-}
-
-/// At the bridge's start: everything capture through `slot` needs, each refusal saying what
-/// to do.
-pub(crate) async fn check(
-    url: &DatabaseUrl,
-    schema: &str,
-    slot: &str,
-    event_types: &[EventType],
-) -> Result<()> {
-    validate_slot(slot)?;
-    let client = crate::connect::postgres(url).await?;
-    require_logical(&client).await?;
-    let fail = |e| Error::postgres("checking WAL capture", e);
-    let role = client
-        .query_one(
-            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(fail)?;
-    if !role.get::<_, bool>(1) {
-        let name: String = role.get(0);
-        return Err(Error::config(
-            SETTING,
-            format!(
-                "the bridge's role {name} may not read replication slots; a superuser gives it that with ALTER ROLE \"{name}\" REPLICATION"
-            ),
-        ));
-    }
-    let migrate = "run `benalsam-bridge migrate` with the setting";
-    let ready = client
-        .query_one(
-            &format!(
-                "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1
-                                   AND database = current_database()),
-                        EXISTS (SELECT FROM \"{schema}\".benalsam_capture WHERE slot = $1)"
-            ),
-            &[&slot],
-        )
-        .await
-        .map_err(fail)?;
-    if !(ready.get::<_, bool>(0) && ready.get::<_, bool>(1)) {
-        return Err(Error::config(
-            SETTING,
-            format!("replication slot {slot} is not set up in this database; {migrate}"),
-        ));
-    }
-    for event_type in event_types {
-        let (table_schema, table) = event_type.split_table();
-        let table_schema = table_schema.unwrap_or(schema);
-        let names: Vec<String> = sync_trigger::ALL
-            .iter()
-            .map(|base| event_type.sync_trigger(base))
-            .collect();
-        let row = client
-            .query_one(
-                "SELECT c.relreplident = 'f',
-                        EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = $3
-                                   AND p.schemaname = $1 AND p.tablename = $2),
-                        EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid
-                                   AND t.tgname = ANY ($4::text[]))
-                   FROM pg_class c WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))",
-                &[&table_schema, &table, &slot, &names],
-            )
-            .await
-            .map_err(fail)?;
-        let problem = if !row.get::<_, bool>(0) {
-            "does not have REPLICA IDENTITY FULL"
-        } else if !row.get::<_, bool>(1) {
-            "is not in the slot's publication"
-        } else if row.get::<_, bool>(2) {
-            "still has its sync triggers (every change would be recorded twice)"
-        } else {
-            continue;
-        };
-        return Err(Error::config(
-            SETTING,
-            format!("{table_schema}.{table} {problem}; {migrate}"),
-        ));
-    }
-    Ok(())
 }

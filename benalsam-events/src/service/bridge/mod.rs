@@ -201,6 +201,17 @@ async fn prepare(
     if !checked {
         return Ok(false);
     }
+    if settings.outbox.capture_slot.is_none() {
+        let url = &settings.database_url;
+        let checked = service
+            .step("looking for WAL captures", shutdown, || {
+                crate::outbox::warn_if_captured(url, &settings.outbox.schema)
+            })
+            .await?;
+        if checked.is_none() {
+            return Ok(false);
+        }
+    }
     if let Some(slot) = &settings.outbox.capture_slot {
         let capturable = service
             .step("checking WAL capture", shutdown, || {
