@@ -63,7 +63,7 @@ pub(crate) use setup::{ensure_not_captured, prepare, switch_over, validate_slot}
 const POLL: Duration = Duration::from_millis(50);
 /// Rows of the plugin's answer per peek (a transaction is never split: a peek ends after the
 /// commit that crosses it).
-const PEEK_ROWS: i64 = 20_000;
+const PEEK_ROWS: i64 = 5_000;
 /// How often an idle capture moves its slot.
 const ADVANCE_IDLE: Duration = Duration::from_secs(1);
 /// How long a standby bridge waits before it asks for the slot again, and a failed capture
