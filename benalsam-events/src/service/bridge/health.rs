@@ -161,80 +161,89 @@ pub(super) fn database_report(
 /// it failed within `window` and made no progress since (a related change that cannot reach
 /// its documents). Pure.
 pub(super) fn with_fan_out(
-    mut report: HealthReport,
+    report: HealthReport,
     f: &FanOutStatus,
     window: Duration,
     now: SystemTime,
 ) -> HealthReport {
-    if let Some((at, why)) = &f.last_error
-        && since(now, *at) <= window
-        && f.last_progress_at.is_none_or(|p| p < *at)
-    {
-        report.healthy = false;
-        let problem = format!(
-            "a related-row change cannot be fanned out to its documents: {why}; it is retried after its backoff"
-        );
-        report.message = if report.message.starts_with("jobs flow") {
-            problem
-        } else {
-            format!("{}; {problem}", report.message)
-        };
-    }
-    if let Some(details) = report.details.as_object_mut() {
-        details.insert(
-            "fanOut".to_owned(),
-            json!({
-                "changesDone": f.jobs_done,
-                "documentsQueued": f.documents_queued,
-                "documentsCoalesced": f.documents_coalesced,
-                "current": f.current.as_ref().map(|(job, relation, documents)| json!({
-                    "job": job, "relation": relation, "documents": documents
-                })),
-                "lastProgressAt": rfc3339(f.last_progress_at),
-                "errors": f.errors,
-                "lastError": f.last_error.as_ref().map(|(_, e)| e),
-            }),
-        );
-    }
-    report
+    let problem = failing(&f.last_error, f.last_progress_at, window, now).map(|why| {
+        format!("a related-row change cannot be fanned out to its documents: {why}; it is retried after its backoff")
+    });
+    with_part(
+        report,
+        "fanOut",
+        json!({
+            "changesDone": f.jobs_done,
+            "documentsQueued": f.documents_queued,
+            "documentsCoalesced": f.documents_coalesced,
+            "current": f.current.as_ref().map(|(job, relation, documents)| json!({
+                "job": job, "relation": relation, "documents": documents
+            })),
+            "lastProgressAt": rfc3339(f.last_progress_at),
+            "errors": f.errors,
+            "lastError": f.last_error.as_ref().map(|(_, e)| e),
+        }),
+        problem,
+    )
 }
 
 /// WAL capture's part of the database verdict: its numbers in `capture`, and unhealthy when
 /// it failed within `window` and has not looked at its slot without an error since (changes
 /// that do not become jobs). Pure.
 pub(super) fn with_capture(
-    mut report: HealthReport,
+    report: HealthReport,
     c: &CaptureStatus,
     window: Duration,
     now: SystemTime,
 ) -> HealthReport {
-    if let Some((at, why)) = &c.last_error
-        && since(now, *at) <= window
-        && c.last_look.is_none_or(|look| look < *at)
-    {
+    let problem = failing(&c.last_error, c.last_look, window, now).map(|why| {
+        format!("changes are not captured from the WAL: {why}; capture tries again every second, and writers are not held up meanwhile (the slot keeps their changes)")
+    });
+    with_part(
+        report,
+        "capture",
+        json!({
+            "capturing": c.capturing,
+            "jobs": c.jobs,
+            "keyless": c.keyless,
+            "behindBytes": c.behind,
+            "lastLookAt": rfc3339(c.last_look),
+            "errors": c.errors,
+            "lastError": c.last_error.as_ref().map(|(_, e)| e),
+        }),
+        problem,
+    )
+}
+
+/// The last error of a part, when it came within `window` and nothing went right since.
+fn failing(
+    last_error: &Option<(SystemTime, String)>,
+    last_ok: Option<SystemTime>,
+    window: Duration,
+    now: SystemTime,
+) -> Option<&str> {
+    let (at, why) = last_error.as_ref()?;
+    (since(now, *at) <= window && last_ok.is_none_or(|ok| ok < *at)).then_some(why.as_str())
+}
+
+/// A part of the database verdict: its `details` under `key`, and its `problem`, when it
+/// has one, making the verdict unhealthy (first in the message if the rest was well).
+fn with_part(
+    mut report: HealthReport,
+    key: &str,
+    details: serde_json::Value,
+    problem: Option<String>,
+) -> HealthReport {
+    if let Some(problem) = problem {
         report.healthy = false;
-        let problem = format!(
-            "changes are not captured from the WAL: {why}; capture tries again every second, and writers are not held up meanwhile (the slot keeps their changes)"
-        );
         report.message = if report.message.starts_with("jobs flow") {
             problem
         } else {
             format!("{}; {problem}", report.message)
         };
     }
-    if let Some(details) = report.details.as_object_mut() {
-        details.insert(
-            "capture".to_owned(),
-            json!({
-                "capturing": c.capturing,
-                "jobs": c.jobs,
-                "keyless": c.keyless,
-                "behindBytes": c.behind,
-                "lastLookAt": rfc3339(c.last_look),
-                "errors": c.errors,
-                "lastError": c.last_error.as_ref().map(|(_, e)| e),
-            }),
-        );
+    if let Some(all) = report.details.as_object_mut() {
+        all.insert(key.to_owned(), details);
     }
     report
 }
