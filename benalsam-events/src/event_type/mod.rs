@@ -78,6 +78,24 @@ pub(crate) mod sync_trigger {
     pub(crate) const ALL: [&str; 5] = [ROWS, INSERT, UPDATE, DELETE, TRUNCATE];
 }
 
+/// The tables of `event_types`, schema (`schema` for a bare name) and name, each once, in
+/// order.
+pub(crate) fn tables_of<'a>(
+    schema: &'a str,
+    event_types: &'a [EventType],
+) -> Vec<(&'a str, &'a str)> {
+    let mut tables: Vec<_> = event_types
+        .iter()
+        .map(|t| {
+            let (s, table) = t.split_table();
+            (s.unwrap_or(schema), table)
+        })
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    tables
+}
+
 /// The exchange of listing events, as the architecture document names it.
 pub(crate) const LISTINGS_EXCHANGE: &str = "benalsam.listings";
 

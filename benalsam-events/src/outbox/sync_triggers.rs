@@ -110,17 +110,8 @@ pub(super) async fn undeclared(
         format!("\"{schema}\".add_to_sync_queue_statement()"),
     ];
     let bases = sync_trigger::ALL.map(str::to_owned);
-    let mut tables: Vec<(&str, &str)> = event_types
-        .iter()
-        .map(|t| {
-            let (s, table) = t.split_table();
-            (s.unwrap_or(schema), table)
-        })
-        .collect();
-    tables.sort_unstable();
-    tables.dedup();
     let mut removed = Vec::new();
-    for (table_schema, table) in tables {
+    for (table_schema, table) in crate::event_type::tables_of(schema, event_types) {
         let declared: Vec<String> = event_types
             .iter()
             .filter(|t| {

@@ -39,20 +39,7 @@ pub(crate) fn validate_slot(slot: &str) -> Result<()> {
     }
 }
 
-/// The event types' tables, schema and name, each once.
-fn tables<'a>(schema: &'a str, event_types: &'a [EventType]) -> Vec<(&'a str, &'a str)> {
-    let mut tables: Vec<_> = event_types
-        .iter()
-        .map(|t| {
-            let (s, table) = t.split_table();
-            (s.unwrap_or(schema), table)
-        })
-        .collect();
-    tables.sort_unstable();
-    tables.dedup();
-    tables
-}
-
+/// Refused: a server without logical WAL, naming the setting to change.
 pub(super) async fn require_logical(client: &impl GenericClient) -> Result<()> {
     let level: String = client
         .query_one("SHOW wal_level", &[])
@@ -84,7 +71,7 @@ pub(crate) async fn prepare(
     let fail = |e| Error::postgres("preparing the tables for WAL capture", e);
     refuse_another_slot(tx, schema, slot).await?;
     let mut listed = Vec::new();
-    for (table_schema, table) in tables(schema, event_types) {
+    for (table_schema, table) in crate::event_type::tables_of(schema, event_types) {
         let row = tx
             .query_one(
                 "SELECT c.relkind = 'r' AND NOT EXISTS (SELECT FROM pg_inherits i
