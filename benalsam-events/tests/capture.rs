@@ -9,10 +9,41 @@ use std::time::{Duration, Instant};
 
 use benalsam_events::bridge::BridgeSettings;
 use benalsam_events::{EventType, OutboxConfig};
-use serde_json::Value;
 use support::{
     Running, TestIndex, TestSchema, TestVhost, consumer_settings, database_url, unique_name,
 };
+
+/// A test's schema, vhost and slot name; `finish` drops the three (the slot and its
+/// publication outlive the schema).
+struct Trial {
+    db: TestSchema,
+    vhost: TestVhost,
+    slot: String,
+}
+
+impl Trial {
+    async fn new() -> Self {
+        Self {
+            db: TestSchema::new().await,
+            vhost: TestVhost::new().await,
+            slot: unique_name("s"),
+        }
+    }
+
+    /// Migrates the schema for capture through the slot, as `migrate` with the setting does.
+    async fn migrate(&self, event_types: &[EventType]) -> Result<(), benalsam_events::Error> {
+        let mut config = OutboxConfig::in_schema(&self.db.name);
+        config.capture_slot = Some(self.slot.clone());
+        let mut client = database_url().connect().await.expect("connects");
+        config.migrate(&mut client, event_types).await.map(drop)
+    }
+
+    async fn finish(self) {
+        drop_capture(&self.db, &self.slot).await;
+        self.vhost.drop().await;
+        self.db.drop().await;
+    }
+}
 
 /// A bridge that captures `slot` for `event_types` in `db`, migrating first.
 fn capturing(
@@ -73,19 +104,18 @@ fn jobs_of_sql(table: &str) -> String {
 
 #[tokio::test]
 async fn captured_jobs_are_the_statement_trigger_s_jobs() {
-    let db = TestSchema::new().await;
-    let vhost = TestVhost::new().await;
-    let slot = unique_name("s");
+    let trial = Trial::new().await;
+    let (db, vhost, slot) = (&trial.db, &trial.vhost, &trial.slot);
     db.client
         .batch_execute("CREATE TABLE listings_wal (LIKE listings INCLUDING ALL)")
         .await
         .expect("a copy of listings");
     let mut wal = EventType::new("listings_wal", "listings_wal");
     wal.ignore = vec!["view_count".to_owned()];
-    let bridge = Running::bridge(capturing(&db, &vhost, &slot, vec![wal]));
+    let bridge = Running::bridge(capturing(db, vhost, slot, vec![wal]));
     // The bridge has switched once the copy has no sync trigger and a slot exists.
     wait_for(
-        &db,
+        db,
         &format!(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'
               AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'listings_wal'::regclass
@@ -135,25 +165,12 @@ async fn captured_jobs_are_the_statement_trigger_s_jobs() {
         .await
         .expect("count")
         .get(0);
-    wait_for(&db, &jobs_of_sql("listings_wal"), by_trigger).await;
+    wait_for(db, &jobs_of_sql("listings_wal"), by_trigger).await;
 
-    let of = |table: &'static str| {
-        let client = &db.client;
-        async move {
-            client
-                .query(
-                    "SELECT operation, record_id, change_data FROM elasticsearch_sync_queue
-                      WHERE table_name = $1 ORDER BY record_id, id",
-                    &[&table],
-                )
-                .await
-                .expect("jobs")
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect::<Vec<(String, String, Value)>>()
-        }
-    };
-    let (captured, triggered) = (of("listings_wal").await, of("listings").await);
+    let (captured, triggered) = (
+        db.jobs_by_record("listings_wal").await,
+        db.jobs_by_record("listings").await,
+    );
     let count = |op: &str| captured.iter().filter(|j| j.0 == op).count();
     // Inserts: 20, the moved key, the upsert's new row, the one after the truncation.
     // Updates: 5 descriptions, the long one, 3 statuses, the upsert that changed T8 (T9's
@@ -182,16 +199,14 @@ async fn captured_jobs_are_the_statement_trigger_s_jobs() {
     );
     // The truncation mark is the captured TRUNCATE's job.
     wait_for(
-        &db,
+        db,
         "SELECT count(*) FROM benalsam_truncations t JOIN elasticsearch_sync_queue q
              ON q.id = t.job_id AND q.operation = 'TRUNCATE' WHERE t.table_name = 'listings_wal'",
         1,
     )
     .await;
     bridge.stop().await;
-    drop_capture(&db, &slot).await;
-    vhost.drop().await;
-    db.drop().await;
+    trial.finish().await;
 }
 
 /// Writers write throughout: first with the triggers, then across `migrate`'s switch to the
@@ -199,9 +214,8 @@ async fn captured_jobs_are_the_statement_trigger_s_jobs() {
 /// and each record's jobs follow its commits.
 #[tokio::test]
 async fn the_switch_and_a_capture_killed_anywhere_record_every_change_once() {
-    let db = TestSchema::new().await;
-    let vhost = TestVhost::new().await;
-    let slot = unique_name("s");
+    let trial = Trial::new().await;
+    let (db, vhost, slot) = (&trial.db, &trial.vhost, &trial.slot);
     let listings = EventType::listings();
     let seeded = db.insert_listings(200).await.len() as i64;
 
@@ -235,13 +249,13 @@ async fn the_switch_and_a_capture_killed_anywhere_record_every_change_once() {
     };
     // Some writes go through the triggers first.
     wait_for(
-        &db,
+        db,
         "SELECT least(count(*), 300) FROM elasticsearch_sync_queue",
         300,
     )
     .await;
     // Every bridge migrates first: a kill may land in the middle of the switch itself.
-    let settings = capturing(&db, &vhost, &slot, vec![listings]);
+    let settings = capturing(db, vhost, slot, vec![listings]);
     let mut bridge = Running::bridge(settings.clone());
     for round in 0..8u64 {
         tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..500))).await;
@@ -251,7 +265,7 @@ async fn the_switch_and_a_capture_killed_anywhere_record_every_change_once() {
     }
     let changes = writer.await.expect("the writer") as i64;
     wait_for(
-        &db,
+        db,
         &format!(
             "SELECT least(count(*), {}) FROM elasticsearch_sync_queue",
             seeded + changes
@@ -303,9 +317,7 @@ async fn the_switch_and_a_capture_killed_anywhere_record_every_change_once() {
         .get(0);
     assert_eq!(out_of_order, 0);
     bridge.stop().await;
-    drop_capture(&db, &slot).await;
-    vhost.drop().await;
-    db.drop().await;
+    trial.finish().await;
 }
 
 /// A capture that committed its jobs and stopped before it moved the slot finds those
@@ -313,15 +325,11 @@ async fn the_switch_and_a_capture_killed_anywhere_record_every_change_once() {
 /// setting the position past changes no capture wrote.
 #[tokio::test]
 async fn a_capture_skips_what_its_position_says_it_wrote() {
-    let db = TestSchema::new().await;
-    let vhost = TestVhost::new().await;
-    let slot = unique_name("s");
+    let trial = Trial::new().await;
+    let (db, vhost, slot) = (&trial.db, &trial.vhost, &trial.slot);
     let listings = EventType::listings();
-    let mut config = OutboxConfig::in_schema(&db.name);
-    config.capture_slot = Some(slot.clone());
-    let mut client = database_url().connect().await.expect("connects");
-    config
-        .migrate(&mut client, std::slice::from_ref(&listings))
+    trial
+        .migrate(std::slice::from_ref(&listings))
         .await
         .expect("migrated for capture");
     let skipped = db.insert_listings(7).await;
@@ -332,8 +340,8 @@ async fn a_capture_skips_what_its_position_says_it_wrote() {
         )
         .await
         .expect("the position past the first rows");
-    let bridge = Running::bridge(capturing(&db, &vhost, &slot, vec![listings]));
-    wait_for(&db, "SELECT count(*) FROM elasticsearch_sync_queue", 7).await;
+    let bridge = Running::bridge(capturing(db, vhost, slot, vec![listings]));
+    wait_for(db, "SELECT count(*) FROM elasticsearch_sync_queue", 7).await;
     let operations: Vec<String> = db
         .client
         .query(
@@ -347,22 +355,19 @@ async fn a_capture_skips_what_its_position_says_it_wrote() {
         .collect();
     assert_eq!(operations, ["UPDATE"]);
     bridge.stop().await;
-    drop_capture(&db, &slot).await;
-    vhost.drop().await;
-    db.drop().await;
+    trial.finish().await;
 }
 
 #[tokio::test]
 async fn captured_changes_reach_the_index() {
-    let db = TestSchema::new().await;
-    let vhost = TestVhost::new().await;
+    let trial = Trial::new().await;
+    let (db, vhost, slot) = (&trial.db, &trial.vhost, &trial.slot);
     let index = TestIndex::new().await;
-    let slot = unique_name("s");
     let listings = index.event_type();
-    let bridge = Running::bridge(capturing(&db, &vhost, &slot, vec![listings.clone()]));
-    let consumer = Running::consumer(consumer_settings(&db, &vhost.url, vec![listings]));
+    let bridge = Running::bridge(capturing(db, vhost, slot, vec![listings.clone()]));
+    let consumer = Running::consumer(consumer_settings(db, &vhost.url, vec![listings]));
     wait_for(
-        &db,
+        db,
         &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"),
         1,
     )
@@ -377,7 +382,7 @@ async fn captured_changes_reach_the_index() {
         .await
         .expect("changes");
     wait_for(
-        &db,
+        db,
         "SELECT count(*) FROM elasticsearch_sync_queue WHERE status = 'completed'",
         52,
     )
@@ -388,17 +393,14 @@ async fn captured_changes_reach_the_index() {
     assert!(!documents.contains_key(&ids[1]));
     consumer.stop().await;
     bridge.stop().await;
-    drop_capture(&db, &slot).await;
     index.drop().await;
-    vhost.drop().await;
-    db.drop().await;
+    trial.finish().await;
 }
 
 #[tokio::test]
 async fn what_cannot_work_is_refused_by_name() {
-    let db = TestSchema::new().await;
-    let vhost = TestVhost::new().await;
-    let slot = unique_name("s");
+    let trial = Trial::new().await;
+    let (db, vhost, slot) = (&trial.db, &trial.vhost, &trial.slot);
     let listings = EventType::listings();
 
     let mut bad = OutboxConfig::in_schema(&db.name);
@@ -407,7 +409,7 @@ async fn what_cannot_work_is_refused_by_name() {
     assert_eq!(error.setting(), Some("OutboxConfig::capture_slot"));
 
     // Capture on a database migrated for triggers: the bridge stops, naming what to run.
-    let mut unprepared = capturing(&db, &vhost, &slot, vec![listings.clone()]);
+    let mut unprepared = capturing(db, vhost, slot, vec![listings.clone()]);
     unprepared.migrate = false;
     let error = benalsam_events::bridge::run(unprepared, Default::default())
         .await
@@ -416,19 +418,17 @@ async fn what_cannot_work_is_refused_by_name() {
     assert!(error.to_string().contains("migrate"), "{error}");
 
     // Migrated for capture, a migrate without the slot would record every change twice.
-    let mut config = OutboxConfig::in_schema(&db.name);
-    config.capture_slot = Some(slot.clone());
-    let mut client = database_url().connect().await.expect("connects");
-    config
-        .migrate(&mut client, std::slice::from_ref(&listings))
+    trial
+        .migrate(std::slice::from_ref(&listings))
         .await
         .expect("migrated for capture");
+    let mut client = database_url().connect().await.expect("connects");
     let error = OutboxConfig::in_schema(&db.name)
         .migrate(&mut client, std::slice::from_ref(&listings))
         .await
         .expect_err("triggers beside a capture");
     assert_eq!(error.setting(), Some("OutboxConfig::capture_slot"));
-    assert!(error.to_string().contains(&slot), "{error}");
+    assert!(error.to_string().contains(slot.as_str()), "{error}");
 
     // A second slot on a captured outbox would record every change twice.
     let mut other = OutboxConfig::in_schema(&db.name);
@@ -437,7 +437,7 @@ async fn what_cannot_work_is_refused_by_name() {
         .migrate(&mut client, std::slice::from_ref(&listings))
         .await
         .expect_err("a second slot");
-    assert!(error.to_string().contains(&slot), "{error}");
+    assert!(error.to_string().contains(slot.as_str()), "{error}");
 
     // A generated column added after the setup: pgoutput does not send it.
     db.client
@@ -446,13 +446,11 @@ async fn what_cannot_work_is_refused_by_name() {
         )
         .await
         .expect("a generated column");
-    let mut settings = capturing(&db, &vhost, &slot, vec![listings]);
+    let mut settings = capturing(db, vhost, slot, vec![listings]);
     settings.migrate = false;
     let error = benalsam_events::bridge::run(settings, Default::default())
         .await
         .expect_err("a generated column");
     assert!(error.to_string().contains("generated columns"), "{error}");
-    drop_capture(&db, &slot).await;
-    vhost.drop().await;
-    db.drop().await;
+    trial.finish().await;
 }

@@ -232,23 +232,10 @@ async fn the_statement_triggers_write_the_jobs_the_row_trigger_writes() {
         .await
         .expect("the statements");
 
-    let of = |table: &'static str| {
-        let client = &db.client;
-        async move {
-            client
-                .query(
-                    "SELECT operation, record_id, change_data FROM elasticsearch_sync_queue
-                      WHERE table_name = $1 ORDER BY record_id, id",
-                    &[&table],
-                )
-                .await
-                .expect("jobs")
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect::<Vec<(String, String, Value)>>()
-        }
-    };
-    let (by_statement, by_row) = (of("listings").await, of("listings_rows").await);
+    let (by_statement, by_row) = (
+        db.jobs_by_record("listings").await,
+        db.jobs_by_record("listings_rows").await,
+    );
     let count = |op: &str| by_statement.iter().filter(|j| j.0 == op).count();
     // Inserts: 20, the moved key's new one, the upsert's new row. Updates: 5 descriptions,
     // 2 statuses, the upsert's one real change. Deletes: the moved key's old one and 4.

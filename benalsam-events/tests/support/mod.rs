@@ -592,6 +592,22 @@ impl TestIndex {
 }
 
 impl TestSchema {
+    /// The jobs recorded under `table`: operation, record id and `change_data`, by record
+    /// and, within one, in job order.
+    pub async fn jobs_by_record(&self, table: &str) -> Vec<(String, String, serde_json::Value)> {
+        self.client
+            .query(
+                "SELECT operation, record_id, change_data FROM elasticsearch_sync_queue
+                  WHERE table_name = $1 ORDER BY record_id, id",
+                &[&table],
+            )
+            .await
+            .expect("jobs")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
     /// How many jobs are in `status`.
     pub async fn count(&self, status: &str) -> i64 {
         self.client
