@@ -270,7 +270,7 @@ impl Capture {
             at.moved = Instant::now();
         }
         if keyless > 0 {
-            tracing::warn!(slot = %self.slot, keyless, "changes whose key column was NULL were left out");
+            tracing::warn!(slot = %self.slot, keyless, "changes whose key column was NULL were left out (a trigger would have refused them): make the event type's key column NOT NULL, or key it on the primary key");
         }
         self.recorder.record(Captured::Looked {
             jobs,
